@@ -1,0 +1,489 @@
+//! Typed TOML experiment configs.
+//!
+//! A config file is read, `--set key.path=value` overrides are applied to the document, and the
+//! result is deserialized into strict serde structs and checked. Every error names the file, the
+//! key and, where the document has it, the line.
+
+mod presets;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use distillery_model::LlamaConfig;
+use sha2::{Digest, Sha256};
+
+pub use presets::{PRESET_NAMES, preset};
+pub use schema::{
+    Backend, CheckpointConfig, DataConfig, EvalConfig, ExperimentConfig, LogConfig, ModelSection,
+    RunConfig, TrainConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}, line {line}: invalid TOML: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        message: String,
+    },
+    #[error("--set {spec}: {reason}")]
+    Override { spec: String, reason: String },
+    #[error("{origin}{}: `{key}`: {message}", line.map(|line| format!(", line {line}")).unwrap_or_default())]
+    Invalid {
+        origin: String,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+/// Reads a config file and applies `overrides` (`key.path=value`, the value in TOML syntax, or a
+/// bare string).
+pub fn load(path: &Path, overrides: &[String]) -> Result<ExperimentConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string(), overrides)
+}
+
+/// Parses config text; `origin` names it in errors.
+pub fn parse(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+) -> Result<ExperimentConfig, ConfigError> {
+    let mut document: toml_edit::DocumentMut =
+        text.parse()
+            .map_err(|error: toml_edit::TomlError| ConfigError::Syntax {
+                origin: origin.to_string(),
+                line: error.span().map_or(1, |span| line_of(text, span.start)),
+                message: error.message().to_string(),
+            })?;
+    let mut overridden = BTreeMap::new();
+    for spec in overrides {
+        let key = apply_override(&mut document, spec)?;
+        overridden.insert(key, spec.clone());
+    }
+    let original = text;
+    let text = document.to_string();
+    // Lines are looked up in the file as written: applying overrides can move keys around.
+    let locate = |key: &str| -> (String, Option<usize>) {
+        match overridden.get(key) {
+            Some(spec) => (format!("{origin} (--set {spec})"), None),
+            None => (origin.to_string(), key_line(original, key)),
+        }
+    };
+
+    let deserializer = toml::Deserializer::parse(&text).map_err(|error| ConfigError::Syntax {
+        origin: origin.to_string(),
+        line: error.span().map_or(1, |span| line_of(&text, span.start)),
+        message: error.message().to_string(),
+    })?;
+    let mut config: ExperimentConfig =
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let key = error.path().to_string();
+            let inner = error.into_inner();
+            let (origin, line) = locate(&key);
+            ConfigError::Invalid {
+                origin,
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                line,
+                message: inner.message().to_string(),
+            }
+        })?;
+
+    resolve_preset(&mut config.model).map_err(|(key, message)| {
+        let (origin, line) = locate(&key);
+        ConfigError::Invalid {
+            origin,
+            key,
+            line,
+            message,
+        }
+    })?;
+    validate(&config).map_err(|(key, message)| {
+        let (origin, line) = locate(&key);
+        ConfigError::Invalid {
+            origin,
+            key,
+            line,
+            message,
+        }
+    })?;
+    Ok(config)
+}
+
+fn apply_override(
+    document: &mut toml_edit::DocumentMut,
+    spec: &str,
+) -> Result<String, ConfigError> {
+    let fail = |reason: String| ConfigError::Override {
+        spec: spec.to_string(),
+        reason,
+    };
+    let (key, raw_value) = spec
+        .split_once('=')
+        .ok_or_else(|| fail("expected KEY=VALUE, e.g. train.lr=3e-4".into()))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.iter().any(|part| part.is_empty()) {
+        return Err(fail(format!("`{key}` is not a dotted key path")));
+    }
+    let raw_value = raw_value.trim();
+    let value: toml_edit::Value = raw_value
+        .parse()
+        .unwrap_or_else(|_| toml_edit::Value::from(raw_value));
+    let (last, parents) = path.split_last().expect("path has at least one part");
+    let mut table = document.as_table_mut() as &mut dyn toml_edit::TableLike;
+    for (depth, part) in parents.iter().enumerate() {
+        let entry = table
+            .entry(part)
+            .or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+        table = entry.as_table_like_mut().ok_or_else(|| {
+            fail(format!(
+                "`{}` is a value, not a table",
+                path[..=depth].join(".")
+            ))
+        })?;
+    }
+    table.insert(last, toml_edit::Item::Value(value));
+    Ok(path.join("."))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where `key` (dotted) is written, when the document has it.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let document: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
+    let mut item = document.as_item();
+    for part in key.split('.') {
+        item = item.get(part)?;
+    }
+    let span = item.span()?;
+    Some(line_of(text, span.start))
+}
+
+/// Fills the model fields a preset defines and the config leaves out.
+fn resolve_preset(model: &mut ModelSection) -> Result<(), (String, String)> {
+    let Some(name) = model.preset.clone() else {
+        return Ok(());
+    };
+    let preset = preset(&name).ok_or_else(|| {
+        (
+            "model.preset".to_string(),
+            format!(
+                "unknown preset \"{name}\", expected one of {}",
+                PRESET_NAMES.join(", ")
+            ),
+        )
+    })?;
+    macro_rules! fill {
+        ($($field:ident),*) => {
+            $( model.$field = model.$field.or(preset.$field); )*
+        };
+    }
+    fill!(
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        max_position_embeddings,
+        rms_norm_eps,
+        rope_theta,
+        tie_word_embeddings
+    );
+    Ok(())
+}
+
+fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
+    let fail = |key: &str, message: String| Err((key.to_string(), message));
+    let name = &config.run.name;
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\'])
+        || name.chars().any(char::is_control)
+    {
+        return fail(
+            "run.name",
+            format!("\"{name}\" must be a plain directory name (no slashes)"),
+        );
+    }
+    let data = &config.data;
+    if !(data.validation_fraction > 0.0 && data.validation_fraction < 1.0) {
+        return fail(
+            "data.validation_fraction",
+            format!("must be in (0, 1), got {}", data.validation_fraction),
+        );
+    }
+    let positive_counts = [
+        ("data.seq_len", data.seq_len),
+        ("train.steps", config.train.steps),
+        ("train.batch_size", config.train.batch_size),
+        ("train.grad_accum", config.train.grad_accum),
+        ("eval.every", config.eval.every),
+        ("checkpoint.every", config.checkpoint.every),
+        ("checkpoint.keep", config.checkpoint.keep),
+        ("log.every", config.log.every),
+    ];
+    for (key, value) in positive_counts {
+        if value == 0 {
+            return fail(key, "must be at least 1".into());
+        }
+    }
+    for (key, value) in [
+        ("eval.batch_size", config.eval.batch_size),
+        ("eval.max_windows", config.eval.max_windows),
+    ] {
+        if value == Some(0) {
+            return fail(key, "must be at least 1".into());
+        }
+    }
+
+    let train = &config.train;
+    if !(train.lr.is_finite() && train.lr > 0.0) {
+        return fail("train.lr", format!("must be positive, got {}", train.lr));
+    }
+    if !(train.min_lr >= 0.0 && train.min_lr <= train.lr) {
+        return fail(
+            "train.min_lr",
+            format!(
+                "must be in [0, train.lr = {}], got {}",
+                train.lr, train.min_lr
+            ),
+        );
+    }
+    if train.warmup_steps > train.steps {
+        return fail(
+            "train.warmup_steps",
+            format!(
+                "{} is more than train.steps = {}",
+                train.warmup_steps, train.steps
+            ),
+        );
+    }
+    if !(train.weight_decay.is_finite() && train.weight_decay >= 0.0) {
+        return fail(
+            "train.weight_decay",
+            format!("must be >= 0, got {}", train.weight_decay),
+        );
+    }
+    for (key, beta) in [("train.beta1", train.beta1), ("train.beta2", train.beta2)] {
+        if !(0.0..1.0).contains(&beta) {
+            return fail(key, format!("must be in [0, 1), got {beta}"));
+        }
+    }
+    if !(train.eps.is_finite() && train.eps > 0.0) {
+        return fail("train.eps", format!("must be positive, got {}", train.eps));
+    }
+    if let Some(clip) = train.grad_clip
+        && !(clip.is_finite() && clip > 0.0)
+    {
+        return fail("train.grad_clip", format!("must be positive, got {clip}"));
+    }
+
+    let model = &config.model;
+    if !(model.dropout.is_finite() && (0.0..1.0).contains(&model.dropout)) {
+        return fail(
+            "model.dropout",
+            format!("must be in [0, 1), got {}", model.dropout),
+        );
+    }
+    let required = [
+        ("hidden_size", model.hidden_size),
+        ("intermediate_size", model.intermediate_size),
+        ("num_hidden_layers", model.num_hidden_layers),
+        ("num_attention_heads", model.num_attention_heads),
+        ("max_position_embeddings", model.max_position_embeddings),
+    ];
+    for (field, value) in required {
+        if value.is_none() {
+            return fail(
+                &format!("model.{field}"),
+                "is required (set it, or choose a model.preset)".into(),
+            );
+        }
+    }
+    let shape = model_config(model, model.vocab_size.unwrap_or(1))
+        .expect("required model fields were checked");
+    if let Err(distillery_model::ModelError::InvalidConfig { field, reason }) = shape.validate() {
+        return fail(&format!("model.{field}"), reason);
+    }
+    if data.seq_len > shape.max_position_embeddings {
+        return fail(
+            "data.seq_len",
+            format!(
+                "{} is longer than model.max_position_embeddings = {}",
+                data.seq_len, shape.max_position_embeddings
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn model_config(model: &ModelSection, vocab_size: usize) -> Option<LlamaConfig> {
+    let num_attention_heads = model.num_attention_heads?;
+    Some(LlamaConfig {
+        vocab_size,
+        hidden_size: model.hidden_size?,
+        intermediate_size: model.intermediate_size?,
+        num_hidden_layers: model.num_hidden_layers?,
+        num_attention_heads,
+        num_key_value_heads: model.num_key_value_heads.unwrap_or(num_attention_heads),
+        max_position_embeddings: model.max_position_embeddings?,
+        rms_norm_eps: model.rms_norm_eps.unwrap_or(1e-5),
+        rope_theta: model.rope_theta.unwrap_or(10000.0),
+        tie_word_embeddings: model.tie_word_embeddings.unwrap_or(false),
+    })
+}
+
+impl ExperimentConfig {
+    /// The model architecture for a tokenizer of `tokenizer_vocab` tokens. An explicit
+    /// `model.vocab_size` may pad the vocabulary beyond the tokenizer's, never shrink it.
+    pub fn llama_config(&self, tokenizer_vocab: usize) -> Result<LlamaConfig, String> {
+        let vocab_size = match self.model.vocab_size {
+            Some(size) if size < tokenizer_vocab => {
+                return Err(format!(
+                    "model.vocab_size = {size} is smaller than the tokenizer's {tokenizer_vocab} tokens"
+                ));
+            }
+            Some(size) => size,
+            None => tokenizer_vocab,
+        };
+        Ok(model_config(&self.model, vocab_size).expect("validated at load"))
+    }
+
+    /// Checks that the input files the config names exist; `origin` names the config in the
+    /// error.
+    pub fn check_inputs(&self, origin: &str) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("data.corpus", &self.data.corpus),
+            ("data.tokenizer", &self.data.tokenizer),
+        ] {
+            if !path.is_file() {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: key.to_string(),
+                    line: None,
+                    message: format!("file {} does not exist", path.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run_checkpoint_dir(&self) -> PathBuf {
+        self.run.checkpoint_dir.join(&self.run.name)
+    }
+
+    pub fn run_experiment_dir(&self) -> PathBuf {
+        self.run.experiment_dir.join(&self.run.name)
+    }
+
+    pub fn token_cache_dir(&self) -> PathBuf {
+        self.data
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| match self.data.corpus.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+    }
+
+    pub fn eval_batch_size(&self) -> usize {
+        self.eval.batch_size.unwrap_or(self.train.batch_size)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configs serialize to TOML")
+    }
+
+    /// The settings that decide the trained weights: seed, backend, data, model and
+    /// optimization. Logging, evaluation and checkpoint cadence are not among them.
+    fn trajectory(&self) -> BTreeMap<String, String> {
+        let value = toml::Value::try_from(self).expect("configs serialize to TOML");
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
+        flat.retain(|key, _| {
+            ["run.seed", "run.backend"].contains(&key.as_str())
+                || ["data.", "model.", "train."]
+                    .iter()
+                    .any(|section| key.starts_with(section))
+        });
+        flat
+    }
+
+    /// A hash of [the settings that decide the weights](Self::trajectory), recorded with each
+    /// checkpoint.
+    pub fn trajectory_sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (key, value) in self.trajectory() {
+            hasher.update(key.as_bytes());
+            hasher.update(b"=");
+            hasher.update(value.as_bytes());
+            hasher.update(b"\n");
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    /// The weight-deciding settings that differ, as `key: this -> other`.
+    pub fn trajectory_differences(&self, other: &ExperimentConfig) -> Vec<String> {
+        let mine = self.trajectory();
+        let theirs = other.trajectory();
+        let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
+        keys.into_iter()
+            .filter(|key| mine.get(*key) != theirs.get(*key))
+            .map(|key| {
+                let show = |value: Option<&String>| value.map_or("(unset)", |v| v).to_string();
+                format!(
+                    "{key}: {} -> {}",
+                    show(mine.get(key)),
+                    show(theirs.get(key))
+                )
+            })
+            .collect()
+    }
+}
+
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&path, value, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! The experiment config schema. Every section rejects unknown keys; defaults are stated on the
+//! field they fill.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelSection,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Names the run's directories: `<checkpoint_dir>/<name>/` and `<experiment_dir>/<name>/`.
+    pub name: String,
+    /// Every random draw (initialization, data order, dropout) derives from this seed.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default = "default_checkpoint_dir")]
+    pub checkpoint_dir: PathBuf,
+    #[serde(default = "default_experiment_dir")]
+    pub experiment_dir: PathBuf,
+}
+
+/// The compute backend. burn picks backends at run time from a `Device`; only the backends
+/// listed here are accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// burn-flex on the CPU.
+    #[default]
+    Cpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// UTF-8 text file; relative paths are relative to the working directory.
+    pub corpus: PathBuf,
+    /// A Hugging Face `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Where the token cache is written; defaults to the corpus's directory.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// The share of the corpus, taken from its end, kept for validation.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Tokens per training window.
+    pub seq_len: usize,
+}
+
+/// The model: a named preset, explicit Hugging Face fields, or a preset with some fields
+/// overridden. `vocab_size` defaults to the tokenizer's vocabulary size.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_hidden_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
+    /// Defaults to `num_attention_heads` (no grouping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// Dropout on embeddings and residual branches during training.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Windows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged into one optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Peak learning rate, reached after the warm-up.
+    pub lr: f64,
+    /// The floor the cosine decay ends at.
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Decoupled (AdamW) weight decay, applied to matrices only, never to norm gains.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value; none when absent.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Validate every this many steps (and at the end).
+    #[serde(default = "default_eval_every")]
+    pub every: usize,
+    /// Windows per validation batch; defaults to the training batch size.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Use only the first this many validation windows.
+    #[serde(default)]
+    pub max_windows: Option<usize>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every: default_eval_every(),
+            batch_size: None,
+            max_windows: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps (and at the end, and on Ctrl-C).
+    #[serde(default = "default_checkpoint_every")]
+    pub every: usize,
+    /// Keep the newest this many step checkpoints; `best/` is kept apart.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: default_checkpoint_every(),
+            keep: default_keep(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Without a terminal, print a progress line every this many steps.
+    #[serde(default = "default_log_every")]
+    pub every: usize,
+    /// Write TensorBoard event files under `<experiment_dir>/<name>/tb/`.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            every: default_log_every(),
+            tensorboard: true,
+        }
+    }
+}
+
+fn default_checkpoint_dir() -> PathBuf {
+    PathBuf::from("checkpoints")
+}
+
+fn default_experiment_dir() -> PathBuf {
+    PathBuf::from("experiments")
+}
+
+fn default_validation_fraction() -> f64 {
+    0.1
+}
+
+fn one() -> usize {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+
+fn default_beta2() -> f64 {
+    0.95
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+fn default_eval_every() -> usize {
+    100
+}
+
+fn default_checkpoint_every() -> usize {
+    100
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+fn default_log_every() -> usize {
+    10
+}

@@ -1,0 +1,217 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[run]
+name = "unit"
+seed = 5
+
+[data]
+corpus = "datasets/tinyshakespeare.txt"
+tokenizer = "datasets/shakespeare-bpe-2048.json"
+seq_len = 32
+
+[model]
+preset = "llama-tiny"
+
+[train]
+steps = 10
+batch_size = 4
+lr = 1e-3
+"#;
+
+fn error(text: &str, overrides: &[&str]) -> String {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    parse(text, "test.toml", &overrides)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn minimal_config_gets_defaults_and_preset_fields() {
+    let config = parse(MINIMAL, "test.toml", &[]).unwrap();
+    assert_eq!(config.train.grad_accum, 1);
+    assert_eq!(config.train.beta2, 0.95);
+    assert_eq!(config.eval.every, 100);
+    assert_eq!(config.checkpoint.keep, 3);
+    assert!(config.log.tensorboard);
+    assert_eq!(config.run.backend, Backend::Cpu);
+    assert_eq!(config.model.hidden_size, Some(32));
+    assert_eq!(
+        config.run_checkpoint_dir(),
+        PathBuf::from("checkpoints/unit")
+    );
+    assert_eq!(config.token_cache_dir(), PathBuf::from("datasets"));
+    let llama = config.llama_config(2048).unwrap();
+    assert_eq!(llama.vocab_size, 2048);
+    assert_eq!(llama.num_key_value_heads, 2);
+    assert!(config.llama_config(4096).is_ok());
+}
+
+#[test]
+fn resolved_config_round_trips_through_toml() {
+    let config = parse(MINIMAL, "test.toml", &[]).unwrap();
+    let reparsed = parse(&config.to_toml(), "saved.toml", &[]).unwrap();
+    assert_eq!(config, reparsed);
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let text = MINIMAL.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 1e-3");
+    let message = error(&text, &[]);
+    assert!(message.contains("test.toml"), "{message}");
+    assert!(message.contains("learning_rate"), "{message}");
+    assert!(message.contains("line 18"), "{message}");
+}
+
+#[test]
+fn wrong_type_names_key_and_line() {
+    let text = MINIMAL.replace("batch_size = 4", "batch_size = \"four\"");
+    let message = error(&text, &[]);
+    assert!(message.contains("train.batch_size"), "{message}");
+    assert!(message.contains("line 16"), "{message}");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    let text = MINIMAL.replace("seq_len = 32\n", "");
+    let message = error(&text, &[]);
+    assert!(message.contains("seq_len"), "{message}");
+}
+
+#[test]
+fn invalid_value_names_key_and_line() {
+    let text = MINIMAL.replace("lr = 1e-3", "lr = -1.0");
+    let message = error(&text, &[]);
+    assert!(message.contains("`train.lr`"), "{message}");
+    assert!(message.contains("line 17"), "{message}");
+}
+
+#[test]
+fn syntax_error_gives_the_line() {
+    let text = MINIMAL.replace("seed = 5", "seed = = 5");
+    let message = error(&text, &[]);
+    assert!(message.contains("test.toml, line 4"), "{message}");
+}
+
+#[test]
+fn lines_refer_to_the_file_even_when_overrides_add_keys() {
+    let text = MINIMAL.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 1e-3");
+    let message = error(
+        &text,
+        &[
+            "run.checkpoint_dir=/elsewhere",
+            "run.experiment_dir=/there",
+            "run.name=x",
+        ],
+    );
+    assert!(message.contains("line 18"), "{message}");
+}
+
+#[test]
+fn unknown_backend_lists_the_choices() {
+    let message = error(MINIMAL, &["run.backend=quantum"]);
+    assert!(message.contains("run.backend"), "{message}");
+    assert!(message.contains("cpu"), "{message}");
+}
+
+#[test]
+fn overrides_set_values_of_any_type_and_create_tables() {
+    let overrides: Vec<String> = [
+        "train.lr=3e-4",
+        "run.name=other",
+        "model.dropout=0.1",
+        "eval.max_windows=7",
+        "log.tensorboard=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let config = parse(MINIMAL, "test.toml", &overrides).unwrap();
+    assert_eq!(config.train.lr, 3e-4);
+    assert_eq!(config.run.name, "other");
+    assert_eq!(config.model.dropout, 0.1);
+    assert_eq!(config.eval.max_windows, Some(7));
+    assert!(!config.log.tensorboard);
+}
+
+#[test]
+fn bad_overrides_are_reported_against_the_override() {
+    let message = error(MINIMAL, &["train.lr=fast"]);
+    assert!(message.contains("--set train.lr=fast"), "{message}");
+    assert!(message.contains("train.lr"), "{message}");
+    let message = error(MINIMAL, &["train.lr"]);
+    assert!(message.contains("KEY=VALUE"), "{message}");
+    let message = error(MINIMAL, &["run.name.inner=3"]);
+    assert!(message.contains("not a table"), "{message}");
+    let message = error(MINIMAL, &["train.momentum=0.9"]);
+    assert!(message.contains("momentum"), "{message}");
+}
+
+#[test]
+fn model_needs_a_preset_or_its_fields() {
+    let text = MINIMAL.replace("preset = \"llama-tiny\"", "hidden_size = 64");
+    let message = error(&text, &[]);
+    assert!(message.contains("model.intermediate_size"), "{message}");
+    let message = error(MINIMAL, &["model.preset=huge"]);
+    assert!(message.contains("unknown preset"), "{message}");
+    let message = error(MINIMAL, &["model.num_attention_heads=3"]);
+    assert!(message.contains("model.hidden_size"), "{message}");
+}
+
+#[test]
+fn sequence_must_fit_the_context() {
+    let message = error(MINIMAL, &["data.seq_len=65"]);
+    assert!(message.contains("data.seq_len"), "{message}");
+}
+
+#[test]
+fn vocabulary_cannot_be_smaller_than_the_tokenizer() {
+    let config = parse(MINIMAL, "test.toml", &["model.vocab_size=100".into()]).unwrap();
+    assert!(config.llama_config(2048).unwrap_err().contains("2048"));
+}
+
+#[test]
+fn run_name_must_be_a_directory_name() {
+    let message = error(MINIMAL, &["run.name=../escape"]);
+    assert!(message.contains("run.name"), "{message}");
+}
+
+#[test]
+fn trajectory_ignores_cadence_but_not_optimization() {
+    let base = parse(MINIMAL, "test.toml", &[]).unwrap();
+    let cadence = parse(
+        MINIMAL,
+        "test.toml",
+        &[
+            "log.every=3".into(),
+            "checkpoint.every=2".into(),
+            "run.name=x".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(base.trajectory_sha256(), cadence.trajectory_sha256());
+    let faster = parse(MINIMAL, "test.toml", &["train.lr=0.01".into()]).unwrap();
+    assert_ne!(base.trajectory_sha256(), faster.trajectory_sha256());
+    assert_eq!(
+        base.trajectory_differences(&faster),
+        vec!["train.lr: 0.001 -> 0.01".to_string()]
+    );
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&directory).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            load(&path, &[]).unwrap_or_else(|error| panic!("{error}"));
+            count += 1;
+        }
+    }
+    assert!(
+        count >= 2,
+        "found only {count} configs in {}",
+        directory.display()
+    );
+}

@@ -1,0 +1,68 @@
+//! Text to token windows: tokenizers, the token cache and the seeded window sampler.
+
+mod cache;
+mod tokenizer;
+mod windows;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use cache::{CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build};
+pub use tokenizer::{END_OF_TEXT, TextTokenizer, default_tokenizer_path};
+pub use windows::{TokenBatch, TokenSplits, TokenWindow, ValidationWindows, WindowSampler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{what} file {} does not exist", path.display())]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tokenizer {}: {message}", path.display())]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error(
+        "a byte-level BPE vocabulary needs at least {minimum} entries (256 bytes and <|endoftext|>), got {requested}"
+    )]
+    VocabTooSmall { requested: usize, minimum: usize },
+    #[error("validation window {index} requested, but there are only {windows} windows")]
+    WindowOutOfRange { index: usize, windows: usize },
+    #[error("corpus {} is not UTF-8 text", .0.display())]
+    NotUtf8(PathBuf),
+    #[error(
+        "the corpus has {tokens} tokens: {train} for training and {validation} for validation, but each split needs at least one window of {needed}"
+    )]
+    CorpusTooSmall {
+        tokens: usize,
+        train: usize,
+        validation: usize,
+        needed: usize,
+    },
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`, so
+/// readers see the old file or the complete new one, never a prefix.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    let io_error = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    // Readable by others like any file the user writes (a temp file starts as 0600).
+    let mut temporary = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(directory)
+        .map_err(io_error)?;
+    temporary.write_all(bytes).map_err(io_error)?;
+    temporary.as_file().sync_all().map_err(io_error)?;
+    temporary
+        .persist(path)
+        .map_err(|error| io_error(error.error))?;
+    Ok(())
+}

@@ -1,0 +1,213 @@
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::{DataError, write_atomically};
+
+/// The special token byte-level BPE tokenizers trained here reserve for end of text (GPT-2's).
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// Names other tokenizers use for their end-of-sequence token, tried in order.
+const EOS_CANDIDATES: [&str; 3] = [END_OF_TEXT, "</s>", "<|end_of_text|>"];
+
+/// A Hugging Face tokenizer plus the hash that identifies it in token caches and checkpoints.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    sha256: String,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads any Hugging Face `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Self, DataError> {
+        if !path.is_file() {
+            return Err(DataError::MissingFile {
+                what: "tokenizer",
+                path: path.to_path_buf(),
+            });
+        }
+        let inner = Tokenizer::from_file(path).map_err(|error| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })?;
+        Self::from_tokenizer(inner, path)
+    }
+
+    /// Trains a byte-level BPE tokenizer (GPT-2's pre-tokenizer, no normalizer) on a text file.
+    pub fn train_bpe(corpus: &Path, vocab_size: usize) -> Result<Self, DataError> {
+        if !corpus.is_file() {
+            return Err(DataError::MissingFile {
+                what: "corpus",
+                path: corpus.to_path_buf(),
+            });
+        }
+        let alphabet = ByteLevel::alphabet();
+        let minimum = alphabet.len() + 1;
+        if vocab_size < minimum {
+            return Err(DataError::VocabTooSmall {
+                requested: vocab_size,
+                minimum,
+            });
+        }
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .initial_alphabet(alphabet.into_iter().collect())
+            .build()
+            .into();
+        let byte_level = ByteLevel::new(false, false, true);
+        let mut inner = Tokenizer::new(BPE::default());
+        inner
+            .with_pre_tokenizer(Some(byte_level))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level));
+        let corpus_name = corpus.to_string_lossy().into_owned();
+        inner
+            .train_from_files(&mut trainer, vec![corpus_name])
+            .map_err(|error| DataError::Tokenizer {
+                path: corpus.to_path_buf(),
+                message: format!("training failed: {error}"),
+            })?;
+        Self::from_tokenizer(inner, corpus)
+    }
+
+    fn from_tokenizer(inner: Tokenizer, origin: &Path) -> Result<Self, DataError> {
+        let canonical = inner
+            .to_string(false)
+            .map_err(|error| DataError::Tokenizer {
+                path: origin.to_path_buf(),
+                message: error.to_string(),
+            })?;
+        let sha256 = hex_sha256(canonical.as_bytes());
+        Ok(Self { inner, sha256 })
+    }
+
+    /// Writes `tokenizer.json` (pretty-printed, as Hugging Face does), replacing any old file
+    /// only once the new one is complete.
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|error| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: error.to_string(),
+            })?;
+        write_atomically(path, json.as_bytes())
+    }
+
+    /// SHA-256 of the tokenizer's canonical (compact) JSON: two files that differ only in
+    /// formatting are the same tokenizer.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Vocabulary size including added (special) tokens: the model's minimum `vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        EOS_CANDIDATES
+            .iter()
+            .find_map(|token| self.inner.token_to_id(token))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|error| DataError::Encode(error.to_string()))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|error| DataError::Encode(error.to_string()))
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Where a tokenizer trained for `corpus` is conventionally written.
+pub fn default_tokenizer_path(corpus: &Path, vocab_size: usize) -> PathBuf {
+    let stem = corpus
+        .file_stem()
+        .map_or_else(|| "corpus".into(), |stem| stem.to_string_lossy());
+    corpus.with_file_name(format!("{stem}-bpe-{vocab_size}.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(dir: &Path) -> PathBuf {
+        let path = dir.join("corpus.txt");
+        let text = "the quick brown fox jumps over the lazy dog.\n".repeat(40)
+            + &"ROMEO: wherefore art thou, Romeo?\n".repeat(40);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn trained_tokenizer_round_trips_text_and_reloads_with_same_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = TextTokenizer::train_bpe(&corpus(dir.path()), 300).unwrap();
+        assert_eq!(tokenizer.vocab_size(), 300);
+        assert_eq!(tokenizer.eos_token_id(), Some(0));
+
+        let text = "ROMEO: the quick fox, wherefore?\n\n  Unseen wörds ✓";
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+        // Merges learned from the corpus make frequent words shorter than their bytes.
+        assert!(tokenizer.encode("wherefore").unwrap().len() < "wherefore".len());
+
+        let path = dir.path().join("tok.json");
+        tokenizer.save(&path).unwrap();
+        let reloaded = TextTokenizer::load(&path).unwrap();
+        assert_eq!(reloaded.sha256(), tokenizer.sha256());
+        assert_eq!(reloaded.encode(text).unwrap(), ids);
+    }
+
+    #[test]
+    fn too_small_vocabulary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = TextTokenizer::train_bpe(&corpus(dir.path()), 100).unwrap_err();
+        assert!(error.to_string().contains("257"), "{error}");
+    }
+
+    #[test]
+    fn missing_and_malformed_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.json");
+        let error = TextTokenizer::load(&missing).unwrap_err().to_string();
+        assert!(error.contains("nope.json"), "{error}");
+
+        let broken = dir.path().join("broken.json");
+        std::fs::write(&broken, "{\"model\": 3").unwrap();
+        let error = TextTokenizer::load(&broken).unwrap_err().to_string();
+        assert!(error.contains("broken.json"), "{error}");
+    }
+}

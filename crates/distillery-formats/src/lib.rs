@@ -1,0 +1,6 @@
+//! The file boundary: how distillery's parameters are named and laid out in other tools' files.
+//!
+//! Names and layouts are converted here and nowhere else, so the model keeps one definition.
+
+pub mod names;
+pub mod rope_layout;

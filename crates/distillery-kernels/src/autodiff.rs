@@ -1,0 +1,340 @@
+//! The extension's implementations: burn-flex runs the kernels; autodiff over a backend with the
+//! kernels records each operation as one node whose backward pass is one kernel call.
+
+use burn::backend::Backend;
+use burn::backend::Flex;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
+
+use crate::{FusedOps, flex};
+
+/// Forward passes that return what the backward pass needs, and the backward passes.
+pub trait FusedKernels: Backend {
+    /// Losses and log-sum-exps.
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        log_sum_exps: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Output and inverse RMS per row.
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        inverse_rms: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Output and attention probabilities.
+    fn attention_forward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    fn attention_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl FusedKernels for Flex {
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::cross_entropy(&logits, &targets)
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        log_sum_exps: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        flex::cross_entropy_backward(&logits, &targets, &log_sum_exps, &gradient)
+    }
+
+    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex::swiglu(&gate, &up)
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::swiglu_backward(&gate, &up, &gradient)
+    }
+
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::rms_norm(&x, &gain, eps)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        inverse_rms: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::rms_norm_backward(&x, &gain, &inverse_rms, &gradient)
+    }
+
+    fn attention_forward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::causal_attention(&query, &key, &value)
+    }
+
+    fn attention_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+        probabilities: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        flex::causal_attention_backward(&query, &key, &value, &probabilities, &gradient)
+    }
+}
+
+impl FusedOps for Flex {
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::cross_entropy_forward(logits, targets).0
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::swiglu_forward(gate, up)
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, gain, eps).0
+    }
+
+    fn fused_causal_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::attention_forward(query, key, value).0
+    }
+}
+
+/// Registers each computed gradient with its parent node, when that parent wants one.
+macro_rules! register_gradients {
+    ($grads:expr, $backend:ty, $parents:expr, [$($gradient:expr),+]) => {
+        for (parent, gradient) in $parents.into_iter().zip([$($gradient),+]) {
+            if let Some(node) = parent {
+                $grads.register::<$backend>(node.id, gradient);
+            }
+        }
+    };
+}
+
+impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossEntropy;
+
+        impl<B: FusedKernels> Backward<B, 1> for CrossEntropy {
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (logits, targets, log_sum_exps) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |gradient| {
+                    B::cross_entropy_backward(logits, targets, log_sum_exps, gradient)
+                });
+            }
+        }
+
+        match CrossEntropy
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let logits = logits.into_primitive();
+                let (losses, log_sum_exps) =
+                    B::cross_entropy_forward(logits.clone(), targets.clone());
+                prep.finish((logits, targets, log_sum_exps), losses)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::cross_entropy_forward(logits.into_primitive(), targets).0)
+            }
+        }
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SwiGlu;
+
+        impl<B: FusedKernels> Backward<B, 2> for SwiGlu {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (gate, up) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                let (gate_gradient, up_gradient) = B::swiglu_backward(gate, up, gradient);
+                register_gradients!(grads, B, ops.parents, [gate_gradient, up_gradient]);
+            }
+        }
+
+        match SwiGlu
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (gate, up) = (gate.into_primitive(), up.into_primitive());
+                let output = B::swiglu_forward(gate.clone(), up.clone());
+                prep.finish((gate, up), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu_forward(
+                gate.into_primitive(),
+                up.into_primitive(),
+            )),
+        }
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        gain: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNorm;
+
+        impl<B: FusedKernels> Backward<B, 2> for RmsNorm {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, gain, inverse_rms) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                let (x_gradient, gain_gradient) =
+                    B::rms_norm_backward(x, gain, inverse_rms, gradient);
+                register_gradients!(grads, B, ops.parents, [x_gradient, gain_gradient]);
+            }
+        }
+
+        match RmsNorm
+            .prepare::<C>([x.node(), gain.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gain) = (x.into_primitive(), gain.into_primitive());
+                let (output, inverse_rms) = B::rms_norm_forward(x.clone(), gain.clone(), eps);
+                prep.finish((x, gain, inverse_rms), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rms_norm_forward(x.into_primitive(), gain.into_primitive(), eps).0)
+            }
+        }
+    }
+
+    fn fused_causal_attention(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        value: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Attention;
+
+        impl<B: FusedKernels> Backward<B, 3> for Attention {
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (query, key, value, probabilities) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                let (dq, dk, dv) =
+                    B::attention_backward(query, key, value, probabilities, gradient);
+                register_gradients!(grads, B, ops.parents, [dq, dk, dv]);
+            }
+        }
+
+        match Attention
+            .prepare::<C>([query.node(), key.node(), value.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (query, key, value) = (
+                    query.into_primitive(),
+                    key.into_primitive(),
+                    value.into_primitive(),
+                );
+                let (output, probabilities) =
+                    B::attention_forward(query.clone(), key.clone(), value.clone());
+                prep.finish((query, key, value, probabilities), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                B::attention_forward(
+                    query.into_primitive(),
+                    key.into_primitive(),
+                    value.into_primitive(),
+                )
+                .0,
+            ),
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! The fused operations on burn-flex tensors: forward passes that keep what their backward
+//! passes need, and the backward passes.
+//!
+//! Work is split into fixed blocks of rows (never by thread count), so results are the same
+//! whatever the number of threads: a resumed run stays bit-identical.
+
+use burn::backend::DType;
+use burn::tensor::{Bytes, Shape};
+use burn_flex::{FlexTensor, Layout};
+use rayon::prelude::*;
+
+use crate::rows;
+
+/// Rows per parallel task.
+const ROW_BLOCK: usize = 32;
+/// Elements per parallel task for element-wise kernels.
+const ELEMENT_BLOCK: usize = 1 << 14;
+
+fn contiguous_f32(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    assert_eq!(tensor.dtype(), DType::F32, "fused kernels take f32 tensors");
+    match tensor.as_slice::<f32>() {
+        Some(slice) => std::borrow::Cow::Borrowed(slice),
+        None => std::borrow::Cow::Owned(tensor.to_contiguous().storage::<f32>().to_vec()),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+fn shape_of(tensor: &FlexTensor) -> Shape {
+    tensor.layout().shape().clone()
+}
+
+fn last_dim(tensor: &FlexTensor) -> usize {
+    let shape = tensor.layout().shape();
+    shape[shape.num_dims() - 1]
+}
+
+/// Token ids as indices, from whichever integer type the backend stores them in.
+fn indices(tensor: &FlexTensor, bound: usize) -> Vec<usize> {
+    let tensor = tensor.to_contiguous();
+    let values: Vec<i64> = match tensor.dtype() {
+        DType::I64 => tensor.storage::<i64>().to_vec(),
+        DType::I32 => tensor.storage::<i32>().iter().map(|&v| v as i64).collect(),
+        DType::U32 => tensor.storage::<u32>().iter().map(|&v| v as i64).collect(),
+        dtype => panic!("cross-entropy targets must be integers, got {dtype:?}"),
+    };
+    values
+        .into_iter()
+        .map(|value| {
+            assert!(
+                (0..bound as i64).contains(&value),
+                "target id {value} is outside the vocabulary of {bound}"
+            );
+            value as usize
+        })
+        .collect()
+}
+
+/// Per-row cross-entropy of `[rows, vocab]` logits; returns the losses `[rows]` and the
+/// log-sum-exps `[rows]`.
+pub fn cross_entropy(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let vocab = last_dim(logits);
+    let values = contiguous_f32(logits);
+    let rows = values.len() / vocab;
+    let targets = indices(targets, vocab);
+    let mut losses = vec![0.0; rows];
+    let mut lse = vec![0.0; rows];
+    values
+        .par_chunks(ROW_BLOCK * vocab)
+        .zip(targets.par_chunks(ROW_BLOCK))
+        .zip(losses.par_chunks_mut(ROW_BLOCK))
+        .zip(lse.par_chunks_mut(ROW_BLOCK))
+        .for_each(|(((logits, targets), losses), lse)| {
+            rows::cross_entropy(logits, targets, vocab, losses, lse)
+        });
+    (
+        tensor(losses, Shape::new([rows])),
+        tensor(lse, Shape::new([rows])),
+    )
+}
+
+pub fn cross_entropy_backward(
+    logits: &FlexTensor,
+    targets: &FlexTensor,
+    log_sum_exps: &FlexTensor,
+    gradient: &FlexTensor,
+) -> FlexTensor {
+    let vocab = last_dim(logits);
+    let values = contiguous_f32(logits);
+    let targets = indices(targets, vocab);
+    let lse = contiguous_f32(log_sum_exps);
+    let gradient = contiguous_f32(gradient);
+    let mut output = vec![0.0; values.len()];
+    output
+        .par_chunks_mut(ROW_BLOCK * vocab)
+        .zip(values.par_chunks(ROW_BLOCK * vocab))
+        .zip(targets.par_chunks(ROW_BLOCK))
+        .zip(lse.par_chunks(ROW_BLOCK))
+        .zip(gradient.par_chunks(ROW_BLOCK))
+        .for_each(|((((output, logits), targets), lse), gradient)| {
+            rows::cross_entropy_backward(logits, targets, lse, gradient, vocab, output)
+        });
+    tensor(output, shape_of(logits))
+}
+
+pub fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let (g, u) = (contiguous_f32(gate), contiguous_f32(up));
+    let mut output = vec![0.0; g.len()];
+    output
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(g.par_chunks(ELEMENT_BLOCK))
+        .zip(u.par_chunks(ELEMENT_BLOCK))
+        .for_each(|((output, g), u)| rows::swiglu(g, u, output));
+    tensor(output, shape_of(gate))
+}
+
+pub fn swiglu_backward(
+    gate: &FlexTensor,
+    up: &FlexTensor,
+    gradient: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let (g, u, d) = (
+        contiguous_f32(gate),
+        contiguous_f32(up),
+        contiguous_f32(gradient),
+    );
+    let mut gate_gradient = vec![0.0; g.len()];
+    let mut up_gradient = vec![0.0; g.len()];
+    gate_gradient
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(up_gradient.par_chunks_mut(ELEMENT_BLOCK))
+        .zip(g.par_chunks(ELEMENT_BLOCK))
+        .zip(u.par_chunks(ELEMENT_BLOCK))
+        .zip(d.par_chunks(ELEMENT_BLOCK))
+        .for_each(|((((dg, du), g), u), d)| rows::swiglu_backward(g, u, d, dg, du));
+    (
+        tensor(gate_gradient, shape_of(gate)),
+        tensor(up_gradient, shape_of(up)),
+    )
+}
+
+/// RMS normalization over the last dimension; returns the output and each row's inverse RMS.
+pub fn rms_norm(x: &FlexTensor, gain: &FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+    let width = last_dim(x);
+    let values = contiguous_f32(x);
+    let gain = contiguous_f32(gain);
+    let rows = values.len() / width;
+    let mut output = vec![0.0; values.len()];
+    let mut inverse_rms = vec![0.0; rows];
+    output
+        .par_chunks_mut(ROW_BLOCK * width)
+        .zip(inverse_rms.par_chunks_mut(ROW_BLOCK))
+        .zip(values.par_chunks(ROW_BLOCK * width))
+        .for_each(|((output, inverse), x)| rows::rms_norm(x, &gain, eps, output, inverse));
+    (
+        tensor(output, shape_of(x)),
+        tensor(inverse_rms, Shape::new([rows])),
+    )
+}
+
+/// Gradients of [`rms_norm`] with respect to the input and the gain.
+pub fn rms_norm_backward(
+    x: &FlexTensor,
+    gain: &FlexTensor,
+    inverse_rms: &FlexTensor,
+    gradient: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let width = last_dim(x);
+    let values = contiguous_f32(x);
+    let gain_values = contiguous_f32(gain);
+    let inverse = contiguous_f32(inverse_rms);
+    let gradient = contiguous_f32(gradient);
+    let mut input_gradient = vec![0.0; values.len()];
+    // Each block's gain gradient is summed in block order afterwards: a fixed order.
+    let block_gains: Vec<Vec<f32>> = input_gradient
+        .par_chunks_mut(ROW_BLOCK * width)
+        .zip(values.par_chunks(ROW_BLOCK * width))
+        .zip(inverse.par_chunks(ROW_BLOCK))
+        .zip(gradient.par_chunks(ROW_BLOCK * width))
+        .map(|(((dx, x), inverse), gradient)| {
+            let mut gain_gradient = vec![0.0; width];
+            rows::rms_norm_backward(x, &gain_values, inverse, gradient, dx, &mut gain_gradient);
+            gain_gradient
+        })
+        .collect();
+    let mut gain_gradient = vec![0.0; width];
+    for block in block_gains {
+        for (total, value) in gain_gradient.iter_mut().zip(block) {
+            *total += value;
+        }
+    }
+    (
+        tensor(input_gradient, shape_of(x)),
+        tensor(gain_gradient, shape_of(gain)),
+    )
+}
+
+/// A 4-D tensor's element strides and offset, for reading it in place.
+struct Strided<'a> {
+    values: &'a [f32],
+    offset: usize,
+    strides: [isize; 4],
+}
+
+impl<'a> Strided<'a> {
+    fn new(tensor: &'a FlexTensor) -> Self {
+        assert_eq!(tensor.dtype(), DType::F32, "fused kernels take f32 tensors");
+        let layout = tensor.layout();
+        let strides = layout.strides();
+        Self {
+            values: tensor.storage::<f32>(),
+            offset: layout.start_offset(),
+            strides: [strides[0], strides[1], strides[2], strides[3]],
+        }
+    }
+
+    /// Pointer to matrix `[batch, head]` with its row and column strides.
+    fn matrix(&self, batch: usize, head: usize) -> (*const f32, isize, isize) {
+        let start = self.offset as isize
+            + batch as isize * self.strides[0]
+            + head as isize * self.strides[1];
+        // SAFETY: `start` is the offset of an element inside the tensor's storage, as the
+        // layout's strides address only elements of that storage.
+        let pointer = unsafe { self.values.as_ptr().offset(start) };
+        (pointer, self.strides[2], self.strides[3])
+    }
+}
+
+/// Dimensions of one attention call.
+#[derive(Clone, Copy)]
+struct AttentionShape {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl AttentionShape {
+    fn new(query: &FlexTensor, key: &FlexTensor) -> Self {
+        let q = query.layout().shape();
+        let k = key.layout().shape();
+        assert!(
+            q[1].is_multiple_of(k[1]) && q[0] == k[0] && q[3] == k[3] && k[2] >= q[2],
+            "attention shapes: queries {q:?}, keys {k:?}"
+        );
+        Self {
+            batch: q[0],
+            heads: q[1],
+            kv_heads: k[1],
+            queries: q[2],
+            keys: k[2],
+            head_dim: q[3],
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    fn groups(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// `dst = beta * lhs x rhs (+ dst when accumulate)`, all matrices given by pointer and
+/// (row, column) strides.
+///
+/// # Safety
+/// Every pointer must address a matrix of the given size and strides inside live storage, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    lhs: *const f32,
+    lhs_strides: (isize, isize),
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    beta: f32,
+    accumulate: bool,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.1,
+            dst_strides.0,
+            accumulate,
+            lhs,
+            lhs_strides.1,
+            lhs_strides.0,
+            rhs,
+            rhs_strides.1,
+            rhs_strides.0,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A raw pointer that may cross into rayon tasks; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint matrices of the buffer the pointer addresses (see each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The element `offset` places on. A method, so closures capture the whole `SendPtr`
+    /// rather than its raw-pointer field.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Causal attention `softmax(q k^T / sqrt(d)) v` over `[batch, heads, queries, head_dim]`
+/// queries and `[batch, kv_heads, keys, head_dim]` keys and values (each key/value head serving
+/// `heads / kv_heads` consecutive query heads; queries aligned to the last keys). Returns the
+/// output and the attention probabilities `[batch, heads, queries, keys]`.
+pub fn causal_attention(
+    query: &FlexTensor,
+    key: &FlexTensor,
+    value: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let shape = AttentionShape::new(query, key);
+    let AttentionShape {
+        batch,
+        heads,
+        queries,
+        keys,
+        head_dim,
+        ..
+    } = shape;
+    let (q, k, v) = (Strided::new(query), Strided::new(key), Strided::new(value));
+    let mut probabilities = vec![0.0f32; batch * heads * queries * keys];
+    let mut output = vec![0.0f32; batch * heads * queries * head_dim];
+    let offset = keys - queries;
+    let scale = shape.scale();
+    probabilities
+        .par_chunks_mut(queries * keys)
+        .zip(output.par_chunks_mut(queries * head_dim))
+        .enumerate()
+        .for_each(|(index, (p, out))| {
+            let (b, h) = (index / heads, index % heads);
+            let kv_head = h / shape.groups();
+            let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
+            let (k_ptr, k_rs, k_cs) = k.matrix(b, kv_head);
+            let (v_ptr, v_rs, v_cs) = v.matrix(b, kv_head);
+            // SAFETY: p and out are this task's own buffers; q, k, v are read-only views whose
+            // strides come from their layouts.
+            unsafe {
+                // scores = q k^T
+                gemm(
+                    (queries, keys, head_dim),
+                    p.as_mut_ptr(),
+                    (keys as isize, 1),
+                    q_ptr,
+                    (q_rs, q_cs),
+                    k_ptr,
+                    (k_cs, k_rs),
+                    1.0,
+                    false,
+                );
+            }
+            rows::causal_softmax(p, keys, 0, offset, scale);
+            // SAFETY: as above.
+            unsafe {
+                gemm(
+                    (queries, head_dim, keys),
+                    out.as_mut_ptr(),
+                    (head_dim as isize, 1),
+                    p.as_ptr(),
+                    (keys as isize, 1),
+                    v_ptr,
+                    (v_rs, v_cs),
+                    1.0,
+                    false,
+                );
+            }
+        });
+    (
+        tensor(output, Shape::new([batch, heads, queries, head_dim])),
+        tensor(probabilities, Shape::new([batch, heads, queries, keys])),
+    )
+}
+
+/// Gradients of [`causal_attention`] with respect to the queries, keys and values.
+pub fn causal_attention_backward(
+    query: &FlexTensor,
+    key: &FlexTensor,
+    value: &FlexTensor,
+    probabilities: &FlexTensor,
+    gradient: &FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = AttentionShape::new(query, key);
+    let AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        head_dim,
+    } = shape;
+    let groups = shape.groups();
+    let scale = shape.scale();
+    let (q, k, v) = (Strided::new(query), Strided::new(key), Strided::new(value));
+    let p = contiguous_f32(probabilities);
+    let grad = contiguous_f32(gradient);
+    let mut dq = vec![0.0f32; batch * heads * queries * head_dim];
+    let mut dk = vec![0.0f32; batch * kv_heads * keys * head_dim];
+    let mut dv = vec![0.0f32; batch * kv_heads * keys * head_dim];
+    let dq_ptr = SendPtr(dq.as_mut_ptr());
+    let q_matrix = queries * head_dim;
+    let p_matrix = queries * keys;
+    // One task per key/value head, so the heads sharing it accumulate into its gradients in a
+    // fixed order.
+    dk.par_chunks_mut(keys * head_dim)
+        .zip(dv.par_chunks_mut(keys * head_dim))
+        .enumerate()
+        .for_each(|(index, (dk, dv))| {
+            let (b, kv_head) = (index / kv_heads, index % kv_heads);
+            let (k_ptr, k_rs, k_cs) = k.matrix(b, kv_head);
+            let (v_ptr, v_rs, v_cs) = v.matrix(b, kv_head);
+            let mut dp = vec![0.0f32; p_matrix];
+            for h in kv_head * groups..(kv_head + 1) * groups {
+                let matrix = b * heads + h;
+                let p = &p[matrix * p_matrix..(matrix + 1) * p_matrix];
+                let grad = &grad[matrix * q_matrix..(matrix + 1) * q_matrix];
+                let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
+                let accumulate = h > kv_head * groups;
+                // SAFETY: dk, dv, dp are this task's buffers; the dq matrix of query head h
+                // belongs to exactly this task (h maps to one kv head); the inputs are
+                // read-only.
+                unsafe {
+                    // dv += p^T grad
+                    gemm(
+                        (keys, head_dim, queries),
+                        dv.as_mut_ptr(),
+                        (head_dim as isize, 1),
+                        p.as_ptr(),
+                        (1, keys as isize),
+                        grad.as_ptr(),
+                        (head_dim as isize, 1),
+                        1.0,
+                        accumulate,
+                    );
+                    // dp = grad v^T
+                    gemm(
+                        (queries, keys, head_dim),
+                        dp.as_mut_ptr(),
+                        (keys as isize, 1),
+                        grad.as_ptr(),
+                        (head_dim as isize, 1),
+                        v_ptr,
+                        (v_cs, v_rs),
+                        1.0,
+                        false,
+                    );
+                }
+                rows::softmax_backward(p, &mut dp, keys, scale);
+                // SAFETY: as above.
+                unsafe {
+                    // dq = ds k
+                    gemm(
+                        (queries, head_dim, keys),
+                        dq_ptr.at(matrix * q_matrix),
+                        (head_dim as isize, 1),
+                        dp.as_ptr(),
+                        (keys as isize, 1),
+                        k_ptr,
+                        (k_rs, k_cs),
+                        1.0,
+                        false,
+                    );
+                    // dk += ds^T q
+                    gemm(
+                        (keys, head_dim, queries),
+                        dk.as_mut_ptr(),
+                        (head_dim as isize, 1),
+                        dp.as_ptr(),
+                        (1, keys as isize),
+                        q_ptr,
+                        (q_rs, q_cs),
+                        1.0,
+                        accumulate,
+                    );
+                }
+            }
+        });
+    let kv_shape = Shape::new([batch, kv_heads, keys, head_dim]);
+    (
+        tensor(dq, Shape::new([batch, heads, queries, head_dim])),
+        tensor(dk, kv_shape.clone()),
+        tensor(dv, kv_shape),
+    )
+}

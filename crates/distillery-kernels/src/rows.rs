@@ -1,0 +1,365 @@
+//! Row kernels on plain `f32` slices: the arithmetic of every fused operation, free of tensor
+//! types so each can be tested against a direct formula.
+//!
+//! Each function is compiled for AVX-512, AVX2+FMA and the baseline, picked at run time, so the
+//! loops vectorize without a machine-specific build. Rows are independent; callers split work
+//! by rows, so the result never depends on the number of threads.
+
+use multiversion::multiversion;
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split into a part exactly representable with few mantissa bits and the remainder
+/// (Cody–Waite reduction), so `x - n ln 2` loses no precision.
+const LN2_HIGH: f32 = 0.693_359_4;
+const LN2_LOW: f32 = -2.121_944_4e-4;
+/// The input range whose results are finite normal floats.
+const EXP_MIN: f32 = -87.0;
+const EXP_MAX: f32 = 88.0;
+
+/// e^x to about 2 ulp, written without branches or calls so that it vectorizes (Cephes
+/// `expf`'s reduction and polynomial). Inputs below -87 give ~1.6e-38 instead of a denormal.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let n = (x * LOG2_E).round();
+    let r = x - n * LN2_HIGH - n * LN2_LOW;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let poly = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    poly * scale
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// Scaled, causally masked softmax of each row of `scores` (`rows x columns`), in place.
+///
+/// Row `i` keeps columns `0..=i + offset` (queries aligned to the end of the keys, as with a
+/// cache of `offset` earlier positions); the others become exactly 0.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn causal_softmax(
+    scores: &mut [f32],
+    columns: usize,
+    first_row: usize,
+    offset: usize,
+    scale: f32,
+) {
+    for (index, row) in scores.chunks_exact_mut(columns).enumerate() {
+        let visible = (first_row + index + offset + 1).min(columns);
+        let (kept, masked) = row.split_at_mut(visible);
+        let mut max = f32::NEG_INFINITY;
+        for value in kept.iter_mut() {
+            *value *= scale;
+            max = max.max(*value);
+        }
+        let mut sum = 0.0;
+        for value in kept.iter_mut() {
+            *value = exp(*value - max);
+            sum += *value;
+        }
+        let inverse = 1.0 / sum;
+        for value in kept.iter_mut() {
+            *value *= inverse;
+        }
+        masked.fill(0.0);
+    }
+}
+
+/// The gradient through a softmax (then through the score scale), row by row, in place:
+/// `ds = p * (dp - sum(p * dp)) * scale`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn softmax_backward(probabilities: &[f32], gradient: &mut [f32], columns: usize, scale: f32) {
+    for (p, g) in probabilities
+        .chunks_exact(columns)
+        .zip(gradient.chunks_exact_mut(columns))
+    {
+        let dot: f32 = p.iter().zip(g.iter()).map(|(p, g)| p * g).sum();
+        for (g, p) in g.iter_mut().zip(p) {
+            *g = p * (*g - dot) * scale;
+        }
+    }
+}
+
+/// Per row of `logits` (`rows x vocab`): the log-sum-exp, and the cross-entropy
+/// `log-sum-exp - logit[target]`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn cross_entropy(
+    logits: &[f32],
+    targets: &[usize],
+    vocab: usize,
+    losses: &mut [f32],
+    log_sum_exps: &mut [f32],
+) {
+    for (((row, &target), loss), lse) in logits
+        .chunks_exact(vocab)
+        .zip(targets)
+        .zip(losses.iter_mut())
+        .zip(log_sum_exps.iter_mut())
+    {
+        let max = row.iter().fold(f32::NEG_INFINITY, |max, &x| max.max(x));
+        let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+        *lse = max + sum.ln();
+        *loss = *lse - row[target];
+    }
+}
+
+/// The gradient of [`cross_entropy`] with respect to the logits: `g * (softmax - one_hot)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn cross_entropy_backward(
+    logits: &[f32],
+    targets: &[usize],
+    log_sum_exps: &[f32],
+    gradient: &[f32],
+    vocab: usize,
+    output: &mut [f32],
+) {
+    for ((((row, out), &target), &lse), &g) in logits
+        .chunks_exact(vocab)
+        .zip(output.chunks_exact_mut(vocab))
+        .zip(targets)
+        .zip(log_sum_exps)
+        .zip(gradient)
+    {
+        for (out, &x) in out.iter_mut().zip(row) {
+            *out = g * exp(x - lse);
+        }
+        out[target] -= g;
+    }
+}
+
+/// `silu(gate) * up`, element-wise.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn swiglu(gate: &[f32], up: &[f32], output: &mut [f32]) {
+    for ((out, &g), &u) in output.iter_mut().zip(gate).zip(up) {
+        *out = g * sigmoid(g) * u;
+    }
+}
+
+/// Gradients of [`swiglu`] with respect to `gate` and `up`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn swiglu_backward(
+    gate: &[f32],
+    up: &[f32],
+    gradient: &[f32],
+    gate_gradient: &mut [f32],
+    up_gradient: &mut [f32],
+) {
+    for ((((dg, du), &g), &u), &d) in gate_gradient
+        .iter_mut()
+        .zip(up_gradient.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(gradient)
+    {
+        let s = sigmoid(g);
+        *du = d * g * s;
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
+/// RMS normalization of each row: `y = x / sqrt(mean(x^2) + eps) * gain`; also returns each
+/// row's `1 / sqrt(mean(x^2) + eps)` for the backward pass.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn rms_norm(x: &[f32], gain: &[f32], eps: f32, output: &mut [f32], inverse_rms: &mut [f32]) {
+    let width = gain.len();
+    for ((row, out), inverse) in x
+        .chunks_exact(width)
+        .zip(output.chunks_exact_mut(width))
+        .zip(inverse_rms.iter_mut())
+    {
+        let mean_square = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
+        *inverse = 1.0 / (mean_square + eps).sqrt();
+        for ((out, &x), &g) in out.iter_mut().zip(row).zip(gain) {
+            *out = x * *inverse * g;
+        }
+    }
+}
+
+/// Gradients of [`rms_norm`]: writes the input gradient and adds this block of rows'
+/// contribution to the gain gradient.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn rms_norm_backward(
+    x: &[f32],
+    gain: &[f32],
+    inverse_rms: &[f32],
+    gradient: &[f32],
+    input_gradient: &mut [f32],
+    gain_gradient: &mut [f32],
+) {
+    let width = gain.len();
+    for (((row, grad), dx), &inverse) in x
+        .chunks_exact(width)
+        .zip(gradient.chunks_exact(width))
+        .zip(input_gradient.chunks_exact_mut(width))
+        .zip(inverse_rms)
+    {
+        // With n = x * r and dn = grad * gain: dx = r * (dn - n * mean(dn * n)).
+        let mut dot = 0.0;
+        for (((&x, &d), &g), dg) in row.iter().zip(grad).zip(gain).zip(gain_gradient.iter_mut()) {
+            let normalized = x * inverse;
+            *dg += d * normalized;
+            dot += d * g * normalized;
+        }
+        let mean = dot / width as f32;
+        for (((dx, &x), &d), &g) in dx.iter_mut().zip(row).zip(grad).zip(gain) {
+            *dx = inverse * (d * g - x * inverse * mean);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0.0f32;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let relative = (exp(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(relative);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_formula() {
+        // 2 rows of 3 columns, one earlier cached position: row 0 sees columns 0..=1.
+        let mut scores = vec![1.0, 2.0, 3.0, 0.5, -0.5, 1.5];
+        causal_softmax(&mut scores, 3, 0, 1, 2.0);
+        let row0 = [2.0f32.exp(), 4.0f32.exp()];
+        let total0: f32 = row0.iter().sum();
+        let row1 = [1.0f32.exp(), (-1.0f32).exp(), 3.0f32.exp()];
+        let total1: f32 = row1.iter().sum();
+        let expected = [
+            row0[0] / total0,
+            row0[1] / total0,
+            0.0,
+            row1[0] / total1,
+            row1[1] / total1,
+            row1[2] / total1,
+        ];
+        for (got, want) in scores.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{scores:?}");
+        }
+    }
+
+    #[test]
+    fn softmax_backward_matches_the_jacobian() {
+        let p = [0.2f32, 0.3, 0.5];
+        let mut g = [1.0f32, -2.0, 0.5];
+        let original = g;
+        softmax_backward(&p, &mut g, 3, 0.5);
+        for i in 0..3 {
+            let mut expected = 0.0;
+            for j in 0..3 {
+                let jacobian = if i == j {
+                    p[i] * (1.0 - p[i])
+                } else {
+                    -p[i] * p[j]
+                };
+                expected += jacobian * original[j];
+            }
+            assert!((g[i] - 0.5 * expected).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn cross_entropy_and_its_gradient_match_hand_values() {
+        let logits = [0.0f32, 2f32.ln(), 0.0, 3f32.ln(), 0.0, 0.0];
+        let targets = [1, 2];
+        let mut losses = [0.0; 2];
+        let mut lse = [0.0; 2];
+        cross_entropy(&logits, &targets, 3, &mut losses, &mut lse);
+        assert!((losses[0] - 2f32.ln()).abs() < 1e-6);
+        assert!((losses[1] - 5f32.ln()).abs() < 1e-6);
+        let mut gradient = [0.0; 6];
+        cross_entropy_backward(&logits, &targets, &lse, &[1.0, 2.0], 3, &mut gradient);
+        let expected = [0.25, -0.5, 0.25, 1.2, 0.4, -1.6];
+        for (got, want) in gradient.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{gradient:?}");
+        }
+    }
+
+    #[test]
+    fn swiglu_gradients_match_finite_differences() {
+        let gate = [-3.0f32, -0.5, 0.0, 0.7, 4.0];
+        let up = [0.3f32, -1.2, 2.0, 0.9, -0.4];
+        let ones = [1.0f32; 5];
+        let mut dg = [0.0; 5];
+        let mut du = [0.0; 5];
+        swiglu_backward(&gate, &up, &ones, &mut dg, &mut du);
+        let f = |g: f64, u: f64| g / (1.0 + (-g).exp()) * u;
+        for i in 0..5 {
+            let (g, u) = (gate[i] as f64, up[i] as f64);
+            let h = 1e-4;
+            let numeric_g = (f(g + h, u) - f(g - h, u)) / (2.0 * h);
+            let numeric_u = (f(g, u + h) - f(g, u - h)) / (2.0 * h);
+            assert!((dg[i] as f64 - numeric_g).abs() < 1e-4, "gate {i}");
+            assert!((du[i] as f64 - numeric_u).abs() < 1e-4, "up {i}");
+        }
+        let mut out = [0.0; 5];
+        swiglu(&gate, &up, &mut out);
+        for i in 0..5 {
+            assert!((out[i] as f64 - f(gate[i] as f64, up[i] as f64)).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rms_norm_gradients_match_finite_differences() {
+        let x = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75];
+        let gain = [1.0f32, 0.5, -2.0];
+        let upstream = [0.3f32, -0.7, 1.1, 0.2, 0.9, -0.4];
+        let eps = 1e-5;
+        let mut y = [0.0; 6];
+        let mut inverse = [0.0; 2];
+        rms_norm(&x, &gain, eps, &mut y, &mut inverse);
+        let mut dx = [0.0; 6];
+        let mut dgain = [0.0; 3];
+        rms_norm_backward(&x, &gain, &inverse, &upstream, &mut dx, &mut dgain);
+
+        let objective = |x: &[f64], gain: &[f64]| -> f64 {
+            x.chunks(3)
+                .zip(upstream.chunks(3))
+                .map(|(row, up)| {
+                    let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / 3.0 + 1e-5).sqrt();
+                    (0..3)
+                        .map(|j| row[j] * r * gain[j] * up[j] as f64)
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let g64: Vec<f64> = gain.iter().map(|&v| v as f64).collect();
+        let h = 1e-5;
+        for i in 0..6 {
+            let (mut plus, mut minus) = (x64.clone(), x64.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let numeric = (objective(&plus, &g64) - objective(&minus, &g64)) / (2.0 * h);
+            assert!(
+                (dx[i] as f64 - numeric).abs() < 1e-4,
+                "x {i}: {} vs {numeric}",
+                dx[i]
+            );
+        }
+        for j in 0..3 {
+            let (mut plus, mut minus) = (g64.clone(), g64.clone());
+            plus[j] += h;
+            minus[j] -= h;
+            let numeric = (objective(&x64, &plus) - objective(&x64, &minus)) / (2.0 * h);
+            assert!((dgain[j] as f64 - numeric).abs() < 1e-4, "gain {j}");
+        }
+    }
+}

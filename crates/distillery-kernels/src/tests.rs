@@ -1,0 +1,170 @@
+//! The fused kernels against burn's composed operations: outputs and every gradient.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{RngExt, SeedableRng};
+
+use super::*;
+
+const TOLERANCE: f32 = 2e-5;
+
+fn random<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let count = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().try_into_vec_as::<f32>().unwrap()
+}
+
+fn assert_close(name: &str, fused: Vec<f32>, reference: Vec<f32>) {
+    assert_eq!(fused.len(), reference.len(), "{name}: sizes");
+    for (index, (a, b)) in fused.iter().zip(&reference).enumerate() {
+        let bound = TOLERANCE * (1.0 + b.abs());
+        assert!(
+            (a - b).abs() <= bound,
+            "{name}[{index}]: fused {a} vs composed {b}"
+        );
+    }
+}
+
+/// Runs `op` on fresh leaves through the fused and the composed path; compares the outputs and
+/// the gradients of `sum(output * weights)` for every input.
+fn compare<const D: usize, const O: usize>(
+    name: &str,
+    inputs: [Tensor<D>; O],
+    fused_op: impl Fn(&[Tensor<D>]) -> Tensor<D>,
+    composed_op: impl Fn(&[Tensor<D>]) -> Tensor<D>,
+) {
+    let device = Device::flex().autodiff();
+    let run = |op: &dyn Fn(&[Tensor<D>]) -> Tensor<D>| {
+        let leaves: Vec<Tensor<D>> = inputs
+            .iter()
+            .map(|input| input.clone().autodiff().require_grad())
+            .collect();
+        let output = op(&leaves);
+        let weights = random(output.dims(), 99, &device);
+        let gradients = (output.clone() * weights).sum().backward();
+        let input_gradients: Vec<Vec<f32>> = leaves
+            .iter()
+            .map(|leaf| values(leaf.grad(&gradients).expect("every input gets a gradient")))
+            .collect();
+        (values(output), input_gradients)
+    };
+    let (fused_output, fused_gradients) = run(&fused_op);
+    let (composed_output, composed_gradients) = run(&composed_op);
+    assert_close(&format!("{name} output"), fused_output, composed_output);
+    for (index, (fused, composed)) in fused_gradients
+        .into_iter()
+        .zip(composed_gradients)
+        .enumerate()
+    {
+        assert_close(
+            &format!("{name} gradient of input {index}"),
+            fused,
+            composed,
+        );
+    }
+}
+
+#[test]
+fn attention_matches_composed_attention_with_grouped_heads_and_a_cache_offset() {
+    let device = Device::flex();
+    // 4 query heads over 2 key/value heads; 5 queries after 2 cached positions.
+    let query = random([2, 4, 5, 8], 1, &device);
+    let key = random([2, 2, 7, 8], 2, &device);
+    let value = random([2, 2, 7, 8], 3, &device);
+    compare(
+        "attention",
+        [query, key, value],
+        |x| causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+        |x| composed::causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+    );
+}
+
+#[test]
+fn attention_reads_strided_inputs() {
+    let device = Device::flex();
+    // [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]: not contiguous.
+    let query = random([2, 6, 3, 4], 4, &device).swap_dims(1, 2);
+    let key = random([2, 6, 3, 4], 5, &device).swap_dims(1, 2);
+    let value = random([2, 6, 3, 4], 6, &device).swap_dims(1, 2);
+    compare(
+        "strided attention",
+        [query, key, value],
+        |x| causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+        |x| composed::causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+    );
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    let device = Device::flex();
+    compare(
+        "swiglu",
+        [random([3, 5, 7], 7, &device), random([3, 5, 7], 8, &device)],
+        |x| swiglu(x[0].clone(), x[1].clone()),
+        |x| composed::swiglu(x[0].clone(), x[1].clone()),
+    );
+}
+
+#[test]
+fn rms_norm_matches_the_composed_norm() {
+    let device = Device::flex().autodiff();
+    let x = random([3, 4, 9], 9, &device).require_grad();
+    let gain = random([9], 10, &device).require_grad();
+    let weights = random([3, 4, 9], 11, &device);
+    let run = |op: &dyn Fn(Tensor<3>, Tensor<1>) -> Tensor<3>| {
+        let (x, gain) = (
+            x.clone().detach().require_grad(),
+            gain.clone().detach().require_grad(),
+        );
+        let output = op(x.clone(), gain.clone());
+        let gradients = (output.clone() * weights.clone()).sum().backward();
+        (
+            values(output),
+            values(x.grad(&gradients).unwrap()),
+            values(gain.grad(&gradients).unwrap()),
+        )
+    };
+    let fused = run(&|x, gain| rms_norm(x, gain, 1e-5));
+    let composed = run(&|x, gain| composed::rms_norm(x, gain, 1e-5));
+    assert_close("rms_norm output", fused.0, composed.0);
+    assert_close("rms_norm input gradient", fused.1, composed.1);
+    assert_close("rms_norm gain gradient", fused.2, composed.2);
+}
+
+#[test]
+fn cross_entropy_matches_log_softmax_and_gather() {
+    let device = Device::flex().autodiff();
+    let logits = random([6, 11], 12, &device).require_grad();
+    let targets =
+        Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 10, 3, 3, 7, 1], [6]), &device);
+    let weights = random([6], 13, &device);
+    let run = |op: &dyn Fn(Tensor<2>, Tensor<1, Int>) -> Tensor<1>| {
+        let logits = logits.clone().detach().require_grad();
+        let losses = op(logits.clone(), targets.clone());
+        let gradients = (losses.clone() * weights.clone()).sum().backward();
+        (values(losses), values(logits.grad(&gradients).unwrap()))
+    };
+    let fused = run(&cross_entropy_rows);
+    let composed = run(&composed::cross_entropy_rows);
+    assert_close("cross-entropy", fused.0, composed.0);
+    assert_close("cross-entropy gradient", fused.1, composed.1);
+}
+
+#[test]
+fn inference_without_autodiff_uses_the_same_kernels() {
+    let device = Device::flex();
+    let query = random([1, 2, 3, 4], 14, &device);
+    let key = random([1, 2, 3, 4], 15, &device);
+    let value = random([1, 2, 3, 4], 16, &device);
+    assert_close(
+        "plain attention",
+        values(causal_attention(query.clone(), key.clone(), value.clone())),
+        values(composed::causal_attention(query, key, value)),
+    );
+}

@@ -1,0 +1,190 @@
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// The architecture of a Llama model.
+///
+/// Field names are Hugging Face's `config.json` names, so writing and reading that file is a plain
+/// serde mapping. The struct is strict: distillery writes every field, and a misspelled one in a
+/// checkpoint's `config.json` is an error rather than a silently different model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// How many query heads share one key/value head (grouped-query attention).
+    pub fn query_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Checks the invariants the model relies on, naming the field at fault.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(ModelError::InvalidConfig {
+                field: "hidden_size",
+                reason: format!(
+                    "{} is not divisible by num_attention_heads = {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            });
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(ModelError::InvalidConfig {
+                field: "num_key_value_heads",
+                reason: format!(
+                    "{} does not divide num_attention_heads = {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            });
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(ModelError::InvalidConfig {
+                field: "hidden_size",
+                reason: format!(
+                    "the head dimension {} must be even for rotary embeddings",
+                    self.head_dim()
+                ),
+            });
+        }
+        let positive_floats = [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ];
+        for (field, value) in positive_floats {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ModelError::InvalidConfig {
+                    field,
+                    reason: format!("must be a positive number, got {value}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of trainable parameters, counting a tied embedding once.
+    pub fn num_parameters(&self) -> usize {
+        let hidden = self.hidden_size;
+        let kv_width = self.num_key_value_heads * self.head_dim();
+        let attention = 2 * hidden * hidden + 2 * hidden * kv_width;
+        let mlp = 3 * hidden * self.intermediate_size;
+        let norms = 2 * hidden;
+        let layers = self.num_hidden_layers * (attention + mlp + norms);
+        let embedding = self.vocab_size * hidden;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embedding
+        };
+        embedding + layers + hidden + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn small() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        small().validate().unwrap();
+    }
+
+    #[test]
+    fn heads_must_divide_hidden_size() {
+        let config = LlamaConfig {
+            num_attention_heads: 5,
+            num_key_value_heads: 5,
+            ..small()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("hidden_size"), "{error}");
+    }
+
+    #[test]
+    fn kv_heads_must_divide_query_heads() {
+        let config = LlamaConfig {
+            num_key_value_heads: 3,
+            ..small()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("num_key_value_heads"), "{error}");
+    }
+
+    #[test]
+    fn parameter_count_matches_hand_count() {
+        // embed 64*32 + head 64*32 + final norm 32
+        // per layer: q,o 32*32 each, k,v 32*16 each, mlp 3*32*64, norms 2*32
+        let per_layer = 2 * 1024 + 2 * 512 + 3 * 2048 + 64;
+        assert_eq!(small().num_parameters(), 2 * 2048 + 32 + 2 * per_layer);
+        let tied = LlamaConfig {
+            tie_word_embeddings: true,
+            ..small()
+        };
+        assert_eq!(tied.num_parameters(), 2048 + 32 + 2 * per_layer);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let json = r#"{"vocab_size":1,"hidden_size":2,"intermediate_size":2,"num_hidden_layers":1,
+            "num_attention_heads":1,"num_key_value_heads":1,"max_position_embeddings":4,
+            "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":true,"hiden":3}"#;
+        let error = serde_json_error(json);
+        assert!(error.contains("hiden"), "{error}");
+    }
+
+    fn serde_json_error(json: &str) -> String {
+        match serde::Deserialize::deserialize(&mut serde_json::Deserializer::from_str(json)) {
+            Ok(LlamaConfig { .. }) => panic!("accepted an unknown field"),
+            Err(error) => error.to_string(),
+        }
+    }
+}

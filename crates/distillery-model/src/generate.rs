@@ -1,0 +1,270 @@
+//! Autoregressive generation with a KV cache and seeded sampling.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{KvCache, Llama, ModelError};
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// 0 picks the most likely token (greedy); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches `p`.
+    pub top_p: Option<f32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let invalid = |field, reason: String| Err(ModelError::InvalidSampling { field, reason });
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return invalid(
+                "temperature",
+                format!("must be >= 0, got {}", self.temperature),
+            );
+        }
+        if self.top_k == Some(0) {
+            return invalid("top_k", "must be at least 1".into());
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return invalid("top_p", format!("must be in (0, 1], got {p}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Generation stops after emitting this token.
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfSequence,
+    TokenLimit,
+    /// The model's `max_position_embeddings` was reached.
+    ContextFull,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The new tokens only, without the prompt.
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+}
+
+/// Continues `prompt`: one forward pass over the prompt, then one position per new token.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    config: &GenerationConfig,
+) -> Result<Generation, ModelError> {
+    config.sampling.validate()?;
+    let context = model.config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if prompt.len() > context {
+        return Err(ModelError::PromptTooLong {
+            tokens: prompt.len(),
+            context,
+        });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(&token) = prompt.iter().find(|&&token| token as usize >= vocab) {
+        return Err(ModelError::TokenOutOfRange { token, vocab });
+    }
+
+    let device = model.embed_tokens.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
+    let mut cache = KvCache::new(model.layers.len());
+    let mut tokens = Vec::new();
+    let mut next_input = prompt.to_vec();
+    let stop = loop {
+        if tokens.len() == config.max_new_tokens {
+            break StopReason::TokenLimit;
+        }
+        if cache.len() + next_input.len() > context {
+            break StopReason::ContextFull;
+        }
+        let ids: Vec<i64> = next_input.iter().map(|&id| id as i64).collect();
+        let input =
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [1, next_input.len()]), &device);
+        let logits = model.forward_with(input, Some(&mut cache), false).logits;
+        let last: Vec<f32> = logits
+            .narrow(1, next_input.len() - 1, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("float logits convert to f32");
+        let token = sample_token(&last, &config.sampling, &mut rng);
+        tokens.push(token);
+        if config.eos_token_id == Some(token) {
+            break StopReason::EndOfSequence;
+        }
+        next_input = vec![token];
+    };
+    Ok(Generation { tokens, stop })
+}
+
+/// Picks a token from one position's logits.
+pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl rand::Rng) -> u32 {
+    if config.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let mut candidates: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| (id as u32, logit / config.temperature))
+        .collect();
+    // Descending by logit, ties by id, so the candidate order never depends on the sort's
+    // stability.
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = config.top_k {
+        candidates.truncate(k);
+    }
+    let max = candidates[0].1;
+    let mut probabilities: Vec<f64> = candidates
+        .iter()
+        .map(|&(_, logit)| ((logit - max) as f64).exp())
+        .collect();
+    let total: f64 = probabilities.iter().sum();
+    probabilities.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = config.top_p {
+        let mut cumulative = 0.0;
+        let keep = probabilities
+            .iter()
+            .position(|p| {
+                cumulative += p;
+                cumulative >= top_p as f64
+            })
+            .map_or(probabilities.len(), |last| last + 1);
+        probabilities.truncate(keep);
+        let kept: f64 = probabilities.iter().sum();
+        probabilities.iter_mut().for_each(|p| *p /= kept);
+    }
+    let draw: f64 = rng.random();
+    let mut cumulative = 0.0;
+    for (index, p) in probabilities.iter().enumerate() {
+        cumulative += p;
+        if draw < cumulative {
+            return candidates[index].0;
+        }
+    }
+    candidates[probabilities.len() - 1].0
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, value) in logits.iter().enumerate() {
+        if value.total_cmp(&logits[best]).is_gt() {
+            best = index;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> SamplingConfig {
+        SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            seed: 7,
+        }
+    }
+
+    fn counts(logits: &[f32], config: &SamplingConfig, draws: usize) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            counts[sample_token(logits, config, &mut rng) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let logits = [0.1, 2.0, -1.0, 2.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(
+            sample_token(&logits, &sampling(0.0, None, None), &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.1, 0.3, 2.5, 2.4];
+        let counts = counts(&logits, &sampling(1.0, Some(1), None), 200);
+        assert_eq!(counts, vec![0, 0, 200, 0]);
+    }
+
+    #[test]
+    fn top_k_excludes_the_tail() {
+        let logits = [3.0, 2.9, 2.8, -5.0];
+        let counts = counts(&logits, &sampling(1.0, Some(2), None), 2000);
+        assert_eq!(counts[2] + counts[3], 0);
+        assert!(counts[0] > 0 && counts[1] > 0);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125: p = 0.7 keeps the first two.
+        let logits = [2f32.ln() * 2.0, 2f32.ln(), 0.0, 0.0];
+        let counts = counts(&logits, &sampling(1.0, None, Some(0.7)), 3000);
+        assert_eq!(counts[2] + counts[3], 0);
+        // Renormalized: 2/3 and 1/3.
+        let share = counts[0] as f64 / 3000.0;
+        assert!((share - 2.0 / 3.0).abs() < 0.04, "{counts:?}");
+    }
+
+    #[test]
+    fn temperature_sampling_follows_softmax() {
+        // Temperature 2 halves the logits: probabilities proportional to e^0, e^1.
+        let logits = [0.0, 2.0];
+        let counts = counts(&logits, &sampling(2.0, None, None), 4000);
+        let expected = 1.0 / (1.0 + 1f64.exp());
+        let share = counts[0] as f64 / 4000.0;
+        assert!((share - expected).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let logits = [0.3, 0.2, 0.1, 0.0, -0.1];
+        let config = sampling(1.0, None, None);
+        assert_eq!(counts(&logits, &config, 50), counts(&logits, &config, 50));
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let error = sampling(1.0, None, Some(1.5)).validate().unwrap_err();
+        assert!(error.to_string().contains("top_p"), "{error}");
+        let error = sampling(-1.0, None, None).validate().unwrap_err();
+        assert!(error.to_string().contains("temperature"), "{error}");
+    }
+}

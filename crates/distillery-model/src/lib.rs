@@ -1,0 +1,251 @@
+//! The Llama model: one definition for training, evaluation, generation and export.
+//!
+//! No file or network I/O lives here; formats and checkpoints map onto these modules elsewhere.
+
+mod cache;
+mod config;
+pub mod generate;
+mod llama;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use config::LlamaConfig;
+pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate};
+pub use llama::{Attention, DecoderLayer, INIT_STD, Linear, Llama, LlamaOutput, Mlp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model config: `{field}` {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error("dropout must be in [0, 1), got {0}")]
+    InvalidDropout(f64),
+    #[error("sampling: `{field}` {reason}")]
+    InvalidSampling { field: &'static str, reason: String },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens, more than the model's context of {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { token: u32, vocab: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+
+    use super::*;
+
+    fn config(tie_word_embeddings: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 24,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings,
+        }
+    }
+
+    fn tokens(ids: &[i64], device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
+    }
+
+    fn flat(tensor: Tensor<3>) -> Vec<f32> {
+        tensor.into_data().try_into_vec().unwrap()
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward() {
+        let device = Device::flex();
+        for tie in [false, true] {
+            let model = Llama::new(&config(tie), 0.0, 3, &device).unwrap();
+            let ids: Vec<i64> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
+            let full = flat(model.forward(tokens(&ids, &device)));
+
+            let mut cache = KvCache::new(2);
+            let mut pieces = flat(
+                model
+                    .forward_with(tokens(&ids[..5], &device), Some(&mut cache), false)
+                    .logits,
+            );
+            for &id in &ids[5..] {
+                let step = model.forward_with(tokens(&[id], &device), Some(&mut cache), false);
+                pieces.extend(flat(step.logits));
+            }
+            assert_eq!(cache.len(), ids.len());
+            assert_eq!(full.len(), pieces.len());
+            let worst = full
+                .iter()
+                .zip(&pieces)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "tied={tie}: cached logits differ by {worst}");
+        }
+    }
+
+    #[test]
+    fn logits_and_hidden_states_have_documented_shapes() {
+        let device = Device::flex();
+        let model = Llama::new(&config(false), 0.0, 1, &device).unwrap();
+        let input = Tensor::<2, Int>::from_data(
+            TensorData::new((0..14).collect::<Vec<i64>>(), [2, 7]),
+            &device,
+        );
+        let output = model.forward_with(input, None, true);
+        assert_eq!(output.logits.dims(), [2, 7, 50]);
+        let states = output.hidden_states.unwrap();
+        assert_eq!(states.len(), 3);
+        assert!(states.iter().all(|state| state.dims() == [2, 7, 32]));
+    }
+
+    #[test]
+    fn later_tokens_do_not_change_earlier_logits() {
+        let device = Device::flex();
+        let model = Llama::new(&config(false), 0.0, 5, &device).unwrap();
+        let short = flat(model.forward(tokens(&[1, 2, 3], &device)));
+        let long = flat(model.forward(tokens(&[1, 2, 3, 40, 41], &device)));
+        for (a, b) in short.iter().zip(&long[..short.len()]) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn initial_loss_is_near_uniform() {
+        // With std 0.02 weights the first loss sits near ln(vocab); N(0, 1) embeddings put it
+        // far above.
+        let device = Device::flex();
+        let config = LlamaConfig {
+            vocab_size: 512,
+            ..config(false)
+        };
+        let model = Llama::new(&config, 0.0, 11, &device).unwrap();
+        let ids: Vec<i64> = (0..20).map(|i| (i * 37) % 512).collect();
+        let logits = model.forward(tokens(&ids, &device));
+        let log_probs = burn::tensor::activation::log_softmax(logits, 2);
+        let mean_log_prob: f32 = log_probs.mean().into_scalar();
+        let uniform = (512f32).ln();
+        assert!(
+            (-mean_log_prob - uniform).abs() < 0.05,
+            "loss {} vs ln(vocab) {uniform}",
+            -mean_log_prob
+        );
+    }
+
+    #[test]
+    fn same_seed_same_weights_and_different_seed_differs() {
+        let device = Device::flex();
+        let weights = |seed| {
+            Llama::new(&config(false), 0.0, seed, &device)
+                .unwrap()
+                .layers[1]
+                .mlp
+                .down_proj
+                .weight
+                .val()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        assert_eq!(weights(9), weights(9));
+        assert_ne!(weights(9), weights(10));
+        let values = weights(9);
+        let std = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+        let expected = (INIT_STD / 2.0) as f32;
+        assert!((std - expected).abs() < 0.15 * expected, "std {std}");
+    }
+
+    #[test]
+    fn parameter_count_matches_config() {
+        let device = Device::flex();
+        for tie in [false, true] {
+            let config = config(tie);
+            let model = Llama::new(&config, 0.0, 0, &device).unwrap();
+            assert_eq!(model.num_params(), config.num_parameters());
+        }
+    }
+
+    #[test]
+    fn greedy_generation_is_reproducible_and_stops_at_limits() {
+        let device = Device::flex();
+        let model = Llama::new(&config(true), 0.0, 2, &device).unwrap();
+        let generation_config = GenerationConfig {
+            max_new_tokens: 6,
+            sampling: SamplingConfig::default(),
+            eos_token_id: None,
+        };
+        let first = generate(&model, &[1, 2, 3], &generation_config).unwrap();
+        assert_eq!(first.tokens.len(), 6);
+        assert_eq!(first.stop, StopReason::TokenLimit);
+        assert_eq!(
+            first,
+            generate(&model, &[1, 2, 3], &generation_config).unwrap()
+        );
+
+        // The greedy continuation equals repeatedly taking the argmax of an uncached forward.
+        let mut sequence: Vec<i64> = vec![1, 2, 3];
+        for _ in 0..6 {
+            let logits = flat(model.forward(tokens(&sequence, &device)));
+            let last = &logits[logits.len() - 50..];
+            let best = (0..50)
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]).then(b.cmp(&a)))
+                .unwrap();
+            sequence.push(best as i64);
+        }
+        let expected: Vec<u32> = sequence[3..].iter().map(|&id| id as u32).collect();
+        assert_eq!(first.tokens, expected);
+
+        let eos = first.tokens[1];
+        let stopped = generate(
+            &model,
+            &[1, 2, 3],
+            &GenerationConfig {
+                eos_token_id: Some(eos),
+                ..generation_config.clone()
+            },
+        )
+        .unwrap();
+        let stop_at = first.tokens.iter().position(|&t| t == eos).unwrap();
+        assert_eq!(stopped.tokens, first.tokens[..=stop_at]);
+        assert_eq!(stopped.stop, StopReason::EndOfSequence);
+
+        let long = generate(
+            &model,
+            &[1; 20],
+            &GenerationConfig {
+                max_new_tokens: 100,
+                ..generation_config
+            },
+        )
+        .unwrap();
+        assert_eq!(long.stop, StopReason::ContextFull);
+        assert_eq!(long.tokens.len(), 24 - 20 + 1);
+    }
+
+    #[test]
+    fn bad_prompts_are_errors() {
+        let device = Device::flex();
+        let model = Llama::new(&config(true), 0.0, 2, &device).unwrap();
+        let config = GenerationConfig {
+            max_new_tokens: 1,
+            sampling: SamplingConfig::default(),
+            eos_token_id: None,
+        };
+        assert!(matches!(
+            generate(&model, &[], &config),
+            Err(ModelError::EmptyPrompt)
+        ));
+        assert!(matches!(
+            generate(&model, &[50], &config),
+            Err(ModelError::TokenOutOfRange { .. })
+        ));
+        assert!(matches!(
+            generate(&model, &[1; 25], &config),
+            Err(ModelError::PromptTooLong { .. })
+        ));
+    }
+}

@@ -1,0 +1,123 @@
+//! Rotary position embeddings in the rotate-half layout.
+//!
+//! Hugging Face Llama checkpoints rotate the pair `(x[i], x[i + d/2])`; burn's `RotaryEncoding`
+//! and llama.cpp rotate adjacent pairs `(x[2i], x[2i + 1])`. distillery keeps Hugging Face's
+//! layout inside the model, so its weights are Hugging Face's weights; the q/k row permutation to
+//! the adjacent-pair layout happens only when a file in that layout is written or read.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Cosine and sine tables for every position up to the model's context length.
+#[derive(Module, Debug)]
+pub struct RotaryTables {
+    /// `[positions, head_dim]`: each frequency's cosine, repeated for both halves.
+    cos: Tensor<2>,
+    /// `[positions, head_dim]`: each frequency's sine, negated on the first half, so that
+    /// `rotate_half(x) * sin == swap_halves(x) * sin_signed`.
+    sin_signed: Tensor<2>,
+}
+
+impl RotaryTables {
+    pub fn new(max_positions: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin_signed = Vec::with_capacity(max_positions * head_dim);
+        for position in 0..max_positions {
+            let angles: Vec<f64> = (0..half)
+                .map(|i| position as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64))
+                .collect();
+            for sign in [-1.0, 1.0] {
+                cos.extend(angles.iter().map(|angle| angle.cos() as f32));
+                sin_signed.extend(angles.iter().map(|angle| (sign * angle.sin()) as f32));
+            }
+        }
+        let shape = [max_positions, head_dim];
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin_signed: Tensor::from_data(TensorData::new(sin_signed, shape), device),
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first token sits at position
+    /// `start`.
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [_, _, seq, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let positions = start..start + seq;
+        let cos = self.cos.clone().slice([positions.clone()]).unsqueeze::<4>();
+        let sin = self.sin_signed.clone().slice([positions]).unsqueeze::<4>();
+        let swapped = Tensor::cat(
+            vec![
+                x.clone().narrow(3, half, half),
+                x.clone().narrow(3, 0, half),
+            ],
+            3,
+        );
+        x * cos + swapped * sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> Device {
+        Device::flex()
+    }
+
+    #[test]
+    fn position_zero_is_identity() {
+        let tables = RotaryTables::new(8, 4, 10000.0, &device());
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]),
+            &device(),
+        );
+        let rotated = tables.apply(x.clone(), 0);
+        rotated
+            .into_data()
+            .assert_approx_eq::<f32>(&x.into_data(), Default::default());
+    }
+
+    #[test]
+    fn rotates_first_and_second_half_as_pairs() {
+        // head_dim 4: frequencies 1 and 1/100 with theta = 10000.
+        let tables = RotaryTables::new(8, 4, 10000.0, &device());
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]),
+            &device(),
+        );
+        let rotated: Vec<f32> = tables.apply(x, 3).into_data().try_into_vec().unwrap();
+        let (a0, a1) = (3.0f64, 3.0f64 / 100.0);
+        // Pairs are (x0, x2) at angle a0 and (x1, x3) at angle a1.
+        let expected = [
+            1.0 * a0.cos() - 3.0 * a0.sin(),
+            2.0 * a1.cos() - 4.0 * a1.sin(),
+            3.0 * a0.cos() + 1.0 * a0.sin(),
+            4.0 * a1.cos() + 2.0 * a1.sin(),
+        ];
+        for (got, want) in rotated.iter().zip(expected) {
+            assert!(
+                (*got as f64 - want).abs() < 1e-5,
+                "{rotated:?} vs {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn offset_matches_slice_of_full_sequence() {
+        let tables = RotaryTables::new(16, 8, 500.0, &device());
+        let values: Vec<f32> = (0..2 * 3 * 10 * 8)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(values, [2, 3, 10, 8]), &device());
+        let full = tables.apply(x.clone(), 0).narrow(2, 6, 4);
+        let tail = tables.apply(x.narrow(2, 6, 4), 6);
+        full.into_data()
+            .assert_approx_eq::<f32>(&tail.into_data(), Default::default());
+    }
+}

@@ -1,0 +1,101 @@
+//! Training throughput: the training loop's own step, timed after warm-up.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use distillery_config::ExperimentConfig;
+use distillery_data::WindowSampler;
+use distillery_model::Llama;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamW;
+use crate::seeds::{Stream, derive_seed};
+use crate::trainer::{NextTokenObjective, StepRunner, adamw_settings, schedule};
+use crate::{TrainError, device_for, prepare_data};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub parameters: usize,
+    pub tokens_per_step: usize,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub tokens_per_sec: f64,
+    /// Mean and standard deviation of the timed steps, milliseconds.
+    pub step_ms_mean: f64,
+    pub step_ms_std: f64,
+    /// Peak resident memory of the process during the timed steps (Linux), MiB.
+    pub peak_rss_mib: Option<f64>,
+    pub threads: usize,
+}
+
+pub fn bench_train(
+    config: &ExperimentConfig,
+    warmup_steps: usize,
+    timed_steps: usize,
+) -> Result<BenchReport, TrainError> {
+    let device = device_for(config.run.backend);
+    let data = prepare_data(config)?;
+    let model = Llama::new(
+        &data.llama,
+        config.model.dropout,
+        derive_seed(config.run.seed, Stream::Init, 0),
+        &device,
+    )?;
+    let parameters = data.llama.num_parameters();
+    let mut optimizer = AdamW::new(adamw_settings(config));
+    let mut sampler = WindowSampler::new(
+        derive_seed(config.run.seed, Stream::DataOrder, 0),
+        config.data.seq_len,
+    );
+    let mut objective = NextTokenObjective;
+    let mut runner = StepRunner {
+        config,
+        splits: &data.splits,
+        autodiff_device: device.clone().autodiff(),
+        schedule: schedule(config),
+        objective: &mut objective,
+    };
+    let mut model = model.train();
+    let mut tokens_per_step = 0;
+    for step in 0..warmup_steps {
+        model = runner.run(model, &mut optimizer, &mut sampler, step).0;
+    }
+    reset_peak_rss();
+    let mut durations = Vec::with_capacity(timed_steps);
+    for step in warmup_steps..warmup_steps + timed_steps {
+        let started = Instant::now();
+        let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step);
+        model = updated;
+        durations.push(started.elapsed().as_secs_f64());
+        tokens_per_step = stats.tokens;
+    }
+    let total: f64 = durations.iter().sum();
+    let mean = total / durations.len().max(1) as f64;
+    let variance =
+        durations.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / durations.len().max(1) as f64;
+    Ok(BenchReport {
+        backend: crate::backend_description(config.run.backend),
+        parameters,
+        tokens_per_step,
+        warmup_steps,
+        timed_steps,
+        tokens_per_sec: (tokens_per_step * timed_steps) as f64 / total,
+        step_ms_mean: mean * 1e3,
+        step_ms_std: variance.sqrt() * 1e3,
+        peak_rss_mib: peak_rss_mib(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// Resets the kernel's peak-RSS counter so the peak covers only what follows (Linux >= 4.0).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -1,0 +1,56 @@
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use distillery_data::{TokenBatch, ValidationWindows};
+use distillery_model::Llama;
+use serde::{Deserialize, Serialize};
+
+use crate::loss::{cross_entropy, next_token_hits};
+
+/// Validation metrics over every predicted token of the validation windows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Mean next-token cross-entropy (nats).
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Share of positions whose most likely token is the target.
+    pub accuracy: f64,
+    pub tokens: usize,
+}
+
+/// Token ids of a batch as `[batch, seq]` input and target tensors.
+pub fn batch_tensors(batch: &TokenBatch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    let tensor = |ids: &[u32]| {
+        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(ids, shape), device)
+    };
+    (tensor(&batch.inputs), tensor(&batch.targets))
+}
+
+/// One fixed pass over the validation windows. `model` should be in evaluation mode
+/// (`model.valid()`), so no graph is recorded and dropout is off.
+pub fn evaluate(
+    model: &Llama,
+    windows: &ValidationWindows,
+    batch_size: usize,
+    device: &Device,
+) -> EvalMetrics {
+    let mut loss_sum = 0.0;
+    let mut correct = 0;
+    let mut tokens = 0;
+    for batch in windows.batches(batch_size) {
+        let (inputs, targets) = batch_tensors(&batch, device);
+        let logits = model.forward(inputs);
+        let positions = batch.batch_size * batch.seq_len;
+        let loss: f32 = cross_entropy(logits.clone(), targets.clone()).into_scalar();
+        loss_sum += loss as f64 * positions as f64;
+        correct += next_token_hits(logits, targets).0;
+        tokens += positions;
+    }
+    let loss = loss_sum / tokens as f64;
+    EvalMetrics {
+        loss,
+        perplexity: loss.exp(),
+        accuracy: correct as f64 / tokens as f64,
+        tokens,
+    }
+}

@@ -1,0 +1,162 @@
+//! Training: the loop, its optimizer and schedule, checkpoints with exact resume, validation,
+//! metrics and the throughput bench.
+
+mod bench;
+pub mod checkpoint;
+mod eval;
+pub mod loss;
+mod metrics;
+pub mod optim;
+mod report;
+pub mod schedule;
+pub mod seeds;
+mod trainer;
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use distillery_config::{Backend, ExperimentConfig};
+use distillery_data::{CacheStatus, DataError, TextTokenizer, TokenSplits};
+use distillery_model::{LlamaConfig, ModelError};
+
+pub use bench::{BenchReport, bench_train};
+pub use checkpoint::{BestValidation, CheckpointError};
+pub use eval::{EvalMetrics, batch_tensors, evaluate};
+pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
+pub use trainer::{
+    NextTokenObjective, Objective, Resume, TrainOptions, TrainOutcome, TrainSummary, train,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config value that only turns out wrong once the data is known.
+    #[error("{origin}: {message}")]
+    Config { origin: String, message: String },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{}: {message}", path.display())]
+    Run { path: PathBuf, message: String },
+    #[error(
+        "training diverged: the loss is {loss} at step {step}; lower train.lr or set train.grad_clip"
+    )]
+    Diverged { step: usize, loss: f64 },
+}
+
+/// The device a run's backend computes on. Never `Device::default()`, which prefers a GPU
+/// backend whenever one is compiled in.
+pub fn device_for(backend: Backend) -> Device {
+    match backend {
+        Backend::Cpu => Device::flex(),
+    }
+}
+
+pub fn backend_description(backend: Backend) -> String {
+    match backend {
+        Backend::Cpu => "cpu (burn-flex)".into(),
+    }
+}
+
+/// The tokenizer, the token splits and the model architecture of a run.
+pub struct RunData {
+    pub tokenizer: TextTokenizer,
+    pub splits: TokenSplits,
+    pub llama: LlamaConfig,
+    /// What happened to the token cache, for the log.
+    pub cache_note: String,
+}
+
+pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
+    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+    let cache =
+        distillery_data::load_or_build(&config.data.corpus, &tokenizer, &config.token_cache_dir())?;
+    let cache_note = match &cache.status {
+        CacheStatus::Reused => format!("token cache {}", cache.path.display()),
+        CacheStatus::Built => format!("built token cache {}", cache.path.display()),
+        CacheStatus::Rebuilt(reason) => format!(
+            "rebuilt token cache {} because {reason}",
+            cache.path.display()
+        ),
+    };
+    let splits = TokenSplits::new(
+        &cache.tokens,
+        config.data.validation_fraction,
+        config.data.seq_len,
+    )?;
+    let llama = config
+        .llama_config(tokenizer.vocab_size())
+        .map_err(|message| TrainError::Config {
+            origin: config.data.tokenizer.display().to_string(),
+            message,
+        })?;
+    Ok(RunData {
+        tokenizer,
+        splits,
+        llama,
+        cache_note,
+    })
+}
+
+/// A checkpoint's metrics on the validation split of `config`'s corpus.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointEvaluation {
+    pub checkpoint: PathBuf,
+    pub step: usize,
+    #[serde(flatten)]
+    pub metrics: EvalMetrics,
+}
+
+/// Loads a checkpoint (a checkpoint directory or a run directory) for inference, refusing one
+/// trained with another tokenizer than `config`'s.
+pub fn load_for_inference(
+    config: &ExperimentConfig,
+    checkpoint_path: &std::path::Path,
+    tokenizer: &TextTokenizer,
+) -> Result<(PathBuf, usize, distillery_model::Llama), TrainError> {
+    let directory = checkpoint::resolve_checkpoint(checkpoint_path)?;
+    let progress = checkpoint::read_progress(&directory)?;
+    if progress.tokenizer_sha256 != tokenizer.sha256() {
+        return Err(TrainError::Run {
+            path: directory,
+            message: format!(
+                "was trained with another tokenizer than {}",
+                config.data.tokenizer.display()
+            ),
+        });
+    }
+    let device = device_for(config.run.backend);
+    let model = checkpoint::load_model(&directory, None, 0.0, &device)?;
+    Ok((directory, progress.step, model))
+}
+
+pub fn evaluate_checkpoint(
+    config: &ExperimentConfig,
+    checkpoint_path: &std::path::Path,
+) -> Result<CheckpointEvaluation, TrainError> {
+    let data = prepare_data(config)?;
+    let (checkpoint, step, model) = load_for_inference(config, checkpoint_path, &data.tokenizer)?;
+    let windows = distillery_data::ValidationWindows::new(
+        data.splits.validation.clone(),
+        config
+            .data
+            .seq_len
+            .min(model.config().max_position_embeddings),
+        config.eval.max_windows,
+    );
+    let metrics = evaluate(
+        &model,
+        &windows,
+        config.eval_batch_size(),
+        &device_for(config.run.backend),
+    );
+    Ok(CheckpointEvaluation {
+        checkpoint,
+        step,
+        metrics,
+    })
+}

@@ -1,0 +1,430 @@
+//! End-to-end tests of the `distillery` binary on the shipped corpus, tokenizer and tiny config.
+
+mod common;
+mod tensorboard;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Workspace, model_tensors, repo_path};
+
+#[test]
+fn sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run() {
+    let workspace = Workspace::new();
+    // Dropout and gradient accumulation on: both must replay exactly after a resume.
+    let settings = [
+        "train.steps=120",
+        "train.grad_accum=2",
+        "model.dropout=0.1",
+        "checkpoint.every=10",
+        "checkpoint.keep=20",
+        "eval.every=20",
+    ];
+    let uninterrupted = workspace.run_ok(&workspace.train_args("straight", &settings));
+    assert!(
+        uninterrupted.contains("trained 120 steps"),
+        "{uninterrupted}"
+    );
+
+    // Kill the second run twice at different moments after its first checkpoint, then let it
+    // finish.
+    let run_dir = workspace.checkpoints.join("killed");
+    for (first_checkpoint, extra_delay_ms) in [(10, 0), (50, 37)] {
+        let resume = first_checkpoint > 10;
+        let mut args = workspace.train_args("killed", &settings);
+        if resume {
+            args.push("--resume".into());
+        }
+        let mut child = workspace
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let marker = run_dir.join(format!("step-{first_checkpoint:07}"));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !marker.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint at {}",
+                marker.display()
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it could be killed"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(extra_delay_ms));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the run finished before SIGKILL");
+    }
+    let resumed = workspace.run_ok(
+        &[
+            workspace.train_args("killed", &settings),
+            vec!["--resume".into()],
+        ]
+        .concat(),
+    );
+    assert!(resumed.contains("trained 120 steps"), "{resumed}");
+
+    let expected = model_tensors(
+        &workspace
+            .checkpoints
+            .join("straight/step-0000120/model.bpk"),
+    );
+    let actual = model_tensors(&run_dir.join("step-0000120/model.bpk"));
+    assert_eq!(expected.len(), actual.len());
+    for (name, bytes) in &expected {
+        assert!(
+            actual.get(name) == Some(bytes),
+            "tensor {name} differs after SIGKILL and resume"
+        );
+    }
+
+    // The metrics of the killed run hold each step once, with the uninterrupted run's losses.
+    let straight = common::metric_series(&workspace.experiments.join("straight"), "train/loss");
+    let killed = common::metric_series(&workspace.experiments.join("killed"), "train/loss");
+    assert_eq!(straight.len(), 120);
+    assert_eq!(straight, killed);
+    let events = tensorboard::scalars(&workspace.experiments.join("killed/tb"));
+    let steps: Vec<i64> = events["train/loss"].iter().map(|(step, _)| *step).collect();
+    assert_eq!(steps, (1..=120).collect::<Vec<i64>>());
+}
+
+#[test]
+fn tensorboard_events_hold_every_metric_at_its_step() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("logged", &[]));
+    let events = tensorboard::scalars(&workspace.experiments.join("logged/tb"));
+    let records = common::read_jsonl(&workspace.experiments.join("logged/metrics.jsonl"));
+
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "val/loss",
+        "val/ppl",
+        "val/accuracy",
+    ] {
+        let from_jsonl: Vec<(i64, f32)> = records
+            .iter()
+            .filter_map(|record| {
+                record.get(tag).map(|value| {
+                    (
+                        record["step"].as_i64().unwrap(),
+                        value.as_f64().unwrap() as f32,
+                    )
+                })
+            })
+            .collect();
+        assert!(!from_jsonl.is_empty(), "no {tag} in metrics.jsonl");
+        assert_eq!(events.get(tag), Some(&from_jsonl), "{tag}");
+    }
+    let validation_steps: Vec<i64> = events["val/loss"].iter().map(|(step, _)| *step).collect();
+    assert_eq!(validation_steps, vec![10, 20, 30, 40]);
+    // The learning rate follows the warm-up: step 1 of 5 uses a fifth of the peak.
+    let first_lr = events["train/lr"][0];
+    assert_eq!(first_lr.0, 1);
+    assert!((first_lr.1 - 3e-3 / 5.0).abs() < 1e-7, "{first_lr:?}");
+    // Perplexity is exp(loss).
+    for ((_, loss), (_, ppl)) in events["val/loss"].iter().zip(&events["val/ppl"]) {
+        assert!((loss.exp() - ppl).abs() < 1e-3 * ppl);
+    }
+}
+
+#[test]
+fn training_learns_and_keeps_the_best_and_newest_checkpoints() {
+    let workspace = Workspace::new();
+    let output = workspace.run_ok(&workspace.train_args("learn", &["train.steps=60"]));
+    let records = common::read_jsonl(&workspace.experiments.join("learn/metrics.jsonl"));
+    let losses: Vec<f64> = records
+        .iter()
+        .filter_map(|record| record.get("val/loss").and_then(|v| v.as_f64()))
+        .collect();
+    let uniform = (2048f64).ln();
+    assert!(
+        losses[0] < uniform && losses.last().unwrap() < &(losses[0] - 0.3),
+        "validation losses {losses:?} (uniform {uniform})"
+    );
+    assert!(output.contains("best validation loss"), "{output}");
+
+    let run_dir = workspace.checkpoints.join("learn");
+    let mut entries: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, vec!["best", "step-0000050", "step-0000060"]);
+    let progress: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("best/progress.json")).unwrap())
+            .unwrap();
+    let best_loss = losses.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(progress["best"]["loss"].as_f64().unwrap(), best_loss);
+
+    // eval reproduces the validation loss the run logged for its best checkpoint.
+    let json = workspace.run_ok(
+        &[
+            vec!["eval".into(), repo_path("configs/tiny-test.toml")],
+            workspace.common_settings("learn"),
+            vec![
+                "--checkpoint".into(),
+                run_dir.display().to_string(),
+                "--json".into(),
+            ],
+        ]
+        .concat(),
+    );
+    let evaluation: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!((evaluation["loss"].as_f64().unwrap() - best_loss).abs() < 1e-9);
+    assert!((evaluation["perplexity"].as_f64().unwrap() - best_loss.exp()).abs() < 1e-6);
+    assert!(evaluation["accuracy"].as_f64().unwrap() > 0.0);
+    assert_eq!(evaluation["tokens"].as_u64().unwrap(), 32 * 32);
+
+    let text = workspace.run_ok(
+        &[
+            vec!["generate".into(), repo_path("configs/tiny-test.toml")],
+            workspace.common_settings("learn"),
+            vec![
+                "--checkpoint".into(),
+                run_dir.display().to_string(),
+                "--prompt".into(),
+                "ROMEO:".into(),
+                "--max-new-tokens".into(),
+                "8".into(),
+                "--temperature".into(),
+                "0".into(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(text.starts_with("ROMEO:"), "{text}");
+    assert!(text.len() > "ROMEO:\n".len(), "nothing generated: {text:?}");
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130() {
+    let workspace = Workspace::new();
+    let settings = ["train.steps=100000", "checkpoint.every=1000"];
+    let child = workspace
+        .command(&workspace.train_args("interrupted", &settings))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = workspace.experiments.join("interrupted/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::metadata(&metrics).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: saved step"), "{stderr}");
+    let saved: Vec<_> = std::fs::read_dir(workspace.checkpoints.join("interrupted"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("step-"))
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+}
+
+#[test]
+fn unknown_key_is_a_config_error_with_file_key_and_line() {
+    let workspace = Workspace::new();
+    let config = workspace.root.join("typo.toml");
+    let text = std::fs::read_to_string(repo_path("configs/tiny-test.toml"))
+        .unwrap()
+        .replace("lr = 3e-3", "lr = 3e-3\nlearning_rate = 1e-3");
+    std::fs::write(&config, &text).unwrap();
+    let line = text
+        .lines()
+        .position(|line| line.starts_with("learning_rate"))
+        .unwrap()
+        + 1;
+    let (code, stderr) = workspace.run_err(
+        &[
+            vec!["train".into(), config.display().to_string()],
+            workspace.common_settings("typo"),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("typo.toml"), "{stderr}");
+    assert!(stderr.contains("learning_rate"), "{stderr}");
+    assert!(stderr.contains(&format!("line {line}")), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr}");
+}
+
+#[test]
+fn wrong_type_from_the_command_line_is_a_config_error() {
+    let workspace = Workspace::new();
+    let (code, stderr) = workspace.run_err(&workspace.train_args("typed", &["train.steps=many"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("train.steps"), "{stderr}");
+    assert!(stderr.contains("--set train.steps=many"), "{stderr}");
+}
+
+#[test]
+fn missing_corpus_file_is_named() {
+    let workspace = Workspace::new();
+    let (code, stderr) = workspace
+        .run_err(&workspace.train_args("nocorpus", &["data.corpus=datasets/no-such-corpus.txt"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("data.corpus"), "{stderr}");
+    assert!(stderr.contains("no-such-corpus.txt"), "{stderr}");
+    assert!(!workspace.checkpoints.join("nocorpus").exists());
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_and_left_as_they_were() {
+    let workspace = Workspace::new();
+    let settings = ["train.steps=20"];
+    workspace.run_ok(&workspace.train_args("damaged", &settings));
+    let run_dir = workspace.checkpoints.join("damaged");
+    let newest = run_dir.join("step-0000020");
+
+    // Truncated weights.
+    let weights = newest.join("model.bpk");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let before = common::snapshot(&workspace.root);
+    let mut args = workspace.train_args("damaged", &settings);
+    args.push("--resume".into());
+    let (code, stderr) = workspace.run_err(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("model.bpk"), "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    assert_eq!(
+        common::snapshot(&workspace.root),
+        before,
+        "the run directory changed"
+    );
+
+    let (code, stderr) = workspace.run_err(
+        &[
+            vec!["eval".into(), repo_path("configs/tiny-test.toml")],
+            workspace.common_settings("damaged"),
+            vec!["--checkpoint".into(), newest.display().to_string()],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("model.bpk"), "{stderr}");
+
+    // A corrupt progress record.
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::write(newest.join("progress.json"), "{\"step\": 2").unwrap();
+    let (code, stderr) = workspace.run_err(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("corrupt progress record"), "{stderr}");
+}
+
+#[test]
+fn checkpoint_of_another_shape_is_refused() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("narrow", &["train.steps=10"]));
+    let checkpoint = workspace.checkpoints.join("narrow/step-0000010");
+    let wider = [
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        "train.steps=10",
+    ];
+    let mut args = workspace.train_args("wide", &wider);
+    args.extend(["--resume".into(), checkpoint.display().to_string()]);
+    let (code, stderr) = workspace.run_err(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("model.hidden_size: 32 -> 64"), "{stderr}");
+
+    // The same refusal from the weights themselves, when the settings hash is not involved.
+    let shapes = checkpoint.join("config.json");
+    let config = std::fs::read_to_string(&shapes).unwrap();
+    let progress_path = checkpoint.join("progress.json");
+    let mut progress: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&progress_path).unwrap()).unwrap();
+    let widened = config.replace("\"hidden_size\": 32", "\"hidden_size\": 64");
+    std::fs::write(&shapes, &widened).unwrap();
+    progress["files"]["config.json"] = common::digest(widened.as_bytes());
+    std::fs::write(&progress_path, progress.to_string()).unwrap();
+    let (code, stderr) = workspace.run_err(
+        &[
+            vec!["eval".into(), repo_path("configs/tiny-test.toml")],
+            workspace.common_settings("narrow"),
+            vec!["--checkpoint".into(), checkpoint.display().to_string()],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("model.bpk"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("shape"), "{stderr}");
+}
+
+#[test]
+fn fresh_run_over_existing_checkpoints_is_refused() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("twice", &["train.steps=10"]));
+    let (code, stderr) = workspace.run_err(&workspace.train_args("twice", &["train.steps=10"]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+}
+
+#[test]
+fn tokenizer_train_writes_a_tokenizer_the_trainer_accepts() {
+    let workspace = Workspace::new();
+    let corpus = workspace.root.join("small.txt");
+    let text = std::fs::read_to_string(repo_path("datasets/tinyshakespeare.txt")).unwrap();
+    std::fs::write(&corpus, &text[..200_000]).unwrap();
+    let out = workspace.root.join("tok.json");
+    let output = workspace.run_ok(&[
+        "tokenizer".to_string(),
+        "train".into(),
+        "--corpus".into(),
+        corpus.display().to_string(),
+        "--vocab-size".into(),
+        "512".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    assert!(output.contains("512 tokens"), "{output}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(json["model"]["type"], "BPE");
+    assert_eq!(json["pre_tokenizer"]["type"], "ByteLevel");
+    assert_eq!(json["added_tokens"][0]["content"], "<|endoftext|>");
+    let output = workspace.run_ok(&workspace.train_args(
+        "own-tokenizer",
+        &[
+            &format!("data.tokenizer={}", out.display()),
+            &format!("data.corpus={}", corpus.display()),
+            "train.steps=2",
+            "train.warmup_steps=0",
+            "eval.every=2",
+        ],
+    ));
+    assert!(output.contains("trained 2 steps"), "{output}");
+}
+
+#[test]
+fn shipped_tokenizer_matches_its_name_and_round_trips_the_corpus() {
+    let tokenizer = distillery_data::TextTokenizer::load(Path::new(&repo_path(
+        "datasets/shakespeare-bpe-2048.json",
+    )))
+    .unwrap();
+    assert_eq!(tokenizer.vocab_size(), 2048);
+    let text = std::fs::read_to_string(repo_path("datasets/tinyshakespeare.txt")).unwrap();
+    assert_eq!(text.len(), 1_115_394);
+    let sample = &text[..20_000];
+    let ids = tokenizer.encode(sample).unwrap();
+    assert_eq!(tokenizer.decode(&ids).unwrap(), sample);
+    // A trained vocabulary compresses: well under one token per two bytes.
+    assert!(ids.len() * 2 < sample.len(), "{} tokens", ids.len());
+}
