@@ -10,7 +10,7 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
 
-use crate::{FusedOps, flex};
+use crate::{AdamWTensors, FusedOps, FusedOptimizerOps, flex, rows::AdamWStep};
 
 /// Forward passes that return what the backward pass needs, and the backward passes.
 pub trait FusedKernels: Backend {
@@ -56,6 +56,18 @@ pub trait FusedKernels: Backend {
         probabilities: FloatTensor<Self>,
         gradient: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    fn rotary_forward(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self>;
+    fn rotary_backward(
+        gradient: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self>;
 }
 
 impl FusedKernels for Flex {
@@ -121,6 +133,45 @@ impl FusedKernels for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         flex::causal_attention_backward(&query, &key, &value, &probabilities, &gradient)
     }
+
+    fn rotary_forward(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        flex::rotary(&x, &cos, &sin_signed, start)
+    }
+
+    fn rotary_backward(
+        gradient: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        flex::rotary_backward(&gradient, &cos, &sin_signed, start)
+    }
+}
+
+impl FusedOptimizerOps for Flex {
+    fn fused_adamw(
+        tensors: AdamWTensors<Self>,
+        gradient: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> AdamWTensors<Self> {
+        let (parameter, first, second) = flex::adamw(
+            &tensors.parameter,
+            &gradient,
+            tensors.first,
+            tensors.second,
+            &step,
+        );
+        AdamWTensors {
+            parameter,
+            first,
+            second,
+        }
+    }
 }
 
 impl FusedOps for Flex {
@@ -149,6 +200,15 @@ impl FusedOps for Flex {
         value: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::attention_forward(query, key, value).0
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        Self::rotary_forward(x, cos, sin_signed, start)
     }
 }
 
@@ -335,6 +395,48 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 )
                 .0,
             ),
+        }
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Rotary;
+
+        impl<B: FusedKernels> Backward<B, 1> for Rotary {
+            type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (cos, sin_signed, start) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |gradient| {
+                    B::rotary_backward(gradient, cos, sin_signed, start)
+                });
+            }
+        }
+
+        // The tables are constants: only `x` is a parent.
+        let (cos, sin_signed) = (cos.into_primitive(), sin_signed.into_primitive());
+        match Rotary.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output =
+                    B::rotary_forward(x.into_primitive(), cos.clone(), sin_signed.clone(), start);
+                prep.finish((cos, sin_signed, start), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rotary_forward(
+                x.into_primitive(),
+                cos,
+                sin_signed,
+                start,
+            )),
         }
     }
 }

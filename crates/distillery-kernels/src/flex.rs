@@ -201,6 +201,97 @@ pub fn rms_norm_backward(
     )
 }
 
+/// Rotary embedding of `[batch, heads, seq, head_dim]` at positions `start..start + seq`.
+pub fn rotary(
+    x: &FlexTensor,
+    cos: &FlexTensor,
+    sin_signed: &FlexTensor,
+    start: usize,
+) -> FlexTensor {
+    rotary_map(x, cos, sin_signed, start, rows::rotary)
+}
+
+pub fn rotary_backward(
+    gradient: &FlexTensor,
+    cos: &FlexTensor,
+    sin_signed: &FlexTensor,
+    start: usize,
+) -> FlexTensor {
+    rotary_map(gradient, cos, sin_signed, start, rows::rotary_backward)
+}
+
+/// A row map `(x, cos, sin_signed, output)`.
+type RotaryRowKernel = fn(&[f32], &[f32], &[f32], &mut [f32]);
+
+fn rotary_map(
+    x: &FlexTensor,
+    cos: &FlexTensor,
+    sin_signed: &FlexTensor,
+    start: usize,
+    kernel: RotaryRowKernel,
+) -> FlexTensor {
+    let shape = shape_of(x);
+    let (seq, head_dim) = (shape[2], shape[3]);
+    let values = contiguous_f32(x);
+    let (cos, sin) = (contiguous_f32(cos), contiguous_f32(sin_signed));
+    let tables = start * head_dim..(start + seq) * head_dim;
+    let (cos, sin) = (&cos[tables.clone()], &sin[tables]);
+    let mut output = vec![0.0; values.len()];
+    // One task per (batch, head) matrix of `seq` rows.
+    output
+        .par_chunks_mut(seq * head_dim)
+        .zip(values.par_chunks(seq * head_dim))
+        .for_each(|(output, x)| {
+            for (((out, x), cos), sin) in output
+                .chunks_exact_mut(head_dim)
+                .zip(x.chunks_exact(head_dim))
+                .zip(cos.chunks_exact(head_dim))
+                .zip(sin.chunks_exact(head_dim))
+            {
+                kernel(x, cos, sin, out);
+            }
+        });
+    tensor(output, shape)
+}
+
+/// `tensor` as the sole view of its own contiguous storage, so `storage_mut` is exactly its
+/// elements (copying only when it is a strided or partial view).
+fn standalone(input: FlexTensor) -> FlexTensor {
+    let elements = input.layout().num_elements();
+    let exact = input.layout().contiguous_offsets() == Some((0, elements))
+        && input.bytes().len() == elements * std::mem::size_of::<f32>();
+    if exact {
+        input
+    } else {
+        tensor(contiguous_f32(&input).into_owned(), shape_of(&input))
+    }
+}
+
+/// One AdamW update; returns the new parameter and moments. Moments owned only by the caller
+/// are updated in place.
+pub fn adamw(
+    parameter: &FlexTensor,
+    gradient: &FlexTensor,
+    first: FlexTensor,
+    second: FlexTensor,
+    step: &rows::AdamWStep,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let mut parameter = standalone(parameter.clone());
+    let gradient = contiguous_f32(gradient);
+    let mut first = standalone(first);
+    let mut second = standalone(second);
+    let first_values = first.storage_mut::<f32>();
+    let second_values = second.storage_mut::<f32>();
+    parameter
+        .storage_mut::<f32>()
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(gradient.par_chunks(ELEMENT_BLOCK))
+        .zip(first_values.par_chunks_mut(ELEMENT_BLOCK))
+        .zip(second_values.par_chunks_mut(ELEMENT_BLOCK))
+        .for_each(|(((p, g), m), v)| rows::adamw(p, g, m, v, step));
+    (parameter, first, second)
+}
+
 /// A 4-D tensor's element strides and offset, for reading it in place.
 struct Strided<'a> {
     values: &'a [f32],

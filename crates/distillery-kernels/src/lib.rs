@@ -11,8 +11,10 @@ mod autodiff;
 mod flex;
 pub mod rows;
 
+pub use rows::AdamWStep;
+
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, DispatchDevice, backend_extension};
+use burn::backend::{Backend, DispatchDevice, ExtensionType, backend_extension};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -37,10 +39,37 @@ pub trait FusedOps: Backend {
         key: FloatTensor<Self>,
         value: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Rotary embedding (rotate-half layout) at positions `start..`.
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin_signed: FloatTensor<Self>,
+        start: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// A parameter and its AdamW moments, updated together.
+#[derive(ExtensionType)]
+pub struct AdamWTensors<B: Backend> {
+    pub parameter: FloatTensor<B>,
+    pub first: FloatTensor<B>,
+    pub second: FloatTensor<B>,
+}
+
+/// The optimizer update as a backend extension; it runs outside autodiff, on plain tensors.
+#[backend_extension(Flex)]
+pub trait FusedOptimizerOps: Backend {
+    fn fused_adamw(
+        #[extension_type] tensors: AdamWTensors<Self>,
+        gradient: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> AdamWTensors<Self>;
 }
 
 /// Whether `device` computes on burn-flex, directly or under autodiff.
 fn is_flex(device: &Device) -> bool {
+    // Which other variants exist depends on the backends compiled in.
+    #[allow(unreachable_patterns)]
     match device.as_dispatch() {
         DispatchDevice::Flex(_) => true,
         DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
@@ -106,6 +135,52 @@ pub fn causal_attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>) -> T
     composed::causal_attention(query, key, value)
 }
 
+/// Rotary position embedding in the rotate-half layout: `x` `[batch, heads, seq, head_dim]` at
+/// positions `start..start + seq`; `cos` and `sin_signed` are `[positions, head_dim]` tables
+/// (the sine negated on the first half).
+pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin_signed: Tensor<2>, start: usize) -> Tensor<4> {
+    if fused(&x) {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_rotary(
+            x.into_dispatch(),
+            cos.into_dispatch(),
+            sin_signed.into_dispatch(),
+            start,
+        ));
+    }
+    composed::rotary(x, cos, sin_signed, start)
+}
+
+/// One AdamW update of a flattened parameter: returns the new parameter and moments, none of
+/// them tracked by autodiff.
+pub fn adamw(
+    parameter: Tensor<1>,
+    gradient: Tensor<1>,
+    first: Tensor<1>,
+    second: Tensor<1>,
+    step: AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (parameter, gradient) = (parameter.inner(), gradient.inner());
+    let (first, second) = (first.inner(), second.inner());
+    if fused(&parameter) {
+        let tensors = AdamWTensors {
+            parameter: parameter.into_dispatch(),
+            first: first.into_dispatch(),
+            second: second.into_dispatch(),
+        };
+        let updated = <burn::backend::Dispatch as FusedOptimizerOps>::fused_adamw(
+            tensors,
+            gradient.into_dispatch(),
+            step,
+        );
+        return (
+            Tensor::from_dispatch(updated.parameter),
+            Tensor::from_dispatch(updated.first),
+            Tensor::from_dispatch(updated.second),
+        );
+    }
+    composed::adamw(parameter, gradient, first, second, step)
+}
+
 /// The same operations from burn's differentiable primitives: the path on every backend but
 /// burn-flex, and the reference the fused kernels are tested against.
 pub mod composed {
@@ -140,6 +215,42 @@ pub mod composed {
             None,
             options,
         )
+    }
+
+    pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin_signed: Tensor<2>, start: usize) -> Tensor<4> {
+        let [_, _, seq, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let positions = start..start + seq;
+        let cos = cos.slice([positions.clone()]).unsqueeze::<4>();
+        let sin = sin_signed.slice([positions]).unsqueeze::<4>();
+        let swapped = Tensor::cat(
+            vec![
+                x.clone().narrow(3, half, half),
+                x.clone().narrow(3, 0, half),
+            ],
+            3,
+        );
+        x * cos + swapped * sin
+    }
+
+    pub fn adamw(
+        parameter: Tensor<1>,
+        gradient: Tensor<1>,
+        first: Tensor<1>,
+        second: Tensor<1>,
+        step: AdamWStep,
+    ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+        let gradient = gradient.mul_scalar(step.grad_scale);
+        let first = first.mul_scalar(step.beta1) + gradient.clone().mul_scalar(1.0 - step.beta1);
+        let second = second.mul_scalar(step.beta2) + gradient.square().mul_scalar(1.0 - step.beta2);
+        let direction = first.clone().div_scalar(step.first_correction)
+            / second
+                .clone()
+                .div_scalar(step.second_correction)
+                .sqrt()
+                .add_scalar(step.eps);
+        let parameter = parameter.mul_scalar(step.decay) - direction.mul_scalar(step.lr);
+        (parameter, first, second)
     }
 
     /// `[batch, kv_heads, seq, dim]` to `[batch, kv_heads * groups, seq, dim]`, each key/value

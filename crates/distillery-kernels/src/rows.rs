@@ -214,6 +214,74 @@ pub fn rms_norm_backward(
     }
 }
 
+/// Rotary embedding of rows of `head_dim` values in the rotate-half layout:
+/// `y = x * cos + swap_halves(x) * sin_signed`, with the tables' rows for consecutive
+/// positions. The backward pass is the same map with the roles swapped (see
+/// [`rotary_backward`]).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn rotary(x: &[f32], cos: &[f32], sin_signed: &[f32], output: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x_low, x_high) = x.split_at(half);
+    let (out_low, out_high) = output.split_at_mut(half);
+    for i in 0..half {
+        out_low[i] = x_low[i] * cos[i] + x_high[i] * sin_signed[i];
+        out_high[i] = x_high[i] * cos[half + i] + x_low[i] * sin_signed[half + i];
+    }
+}
+
+/// The gradient of [`rotary`]: `dx = g * cos + swap_halves(g * sin_signed)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn rotary_backward(gradient: &[f32], cos: &[f32], sin_signed: &[f32], output: &mut [f32]) {
+    let half = gradient.len() / 2;
+    let (g_low, g_high) = gradient.split_at(half);
+    let (out_low, out_high) = output.split_at_mut(half);
+    for i in 0..half {
+        out_low[i] = g_low[i] * cos[i] + g_high[i] * sin_signed[half + i];
+        out_high[i] = g_high[i] * cos[half + i] + g_low[i] * sin_signed[i];
+    }
+}
+
+/// Settings of one AdamW update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `1 - lr * weight_decay`, or 1 for parameters that are not decayed.
+    pub decay: f32,
+    /// `1 - beta1^t` and `1 - beta2^t` for update number `t`.
+    pub first_correction: f32,
+    pub second_correction: f32,
+    /// Multiplies the gradient first (global-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// One AdamW update of a block of parameters and their moments, in place, in the same order of
+/// operations as the composed update.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn adamw(
+    parameters: &mut [f32],
+    gradient: &[f32],
+    first: &mut [f32],
+    second: &mut [f32],
+    step: &AdamWStep,
+) {
+    for (((p, &g), m), v) in parameters
+        .iter_mut()
+        .zip(gradient)
+        .zip(first.iter_mut())
+        .zip(second.iter_mut())
+    {
+        let g = g * step.grad_scale;
+        *m = *m * step.beta1 + g * (1.0 - step.beta1);
+        *v = *v * step.beta2 + g * g * (1.0 - step.beta2);
+        let direction =
+            (*m / step.first_correction) / ((*v / step.second_correction).sqrt() + step.eps);
+        *p = *p * step.decay - direction * step.lr;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +428,63 @@ mod tests {
             minus[j] -= h;
             let numeric = (objective(&x64, &plus) - objective(&x64, &minus)) / (2.0 * h);
             assert!((dgain[j] as f64 - numeric).abs() < 1e-4, "gain {j}");
+        }
+    }
+
+    #[test]
+    fn rotary_backward_is_the_transpose_of_rotary() {
+        // <rotary(x), g> == <x, rotary_backward(g)> for any x, g: the two maps are adjoint.
+        let x = [0.3f32, -1.2, 0.8, 2.0, -0.5, 1.1];
+        let g = [1.0f32, 0.4, -0.7, 0.2, 0.9, -1.3];
+        let cos = [0.9f32, 0.5, -0.2, 0.9, 0.5, -0.2];
+        let sin = [-0.4f32, -0.8, -0.97, 0.4, 0.8, 0.97];
+        let mut y = [0.0; 6];
+        rotary(&x, &cos, &sin, &mut y);
+        let mut dx = [0.0; 6];
+        rotary_backward(&g, &cos, &sin, &mut dx);
+        let forward: f32 = y.iter().zip(&g).map(|(a, b)| a * b).sum();
+        let backward: f32 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+        assert!((forward - backward).abs() < 1e-5, "{forward} vs {backward}");
+        // Pairs (x0, x3): y0 = x0 cos0 - x3 sin, y3 = x3 cos0 + x0 sin.
+        assert!((y[0] - (0.3 * 0.9 + 2.0 * -0.4)).abs() < 1e-6);
+        assert!((y[3] - (2.0 * 0.9 + 0.3 * 0.4)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adamw_matches_the_update_rule() {
+        let mut parameters = [1.0f32, -2.0];
+        let mut first = [0.1f32, 0.0];
+        let mut second = [0.01f32, 0.0];
+        let step = AdamWStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            decay: 1.0 - 0.01 * 0.1,
+            first_correction: 1.0 - 0.9f32.powi(2),
+            second_correction: 1.0 - 0.99f32.powi(2),
+            grad_scale: 0.5,
+        };
+        adamw(
+            &mut parameters,
+            &[2.0, -4.0],
+            &mut first,
+            &mut second,
+            &step,
+        );
+        let g = [1.0f64, -2.0];
+        let m = [0.9 * 0.1 + 0.1 * g[0], 0.1 * g[1]];
+        let v = [0.99 * 0.01 + 0.01 * g[0] * g[0], 0.01 * g[1] * g[1]];
+        for i in 0..2 {
+            let start = [1.0f64, -2.0][i];
+            let direction = (m[i] / (1.0 - 0.81)) / ((v[i] / (1.0 - 0.9801)).sqrt() + 1e-8);
+            let expected = start * (1.0 - 0.001) - 0.01 * direction;
+            assert!(
+                (parameters[i] as f64 - expected).abs() < 1e-6,
+                "{parameters:?}"
+            );
+            assert!((first[i] as f64 - m[i]).abs() < 1e-7);
+            assert!((second[i] as f64 - v[i]).abs() < 1e-7);
         }
     }
 }

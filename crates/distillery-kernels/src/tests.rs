@@ -168,3 +168,75 @@ fn inference_without_autodiff_uses_the_same_kernels() {
         values(composed::causal_attention(query, key, value)),
     );
 }
+
+#[test]
+fn rotary_matches_the_composed_rotation_at_an_offset() {
+    let device = Device::flex();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let (positions, head_dim) = (12, 6);
+    let angles: Vec<f32> = (0..positions * head_dim / 2)
+        .map(|_| rng.random::<f32>() * 6.0)
+        .collect();
+    let mut cos = Vec::new();
+    let mut sin = Vec::new();
+    for row in angles.chunks(head_dim / 2) {
+        for sign in [-1.0f32, 1.0] {
+            cos.extend(row.iter().map(|a| a.cos()));
+            sin.extend(row.iter().map(|a| sign * a.sin()));
+        }
+    }
+    let cos = Tensor::<2>::from_data(TensorData::new(cos, [positions, head_dim]), &device);
+    let sin = Tensor::<2>::from_data(TensorData::new(sin, [positions, head_dim]), &device);
+    // A strided input: [batch, seq, heads, dim] viewed as [batch, heads, seq, dim].
+    let x = random([2, 5, 3, head_dim], 18, &device).swap_dims(1, 2);
+    compare(
+        "rotary",
+        [x],
+        |x| {
+            rotary(
+                x[0].clone(),
+                cos.clone().autodiff(),
+                sin.clone().autodiff(),
+                4,
+            )
+        },
+        |x| {
+            composed::rotary(
+                x[0].clone(),
+                cos.clone().autodiff(),
+                sin.clone().autodiff(),
+                4,
+            )
+        },
+    );
+}
+
+#[test]
+fn adamw_matches_the_composed_update() {
+    let device = Device::flex();
+    let step = AdamWStep {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay: 1.0 - 3e-3 * 0.1,
+        first_correction: 1.0 - 0.9f32.powi(3),
+        second_correction: 1.0 - 0.95f32.powi(3),
+        grad_scale: 0.7,
+    };
+    let tensors = || {
+        (
+            random([50_000], 19, &device),
+            random([50_000], 20, &device),
+            random([50_000], 21, &device).mul_scalar(0.1),
+            random([50_000], 22, &device).abs().mul_scalar(0.01),
+        )
+    };
+    let (p, g, m, v) = tensors();
+    let fused = adamw(p, g, m, v, step);
+    let (p, g, m, v) = tensors();
+    let composed = composed::adamw(p, g, m, v, step);
+    assert_close("adamw parameter", values(fused.0), values(composed.0));
+    assert_close("adamw first moment", values(fused.1), values(composed.1));
+    assert_close("adamw second moment", values(fused.2), values(composed.2));
+}

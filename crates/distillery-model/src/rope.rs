@@ -46,19 +46,7 @@ impl RotaryTables {
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first token sits at position
     /// `start`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, seq, head_dim] = x.dims();
-        let half = head_dim / 2;
-        let positions = start..start + seq;
-        let cos = self.cos.clone().slice([positions.clone()]).unsqueeze::<4>();
-        let sin = self.sin_signed.clone().slice([positions]).unsqueeze::<4>();
-        let swapped = Tensor::cat(
-            vec![
-                x.clone().narrow(3, half, half),
-                x.clone().narrow(3, 0, half),
-            ],
-            3,
-        );
-        x * cos + swapped * sin
+        distillery_kernels::rotary(x, self.cos.clone(), self.sin_signed.clone(), start)
     }
 }
 

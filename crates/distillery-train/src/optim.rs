@@ -11,6 +11,7 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use distillery_kernels::AdamWStep;
 
 use crate::CheckpointError;
 
@@ -242,37 +243,42 @@ impl ModuleMapper for Update<'_> {
         let shape = tensor.shape();
         let size = shape.num_elements();
         let require_grad = tensor.is_require_grad();
-        let grad = grad.reshape([size]).mul_scalar(self.grad_scale);
         let name = self.path.join(".");
         let (first, second) = match self.optimizer.moments.remove(&name) {
-            Some(Moments { first, second }) => (
-                first.mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1),
-                second.mul_scalar(beta2) + grad.square().mul_scalar(1.0 - beta2),
-            ),
-            None => (
-                grad.clone().mul_scalar(1.0 - beta1),
-                grad.square().mul_scalar(1.0 - beta2),
-            ),
+            Some(Moments { first, second }) => (first, second),
+            None => {
+                let zeros = Tensor::<1>::zeros([size], &grad.device());
+                (zeros.clone(), zeros)
+            }
         };
         let steps = self.optimizer.steps as i32;
-        let first_unbiased = 1.0 - beta1.powi(steps);
-        let second_unbiased = 1.0 - beta2.powi(steps);
-        let direction = first.clone().div_scalar(first_unbiased)
-            / second
-                .clone()
-                .div_scalar(second_unbiased)
-                .sqrt()
-                .add_scalar(eps);
-        let mut value = tensor.inner().reshape([size]);
         // Decay matrices only: shrinking norm gains toward zero fights the normalization.
-        if D >= 2 && weight_decay > 0.0 {
-            value = value.mul_scalar(1.0 - self.lr * weight_decay);
-        }
-        let value = (value - direction.mul_scalar(self.lr)).reshape(shape);
+        let decay = if D >= 2 {
+            1.0 - self.lr * weight_decay
+        } else {
+            1.0
+        };
+        let step = AdamWStep {
+            lr: self.lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+            decay: decay as f32,
+            first_correction: (1.0 - beta1.powi(steps)) as f32,
+            second_correction: (1.0 - beta2.powi(steps)) as f32,
+            grad_scale: self.grad_scale as f32,
+        };
+        let (value, first, second) = distillery_kernels::adamw(
+            tensor.inner().reshape([size]),
+            grad.reshape([size]),
+            first,
+            second,
+            step,
+        );
         self.optimizer
             .moments
             .insert(name, Moments { first, second });
-        let mut value = Tensor::from_inner(value);
+        let mut value = Tensor::from_inner(value.reshape(shape));
         if require_grad {
             value = value.require_grad();
         }
