@@ -56,6 +56,8 @@ pub trait FusedKernels: Backend {
         probabilities: FloatTensor<Self>,
         gradient: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Also the backward pass: the mask scales the gradient as it scaled the input.
+    fn dropout_forward(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self>;
     fn rotary_forward(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -134,6 +136,10 @@ impl FusedKernels for Flex {
         flex::causal_attention_backward(&query, &key, &value, &probabilities, &gradient)
     }
 
+    fn dropout_forward(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self> {
+        flex::dropout(&x, probability, seed)
+    }
+
     fn rotary_forward(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -200,6 +206,10 @@ impl FusedOps for Flex {
         value: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::attention_forward(query, key, value).0
+    }
+
+    fn fused_dropout(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self> {
+        Self::dropout_forward(x, probability, seed)
     }
 
     fn fused_rotary(
@@ -437,6 +447,32 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 sin_signed,
                 start,
             )),
+        }
+    }
+
+    fn fused_dropout(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Dropout;
+
+        impl<B: FusedKernels> Backward<B, 1> for Dropout {
+            type State = (f32, u64);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let (probability, seed) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |gradient| {
+                    B::dropout_forward(gradient, probability, seed)
+                });
+            }
+        }
+
+        match Dropout.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(
+                (probability, seed),
+                B::dropout_forward(x.into_primitive(), probability, seed),
+            ),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::dropout_forward(x.into_primitive(), probability, seed))
+            }
         }
     }
 }

@@ -254,6 +254,29 @@ fn rotary_map(
     tensor(output, shape)
 }
 
+/// Inverted dropout of `x` with probability `probability`, the mask drawn from `seed`.
+pub fn dropout(x: &FlexTensor, probability: f32, seed: u64) -> FlexTensor {
+    let values = contiguous_f32(x);
+    assert!(
+        values.len() <= u32::MAX as usize,
+        "dropout indexes elements with 32 bits"
+    );
+    // The 64-bit seed folded into the hash's 32-bit key.
+    let key = (seed ^ (seed >> 32)) as u32;
+    let threshold = (f64::from(probability) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    let scale = 1.0 / (1.0 - probability);
+    let mut output = vec![0.0; values.len()];
+    output
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(values.par_chunks(ELEMENT_BLOCK))
+        .enumerate()
+        .for_each(|(block, (output, x))| {
+            let first = (block * ELEMENT_BLOCK) as u32;
+            rows::dropout(x, key, first, threshold, scale, output)
+        });
+    tensor(output, shape_of(x))
+}
+
 /// `tensor` as the sole view of its own contiguous storage, so `storage_mut` is exactly its
 /// elements (copying only when it is a strided or partial view).
 fn standalone(input: FlexTensor) -> FlexTensor {

@@ -39,6 +39,8 @@ pub trait FusedOps: Backend {
         key: FloatTensor<Self>,
         value: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Inverted dropout with a mask that is a pure function of `seed` and the element index.
+    fn fused_dropout(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self>;
     /// Rotary embedding (rotate-half layout) at positions `start..`.
     fn fused_rotary(
         x: FloatTensor<Self>,
@@ -135,6 +137,24 @@ pub fn causal_attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>) -> T
     composed::causal_attention(query, key, value)
 }
 
+/// Inverted dropout: each element is zeroed with probability `probability`, the rest scaled by
+/// `1 / (1 - probability)`. On burn-flex the mask is a pure function of `seed` and the element's
+/// index, the same on every run; elsewhere it is drawn from the device's generator seeded
+/// with `seed`.
+pub fn dropout<const D: usize>(x: Tensor<D>, probability: f64, seed: u64) -> Tensor<D> {
+    if probability == 0.0 {
+        return x;
+    }
+    if fused(&x) {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_dropout(
+            x.into_dispatch(),
+            probability as f32,
+            seed,
+        ));
+    }
+    composed::dropout(x, probability, seed)
+}
+
 /// Rotary position embedding in the rotate-half layout: `x` `[batch, heads, seq, head_dim]` at
 /// positions `start..start + seq`; `cos` and `sin_signed` are `[positions, head_dim]` tables
 /// (the sine negated on the first half).
@@ -194,6 +214,13 @@ pub mod composed {
 
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         silu(gate) * up
+    }
+
+    pub fn dropout<const D: usize>(x: Tensor<D>, probability: f64, seed: u64) -> Tensor<D> {
+        x.device().seed(seed);
+        let keep = 1.0 - probability;
+        let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+        x * mask.div_scalar(keep)
     }
 
     pub fn rms_norm<const D: usize>(x: Tensor<D>, gain: Tensor<1>, eps: f64) -> Tensor<D> {

@@ -241,6 +241,31 @@ pub fn rotary_backward(gradient: &[f32], cos: &[f32], sin_signed: &[f32], output
     }
 }
 
+/// Whether element `index` survives dropout: a counter-based hash of `(key, index)` (MurmurHash3's
+/// finalizer) compared with `threshold = p * 2^32`. The mask is a pure function of its inputs,
+/// so the backward pass recomputes it instead of storing it.
+#[inline(always)]
+fn kept(key: u32, index: u32, threshold: u32) -> bool {
+    let mut h = index.wrapping_mul(0x9E37_79B1) ^ key;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^= h >> 16;
+    h >= threshold
+}
+
+/// Inverted dropout of a block whose first element has flat index `first_index`: kept elements
+/// are scaled by `scale = 1 / (1 - p)`, dropped ones become 0. Applied to a gradient, it is the
+/// backward pass.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn dropout(x: &[f32], key: u32, first_index: u32, threshold: u32, scale: f32, output: &mut [f32]) {
+    for (offset, (out, &x)) in output.iter_mut().zip(x).enumerate() {
+        let keep = kept(key, first_index.wrapping_add(offset as u32), threshold);
+        *out = if keep { x * scale } else { 0.0 };
+    }
+}
+
 /// Settings of one AdamW update.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -486,5 +511,26 @@ mod tests {
             assert!((first[i] as f64 - m[i]).abs() < 1e-7);
             assert!((second[i] as f64 - v[i]).abs() < 1e-7);
         }
+    }
+
+    #[test]
+    fn dropout_drops_the_requested_share_reproducibly() {
+        let x = vec![1.0f32; 100_000];
+        let p = 0.25f32;
+        let threshold = (p as f64 * 4_294_967_296.0) as u32;
+        let mut first = vec![0.0; x.len()];
+        dropout(&x, 7, 0, threshold, 1.0 / (1.0 - p), &mut first);
+        let dropped = first.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert!(first.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        // The same key and indices give the same mask; blocks compose.
+        let mut halves = vec![0.0; x.len()];
+        let (low, high) = halves.split_at_mut(50_000);
+        dropout(&x[..50_000], 7, 0, threshold, 1.0 / (1.0 - p), low);
+        dropout(&x[50_000..], 7, 50_000, threshold, 1.0 / (1.0 - p), high);
+        assert_eq!(first, halves);
+        let mut other = vec![0.0; x.len()];
+        dropout(&x, 8, 0, threshold, 1.0 / (1.0 - p), &mut other);
+        assert_ne!(first, other);
     }
 }

@@ -240,3 +240,31 @@ fn adamw_matches_the_composed_update() {
     assert_close("adamw first moment", values(fused.1), values(composed.1));
     assert_close("adamw second moment", values(fused.2), values(composed.2));
 }
+
+#[test]
+fn dropout_gradient_uses_the_forward_mask() {
+    let device = Device::flex().autodiff();
+    let x = random([4, 64, 32], 23, &device).require_grad();
+    let weights = random([4, 64, 32], 24, &device);
+    let output = dropout(x.clone(), 0.3, 5);
+    let gradients = (output.clone() * weights.clone()).sum().backward();
+    let output = values(output);
+    let inputs = values(x.clone());
+    let gradient = values(x.grad(&gradients).unwrap());
+    let weights = values(weights);
+    let scale = 1.0 / 0.7;
+    let mut dropped = 0;
+    for i in 0..output.len() {
+        if output[i] == 0.0 {
+            dropped += 1;
+            assert_eq!(gradient[i], 0.0);
+        } else {
+            assert!((output[i] - inputs[i] * scale).abs() < 1e-5);
+            assert!((gradient[i] - weights[i] * scale).abs() < 1e-5);
+        }
+    }
+    let share = dropped as f64 / output.len() as f64;
+    assert!((share - 0.3).abs() < 0.03, "dropped {share}");
+    assert_eq!(values(dropout(x.clone(), 0.3, 5)), output);
+    assert_ne!(values(dropout(x, 0.3, 6)), output);
+}

@@ -160,6 +160,26 @@ mod tests {
     }
 
     #[test]
+    fn dropout_applies_only_in_training_and_follows_its_seed() {
+        let device = Device::flex();
+        let mut model = Llama::new(&config(false), 0.2, 4, &device).unwrap().train();
+        let autodiff = device.clone().autodiff();
+        let ids = [3i64, 9, 27, 31, 2];
+        let logits = |model: &Llama| flat(model.forward(tokens(&ids, &autodiff)));
+        model.set_dropout_seed(1);
+        let first = logits(&model);
+        assert_eq!(first, logits(&model));
+        model.set_dropout_seed(2);
+        let second = logits(&model);
+        assert_ne!(first, second);
+        // Evaluation mode (no autodiff) never drops.
+        let eval = model.valid();
+        let plain = flat(eval.forward(tokens(&ids, &device)));
+        let without = Llama::new(&config(false), 0.0, 4, &device).unwrap();
+        assert_eq!(plain, flat(without.forward(tokens(&ids, &device))));
+    }
+
+    #[test]
     fn parameter_count_matches_config() {
         let device = Device::flex();
         for tie in [false, true] {

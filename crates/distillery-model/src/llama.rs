@@ -6,10 +6,10 @@
 //! transpose at the file boundary.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use distillery_kernels::{causal_attention, rms_norm, swiglu};
+use distillery_kernels::{causal_attention, dropout, rms_norm, swiglu};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -80,9 +80,30 @@ pub struct Llama {
     /// `None` when the output projection is the transposed token embedding.
     pub lm_head: Option<Linear>,
     rope: RotaryTables,
-    dropout: Dropout,
+    /// Dropout probability on the embeddings and on each residual branch, while training.
+    dropout: f64,
+    /// Where this forward pass's dropout masks come from; see [`Llama::set_dropout_seed`].
+    dropout_seed: u64,
     #[module(skip)]
     config: LlamaConfig,
+}
+
+/// Applies the model's dropout to one site of the forward pass when training (on an autodiff
+/// device), each site with its own mask.
+#[derive(Clone, Copy)]
+struct DropoutSites {
+    probability: f64,
+    seed: u64,
+}
+
+impl DropoutSites {
+    fn apply(self, x: Tensor<3>, site: u64) -> Tensor<3> {
+        if self.probability == 0.0 || !x.device().is_autodiff() {
+            return x;
+        }
+        let seed = self.seed.wrapping_add(site.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        dropout(x, self.probability, seed)
+    }
 }
 
 /// What a forward pass returns.
@@ -189,13 +210,20 @@ impl Llama {
                 config.rope_theta,
                 device,
             ),
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout,
+            dropout_seed: 0,
             config: config.clone(),
         })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Seeds the dropout masks of the next forward passes. A training loop sets it from the
+    /// run's seed and the step, so the masks of a resumed run are the ones it would have drawn.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` starting at position 0.
@@ -224,13 +252,16 @@ impl Llama {
             self.rope.max_positions()
         );
 
-        let mut x = self
-            .dropout
-            .forward(embedding(self.embed_tokens.val(), tokens));
+        let dropout = DropoutSites {
+            probability: self.dropout,
+            seed: self.dropout_seed,
+        };
+        let mut x = dropout.apply(embedding(self.embed_tokens.val(), tokens), 0);
         let mut hidden_states = output_hidden_states.then(|| vec![x.clone()]);
         for (index, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|cache| cache.layer_mut(index));
-            x = layer.forward(x, &self.rope, start, layer_cache, &self.dropout);
+            let sites = (2 * index as u64 + 1, 2 * index as u64 + 2);
+            x = layer.forward(x, &self.rope, start, layer_cache, dropout, sites);
             if let Some(states) = hidden_states.as_mut() {
                 states.push(x.clone());
             }
@@ -263,7 +294,8 @@ impl DecoderLayer {
         rope: &RotaryTables,
         start: usize,
         cache: Option<&mut crate::cache::LayerCache>,
-        dropout: &Dropout,
+        dropout: DropoutSites,
+        (attention_site, mlp_site): (u64, u64),
     ) -> Tensor<3> {
         let attended = self.self_attn.forward(
             normalize(&self.input_layernorm, x.clone()),
@@ -271,11 +303,11 @@ impl DecoderLayer {
             start,
             cache,
         );
-        let x = x + dropout.forward(attended);
+        let x = x + dropout.apply(attended, attention_site);
         let transformed = self
             .mlp
             .forward(normalize(&self.post_attention_layernorm, x.clone()));
-        x + dropout.forward(transformed)
+        x + dropout.apply(transformed, mlp_site)
     }
 }
 

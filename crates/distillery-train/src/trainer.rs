@@ -103,7 +103,7 @@ impl StepRunner<'_> {
     /// Takes the optimizer step with 0-based index `step`.
     pub fn run(
         &mut self,
-        model: Llama,
+        mut model: Llama,
         optimizer: &mut AdamW,
         sampler: &mut WindowSampler,
         step: usize,
@@ -115,7 +115,7 @@ impl StepRunner<'_> {
             let batch = sampler.next_batch(&self.splits.train, train.batch_size);
             let (inputs, targets) = batch_tensors(&batch, &self.autodiff_device);
             let dropout_index = (step * train.grad_accum + micro) as u64;
-            self.autodiff_device.seed(derive_seed(
+            model.set_dropout_seed(derive_seed(
                 self.config.run.seed,
                 Stream::Dropout,
                 dropout_index,
