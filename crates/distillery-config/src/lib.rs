@@ -103,7 +103,7 @@ pub fn parse(
             }
         })?;
 
-    resolve_preset(&mut config.model).map_err(|(key, message)| {
+    let invalid = |(key, message): (String, String)| {
         let (origin, line) = locate(&key);
         ConfigError::Invalid {
             origin,
@@ -111,16 +111,9 @@ pub fn parse(
             line,
             message,
         }
-    })?;
-    validate(&config).map_err(|(key, message)| {
-        let (origin, line) = locate(&key);
-        ConfigError::Invalid {
-            origin,
-            key,
-            line,
-            message,
-        }
-    })?;
+    };
+    resolve_preset(&mut config.model).map_err(invalid)?;
+    validate(&config).map_err(invalid)?;
     Ok(config)
 }
 

@@ -457,7 +457,12 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         impl<B: FusedKernels> Backward<B, 1> for Dropout {
             type State = (f32, u64);
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let (probability, seed) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |gradient| {
                     B::dropout_forward(gradient, probability, seed)

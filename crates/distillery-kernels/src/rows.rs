@@ -259,7 +259,14 @@ fn kept(key: u32, index: u32, threshold: u32) -> bool {
 /// are scaled by `scale = 1 / (1 - p)`, dropped ones become 0. Applied to a gradient, it is the
 /// backward pass.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub fn dropout(x: &[f32], key: u32, first_index: u32, threshold: u32, scale: f32, output: &mut [f32]) {
+pub fn dropout(
+    x: &[f32],
+    key: u32,
+    first_index: u32,
+    threshold: u32,
+    scale: f32,
+    output: &mut [f32],
+) {
     for (offset, (out, &x)) in output.iter_mut().zip(x).enumerate() {
         let keep = kept(key, first_index.wrapping_add(offset as u32), threshold);
         *out = if keep { x * scale } else { 0.0 };
@@ -522,7 +529,11 @@ mod tests {
         dropout(&x, 7, 0, threshold, 1.0 / (1.0 - p), &mut first);
         let dropped = first.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
         assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
-        assert!(first.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        assert!(
+            first
+                .iter()
+                .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6)
+        );
         // The same key and indices give the same mask; blocks compose.
         let mut halves = vec![0.0; x.len()];
         let (low, high) = halves.split_at_mut(50_000);

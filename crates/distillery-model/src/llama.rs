@@ -101,7 +101,9 @@ impl DropoutSites {
         if self.probability == 0.0 || !x.device().is_autodiff() {
             return x;
         }
-        let seed = self.seed.wrapping_add(site.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let seed = self
+            .seed
+            .wrapping_add(site.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         dropout(x, self.probability, seed)
     }
 }
