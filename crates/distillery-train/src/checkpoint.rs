@@ -362,6 +362,33 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// Clears what an interrupted write left in a run directory: unfinished `.tmp-*` staging
+/// directories are deleted; a `.old-NAME` directory is moved back to `NAME` when the process
+/// stopped between retiring `NAME` and publishing its replacement, and deleted otherwise.
+pub fn tidy(run_dir: &Path) -> Result<(), CheckpointError> {
+    if !run_dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(run_dir).map_err(io_error(run_dir))? {
+        let path = entry.map_err(io_error(run_dir))?.path();
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(".tmp-") {
+            std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+        } else if let Some(original) = name.strip_prefix(".old-") {
+            let destination = run_dir.join(original);
+            if destination.exists() {
+                std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+            } else {
+                std::fs::rename(&path, &destination).map_err(io_error(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Resolves what `distillery eval --checkpoint` and later stages accept: a checkpoint
 /// directory, or a run directory (its `best/`, else its newest step).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
@@ -377,5 +404,40 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
             path,
             "holds no checkpoint (no progress.json here, in best/ or in a step-* directory)",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tidy_restores_a_retired_checkpoint_and_drops_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        for name in [
+            ".old-best",
+            ".tmp-step-0000010-123",
+            "step-0000010",
+            ".old-step-0000010",
+        ] {
+            std::fs::create_dir(run.join(name)).unwrap();
+            std::fs::write(run.join(name).join("marker"), name).unwrap();
+        }
+        tidy(run).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(run)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["best", "step-0000010"]);
+        assert_eq!(
+            std::fs::read_to_string(run.join("best/marker")).unwrap(),
+            ".old-best"
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.join("step-0000010/marker")).unwrap(),
+            "step-0000010"
+        );
     }
 }

@@ -286,6 +286,7 @@ pub fn train(
         path: run_dir.clone(),
         message: error.to_string(),
     })?;
+    checkpoint::tidy(&run_dir)?;
 
     let total_steps = config.train.steps;
     let reporter = Reporter::new(start.step, total_steps, config.log.every);
