@@ -26,6 +26,7 @@ def distillery(steps):
             str(ROOT / "target/release/distillery"),
             "bench", "train", str(ROOT / "configs/shakespeare-teacher.toml"),
             "--set", "train.batch_size=8", "--set", "model.dropout=0.0",
+            "--set", "model.tie_word_embeddings=false",
             "--warmup", "3", "--steps", str(steps), "--json",
         ],
         check=True, capture_output=True, text=True, cwd=ROOT,
