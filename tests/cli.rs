@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Workspace, model_tensors, repo_path};
+use common::{Workspace, repo_path};
 
 #[test]
 fn sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run() {
@@ -31,35 +31,12 @@ fn sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run() {
     // finish.
     let run_dir = workspace.checkpoints.join("killed");
     for (first_checkpoint, extra_delay_ms) in [(10, 0), (50, 37)] {
-        let resume = first_checkpoint > 10;
         let mut args = workspace.train_args("killed", &settings);
-        if resume {
+        if first_checkpoint > 10 {
             args.push("--resume".into());
         }
-        let mut child = workspace
-            .command(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         let marker = run_dir.join(format!("step-{first_checkpoint:07}"));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !marker.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no checkpoint at {}",
-                marker.display()
-            );
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before it could be killed"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        std::thread::sleep(Duration::from_millis(extra_delay_ms));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "the run finished before SIGKILL");
+        common::kill_after(&workspace, &args, &marker, extra_delay_ms);
     }
     let resumed = workspace.run_ok(
         &[
@@ -69,20 +46,12 @@ fn sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run() {
         .concat(),
     );
     assert!(resumed.contains("trained 120 steps"), "{resumed}");
-
-    let expected = model_tensors(
+    common::assert_same_tensors(
         &workspace
             .checkpoints
             .join("straight/step-0000120/model.bpk"),
+        &run_dir.join("step-0000120/model.bpk"),
     );
-    let actual = model_tensors(&run_dir.join("step-0000120/model.bpk"));
-    assert_eq!(expected.len(), actual.len());
-    for (name, bytes) in &expected {
-        assert!(
-            actual.get(name) == Some(bytes),
-            "tensor {name} differs after SIGKILL and resume"
-        );
-    }
 
     // The metrics of the killed run hold each step once, with the uninterrupted run's losses.
     let straight = common::metric_series(&workspace.experiments.join("straight"), "train/loss");

@@ -1,9 +1,13 @@
 //! Helpers shared by the end-to-end tests: an isolated workspace per test and readers for what
 //! the binary writes.
 
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -97,6 +101,47 @@ impl Workspace {
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+}
+
+/// Starts `distillery args`, waits until `marker` exists (a checkpoint the run writes), waits
+/// `extra_delay_ms` more, and kills the process with SIGKILL.
+pub fn kill_after(workspace: &Workspace, args: &[String], marker: &Path, extra_delay_ms: u64) {
+    let mut child = workspace
+        .command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint at {}",
+            marker.display()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(extra_delay_ms));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run finished before SIGKILL");
+}
+
+/// Asserts that two burnpack model files hold bit-identical tensors.
+pub fn assert_same_tensors(expected: &Path, actual: &Path) {
+    let expected = model_tensors(expected);
+    let actual = model_tensors(actual);
+    assert_eq!(expected.len(), actual.len());
+    for (name, bytes) in &expected {
+        assert!(
+            actual.get(name) == Some(bytes),
+            "tensor {name} differs after SIGKILL and resume"
+        );
     }
 }
 

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use distillery_config::{ConfigError, ExperimentConfig};
+use distillery_config::{ConfigError, ExperimentConfig, TeacherSource};
 use distillery_data::TextTokenizer;
+use distillery_distill::DistillError;
 use distillery_model::{GenerationConfig, SamplingConfig};
 use distillery_train::{
-    NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome, bench_train,
-    evaluate_checkpoint, load_for_inference, train,
+    BenchReport, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
+    bench_objective, bench_train, evaluate_checkpoint, load_for_inference, train,
 };
 
 /// Exit status for configuration errors (a wrong key, type or value), as for usage errors.
@@ -40,6 +41,20 @@ enum Command {
         /// Continue the run from its newest checkpoint, or from the checkpoint at PATH.
         #[arg(long, value_name = "PATH")]
         resume: Option<Option<PathBuf>>,
+    },
+    /// Train a student against a frozen teacher (the config's [teacher] and [distill]).
+    Distill {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Continue the run from its newest checkpoint, or from the checkpoint at PATH.
+        #[arg(long, value_name = "PATH")]
+        resume: Option<Option<PathBuf>>,
+    },
+    /// Run the config's teacher once over every training window of the run and store its
+    /// top-k logits, for `[distill] teacher = "cached"`.
+    TeacherCache {
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Validation loss, perplexity and accuracy of a checkpoint.
     Eval {
@@ -87,16 +102,25 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Training throughput (tokens/s) and peak memory of the config's model.
-    Train {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        #[arg(long)]
-        json: bool,
-    },
+    Train(BenchArgs),
+    /// Distillation throughput with a live and a cached teacher, against plain training of
+    /// the same student.
+    Distill(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Steps run before timing starts.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Steps timed.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -160,61 +184,87 @@ fn keep_freed_memory() {
 
 fn is_config_error(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause.is::<ConfigError>() || matches!(cause.downcast_ref(), Some(TrainError::Config { .. }))
+        cause.is::<ConfigError>()
+            || matches!(cause.downcast_ref(), Some(TrainError::Config { .. }))
+            || matches!(
+                cause.downcast_ref(),
+                Some(DistillError::Config { .. } | DistillError::Train(TrainError::Config { .. }))
+            )
     })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train { config, resume } => {
+            let origin = config.config.display().to_string();
             let config = config.load()?;
-            let resume = match resume {
-                None => Resume::Fresh,
-                Some(None) => Resume::Latest,
-                Some(Some(path)) => Resume::From(path),
-            };
-            let options = TrainOptions {
-                resume,
-                interrupt: interrupt_flag()?,
-            };
-            match train(&config, &options, &mut NextTokenObjective)? {
-                TrainOutcome::Completed(summary) => {
-                    let validation = summary.final_validation;
-                    println!(
-                        "trained {} steps: validation loss {:.4}, perplexity {:.2}, accuracy {:.4}",
-                        summary.steps, validation.loss, validation.perplexity, validation.accuracy
-                    );
-                    if let Some(best) = summary.best {
-                        println!(
-                            "best validation loss {:.4} at step {} -> {}",
-                            best.loss,
-                            best.step,
-                            summary.checkpoint_dir.join("best").display()
-                        );
-                    }
-                    if summary.tokens_per_sec > 0.0 {
-                        println!("throughput {:.0} tokens/s", summary.tokens_per_sec);
-                    }
-                    Ok(ExitCode::SUCCESS)
+            if config.teacher.is_some() {
+                return Err(ConfigError::Invalid {
+                    origin,
+                    key: "teacher".into(),
+                    line: None,
+                    message: "this config distills from a teacher: run `distillery distill`".into(),
                 }
-                TrainOutcome::Interrupted { step, checkpoint } => {
-                    eprintln!(
-                        "interrupted: saved step {step} to {}; continue with --resume",
-                        checkpoint.display()
-                    );
-                    Ok(ExitCode::from(EXIT_INTERRUPTED))
-                }
+                .into());
             }
+            let options = train_options(resume)?;
+            report_outcome(train(&config, &options, &mut NextTokenObjective)?)
+        }
+        Command::Distill { config, resume } => {
+            let origin = config.config.display().to_string();
+            let config = config.load()?;
+            let options = train_options(resume)?;
+            report_outcome(distillery_distill::distill(&config, &origin, &options)?)
+        }
+        Command::TeacherCache { config } => {
+            let origin = config.config.display().to_string();
+            let config = config.load()?;
+            let started = std::time::Instant::now();
+            let mut reported = 0;
+            let (path, header) =
+                distillery_distill::write_teacher_cache(&config, &origin, &mut |done, total| {
+                    let percent = done * 100 / total.max(1);
+                    if percent >= reported + 10 || done == total {
+                        reported = percent;
+                        eprintln!("teacher cache: {done}/{total} micro-batches ({percent}%)");
+                    }
+                })?;
+            let bytes = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
+            println!(
+                "wrote {} ({} micro-batches x {} windows x {} tokens, top-{} logits, {:.1} MiB) in {:.0} s",
+                path.display(),
+                header.micro_batches,
+                header.batch_size,
+                header.seq_len,
+                header.top_k,
+                bytes as f64 / (1 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
             config,
             checkpoint,
             json,
         } => {
+            let origin = config.config.display().to_string();
             let config = config.load()?;
             let result = evaluate_checkpoint(&config, &checkpoint)?;
+            let comparison = match config.teacher {
+                Some(_) => Some(distillery_distill::compare_with_teacher(
+                    &config,
+                    &origin,
+                    &checkpoint,
+                )?),
+                None => None,
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&result)?);
+                let mut report = serde_json::to_value(&result)?;
+                if let Some(comparison) = &comparison {
+                    report["kd"] = comparison.kd.into();
+                    report["teacher_agreement"] = comparison.teacher_agreement.into();
+                }
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
                     "{} (step {}): validation loss {:.4}, perplexity {:.2}, accuracy {:.4} over {} tokens",
@@ -225,6 +275,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     result.metrics.accuracy,
                     result.metrics.tokens
                 );
+                if let Some(comparison) = comparison {
+                    println!(
+                        "against the teacher: top-1 agreement {:.4}, divergence {:.4}",
+                        comparison.teacher_agreement, comparison.kd
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -261,12 +317,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench {
             what:
-                BenchCommand::Train {
+                BenchCommand::Train(BenchArgs {
                     config,
                     warmup,
                     steps,
                     json,
-                },
+                }),
         } => {
             anyhow::ensure!(steps > 0, "--steps must be at least 1");
             let config = config.load()?;
@@ -274,21 +330,67 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
+                println!("{}", describe_bench(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Distill(BenchArgs {
+                    config,
+                    warmup,
+                    steps,
+                    json,
+                }),
+        } => {
+            anyhow::ensure!(steps > 0, "--steps must be at least 1");
+            let origin = config.config.display().to_string();
+            let config = config.load()?;
+            let mut objective = distillery_distill::objective_for(&config, &origin)?;
+            let student = bench_train(&config, warmup, steps)?;
+            let live_teacher = bench_objective(&config, warmup, steps, &mut objective)?;
+            drop(objective);
+            let mut cached_config = config.clone();
+            cached_config
+                .distill
+                .get_or_insert_with(Default::default)
+                .teacher = TeacherSource::Cached;
+            let cached_teacher = match distillery_distill::objective_for(&cached_config, &origin) {
+                Ok(mut objective) => Some(bench_objective(
+                    &cached_config,
+                    warmup,
+                    steps,
+                    &mut objective,
+                )?),
+                Err(error) => {
+                    eprintln!("cached teacher not measured: {error}");
+                    None
+                }
+            };
+            let ratio = |report: &BenchReport| student.tokens_per_sec / report.tokens_per_sec;
+            if json {
+                let reports = serde_json::json!({
+                    "student_alone": student,
+                    "live_teacher": live_teacher,
+                    "live_teacher_step_time_ratio": ratio(&live_teacher),
+                    "cached_teacher": cached_teacher,
+                    "cached_teacher_step_time_ratio": cached_teacher.as_ref().map(ratio),
+                });
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                println!("student alone:  {}", describe_bench(&student));
+                println!("live teacher:   {}", describe_bench(&live_teacher));
                 println!(
-                    "{}: {} parameters, {} tokens/step, {} threads: {:.0} tokens/s ({:.1} ± {:.1} ms/step over {} steps after {} warm-up), peak RSS {}",
-                    report.backend,
-                    report.parameters,
-                    report.tokens_per_step,
-                    report.threads,
-                    report.tokens_per_sec,
-                    report.step_ms_mean,
-                    report.step_ms_std,
-                    report.timed_steps,
-                    report.warmup_steps,
-                    report
-                        .peak_rss_mib
-                        .map_or_else(|| "unknown".into(), |mib| format!("{mib:.0} MiB"))
+                    "a distillation step with a live teacher takes {:.2}x a plain step",
+                    ratio(&live_teacher)
                 );
+                if let Some(cached) = &cached_teacher {
+                    println!("cached teacher: {}", describe_bench(cached));
+                    println!(
+                        "a distillation step with a cached teacher takes {:.2}x a plain step",
+                        ratio(cached)
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -313,6 +415,67 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn train_options(resume: Option<Option<PathBuf>>) -> anyhow::Result<TrainOptions> {
+    let resume = match resume {
+        None => Resume::Fresh,
+        Some(None) => Resume::Latest,
+        Some(Some(path)) => Resume::From(path),
+    };
+    Ok(TrainOptions {
+        resume,
+        interrupt: interrupt_flag()?,
+    })
+}
+
+fn report_outcome(outcome: TrainOutcome) -> anyhow::Result<ExitCode> {
+    match outcome {
+        TrainOutcome::Completed(summary) => {
+            let validation = summary.final_validation;
+            println!(
+                "trained {} steps: validation loss {:.4}, perplexity {:.2}, accuracy {:.4}",
+                summary.steps, validation.loss, validation.perplexity, validation.accuracy
+            );
+            if let Some(best) = summary.best {
+                println!(
+                    "best validation loss {:.4} at step {} -> {}",
+                    best.loss,
+                    best.step,
+                    summary.checkpoint_dir.join("best").display()
+                );
+            }
+            if summary.tokens_per_sec > 0.0 {
+                println!("throughput {:.0} tokens/s", summary.tokens_per_sec);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TrainOutcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "interrupted: saved step {step} to {}; continue with --resume",
+                checkpoint.display()
+            );
+            Ok(ExitCode::from(EXIT_INTERRUPTED))
+        }
+    }
+}
+
+fn describe_bench(report: &BenchReport) -> String {
+    format!(
+        "{}: {} parameters, {} tokens/step, {} threads: {:.0} tokens/s ({:.1} ± {:.1} ms/step over {} steps after {} warm-up), peak RSS {}",
+        report.backend,
+        report.parameters,
+        report.tokens_per_step,
+        report.threads,
+        report.tokens_per_sec,
+        report.step_ms_mean,
+        report.step_ms_std,
+        report.timed_steps,
+        report.warmup_steps,
+        report
+            .peak_rss_mib
+            .map_or_else(|| "unknown".into(), |mib| format!("{mib:.0} MiB"))
+    )
 }
 
 /// The first Ctrl-C asks the loop to save a checkpoint and stop; a second one exits at once.

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 
 pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
-    Backend, CheckpointConfig, DataConfig, EvalConfig, ExperimentConfig, LogConfig, ModelSection,
-    RunConfig, TrainConfig,
+    Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
+    ExperimentConfig, LogConfig, ModelSection, RunConfig, StudentConfig, StudentInit,
+    TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +330,70 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
             ),
         );
     }
+    validate_distillation(config, shape.num_hidden_layers)
+}
+
+fn validate_distillation(
+    config: &ExperimentConfig,
+    student_layers: usize,
+) -> Result<(), (String, String)> {
+    let fail = |key: &str, message: String| Err((key.to_string(), message));
+    if config.teacher.is_none() {
+        for (section, present) in [
+            ("distill", config.distill.is_some()),
+            ("student", config.student.is_some()),
+        ] {
+            if present {
+                return fail(
+                    section,
+                    "only applies to distillation; add a [teacher] section".into(),
+                );
+            }
+        }
+    }
+    if let Some(distill) = &config.distill {
+        if !(distill.temperature.is_finite() && distill.temperature > 0.0) {
+            return fail(
+                "distill.temperature",
+                format!("must be positive, got {}", distill.temperature),
+            );
+        }
+        if !(0.0..=1.0).contains(&distill.alpha) {
+            return fail(
+                "distill.alpha",
+                format!("must be in [0, 1], got {}", distill.alpha),
+            );
+        }
+        if distill.top_k == 0 {
+            return fail("distill.top_k", "must be at least 1".into());
+        }
+        if !(distill.beta > 0.0 && distill.beta < 1.0) {
+            return fail(
+                "distill.beta",
+                format!("must be in (0, 1), got {}", distill.beta),
+            );
+        }
+    }
+    if let Some(student) = &config.student {
+        match (student.init, &student.teacher_layers) {
+            (StudentInit::Random, Some(_)) => {
+                return fail(
+                    "student.teacher_layers",
+                    "only applies with student.init = \"from_teacher\"".into(),
+                );
+            }
+            (StudentInit::FromTeacher, Some(layers)) if layers.len() != student_layers => {
+                return fail(
+                    "student.teacher_layers",
+                    format!(
+                        "lists {} layers; the student has {student_layers}",
+                        layers.len()
+                    ),
+                );
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -417,9 +482,11 @@ impl ExperimentConfig {
         flatten("", &value, &mut flat);
         flat.retain(|key, _| {
             ["run.seed", "run.backend"].contains(&key.as_str())
-                || ["data.", "model.", "train."]
-                    .iter()
-                    .any(|section| key.starts_with(section))
+                || [
+                    "data.", "model.", "train.", "teacher.", "distill.", "student.",
+                ]
+                .iter()
+                .any(|section| key.starts_with(section))
         });
         flat
     }

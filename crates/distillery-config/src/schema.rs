@@ -18,6 +18,15 @@ pub struct ExperimentConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The frozen teacher of a distillation run (`distillery distill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherConfig>,
+    /// The distillation loss of a distillation run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
+    /// How a distilled student starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student: Option<StudentConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +198,121 @@ impl Default for LogConfig {
             tensorboard: true,
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// A distillery run directory (`checkpoints/<run>`) or one of its checkpoint directories.
+    pub checkpoint: PathBuf,
+    /// Which checkpoint of a run directory teaches; ignored for a checkpoint directory.
+    #[serde(default)]
+    pub select: TeacherCheckpoint,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherCheckpoint {
+    /// `best/`, the checkpoint with the lowest validation loss.
+    #[default]
+    Best,
+    /// The newest complete checkpoint.
+    Latest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The divergence between the temperature-softened teacher and student distributions.
+    #[serde(default)]
+    pub loss: DistillLoss,
+    /// Softmax temperature of both distributions; the divergence is multiplied by its square.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the distillation term; `1 - alpha` weighs cross-entropy on the labels.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Teacher weight in the mixture of the generalized Jensen-Shannon divergence (`jsd` only).
+    #[serde(default = "default_jsd_beta")]
+    pub beta: f64,
+    /// Run the teacher at every step, or read its top-k logits from the cache that
+    /// `distillery teacher-cache` wrote.
+    #[serde(default)]
+    pub teacher: TeacherSource,
+    /// How many of the teacher's largest logits per token the cache keeps.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherSource {
+    #[default]
+    Live,
+    /// Top-k logits from the teacher cache, renormalized over those k tokens.
+    Cached,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            loss: DistillLoss::default(),
+            temperature: default_temperature(),
+            alpha: default_alpha(),
+            beta: default_jsd_beta(),
+            teacher: TeacherSource::default(),
+            top_k: default_top_k(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillLoss {
+    /// KL(teacher || student), as in Hinton et al.
+    #[default]
+    ForwardKl,
+    /// KL(student || teacher), as in MiniLLM.
+    ReverseKl,
+    /// Generalized Jensen-Shannon divergence with weight `beta`, as in GKD.
+    Jsd,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    #[serde(default)]
+    pub init: StudentInit,
+    /// With `init = "from_teacher"`: the teacher layers copied into the student's layers, in
+    /// order (DistilBERT-style); one per student layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_layers: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentInit {
+    /// Fresh weights from the run's seed.
+    #[default]
+    Random,
+    /// Embeddings, norms and a subset of the teacher's layers; widths must match.
+    FromTeacher,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+
+fn default_jsd_beta() -> f64 {
+    0.5
+}
+
+fn default_top_k() -> usize {
+    64
 }
 
 fn default_checkpoint_dir() -> PathBuf {

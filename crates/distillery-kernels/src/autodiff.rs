@@ -25,6 +25,37 @@ pub trait FusedKernels: Backend {
         log_sum_exps: FloatTensor<Self>,
         gradient: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Losses and the student's and teacher's log-sum-exps at the temperature.
+    fn forward_kl_forward(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    fn forward_kl_backward(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        student_lse: FloatTensor<Self>,
+        teacher_lse: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self>;
+    /// Losses and log-sum-exps of the student's rows and of the teacher's cached logits.
+    fn sparse_forward_kl_forward(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_forward_kl_backward(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        student_lse: FloatTensor<Self>,
+        teacher_lse: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self>;
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
     fn swiglu_backward(
         gate: FloatTensor<Self>,
@@ -87,6 +118,61 @@ impl FusedKernels for Flex {
         gradient: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         flex::cross_entropy_backward(&logits, &targets, &log_sum_exps, &gradient)
+    }
+
+    fn forward_kl_forward(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        flex::forward_kl(&student, &teacher, inverse_temperature)
+    }
+
+    fn forward_kl_backward(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        student_lse: FloatTensor<Self>,
+        teacher_lse: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        flex::forward_kl_backward(
+            &student,
+            &teacher,
+            &student_lse,
+            &teacher_lse,
+            &gradient,
+            inverse_temperature,
+        )
+    }
+
+    fn sparse_forward_kl_forward(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        flex::sparse_forward_kl(&student, &ids, &teacher, inverse_temperature)
+    }
+
+    fn sparse_forward_kl_backward(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        student_lse: FloatTensor<Self>,
+        teacher_lse: FloatTensor<Self>,
+        gradient: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        flex::sparse_forward_kl_backward(
+            &student,
+            &ids,
+            &teacher,
+            &student_lse,
+            &teacher_lse,
+            &gradient,
+            inverse_temperature,
+        )
     }
 
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -188,6 +274,23 @@ impl FusedOps for Flex {
         Self::cross_entropy_forward(logits, targets).0
     }
 
+    fn fused_forward_kl(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        Self::forward_kl_forward(student, teacher, inverse_temperature).0
+    }
+
+    fn fused_sparse_forward_kl(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        Self::sparse_forward_kl_forward(student, ids, teacher, inverse_temperature).0
+    }
+
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::swiglu_forward(gate, up)
     }
@@ -271,6 +374,138 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::cross_entropy_forward(logits.into_primitive(), targets).0)
             }
+        }
+    }
+
+    fn fused_forward_kl(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ForwardKl(f32);
+
+        impl<B: FusedKernels> Backward<B, 2> for ForwardKl {
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (student, teacher, student_lse, teacher_lse) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                // The teacher's logits are targets: only the student receives a gradient.
+                let [student_parent, _] = ops.parents;
+                if let Some(node) = student_parent {
+                    let student_gradient = B::forward_kl_backward(
+                        student,
+                        teacher,
+                        student_lse,
+                        teacher_lse,
+                        gradient,
+                        self.0,
+                    );
+                    grads.register::<B>(node.id, student_gradient);
+                }
+            }
+        }
+
+        match ForwardKl(inverse_temperature)
+            .prepare::<C>([student.node(), teacher.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (student, teacher) = (student.into_primitive(), teacher.into_primitive());
+                let (losses, student_lse, teacher_lse) =
+                    B::forward_kl_forward(student.clone(), teacher.clone(), inverse_temperature);
+                prep.finish((student, teacher, student_lse, teacher_lse), losses)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                B::forward_kl_forward(
+                    student.into_primitive(),
+                    teacher.into_primitive(),
+                    inverse_temperature,
+                )
+                .0,
+            ),
+        }
+    }
+
+    fn fused_sparse_forward_kl(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SparseForwardKl(f32);
+
+        impl<B: FusedKernels> Backward<B, 2> for SparseForwardKl {
+            type State = (
+                FloatTensor<B>,
+                IntTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (student, ids, teacher, student_lse, teacher_lse) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                // The teacher's logits are targets: only the student receives a gradient.
+                let [student_parent, _] = ops.parents;
+                if let Some(node) = student_parent {
+                    let student_gradient = B::sparse_forward_kl_backward(
+                        student,
+                        ids,
+                        teacher,
+                        student_lse,
+                        teacher_lse,
+                        gradient,
+                        self.0,
+                    );
+                    grads.register::<B>(node.id, student_gradient);
+                }
+            }
+        }
+
+        match SparseForwardKl(inverse_temperature)
+            .prepare::<C>([student.node(), teacher.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (student, teacher) = (student.into_primitive(), teacher.into_primitive());
+                let (losses, student_lse, teacher_lse) = B::sparse_forward_kl_forward(
+                    student.clone(),
+                    ids.clone(),
+                    teacher.clone(),
+                    inverse_temperature,
+                );
+                prep.finish((student, ids, teacher, student_lse, teacher_lse), losses)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                B::sparse_forward_kl_forward(
+                    student.into_primitive(),
+                    ids,
+                    teacher.into_primitive(),
+                    inverse_temperature,
+                )
+                .0,
+            ),
         }
     }
 

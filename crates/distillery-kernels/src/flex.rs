@@ -48,14 +48,14 @@ fn indices(tensor: &FlexTensor, bound: usize) -> Vec<usize> {
         DType::I64 => tensor.storage::<i64>().to_vec(),
         DType::I32 => tensor.storage::<i32>().iter().map(|&v| v as i64).collect(),
         DType::U32 => tensor.storage::<u32>().iter().map(|&v| v as i64).collect(),
-        dtype => panic!("cross-entropy targets must be integers, got {dtype:?}"),
+        dtype => panic!("token ids must be integers, got {dtype:?}"),
     };
     values
         .into_iter()
         .map(|value| {
             assert!(
                 (0..bound as i64).contains(&value),
-                "target id {value} is outside the vocabulary of {bound}"
+                "token id {value} is outside the vocabulary of {bound}"
             );
             value as usize
         })
@@ -623,4 +623,181 @@ pub fn causal_attention_backward(
         tensor(dk, kv_shape.clone()),
         tensor(dv, kv_shape),
     )
+}
+
+/// Per-row `T^2 * KL(teacher_T || student_T)` of `[rows, vocab]` logits; returns the losses and
+/// both log-sum-exps at temperature T.
+pub fn forward_kl(
+    student: &FlexTensor,
+    teacher: &FlexTensor,
+    inverse_temperature: f32,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let vocab = last_dim(student);
+    let student_values = contiguous_f32(student);
+    let teacher_values = contiguous_f32(teacher);
+    assert_eq!(
+        student_values.len(),
+        teacher_values.len(),
+        "student and teacher shapes"
+    );
+    let rows = student_values.len() / vocab;
+    let mut losses = vec![0.0; rows];
+    let mut student_lse = vec![0.0; rows];
+    let mut teacher_lse = vec![0.0; rows];
+    student_values
+        .par_chunks(ROW_BLOCK * vocab)
+        .zip(teacher_values.par_chunks(ROW_BLOCK * vocab))
+        .zip(losses.par_chunks_mut(ROW_BLOCK))
+        .zip(student_lse.par_chunks_mut(ROW_BLOCK))
+        .zip(teacher_lse.par_chunks_mut(ROW_BLOCK))
+        .for_each(
+            |((((student, teacher), losses), student_lse), teacher_lse)| {
+                rows::forward_kl(
+                    student,
+                    teacher,
+                    vocab,
+                    inverse_temperature,
+                    losses,
+                    student_lse,
+                    teacher_lse,
+                )
+            },
+        );
+    (
+        tensor(losses, Shape::new([rows])),
+        tensor(student_lse, Shape::new([rows])),
+        tensor(teacher_lse, Shape::new([rows])),
+    )
+}
+
+pub fn forward_kl_backward(
+    student: &FlexTensor,
+    teacher: &FlexTensor,
+    student_lse: &FlexTensor,
+    teacher_lse: &FlexTensor,
+    gradient: &FlexTensor,
+    inverse_temperature: f32,
+) -> FlexTensor {
+    let vocab = last_dim(student);
+    let student_values = contiguous_f32(student);
+    let teacher_values = contiguous_f32(teacher);
+    let student_lse = contiguous_f32(student_lse);
+    let teacher_lse = contiguous_f32(teacher_lse);
+    let gradient = contiguous_f32(gradient);
+    let mut output = vec![0.0; student_values.len()];
+    output
+        .par_chunks_mut(ROW_BLOCK * vocab)
+        .zip(student_values.par_chunks(ROW_BLOCK * vocab))
+        .zip(teacher_values.par_chunks(ROW_BLOCK * vocab))
+        .zip(student_lse.par_chunks(ROW_BLOCK))
+        .zip(teacher_lse.par_chunks(ROW_BLOCK))
+        .zip(gradient.par_chunks(ROW_BLOCK))
+        .for_each(
+            |(((((output, student), teacher), student_lse), teacher_lse), gradient)| {
+                rows::forward_kl_backward(
+                    student,
+                    teacher,
+                    student_lse,
+                    teacher_lse,
+                    gradient,
+                    vocab,
+                    inverse_temperature,
+                    output,
+                )
+            },
+        );
+    tensor(output, shape_of(student))
+}
+
+/// Per-row `T^2 * KL(teacher_T || student_T)` where the teacher is known only on `ids`
+/// (`[rows, k]`, with `teacher` logits `[rows, k]`) and renormalized over them; returns the
+/// losses and the student's and teacher's log-sum-exps at temperature T.
+pub fn sparse_forward_kl(
+    student: &FlexTensor,
+    ids: &FlexTensor,
+    teacher: &FlexTensor,
+    inverse_temperature: f32,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let vocab = last_dim(student);
+    let k = last_dim(teacher);
+    let student_values = contiguous_f32(student);
+    let teacher_values = contiguous_f32(teacher);
+    let ids = indices(ids, vocab);
+    let rows = student_values.len() / vocab;
+    assert_eq!(teacher_values.len(), rows * k, "teacher rows");
+    let mut losses = vec![0.0; rows];
+    let mut student_lse = vec![0.0; rows];
+    let mut teacher_lse = vec![0.0; rows];
+    student_values
+        .par_chunks(ROW_BLOCK * vocab)
+        .zip(ids.par_chunks(ROW_BLOCK * k))
+        .zip(teacher_values.par_chunks(ROW_BLOCK * k))
+        .zip(losses.par_chunks_mut(ROW_BLOCK))
+        .zip(student_lse.par_chunks_mut(ROW_BLOCK))
+        .zip(teacher_lse.par_chunks_mut(ROW_BLOCK))
+        .for_each(
+            |(((((student, ids), teacher), losses), student_lse), teacher_lse)| {
+                rows::sparse_forward_kl(
+                    student,
+                    ids,
+                    teacher,
+                    vocab,
+                    inverse_temperature,
+                    losses,
+                    student_lse,
+                    teacher_lse,
+                )
+            },
+        );
+    (
+        tensor(losses, Shape::new([rows])),
+        tensor(student_lse, Shape::new([rows])),
+        tensor(teacher_lse, Shape::new([rows])),
+    )
+}
+
+pub fn sparse_forward_kl_backward(
+    student: &FlexTensor,
+    ids: &FlexTensor,
+    teacher: &FlexTensor,
+    student_lse: &FlexTensor,
+    teacher_lse: &FlexTensor,
+    gradient: &FlexTensor,
+    inverse_temperature: f32,
+) -> FlexTensor {
+    let vocab = last_dim(student);
+    let k = last_dim(teacher);
+    let student_values = contiguous_f32(student);
+    let teacher_values = contiguous_f32(teacher);
+    let ids = indices(ids, vocab);
+    let student_lse = contiguous_f32(student_lse);
+    let teacher_lse = contiguous_f32(teacher_lse);
+    let gradient = contiguous_f32(gradient);
+    let mut output = vec![0.0; student_values.len()];
+    output
+        .par_chunks_mut(ROW_BLOCK * vocab)
+        .zip(student_values.par_chunks(ROW_BLOCK * vocab))
+        .zip(ids.par_chunks(ROW_BLOCK * k))
+        .zip(teacher_values.par_chunks(ROW_BLOCK * k))
+        .zip(student_lse.par_chunks(ROW_BLOCK))
+        .zip(teacher_lse.par_chunks(ROW_BLOCK))
+        .zip(gradient.par_chunks(ROW_BLOCK))
+        .for_each(
+            |((((((output, student), ids), teacher), student_lse), teacher_lse), gradient)| {
+                rows::sparse_forward_kl_backward(
+                    rows::SparseRows {
+                        student,
+                        ids,
+                        teacher,
+                        vocab,
+                        inverse_temperature,
+                    },
+                    student_lse,
+                    teacher_lse,
+                    gradient,
+                    output,
+                )
+            },
+        );
+    tensor(output, shape_of(student))
 }

@@ -18,7 +18,7 @@ use burn::backend::{Backend, DispatchDevice, ExtensionType, backend_extension};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor};
 
 /// The operations as a backend extension: implemented for burn-flex and for autodiff over it.
 #[backend_extension(Flex, Autodiff)]
@@ -27,6 +27,21 @@ pub trait FusedOps: Backend {
     fn fused_cross_entropy(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// Per-row `T^2 * KL(softmax(teacher / T) || softmax(student / T))` of `[rows, vocab]`
+    /// logits; differentiable with respect to the student's only.
+    fn fused_forward_kl(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> FloatTensor<Self>;
+    /// As `fused_forward_kl` with the teacher known on `ids` `[rows, k]` only (logits
+    /// `[rows, k]`), renormalized over them.
+    fn fused_sparse_forward_kl(
+        student: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        teacher: FloatTensor<Self>,
+        inverse_temperature: f32,
     ) -> FloatTensor<Self>;
     /// `silu(gate) * up`.
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -93,6 +108,52 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
         ));
     }
     composed::cross_entropy_rows(logits, targets)
+}
+
+/// Per-row distillation divergence `T^2 * KL(softmax(teacher / T) || softmax(student / T))`:
+/// `student` and `teacher` `[rows, vocab]`; returns `[rows]`. Differentiable with respect to
+/// `student`; the teacher's logits are constants.
+pub fn forward_kl_rows(student: Tensor<2>, teacher: Tensor<2>, temperature: f64) -> Tensor<1> {
+    let teacher = if student.is_autodiff() {
+        teacher.detach().autodiff()
+    } else {
+        teacher.inner()
+    };
+    if fused(&student) && teacher.dtype() == DType::F32 {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_forward_kl(
+            student.into_dispatch(),
+            teacher.into_dispatch(),
+            (1.0 / temperature) as f32,
+        ));
+    }
+    composed::forward_kl_rows(student, teacher, temperature)
+}
+
+/// [`forward_kl_rows`] against a teacher known only on its top-k tokens: `ids` `[rows, k]` and
+/// their logits `teacher` `[rows, k]`; the teacher's distribution is renormalized over those k
+/// tokens, the student's is not. Returns `[rows]`.
+pub fn sparse_forward_kl_rows(
+    student: Tensor<2>,
+    ids: Tensor<2, Int>,
+    teacher: Tensor<2>,
+    temperature: f64,
+) -> Tensor<1> {
+    let (ids, teacher) = if student.is_autodiff() {
+        (ids.autodiff(), teacher.detach().autodiff())
+    } else {
+        (ids.inner(), teacher.inner())
+    };
+    if fused(&student) && teacher.dtype() == DType::F32 {
+        return Tensor::from_dispatch(
+            <burn::backend::Dispatch as FusedOps>::fused_sparse_forward_kl(
+                student.into_dispatch(),
+                ids.into_dispatch(),
+                teacher.into_dispatch(),
+                (1.0 / temperature) as f32,
+            ),
+        );
+    }
+    composed::sparse_forward_kl_rows(student, ids, teacher, temperature)
 }
 
 /// `silu(gate) * up`, the gated activation of a SwiGLU feed-forward block.
@@ -210,6 +271,31 @@ pub mod composed {
         let rows = targets.dims()[0];
         let picked = log_softmax(logits, 1).gather(1, targets.reshape([rows, 1]));
         picked.reshape([rows]).neg()
+    }
+
+    pub fn forward_kl_rows(student: Tensor<2>, teacher: Tensor<2>, temperature: f64) -> Tensor<1> {
+        let rows = student.dims()[0];
+        let student = log_softmax(student.div_scalar(temperature), 1);
+        let teacher = log_softmax(teacher.detach().div_scalar(temperature), 1);
+        let kl = teacher.clone().exp().mul(teacher.sub(student)).sum_dim(1);
+        kl.reshape([rows]).mul_scalar(temperature * temperature)
+    }
+
+    /// Spreads the cached logits over the vocabulary, every other token at a logit of -1e9
+    /// (zero probability at any temperature), and takes the dense divergence.
+    pub fn sparse_forward_kl_rows(
+        student: Tensor<2>,
+        ids: Tensor<2, Int>,
+        teacher: Tensor<2>,
+        temperature: f64,
+    ) -> Tensor<1> {
+        let dense = Tensor::<2>::full(student.dims(), -1e9, &student.device()).scatter(
+            1,
+            ids,
+            teacher.detach(),
+            IndexingUpdateOp::Assign,
+        );
+        forward_kl_rows(student, dense, temperature)
     }
 
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {

@@ -110,6 +110,170 @@ pub fn cross_entropy(
     }
 }
 
+/// Log-sum-exp of `row * inverse_temperature`.
+#[inline(always)]
+fn scaled_log_sum_exp(row: &[f32], inverse_temperature: f32) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |max, &x| {
+        max.max(x * inverse_temperature)
+    });
+    let sum: f32 = row
+        .iter()
+        .map(|&x| exp(x * inverse_temperature - max))
+        .sum();
+    max + sum.ln()
+}
+
+/// Per row of `student` and `teacher` logits (`rows x vocab`): the log-sum-exps of both at
+/// temperature `1 / inverse_temperature`, and `T^2 * KL(softmax(t / T) || softmax(s / T))`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn forward_kl(
+    student: &[f32],
+    teacher: &[f32],
+    vocab: usize,
+    inverse_temperature: f32,
+    losses: &mut [f32],
+    student_lse: &mut [f32],
+    teacher_lse: &mut [f32],
+) {
+    let t_squared = 1.0 / (inverse_temperature * inverse_temperature);
+    for ((((s_row, t_row), loss), s_lse), t_lse) in student
+        .chunks_exact(vocab)
+        .zip(teacher.chunks_exact(vocab))
+        .zip(losses.iter_mut())
+        .zip(student_lse.iter_mut())
+        .zip(teacher_lse.iter_mut())
+    {
+        *s_lse = scaled_log_sum_exp(s_row, inverse_temperature);
+        *t_lse = scaled_log_sum_exp(t_row, inverse_temperature);
+        let offset = *s_lse - *t_lse;
+        let kl: f32 = s_row
+            .iter()
+            .zip(t_row)
+            .map(|(&s, &t)| {
+                let log_ratio = (t - s) * inverse_temperature + offset;
+                exp(t * inverse_temperature - *t_lse) * log_ratio
+            })
+            .sum();
+        *loss = kl * t_squared;
+    }
+}
+
+/// The gradient of [`forward_kl`] with respect to the student's logits:
+/// `g * T * (softmax(s / T) - softmax(t / T))`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn forward_kl_backward(
+    student: &[f32],
+    teacher: &[f32],
+    student_lse: &[f32],
+    teacher_lse: &[f32],
+    gradient: &[f32],
+    vocab: usize,
+    inverse_temperature: f32,
+    output: &mut [f32],
+) {
+    for (((((s_row, t_row), out), &s_lse), &t_lse), &g) in student
+        .chunks_exact(vocab)
+        .zip(teacher.chunks_exact(vocab))
+        .zip(output.chunks_exact_mut(vocab))
+        .zip(student_lse)
+        .zip(teacher_lse)
+        .zip(gradient)
+    {
+        let scale = g / inverse_temperature;
+        for ((out, &s), &t) in out.iter_mut().zip(s_row).zip(t_row) {
+            let p_student = exp(s * inverse_temperature - s_lse);
+            let p_teacher = exp(t * inverse_temperature - t_lse);
+            *out = scale * (p_student - p_teacher);
+        }
+    }
+}
+
+/// Per row: `T^2 * KL(q || softmax(s / T))` where `q` is the teacher's softmax at temperature
+/// T over its `k` cached tokens `ids` only (logits `teacher`, `rows x k`), and the log-sum-exps
+/// of the student's row and of the teacher's `k` logits at T.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_forward_kl(
+    student: &[f32],
+    ids: &[usize],
+    teacher: &[f32],
+    vocab: usize,
+    inverse_temperature: f32,
+    losses: &mut [f32],
+    student_lse: &mut [f32],
+    teacher_lse: &mut [f32],
+) {
+    let k = ids.len() / losses.len().max(1);
+    let t_squared = 1.0 / (inverse_temperature * inverse_temperature);
+    for (((((s_row, row_ids), t_row), loss), s_lse), t_lse) in student
+        .chunks_exact(vocab)
+        .zip(ids.chunks_exact(k))
+        .zip(teacher.chunks_exact(k))
+        .zip(losses.iter_mut())
+        .zip(student_lse.iter_mut())
+        .zip(teacher_lse.iter_mut())
+    {
+        *s_lse = scaled_log_sum_exp(s_row, inverse_temperature);
+        *t_lse = scaled_log_sum_exp(t_row, inverse_temperature);
+        let kl: f32 = row_ids
+            .iter()
+            .zip(t_row)
+            .map(|(&id, &t)| {
+                let log_teacher = t * inverse_temperature - *t_lse;
+                let log_student = s_row[id] * inverse_temperature - *s_lse;
+                exp(log_teacher) * (log_teacher - log_student)
+            })
+            .sum();
+        *loss = kl * t_squared;
+    }
+}
+
+/// The rows [`sparse_forward_kl`] reads.
+pub struct SparseRows<'a> {
+    pub student: &'a [f32],
+    pub ids: &'a [usize],
+    pub teacher: &'a [f32],
+    pub vocab: usize,
+    pub inverse_temperature: f32,
+}
+
+/// The gradient of [`sparse_forward_kl`] with respect to the student's logits:
+/// `g * T * (softmax(s / T) - q)`, `q` zero outside the cached ids.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn sparse_forward_kl_backward(
+    rows: SparseRows<'_>,
+    student_lse: &[f32],
+    teacher_lse: &[f32],
+    gradient: &[f32],
+    output: &mut [f32],
+) {
+    let SparseRows {
+        student,
+        ids,
+        teacher,
+        vocab,
+        inverse_temperature,
+    } = rows;
+    let k = ids.len() / gradient.len().max(1);
+    for (((((s_row, row_ids), t_row), out), (&s_lse, &t_lse)), &g) in student
+        .chunks_exact(vocab)
+        .zip(ids.chunks_exact(k))
+        .zip(teacher.chunks_exact(k))
+        .zip(output.chunks_exact_mut(vocab))
+        .zip(student_lse.iter().zip(teacher_lse))
+        .zip(gradient)
+    {
+        let scale = g / inverse_temperature;
+        for (out, &s) in out.iter_mut().zip(s_row) {
+            *out = scale * exp(s * inverse_temperature - s_lse);
+        }
+        for (&id, &t) in row_ids.iter().zip(t_row) {
+            out[id] -= scale * exp(t * inverse_temperature - t_lse);
+        }
+    }
+}
+
 /// The gradient of [`cross_entropy`] with respect to the logits: `g * (softmax - one_hot)`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn cross_entropy_backward(

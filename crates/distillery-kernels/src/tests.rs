@@ -157,6 +157,59 @@ fn cross_entropy_matches_log_softmax_and_gather() {
 }
 
 #[test]
+fn forward_kl_matches_composed_log_softmaxes_with_a_constant_teacher() {
+    let device = Device::flex().autodiff();
+    let student = random([6, 11], 21, &device);
+    let mut teacher = values(random([6, 11], 22, &device));
+    // A row left out by a top-k teacher cache: every other logit at -1e9.
+    for value in &mut teacher[11..19] {
+        *value = -1e9;
+    }
+    let teacher = Tensor::<2>::from_data(TensorData::new(teacher, [6, 11]), &Device::flex());
+    let weights = random([6], 23, &device);
+    for temperature in [1.0, 2.0, 4.5] {
+        let run = |op: &dyn Fn(Tensor<2>, Tensor<2>, f64) -> Tensor<1>| {
+            let student = student.clone().detach().require_grad();
+            let losses = op(student.clone(), teacher.clone(), temperature);
+            let gradients = (losses.clone() * weights.clone()).sum().backward();
+            (values(losses), values(student.grad(&gradients).unwrap()))
+        };
+        let fused = run(&forward_kl_rows);
+        let composed = run(&composed::forward_kl_rows);
+        assert_close("forward KL", fused.0, composed.0);
+        assert_close("forward KL gradient", fused.1, composed.1);
+    }
+}
+
+#[test]
+fn sparse_forward_kl_matches_the_dense_divergence_over_the_cached_tokens() {
+    let device = Device::flex().autodiff();
+    let student = random([5, 13], 31, &device);
+    let ids: Vec<i64> = vec![
+        0, 4, 12, 7, //
+        3, 2, 1, 0, //
+        12, 11, 10, 9, //
+        5, 6, 8, 1, //
+        9, 3, 7, 2,
+    ];
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [5, 4]), &Device::flex());
+    let teacher = random([5, 4], 32, &Device::flex());
+    let weights = random([5], 33, &device);
+    for temperature in [1.0, 2.0] {
+        let run = |op: &dyn Fn(Tensor<2>, Tensor<2, Int>, Tensor<2>, f64) -> Tensor<1>| {
+            let student = student.clone().detach().require_grad();
+            let losses = op(student.clone(), ids.clone(), teacher.clone(), temperature);
+            let gradients = (losses.clone() * weights.clone()).sum().backward();
+            (values(losses), values(student.grad(&gradients).unwrap()))
+        };
+        let fused = run(&sparse_forward_kl_rows);
+        let composed = run(&composed::sparse_forward_kl_rows);
+        assert_close("sparse forward KL", fused.0, composed.0);
+        assert_close("sparse forward KL gradient", fused.1, composed.1);
+    }
+}
+
+#[test]
 fn inference_without_autodiff_uses_the_same_kernels() {
     let device = Device::flex();
     let query = random([1, 2, 3, 4], 14, &device);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamW;
 use crate::seeds::{Stream, derive_seed};
-use crate::trainer::{NextTokenObjective, StepRunner, adamw_settings, schedule};
+use crate::trainer::{NextTokenObjective, Objective, StepRunner, adamw_settings, schedule};
 use crate::{TrainError, device_for, prepare_data};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,43 +29,53 @@ pub struct BenchReport {
     pub threads: usize,
 }
 
+/// Throughput of next-token training.
 pub fn bench_train(
     config: &ExperimentConfig,
     warmup_steps: usize,
     timed_steps: usize,
 ) -> Result<BenchReport, TrainError> {
+    bench_objective(config, warmup_steps, timed_steps, &mut NextTokenObjective)
+}
+
+/// Throughput of training `config`'s model on `objective`, from fresh weights.
+pub fn bench_objective(
+    config: &ExperimentConfig,
+    warmup_steps: usize,
+    timed_steps: usize,
+    objective: &mut dyn Objective,
+) -> Result<BenchReport, TrainError> {
     let device = device_for(config.run.backend);
     let data = prepare_data(config)?;
-    let model = Llama::new(
+    let model = objective.initial_model(Llama::new(
         &data.llama,
         config.model.dropout,
         derive_seed(config.run.seed, Stream::Init, 0),
         &device,
-    )?;
+    )?);
     let parameters = data.llama.num_parameters();
     let mut optimizer = AdamW::new(adamw_settings(config));
     let mut sampler = WindowSampler::new(
         derive_seed(config.run.seed, Stream::DataOrder, 0),
         config.data.seq_len,
     );
-    let mut objective = NextTokenObjective;
     let mut runner = StepRunner {
         config,
         splits: &data.splits,
         autodiff_device: device.clone().autodiff(),
         schedule: schedule(config),
-        objective: &mut objective,
+        objective,
     };
     let mut model = model.train();
     let mut tokens_per_step = 0;
     for step in 0..warmup_steps {
-        model = runner.run(model, &mut optimizer, &mut sampler, step).0;
+        model = runner.run(model, &mut optimizer, &mut sampler, step)?.0;
     }
     reset_peak_rss();
     let mut durations = Vec::with_capacity(timed_steps);
     for step in warmup_steps..warmup_steps + timed_steps {
         let started = Instant::now();
-        let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step);
+        let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step)?;
         model = updated;
         durations.push(started.elapsed().as_secs_f64());
         tokens_per_step = stats.tokens;

@@ -391,6 +391,24 @@ pub fn tidy(run_dir: &Path) -> Result<(), CheckpointError> {
 
 /// Resolves what `distillery eval --checkpoint` and later stages accept: a checkpoint
 /// directory, or a run directory (its `best/`, else its newest step).
+/// The newest complete checkpoint of a run: its newest step directory or `best/`, whichever
+/// is further along.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    let newest_step = step_checkpoints(run_dir)?.pop();
+    let best = run_dir.join(BEST_DIR);
+    if best.exists() {
+        let best_step = read_progress(&best)?.step;
+        // `best/` is a copy of a step directory when they share a step; prefer the original.
+        if newest_step
+            .as_ref()
+            .is_none_or(|(step, _)| best_step > *step)
+        {
+            return Ok(Some(best));
+        }
+    }
+    Ok(newest_step.map(|(_, path)| path))
+}
+
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
     if path.join(PROGRESS_FILE).exists() {
         return Ok(path.to_path_buf());

@@ -19,12 +19,13 @@ use distillery_config::{Backend, ExperimentConfig};
 use distillery_data::{CacheStatus, DataError, TextTokenizer, TokenSplits};
 use distillery_model::{LlamaConfig, ModelError};
 
-pub use bench::{BenchReport, bench_train};
+pub use bench::{BenchReport, bench_objective, bench_train};
 pub use checkpoint::{BestValidation, CheckpointError};
 pub use eval::{EvalMetrics, batch_tensors, evaluate};
 pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
 pub use trainer::{
-    NextTokenObjective, Objective, Resume, TrainOptions, TrainOutcome, TrainSummary, train,
+    NextTokenObjective, Objective, ObjectiveLoss, Resume, TrainOptions, TrainOutcome, TrainSummary,
+    train,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub struct RunData {
     pub tokenizer: TextTokenizer,
     pub splits: TokenSplits,
     pub llama: LlamaConfig,
+    /// The token cache's record of the corpus it encodes.
+    pub corpus_sha256: String,
     /// What happened to the token cache, for the log.
     pub cache_note: String,
 }
@@ -98,6 +101,7 @@ pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
         tokenizer,
         splits,
         llama,
+        corpus_sha256: cache.header.corpus_sha256.clone(),
         cache_note,
     })
 }
@@ -107,6 +111,7 @@ pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
 pub struct CheckpointEvaluation {
     pub checkpoint: PathBuf,
     pub step: usize,
+    pub parameters: usize,
     #[serde(flatten)]
     pub metrics: EvalMetrics,
 }
@@ -157,6 +162,7 @@ pub fn evaluate_checkpoint(
     Ok(CheckpointEvaluation {
         checkpoint,
         step,
+        parameters: model.config().num_parameters(),
         metrics,
     })
 }

@@ -7,12 +7,17 @@ use burn::tensor::{Int, Tensor};
 /// `logits`: `[batch, seq, vocab]`; `targets`: `[batch, seq]` token ids. Returns a one-element
 /// tensor, differentiable with respect to `logits`.
 pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    token_cross_entropy(logits, targets).mean()
+}
+
+/// Next-token cross-entropy of each position, `[batch, seq]`.
+pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [batch, seq, vocab] = logits.dims();
     distillery_kernels::cross_entropy_rows(
         logits.reshape([batch * seq, vocab]),
         targets.reshape([batch * seq]),
     )
-    .mean()
+    .reshape([batch, seq])
 }
 
 /// How many positions' most likely token is the target: `(correct, positions)`.

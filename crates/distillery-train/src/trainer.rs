@@ -1,7 +1,7 @@
 //! The training loop: one loop for every objective (next-token prediction here; distillation
 //! plugs in its own [`Objective`]), with checkpoints, exact resume, validation and logging.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -13,9 +13,7 @@ use distillery_config::ExperimentConfig;
 use distillery_data::{TokenSplits, ValidationWindows, WindowSampler};
 use distillery_model::Llama;
 
-use crate::checkpoint::{
-    self, BEST_DIR, BestValidation, CheckpointError, Progress, RUN_CONFIG_FILE,
-};
+use crate::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
 use crate::eval::{EvalMetrics, batch_tensors, evaluate};
 use crate::loss::cross_entropy;
 use crate::metrics::MetricsLog;
@@ -26,10 +24,53 @@ use crate::seeds::{Stream, derive_seed};
 use crate::{RunData, TrainError, device_for, prepare_data};
 
 /// What the model is trained to minimize on one micro-batch.
+pub struct ObjectiveLoss {
+    /// A one-element loss tensor whose graph reaches the model's parameters.
+    pub total: Tensor<1>,
+    /// Named terms of the loss with their metric names (`train/ce`).
+    pub terms: Vec<(&'static str, Tensor<1>)>,
+}
+
+/// What a run trains its model to do. One training loop serves every objective.
 pub trait Objective {
-    /// A one-element loss tensor whose graph reaches `model`'s parameters.
-    fn loss(&mut self, model: &Llama, inputs: Tensor<2, Int>, targets: Tensor<2, Int>)
-    -> Tensor<1>;
+    /// The loss on the micro-batch with 0-based index `micro_batch` in the run's window
+    /// schedule (`step * grad_accum + micro`).
+    fn loss(
+        &mut self,
+        model: &Llama,
+        inputs: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        micro_batch: u64,
+    ) -> Result<ObjectiveLoss, TrainError>;
+
+    /// A line for the run's log saying what the objective is made of.
+    fn description(&self) -> Option<String> {
+        None
+    }
+
+    /// The weights a fresh run starts from, given the freshly initialized `model`.
+    fn initial_model(&self, model: Llama) -> Llama {
+        model
+    }
+
+    /// Metrics logged once, at step 0 of a fresh run.
+    fn start_metrics(
+        &mut self,
+        _validation: &ValidationWindows,
+        _batch_size: usize,
+    ) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+
+    /// Metrics of `model` (in evaluation mode) logged next to the validation loss.
+    fn validation_metrics(
+        &mut self,
+        _model: &Llama,
+        _validation: &ValidationWindows,
+        _batch_size: usize,
+    ) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 }
 
 /// Next-token cross-entropy on the corpus.
@@ -41,8 +82,12 @@ impl Objective for NextTokenObjective {
         model: &Llama,
         inputs: Tensor<2, Int>,
         targets: Tensor<2, Int>,
-    ) -> Tensor<1> {
-        cross_entropy(model.forward(inputs), targets)
+        _micro_batch: u64,
+    ) -> Result<ObjectiveLoss, TrainError> {
+        Ok(ObjectiveLoss {
+            total: cross_entropy(model.forward(inputs), targets),
+            terms: Vec::new(),
+        })
     }
 }
 
@@ -94,6 +139,8 @@ pub(crate) struct StepRunner<'a> {
 
 pub(crate) struct StepStats {
     pub loss: f64,
+    /// The objective's named loss terms, averaged over the micro-batches.
+    pub terms: Vec<(&'static str, f64)>,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
@@ -107,35 +154,44 @@ impl StepRunner<'_> {
         optimizer: &mut AdamW,
         sampler: &mut WindowSampler,
         step: usize,
-    ) -> (Llama, StepStats) {
+    ) -> Result<(Llama, StepStats), TrainError> {
         let train = &self.config.train;
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
+        let mut terms: Vec<(&'static str, f64)> = Vec::new();
         for micro in 0..train.grad_accum {
             let batch = sampler.next_batch(&self.splits.train, train.batch_size);
             let (inputs, targets) = batch_tensors(&batch, &self.autodiff_device);
-            let dropout_index = (step * train.grad_accum + micro) as u64;
+            let micro_batch = (step * train.grad_accum + micro) as u64;
             model.set_dropout_seed(derive_seed(
                 self.config.run.seed,
                 Stream::Dropout,
-                dropout_index,
+                micro_batch,
             ));
-            let loss = self.objective.loss(&model, inputs, targets);
-            let scaled = loss.clone().div_scalar(train.grad_accum as f64);
+            let loss = self.objective.loss(&model, inputs, targets, micro_batch)?;
+            let scaled = loss.total.clone().div_scalar(train.grad_accum as f64);
             let grads = GradientsParams::from_grads(scaled.backward(), &model);
             accumulator.accumulate(&model, grads);
-            loss_sum += f64::from(loss.into_scalar::<f32>());
+            loss_sum += f64::from(loss.total.into_scalar::<f32>());
+            for (index, (name, term)) in loss.terms.into_iter().enumerate() {
+                let value = f64::from(term.into_scalar::<f32>()) / train.grad_accum as f64;
+                match terms.get_mut(index) {
+                    Some((_, sum)) => *sum += value,
+                    None => terms.push((name, value)),
+                }
+            }
         }
         let mut grads = accumulator.grads();
         let lr = self.schedule.lr(step);
         let (model, update) = optimizer.step(model, &mut grads, lr, train.grad_clip);
         let stats = StepStats {
             loss: loss_sum / train.grad_accum as f64,
+            terms,
             lr,
             grad_norm: update.grad_norm,
             tokens: train.grad_accum * train.batch_size * self.config.data.seq_len,
         };
-        (model, stats)
+        Ok((model, stats))
     }
 }
 
@@ -168,34 +224,17 @@ struct StartState {
     resumed_from: Option<PathBuf>,
 }
 
-/// The newest complete checkpoint of a run: its newest step directory or `best/`, whichever
-/// is further along.
-fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
-    let newest_step = checkpoint::step_checkpoints(run_dir)?.pop();
-    let best = run_dir.join(BEST_DIR);
-    if best.exists() {
-        let best_step = checkpoint::read_progress(&best)?.step;
-        // `best/` is a copy of a step directory when they share a step; prefer the original.
-        if newest_step
-            .as_ref()
-            .is_none_or(|(step, _)| best_step > *step)
-        {
-            return Ok(Some(best));
-        }
-    }
-    Ok(newest_step.map(|(_, path)| path))
-}
-
 fn start_state(
     config: &ExperimentConfig,
     data: &RunData,
     resume: &Resume,
     device: &Device,
+    objective: &dyn Objective,
 ) -> Result<StartState, TrainError> {
     let run_dir = config.run_checkpoint_dir();
     let source = match resume {
         Resume::Fresh => {
-            if latest_checkpoint(&run_dir)?.is_some() {
+            if checkpoint::latest_checkpoint(&run_dir)?.is_some() {
                 return Err(TrainError::Run {
                     path: run_dir,
                     message: "already holds checkpoints of this run; pass --resume to \
@@ -203,12 +242,12 @@ fn start_state(
                         .into(),
                 });
             }
-            let model = Llama::new(
+            let model = objective.initial_model(Llama::new(
                 &data.llama,
                 config.model.dropout,
                 derive_seed(config.run.seed, Stream::Init, 0),
                 device,
-            )?;
+            )?);
             return Ok(StartState {
                 model,
                 optimizer: AdamW::new(adamw_settings(config)),
@@ -222,10 +261,12 @@ fn start_state(
                 resumed_from: None,
             });
         }
-        Resume::Latest => latest_checkpoint(&run_dir)?.ok_or_else(|| TrainError::Run {
-            path: run_dir.clone(),
-            message: "holds no checkpoint to resume from".into(),
-        })?,
+        Resume::Latest => {
+            checkpoint::latest_checkpoint(&run_dir)?.ok_or_else(|| TrainError::Run {
+                path: run_dir.clone(),
+                message: "holds no checkpoint to resume from".into(),
+            })?
+        }
         Resume::From(path) => checkpoint::resolve_checkpoint(path)?,
     };
 
@@ -273,7 +314,7 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     let device = device_for(config.run.backend);
     let data = prepare_data(config)?;
-    let start = start_state(config, &data, &options.resume, &device)?;
+    let start = start_state(config, &data, &options.resume, &device, objective)?;
     let run_dir = config.run_checkpoint_dir();
     let experiment_dir = config.run_experiment_dir();
     let resume_step = start.resumed_from.as_ref().map(|_| start.step);
@@ -299,6 +340,9 @@ pub fn train(
         data.splits.validation.len(),
         data.cache_note,
     ));
+    if let Some(description) = objective.description() {
+        reporter.note(&description);
+    }
     match &start.resumed_from {
         Some(path) => reporter.note(&format!(
             "resumed from {} at step {}",
@@ -321,6 +365,7 @@ pub fn train(
         schedule: schedule(config),
         objective,
     };
+    let fresh_run = start.resumed_from.is_none();
     let StartState {
         model,
         mut optimizer,
@@ -330,6 +375,15 @@ pub fn train(
         mut best,
         ..
     } = start;
+    if fresh_run {
+        let initial = runner
+            .objective
+            .start_metrics(&validation, config.eval_batch_size());
+        if !initial.is_empty() {
+            metrics.log(0, &initial)?;
+            reporter.note(&describe_metrics(&initial));
+        }
+    }
     let mut model = model.train();
     let started = Instant::now();
     let mut tokens_this_run = 0usize;
@@ -337,21 +391,20 @@ pub fn train(
     let mut step = first_step;
     while step < total_steps {
         let step_started = Instant::now();
-        let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step);
+        let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step)?;
         model = updated;
         step += 1;
         tokens_seen += stats.tokens as u64;
         tokens_this_run += stats.tokens;
         let tokens_per_sec = stats.tokens as f64 / step_started.elapsed().as_secs_f64();
-        metrics.log(
-            step,
-            &[
-                ("train/loss", stats.loss),
-                ("train/lr", stats.lr),
-                ("train/grad_norm", stats.grad_norm),
-                ("train/tokens_per_sec", tokens_per_sec),
-            ],
-        )?;
+        let mut step_metrics = vec![("train/loss", stats.loss)];
+        step_metrics.extend(stats.terms.iter().copied());
+        step_metrics.extend([
+            ("train/lr", stats.lr),
+            ("train/grad_norm", stats.grad_norm),
+            ("train/tokens_per_sec", tokens_per_sec),
+        ]);
+        metrics.log(step, &step_metrics)?;
         reporter.step(&StepReport {
             step,
             loss: stats.loss,
@@ -369,24 +422,29 @@ pub fn train(
         let finished = step == total_steps;
         let mut improved = false;
         if step.is_multiple_of(config.eval.every) || finished {
-            let result = evaluate(
-                &model.valid(),
+            let evaluated = model.valid();
+            let result = evaluate(&evaluated, &validation, config.eval_batch_size(), &device);
+            let extra = runner.objective.validation_metrics(
+                &evaluated,
                 &validation,
                 config.eval_batch_size(),
-                &device,
             );
-            metrics.log(
-                step,
-                &[
-                    ("val/loss", result.loss),
-                    ("val/ppl", result.perplexity),
-                    ("val/accuracy", result.accuracy),
-                ],
-            )?;
-            reporter.note(&format!(
+            let mut validation_metrics = vec![
+                ("val/loss", result.loss),
+                ("val/ppl", result.perplexity),
+                ("val/accuracy", result.accuracy),
+            ];
+            validation_metrics.extend(extra.iter().copied());
+            metrics.log(step, &validation_metrics)?;
+            let mut note = format!(
                 "step {step}: validation loss {:.4}, perplexity {:.2}, accuracy {:.4}",
                 result.loss, result.perplexity, result.accuracy
-            ));
+            );
+            if !extra.is_empty() {
+                note.push_str(", ");
+                note.push_str(&describe_metrics(&extra));
+            }
+            reporter.note(&note);
             if best.is_none_or(|best| result.loss < best.loss) {
                 best = Some(BestValidation {
                     loss: result.loss,
@@ -461,4 +519,13 @@ pub fn train(
             0.0
         },
     }))
+}
+
+/// `name value` pairs for the log, e.g. `val/kd 0.4210, val/teacher_agreement 0.6120`.
+fn describe_metrics(metrics: &[(&str, f64)]) -> String {
+    metrics
+        .iter()
+        .map(|(name, value)| format!("{name} {value:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,0 +1,340 @@
+//! The offline teacher: its top-k logits for every position of every training window a run
+//! will draw, computed once so that distillation need not run the teacher.
+//!
+//! File layout: the 8-byte magic `DSTLTOPK`, the header's length (u64, little-endian), the
+//! header as JSON, then one record per micro-batch of the run's window schedule, in order. A
+//! record holds `batch_size * seq_len` rows (window-major); a row holds `top_k` token ids
+//! (`id_bytes` each, little-endian) followed by their `top_k` logits (f32, little-endian),
+//! largest first. The logits are the teacher's raw logits, before any temperature.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use distillery_config::ExperimentConfig;
+use distillery_data::WindowSampler;
+use distillery_train::seeds::{Stream, derive_seed};
+use distillery_train::{RunData, batch_tensors};
+
+use crate::DistillError;
+use crate::teacher::Teacher;
+
+pub const TEACHER_CACHE_FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"DSTLTOPK";
+
+/// Logit given to the tokens a cached row leaves out: softmax gives them exactly zero mass at
+/// any temperature, while staying finite keeps `0 * log 0` terms at zero instead of NaN.
+pub const LEFT_OUT_LOGIT: f32 = -1e9;
+
+/// What a teacher cache was computed from. A cache is used only when every field matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherCacheHeader {
+    pub format_version: u32,
+    pub teacher_checkpoint: PathBuf,
+    /// sha256 of the teacher's weights file.
+    pub teacher_sha256: String,
+    pub tokenizer_sha256: String,
+    pub corpus_sha256: String,
+    /// The run's window schedule: the seed of its data order, the split and the batch shape.
+    pub seed: u64,
+    pub validation_fraction: f64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub micro_batches: u64,
+    pub top_k: usize,
+    /// Width of the rows the ids index (the student's vocabulary).
+    pub vocab_size: usize,
+    pub id_bytes: usize,
+}
+
+impl TeacherCacheHeader {
+    /// The header of the cache `config` trains from, taught by `teacher`.
+    pub fn for_run(config: &ExperimentConfig, data: &RunData, teacher: &Teacher) -> Self {
+        let vocab_size = data.llama.vocab_size;
+        let top_k = config.distill.clone().unwrap_or_default().top_k;
+        Self {
+            format_version: TEACHER_CACHE_FORMAT,
+            teacher_checkpoint: teacher.directory().to_path_buf(),
+            teacher_sha256: teacher.weights_sha256().to_string(),
+            tokenizer_sha256: data.tokenizer.sha256().to_string(),
+            corpus_sha256: data.corpus_sha256.clone(),
+            seed: config.run.seed,
+            validation_fraction: config.data.validation_fraction,
+            seq_len: config.data.seq_len,
+            batch_size: config.train.batch_size,
+            micro_batches: (config.train.steps * config.train.grad_accum) as u64,
+            top_k: top_k.min(vocab_size),
+            vocab_size,
+            id_bytes: if vocab_size <= 1 << 16 { 2 } else { 4 },
+        }
+    }
+
+    fn row_bytes(&self) -> u64 {
+        (self.top_k * (self.id_bytes + 4)) as u64
+    }
+
+    fn record_bytes(&self) -> u64 {
+        (self.batch_size * self.seq_len) as u64 * self.row_bytes()
+    }
+
+    /// The fields that differ from `other`, as `field: this -> other`.
+    fn differences(&self, other: &Self) -> Vec<String> {
+        let mine = serde_json::to_value(self).expect("headers serialize");
+        let theirs = serde_json::to_value(other).expect("headers serialize");
+        mine.as_object()
+            .expect("headers are objects")
+            .iter()
+            .filter(|(key, value)| theirs.get(key.as_str()) != Some(*value))
+            .map(|(key, value)| format!("{key}: {value} -> {}", theirs[key.as_str()]))
+            .collect()
+    }
+}
+
+/// Where the cache of `teacher`'s logits on `config`'s corpus lives: next to the token cache,
+/// named after the teacher's weights. Runs with another window schedule share the path and
+/// find the cache refused until they rebuild it.
+pub fn cache_path(config: &ExperimentConfig, data: &RunData, teacher: &Teacher) -> PathBuf {
+    let token_cache = distillery_data::cache_path(
+        &config.data.corpus,
+        &data.tokenizer,
+        &config.token_cache_dir(),
+    );
+    let teacher_id: String = teacher.weights_sha256().chars().take(12).collect();
+    let mut name = token_cache.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".teacher-{teacher_id}.topk"));
+    token_cache.with_file_name(name)
+}
+
+/// The `k` largest logits of `row` with their token ids, largest first (ties: smaller id
+/// first).
+pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = (0..row.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, by_logit);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(by_logit);
+    order.into_iter().map(|id| (id, row[id as usize])).collect()
+}
+
+/// Dense `[rows, vocab]` logits from cached rows: each row's `k` ids get their logits, every
+/// other token [`LEFT_OUT_LOGIT`].
+pub fn dense_logits(ids: &[u32], logits: &[f32], k: usize, vocab: usize) -> Vec<f32> {
+    let rows = ids.len() / k;
+    let mut dense = vec![LEFT_OUT_LOGIT; rows * vocab];
+    for (row, (row_ids, row_logits)) in ids.chunks(k).zip(logits.chunks(k)).enumerate() {
+        for (&id, &logit) in row_ids.iter().zip(row_logits) {
+            dense[row * vocab + id as usize] = logit;
+        }
+    }
+    dense
+}
+
+/// Runs `teacher` over every window of `header`'s schedule and writes the cache to `path`
+/// (through a temporary file, so an interrupted build leaves no cache behind). `progress` is
+/// told how many micro-batches are done.
+pub fn build(
+    path: &Path,
+    header: &TeacherCacheHeader,
+    data: &RunData,
+    teacher: &Teacher,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), DistillError> {
+    let io_error = |error: std::io::Error| DistillError::Cache {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    };
+    remove_abandoned_builds(path);
+    let staging = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut out = BufWriter::new(File::create(&staging).map_err(io_error)?);
+    let header_json = serde_json::to_vec(header).expect("headers serialize");
+    out.write_all(MAGIC).map_err(io_error)?;
+    out.write_all(&(header_json.len() as u64).to_le_bytes())
+        .map_err(io_error)?;
+    out.write_all(&header_json).map_err(io_error)?;
+
+    let mut sampler = WindowSampler::new(
+        derive_seed(header.seed, Stream::DataOrder, 0),
+        header.seq_len,
+    );
+    let mut row_ids = Vec::with_capacity(header.top_k * header.id_bytes);
+    let mut row_logits = Vec::with_capacity(header.top_k * 4);
+    for micro_batch in 0..header.micro_batches {
+        let batch = sampler.next_batch(&data.splits.train, header.batch_size);
+        let (inputs, _) = batch_tensors(&batch, teacher.device());
+        let logits: Vec<f32> = teacher
+            .logits(inputs)
+            .into_data()
+            .try_into_vec()
+            .expect("teacher logits are f32");
+        for row in logits.chunks(header.vocab_size) {
+            row_ids.clear();
+            row_logits.clear();
+            for (id, logit) in top_k(row, header.top_k) {
+                row_ids.extend_from_slice(&id.to_le_bytes()[..header.id_bytes]);
+                row_logits.extend_from_slice(&logit.to_le_bytes());
+            }
+            out.write_all(&row_ids).map_err(io_error)?;
+            out.write_all(&row_logits).map_err(io_error)?;
+        }
+        progress(micro_batch + 1);
+    }
+    let file = out
+        .into_inner()
+        .map_err(|error| io_error(error.into_error()))?;
+    file.sync_all().map_err(io_error)?;
+    std::fs::rename(&staging, path).map_err(io_error)
+}
+
+/// Deletes what killed builds of the cache at `path` left behind (`<stem>.tmp-<pid>`).
+fn remove_abandoned_builds(path: &Path) {
+    let (Some(directory), Some(stem)) = (path.parent(), path.file_stem()) else {
+        return;
+    };
+    let prefix = format!("{}.tmp-", stem.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(if directory.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        directory
+    }) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Reads a run's teacher cache, one micro-batch at a time.
+pub struct TeacherCacheReader {
+    file: File,
+    path: PathBuf,
+    header: TeacherCacheHeader,
+    data_offset: u64,
+}
+
+impl TeacherCacheReader {
+    /// Opens the cache at `path`, refusing it unless it was made for exactly `expected` and
+    /// holds every record.
+    pub fn open(path: &Path, expected: &TeacherCacheHeader) -> Result<Self, DistillError> {
+        let refuse = |message: String| DistillError::Cache {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = File::open(path).map_err(|error| {
+            refuse(format!(
+                "cannot open the teacher cache ({error}); write it with `distillery teacher-cache`"
+            ))
+        })?;
+        let mut prefix = [0u8; 16];
+        file.read_exact(&mut prefix)
+            .map_err(|_| refuse("is too short to be a teacher cache".into()))?;
+        if &prefix[..8] != MAGIC {
+            return Err(refuse("is not a distillery teacher cache".into()));
+        }
+        let header_len = u64::from_le_bytes(prefix[8..].try_into().expect("8 bytes"));
+        let file_len = file
+            .metadata()
+            .map_err(|error| refuse(error.to_string()))?
+            .len();
+        if header_len > file_len {
+            return Err(refuse("has a damaged header".into()));
+        }
+        let mut header_json = vec![0u8; header_len as usize];
+        file.read_exact(&mut header_json)
+            .map_err(|_| refuse("has a damaged header".into()))?;
+        let header: TeacherCacheHeader = serde_json::from_slice(&header_json)
+            .map_err(|error| refuse(format!("has a damaged header: {error}")))?;
+        if &header != expected {
+            return Err(refuse(format!(
+                "was made for another run, so its logits are not this run's teacher's: {}; \
+                 rebuild it with `distillery teacher-cache`",
+                header.differences(expected).join("; ")
+            )));
+        }
+        let data_offset = 16 + header_len;
+        let expected_len = data_offset + header.micro_batches * header.record_bytes();
+        if file_len != expected_len {
+            return Err(refuse(format!(
+                "holds {file_len} bytes where its header promises {expected_len}"
+            )));
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            header,
+            data_offset,
+        })
+    }
+
+    pub fn header(&self) -> &TeacherCacheHeader {
+        &self.header
+    }
+
+    /// The ids and logits of micro-batch `index`, `batch_size * seq_len * top_k` of each.
+    pub fn read(&mut self, index: u64) -> Result<(Vec<u32>, Vec<f32>), DistillError> {
+        let header = &self.header;
+        if index >= header.micro_batches {
+            return Err(DistillError::Cache {
+                path: self.path.clone(),
+                message: format!(
+                    "holds {} micro-batches; micro-batch {index} was asked for",
+                    header.micro_batches
+                ),
+            });
+        }
+        let mut record = vec![0u8; header.record_bytes() as usize];
+        self.file
+            .seek(SeekFrom::Start(
+                self.data_offset + index * header.record_bytes(),
+            ))
+            .and_then(|_| self.file.read_exact(&mut record))
+            .map_err(|error| DistillError::Cache {
+                path: self.path.clone(),
+                message: error.to_string(),
+            })?;
+        let k = header.top_k;
+        let id_width = header.id_bytes;
+        let mut ids = Vec::with_capacity(record.len() / header.row_bytes() as usize * k);
+        let mut logits = Vec::with_capacity(ids.capacity());
+        for row in record.chunks(header.row_bytes() as usize) {
+            let (id_bytes, logit_bytes) = row.split_at(k * id_width);
+            ids.extend(id_bytes.chunks(id_width).map(|bytes| {
+                let mut id = [0u8; 4];
+                id[..id_width].copy_from_slice(bytes);
+                u32::from_le_bytes(id)
+            }));
+            logits.extend(
+                logit_bytes
+                    .chunks(4)
+                    .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("4 bytes"))),
+            );
+        }
+        Ok((ids, logits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_takes_the_largest_logits_largest_first() {
+        let row = [0.5, 3.0, -1.0, 3.0, 2.0];
+        assert_eq!(top_k(&row, 3), vec![(1, 3.0), (3, 3.0), (4, 2.0)]);
+        assert_eq!(top_k(&row, 5).len(), 5);
+        assert_eq!(top_k(&row, 5)[4], (2, -1.0));
+    }
+
+    #[test]
+    fn dense_rows_put_cached_logits_in_place_and_leave_out_the_rest() {
+        let dense = dense_logits(&[2, 0, 1, 3], &[5.0, 4.0, 7.0, 6.0], 2, 4);
+        let out = LEFT_OUT_LOGIT;
+        assert_eq!(dense, vec![4.0, out, 5.0, out, out, 7.0, out, 6.0]);
+    }
+}

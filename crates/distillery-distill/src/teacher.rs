@@ -1,0 +1,237 @@
+//! The frozen teacher: a distillery checkpoint loaded for inference only.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use distillery_config::{TeacherCheckpoint, TeacherConfig};
+use distillery_data::TextTokenizer;
+use distillery_model::{Llama, LlamaConfig};
+use distillery_train::checkpoint;
+
+use crate::DistillError;
+
+/// A teacher held on a plain (non-autodiff) device in evaluation mode: its forward passes record
+/// no graph, its parameters never reach an optimizer, and dropout is off.
+pub struct Teacher {
+    model: Llama,
+    device: Device,
+    directory: PathBuf,
+    step: usize,
+    /// sha256 of the weights file, as the checkpoint recorded it.
+    weights_sha256: String,
+    /// The student's vocabulary size when the teacher's logits are cut to it.
+    logits_width: Option<usize>,
+}
+
+impl Teacher {
+    /// Loads the checkpoint `config` names, checking that it was trained with `tokenizer` and
+    /// that its vocabulary fits the student's.
+    pub fn load(
+        config: &TeacherConfig,
+        tokenizer: &TextTokenizer,
+        student: &LlamaConfig,
+        device: &Device,
+    ) -> Result<Self, DistillError> {
+        let directory = select_checkpoint(&config.checkpoint, config.select)?;
+        let progress = checkpoint::read_progress(&directory)?;
+        if progress.tokenizer_sha256 != tokenizer.sha256() {
+            return Err(DistillError::Teacher {
+                path: directory,
+                message: format!(
+                    "was trained with another tokenizer (sha256 {}) than the student's (sha256 {}); \
+                     teacher and student must share one tokenizer",
+                    progress.tokenizer_sha256,
+                    tokenizer.sha256()
+                ),
+            });
+        }
+        let model = checkpoint::load_model(&directory, None, 0.0, device)?.valid();
+        let weights_sha256 = progress
+            .files
+            .get(checkpoint::MODEL_FILE)
+            .map(|digest| digest.sha256.clone())
+            .ok_or_else(|| DistillError::Teacher {
+                path: directory.clone(),
+                message: format!(
+                    "its progress record lists no digest of {}",
+                    checkpoint::MODEL_FILE
+                ),
+            })?;
+        let logits_width = logits_width(
+            model.config().vocab_size,
+            student.vocab_size,
+            tokenizer.vocab_size(),
+        )
+        .map_err(|message| DistillError::Teacher {
+            path: directory.clone(),
+            message,
+        })?;
+        Ok(Self {
+            model,
+            device: device.clone(),
+            directory,
+            step: progress.step,
+            weights_sha256,
+            logits_width,
+        })
+    }
+
+    /// The teacher's logits for `inputs` (on any device), cut to the student's vocabulary:
+    /// `[batch, seq, student vocab]`, on the teacher's plain device.
+    pub fn logits(&self, inputs: Tensor<2, Int>) -> Tensor<3> {
+        let logits = self.model.forward(inputs.inner());
+        match self.logits_width {
+            Some(width) => {
+                let [batch, seq, _] = logits.dims();
+                logits.slice([0..batch, 0..seq, 0..width])
+            }
+            None => logits,
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn weights_sha256(&self) -> &str {
+        &self.weights_sha256
+    }
+}
+
+/// The checkpoint directory a teacher path names: a checkpoint directory itself, or a run
+/// directory's `best/` or newest checkpoint.
+fn select_checkpoint(path: &Path, select: TeacherCheckpoint) -> Result<PathBuf, DistillError> {
+    if path.join(checkpoint::PROGRESS_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(DistillError::Teacher {
+            path: path.to_path_buf(),
+            message: "does not exist (teacher.checkpoint names a run or checkpoint directory)"
+                .into(),
+        });
+    }
+    let chosen = match select {
+        TeacherCheckpoint::Best => {
+            let best = path.join(checkpoint::BEST_DIR);
+            best.join(checkpoint::PROGRESS_FILE)
+                .is_file()
+                .then_some(best)
+        }
+        TeacherCheckpoint::Latest => checkpoint::latest_checkpoint(path)?,
+    };
+    chosen.ok_or_else(|| DistillError::Teacher {
+        path: path.to_path_buf(),
+        message: match select {
+            TeacherCheckpoint::Best => "has no best/ checkpoint (set teacher.select = \"latest\" \
+                                        or name a step directory)"
+                .into(),
+            TeacherCheckpoint::Latest => "holds no checkpoint".into(),
+        },
+    })
+}
+
+/// How wide the teacher's logits are made to match the student's: `None` when they already
+/// match, `Some(student_vocab)` when the teacher's extra rows are padding (ids the tokenizer
+/// never produces), and an error otherwise.
+fn logits_width(
+    teacher_vocab: usize,
+    student_vocab: usize,
+    tokenizer_vocab: usize,
+) -> Result<Option<usize>, String> {
+    if teacher_vocab == student_vocab {
+        Ok(None)
+    } else if teacher_vocab > student_vocab && student_vocab >= tokenizer_vocab {
+        Ok(Some(student_vocab))
+    } else if teacher_vocab > student_vocab {
+        Err(format!(
+            "the teacher's vocabulary ({teacher_vocab}) is larger than the student's \
+             ({student_vocab}) by more than padding: the tokenizer has {tokenizer_vocab} tokens"
+        ))
+    } else {
+        Err(format!(
+            "the teacher's vocabulary ({teacher_vocab}) is smaller than the student's \
+             ({student_vocab}); the teacher has no predictions for the student's extra ids"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::TensorData;
+
+    use super::*;
+
+    #[test]
+    fn teacher_forward_records_no_graph_and_ignores_dropout() {
+        let device = Device::flex();
+        let shape = LlamaConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+        };
+        let teacher = Teacher {
+            model: Llama::new(&shape, 0.5, 3, &device).unwrap().valid(),
+            device: device.clone(),
+            directory: PathBuf::new(),
+            step: 0,
+            weights_sha256: String::new(),
+            logits_width: Some(32),
+        };
+        // The student's batch lives on the autodiff device; the teacher's answer must not.
+        let inputs = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![1i64, 5, 7, 2, 3, 9], [2, 3]),
+            &device.clone().autodiff(),
+        );
+        let first = teacher.logits(inputs.clone());
+        assert!(!first.is_autodiff());
+        assert_eq!(first.dims(), [2, 3, 32]);
+        assert!(!teacher.model.embed_tokens.val().is_autodiff());
+        let second = teacher.logits(inputs);
+        assert_eq!(
+            first.into_data().try_to_vec::<f32>().unwrap(),
+            second.into_data().try_to_vec::<f32>().unwrap(),
+            "dropout 0.5 must not act on the teacher"
+        );
+    }
+
+    #[test]
+    fn equal_vocabularies_need_no_cut() {
+        assert_eq!(logits_width(2048, 2048, 2048), Ok(None));
+        assert_eq!(logits_width(2112, 2112, 2048), Ok(None));
+    }
+
+    #[test]
+    fn teacher_padding_rows_are_cut_to_the_student() {
+        assert_eq!(logits_width(2112, 2048, 2048), Ok(Some(2048)));
+        assert_eq!(logits_width(4096, 2064, 2050), Ok(Some(2064)));
+    }
+
+    #[test]
+    fn real_vocabulary_differences_are_refused() {
+        let larger = logits_width(4096, 2048, 4000).unwrap_err();
+        assert!(larger.contains("more than padding"), "{larger}");
+        let smaller = logits_width(2048, 2112, 2048).unwrap_err();
+        assert!(smaller.contains("smaller than the student's"), "{smaller}");
+    }
+}
