@@ -145,6 +145,31 @@ fn distillation_logs_both_loss_terms_teacher_agreement_and_the_teacher_once() {
             .all(|(_, share)| (0.0..=1.0).contains(share))
     );
     assert_eq!(series("val/kd").len(), 2);
+
+    // `eval` with the distillation config compares the student's best checkpoint with the
+    // teacher as the run did at that step.
+    let mut eval_args = distill_args(&workspace, "logged", &[]);
+    eval_args[0] = "eval".into();
+    eval_args.extend([
+        "--checkpoint".into(),
+        workspace.checkpoints.join("logged").display().to_string(),
+        "--json".into(),
+    ]);
+    let evaluation: serde_json::Value =
+        serde_json::from_str(&workspace.run_ok(&eval_args)).unwrap();
+    let best_step = evaluation["step"].as_u64().unwrap();
+    let logged = |series: &[(u64, f64)]| {
+        series
+            .iter()
+            .find(|(step, _)| *step == best_step)
+            .map(|(_, value)| *value)
+            .unwrap()
+    };
+    assert_eq!(
+        evaluation["teacher_agreement"].as_f64().unwrap(),
+        logged(&agreement)
+    );
+    assert!((evaluation["kd"].as_f64().unwrap() - logged(&series("val/kd"))).abs() < 1e-9);
 }
 
 #[test]

@@ -1,0 +1,573 @@
+//! Round-to-nearest and GPTQ (Frantar et al. 2022) quantization of one weight matrix.
+//!
+//! Matrices are row-major `rows x cols` with one row per output channel and one column per
+//! input feature, the layout GPTQ's error propagation runs along (burn's `[in, out]` linear
+//! weights are transposed at the call site).
+
+use crate::QuantError;
+use crate::grid::Grid;
+use crate::linalg::{cholesky_upper, spd_inverse};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantSettings {
+    pub bits: u32,
+    /// Input columns sharing one grid per output channel; the whole row when `None`.
+    pub group_size: Option<usize>,
+    pub symmetric: bool,
+}
+
+impl QuantSettings {
+    pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
+        if ![2, 3, 4, 8].contains(&self.bits) {
+            return Err(QuantError::Settings(format!(
+                "bits = {} is not supported (2, 3, 4 or 8)",
+                self.bits
+            )));
+        }
+        if let Some(size) = self.group_size
+            && (size == 0 || !cols.is_multiple_of(size))
+        {
+            return Err(QuantError::Settings(format!(
+                "group_size = {size} does not divide the {cols} input columns"
+            )));
+        }
+        Ok(())
+    }
+
+    fn groups(&self, cols: usize) -> usize {
+        self.group_size.map_or(1, |size| cols / size)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptqSettings {
+    pub quant: QuantSettings,
+    /// Dampening added to the Hessian's diagonal, as a share of its mean.
+    pub damp_percent: f64,
+    /// Columns quantized between two lazy updates of the rest of the matrix.
+    pub block_size: usize,
+    /// Quantize columns in order of decreasing Hessian diagonal (AutoGPTQ's `desc_act`).
+    pub act_order: bool,
+    /// Fit every group's grid before any column is quantized, so that act-order needs no
+    /// per-column group lookup at inference.
+    pub static_groups: bool,
+}
+
+/// A quantized matrix: codes, the grids they index and each column's group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    /// `rows x cols` codes, row-major, in the original column order.
+    pub codes: Vec<u8>,
+    /// `groups x rows`: `grids[group * rows + row]`.
+    pub grids: Vec<Grid>,
+    /// The group of each column.
+    pub group_index: Vec<u32>,
+}
+
+impl QuantizedMatrix {
+    pub fn groups(&self) -> usize {
+        self.grids.len() / self.rows
+    }
+
+    /// The weights the codes stand for, `rows x cols`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut weights = Vec::with_capacity(self.rows * self.cols);
+        for row in 0..self.rows {
+            for col in 0..self.cols {
+                let grid = &self.grids[self.group_index[col] as usize * self.rows + row];
+                weights.push(grid.decode(u32::from(self.codes[row * self.cols + col])));
+            }
+        }
+        weights
+    }
+}
+
+/// Each weight rounded to the nearest point of its row's (or row group's) grid.
+pub fn round_to_nearest(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    settings: &QuantSettings,
+) -> Result<QuantizedMatrix, QuantError> {
+    settings.validate(cols)?;
+    let group_size = settings.group_size.unwrap_or(cols);
+    let groups = settings.groups(cols);
+    let mut grids = Vec::with_capacity(groups * rows);
+    for group in 0..groups {
+        for row in 0..rows {
+            let start = row * cols + group * group_size;
+            grids.push(Grid::fit(
+                weights[start..start + group_size].iter().copied(),
+                settings.bits,
+                settings.symmetric,
+            ));
+        }
+    }
+    let group_index: Vec<u32> = (0..cols).map(|col| (col / group_size) as u32).collect();
+    let codes = (0..rows * cols)
+        .map(|index| {
+            let (row, col) = (index / cols, index % cols);
+            grids[group_index[col] as usize * rows + row].encode(weights[index]) as u8
+        })
+        .collect();
+    Ok(QuantizedMatrix {
+        rows,
+        cols,
+        bits: settings.bits,
+        codes,
+        grids,
+        group_index,
+    })
+}
+
+/// The running mean of `2 x xᵀ` over a layer's calibration inputs.
+#[derive(Debug, Clone)]
+pub struct Hessian {
+    pub size: usize,
+    samples: usize,
+    values: Vec<f64>,
+}
+
+impl Hessian {
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            samples: 0,
+            values: vec![0.0; size * size],
+        }
+    }
+
+    /// Adds the rows of `inputs` (`count x size`, row-major), one input vector each.
+    pub fn add(&mut self, inputs: &[f32]) {
+        let n = self.size;
+        let count = inputs.len() / n;
+        if count == 0 {
+            return;
+        }
+        let total = self.samples + count;
+        let keep = self.samples as f64 / total as f64;
+        let weight = 2.0 / total as f64;
+        for value in &mut self.values {
+            *value *= keep;
+        }
+        for x in inputs.chunks_exact(n) {
+            for i in 0..n {
+                let xi = f64::from(x[i]) * weight;
+                let row = &mut self.values[i * n..(i + 1) * n];
+                for (value, &xj) in row.iter_mut().zip(x) {
+                    *value += xi * f64::from(xj);
+                }
+            }
+        }
+        self.samples = total;
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+}
+
+/// What GPTQ returns: the quantized matrix and the dampening that made the Hessian invertible.
+#[derive(Debug, Clone)]
+pub struct GptqOutcome {
+    pub matrix: QuantizedMatrix,
+    /// The share of the mean diagonal added; larger than asked when the Hessian needed more.
+    pub damp_percent: f64,
+}
+
+/// Dampening retries: each multiplies the dampening by ten.
+const DAMP_RETRIES: usize = 4;
+
+/// GPTQ: columns quantized one at a time, each one's rounding error spread over the columns not
+/// yet quantized through the inverse Hessian of the layer's inputs, so the layer's output on the
+/// calibration inputs changes as little as possible.
+pub fn gptq(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &Hessian,
+    settings: &GptqSettings,
+) -> Result<GptqOutcome, QuantError> {
+    settings.quant.validate(cols)?;
+    if hessian.size != cols {
+        return Err(QuantError::Settings(format!(
+            "the Hessian is {0}x{0} for a matrix of {cols} input columns",
+            hessian.size
+        )));
+    }
+    let mut damp_percent = settings.damp_percent;
+    for _ in 0..=DAMP_RETRIES {
+        if let Some(matrix) =
+            gptq_with_damping(weights, rows, cols, hessian, settings, damp_percent)
+        {
+            return Ok(GptqOutcome {
+                matrix,
+                damp_percent,
+            });
+        }
+        damp_percent *= 10.0;
+    }
+    Err(QuantError::NotPositiveDefinite {
+        damp_percent: damp_percent / 10.0,
+    })
+}
+
+fn gptq_with_damping(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    hessian: &Hessian,
+    settings: &GptqSettings,
+    damp_percent: f64,
+) -> Option<QuantizedMatrix> {
+    let quant = &settings.quant;
+    let mut w: Vec<f64> = weights.iter().map(|&x| f64::from(x)).collect();
+    let mut h = hessian.values().to_vec();
+    // Inputs that never fire carry no information: their weights become exact zeros.
+    for i in 0..cols {
+        if h[i * cols + i] == 0.0 {
+            h[i * cols + i] = 1.0;
+            for row in 0..rows {
+                w[row * cols + i] = 0.0;
+            }
+        }
+    }
+    let group_size = quant.group_size.unwrap_or(cols);
+    let groups = quant.groups(cols);
+    let fit = |w: &[f64], row: usize, columns: &mut dyn Iterator<Item = usize>| {
+        Grid::fit(
+            columns.map(|col| w[row * cols + col] as f32),
+            quant.bits,
+            quant.symmetric,
+        )
+    };
+    // Static groups (and ungrouped rows) are fitted on the weights as they come in.
+    let mut grids: Vec<Option<Grid>> = vec![None; groups * rows];
+    if quant.group_size.is_none() || settings.static_groups {
+        for group in 0..groups {
+            for row in 0..rows {
+                let mut columns = group * group_size..(group + 1) * group_size;
+                grids[group * rows + row] = Some(fit(&w, row, &mut columns));
+            }
+        }
+    }
+
+    let mut order: Vec<usize> = (0..cols).collect();
+    if settings.act_order {
+        order.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]).then(a.cmp(&b)));
+    }
+    let permuted_w: Vec<f64> = (0..rows * cols)
+        .map(|index| w[(index / cols) * cols + order[index % cols]])
+        .collect();
+    let mut w = permuted_w;
+    let mut h: Vec<f64> = (0..cols * cols)
+        .map(|index| h[order[index / cols] * cols + order[index % cols]])
+        .collect();
+    let mean_diagonal = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+    for i in 0..cols {
+        h[i * cols + i] += damp_percent * mean_diagonal;
+    }
+    let inverse_factor = cholesky_upper(&spd_inverse(&h, cols)?, cols)?;
+
+    let mut codes = vec![0u8; rows * cols];
+    let mut group_of_position = vec![0u32; cols];
+    let mut errors = vec![0.0f64; rows * settings.block_size.max(1)];
+    let block_size = settings.block_size.max(1);
+    for block_start in (0..cols).step_by(block_size) {
+        let block_end = (block_start + block_size).min(cols);
+        for position in block_start..block_end {
+            let group = if quant.group_size.is_none() {
+                0
+            } else if settings.static_groups {
+                order[position] / group_size
+            } else {
+                position / group_size
+            };
+            if quant.group_size.is_some()
+                && !settings.static_groups
+                && position.is_multiple_of(group_size)
+            {
+                for row in 0..rows {
+                    let mut columns = position..position + group_size;
+                    grids[group * rows + row] = Some(fit(&w, row, &mut columns));
+                }
+            }
+            group_of_position[position] = group as u32;
+            let diagonal = inverse_factor[position * cols + position];
+            let local = position - block_start;
+            for row in 0..rows {
+                let grid = grids[group * rows + row].expect("grids are fitted before use");
+                let value = w[row * cols + position];
+                let code = grid.encode(value as f32);
+                codes[row * cols + position] = code as u8;
+                let error = (value - f64::from(grid.decode(code))) / diagonal;
+                errors[row * block_size + local] = error;
+                let factor_row = &inverse_factor[position * cols..(position + 1) * cols];
+                for col in position + 1..block_end {
+                    w[row * cols + col] -= error * factor_row[col];
+                }
+            }
+        }
+        // The block's errors reach the columns after it in one pass.
+        for row in 0..rows {
+            for local in 0..block_end - block_start {
+                let error = errors[row * block_size + local];
+                let factor_row =
+                    &inverse_factor[(block_start + local) * cols..(block_start + local + 1) * cols];
+                for col in block_end..cols {
+                    w[row * cols + col] -= error * factor_row[col];
+                }
+            }
+        }
+    }
+
+    let mut original_codes = vec![0u8; rows * cols];
+    let mut group_index = vec![0u32; cols];
+    for (position, &col) in order.iter().enumerate() {
+        group_index[col] = group_of_position[position];
+        for row in 0..rows {
+            original_codes[row * cols + col] = codes[row * cols + position];
+        }
+    }
+    Some(QuantizedMatrix {
+        rows,
+        cols,
+        bits: quant.bits,
+        codes: original_codes,
+        grids: grids
+            .into_iter()
+            .map(|grid| grid.expect("every group is fitted"))
+            .collect(),
+        group_index,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * cols)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// `count` inputs of `size` features with strong correlations: mixtures of a few sources.
+    fn correlated_inputs(count: usize, size: usize, seed: u64) -> Vec<f32> {
+        let mixing = random_matrix(size, 4, seed);
+        let sources = random_matrix(count, 4, seed + 1);
+        let noise = random_matrix(count, size, seed + 2);
+        (0..count * size)
+            .map(|index| {
+                let (sample, feature) = (index / size, index % size);
+                let mixed: f32 = (0..4)
+                    .map(|k| mixing[feature * 4 + k] * sources[sample * 4 + k])
+                    .sum();
+                mixed + 0.05 * noise[index]
+            })
+            .collect()
+    }
+
+    fn output_error(original: &[f32], quantized: &[f32], inputs: &[f32], cols: usize) -> f64 {
+        let rows = original.len() / cols;
+        let mut total = 0.0;
+        for x in inputs.chunks_exact(cols) {
+            for row in 0..rows {
+                let difference: f64 = (0..cols)
+                    .map(|col| {
+                        f64::from(original[row * cols + col] - quantized[row * cols + col])
+                            * f64::from(x[col])
+                    })
+                    .sum();
+                total += difference * difference;
+            }
+        }
+        total
+    }
+
+    fn settings(bits: u32, group_size: Option<usize>) -> GptqSettings {
+        GptqSettings {
+            quant: QuantSettings {
+                bits,
+                group_size,
+                symmetric: false,
+            },
+            damp_percent: 0.01,
+            block_size: 8,
+            act_order: false,
+            static_groups: false,
+        }
+    }
+
+    fn identity_hessian(size: usize) -> Hessian {
+        let mut hessian = Hessian::new(size);
+        let mut inputs = vec![0.0f32; size * size];
+        for i in 0..size {
+            inputs[i * size + i] = (size as f32 / 2.0).sqrt();
+        }
+        hessian.add(&inputs);
+        hessian
+    }
+
+    #[test]
+    fn hessian_is_twice_the_mean_outer_product() {
+        let mut hessian = Hessian::new(2);
+        hessian.add(&[1.0, 2.0]);
+        hessian.add(&[3.0, 0.0, 0.0, 1.0]);
+        let expected = [
+            2.0 * (1.0 + 9.0) / 3.0,
+            2.0 * 2.0 / 3.0,
+            2.0 * 2.0 / 3.0,
+            2.0 * (4.0 + 1.0) / 3.0,
+        ];
+        for (got, want) in hessian.values().iter().zip(expected) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        assert_eq!(hessian.samples(), 3);
+    }
+
+    #[test]
+    fn gptq_with_an_identity_hessian_is_round_to_nearest() {
+        let (rows, cols) = (6, 16);
+        let weights = random_matrix(rows, cols, 1);
+        for group_size in [None, Some(4)] {
+            let rtn =
+                round_to_nearest(&weights, rows, cols, &settings(3, group_size).quant).unwrap();
+            let gptq = gptq(
+                &weights,
+                rows,
+                cols,
+                &identity_hessian(cols),
+                &settings(3, group_size),
+            )
+            .unwrap();
+            assert_eq!(gptq.matrix, rtn, "group size {group_size:?}");
+        }
+    }
+
+    #[test]
+    fn gptq_beats_round_to_nearest_on_correlated_inputs() {
+        let (rows, cols) = (8, 32);
+        let weights = random_matrix(rows, cols, 3);
+        let inputs = correlated_inputs(256, cols, 4);
+        let mut hessian = Hessian::new(cols);
+        hessian.add(&inputs);
+        for (bits, group_size) in [(3, None), (4, Some(8)), (2, Some(16))] {
+            let settings = settings(bits, group_size);
+            let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
+            let quantized = gptq(&weights, rows, cols, &hessian, &settings).unwrap();
+            let rtn_error = output_error(&weights, &rtn.dequantize(), &inputs, cols);
+            let gptq_error = output_error(&weights, &quantized.matrix.dequantize(), &inputs, cols);
+            assert!(
+                gptq_error < 0.5 * rtn_error,
+                "{bits} bits, groups {group_size:?}: GPTQ {gptq_error} vs RTN {rtn_error}"
+            );
+        }
+    }
+
+    #[test]
+    fn act_order_with_static_groups_keeps_groups_in_column_order() {
+        let (rows, cols) = (4, 16);
+        let weights = random_matrix(rows, cols, 5);
+        // A diagonal Hessian with distinct entries: act-order reorders every column, yet no
+        // error spreads, so each weight must land where round-to-nearest puts it.
+        let mut hessian = Hessian::new(cols);
+        let mut inputs = vec![0.0f32; cols * cols];
+        for i in 0..cols {
+            inputs[i * cols + i] = 1.0 + ((i * 7) % cols) as f32;
+        }
+        hessian.add(&inputs);
+        let mut settings = settings(4, Some(4));
+        settings.act_order = true;
+        settings.static_groups = true;
+        let quantized = gptq(&weights, rows, cols, &hessian, &settings)
+            .unwrap()
+            .matrix;
+        let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
+        assert_eq!(quantized, rtn);
+        assert_eq!(
+            quantized.group_index,
+            (0..cols as u32).map(|col| col / 4).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn act_order_without_static_groups_groups_columns_by_importance() {
+        let (rows, cols) = (2, 8);
+        let weights = random_matrix(rows, cols, 6);
+        let mut hessian = Hessian::new(cols);
+        let mut inputs = vec![0.0f32; cols * cols];
+        for i in 0..cols {
+            inputs[i * cols + i] = (cols - i) as f32 * if i % 2 == 0 { 1.0 } else { 0.1 };
+        }
+        hessian.add(&inputs);
+        let mut settings = settings(4, Some(4));
+        settings.act_order = true;
+        let quantized = gptq(&weights, rows, cols, &hessian, &settings)
+            .unwrap()
+            .matrix;
+        // Even columns have the larger diagonal: they come first and form group 0.
+        assert_eq!(quantized.group_index, vec![0, 1, 0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn dead_inputs_get_zero_weights() {
+        let (rows, cols) = (3, 8);
+        let weights = random_matrix(rows, cols, 7);
+        let mut inputs = correlated_inputs(64, cols, 8);
+        for x in inputs.chunks_exact_mut(cols) {
+            x[5] = 0.0;
+        }
+        let mut hessian = Hessian::new(cols);
+        hessian.add(&inputs);
+        let quantized = gptq(&weights, rows, cols, &hessian, &settings(4, None)).unwrap();
+        let dequantized = quantized.matrix.dequantize();
+        for row in 0..rows {
+            assert_eq!(dequantized[row * cols + 5], 0.0);
+        }
+    }
+
+    #[test]
+    fn a_hessian_beyond_repair_is_an_error_not_nans() {
+        let mut hessian = Hessian::new(2);
+        hessian.add(&[f32::NAN, 1.0]);
+        let error = gptq(&[0.5, -0.5], 1, 2, &hessian, &settings(4, None)).unwrap_err();
+        assert!(
+            matches!(error, QuantError::NotPositiveDefinite { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let weights = random_matrix(2, 12, 9);
+        let five_bits = QuantSettings {
+            bits: 5,
+            group_size: None,
+            symmetric: false,
+        };
+        let error = round_to_nearest(&weights, 2, 12, &five_bits).unwrap_err();
+        assert!(error.to_string().contains("bits = 5"), "{error}");
+        let bad_group = QuantSettings {
+            bits: 4,
+            group_size: Some(5),
+            symmetric: false,
+        };
+        let error = round_to_nearest(&weights, 2, 12, &bad_group).unwrap_err();
+        assert!(
+            error.to_string().contains("does not divide the 12"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! Packing n-bit codes into 32-bit words, as GPTQ checkpoints store them.
+//!
+//! Codes form one little-endian bit stream: code `k` occupies bits `bits * k ..
+//! bits * (k + 1)` of the stream, word `w` holds stream bits `32 * w .. 32 * (w + 1)`. For 2,
+//! 4 and 8 bits a word holds a whole number of codes; 3-bit codes straddle words, 32 codes in
+//! every 3 words (AutoGPTQ's layout). `qweight` packs each output channel's codes along the
+//! input dimension: `[in * bits / 32, out]`.
+
+use crate::QuantError;
+
+/// `codes` (each below `2^bits`) as a bit stream of 32-bit words.
+pub fn pack_bits(codes: &[u32], bits: u32) -> Vec<u32> {
+    let total_bits = codes.len() * bits as usize;
+    let mut words = vec![0u32; total_bits.div_ceil(32)];
+    for (index, &code) in codes.iter().enumerate() {
+        debug_assert!(code < (1 << bits), "code {code} has more than {bits} bits");
+        let start = index * bits as usize;
+        let (word, offset) = (start / 32, start % 32);
+        words[word] |= code << offset;
+        if offset + bits as usize > 32 {
+            words[word + 1] |= code >> (32 - offset);
+        }
+    }
+    words
+}
+
+/// The first `count` codes of a bit stream written by [`pack_bits`].
+pub fn unpack_bits(words: &[u32], bits: u32, count: usize) -> Vec<u32> {
+    let mask = (1u32 << bits) - 1;
+    (0..count)
+        .map(|index| {
+            let start = index * bits as usize;
+            let (word, offset) = (start / 32, start % 32);
+            let mut code = words[word] >> offset;
+            if offset + bits as usize > 32 {
+                code |= words[word + 1] << (32 - offset);
+            }
+            code & mask
+        })
+        .collect()
+}
+
+/// GPTQ's `qweight`: `codes` (`rows x cols` = output x input, row-major) packed along the input
+/// dimension into a row-major `[cols * bits / 32, rows]` array of words.
+pub fn pack_qweight(
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+) -> Result<Vec<u32>, QuantError> {
+    if !(cols * bits as usize).is_multiple_of(32) {
+        return Err(QuantError::Settings(format!(
+            "{cols} input columns of {bits} bits do not fill whole 32-bit words"
+        )));
+    }
+    let packed_rows = cols * bits as usize / 32;
+    let mut qweight = vec![0u32; packed_rows * rows];
+    for row in 0..rows {
+        let column: Vec<u32> = codes[row * cols..(row + 1) * cols]
+            .iter()
+            .map(|&code| u32::from(code))
+            .collect();
+        for (packed_row, word) in pack_bits(&column, bits).into_iter().enumerate() {
+            qweight[packed_row * rows + row] = word;
+        }
+    }
+    Ok(qweight)
+}
+
+/// The codes of a `qweight` written by [`pack_qweight`], `rows x cols`.
+pub fn unpack_qweight(qweight: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<u8> {
+    let packed_rows = cols * bits as usize / 32;
+    let mut codes = vec![0u8; rows * cols];
+    for row in 0..rows {
+        let words: Vec<u32> = (0..packed_rows)
+            .map(|packed_row| qweight[packed_row * rows + row])
+            .collect();
+        for (col, code) in unpack_bits(&words, bits, cols).into_iter().enumerate() {
+            codes[row * cols + col] = code as u8;
+        }
+    }
+    codes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_bit_codes_fill_words_from_the_low_nibble() {
+        let codes: Vec<u32> = (0..8).collect();
+        assert_eq!(pack_bits(&codes, 4), vec![0x7654_3210]);
+        assert_eq!(pack_bits(&[0xF, 0x1], 4), vec![0x1F]);
+    }
+
+    #[test]
+    fn three_bit_codes_straddle_words_as_autogptq_packs_them() {
+        // 32 codes in 3 words: code 10 splits 2 + 1 bits over words 0 and 1, code 21 splits
+        // 1 + 2 bits over words 1 and 2.
+        let mut codes = vec![0u32; 32];
+        codes[0] = 0b101;
+        codes[10] = 0b111;
+        codes[21] = 0b110;
+        codes[31] = 0b011;
+        let words = pack_bits(&codes, 3);
+        assert_eq!(words.len(), 3);
+        assert_eq!(words[0], 0b101 | (0b11 << 30));
+        // Word 1: the high bit of code 10 at bit 0; code 21's low bit (0) at bit 31.
+        assert_eq!(words[1], 0b1);
+        assert_eq!(words[2], 0b11 | (0b011 << 29));
+        assert_eq!(unpack_bits(&words, 3, 32), codes);
+    }
+
+    #[test]
+    fn every_width_round_trips() {
+        for bits in [2u32, 3, 4, 8] {
+            let codes: Vec<u32> = (0..96).map(|i| (i * 7 + 3) % (1 << bits)).collect();
+            assert_eq!(
+                unpack_bits(&pack_bits(&codes, bits), bits, codes.len()),
+                codes
+            );
+        }
+    }
+
+    #[test]
+    fn qweight_packs_along_the_input_dimension() {
+        // Two output channels of eight 4-bit inputs: one word per channel.
+        let codes: Vec<u8> = (0..16).map(|i| (i % 16) as u8).collect();
+        let qweight = pack_qweight(&codes, 2, 8, 4).unwrap();
+        assert_eq!(qweight, vec![0x7654_3210, 0xFEDC_BA98]);
+        assert_eq!(unpack_qweight(&qweight, 2, 8, 4), codes);
+        let codes_3bit: Vec<u8> = (0..3 * 32).map(|i| (i % 8) as u8).collect();
+        let packed = pack_qweight(&codes_3bit, 3, 32, 3).unwrap();
+        assert_eq!(packed.len(), 9);
+        assert_eq!(unpack_qweight(&packed, 3, 32, 3), codes_3bit);
+        assert!(pack_qweight(&codes, 2, 8, 3).is_err());
+    }
+}
