@@ -332,3 +332,27 @@ fn cached_teacher_with_every_logit_trains_like_the_live_teacher() {
         );
     }
 }
+
+#[test]
+fn resuming_against_a_changed_teacher_is_refused() {
+    let workspace = Workspace::new();
+    train_teacher(&workspace);
+    let settings = ["train.steps=10", "checkpoint.every=5"];
+    workspace.run_ok(&distill_args(&workspace, "student", &settings));
+    // Same path, same config, other weights: the teacher was retrained with another seed.
+    std::fs::remove_dir_all(workspace.checkpoints.join("teacher")).unwrap();
+    std::fs::remove_dir_all(workspace.experiments.join("teacher")).unwrap();
+    workspace.run_ok(&workspace.train_args("teacher", &["train.steps=30", "run.seed=8"]));
+    let resume = [
+        distill_args(&workspace, "student", &settings),
+        vec!["--resume".into()],
+    ]
+    .concat();
+    let (code, stderr) = workspace.run_err(&resume);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("teacher weights sha256"), "{stderr}");
+    assert!(
+        stderr.contains("would not continue the same run"),
+        "{stderr}"
+    );
+}

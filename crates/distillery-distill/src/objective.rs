@@ -135,6 +135,13 @@ impl distillery_train::Objective for DistillObjective {
         })
     }
 
+    fn fingerprint(&self) -> Option<String> {
+        Some(format!(
+            "teacher weights sha256 {}",
+            self.teacher.weights_sha256()
+        ))
+    }
+
     fn description(&self) -> Option<String> {
         let settings = &self.settings;
         let divergence = match settings.loss {

@@ -72,6 +72,10 @@ pub struct Progress {
     /// Hash of the settings that decide the weights (see `ExperimentConfig::trajectory_sha256`).
     pub trajectory_sha256: String,
     pub tokenizer_sha256: String,
+    /// What the objective learns from besides the config (a distillation teacher's weights);
+    /// see [`crate::Objective::fingerprint`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective_fingerprint: Option<String>,
     /// Size and hash of every other file in the directory.
     #[serde(default)]
     pub files: BTreeMap<String, FileDigest>,
@@ -85,6 +89,7 @@ impl Progress {
         best: Option<BestValidation>,
         config: &ExperimentConfig,
         tokenizer_sha256: &str,
+        objective_fingerprint: Option<String>,
     ) -> Self {
         Self {
             format_version: FORMAT_VERSION,
@@ -94,6 +99,7 @@ impl Progress {
             best,
             trajectory_sha256: config.trajectory_sha256(),
             tokenizer_sha256: tokenizer_sha256.to_string(),
+            objective_fingerprint,
             files: BTreeMap::new(),
         }
     }

@@ -43,6 +43,12 @@ pub trait Objective {
         micro_batch: u64,
     ) -> Result<ObjectiveLoss, TrainError>;
 
+    /// Identifies what the objective learns from beyond the config (a teacher's weights), so
+    /// that a resumed run is refused when that changed.
+    fn fingerprint(&self) -> Option<String> {
+        None
+    }
+
     /// A line for the run's log saying what the objective is made of.
     fn description(&self) -> Option<String> {
         None
@@ -293,6 +299,17 @@ fn start_state(
             ),
         });
     }
+    if progress.objective_fingerprint != objective.fingerprint() {
+        return Err(TrainError::Run {
+            path: source,
+            message: format!(
+                "was trained against {}, this run against {}: resuming would not continue \
+                 the same run",
+                describe_fingerprint(progress.objective_fingerprint.as_deref()),
+                describe_fingerprint(objective.fingerprint().as_deref()),
+            ),
+        });
+    }
     let model = checkpoint::load_model(&source, Some(&data.llama), config.model.dropout, device)?;
     let optimizer = checkpoint::load_optimizer(&source, adamw_settings(config), &model, device)?;
     Ok(StartState {
@@ -469,6 +486,7 @@ pub fn train(
                 best,
                 config,
                 data.tokenizer.sha256(),
+                runner.objective.fingerprint(),
             );
             let step_dir = run_dir.join(checkpoint::step_dir_name(step));
             if checkpoint_due {
@@ -528,4 +546,8 @@ fn describe_metrics(metrics: &[(&str, f64)]) -> String {
         .map(|(name, value)| format!("{name} {value:.4}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn describe_fingerprint(fingerprint: Option<&str>) -> String {
+    fingerprint.map_or_else(|| "nothing beyond its config".into(), str::to_string)
 }
