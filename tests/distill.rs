@@ -356,3 +356,47 @@ fn resuming_against_a_changed_teacher_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_hugging_face_teacher_teaches_like_the_checkpoint_it_was_exported_from() {
+    let workspace = Workspace::new();
+    train_teacher(&workspace);
+    let hf_dir = workspace.root.join("teacher-hf");
+    let mut export = vec!["export".to_string(), repo_path("configs/tiny-test.toml")];
+    export.extend(workspace.common_settings("teacher"));
+    export.extend([
+        "--checkpoint".into(),
+        workspace.checkpoints.join("teacher").display().to_string(),
+        "--format".into(),
+        "hf".into(),
+        "--out".into(),
+        hf_dir.display().to_string(),
+    ]);
+    workspace.run_ok(&export);
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        assert!(hf_dir.join(file).is_file(), "{file}");
+    }
+
+    let settings = ["train.steps=10"];
+    workspace.run_ok(&distill_args(&workspace, "from-checkpoint", &settings));
+    let mut from_hf = distill_args(&workspace, "from-hf", &settings);
+    let position = from_hf
+        .iter()
+        .position(|arg| arg.starts_with("teacher.checkpoint="))
+        .unwrap();
+    from_hf[position] = format!("teacher.hf_dir={}", hf_dir.display());
+    let output = workspace.run_ok(&from_hf);
+    assert!(output.contains("trained 10 steps"), "{output}");
+    for tag in ["teacher/val_loss", "train/loss", "val/kd"] {
+        assert_eq!(
+            common::metric_series(&workspace.experiments.join("from-hf"), tag),
+            common::metric_series(&workspace.experiments.join("from-checkpoint"), tag),
+            "{tag}"
+        );
+    }
+}

@@ -56,6 +56,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write a checkpoint in another tool's format.
+    Export {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A checkpoint directory, or a run directory (its best checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The folder to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Validation loss, perplexity and accuracy of a checkpoint.
     Eval {
         #[command(flatten)]
@@ -97,6 +110,12 @@ enum Command {
         #[command(subcommand)]
         what: TokenizerCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
+    Hf,
 }
 
 #[derive(Subcommand)]
@@ -239,6 +258,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 header.top_k,
                 bytes as f64 / (1 << 20) as f64,
                 started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            config,
+            checkpoint,
+            format: ExportFormat::Hf,
+            out,
+        } => {
+            let config = config.load()?;
+            let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+            let (source, step, model) = load_for_inference(&config, &checkpoint, &tokenizer)?;
+            let eos = tokenizer.eos_token_id();
+            distillery_formats::hf::export(&model, &config.data.tokenizer, eos, eos, &out)?;
+            println!(
+                "wrote {} (Hugging Face Llama folder) from {} (step {step})",
+                out.display(),
+                source.display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -351,6 +351,16 @@ fn validate_distillation(
             }
         }
     }
+    if let Some(teacher) = &config.teacher
+        && teacher.checkpoint.is_some() == teacher.hf_dir.is_some()
+    {
+        return fail(
+            "teacher",
+            "set exactly one of teacher.checkpoint (a distillery run or checkpoint) and \
+             teacher.hf_dir (a Hugging Face Llama folder)"
+                .into(),
+        );
+    }
     if let Some(distill) = &config.distill {
         if !(distill.temperature.is_finite() && distill.temperature > 0.0) {
             return fail(

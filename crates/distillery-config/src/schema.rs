@@ -204,7 +204,12 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields)]
 pub struct TeacherConfig {
     /// A distillery run directory (`checkpoints/<run>`) or one of its checkpoint directories.
-    pub checkpoint: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
+    /// A Hugging Face Llama folder (`config.json`, safetensors weights, `tokenizer.json`);
+    /// instead of `checkpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_dir: Option<PathBuf>,
     /// Which checkpoint of a run directory teaches; ignored for a checkpoint directory.
     #[serde(default)]
     pub select: TeacherCheckpoint,

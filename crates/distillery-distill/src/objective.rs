@@ -157,10 +157,13 @@ impl distillery_train::Objective for DistillObjective {
             Some(cache) => format!(", top-{} logits cached", cache.header().top_k),
             None => String::new(),
         };
+        let origin = match self.teacher.step() {
+            Some(step) => format!("step {step}"),
+            None => "Hugging Face folder".into(),
+        };
         Some(format!(
-            "teacher {} (step {}, {} parameters{source}); loss {:.2} x cross-entropy + {:.2} x {divergence} at temperature {}{init}",
+            "teacher {} ({origin}, {} parameters{source}); loss {:.2} x cross-entropy + {:.2} x {divergence} at temperature {}{init}",
             self.teacher.directory().display(),
-            self.teacher.step(),
             self.teacher.model().config().num_parameters(),
             1.0 - settings.alpha,
             settings.alpha,

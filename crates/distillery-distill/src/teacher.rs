@@ -8,6 +8,7 @@ use distillery_config::{TeacherCheckpoint, TeacherConfig};
 use distillery_data::TextTokenizer;
 use distillery_model::{Llama, LlamaConfig};
 use distillery_train::checkpoint;
+use sha2::{Digest, Sha256};
 
 use crate::DistillError;
 
@@ -17,47 +18,34 @@ pub struct Teacher {
     model: Llama,
     device: Device,
     directory: PathBuf,
-    step: usize,
-    /// sha256 of the weights file, as the checkpoint recorded it.
+    /// The training step of a distillery checkpoint; `None` for a Hugging Face folder.
+    step: Option<usize>,
+    /// sha256 of the weights file(s).
     weights_sha256: String,
     /// The student's vocabulary size when the teacher's logits are cut to it.
     logits_width: Option<usize>,
 }
 
 impl Teacher {
-    /// Loads the checkpoint `config` names, checking that it was trained with `tokenizer` and
-    /// that its vocabulary fits the student's.
+    /// Loads the teacher `config` names (a distillery checkpoint or a Hugging Face folder),
+    /// checking that it was trained with `tokenizer` and that its vocabulary fits the
+    /// student's.
     pub fn load(
         config: &TeacherConfig,
         tokenizer: &TextTokenizer,
         student: &LlamaConfig,
         device: &Device,
     ) -> Result<Self, DistillError> {
-        let directory = select_checkpoint(&config.checkpoint, config.select)?;
-        let progress = checkpoint::read_progress(&directory)?;
-        if progress.tokenizer_sha256 != tokenizer.sha256() {
-            return Err(DistillError::Teacher {
-                path: directory,
-                message: format!(
-                    "was trained with another tokenizer (sha256 {}) than the student's (sha256 {}); \
-                     teacher and student must share one tokenizer",
-                    progress.tokenizer_sha256,
-                    tokenizer.sha256()
-                ),
-            });
-        }
-        let model = checkpoint::load_model(&directory, None, 0.0, device)?.valid();
-        let weights_sha256 = progress
-            .files
-            .get(checkpoint::MODEL_FILE)
-            .map(|digest| digest.sha256.clone())
-            .ok_or_else(|| DistillError::Teacher {
-                path: directory.clone(),
-                message: format!(
-                    "its progress record lists no digest of {}",
-                    checkpoint::MODEL_FILE
-                ),
-            })?;
+        let (model, directory, step, weights_sha256) = match (&config.checkpoint, &config.hf_dir) {
+            (Some(checkpoint), _) => load_checkpoint(checkpoint, config.select, tokenizer, device)?,
+            (None, Some(hf_dir)) => load_hf(hf_dir, tokenizer, device)?,
+            (None, None) => {
+                return Err(DistillError::Teacher {
+                    path: PathBuf::new(),
+                    message: "set teacher.checkpoint or teacher.hf_dir".into(),
+                });
+            }
+        };
         let logits_width = logits_width(
             model.config().vocab_size,
             student.vocab_size,
@@ -68,10 +56,10 @@ impl Teacher {
             message,
         })?;
         Ok(Self {
-            model,
+            model: model.valid(),
             device: device.clone(),
             directory,
-            step: progress.step,
+            step,
             weights_sha256,
             logits_width,
         })
@@ -102,12 +90,92 @@ impl Teacher {
         &self.directory
     }
 
-    pub fn step(&self) -> usize {
+    pub fn step(&self) -> Option<usize> {
         self.step
     }
 
     pub fn weights_sha256(&self) -> &str {
         &self.weights_sha256
+    }
+}
+
+type LoadedTeacher = (Llama, PathBuf, Option<usize>, String);
+
+fn load_checkpoint(
+    path: &Path,
+    select: TeacherCheckpoint,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<LoadedTeacher, DistillError> {
+    let directory = select_checkpoint(path, select)?;
+    let progress = checkpoint::read_progress(&directory)?;
+    if progress.tokenizer_sha256 != tokenizer.sha256() {
+        return Err(another_tokenizer(
+            directory,
+            &progress.tokenizer_sha256,
+            tokenizer,
+        ));
+    }
+    let model = checkpoint::load_model(&directory, None, 0.0, device)?;
+    let weights_sha256 = progress
+        .files
+        .get(checkpoint::MODEL_FILE)
+        .map(|digest| digest.sha256.clone())
+        .ok_or_else(|| DistillError::Teacher {
+            path: directory.clone(),
+            message: format!(
+                "its progress record lists no digest of {}",
+                checkpoint::MODEL_FILE
+            ),
+        })?;
+    Ok((model, directory, Some(progress.step), weights_sha256))
+}
+
+fn load_hf(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<LoadedTeacher, DistillError> {
+    let teacher_error = |path: &Path, message: String| DistillError::Teacher {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tokenizer_path = dir.join("tokenizer.json");
+    let theirs = TextTokenizer::load(&tokenizer_path)
+        .map_err(|error| teacher_error(&tokenizer_path, error.to_string()))?;
+    if theirs.sha256() != tokenizer.sha256() {
+        return Err(another_tokenizer(
+            dir.to_path_buf(),
+            theirs.sha256(),
+            tokenizer,
+        ));
+    }
+    let model = distillery_formats::hf::import(dir, device)
+        .map_err(|error| teacher_error(&error.path, error.message))?;
+    let mut hasher = Sha256::new();
+    for file in distillery_formats::hf::weight_files(dir)
+        .map_err(|error| teacher_error(&error.path, error.message))?
+    {
+        let bytes =
+            std::fs::read(&file).map_err(|error| teacher_error(&file, error.to_string()))?;
+        hasher.update(&bytes);
+    }
+    let weights_sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    Ok((model, dir.to_path_buf(), None, weights_sha256))
+}
+
+fn another_tokenizer(path: PathBuf, theirs: &str, ours: &TextTokenizer) -> DistillError {
+    DistillError::Teacher {
+        path,
+        message: format!(
+            "was trained with another tokenizer (sha256 {theirs}) than the student's (sha256 {}); \
+             teacher and student must share one tokenizer",
+            ours.sha256()
+        ),
     }
 }
 
@@ -194,7 +262,7 @@ mod tests {
             model: Llama::new(&shape, 0.5, 3, &device).unwrap().valid(),
             device: device.clone(),
             directory: PathBuf::new(),
-            step: 0,
+            step: None,
             weights_sha256: String::new(),
             logits_width: Some(32),
         };

@@ -2,5 +2,6 @@
 //!
 //! Names and layouts are converted here and nowhere else, so the model keeps one definition.
 
+pub mod hf;
 pub mod names;
 pub mod rope_layout;

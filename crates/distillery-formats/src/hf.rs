@@ -1,0 +1,741 @@
+//! Hugging Face Llama folders: `config.json` and `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`), tensors named as `transformers` names them, linear weights
+//! in `[out, in]` layout. distillery's model uses the same rotate-half rotary layout, so q and k
+//! rows need no permutation here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use distillery_model::{Linear, Llama, LlamaConfig};
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::names::{distillery_path, hf_name};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.display())]
+pub struct HfError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn error(path: &Path, message: impl Into<String>) -> HfError {
+    HfError {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// The fields of a Hugging Face Llama `config.json` that decide the model. The file holds many
+/// more (token ids, dtype, generation defaults); those are ignored, and features distillery's
+/// model does not have are refused.
+#[derive(Debug, Deserialize)]
+struct HfConfigFile {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    head_dim: Option<usize>,
+}
+
+/// Reads a Hugging Face Llama `config.json`.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig, HfError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| error(&path, e.to_string()))?;
+    let file: HfConfigFile = serde_json::from_str(&text)
+        .map_err(|e| error(&path, format!("not a Llama config: {e}")))?;
+    let unsupported = |what: &str| Err(error(&path, format!("{what} is not supported")));
+    if let Some(model_type) = &file.model_type
+        && model_type != "llama"
+    {
+        return unsupported(&format!("model_type \"{model_type}\""));
+    }
+    if let Some(act) = &file.hidden_act
+        && act != "silu"
+    {
+        return unsupported(&format!("hidden_act \"{act}\""));
+    }
+    if file.attention_bias == Some(true) || file.mlp_bias == Some(true) {
+        return unsupported("a bias in the attention or MLP projections");
+    }
+    if file
+        .rope_scaling
+        .as_ref()
+        .is_some_and(|value| !value.is_null())
+    {
+        return unsupported("rope_scaling");
+    }
+    if let Some(head_dim) = file.head_dim
+        && head_dim * file.num_attention_heads != file.hidden_size
+    {
+        return unsupported(&format!(
+            "head_dim {head_dim} other than hidden_size / heads"
+        ));
+    }
+    let config = LlamaConfig {
+        vocab_size: file.vocab_size,
+        hidden_size: file.hidden_size,
+        intermediate_size: file.intermediate_size,
+        num_hidden_layers: file.num_hidden_layers,
+        num_attention_heads: file.num_attention_heads,
+        num_key_value_heads: file.num_key_value_heads.unwrap_or(file.num_attention_heads),
+        max_position_embeddings: file.max_position_embeddings,
+        rms_norm_eps: file.rms_norm_eps,
+        rope_theta: file.rope_theta.unwrap_or(10000.0),
+        tie_word_embeddings: file.tie_word_embeddings.unwrap_or(false),
+    };
+    config.validate().map_err(|e| error(&path, e.to_string()))?;
+    Ok(config)
+}
+
+/// `config.json` for `config` as `transformers` writes it for `LlamaForCausalLM`.
+pub fn config_json(
+    config: &LlamaConfig,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+) -> String {
+    let mut value = serde_json::to_value(config).expect("configs serialize");
+    let object = value.as_object_mut().expect("an object");
+    object.insert(
+        "architectures".into(),
+        serde_json::json!(["LlamaForCausalLM"]),
+    );
+    object.insert("model_type".into(), "llama".into());
+    object.insert("hidden_act".into(), "silu".into());
+    object.insert("attention_bias".into(), false.into());
+    object.insert("mlp_bias".into(), false.into());
+    object.insert("torch_dtype".into(), "float32".into());
+    object.insert("bos_token_id".into(), bos_token_id.into());
+    object.insert("eos_token_id".into(), eos_token_id.into());
+    serde_json::to_string_pretty(&value).expect("json serializes")
+}
+
+/// A tensor in Hugging Face layout: name, shape and little-endian f32 values.
+pub struct HfTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+fn tensor_values<const D: usize>(tensor: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = tensor.dims().to_vec();
+    let values = tensor
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("parameters are f32");
+    (shape, values)
+}
+
+/// Every parameter of `model` under its Hugging Face name, in Hugging Face layout.
+pub fn hf_tensors(model: &Llama) -> Vec<HfTensor> {
+    let mut tensors = Vec::new();
+    let mut push = |path: String, (shape, values): (Vec<usize>, Vec<f32>)| {
+        tensors.push(HfTensor {
+            name: hf_name(&path).expect("every parameter has a Hugging Face name"),
+            shape,
+            values,
+        });
+    };
+    // Linear weights are `[in, out]` in burn, `[out, in]` in transformers.
+    let linear = |linear: &Linear| tensor_values(linear.weight.val().transpose());
+    let norm = |gamma: &Param<Tensor<1>>| tensor_values(gamma.val());
+    push(
+        "embed_tokens".into(),
+        tensor_values(model.embed_tokens.val()),
+    );
+    for (index, layer) in model.layers.iter().enumerate() {
+        let prefix = format!("layers.{index}");
+        push(
+            format!("{prefix}.input_layernorm.gamma"),
+            norm(&layer.input_layernorm.gamma),
+        );
+        let attention = &layer.self_attn;
+        for (name, weight) in [
+            ("q_proj", &attention.q_proj),
+            ("k_proj", &attention.k_proj),
+            ("v_proj", &attention.v_proj),
+            ("o_proj", &attention.o_proj),
+        ] {
+            push(format!("{prefix}.self_attn.{name}.weight"), linear(weight));
+        }
+        push(
+            format!("{prefix}.post_attention_layernorm.gamma"),
+            norm(&layer.post_attention_layernorm.gamma),
+        );
+        for (name, weight) in [
+            ("gate_proj", &layer.mlp.gate_proj),
+            ("up_proj", &layer.mlp.up_proj),
+            ("down_proj", &layer.mlp.down_proj),
+        ] {
+            push(format!("{prefix}.mlp.{name}.weight"), linear(weight));
+        }
+    }
+    push("norm.gamma".into(), norm(&model.norm.gamma));
+    if let Some(head) = &model.lm_head {
+        push("lm_head.weight".into(), linear(head));
+    }
+    tensors
+}
+
+/// `model.safetensors` bytes for `model`.
+pub fn safetensors_bytes(model: &Llama) -> Vec<u8> {
+    let tensors = hf_tensors(model);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|tensor| {
+            let bytes = tensor.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (tensor.name, tensor.shape, bytes)
+        })
+        .collect();
+    let views = bytes.iter().map(|(name, shape, data)| {
+        (
+            name.clone(),
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                .expect("sizes match shapes"),
+        )
+    });
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views, Some(metadata)).expect("tensors serialize")
+}
+
+/// The weight files of a folder: `model.safetensors`, or the shards its index lists.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join(WEIGHTS_INDEX_FILE);
+    let text = std::fs::read_to_string(&index_path).map_err(|_| {
+        error(
+            dir,
+            format!("holds neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}"),
+        )
+    })?;
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_str(&text)
+        .map_err(|e| error(&index_path, format!("invalid index: {e}")))?;
+    let shards: BTreeSet<&String> = index.weight_map.values().collect();
+    shards
+        .into_iter()
+        .map(|shard| {
+            if shard.contains(['/', '\\']) || shard.starts_with('.') {
+                Err(error(
+                    &index_path,
+                    format!("shard name \"{shard}\" leaves the folder"),
+                ))
+            } else {
+                Ok(dir.join(shard))
+            }
+        })
+        .collect()
+}
+
+/// Little-endian f32, f16 or bf16 tensor bytes as f32 values.
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+                .collect(),
+        ),
+        Dtype::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// IEEE half precision to single, subnormals and infinities included.
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = u32::from(bits >> 15) << 31;
+    let exponent = u32::from((bits >> 10) & 0x1f);
+    let mantissa = u32::from(bits & 0x3ff);
+    let magnitude = match (exponent, mantissa) {
+        (0, 0) => 0,
+        (0, _) => {
+            // Subnormal: mantissa * 2^-24.
+            let value = mantissa as f32 * 2f32.powi(-24);
+            return if sign == 0 { value } else { -value };
+        }
+        (0x1f, 0) => 0xff << 23,
+        (0x1f, _) => (0xff << 23) | (mantissa << 13),
+        _ => ((exponent + 127 - 15) << 23) | (mantissa << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+/// Loads a Hugging Face Llama folder into distillery's model on `device`. Every tensor the model
+/// needs must be present with the shape `config.json` implies; any other tensor is an error.
+pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
+    let config = read_config(dir)?;
+    let mut model = Llama::new(&config, 0.0, 0, device).map_err(|e| error(dir, e.to_string()))?;
+    let expected: BTreeMap<String, Vec<usize>> = hf_tensors(&model)
+        .into_iter()
+        .map(|tensor| (tensor.name, tensor.shape))
+        .collect();
+    let mut loaded = BTreeSet::new();
+    for file in weight_files(dir)? {
+        let bytes = std::fs::read(&file).map_err(|e| error(&file, e.to_string()))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| error(&file, format!("not a safetensors file: {e}")))?;
+        for (name, view) in tensors.tensors() {
+            if name.ends_with("rotary_emb.inv_freq") {
+                // A buffer older transformers versions saved; recomputed from rope_theta.
+                continue;
+            }
+            if name == "lm_head.weight" && config.tie_word_embeddings {
+                continue;
+            }
+            let Some(shape) = expected.get(&name) else {
+                return Err(error(
+                    &file,
+                    format!("unexpected tensor `{name}` for this config.json"),
+                ));
+            };
+            if view.shape() != shape.as_slice() {
+                return Err(error(
+                    &file,
+                    format!(
+                        "tensor `{name}` has shape {:?}; config.json implies {shape:?}",
+                        view.shape()
+                    ),
+                ));
+            }
+            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                error(
+                    &file,
+                    format!(
+                        "tensor `{name}` is {:?}; f32, f16 or bf16 expected",
+                        view.dtype()
+                    ),
+                )
+            })?;
+            let path = distillery_path(&name).map_err(|e| error(&file, e.to_string()))?;
+            assign(&mut model, &path, values, shape, device);
+            loaded.insert(name);
+        }
+    }
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|name| !loaded.contains(*name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(error(
+            dir,
+            format!(
+                "missing tensors: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(model)
+}
+
+/// Puts a Hugging Face tensor (already shape-checked) into the parameter at `path`.
+fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], device: &Device) {
+    let matrix = |values: Vec<f32>| {
+        Tensor::<2>::from_data(TensorData::new(values, [shape[0], shape[1]]), device)
+    };
+    let vector = |values: Vec<f32>| {
+        Param::from_tensor(Tensor::<1>::from_data(
+            TensorData::new(values, [shape[0]]),
+            device,
+        ))
+    };
+    // Transposed here, not as a tensor view: a strided weight would take another matmul path
+    // and change the logits in their last bits.
+    let linear = |values: Vec<f32>| {
+        let (out, inputs) = (shape[0], shape[1]);
+        let transposed: Vec<f32> = (0..inputs * out)
+            .map(|index| values[(index % out) * inputs + index / out])
+            .collect();
+        Linear {
+            weight: Param::from_tensor(Tensor::<2>::from_data(
+                TensorData::new(transposed, [inputs, out]),
+                device,
+            )),
+        }
+    };
+    match path {
+        "embed_tokens" => model.embed_tokens = Param::from_tensor(matrix(values)),
+        "norm.gamma" => model.norm.gamma = vector(values),
+        "lm_head.weight" => model.lm_head = Some(linear(values)),
+        _ => {
+            let rest = path.strip_prefix("layers.").expect("names were mapped");
+            let (index, rest) = rest.split_once('.').expect("names were mapped");
+            let layer = &mut model.layers[index.parse::<usize>().expect("a layer index")];
+            match rest {
+                "input_layernorm.gamma" => layer.input_layernorm.gamma = vector(values),
+                "post_attention_layernorm.gamma" => {
+                    layer.post_attention_layernorm.gamma = vector(values)
+                }
+                "self_attn.q_proj.weight" => layer.self_attn.q_proj = linear(values),
+                "self_attn.k_proj.weight" => layer.self_attn.k_proj = linear(values),
+                "self_attn.v_proj.weight" => layer.self_attn.v_proj = linear(values),
+                "self_attn.o_proj.weight" => layer.self_attn.o_proj = linear(values),
+                "mlp.gate_proj.weight" => layer.mlp.gate_proj = linear(values),
+                "mlp.up_proj.weight" => layer.mlp.up_proj = linear(values),
+                "mlp.down_proj.weight" => layer.mlp.down_proj = linear(values),
+                other => unreachable!("the name table has no layer parameter `{other}`"),
+            }
+        }
+    }
+}
+
+/// Writes `model` as a Hugging Face Llama folder at `dir`: `config.json`, `model.safetensors`,
+/// the tokenizer (`tokenizer.json` copied from `tokenizer`), `tokenizer_config.json` and
+/// `generation_config.json`. The folder is assembled beside `dir` and renamed into place, so an
+/// interrupted export leaves no folder that looks complete.
+pub fn export(
+    model: &Llama,
+    tokenizer: &Path,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    dir: &Path,
+) -> Result<(), HfError> {
+    if dir.exists() {
+        return Err(error(dir, "already exists; choose another output folder"));
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| error(dir, "names no folder"))?;
+    let mut staging_name = std::ffi::OsString::from(".tmp-");
+    staging_name.push(name);
+    let staging = dir.with_file_name(staging_name);
+    let write = |file: &str, bytes: &[u8]| {
+        let path = staging.join(file);
+        std::fs::write(&path, bytes).map_err(|e| error(&path, e.to_string()))
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| error(&staging, e.to_string()))?;
+    write(
+        CONFIG_FILE,
+        config_json(model.config(), bos_token_id, eos_token_id).as_bytes(),
+    )?;
+    write(WEIGHTS_FILE, &safetensors_bytes(model))?;
+    let tokenizer_json = std::fs::read(tokenizer).map_err(|e| error(tokenizer, e.to_string()))?;
+    write("tokenizer.json", &tokenizer_json)?;
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model.config().max_position_embeddings,
+    });
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&tokenizer_config)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    let generation_config = serde_json::json!({
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    });
+    write(
+        "generation_config.json",
+        serde_json::to_string_pretty(&generation_config)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    std::fs::rename(&staging, dir).map_err(|e| error(dir, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Int;
+
+    use super::*;
+
+    fn shape(tied: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 48,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: tied,
+        }
+    }
+
+    /// The tensors of a safetensors file, read by hand: an 8-byte little-endian header length,
+    /// a JSON header of dtype, shape and byte offsets, then the data.
+    fn read_safetensors(bytes: &[u8]) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let data = &bytes[8 + header_len..];
+        header
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.as_str() != "__metadata__")
+            .map(|(name, entry)| {
+                assert_eq!(entry["dtype"], "F32");
+                let shape: Vec<usize> = entry["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect();
+                let start = entry["data_offsets"][0].as_u64().unwrap() as usize;
+                let end = entry["data_offsets"][1].as_u64().unwrap() as usize;
+                let values = data[start..end]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                (name.clone(), (shape, values))
+            })
+            .collect()
+    }
+
+    fn logits(model: &Llama) -> Vec<f32> {
+        let tokens = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![1i64, 7, 30, 2, 47, 5], [2, 3]),
+            &Device::flex(),
+        );
+        model
+            .forward(tokens)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    }
+
+    fn export_folder(model: &Llama, root: &Path) -> PathBuf {
+        let tokenizer = root.join("source-tokenizer.json");
+        std::fs::write(&tokenizer, b"{}").unwrap();
+        let dir = root.join("hf");
+        export(model, &tokenizer, Some(0), Some(0), &dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn safetensors_hold_transformers_names_and_out_in_layout() {
+        let device = Device::flex();
+        let model = Llama::new(&shape(false), 0.0, 3, &device).unwrap();
+        let tensors = read_safetensors(&safetensors_bytes(&model));
+        assert_eq!(tensors.len(), 1 + 2 * 9 + 1 + 1);
+        let (q_shape, q_values) = &tensors["model.layers.1.self_attn.q_proj.weight"];
+        assert_eq!(q_shape, &vec![16, 16]);
+        let ours = model.layers[1].self_attn.q_proj.weight.val();
+        let ours: Vec<f32> = ours.into_data().try_into_vec().unwrap();
+        // Ours is [in, out]: element (out o, in i) of the file is ours[i][o].
+        for o in 0..16 {
+            for i in 0..16 {
+                assert_eq!(q_values[o * 16 + i], ours[i * 16 + o]);
+            }
+        }
+        assert_eq!(
+            tensors["model.layers.0.self_attn.k_proj.weight"].0,
+            vec![8, 16]
+        );
+        assert_eq!(
+            tensors["model.layers.0.mlp.down_proj.weight"].0,
+            vec![16, 24]
+        );
+        assert_eq!(tensors["model.norm.weight"].0, vec![16]);
+        assert_eq!(tensors["lm_head.weight"].0, vec![48, 16]);
+        assert_eq!(tensors["model.embed_tokens.weight"].0, vec![48, 16]);
+    }
+
+    #[test]
+    fn export_then_import_gives_back_the_same_model() {
+        let device = Device::flex();
+        for tied in [false, true] {
+            let root = tempfile::tempdir().unwrap();
+            let model = Llama::new(&shape(tied), 0.0, 4, &device).unwrap();
+            let dir = export_folder(&model, root.path());
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap())
+                    .unwrap();
+            assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+            assert_eq!(config["num_key_value_heads"], 2);
+            assert_eq!(config["tie_word_embeddings"], tied);
+            let imported = import(&dir, &device).unwrap();
+            assert_eq!(imported.config(), model.config());
+            let original = read_safetensors(&safetensors_bytes(&model));
+            assert_eq!(read_safetensors(&safetensors_bytes(&imported)), original);
+            assert_eq!(logits(&imported), logits(&model));
+        }
+    }
+
+    #[test]
+    fn sharded_half_precision_folders_load() {
+        let device = Device::flex();
+        let root = tempfile::tempdir().unwrap();
+        let model = Llama::new(&shape(true), 0.0, 5, &device).unwrap();
+        let dir = export_folder(&model, root.path());
+        // Re-store every tensor as bf16 across two shards, as large checkpoints come.
+        let tensors = hf_tensors(&model);
+        let (first, second) = tensors.split_at(tensors.len() / 2);
+        let mut weight_map = serde_json::Map::new();
+        for (shard, part) in [("a.safetensors", first), ("b.safetensors", second)] {
+            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = part
+                .iter()
+                .map(|tensor| {
+                    let data = tensor
+                        .values
+                        .iter()
+                        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                        .collect();
+                    (tensor.name.clone(), tensor.shape.clone(), data)
+                })
+                .collect();
+            let views = bytes.iter().map(|(name, shape, data)| {
+                (
+                    name.clone(),
+                    safetensors::tensor::TensorView::new(Dtype::BF16, shape.clone(), data).unwrap(),
+                )
+            });
+            std::fs::write(
+                dir.join(shard),
+                safetensors::serialize(views, None).unwrap(),
+            )
+            .unwrap();
+            for tensor in part {
+                weight_map.insert(tensor.name.clone(), shard.into());
+            }
+        }
+        std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+        std::fs::write(
+            dir.join(WEIGHTS_INDEX_FILE),
+            serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+        )
+        .unwrap();
+        let imported = import(&dir, &device).unwrap();
+        let embedding: Vec<f32> = imported
+            .embed_tokens
+            .val()
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        let original: Vec<f32> = model.embed_tokens.val().into_data().try_into_vec().unwrap();
+        for (got, want) in embedding.iter().zip(&original) {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits() & 0xffff_0000,
+                "bf16 truncation"
+            );
+        }
+    }
+
+    #[test]
+    fn half_precision_values_convert_exactly() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn missing_unexpected_and_misshapen_tensors_are_named() {
+        let device = Device::flex();
+        let root = tempfile::tempdir().unwrap();
+        let model = Llama::new(&shape(false), 0.0, 6, &device).unwrap();
+        let dir = export_folder(&model, root.path());
+        let rewrite = |edit: &dyn Fn(&mut Vec<HfTensor>)| {
+            let mut tensors = hf_tensors(&model);
+            edit(&mut tensors);
+            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+                .into_iter()
+                .map(|t| {
+                    let data = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (t.name, t.shape, data)
+                })
+                .collect();
+            let views = bytes.iter().map(|(name, shape, data)| {
+                (
+                    name.clone(),
+                    safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
+                )
+            });
+            std::fs::write(
+                dir.join(WEIGHTS_FILE),
+                safetensors::serialize(views, None).unwrap(),
+            )
+            .unwrap();
+            import(&dir, &device).map(|_| ()).unwrap_err().to_string()
+        };
+        let missing = rewrite(&|tensors| tensors.retain(|t| !t.name.contains("layers.1.mlp.up")));
+        assert!(
+            missing.contains("missing tensors: model.layers.1.mlp.up_proj.weight"),
+            "{missing}"
+        );
+        let unexpected = rewrite(&|tensors| {
+            tensors.push(HfTensor {
+                name: "model.layers.7.mlp.up_proj.weight".into(),
+                shape: vec![1],
+                values: vec![0.0],
+            })
+        });
+        assert!(
+            unexpected.contains("unexpected tensor `model.layers.7.mlp.up_proj.weight`"),
+            "{unexpected}"
+        );
+        let misshapen = rewrite(&|tensors| {
+            let q = tensors
+                .iter_mut()
+                .find(|t| t.name.ends_with("0.self_attn.q_proj.weight"))
+                .unwrap();
+            q.shape = vec![8, 32];
+        });
+        assert!(
+            misshapen.contains("has shape [8, 32]; config.json implies [16, 16]"),
+            "{misshapen}"
+        );
+    }
+
+    #[test]
+    fn configs_with_features_distillery_lacks_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&config_json(&shape(false), None, None)).unwrap();
+        config["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        std::fs::write(root.path().join(CONFIG_FILE), config.to_string()).unwrap();
+        let error = read_config(root.path()).unwrap_err().to_string();
+        assert!(error.contains("rope_scaling is not supported"), "{error}");
+        config["rope_scaling"] = serde_json::Value::Null;
+        config["model_type"] = "mistral".into();
+        std::fs::write(root.path().join(CONFIG_FILE), config.to_string()).unwrap();
+        let error = read_config(root.path()).unwrap_err().to_string();
+        assert!(error.contains("model_type \"mistral\""), "{error}");
+    }
+}
