@@ -1,0 +1,69 @@
+"""Loads a folder written by `distillery export --format hf` with transformers and measures its
+validation loss the way `distillery eval` does, as an independent check of the export.
+
+    pip install torch transformers
+    target/release/distillery export configs/shakespeare-student-distill.toml \
+        --checkpoint checkpoints/shakespeare-student-distill --format hf --out /tmp/student-hf
+    python3 scripts/check_hf_export.py --hf-dir /tmp/student-hf \
+        --tokens datasets/tinyshakespeare.txt.948e46352ab4.tokens
+
+The validation split is the last `--validation-fraction` of the token cache, cut into
+non-overlapping windows of `--seq-len` predicted tokens, as distillery cuts it.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--tokens", required=True, help="a distillery token cache (.tokens)")
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    header = json.loads(Path(args.tokens + ".json").read_text())
+    dtype = {2: "<u2", 4: "<u4"}[header["id_bytes"]]
+    tokens = np.fromfile(args.tokens, dtype=dtype).astype(np.int64)
+    assert len(tokens) == header["num_tokens"]
+    # Rust's f64::round rounds halves away from zero.
+    validation_len = int(math.floor(len(tokens) * args.validation_fraction + 0.5))
+    validation = tokens[len(tokens) - validation_len:]
+    windows = (len(validation) - 1) // args.seq_len
+
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    model.eval()
+    loss_sum, correct, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for first in range(0, windows, args.batch_size):
+            batch = [
+                validation[index * args.seq_len:index * args.seq_len + args.seq_len + 1]
+                for index in range(first, min(first + args.batch_size, windows))
+            ]
+            batch = torch.tensor(np.stack(batch))
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            logits = model(input_ids=inputs).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            ).item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            positions += targets.numel()
+    loss = loss_sum / positions
+    print(json.dumps({
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "accuracy": correct / positions,
+        "tokens": positions,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
