@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Workspace, repo_path};
+use distillery_formats::gguf::Value;
 
 #[test]
 fn sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run() {
@@ -396,4 +397,43 @@ fn shipped_tokenizer_matches_its_name_and_round_trips_the_corpus() {
     assert_eq!(tokenizer.decode(&ids).unwrap(), sample);
     // A trained vocabulary compresses: well under one token per two bytes.
     assert!(ids.len() * 2 < sample.len(), "{} tokens", ids.len());
+}
+
+#[test]
+fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("exported", &["train.steps=10"]));
+    let out = workspace.root.join("model.gguf");
+    let mut export = vec!["export".to_string(), repo_path("configs/tiny-test.toml")];
+    export.extend(workspace.common_settings("exported"));
+    export.extend([
+        "--checkpoint".into(),
+        workspace.checkpoints.join("exported").display().to_string(),
+        "--format".into(),
+        "gguf".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    workspace.run_ok(&export);
+    let file = distillery_formats::gguf::read(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(
+        file.value("general.architecture"),
+        Some(&Value::String("llama".into()))
+    );
+    match file.value("tokenizer.ggml.tokens") {
+        Some(Value::Strings(tokens)) => {
+            assert_eq!(tokens.len(), 2048);
+            assert_eq!(tokens[0], "<|endoftext|>");
+        }
+        other => panic!("tokens: {other:?}"),
+    }
+    let checkpoint = common::model_tensors(&workspace.checkpoints.join("exported/best/model.bpk"));
+    let embedding: Vec<u8> = file
+        .tensor("token_embd.weight")
+        .unwrap()
+        .values
+        .iter()
+        .flat_map(|value| value.to_le_bytes())
+        .collect();
+    assert_eq!(embedding, checkpoint["embed_tokens"]);
 }

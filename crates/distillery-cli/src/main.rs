@@ -116,6 +116,8 @@ enum Command {
 enum ExportFormat {
     /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
     Hf,
+    /// A GGUF file for llama.cpp, f32 tensors, the tokenizer embedded.
+    Gguf,
 }
 
 #[derive(Subcommand)]
@@ -264,16 +266,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export {
             config,
             checkpoint,
-            format: ExportFormat::Hf,
+            format,
             out,
         } => {
             let config = config.load()?;
             let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
             let (source, step, model) = load_for_inference(&config, &checkpoint, &tokenizer)?;
             let eos = tokenizer.eos_token_id();
-            distillery_formats::hf::export(&model, &config.data.tokenizer, eos, eos, &out)?;
+            let description = match format {
+                ExportFormat::Hf => {
+                    distillery_formats::hf::export(&model, &config.data.tokenizer, eos, eos, &out)?;
+                    "Hugging Face Llama folder"
+                }
+                ExportFormat::Gguf => {
+                    let tokenizer_json: serde_json::Value = serde_json::from_str(
+                        &std::fs::read_to_string(&config.data.tokenizer).with_context(|| {
+                            format!("reading {}", config.data.tokenizer.display())
+                        })?,
+                    )
+                    .with_context(|| format!("parsing {}", config.data.tokenizer.display()))?;
+                    let vocabulary = distillery_formats::gguf::vocabulary_from_tokenizer_json(
+                        &tokenizer_json,
+                        eos,
+                    )
+                    .map_err(|message| {
+                        anyhow::anyhow!("{}: {message}", config.data.tokenizer.display())
+                    })?;
+                    let (metadata, tensors) = distillery_formats::gguf::llama_contents(
+                        &model,
+                        &config.run.name,
+                        &vocabulary,
+                    );
+                    distillery_data::write_atomically(
+                        &out,
+                        &distillery_formats::gguf::write(&metadata, &tensors),
+                    )?;
+                    "GGUF, f32"
+                }
+            };
             println!(
-                "wrote {} (Hugging Face Llama folder) from {} (step {step})",
+                "wrote {} ({description}) from {} (step {step})",
                 out.display(),
                 source.display()
             );

@@ -1,0 +1,669 @@
+//! GGUF version 3, the file format llama.cpp runs: a writer for distillery's Llama (f32
+//! tensors, the tokenizer embedded) and a bounds-checked reader.
+//!
+//! Layout: magic `GGUF`, version (u32), tensor count (u64), metadata count (u64); the metadata
+//! as (key, type, value); the tensor infos as (name, dimension count, dimensions innermost
+//! first, type, data offset); padding to `general.alignment`; the tensor data, each tensor at
+//! an aligned offset. Every integer is little-endian; strings are a u64 length and UTF-8 bytes.
+
+use std::collections::BTreeMap;
+
+use distillery_model::Llama;
+
+use crate::hf::hf_tensors;
+use crate::rope_layout::rotate_half_to_interleaved;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const VERSION: u32 = 3;
+pub const ALIGNMENT: u64 = 32;
+/// ggml's type id of f32 tensors.
+pub const TYPE_F32: u32 = 0;
+/// `general.file_type` of a file whose tensors are all f32.
+const FILE_TYPE_ALL_F32: u32 = 0;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    U64(u64),
+    Strings(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+// GGUF's value type ids.
+const T_UINT32: u32 = 4;
+const T_INT32: u32 = 5;
+const T_FLOAT32: u32 = 6;
+const T_BOOL: u32 = 7;
+const T_STRING: u32 = 8;
+const T_ARRAY: u32 = 9;
+const T_UINT64: u32 = 10;
+
+/// A tensor for the file: its GGUF name, dimensions innermost first, f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub values: Vec<f32>,
+}
+
+/// What a tokenizer contributes to the file.
+pub struct GgufVocabulary {
+    /// Token strings by id.
+    pub tokens: Vec<String>,
+    /// 1 for normal tokens, 3 for control (special) tokens, by id.
+    pub token_types: Vec<i32>,
+    /// BPE merges as `"left right"`, in priority order.
+    pub merges: Vec<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// The vocabulary of a Hugging Face byte-level BPE `tokenizer.json`.
+pub fn vocabulary_from_tokenizer_json(
+    json: &serde_json::Value,
+    eos_token_id: Option<u32>,
+) -> Result<GgufVocabulary, String> {
+    let model = &json["model"];
+    if model["type"] != "BPE" {
+        return Err(format!(
+            "a {} tokenizer cannot be embedded; BPE expected",
+            model["type"]
+        ));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or("the tokenizer has no vocab")?;
+    let mut by_id: BTreeMap<u64, String> = BTreeMap::new();
+    for (token, id) in vocab {
+        by_id.insert(
+            id.as_u64().ok_or("a token id is not a number")?,
+            token.clone(),
+        );
+    }
+    let mut special = std::collections::BTreeSet::new();
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let id = added["id"].as_u64().ok_or("an added token has no id")?;
+        let content = added["content"]
+            .as_str()
+            .ok_or("an added token has no content")?;
+        by_id.insert(id, content.to_string());
+        if added["special"].as_bool() == Some(true) {
+            special.insert(id);
+        }
+    }
+    let count = by_id.len() as u64;
+    if by_id.keys().copied().ne(0..count) {
+        return Err("the token ids are not contiguous from 0".into());
+    }
+    let token_types = (0..count)
+        .map(|id| if special.contains(&id) { 3 } else { 1 })
+        .collect();
+    let merges = model["merges"]
+        .as_array()
+        .ok_or("the tokenizer has no merges")?
+        .iter()
+        .map(|merge| match merge {
+            serde_json::Value::String(pair) => Ok(pair.clone()),
+            serde_json::Value::Array(pair) if pair.len() == 2 => Ok(format!(
+                "{} {}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            )),
+            _ => Err("a merge is neither \"a b\" nor [a, b]".to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GgufVocabulary {
+        tokens: by_id.into_values().collect(),
+        token_types,
+        merges,
+        bos_token_id: eos_token_id,
+        eos_token_id,
+    })
+}
+
+/// The metadata and f32 tensors llama.cpp's `llama` architecture expects for `model`.
+pub fn llama_contents(
+    model: &Llama,
+    name: &str,
+    vocabulary: &GgufVocabulary,
+) -> (Vec<(String, Value)>, Vec<GgufTensor>) {
+    let config = model.config();
+    let mut metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(FILE_TYPE_ALL_F32)),
+        ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
+        (
+            "llama.context_length".into(),
+            Value::U32(config.max_position_embeddings as u32),
+        ),
+        (
+            "llama.embedding_length".into(),
+            Value::U32(config.hidden_size as u32),
+        ),
+        (
+            "llama.block_count".into(),
+            Value::U32(config.num_hidden_layers as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(config.intermediate_size as u32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(config.head_dim() as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(config.rope_theta as f32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(config.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(config.num_key_value_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            "llama.vocab_size".into(),
+            Value::U32(config.vocab_size as u32),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        // GPT-2's pre-tokenizer regex, which a byte-level BPE with `use_regex` applies.
+        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Strings(vocabulary.tokens.clone()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::I32s(vocabulary.token_types.clone()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Strings(vocabulary.merges.clone()),
+        ),
+    ];
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", vocabulary.bos_token_id),
+        ("tokenizer.ggml.eos_token_id", vocabulary.eos_token_id),
+    ] {
+        if let Some(id) = id {
+            metadata.push((key.into(), Value::U32(id)));
+        }
+    }
+    let head_dim = config.head_dim();
+    let tensors = hf_tensors(model)
+        .into_iter()
+        .map(|tensor| {
+            let gguf_name = gguf_name(&tensor.name);
+            // llama.cpp rotates adjacent pairs: q and k rows move to the interleaved layout.
+            let values = match gguf_name.rsplit('.').nth(1) {
+                Some("attn_q") => rotate_half_to_interleaved(
+                    &tensor.values,
+                    config.num_attention_heads,
+                    head_dim,
+                    tensor.shape[1],
+                ),
+                Some("attn_k") => rotate_half_to_interleaved(
+                    &tensor.values,
+                    config.num_key_value_heads,
+                    head_dim,
+                    tensor.shape[1],
+                ),
+                _ => tensor.values,
+            };
+            GgufTensor {
+                name: gguf_name,
+                dims: tensor.shape.iter().rev().map(|&d| d as u64).collect(),
+                values,
+            }
+        })
+        .collect();
+    (metadata, tensors)
+}
+
+/// llama.cpp's name for a Hugging Face Llama tensor name.
+fn gguf_name(hf_name: &str) -> String {
+    match hf_name {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf_name
+        .strip_prefix("model.layers.")
+        .expect("a layer tensor");
+    let (layer, rest) = rest.split_once('.').expect("a layer tensor");
+    let short = match rest {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        other => unreachable!("hf_tensors yields no layer tensor `{other}`"),
+    };
+    format!("blk.{layer}.{short}.weight")
+}
+
+fn put_string(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    let put_u32 = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_le_bytes());
+    match value {
+        Value::U32(v) => {
+            put_u32(out, T_UINT32);
+            put_u32(out, *v);
+        }
+        Value::I32(v) => {
+            put_u32(out, T_INT32);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Value::F32(v) => {
+            put_u32(out, T_FLOAT32);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Value::Bool(v) => {
+            put_u32(out, T_BOOL);
+            out.push(u8::from(*v));
+        }
+        Value::String(v) => {
+            put_u32(out, T_STRING);
+            put_string(out, v);
+        }
+        Value::U64(v) => {
+            put_u32(out, T_UINT64);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Value::Strings(items) => {
+            put_u32(out, T_ARRAY);
+            put_u32(out, T_STRING);
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_string(out, item);
+            }
+        }
+        Value::I32s(items) => {
+            put_u32(out, T_ARRAY);
+            put_u32(out, T_INT32);
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                out.extend_from_slice(&item.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn pad_to_alignment(out: &mut Vec<u8>) {
+    let padding = (ALIGNMENT - out.len() as u64 % ALIGNMENT) % ALIGNMENT;
+    out.resize(out.len() + padding as usize, 0);
+}
+
+/// The bytes of a GGUF file holding `metadata` and f32 `tensors`.
+pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut out, key);
+        put_value(&mut out, value);
+    }
+    let mut offset = 0u64;
+    for tensor in tensors {
+        put_string(&mut out, &tensor.name);
+        out.extend_from_slice(&(tensor.dims.len() as u32).to_le_bytes());
+        for dim in &tensor.dims {
+            out.extend_from_slice(&dim.to_le_bytes());
+        }
+        out.extend_from_slice(&TYPE_F32.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        let bytes = tensor.values.len() as u64 * 4;
+        offset += bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    pad_to_alignment(&mut out);
+    for tensor in tensors {
+        for value in &tensor.values {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        pad_to_alignment(&mut out);
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed GGUF at byte {offset}: {message}")]
+pub struct GgufError {
+    pub offset: usize,
+    pub message: String,
+}
+
+/// A parsed GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufFile {
+    pub version: u32,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<GgufTensor>,
+}
+
+impl GgufFile {
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.metadata
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
+        self.tensors.iter().find(|tensor| tensor.name == name)
+    }
+}
+
+/// A cursor that never reads past the end and never allocates more than the bytes left.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn fail<T>(&self, message: impl Into<String>) -> Result<T, GgufError> {
+        Err(GgufError {
+            offset: self.position,
+            message: message.into(),
+        })
+    }
+
+    fn take(&mut self, count: usize) -> Result<&'a [u8], GgufError> {
+        let end = self
+            .position
+            .checked_add(count)
+            .filter(|&end| end <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let slice = &self.bytes[self.position..end];
+                self.position = end;
+                Ok(slice)
+            }
+            None => self.fail(format!("{count} bytes needed, the file ends first")),
+        }
+    }
+
+    fn u32(&mut self) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    /// A count of items of at least `item_bytes` each that must fit in the rest of the file.
+    fn count(&mut self, item_bytes: usize) -> Result<usize, GgufError> {
+        let count = self.u64()?;
+        let left = (self.bytes.len() - self.position) as u64;
+        if count.saturating_mul(item_bytes.max(1) as u64) > left {
+            return self.fail(format!("a count of {count} exceeds what the file holds"));
+        }
+        Ok(count as usize)
+    }
+
+    fn string(&mut self) -> Result<String, GgufError> {
+        let length = self.count(1)?;
+        let bytes = self.take(length)?;
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Ok(text.to_string()),
+            Err(_) => self.fail("a string is not UTF-8"),
+        }
+    }
+
+    fn value(&mut self) -> Result<Value, GgufError> {
+        let kind = self.u32()?;
+        Ok(match kind {
+            T_UINT32 => Value::U32(self.u32()?),
+            T_INT32 => Value::I32(self.u32()? as i32),
+            T_FLOAT32 => Value::F32(f32::from_bits(self.u32()?)),
+            T_BOOL => Value::Bool(self.take(1)?[0] != 0),
+            T_STRING => Value::String(self.string()?),
+            T_UINT64 => Value::U64(self.u64()?),
+            T_ARRAY => {
+                let element = self.u32()?;
+                match element {
+                    T_STRING => {
+                        let count = self.count(8)?;
+                        Value::Strings(
+                            (0..count)
+                                .map(|_| self.string())
+                                .collect::<Result<_, _>>()?,
+                        )
+                    }
+                    T_INT32 => {
+                        let count = self.count(4)?;
+                        Value::I32s(
+                            (0..count)
+                                .map(|_| self.u32().map(|v| v as i32))
+                                .collect::<Result<_, _>>()?,
+                        )
+                    }
+                    other => return self.fail(format!("arrays of type {other} are not supported")),
+                }
+            }
+            other => return self.fail(format!("value type {other} is not supported")),
+        })
+    }
+}
+
+/// Parses a GGUF file holding f32 tensors. Every length, count and offset is checked against
+/// the file before it is used.
+pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
+    let mut cursor = Cursor { bytes, position: 0 };
+    if cursor.take(4)? != MAGIC {
+        return cursor.fail("not a GGUF file (magic)");
+    }
+    let version = cursor.u32()?;
+    if version != VERSION {
+        return cursor.fail(format!("version {version}; 3 is supported"));
+    }
+    let tensor_count = cursor.count(8)?;
+    let metadata_count = cursor.count(12)?;
+    let metadata = (0..metadata_count)
+        .map(|_| Ok((cursor.string()?, cursor.value()?)))
+        .collect::<Result<Vec<_>, GgufError>>()?;
+    let mut infos = Vec::with_capacity(tensor_count);
+    for _ in 0..tensor_count {
+        let name = cursor.string()?;
+        let rank = cursor.u32()? as usize;
+        if rank > 4 {
+            return cursor.fail(format!("tensor `{name}` has {rank} dimensions"));
+        }
+        let dims = (0..rank)
+            .map(|_| cursor.u64())
+            .collect::<Result<Vec<_>, _>>()?;
+        let kind = cursor.u32()?;
+        if kind != TYPE_F32 {
+            return cursor.fail(format!("tensor `{name}` has type {kind}; only f32 is read"));
+        }
+        let offset = cursor.u64()?;
+        infos.push((name, dims, offset));
+    }
+    let alignment = match metadata.iter().find(|(key, _)| key == "general.alignment") {
+        Some((_, Value::U32(alignment))) if *alignment > 0 => u64::from(*alignment),
+        _ => ALIGNMENT,
+    };
+    let data_start = (cursor.position as u64).div_ceil(alignment) * alignment;
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, dims, offset) in infos {
+        let count = dims
+            .iter()
+            .try_fold(1u64, |product, &dim| product.checked_mul(dim));
+        let start = data_start.checked_add(offset);
+        let end = match (count, start) {
+            (Some(count), Some(start)) => count
+                .checked_mul(4)
+                .and_then(|bytes| start.checked_add(bytes)),
+            _ => None,
+        };
+        let (Some(start), Some(end)) = (start, end) else {
+            return cursor.fail(format!("tensor `{name}` has an impossible size or offset"));
+        };
+        if end > bytes.len() as u64 {
+            return cursor.fail(format!("tensor `{name}` runs past the end of the file"));
+        }
+        let values = bytes[start as usize..end as usize]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        tensors.push(GgufTensor { name, dims, values });
+    }
+    Ok(GgufFile {
+        version,
+        metadata,
+        tensors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use distillery_model::LlamaConfig;
+
+    use super::*;
+    use crate::rope_layout::interleaved_to_rotate_half;
+
+    fn model() -> Llama {
+        let config = LlamaConfig {
+            vocab_size: 6,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+        };
+        Llama::new(&config, 0.0, 9, &Device::flex()).unwrap()
+    }
+
+    fn vocabulary() -> GgufVocabulary {
+        let tokenizer = serde_json::json!({
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": true}],
+            "model": {
+                "type": "BPE",
+                "vocab": {"a": 1, "b": 2, "ab": 3, "Ġ": 4, "Ġab": 5},
+                "merges": ["a b", ["Ġ", "ab"]],
+            },
+        });
+        vocabulary_from_tokenizer_json(&tokenizer, Some(0)).unwrap()
+    }
+
+    #[test]
+    fn tokenizer_vocabulary_is_ordered_by_id_with_control_tokens_marked() {
+        let vocabulary = vocabulary();
+        assert_eq!(
+            vocabulary.tokens,
+            ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab"]
+        );
+        assert_eq!(vocabulary.token_types, [3, 1, 1, 1, 1, 1]);
+        assert_eq!(vocabulary.merges, ["a b", "Ġ ab"]);
+    }
+
+    #[test]
+    fn written_files_read_back_with_llama_names_dims_and_values() {
+        let model = model();
+        let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary());
+        let bytes = write(&metadata, &tensors);
+        assert_eq!(&bytes[..4], b"GGUF");
+        let file = read(&bytes).unwrap();
+        assert_eq!(file.version, 3);
+        assert_eq!(file.metadata, metadata);
+        assert_eq!(
+            file.value("llama.attention.head_count_kv"),
+            Some(&Value::U32(1))
+        );
+        assert_eq!(
+            file.value("llama.rope.dimension_count"),
+            Some(&Value::U32(4))
+        );
+        assert_eq!(file.tensors.len(), 1 + 2 * 9 + 1, "tied: no output.weight");
+        assert!(file.tensor("output.weight").is_none());
+        let embedding = file.tensor("token_embd.weight").unwrap();
+        assert_eq!(embedding.dims, vec![8, 6]);
+        let ours: Vec<f32> = model.embed_tokens.val().into_data().try_into_vec().unwrap();
+        assert_eq!(embedding.values, ours);
+        let down = file.tensor("blk.1.ffn_down.weight").unwrap();
+        assert_eq!(down.dims, vec![12, 8], "innermost (input) dimension first");
+        // q and k are in llama.cpp's interleaved rotary layout; undoing it gives Hugging
+        // Face's rows back.
+        let hf: BTreeMap<String, Vec<f32>> = hf_tensors(&model)
+            .into_iter()
+            .map(|tensor| (tensor.name, tensor.values))
+            .collect();
+        let k = file.tensor("blk.0.attn_k.weight").unwrap();
+        assert_eq!(k.dims, vec![8, 4]);
+        assert_eq!(
+            interleaved_to_rotate_half(&k.values, 1, 4, 8),
+            hf["model.layers.0.self_attn.k_proj.weight"]
+        );
+        let q = file.tensor("blk.1.attn_q.weight").unwrap();
+        assert_ne!(q.values, hf["model.layers.1.self_attn.q_proj.weight"]);
+        assert_eq!(
+            interleaved_to_rotate_half(&q.values, 2, 4, 8),
+            hf["model.layers.1.self_attn.q_proj.weight"]
+        );
+    }
+
+    #[test]
+    fn data_starts_aligned() {
+        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary());
+        let bytes = write(&metadata, &tensors);
+        assert_eq!(bytes.len() as u64 % ALIGNMENT, 0);
+    }
+
+    #[test]
+    fn truncated_and_hostile_files_are_errors() {
+        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary());
+        let bytes = write(&metadata, &tensors);
+        for length in [0, 3, 10, 24, 100, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                read(&bytes[..length]).is_err(),
+                "a file cut at {length} bytes"
+            );
+        }
+        let mut wrong_magic = bytes.clone();
+        wrong_magic[0] = b'X';
+        assert!(read(&wrong_magic).unwrap_err().message.contains("magic"));
+        // A metadata count of 2^60 must be refused before anything is allocated for it.
+        let mut huge_count = bytes.clone();
+        huge_count[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(read(&huge_count).unwrap_err().message.contains("exceeds"));
+        // A string length past the end of the file.
+        let mut long_string = bytes;
+        long_string[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(read(&long_string).is_err());
+    }
+}
