@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use distillery_config::{ConfigError, ExperimentConfig, TeacherSource};
 use distillery_data::TextTokenizer;
 use distillery_distill::DistillError;
+use distillery_formats::gguf::TensorKind;
 use distillery_model::{GenerationConfig, SamplingConfig};
 use distillery_train::{
     BenchReport, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
@@ -65,7 +66,10 @@ enum Command {
         checkpoint: PathBuf,
         #[arg(long, value_enum)]
         format: ExportFormat,
-        /// The folder to create.
+        /// How GGUF stores the weight matrices.
+        #[arg(long = "type", value_enum, default_value = "f32")]
+        gguf_type: GgufType,
+        /// The folder (hf) or file (gguf) to create.
         #[arg(long)]
         out: PathBuf,
     },
@@ -118,6 +122,15 @@ enum ExportFormat {
     Hf,
     /// A GGUF file for llama.cpp, f32 tensors, the tokenizer embedded.
     Gguf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GgufType {
+    F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Subcommand)]
@@ -267,6 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             checkpoint,
             format,
+            gguf_type,
             out,
         } => {
             let config = config.load()?;
@@ -292,16 +306,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|message| {
                         anyhow::anyhow!("{}: {message}", config.data.tokenizer.display())
                     })?;
+                    let (kind, description) = match gguf_type {
+                        GgufType::F32 => (TensorKind::F32, "GGUF, f32"),
+                        GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
+                        GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
+                    };
                     let (metadata, tensors) = distillery_formats::gguf::llama_contents(
                         &model,
                         &config.run.name,
                         &vocabulary,
+                        kind,
                     );
                     distillery_data::write_atomically(
                         &out,
                         &distillery_formats::gguf::write(&metadata, &tensors),
                     )?;
-                    "GGUF, f32"
+                    description
                 }
             };
             println!(

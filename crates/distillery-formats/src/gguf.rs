@@ -10,16 +10,77 @@ use std::collections::BTreeMap;
 
 use distillery_model::Llama;
 
+use crate::ggml_blocks::{
+    BLOCK, Q4_0_BYTES, Q8_0_BYTES, dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0,
+};
 use crate::hf::hf_tensors;
 use crate::rope_layout::rotate_half_to_interleaved;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
 pub const ALIGNMENT: u64 = 32;
-/// ggml's type id of f32 tensors.
-pub const TYPE_F32: u32 = 0;
-/// `general.file_type` of a file whose tensors are all f32.
-const FILE_TYPE_ALL_F32: u32 = 0;
+
+/// How a tensor's values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorKind {
+    F32,
+    Q8_0,
+    Q4_0,
+}
+
+impl TensorKind {
+    /// ggml's type id.
+    fn type_id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    fn from_type_id(id: u32) -> Option<Self> {
+        [Self::F32, Self::Q4_0, Self::Q8_0]
+            .into_iter()
+            .find(|kind| kind.type_id() == id)
+    }
+
+    /// Bytes of `count` values (a multiple of the block size when quantized).
+    fn bytes(self, count: u64) -> u64 {
+        match self {
+            Self::F32 => count * 4,
+            Self::Q8_0 => count / BLOCK as u64 * Q8_0_BYTES as u64,
+            Self::Q4_0 => count / BLOCK as u64 * Q4_0_BYTES as u64,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::Q8_0 => quantize_q8_0(values),
+            Self::Q4_0 => quantize_q4_0(values),
+        }
+    }
+
+    fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Self::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+            Self::Q8_0 => dequantize_q8_0(bytes),
+            Self::Q4_0 => dequantize_q4_0(bytes),
+        }
+    }
+
+    /// `general.file_type` of a file whose weight matrices are stored as `self`.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 7,
+        }
+    }
+}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,11 +104,13 @@ const T_STRING: u32 = 8;
 const T_ARRAY: u32 = 9;
 const T_UINT64: u32 = 10;
 
-/// A tensor for the file: its GGUF name, dimensions innermost first, f32 values.
+/// A tensor of the file: its GGUF name, dimensions innermost first, its storage and its
+/// values (as they will be quantized when writing, dequantized when read).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufTensor {
     pub name: String,
     pub dims: Vec<u64>,
+    pub kind: TensorKind,
     pub values: Vec<f32>,
 }
 
@@ -131,6 +194,7 @@ pub fn llama_contents(
     model: &Llama,
     name: &str,
     vocabulary: &GgufVocabulary,
+    weights: TensorKind,
 ) -> (Vec<(String, Value)>, Vec<GgufTensor>) {
     let config = model.config();
     let mut metadata = vec![
@@ -139,7 +203,7 @@ pub fn llama_contents(
             Value::String("llama".into()),
         ),
         ("general.name".into(), Value::String(name.into())),
-        ("general.file_type".into(), Value::U32(FILE_TYPE_ALL_F32)),
+        ("general.file_type".into(), Value::U32(weights.file_type())),
         ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
         (
             "llama.context_length".into(),
@@ -197,6 +261,9 @@ pub fn llama_contents(
             Value::Strings(vocabulary.merges.clone()),
         ),
     ];
+    if weights != TensorKind::F32 {
+        metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    }
     for (key, id) in [
         ("tokenizer.ggml.bos_token_id", vocabulary.bos_token_id),
         ("tokenizer.ggml.eos_token_id", vocabulary.eos_token_id),
@@ -226,9 +293,16 @@ pub fn llama_contents(
                 ),
                 _ => tensor.values,
             };
+            let dims: Vec<u64> = tensor.shape.iter().rev().map(|&d| d as u64).collect();
+            let kind = if dims.len() == 2 && dims[0].is_multiple_of(BLOCK as u64) {
+                weights
+            } else {
+                TensorKind::F32
+            };
             GgufTensor {
                 name: gguf_name,
-                dims: tensor.shape.iter().rev().map(|&d| d as u64).collect(),
+                dims,
+                kind,
                 values,
             }
         })
@@ -319,7 +393,8 @@ fn pad_to_alignment(out: &mut Vec<u8>) {
     out.resize(out.len() + padding as usize, 0);
 }
 
-/// The bytes of a GGUF file holding `metadata` and f32 `tensors`.
+/// The bytes of a GGUF file holding `metadata` and `tensors`, each stored as its kind says
+/// (quantized tensors need rows of a multiple of 32 values).
 pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
@@ -337,16 +412,14 @@ pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
         for dim in &tensor.dims {
             out.extend_from_slice(&dim.to_le_bytes());
         }
-        out.extend_from_slice(&TYPE_F32.to_le_bytes());
+        out.extend_from_slice(&tensor.kind.type_id().to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
-        let bytes = tensor.values.len() as u64 * 4;
+        let bytes = tensor.kind.bytes(tensor.values.len() as u64);
         offset += bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
     }
     pad_to_alignment(&mut out);
     for tensor in tensors {
-        for value in &tensor.values {
-            out.extend_from_slice(&value.to_le_bytes());
-        }
+        out.extend_from_slice(&tensor.kind.encode(&tensor.values));
         pad_to_alignment(&mut out);
     }
     out
@@ -476,8 +549,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses a GGUF file holding f32 tensors. Every length, count and offset is checked against
-/// the file before it is used.
+/// Parses a GGUF file holding f32, Q8_0 and Q4_0 tensors, dequantizing the quantized ones.
+/// Every length, count and offset is checked against the file before it is used.
 pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
     let mut cursor = Cursor { bytes, position: 0 };
     if cursor.take(4)? != MAGIC {
@@ -502,12 +575,17 @@ pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
         let dims = (0..rank)
             .map(|_| cursor.u64())
             .collect::<Result<Vec<_>, _>>()?;
-        let kind = cursor.u32()?;
-        if kind != TYPE_F32 {
-            return cursor.fail(format!("tensor `{name}` has type {kind}; only f32 is read"));
+        let type_id = cursor.u32()?;
+        let Some(kind) = TensorKind::from_type_id(type_id) else {
+            return cursor.fail(format!(
+                "tensor `{name}` has ggml type {type_id}; f32, Q8_0 and Q4_0 are read"
+            ));
+        };
+        if kind != TensorKind::F32 && !dims.first().is_some_and(|d| d % BLOCK as u64 == 0) {
+            return cursor.fail(format!("tensor `{name}` has rows of a partial block"));
         }
         let offset = cursor.u64()?;
-        infos.push((name, dims, offset));
+        infos.push((name, dims, kind, offset));
     }
     let alignment = match metadata.iter().find(|(key, _)| key == "general.alignment") {
         Some((_, Value::U32(alignment))) if *alignment > 0 => u64::from(*alignment),
@@ -515,15 +593,15 @@ pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
     };
     let data_start = (cursor.position as u64).div_ceil(alignment) * alignment;
     let mut tensors = Vec::with_capacity(infos.len());
-    for (name, dims, offset) in infos {
+    for (name, dims, kind, offset) in infos {
         let count = dims
             .iter()
             .try_fold(1u64, |product, &dim| product.checked_mul(dim));
         let start = data_start.checked_add(offset);
         let end = match (count, start) {
-            (Some(count), Some(start)) => count
-                .checked_mul(4)
-                .and_then(|bytes| start.checked_add(bytes)),
+            (Some(count), Some(start)) if count <= u64::MAX / 4 => {
+                start.checked_add(kind.bytes(count))
+            }
             _ => None,
         };
         let (Some(start), Some(end)) = (start, end) else {
@@ -532,11 +610,13 @@ pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
         if end > bytes.len() as u64 {
             return cursor.fail(format!("tensor `{name}` runs past the end of the file"));
         }
-        let values = bytes[start as usize..end as usize]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
-        tensors.push(GgufTensor { name, dims, values });
+        let values = kind.decode(&bytes[start as usize..end as usize]);
+        tensors.push(GgufTensor {
+            name,
+            dims,
+            kind,
+            values,
+        });
     }
     Ok(GgufFile {
         version,
@@ -595,7 +675,7 @@ mod tests {
     #[test]
     fn written_files_read_back_with_llama_names_dims_and_values() {
         let model = model();
-        let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary());
+        let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary(), TensorKind::F32);
         let bytes = write(&metadata, &tensors);
         assert_eq!(&bytes[..4], b"GGUF");
         let file = read(&bytes).unwrap();
@@ -638,15 +718,52 @@ mod tests {
     }
 
     #[test]
+    fn quantized_files_store_blocks_and_read_back_dequantized() {
+        let model = model();
+        for (kind, bytes_per_block) in [(TensorKind::Q8_0, 34u64), (TensorKind::Q4_0, 18)] {
+            let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary(), kind);
+            let bytes = write(&metadata, &tensors);
+            let file = read(&bytes).unwrap();
+            assert_eq!(
+                file.value("general.quantization_version"),
+                Some(&Value::U32(2))
+            );
+            // Rows of 8 values cannot be blocked: every tensor of this tiny model stays f32...
+            assert!(
+                file.tensors
+                    .iter()
+                    .all(|tensor| tensor.kind == TensorKind::F32)
+            );
+            // ...while a matrix with rows of 32 is stored in blocks.
+            let matrix = GgufTensor {
+                name: "m".into(),
+                dims: vec![64, 2],
+                kind,
+                values: (0..128).map(|i| (i as f32 - 60.0) / 7.0).collect(),
+            };
+            let bytes = write(&[], std::slice::from_ref(&matrix));
+            let read_back = read(&bytes).unwrap();
+            let stored = &read_back.tensors[0];
+            assert_eq!(stored.kind, kind);
+            let expected = match kind {
+                TensorKind::Q8_0 => dequantize_q8_0(&quantize_q8_0(&matrix.values)),
+                _ => dequantize_q4_0(&quantize_q4_0(&matrix.values)),
+            };
+            assert_eq!(stored.values, expected);
+            assert_eq!(kind.bytes(128), 4 * bytes_per_block);
+        }
+    }
+
+    #[test]
     fn data_starts_aligned() {
-        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary());
+        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary(), TensorKind::F32);
         let bytes = write(&metadata, &tensors);
         assert_eq!(bytes.len() as u64 % ALIGNMENT, 0);
     }
 
     #[test]
     fn truncated_and_hostile_files_are_errors() {
-        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary());
+        let (metadata, tensors) = llama_contents(&model(), "tiny", &vocabulary(), TensorKind::F32);
         let bytes = write(&metadata, &tensors);
         for length in [0, 3, 10, 24, 100, bytes.len() / 2, bytes.len() - 1] {
             assert!(

@@ -12,6 +12,7 @@ use distillery_model::{Linear, Llama, LlamaConfig};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use crate::ggml_blocks::f16_to_f32;
 use crate::names::{distillery_path, hf_name};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -274,25 +275,6 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
         ),
         _ => None,
     }
-}
-
-/// IEEE half precision to single, subnormals and infinities included.
-fn f16_to_f32(bits: u16) -> f32 {
-    let sign = u32::from(bits >> 15) << 31;
-    let exponent = u32::from((bits >> 10) & 0x1f);
-    let mantissa = u32::from(bits & 0x3ff);
-    let magnitude = match (exponent, mantissa) {
-        (0, 0) => 0,
-        (0, _) => {
-            // Subnormal: mantissa * 2^-24.
-            let value = mantissa as f32 * 2f32.powi(-24);
-            return if sign == 0 { value } else { -value };
-        }
-        (0x1f, 0) => 0xff << 23,
-        (0x1f, _) => (0xff << 23) | (mantissa << 13),
-        _ => ((exponent + 127 - 15) << 23) | (mantissa << 13),
-    };
-    f32::from_bits(sign | magnitude)
 }
 
 /// Loads a Hugging Face Llama folder into distillery's model on `device`. Every tensor the model
@@ -652,17 +634,6 @@ mod tests {
                 "bf16 truncation"
             );
         }
-    }
-
-    #[test]
-    fn half_precision_values_convert_exactly() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
-        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
-        assert!(f16_to_f32(0x7c00).is_infinite());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! Names and layouts are converted here and nowhere else, so the model keeps one definition.
 
+pub mod ggml_blocks;
 pub mod gguf;
 pub mod hf;
 pub mod names;
