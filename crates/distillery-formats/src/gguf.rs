@@ -581,7 +581,7 @@ pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
                 "tensor `{name}` has ggml type {type_id}; f32, Q8_0 and Q4_0 are read"
             ));
         };
-        if kind != TensorKind::F32 && !dims.first().is_some_and(|d| d % BLOCK as u64 == 0) {
+        if kind != TensorKind::F32 && dims.first().is_none_or(|d| d % BLOCK as u64 != 0) {
             return cursor.fail(format!("tensor `{name}` has rows of a partial block"));
         }
         let offset = cursor.u64()?;
