@@ -436,4 +436,20 @@ fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
         .flat_map(|value| value.to_le_bytes())
         .collect();
     assert_eq!(embedding, checkpoint["embed_tokens"]);
+
+    // distillery evaluates the GGUF file's weights exactly as it evaluates the checkpoint.
+    let evaluate = |target: &Path| -> serde_json::Value {
+        let mut args = vec!["eval".to_string(), repo_path("configs/tiny-test.toml")];
+        args.extend(workspace.common_settings("exported"));
+        args.extend([
+            "--checkpoint".into(),
+            target.display().to_string(),
+            "--json".into(),
+        ]);
+        serde_json::from_str(&workspace.run_ok(&args)).unwrap()
+    };
+    let from_gguf = evaluate(&out);
+    let from_checkpoint = evaluate(&workspace.checkpoints.join("exported"));
+    assert_eq!(from_gguf["loss"], from_checkpoint["loss"]);
+    assert_eq!(from_gguf["accuracy"], from_checkpoint["accuracy"]);
 }

@@ -1,6 +1,6 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +77,7 @@ enum Command {
     Eval {
         #[command(flatten)]
         config: ConfigArgs,
-        /// A checkpoint directory, or a run directory (its best checkpoint).
+        /// A checkpoint directory, a run directory (its best checkpoint), or a GGUF file.
         #[arg(long)]
         checkpoint: PathBuf,
         /// Print the result as JSON.
@@ -338,6 +338,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let origin = config.config.display().to_string();
             let config = config.load()?;
+            if checkpoint
+                .extension()
+                .is_some_and(|extension| extension == "gguf")
+            {
+                return evaluate_gguf(&config, &checkpoint, json);
+            }
             let result = evaluate_checkpoint(&config, &checkpoint)?;
             let comparison = match config.teacher {
                 Some(_) => Some(distillery_distill::compare_with_teacher(
@@ -504,6 +510,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Validation metrics of a GGUF file's weights (quantized ones dequantized) in distillery's model.
+fn evaluate_gguf(config: &ExperimentConfig, path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = distillery_formats::gguf::read(&bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let model = distillery_formats::gguf::import_llama(
+        &file,
+        &distillery_train::device_for(config.run.backend),
+    )
+    .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+    let metrics = distillery_train::evaluate_model(config, &model)?;
+    if json {
+        let mut report = serde_json::to_value(metrics)?;
+        report["checkpoint"] = path.display().to_string().into();
+        report["parameters"] = model.config().num_parameters().into();
+        report["file_bytes"] = bytes.len().into();
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} ({} bytes): validation loss {:.4}, perplexity {:.2}, accuracy {:.4} over {} tokens",
+            path.display(),
+            bytes.len(),
+            metrics.loss,
+            metrics.perplexity,
+            metrics.accuracy,
+            metrics.tokens
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn train_options(resume: Option<Option<PathBuf>>) -> anyhow::Result<TrainOptions> {

@@ -14,7 +14,7 @@ use crate::ggml_blocks::{
     BLOCK, Q4_0_BYTES, Q8_0_BYTES, dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0,
 };
 use crate::hf::hf_tensors;
-use crate::rope_layout::rotate_half_to_interleaved;
+use crate::rope_layout::{interleaved_to_rotate_half, rotate_half_to_interleaved};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
@@ -337,6 +337,106 @@ fn gguf_name(hf_name: &str) -> String {
     format!("blk.{layer}.{short}.weight")
 }
 
+/// The Hugging Face name of a llama.cpp tensor name.
+fn hf_name_of(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let long = match rest {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{long}"))
+}
+
+/// distillery's model from a llama-architecture GGUF file, quantized tensors dequantized.
+pub fn import_llama(file: &GgufFile, device: &burn::tensor::Device) -> Result<Llama, String> {
+    let number = |key: &str| match file.value(key) {
+        Some(Value::U32(value)) => Ok(*value as usize),
+        _ => Err(format!("metadata `{key}` is missing or not a u32")),
+    };
+    // GGUF keeps these as f32: the shortest decimal that rounds to the stored value is the one
+    // the model was configured with (1e-5, not 9.99999974e-6).
+    let float = |key: &str| match file.value(key) {
+        Some(Value::F32(value)) => Ok(value.to_string().parse::<f64>().expect("a float prints")),
+        _ => Err(format!("metadata `{key}` is missing or not an f32")),
+    };
+    if file.value("general.architecture") != Some(&Value::String("llama".into())) {
+        return Err("general.architecture is not \"llama\"".into());
+    }
+    let config = distillery_model::LlamaConfig {
+        vocab_size: number("llama.vocab_size")?,
+        hidden_size: number("llama.embedding_length")?,
+        intermediate_size: number("llama.feed_forward_length")?,
+        num_hidden_layers: number("llama.block_count")?,
+        num_attention_heads: number("llama.attention.head_count")?,
+        num_key_value_heads: number("llama.attention.head_count_kv")?,
+        max_position_embeddings: number("llama.context_length")?,
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon")?,
+        rope_theta: float("llama.rope.freq_base")?,
+        tie_word_embeddings: file.tensor("output.weight").is_none(),
+    };
+    let mut model = Llama::new(&config, 0.0, 0, device).map_err(|e| e.to_string())?;
+    let expected: BTreeMap<String, Vec<usize>> = hf_tensors(&model)
+        .into_iter()
+        .map(|tensor| (tensor.name, tensor.shape))
+        .collect();
+    let head_dim = config.head_dim();
+    let mut loaded = std::collections::BTreeSet::new();
+    for tensor in &file.tensors {
+        let name = hf_name_of(&tensor.name)
+            .filter(|name| expected.contains_key(name))
+            .ok_or_else(|| format!("unexpected tensor `{}`", tensor.name))?;
+        let shape: Vec<usize> = tensor.dims.iter().rev().map(|&d| d as usize).collect();
+        if expected[&name] != shape {
+            return Err(format!(
+                "tensor `{}` has shape {shape:?}; the metadata implies {:?}",
+                tensor.name, expected[&name]
+            ));
+        }
+        let values = match tensor.name.rsplit('.').nth(1) {
+            Some("attn_q") => interleaved_to_rotate_half(
+                &tensor.values,
+                config.num_attention_heads,
+                head_dim,
+                shape[1],
+            ),
+            Some("attn_k") => interleaved_to_rotate_half(
+                &tensor.values,
+                config.num_key_value_heads,
+                head_dim,
+                shape[1],
+            ),
+            _ => tensor.values.clone(),
+        };
+        let path = crate::names::distillery_path(&name).map_err(|e| e.to_string())?;
+        crate::hf::assign(&mut model, &path, values, &shape, device);
+        loaded.insert(name);
+    }
+    let missing: Vec<&str> = expected
+        .keys()
+        .filter(|name| !loaded.contains(*name))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("missing tensors: {}", missing.join(", ")));
+    }
+    Ok(model)
+}
+
 fn put_string(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
     out.extend_from_slice(text.as_bytes());
@@ -631,7 +731,6 @@ mod tests {
     use distillery_model::LlamaConfig;
 
     use super::*;
-    use crate::rope_layout::interleaved_to_rotate_half;
 
     fn model() -> Llama {
         let config = LlamaConfig {
@@ -752,6 +851,22 @@ mod tests {
             assert_eq!(stored.values, expected);
             assert_eq!(kind.bytes(128), 4 * bytes_per_block);
         }
+    }
+
+    #[test]
+    fn f32_files_import_back_to_the_same_model() {
+        let model = model();
+        let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary(), TensorKind::F32);
+        let file = read(&write(&metadata, &tensors)).unwrap();
+        let imported = import_llama(&file, &Device::flex()).unwrap();
+        assert_eq!(imported.config(), model.config());
+        let by_name = |model: &Llama| -> Vec<(String, Vec<f32>)> {
+            hf_tensors(model)
+                .into_iter()
+                .map(|t| (t.name, t.values))
+                .collect()
+        };
+        assert_eq!(by_name(&imported), by_name(&model));
     }
 
     #[test]

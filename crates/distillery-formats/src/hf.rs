@@ -349,7 +349,13 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
 }
 
 /// Puts a Hugging Face tensor (already shape-checked) into the parameter at `path`.
-fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], device: &Device) {
+pub(crate) fn assign(
+    model: &mut Llama,
+    path: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+    device: &Device,
+) {
     let matrix = |values: Vec<f32>| {
         Tensor::<2>::from_data(TensorData::new(values, [shape[0], shape[1]]), device)
     };

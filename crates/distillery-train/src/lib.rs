@@ -145,6 +145,28 @@ pub fn evaluate_checkpoint(
 ) -> Result<CheckpointEvaluation, TrainError> {
     let data = prepare_data(config)?;
     let (checkpoint, step, model) = load_for_inference(config, checkpoint_path, &data.tokenizer)?;
+    Ok(CheckpointEvaluation {
+        checkpoint,
+        step,
+        parameters: model.config().num_parameters(),
+        metrics: evaluate_on_validation(config, &data, &model),
+    })
+}
+
+/// `model`'s metrics on the validation split of `config`'s corpus, whatever file it came from.
+pub fn evaluate_model(
+    config: &ExperimentConfig,
+    model: &distillery_model::Llama,
+) -> Result<EvalMetrics, TrainError> {
+    let data = prepare_data(config)?;
+    Ok(evaluate_on_validation(config, &data, model))
+}
+
+fn evaluate_on_validation(
+    config: &ExperimentConfig,
+    data: &RunData,
+    model: &distillery_model::Llama,
+) -> EvalMetrics {
     let windows = distillery_data::ValidationWindows::new(
         data.splits.validation.clone(),
         config
@@ -153,16 +175,10 @@ pub fn evaluate_checkpoint(
             .min(model.config().max_position_embeddings),
         config.eval.max_windows,
     );
-    let metrics = evaluate(
-        &model,
+    evaluate(
+        model,
         &windows,
         config.eval_batch_size(),
         &device_for(config.run.backend),
-    );
-    Ok(CheckpointEvaluation {
-        checkpoint,
-        step,
-        parameters: model.config().num_parameters(),
-        metrics,
-    })
+    )
 }
