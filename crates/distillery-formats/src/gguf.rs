@@ -247,7 +247,7 @@ pub fn llama_contents(
         ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         // GPT-2's pre-tokenizer regex, which a byte-level BPE with `use_regex` applies.
-        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Strings(vocabulary.tokens.clone()),

@@ -1,0 +1,82 @@
+"""Runs a GGUF file written by `distillery export --format gguf` in llama.cpp (through the
+llama-cpp-python bindings): checks that llama.cpp tokenizes text as the shipped tokenizer does,
+and measures validation loss the way `distillery eval` does.
+
+    pip install llama-cpp-python tokenizers     # llama-cpp-python builds llama.cpp (~10 min)
+    target/release/distillery export configs/shakespeare-student-distill.toml \
+        --checkpoint checkpoints/shakespeare-student-distill --format gguf --type q8_0 \
+        --out /tmp/student-q8_0.gguf
+    python3 scripts/check_gguf_llama_cpp.py --gguf /tmp/student-q8_0.gguf \
+        --tokens datasets/tinyshakespeare.txt.948e46352ab4.tokens
+
+Validation windows: the last `--validation-fraction` of the token cache, non-overlapping windows
+of `--seq-len` predicted tokens, as distillery cuts them.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from llama_cpp import Llama
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--tokens", required=True, help="a distillery token cache (.tokens)")
+    parser.add_argument("--tokenizer", default=str(ROOT / "datasets/shakespeare-bpe-2048.json"))
+    parser.add_argument("--corpus", default=str(ROOT / "datasets/tinyshakespeare.txt"))
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=None, help="evaluate only the first N")
+    args = parser.parse_args()
+
+    llm = Llama(model_path=args.gguf, n_ctx=args.seq_len + 1, n_batch=args.seq_len + 1,
+                logits_all=True, n_threads=2, verbose=False)
+
+    # Tokenization: llama.cpp against the tokenizer.json, on the corpus's first 20,000 characters.
+    reference = Tokenizer.from_file(args.tokenizer)
+    sample = Path(args.corpus).read_text()[:20000]
+    ours = reference.encode(sample).ids
+    theirs = llm.tokenize(sample.encode(), add_bos=False, special=False)
+    same_tokens = ours == theirs
+
+    header = json.loads(Path(args.tokens + ".json").read_text())
+    dtype = {2: "<u2", 4: "<u4"}[header["id_bytes"]]
+    tokens = np.fromfile(args.tokens, dtype=dtype).astype(np.int64)
+    validation_len = int(math.floor(len(tokens) * args.validation_fraction + 0.5))
+    validation = tokens[len(tokens) - validation_len:]
+    windows = (len(validation) - 1) // args.seq_len
+    if args.windows is not None:
+        windows = min(windows, args.windows)
+
+    loss_sum, correct, positions = 0.0, 0, 0
+    for index in range(windows):
+        window = validation[index * args.seq_len:index * args.seq_len + args.seq_len + 1]
+        inputs, targets = window[:-1].tolist(), window[1:]
+        llm.reset()
+        llm.eval(inputs)
+        logits = np.asarray(llm.scores[:len(inputs)], dtype=np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum -= log_probs[np.arange(len(targets)), targets].sum()
+        correct += int((logits.argmax(axis=1) == targets).sum())
+        positions += len(targets)
+    loss = loss_sum / positions
+    print(json.dumps({
+        "tokenization_matches": same_tokens,
+        "tokens_compared": len(ours),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "accuracy": correct / positions,
+        "tokens": positions,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
