@@ -448,6 +448,16 @@ fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
         ]);
         serde_json::from_str(&workspace.run_ok(&args)).unwrap()
     };
+    let inspected = workspace.run_ok(&["inspect".into(), out.display().to_string()]);
+    assert!(inspected.contains("GGUF version 3"), "{inspected}");
+    assert!(
+        inspected.contains("general.architecture = \"llama\""),
+        "{inspected}"
+    );
+    assert!(
+        inspected.contains("blk.1.ffn_down.weight F32 [64, 32]"),
+        "{inspected}"
+    );
     let from_gguf = evaluate(&out);
     let from_checkpoint = evaluate(&workspace.checkpoints.join("exported"));
     assert_eq!(from_gguf["loss"], from_checkpoint["loss"]);

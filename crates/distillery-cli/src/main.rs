@@ -73,6 +73,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a GGUF file's metadata and tensors.
+    Inspect {
+        /// The GGUF file.
+        file: PathBuf,
+    },
     /// Validation loss, perplexity and accuracy of a checkpoint.
     Eval {
         #[command(flatten)]
@@ -331,6 +336,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inspect { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let gguf = distillery_formats::gguf::read(&bytes)
+                .with_context(|| format!("reading {}", file.display()))?;
+            println!(
+                "{}: GGUF version {}, {} bytes, {} metadata entries, {} tensors",
+                file.display(),
+                gguf.version,
+                bytes.len(),
+                gguf.metadata.len(),
+                gguf.tensors.len()
+            );
+            for (key, value) in &gguf.metadata {
+                println!("  {key} = {}", describe_value(value));
+            }
+            for tensor in &gguf.tensors {
+                println!("  {} {:?} {:?}", tensor.name, tensor.kind, tensor.dims);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Eval {
             config,
             checkpoint,
@@ -509,6 +535,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A metadata value for `inspect`: arrays by their length and first items.
+fn describe_value(value: &distillery_formats::gguf::Value) -> String {
+    use distillery_formats::gguf::Value;
+    let preview = |items: Vec<String>, total: usize| {
+        let shown = items.into_iter().take(5).collect::<Vec<_>>().join(", ");
+        if total > 5 {
+            format!("[{shown}, ...] ({total} items)")
+        } else {
+            format!("[{shown}]")
+        }
+    };
+    match value {
+        Value::U32(v) => v.to_string(),
+        Value::I32(v) => v.to_string(),
+        Value::F32(v) => v.to_string(),
+        Value::Bool(v) => v.to_string(),
+        Value::U64(v) => v.to_string(),
+        Value::String(v) => format!("{v:?}"),
+        Value::Strings(items) => preview(
+            items.iter().map(|item| format!("{item:?}")).collect(),
+            items.len(),
+        ),
+        Value::I32s(items) => preview(
+            items.iter().map(|item| item.to_string()).collect(),
+            items.len(),
+        ),
     }
 }
 
