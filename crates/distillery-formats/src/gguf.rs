@@ -13,7 +13,7 @@ use distillery_model::Llama;
 use crate::ggml_blocks::{
     BLOCK, Q4_0_BYTES, Q8_0_BYTES, dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0,
 };
-use crate::hf::hf_tensors;
+use crate::hf::{ModelAssembly, hf_tensors};
 use crate::rope_layout::{interleaved_to_rotate_half, rotate_half_to_interleaved};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -389,24 +389,13 @@ pub fn import_llama(file: &GgufFile, device: &burn::tensor::Device) -> Result<Ll
         rope_theta: float("llama.rope.freq_base")?,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
     };
-    let mut model = Llama::new(&config, 0.0, 0, device).map_err(|e| e.to_string())?;
-    let expected: BTreeMap<String, Vec<usize>> = hf_tensors(&model)
-        .into_iter()
-        .map(|tensor| (tensor.name, tensor.shape))
-        .collect();
+    let mut assembly = ModelAssembly::new(&config, "GGUF metadata", device)?;
     let head_dim = config.head_dim();
-    let mut loaded = std::collections::BTreeSet::new();
     for tensor in &file.tensors {
         let name = hf_name_of(&tensor.name)
-            .filter(|name| expected.contains_key(name))
             .ok_or_else(|| format!("unexpected tensor `{}`", tensor.name))?;
         let shape: Vec<usize> = tensor.dims.iter().rev().map(|&d| d as usize).collect();
-        if expected[&name] != shape {
-            return Err(format!(
-                "tensor `{}` has shape {shape:?}; the metadata implies {:?}",
-                tensor.name, expected[&name]
-            ));
-        }
+        assembly.check(&name, &shape)?;
         let values = match tensor.name.rsplit('.').nth(1) {
             Some("attn_q") => interleaved_to_rotate_half(
                 &tensor.values,
@@ -422,19 +411,9 @@ pub fn import_llama(file: &GgufFile, device: &burn::tensor::Device) -> Result<Ll
             ),
             _ => tensor.values.clone(),
         };
-        let path = crate::names::distillery_path(&name).map_err(|e| e.to_string())?;
-        crate::hf::assign(&mut model, &path, values, &shape, device);
-        loaded.insert(name);
+        assembly.put(&name, values)?;
     }
-    let missing: Vec<&str> = expected
-        .keys()
-        .filter(|name| !loaded.contains(*name))
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!("missing tensors: {}", missing.join(", ")));
-    }
-    Ok(model)
+    assembly.finish()
 }
 
 fn put_string(out: &mut Vec<u8>, text: &str) {

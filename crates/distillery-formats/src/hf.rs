@@ -277,16 +277,83 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
+/// A model of a given architecture filled tensor by tensor from Hugging Face-named tensors:
+/// every name must be one the model has, with the shape the architecture implies, and none may
+/// be missing at the end.
+pub(crate) struct ModelAssembly {
+    /// What the architecture came from, for errors: `config.json`, the GGUF metadata.
+    source: &'static str,
+    model: Llama,
+    expected: BTreeMap<String, Vec<usize>>,
+    loaded: BTreeSet<String>,
+    device: Device,
+}
+
+impl ModelAssembly {
+    pub(crate) fn new(
+        config: &LlamaConfig,
+        source: &'static str,
+        device: &Device,
+    ) -> Result<Self, String> {
+        let model = Llama::new(config, 0.0, 0, device).map_err(|e| e.to_string())?;
+        let expected = hf_tensors(&model)
+            .into_iter()
+            .map(|tensor| (tensor.name, tensor.shape))
+            .collect();
+        Ok(Self {
+            source,
+            model,
+            expected,
+            loaded: BTreeSet::new(),
+            device: device.clone(),
+        })
+    }
+
+    /// Checks `name` and `shape` (Hugging Face layout) before the values are decoded.
+    pub(crate) fn check(&self, name: &str, shape: &[usize]) -> Result<(), String> {
+        match self.expected.get(name) {
+            None => Err(format!(
+                "unexpected tensor `{name}` for this {}",
+                self.source
+            )),
+            Some(expected) if expected != shape => Err(format!(
+                "tensor `{name}` has shape {shape:?}; {} implies {expected:?}",
+                self.source
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Stores a tensor that passed [`check`](Self::check).
+    pub(crate) fn put(&mut self, name: &str, values: Vec<f32>) -> Result<(), String> {
+        let shape = self.expected[name].clone();
+        let path = distillery_path(name).map_err(|e| e.to_string())?;
+        assign(&mut self.model, &path, values, &shape, &self.device);
+        self.loaded.insert(name.to_string());
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Result<Llama, String> {
+        let missing: Vec<&str> = self
+            .expected
+            .keys()
+            .filter(|name| !self.loaded.contains(*name))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            Ok(self.model)
+        } else {
+            Err(format!("missing tensors: {}", missing.join(", ")))
+        }
+    }
+}
+
 /// Loads a Hugging Face Llama folder into distillery's model on `device`. Every tensor the model
 /// needs must be present with the shape `config.json` implies; any other tensor is an error.
 pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
     let config = read_config(dir)?;
-    let mut model = Llama::new(&config, 0.0, 0, device).map_err(|e| error(dir, e.to_string()))?;
-    let expected: BTreeMap<String, Vec<usize>> = hf_tensors(&model)
-        .into_iter()
-        .map(|tensor| (tensor.name, tensor.shape))
-        .collect();
-    let mut loaded = BTreeSet::new();
+    let mut assembly =
+        ModelAssembly::new(&config, "config.json", device).map_err(|e| error(dir, e))?;
     for file in weight_files(dir)? {
         let bytes = std::fs::read(&file).map_err(|e| error(&file, e.to_string()))?;
         let tensors = SafeTensors::deserialize(&bytes)
@@ -299,21 +366,9 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
             if name == "lm_head.weight" && config.tie_word_embeddings {
                 continue;
             }
-            let Some(shape) = expected.get(&name) else {
-                return Err(error(
-                    &file,
-                    format!("unexpected tensor `{name}` for this config.json"),
-                ));
-            };
-            if view.shape() != shape.as_slice() {
-                return Err(error(
-                    &file,
-                    format!(
-                        "tensor `{name}` has shape {:?}; config.json implies {shape:?}",
-                        view.shape()
-                    ),
-                ));
-            }
+            assembly
+                .check(&name, view.shape())
+                .map_err(|message| error(&file, message))?;
             let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
                 error(
                     &file,
@@ -323,39 +378,16 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
                     ),
                 )
             })?;
-            let path = distillery_path(&name).map_err(|e| error(&file, e.to_string()))?;
-            assign(&mut model, &path, values, shape, device);
-            loaded.insert(name);
+            assembly
+                .put(&name, values)
+                .map_err(|message| error(&file, message))?;
         }
     }
-    let missing: Vec<&String> = expected
-        .keys()
-        .filter(|name| !loaded.contains(*name))
-        .collect();
-    if !missing.is_empty() {
-        return Err(error(
-            dir,
-            format!(
-                "missing tensors: {}",
-                missing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    Ok(model)
+    assembly.finish().map_err(|message| error(dir, message))
 }
 
 /// Puts a Hugging Face tensor (already shape-checked) into the parameter at `path`.
-pub(crate) fn assign(
-    model: &mut Llama,
-    path: &str,
-    values: Vec<f32>,
-    shape: &[usize],
-    device: &Device,
-) {
+fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], device: &Device) {
     let matrix = |values: Vec<f32>| {
         Tensor::<2>::from_data(TensorData::new(values, [shape[0], shape[1]]), device)
     };
