@@ -389,6 +389,14 @@ pub fn import_llama(file: &GgufFile, device: &burn::tensor::Device) -> Result<Ll
         rope_theta: float("llama.rope.freq_base")?,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
     };
+    // Hostile metadata must not size an allocation: the file has to hold that many values.
+    let stored: usize = file.tensors.iter().map(|tensor| tensor.values.len()).sum();
+    if config.num_parameters() > stored {
+        return Err(format!(
+            "the metadata describes {} parameters; the file holds {stored} values",
+            config.num_parameters()
+        ));
+    }
     let mut assembly = ModelAssembly::new(&config, "GGUF metadata", device)?;
     let head_dim = config.head_dim();
     for tensor in &file.tensors {
@@ -846,6 +854,22 @@ mod tests {
                 .collect()
         };
         assert_eq!(by_name(&imported), by_name(&model));
+    }
+
+    #[test]
+    fn metadata_larger_than_the_file_is_refused_before_allocating() {
+        let (mut metadata, tensors) =
+            llama_contents(&model(), "tiny", &vocabulary(), TensorKind::F32);
+        for (key, value) in &mut metadata {
+            if key == "llama.block_count" {
+                *value = Value::U32(1 << 24);
+            }
+        }
+        let file = read(&write(&metadata, &tensors)).unwrap();
+        let error = import_llama(&file, &Device::flex())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(error.contains("the file holds"), "{error}");
     }
 
     #[test]

@@ -352,9 +352,25 @@ impl ModelAssembly {
 /// needs must be present with the shape `config.json` implies; any other tensor is an error.
 pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
     let config = read_config(dir)?;
+    let files = weight_files(dir)?;
+    // A hostile config.json must not size an allocation: the weights (at 2 bytes a value at
+    // least) have to be there.
+    let stored_bytes: u64 = files
+        .iter()
+        .map(|file| std::fs::metadata(file).map(|meta| meta.len()).unwrap_or(0))
+        .sum();
+    if config.num_parameters() as u64 > stored_bytes / 2 {
+        return Err(error(
+            dir,
+            format!(
+                "config.json describes {} parameters; the weight files hold {stored_bytes} bytes",
+                config.num_parameters()
+            ),
+        ));
+    }
     let mut assembly =
         ModelAssembly::new(&config, "config.json", device).map_err(|e| error(dir, e))?;
-    for file in weight_files(dir)? {
+    for file in files {
         let bytes = std::fs::read(&file).map_err(|e| error(&file, e.to_string()))?;
         let tensors = SafeTensors::deserialize(&bytes)
             .map_err(|e| error(&file, format!("not a safetensors file: {e}")))?;
@@ -730,6 +746,22 @@ mod tests {
             misshapen.contains("has shape [8, 32]; config.json implies [16, 16]"),
             "{misshapen}"
         );
+    }
+
+    #[test]
+    fn a_config_larger_than_the_weights_is_refused_before_allocating() {
+        let root = tempfile::tempdir().unwrap();
+        let model = Llama::new(&shape(false), 0.0, 8, &Device::flex()).unwrap();
+        let dir = export_folder(&model, root.path());
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        config["num_hidden_layers"] = (1u64 << 24).into();
+        std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+        let error = import(&dir, &Device::flex())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("the weight files hold"), "{error}");
     }
 
     #[test]
