@@ -22,6 +22,8 @@ import numpy as np
 from llama_cpp import Llama
 from tokenizers import Tokenizer
 
+from validation_split import validation_windows
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,12 +48,7 @@ def main():
     theirs = llm.tokenize(sample.encode(), add_bos=False, special=False)
     same_tokens = ours == theirs
 
-    header = json.loads(Path(args.tokens + ".json").read_text())
-    dtype = {2: "<u2", 4: "<u4"}[header["id_bytes"]]
-    tokens = np.fromfile(args.tokens, dtype=dtype).astype(np.int64)
-    validation_len = int(math.floor(len(tokens) * args.validation_fraction + 0.5))
-    validation = tokens[len(tokens) - validation_len:]
-    windows = (len(validation) - 1) // args.seq_len
+    validation, windows = validation_windows(args.tokens, args.validation_fraction, args.seq_len)
     if args.windows is not None:
         windows = min(windows, args.windows)
 

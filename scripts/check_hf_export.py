@@ -14,11 +14,12 @@ non-overlapping windows of `--seq-len` predicted tokens, as distillery cuts it.
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
+
+from validation_split import validation_windows
 
 
 def main():
@@ -30,14 +31,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    header = json.loads(Path(args.tokens + ".json").read_text())
-    dtype = {2: "<u2", 4: "<u4"}[header["id_bytes"]]
-    tokens = np.fromfile(args.tokens, dtype=dtype).astype(np.int64)
-    assert len(tokens) == header["num_tokens"]
-    # Rust's f64::round rounds halves away from zero.
-    validation_len = int(math.floor(len(tokens) * args.validation_fraction + 0.5))
-    validation = tokens[len(tokens) - validation_len:]
-    windows = (len(validation) - 1) // args.seq_len
+    validation, windows = validation_windows(args.tokens, args.validation_fraction, args.seq_len)
 
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     model.eval()
