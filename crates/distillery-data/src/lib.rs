@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use cache::{CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build};
-pub use tokenizer::{END_OF_TEXT, TextTokenizer, default_tokenizer_path};
+pub use tokenizer::{END_OF_TEXT, TextTokenizer, default_tokenizer_path, hex_sha256};
 pub use windows::{TokenBatch, TokenSplits, TokenWindow, ValidationWindows, WindowSampler};
 
 #[derive(Debug, thiserror::Error)]

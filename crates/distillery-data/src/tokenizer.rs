@@ -144,7 +144,8 @@ impl TextTokenizer {
     }
 }
 
-pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+/// The sha256 of `bytes` as lowercase hex.
+pub fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|byte| format!("{byte:02x}"))

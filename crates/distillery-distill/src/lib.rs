@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use distillery_config::{ExperimentConfig, StudentInit, TeacherSource};
 use distillery_train::{
-    CheckpointError, TrainError, TrainOptions, TrainOutcome, device_for, prepare_data,
+    CheckpointError, RunData, TrainError, TrainOptions, TrainOutcome, device_for, prepare_data,
 };
 
 use crate::cache::{TeacherCacheHeader, TeacherCacheReader};
@@ -44,6 +44,15 @@ pub fn objective_for(
     config: &ExperimentConfig,
     origin: &str,
 ) -> Result<DistillObjective, DistillError> {
+    objective_with_data(config, origin, &prepare_data(config)?)
+}
+
+/// [`objective_for`] with the run's data already prepared.
+fn objective_with_data(
+    config: &ExperimentConfig,
+    origin: &str,
+    data: &RunData,
+) -> Result<DistillObjective, DistillError> {
     let config_error = |key: &str, message: String| DistillError::Config {
         origin: origin.to_string(),
         key: key.to_string(),
@@ -55,7 +64,6 @@ pub fn objective_for(
             "is missing: distillation needs a [teacher] section with `checkpoint`".into(),
         )
     })?;
-    let data = prepare_data(config)?;
     let student = &data.llama;
     let teacher = Teacher::load(
         teacher_config,
@@ -83,9 +91,9 @@ pub fn objective_for(
     let cache = match settings.teacher {
         TeacherSource::Live => None,
         TeacherSource::Cached => {
-            let header = TeacherCacheHeader::for_run(config, &data, &teacher);
+            let header = TeacherCacheHeader::for_run(config, data, &teacher);
             Some(TeacherCacheReader::open(
-                &cache::cache_path(config, &data, &teacher),
+                &cache::cache_path(config, data, &teacher),
                 &header,
             )?)
         }
@@ -149,8 +157,8 @@ pub fn compare_with_teacher(
     origin: &str,
     checkpoint: &std::path::Path,
 ) -> Result<TeacherComparison, DistillError> {
-    let mut objective = objective_for(config, origin)?;
     let data = prepare_data(config)?;
+    let mut objective = objective_with_data(config, origin, &data)?;
     let (_, _, model) = distillery_train::load_for_inference(config, checkpoint, &data.tokenizer)?;
     let windows = distillery_data::ValidationWindows::new(
         data.splits.validation.clone(),

@@ -8,7 +8,6 @@ use distillery_config::{TeacherCheckpoint, TeacherConfig};
 use distillery_data::TextTokenizer;
 use distillery_model::{Llama, LlamaConfig};
 use distillery_train::checkpoint;
-use sha2::{Digest, Sha256};
 
 use crate::DistillError;
 
@@ -20,7 +19,7 @@ pub struct Teacher {
     directory: PathBuf,
     /// The training step of a distillery checkpoint; `None` for a Hugging Face folder.
     step: Option<usize>,
-    /// sha256 of the weights file(s).
+    /// The sha256 of the weights file (of each shard, space-separated).
     weights_sha256: String,
     /// The student's vocabulary size when the teacher's logits are cut to it.
     logits_width: Option<usize>,
@@ -152,20 +151,17 @@ fn load_hf(
     }
     let model = distillery_formats::hf::import(dir, device)
         .map_err(|error| teacher_error(&error.path, error.message))?;
-    let mut hasher = Sha256::new();
-    for file in distillery_formats::hf::weight_files(dir)
+    // One file's digest, or the shards' digests in index order.
+    let digests = distillery_formats::hf::weight_files(dir)
         .map_err(|error| teacher_error(&error.path, error.message))?
-    {
-        let bytes =
-            std::fs::read(&file).map_err(|error| teacher_error(&file, error.to_string()))?;
-        hasher.update(&bytes);
-    }
-    let weights_sha256 = hasher
-        .finalize()
         .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    Ok((model, dir.to_path_buf(), None, weights_sha256))
+        .map(|file| {
+            std::fs::read(file)
+                .map(|bytes| distillery_data::hex_sha256(&bytes))
+                .map_err(|error| teacher_error(file, error.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((model, dir.to_path_buf(), None, digests.join(" ")))
 }
 
 fn another_tokenizer(path: PathBuf, theirs: &str, ours: &TextTokenizer) -> DistillError {

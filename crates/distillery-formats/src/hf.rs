@@ -197,18 +197,21 @@ pub fn hf_tensors(model: &Llama) -> Vec<HfTensor> {
 
 /// `model.safetensors` bytes for `model`.
 pub fn safetensors_bytes(model: &Llama) -> Vec<u8> {
-    let tensors = hf_tensors(model);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|tensor| {
-            let bytes = tensor.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (tensor.name, tensor.shape, bytes)
-        })
+    safetensors_of(&hf_tensors(model), Dtype::F32, |value| {
+        value.to_le_bytes().to_vec()
+    })
+}
+
+/// A safetensors file of `tensors`, each value stored as `encode` writes it in `dtype`.
+fn safetensors_of(tensors: &[HfTensor], dtype: Dtype, encode: impl Fn(f32) -> Vec<u8>) -> Vec<u8> {
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|tensor| tensor.values.iter().flat_map(|&v| encode(v)).collect())
         .collect();
-    let views = bytes.iter().map(|(name, shape, data)| {
+    let views = tensors.iter().zip(&data).map(|(tensor, data)| {
         (
-            name.clone(),
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+            tensor.name.clone(),
+            safetensors::tensor::TensorView::new(dtype, tensor.shape.clone(), data)
                 .expect("sizes match shapes"),
         )
     });
@@ -641,28 +644,10 @@ mod tests {
         let (first, second) = tensors.split_at(tensors.len() / 2);
         let mut weight_map = serde_json::Map::new();
         for (shard, part) in [("a.safetensors", first), ("b.safetensors", second)] {
-            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = part
-                .iter()
-                .map(|tensor| {
-                    let data = tensor
-                        .values
-                        .iter()
-                        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-                        .collect();
-                    (tensor.name.clone(), tensor.shape.clone(), data)
-                })
-                .collect();
-            let views = bytes.iter().map(|(name, shape, data)| {
-                (
-                    name.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::BF16, shape.clone(), data).unwrap(),
-                )
+            let bytes = safetensors_of(part, Dtype::BF16, |value| {
+                ((value.to_bits() >> 16) as u16).to_le_bytes().to_vec()
             });
-            std::fs::write(
-                dir.join(shard),
-                safetensors::serialize(views, None).unwrap(),
-            )
-            .unwrap();
+            std::fs::write(dir.join(shard), bytes).unwrap();
             for tensor in part {
                 weight_map.insert(tensor.name.clone(), shard.into());
             }
@@ -699,24 +684,8 @@ mod tests {
         let rewrite = |edit: &dyn Fn(&mut Vec<HfTensor>)| {
             let mut tensors = hf_tensors(&model);
             edit(&mut tensors);
-            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-                .into_iter()
-                .map(|t| {
-                    let data = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    (t.name, t.shape, data)
-                })
-                .collect();
-            let views = bytes.iter().map(|(name, shape, data)| {
-                (
-                    name.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
-                )
-            });
-            std::fs::write(
-                dir.join(WEIGHTS_FILE),
-                safetensors::serialize(views, None).unwrap(),
-            )
-            .unwrap();
+            let bytes = safetensors_of(&tensors, Dtype::F32, |value| value.to_le_bytes().to_vec());
+            std::fs::write(dir.join(WEIGHTS_FILE), bytes).unwrap();
             import(&dir, &device).map(|_| ()).unwrap_err().to_string()
         };
         let missing = rewrite(&|tensors| tensors.retain(|t| !t.name.contains("layers.1.mlp.up")));
