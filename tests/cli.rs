@@ -458,8 +458,98 @@ fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
         inspected.contains("blk.1.ffn_down.weight F32 [64, 32]"),
         "{inspected}"
     );
-    let from_gguf = evaluate(&out);
+    // A GGUF file is evaluated in the table form: one row.
+    let from_gguf = &evaluate(&out)[0];
     let from_checkpoint = evaluate(&workspace.checkpoints.join("exported"));
     assert_eq!(from_gguf["loss"], from_checkpoint["loss"]);
     assert_eq!(from_gguf["accuracy"], from_checkpoint["accuracy"]);
+}
+
+#[test]
+fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("quantized", &["train.steps=10"]));
+    let with_config = |command: &str, settings: &[&str]| {
+        let mut args = vec![command.to_string(), repo_path("configs/tiny-test.toml")];
+        args.extend(workspace.common_settings("quantized"));
+        for setting in settings {
+            args.extend(["--set".to_string(), setting.to_string()]);
+        }
+        args
+    };
+    let gptq = [
+        "quantize.method=\"gptq\"",
+        "quantize.group_size=16",
+        "quantize.nsamples=8",
+        "quantize.quantize_embeddings=true",
+    ];
+    let mut quantize = with_config("quantize", &gptq);
+    quantize.push("--json".into());
+    let report: serde_json::Value = serde_json::from_str(&workspace.run_ok(&quantize)).unwrap();
+    let output = workspace.checkpoints.join("quantized-gptq-4bit-g16");
+    assert_eq!(report["output"], output.display().to_string());
+    // The embedding and the 14 linear layers; the head is tied to the embedding.
+    assert_eq!(report["matrices"].as_array().unwrap().len(), 15);
+    let [float, quantized] = report["models"].as_array().unwrap().as_slice() else {
+        panic!("two models compared: {report}");
+    };
+    assert_eq!(float["delta_perplexity_percent"], 0.0);
+    assert!(
+        quantized["bits_per_weight"].as_f64().unwrap() < 8.0,
+        "{quantized}"
+    );
+    assert!(quantized["file_bytes"].as_u64().unwrap() < float["file_bytes"].as_u64().unwrap() / 4);
+
+    let quantize_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(output.join("quantize_config.json")).unwrap())
+            .unwrap();
+    for (key, value) in [
+        ("bits", serde_json::json!(4)),
+        ("group_size", serde_json::json!(16)),
+        ("desc_act", serde_json::json!(false)),
+        ("sym", serde_json::json!(true)),
+        ("true_sequential", serde_json::json!(true)),
+        ("damp_percent", serde_json::json!(0.01)),
+        ("static_groups", serde_json::json!(false)),
+    ] {
+        assert_eq!(quantize_config[key], value, "{key}");
+    }
+
+    // Loaded back from its folder, the model evaluates to what `quantize` reported.
+    let mut eval = with_config("eval", &[]);
+    eval.extend([
+        "--checkpoint".into(),
+        workspace
+            .checkpoints
+            .join("quantized")
+            .display()
+            .to_string(),
+        output.display().to_string(),
+        "--json".into(),
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&workspace.run_ok(&eval)).unwrap();
+    assert_eq!(rows[1]["perplexity"], quantized["perplexity"]);
+    assert_eq!(rows[1]["accuracy"], quantized["accuracy"]);
+    assert_eq!(rows[0]["perplexity"], float["perplexity"]);
+
+    let mut generate = with_config("generate", &[]);
+    generate.extend([
+        "--checkpoint".into(),
+        output.display().to_string(),
+        "--prompt".into(),
+        "ROMEO:".into(),
+        "--max-new-tokens".into(),
+        "8".into(),
+    ]);
+    assert!(workspace.run_ok(&generate).starts_with("ROMEO:"));
+
+    let (code, stderr) = workspace.run_err(&with_config(
+        "quantize",
+        &["quantize.method=\"gptq\"", "quantize.bits=5"],
+    ));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("quantize.bits") && stderr.contains("got 5"),
+        "{stderr}"
+    );
 }

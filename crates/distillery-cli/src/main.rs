@@ -1,5 +1,7 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
+mod models;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use distillery_formats::gguf::TensorKind;
 use distillery_model::{GenerationConfig, SamplingConfig};
 use distillery_train::{
     BenchReport, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
-    bench_objective, bench_train, evaluate_checkpoint, load_for_inference, train,
+    bench_objective, bench_train, evaluate_checkpoint, train,
 };
 
 /// Exit status for configuration errors (a wrong key, type or value), as for usage errors.
@@ -57,11 +59,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Write a checkpoint in another tool's format.
+    /// Quantize the run's model as the config's [quantize] section says (int8, round-to-nearest
+    /// or GPTQ), save it under the checkpoint directory and compare it with the float model.
+    Quantize {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a model in another tool's format.
     Export {
         #[command(flatten)]
         config: ConfigArgs,
-        /// A checkpoint directory, or a run directory (its best checkpoint).
+        /// A checkpoint directory, a run directory (its best checkpoint), a quantized model
+        /// folder or a GGUF file.
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long, value_enum)]
@@ -78,18 +90,20 @@ enum Command {
         /// The GGUF file.
         file: PathBuf,
     },
-    /// Validation loss, perplexity and accuracy of a checkpoint.
+    /// Validation loss, perplexity and accuracy of one model, or a table of several.
     Eval {
         #[command(flatten)]
         config: ConfigArgs,
-        /// A checkpoint directory, a run directory (its best checkpoint), or a GGUF file.
-        #[arg(long)]
-        checkpoint: PathBuf,
+        /// Checkpoint directories, run directories (their best checkpoint), quantized model
+        /// folders or GGUF files; with several, one table compares them against the first
+        /// float checkpoint.
+        #[arg(long, num_args = 1.., required = true)]
+        checkpoint: Vec<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Continue a prompt with a checkpoint.
+    /// Continue a prompt with a model (any that `eval` takes).
     Generate {
         #[command(flatten)]
         config: ConfigArgs,
@@ -281,6 +295,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Quantize { config, json } => {
+            let config = config.load()?;
+            let outcome = quantize_with_progress(&config)?;
+            let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+            let models = [
+                models::load_model(&config, &outcome.source, &tokenizer)?,
+                models::load_model(&config, &outcome.output, &tokenizer)?,
+            ];
+            let rows = models::evaluation_rows(&config, &models)?;
+            if json {
+                let report = serde_json::json!({
+                    "output": outcome.output,
+                    "label": outcome.label,
+                    "seconds": outcome.seconds,
+                    "matrices": outcome.matrices,
+                    "models": rows,
+                });
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for matrix in &outcome.matrices {
+                    if let Some(damp) = matrix.damp_percent_used {
+                        println!(
+                            "{}: the Hessian needed damp_percent = {damp} to be positive definite",
+                            matrix.name
+                        );
+                    }
+                }
+                println!(
+                    "quantized {} (step {}) with {} in {:.2} s -> {}",
+                    outcome.source.display(),
+                    outcome.step,
+                    outcome.label,
+                    outcome.seconds,
+                    outcome.output.display()
+                );
+                print!("{}", models::markdown_table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Export {
             config,
             checkpoint,
@@ -290,11 +343,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = config.load()?;
             let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-            let (source, step, model) = load_for_inference(&config, &checkpoint, &tokenizer)?;
+            let loaded = models::load_model(&config, &checkpoint, &tokenizer)?;
+            let model = &loaded.model;
             let eos = tokenizer.eos_token_id();
             let description = match format {
                 ExportFormat::Hf => {
-                    distillery_formats::hf::export(&model, &config.data.tokenizer, eos, eos, &out)?;
+                    distillery_formats::hf::export(model, &config.data.tokenizer, eos, eos, &out)?;
                     "Hugging Face Llama folder"
                 }
                 ExportFormat::Gguf => {
@@ -317,7 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
                     };
                     let (metadata, tensors) = distillery_formats::gguf::llama_contents(
-                        &model,
+                        model,
                         &config.run.name,
                         &vocabulary,
                         kind,
@@ -330,9 +384,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             println!(
-                "wrote {} ({description}) from {} (step {step})",
+                "wrote {} ({description}) from {}",
                 out.display(),
-                source.display()
+                loaded.describe()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -364,46 +418,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let origin = config.config.display().to_string();
             let config = config.load()?;
-            if checkpoint
-                .extension()
-                .is_some_and(|extension| extension == "gguf")
-            {
-                return evaluate_gguf(&config, &checkpoint, json);
-            }
-            let result = evaluate_checkpoint(&config, &checkpoint)?;
-            let comparison = match config.teacher {
-                Some(_) => Some(distillery_distill::compare_with_teacher(
-                    &config,
-                    &origin,
-                    &checkpoint,
-                )?),
-                None => None,
-            };
-            if json {
-                let mut report = serde_json::to_value(&result)?;
-                if let Some(comparison) = &comparison {
-                    report["kd"] = comparison.kd.into();
-                    report["teacher_agreement"] = comparison.teacher_agreement.into();
+            match checkpoint.as_slice() {
+                [single] if !is_other_format(single) => {
+                    evaluate_training_checkpoint(&config, &origin, single, json)
                 }
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "{} (step {}): validation loss {:.4}, perplexity {:.2}, accuracy {:.4} over {} tokens",
-                    result.checkpoint.display(),
-                    result.step,
-                    result.metrics.loss,
-                    result.metrics.perplexity,
-                    result.metrics.accuracy,
-                    result.metrics.tokens
-                );
-                if let Some(comparison) = comparison {
-                    println!(
-                        "against the teacher: top-1 agreement {:.4}, divergence {:.4}",
-                        comparison.teacher_agreement, comparison.kd
-                    );
+                paths => {
+                    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+                    let models = paths
+                        .iter()
+                        .map(|path| models::load_model(&config, path, &tokenizer))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let rows = models::evaluation_rows(&config, &models)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        print!("{}", models::markdown_table(&rows));
+                    }
+                    Ok(ExitCode::SUCCESS)
                 }
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Generate {
             config,
@@ -417,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = config.load()?;
             let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-            let (_, _, model) = load_for_inference(&config, &checkpoint, &tokenizer)?;
+            let model = models::load_model(&config, &checkpoint, &tokenizer)?.model;
             let prompt_ids = tokenizer.encode(&prompt)?;
             let generation = distillery_model::generate(
                 &model,
@@ -567,35 +600,96 @@ fn describe_value(value: &distillery_formats::gguf::Value) -> String {
     }
 }
 
-/// Validation metrics of a GGUF file's weights (quantized ones dequantized) in distillery's model.
-fn evaluate_gguf(config: &ExperimentConfig, path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = distillery_formats::gguf::read(&bytes)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let model = distillery_formats::gguf::import_llama(
-        &file,
-        &distillery_train::device_for(config.run.backend),
-    )
-    .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
-    let metrics = distillery_train::evaluate_model(config, &model)?;
+/// Quantized model folders and GGUF files, which only the table form of `eval` reads.
+fn is_other_format(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|extension| extension == "gguf")
+        || distillery_formats::quantized::is_quantized_dir(path)
+}
+
+/// One training checkpoint's validation metrics, and its agreement with the config's teacher
+/// when there is one.
+fn evaluate_training_checkpoint(
+    config: &ExperimentConfig,
+    origin: &str,
+    checkpoint: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let result = evaluate_checkpoint(config, checkpoint)?;
+    let comparison = match config.teacher {
+        Some(_) => Some(distillery_distill::compare_with_teacher(
+            config, origin, checkpoint,
+        )?),
+        None => None,
+    };
     if json {
-        let mut report = serde_json::to_value(metrics)?;
-        report["checkpoint"] = path.display().to_string().into();
-        report["parameters"] = model.config().num_parameters().into();
-        report["file_bytes"] = bytes.len().into();
+        let mut report = serde_json::to_value(&result)?;
+        if let Some(comparison) = &comparison {
+            report["kd"] = comparison.kd.into();
+            report["teacher_agreement"] = comparison.teacher_agreement.into();
+        }
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} ({} bytes): validation loss {:.4}, perplexity {:.2}, accuracy {:.4} over {} tokens",
-            path.display(),
-            bytes.len(),
-            metrics.loss,
-            metrics.perplexity,
-            metrics.accuracy,
-            metrics.tokens
+            "{} (step {}): validation loss {:.4}, perplexity {:.2}, accuracy {:.4} over {} tokens",
+            result.checkpoint.display(),
+            result.step,
+            result.metrics.loss,
+            result.metrics.perplexity,
+            result.metrics.accuracy,
+            result.metrics.tokens
         );
+        if let Some(comparison) = comparison {
+            println!(
+                "against the teacher: top-1 agreement {:.4}, divergence {:.4}",
+                comparison.teacher_agreement, comparison.kd
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `distillery quantize` with a bar on a terminal, or a line per decoder layer otherwise.
+fn quantize_with_progress(
+    config: &ExperimentConfig,
+) -> anyhow::Result<distillery_quantize::QuantizeOutcome> {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+                .expect("the template is valid"),
+        );
+        bar
+    });
+    let mut last_block = None;
+    let outcome = distillery_quantize::quantize_run(config, &mut |progress| {
+        let block = progress
+            .name
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(".");
+        match &bar {
+            Some(bar) => {
+                bar.set_length(progress.total as u64);
+                bar.set_position(progress.done as u64);
+                bar.set_message(progress.name.to_string());
+            }
+            None if last_block.as_ref() != Some(&block) => {
+                eprintln!(
+                    "quantizing {block} ({}/{} matrices done)",
+                    progress.done, progress.total
+                );
+                last_block = Some(block);
+            }
+            None => {}
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(outcome?)
 }
 
 fn train_options(resume: Option<Option<PathBuf>>) -> anyhow::Result<TrainOptions> {

@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
-    ExperimentConfig, LogConfig, ModelSection, RunConfig, StudentConfig, StudentInit,
-    TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
+    ExperimentConfig, LogConfig, ModelSection, QuantizeConfig, QuantizeMethod, RunConfig,
+    StudentConfig, StudentInit, TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +330,125 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
             ),
         );
     }
-    validate_distillation(config, shape.num_hidden_layers)
+    validate_distillation(config, shape.num_hidden_layers)?;
+    match &config.quantize {
+        Some(quantize) => validate_quantize(quantize, &shape, data.seq_len),
+        None => Ok(()),
+    }
+}
+
+fn validate_quantize(
+    quantize: &QuantizeConfig,
+    shape: &LlamaConfig,
+    seq_len: usize,
+) -> Result<(), (String, String)> {
+    let fail = |key: &str, message: String| Err((key.to_string(), message));
+    let bits = quantize.bits();
+    match (quantize.method, quantize.bits) {
+        (QuantizeMethod::Int8, Some(bits)) if bits != 8 => {
+            return fail("quantize.bits", format!("is always 8 for int8, got {bits}"));
+        }
+        (_, Some(bits)) if ![2, 3, 4, 8].contains(&bits) => {
+            return fail("quantize.bits", format!("must be 2, 3, 4 or 8, got {bits}"));
+        }
+        _ => {}
+    }
+    if let Some(size) = quantize.group_size
+        && (size == 0 || size < -1)
+    {
+        return fail(
+            "quantize.group_size",
+            format!("must be -1 (whole rows) or a positive column count, got {size}"),
+        );
+    }
+    if quantize.method != QuantizeMethod::Gptq {
+        for (key, set) in [
+            ("quantize.act_order", quantize.act_order),
+            ("quantize.static_groups", quantize.static_groups),
+            ("quantize.calibration", quantize.calibration.is_some()),
+        ] {
+            if set {
+                return fail(key, "only applies to method = \"gptq\"".into());
+            }
+        }
+    }
+    if !(quantize.damp_percent > 0.0 && quantize.damp_percent <= 1.0) {
+        return fail(
+            "quantize.damp_percent",
+            format!("must be in (0, 1], got {}", quantize.damp_percent),
+        );
+    }
+    for (key, value) in [
+        ("quantize.block_size", quantize.block_size),
+        ("quantize.nsamples", quantize.nsamples),
+        ("quantize.seqlen", quantize.seqlen.unwrap_or(seq_len)),
+    ] {
+        if value == 0 {
+            return fail(key, "must be at least 1".into());
+        }
+    }
+    if let Some(seqlen) = quantize.seqlen
+        && seqlen > shape.max_position_embeddings
+    {
+        return fail(
+            "quantize.seqlen",
+            format!(
+                "{seqlen} is longer than model.max_position_embeddings = {}",
+                shape.max_position_embeddings
+            ),
+        );
+    }
+    if quantize.quantize_lm_head && shape.tie_word_embeddings {
+        return fail(
+            "quantize.quantize_lm_head",
+            "the output projection is tied to the embedding; set quantize_embeddings instead"
+                .into(),
+        );
+    }
+    if let Some(name) = &quantize.name
+        && (name.is_empty() || name.contains(['/', '\\']) || name == "." || name == "..")
+    {
+        return fail(
+            "quantize.name",
+            format!("\"{name}\" must be a plain directory name (no slashes)"),
+        );
+    }
+    // GPTQ files pack codes along the inputs and zeros along the outputs into 32-bit words.
+    let word = 32 / gcd(32, bits as usize);
+    let kv_width = shape.num_key_value_heads * shape.head_dim();
+    // The vocabulary's width is checked when the model is quantized: it comes from the
+    // tokenizer.
+    let matrices = [
+        ("self_attn.q_proj", shape.hidden_size, shape.hidden_size),
+        ("self_attn.k_proj", shape.hidden_size, kv_width),
+        ("self_attn.o_proj", shape.hidden_size, shape.hidden_size),
+        ("mlp.gate_proj", shape.hidden_size, shape.intermediate_size),
+        ("mlp.down_proj", shape.intermediate_size, shape.hidden_size),
+    ];
+    for (layer, inputs, outputs) in matrices {
+        if !inputs.is_multiple_of(word) || !outputs.is_multiple_of(word) {
+            return fail(
+                "quantize.bits",
+                format!(
+                    "{layer} is {inputs} inputs x {outputs} outputs; {bits}-bit GPTQ storage \
+                     needs both to be multiples of {word}"
+                ),
+            );
+        }
+        if let Some(size) = quantize.group_size()
+            && size > inputs
+        {
+            return fail(
+                "quantize.group_size",
+                format!("{size} is wider than {layer}'s {inputs} input columns"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn validate_distillation(
@@ -442,10 +560,18 @@ impl ExperimentConfig {
     /// Checks that the input files the config names exist; `origin` names the config in the
     /// error.
     pub fn check_inputs(&self, origin: &str) -> Result<(), ConfigError> {
+        let calibration = self
+            .quantize
+            .as_ref()
+            .and_then(|quantize| quantize.calibration.as_ref());
         for (key, path) in [
-            ("data.corpus", &self.data.corpus),
-            ("data.tokenizer", &self.data.tokenizer),
-        ] {
+            ("data.corpus", Some(&self.data.corpus)),
+            ("data.tokenizer", Some(&self.data.tokenizer)),
+            ("quantize.calibration", calibration),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| Some((key, path?)))
+        {
             if !path.is_file() {
                 return Err(ConfigError::Invalid {
                     origin: origin.to_string(),

@@ -27,6 +27,9 @@ pub struct ExperimentConfig {
     /// How a distilled student starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student: Option<StudentConfig>,
+    /// Post-training quantization of the run's model (`distillery quantize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<QuantizeConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +305,123 @@ pub enum StudentInit {
     Random,
     /// Embeddings, norms and a subset of the teacher's layers; widths must match.
     FromTeacher,
+}
+
+/// Post-training quantization; key names follow AutoGPTQ's `quantize_config.json` where they
+/// mean the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeConfig {
+    pub method: QuantizeMethod,
+    /// Code width: 2, 3, 4 or 8 (default 4; `int8` is always 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
+    /// Input columns sharing one scale and zero per output channel; -1 for whole rows
+    /// (default 128, or -1 for `int8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<i64>,
+    /// Grids centred on zero (AutoGPTQ's default); otherwise each grid spans its group's range.
+    #[serde(default = "yes")]
+    pub sym: bool,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal (AutoGPTQ's `desc_act`).
+    #[serde(default)]
+    pub act_order: bool,
+    /// GPTQ: fix every group's grid before quantizing, so act-order keeps groups contiguous.
+    #[serde(default)]
+    pub static_groups: bool,
+    /// GPTQ: inside a block, calibrate each sublayer on the outputs of the already-quantized
+    /// ones (q,k,v → o → gate,up → down).
+    #[serde(default = "yes")]
+    pub true_sequential: bool,
+    /// GPTQ: dampening added to the Hessian's diagonal, as a share of its mean.
+    #[serde(default = "default_damp_percent")]
+    pub damp_percent: f64,
+    /// GPTQ: columns quantized between lazy batch updates.
+    #[serde(default = "default_gptq_block_size")]
+    pub block_size: usize,
+    /// GPTQ: calibration windows.
+    #[serde(default = "default_nsamples")]
+    pub nsamples: usize,
+    /// GPTQ: tokens per calibration window (default `data.seq_len`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seqlen: Option<usize>,
+    /// GPTQ: a text file to draw calibration windows from, instead of the training split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<PathBuf>,
+    /// Quantize the token embedding too (round-to-nearest: a lookup table has no Hessian).
+    #[serde(default)]
+    pub quantize_embeddings: bool,
+    /// Quantize the untied output projection too.
+    #[serde(default)]
+    pub quantize_lm_head: bool,
+    /// The model to quantize: a run or checkpoint directory (default the run's directory,
+    /// whose `best/` checkpoint is taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
+    /// Names the output `<checkpoint_dir>/<name>/` (default `<run>-<method and settings>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizeMethod {
+    /// Symmetric absmax int8, per output channel or group.
+    Int8,
+    /// Round-to-nearest on a uniform grid: the baseline GPTQ is judged against.
+    Rtn,
+    /// GPTQ (Frantar et al. 2022): Hessian-calibrated rounding, block by block.
+    Gptq,
+}
+
+impl QuantizeConfig {
+    pub fn bits(&self) -> u32 {
+        match self.method {
+            QuantizeMethod::Int8 => 8,
+            _ => self.bits.unwrap_or(4),
+        }
+    }
+
+    /// Columns per group; `None` for one group per output channel.
+    pub fn group_size(&self) -> Option<usize> {
+        let default = match self.method {
+            QuantizeMethod::Int8 => -1,
+            _ => 128,
+        };
+        usize::try_from(self.group_size.unwrap_or(default)).ok()
+    }
+
+    /// A directory name that tells the settings apart: `int8`, `rtn-4bit-g128`,
+    /// `gptq-3bit-g128-act`.
+    pub fn label(&self) -> String {
+        let method = match self.method {
+            QuantizeMethod::Int8 => "int8".to_string(),
+            QuantizeMethod::Rtn => format!("rtn-{}bit", self.bits()),
+            QuantizeMethod::Gptq => format!("gptq-{}bit", self.bits()),
+        };
+        let groups = self
+            .group_size()
+            .map_or(String::new(), |size| format!("-g{size}"));
+        let act_order = if self.act_order { "-act" } else { "" };
+        let asymmetric = if self.sym || self.method == QuantizeMethod::Int8 {
+            ""
+        } else {
+            "-asym"
+        };
+        format!("{method}{groups}{act_order}{asymmetric}")
+    }
+}
+
+fn default_damp_percent() -> f64 {
+    0.01
+}
+
+fn default_gptq_block_size() -> usize {
+    128
+}
+
+fn default_nsamples() -> usize {
+    128
 }
 
 fn default_temperature() -> f64 {

@@ -215,3 +215,98 @@ fn every_shipped_config_parses() {
         directory.display()
     );
 }
+
+#[test]
+fn quantize_section_gets_autogptq_defaults_per_method() {
+    // llama-tiny's 32-wide layers are narrower than the default group of 128 columns.
+    let message = error(MINIMAL, &["quantize.method=\"gptq\""]);
+    assert!(message.contains("128 is wider than"), "{message}");
+    let wide = [
+        "quantize.method=\"gptq\"".into(),
+        "model.hidden_size=128".into(),
+        "model.intermediate_size=256".into(),
+    ];
+    let gptq = parse(MINIMAL, "test.toml", &wide).unwrap();
+    let quantize = gptq.quantize.unwrap();
+    assert_eq!(quantize.bits(), 4);
+    assert_eq!(quantize.group_size(), Some(128));
+    assert!(quantize.sym && quantize.true_sequential && !quantize.act_order);
+    assert_eq!(quantize.damp_percent, 0.01);
+    assert_eq!(quantize.nsamples, 128);
+    assert_eq!(quantize.label(), "gptq-4bit-g128");
+    let int8 = parse(MINIMAL, "test.toml", &["quantize.method=\"int8\"".into()]).unwrap();
+    let quantize = int8.quantize.unwrap();
+    assert_eq!((quantize.bits(), quantize.group_size()), (8, None));
+    assert_eq!(quantize.label(), "int8");
+}
+
+#[test]
+fn bad_quantize_settings_name_their_key() {
+    let with = |extra: &str| format!("{MINIMAL}\n[quantize]\n{extra}\n");
+    for (extra, key, message) in [
+        (
+            "method = \"gptq\"\nbits = 5",
+            "quantize.bits",
+            "must be 2, 3, 4 or 8, got 5",
+        ),
+        (
+            "method = \"int8\"\nbits = 4",
+            "quantize.bits",
+            "always 8 for int8",
+        ),
+        (
+            "method = \"rtn\"\ngroup_size = 0",
+            "quantize.group_size",
+            "got 0",
+        ),
+        (
+            "method = \"rtn\"\ngroup_size = 48",
+            "quantize.group_size",
+            "48 is wider than self_attn.q_proj's 32 input columns",
+        ),
+        (
+            "method = \"rtn\"\nact_order = true",
+            "quantize.act_order",
+            "only applies",
+        ),
+        (
+            "method = \"gptq\"\ndamp_percent = 0.0",
+            "quantize.damp_percent",
+            "(0, 1]",
+        ),
+        (
+            "method = \"gptq\"\nseqlen = 65",
+            "quantize.seqlen",
+            "longer than",
+        ),
+        (
+            "method = \"gptq\"\nquantize_lm_head = true",
+            "quantize.quantize_lm_head",
+            "tied",
+        ),
+        ("method = \"gptq\"\nblocksize = 64", "quantize", "blocksize"),
+    ] {
+        let message_text = error(&with(extra), &[]);
+        assert!(
+            message_text.contains(key) && message_text.contains(message),
+            "{extra}: {message_text}"
+        );
+    }
+}
+
+#[test]
+fn three_bit_storage_needs_widths_in_whole_words() {
+    let message = error(
+        MINIMAL,
+        &[
+            "quantize.method=\"gptq\"",
+            "quantize.bits=3",
+            "quantize.group_size=-1",
+        ],
+    );
+    assert!(
+        message.contains("self_attn.k_proj is 32 inputs x 16 outputs")
+            && message.contains("multiples of 32"),
+        "{message}"
+    );
+}

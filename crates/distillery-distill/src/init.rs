@@ -90,23 +90,26 @@ pub fn check_from_teacher(
 /// `student` with the teacher's embeddings, final norm, output head and `layers` (already
 /// checked with [`check_from_teacher`]). Vocabulary rows beyond the student's are dropped.
 pub fn student_from_teacher(mut student: Llama, teacher: &Llama, layers: &[usize]) -> Llama {
-    let device = student.embed_tokens.val().device();
+    let device = student.device();
     let vocab = student.config().vocab_size;
-    let embedding = teacher.embed_tokens.val();
+    let embedding = float_param(teacher.embedding()).val();
     let hidden = embedding.dims()[1];
-    student.embed_tokens = fresh(embedding.slice([0..vocab, 0..hidden]), &device);
+    student.set_embedding(fresh(embedding.slice([0..vocab, 0..hidden]), &device));
     student.layers = layers
         .iter()
         .map(|&index| teacher.layers[index].clone().to_device(&device))
         .collect();
     student.norm = teacher.norm.clone().to_device(&device);
     if let (Some(head), Some(teacher_head)) = (&mut student.lm_head, &teacher.lm_head) {
-        let weight = teacher_head.weight.val();
-        *head = Linear {
-            weight: fresh(weight.slice([0..hidden, 0..vocab]), &device),
-        };
+        let weight = float_param(teacher_head.float_weight()).val();
+        *head = Linear::new(fresh(weight.slice([0..hidden, 0..vocab]), &device));
     }
     student
+}
+
+/// Teachers load from training checkpoints and Hugging Face folders, which hold float weights.
+fn float_param(param: Option<&Param<Tensor<2>>>) -> &Param<Tensor<2>> {
+    param.expect("teachers are float models")
 }
 
 /// A new trainable parameter holding a copy of `value`.
@@ -151,18 +154,14 @@ mod tests {
         let student = Llama::new(&shape(2), 0.0, 2, &device).unwrap();
         check_from_teacher(student.config(), teacher.config(), &[1, 3]).unwrap();
         let student = student_from_teacher(student, &teacher, &[1, 3]);
+        assert_eq!(student.embedding_values(), teacher.embedding_values());
         assert_eq!(
-            values(student.embed_tokens.val()),
-            values(teacher.embed_tokens.val())
-        );
-        let copied = &student.layers[1].self_attn.q_proj.weight;
-        assert_eq!(
-            values(copied.val()),
-            values(teacher.layers[3].self_attn.q_proj.weight.val())
+            student.layers[1].self_attn.q_proj.weight_out_in(),
+            teacher.layers[3].self_attn.q_proj.weight_out_in()
         );
         assert_eq!(
-            values(student.lm_head.as_ref().unwrap().weight.val()),
-            values(teacher.lm_head.as_ref().unwrap().weight.val())
+            student.lm_head.as_ref().unwrap().weight_out_in(),
+            teacher.lm_head.as_ref().unwrap().weight_out_in()
         );
 
         let mut pruned_teacher = teacher.clone();

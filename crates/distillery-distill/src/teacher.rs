@@ -270,7 +270,7 @@ mod tests {
         let first = teacher.logits(inputs.clone());
         assert!(!first.is_autodiff());
         assert_eq!(first.dims(), [2, 3, 32]);
-        assert!(!teacher.model.embed_tokens.val().is_autodiff());
+        assert!(!teacher.model.embedding().unwrap().val().is_autodiff());
         let second = teacher.logits(inputs);
         assert_eq!(
             first.into_data().try_to_vec::<f32>().unwrap(),

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use distillery_model::{Linear, Llama, LlamaConfig};
+use distillery_quant::PackedMatrix;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::ggml_blocks::f16_to_f32;
 use crate::names::{distillery_path, hf_name};
+use distillery_quant::f16::f16_to_f32;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -26,7 +27,7 @@ pub struct HfError {
     pub message: String,
 }
 
-fn error(path: &Path, message: impl Into<String>) -> HfError {
+pub(crate) fn error(path: &Path, message: impl Into<String>) -> HfError {
     HfError {
         path: path.to_path_buf(),
         message: message.into(),
@@ -155,11 +156,20 @@ pub fn hf_tensors(model: &Llama) -> Vec<HfTensor> {
         });
     };
     // Linear weights are `[in, out]` in burn, `[out, in]` in transformers.
-    let linear = |linear: &Linear| tensor_values(linear.weight.val().transpose());
+    let linear = |linear: &Linear| {
+        (
+            vec![linear.d_output(), linear.d_input()],
+            linear.weight_out_in(),
+        )
+    };
     let norm = |gamma: &Param<Tensor<1>>| tensor_values(gamma.val());
+    let config = model.config();
     push(
         "embed_tokens".into(),
-        tensor_values(model.embed_tokens.val()),
+        (
+            vec![config.vocab_size, config.hidden_size],
+            model.embedding_values(),
+        ),
     );
     for (index, layer) in model.layers.iter().enumerate() {
         let prefix = format!("layers.{index}");
@@ -167,25 +177,12 @@ pub fn hf_tensors(model: &Llama) -> Vec<HfTensor> {
             format!("{prefix}.input_layernorm.gamma"),
             norm(&layer.input_layernorm.gamma),
         );
-        let attention = &layer.self_attn;
-        for (name, weight) in [
-            ("q_proj", &attention.q_proj),
-            ("k_proj", &attention.k_proj),
-            ("v_proj", &attention.v_proj),
-            ("o_proj", &attention.o_proj),
-        ] {
-            push(format!("{prefix}.self_attn.{name}.weight"), linear(weight));
-        }
         push(
             format!("{prefix}.post_attention_layernorm.gamma"),
             norm(&layer.post_attention_layernorm.gamma),
         );
-        for (name, weight) in [
-            ("gate_proj", &layer.mlp.gate_proj),
-            ("up_proj", &layer.mlp.up_proj),
-            ("down_proj", &layer.mlp.down_proj),
-        ] {
-            push(format!("{prefix}.mlp.{name}.weight"), linear(weight));
+        for (name, weight) in layer.linears() {
+            push(format!("{prefix}.{name}.weight"), linear(weight));
         }
     }
     push("norm.gamma".into(), norm(&model.norm.gamma));
@@ -204,14 +201,32 @@ pub fn safetensors_bytes(model: &Llama) -> Vec<u8> {
 
 /// A safetensors file of `tensors`, each value stored as `encode` writes it in `dtype`.
 fn safetensors_of(tensors: &[HfTensor], dtype: Dtype, encode: impl Fn(f32) -> Vec<u8>) -> Vec<u8> {
-    let data: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|tensor| tensor.values.iter().flat_map(|&v| encode(v)).collect())
-        .collect();
-    let views = tensors.iter().zip(&data).map(|(tensor, data)| {
+    safetensors_file(
+        tensors
+            .iter()
+            .map(|tensor| RawTensor {
+                name: tensor.name.clone(),
+                dtype,
+                shape: tensor.shape.clone(),
+                bytes: tensor.values.iter().flat_map(|&v| encode(v)).collect(),
+            })
+            .collect(),
+    )
+}
+
+/// One tensor of a safetensors file, its values already encoded little-endian.
+pub(crate) struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+pub(crate) fn safetensors_file(tensors: Vec<RawTensor>) -> Vec<u8> {
+    let views = tensors.iter().map(|tensor| {
         (
             tensor.name.clone(),
-            safetensors::tensor::TensorView::new(dtype, tensor.shape.clone(), data)
+            safetensors::tensor::TensorView::new(tensor.dtype, tensor.shape.clone(), &tensor.bytes)
                 .expect("sizes match shapes"),
         )
     });
@@ -256,7 +271,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
 }
 
 /// Little-endian f32, f16 or bf16 tensor bytes as f32 values.
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     match dtype {
         Dtype::F32 => Some(
             bytes
@@ -332,6 +347,24 @@ impl ModelAssembly {
         let shape = self.expected[name].clone();
         let path = distillery_path(name).map_err(|e| e.to_string())?;
         assign(&mut self.model, &path, values, &shape, &self.device);
+        self.loaded.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Stores a quantized matrix for the weight `name` (Hugging Face's name of the float
+    /// weight), whose `[out, in]` shape it must have.
+    pub(crate) fn put_packed(&mut self, name: &str, packed: PackedMatrix) -> Result<(), String> {
+        self.check(name, &[packed.rows(), packed.cols()])?;
+        let path = distillery_path(name).map_err(|e| e.to_string())?;
+        if path == "embed_tokens" {
+            self.model.set_packed_embedding(packed);
+        } else {
+            let layer = path
+                .strip_suffix(".weight")
+                .and_then(|layer| self.model.linear_mut(layer))
+                .ok_or_else(|| format!("`{name}` is not a matrix that can be quantized"))?;
+            *layer = Linear::quantized(packed);
+        }
         self.loaded.insert(name.to_string());
         Ok(())
     }
@@ -423,15 +456,13 @@ fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], devi
         let transposed: Vec<f32> = (0..inputs * out)
             .map(|index| values[(index % out) * inputs + index / out])
             .collect();
-        Linear {
-            weight: Param::from_tensor(Tensor::<2>::from_data(
-                TensorData::new(transposed, [inputs, out]),
-                device,
-            )),
-        }
+        Linear::new(Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(transposed, [inputs, out]),
+            device,
+        )))
     };
     match path {
-        "embed_tokens" => model.embed_tokens = Param::from_tensor(matrix(values)),
+        "embed_tokens" => model.set_embedding(Param::from_tensor(matrix(values))),
         "norm.gamma" => model.norm.gamma = vector(values),
         "lm_head.weight" => model.lm_head = Some(linear(values)),
         _ => {
@@ -467,48 +498,84 @@ pub fn export(
     eos_token_id: Option<u32>,
     dir: &Path,
 ) -> Result<(), HfError> {
-    if dir.exists() {
+    let mut files = vec![
+        (
+            CONFIG_FILE,
+            config_json(model.config(), bos_token_id, eos_token_id).into_bytes(),
+        ),
+        (WEIGHTS_FILE, safetensors_bytes(model)),
+    ];
+    files.extend(tokenizer_files(
+        model.config(),
+        tokenizer,
+        bos_token_id,
+        eos_token_id,
+    )?);
+    write_folder(dir, &files, false)
+}
+
+/// `tokenizer.json` (a copy of `tokenizer`), `tokenizer_config.json` and
+/// `generation_config.json`.
+pub(crate) fn tokenizer_files(
+    config: &LlamaConfig,
+    tokenizer: &Path,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+) -> Result<Vec<(&'static str, Vec<u8>)>, HfError> {
+    let tokenizer_json = std::fs::read(tokenizer).map_err(|e| error(tokenizer, e.to_string()))?;
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_position_embeddings,
+    });
+    let generation_config = serde_json::json!({
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    });
+    let pretty = |value: &serde_json::Value| {
+        serde_json::to_string_pretty(value)
+            .expect("json")
+            .into_bytes()
+    };
+    Ok(vec![
+        ("tokenizer.json", tokenizer_json),
+        ("tokenizer_config.json", pretty(&tokenizer_config)),
+        ("generation_config.json", pretty(&generation_config)),
+    ])
+}
+
+/// Writes `files` into folder `dir`, assembled beside it and renamed into place, so an
+/// interrupted write leaves no folder that looks complete. An existing `dir` is an error unless
+/// `replace`; then it is swapped out only once the new folder is complete.
+pub(crate) fn write_folder(
+    dir: &Path,
+    files: &[(&str, Vec<u8>)],
+    replace: bool,
+) -> Result<(), HfError> {
+    if dir.exists() && !replace {
         return Err(error(dir, "already exists; choose another output folder"));
     }
     let name = dir
         .file_name()
         .ok_or_else(|| error(dir, "names no folder"))?;
-    let mut staging_name = std::ffi::OsString::from(".tmp-");
-    staging_name.push(name);
-    let staging = dir.with_file_name(staging_name);
-    let write = |file: &str, bytes: &[u8]| {
-        let path = staging.join(file);
-        std::fs::write(&path, bytes).map_err(|e| error(&path, e.to_string()))
+    let sibling = |prefix: &str| {
+        let mut sibling_name = std::ffi::OsString::from(prefix);
+        sibling_name.push(name);
+        dir.with_file_name(sibling_name)
     };
+    let staging = sibling(".tmp-");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| error(&staging, e.to_string()))?;
-    write(
-        CONFIG_FILE,
-        config_json(model.config(), bos_token_id, eos_token_id).as_bytes(),
-    )?;
-    write(WEIGHTS_FILE, &safetensors_bytes(model))?;
-    let tokenizer_json = std::fs::read(tokenizer).map_err(|e| error(tokenizer, e.to_string()))?;
-    write("tokenizer.json", &tokenizer_json)?;
-    let tokenizer_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": model.config().max_position_embeddings,
-    });
-    write(
-        "tokenizer_config.json",
-        serde_json::to_string_pretty(&tokenizer_config)
-            .expect("json")
-            .as_bytes(),
-    )?;
-    let generation_config = serde_json::json!({
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-    });
-    write(
-        "generation_config.json",
-        serde_json::to_string_pretty(&generation_config)
-            .expect("json")
-            .as_bytes(),
-    )?;
+    for (file, bytes) in files {
+        let path = staging.join(file);
+        std::fs::write(&path, bytes).map_err(|e| error(&path, e.to_string()))?;
+    }
+    if dir.exists() {
+        let old = sibling(".old-");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).map_err(|e| error(dir, e.to_string()))?;
+        std::fs::rename(&staging, dir).map_err(|e| error(dir, e.to_string()))?;
+        return std::fs::remove_dir_all(&old).map_err(|e| error(&old, e.to_string()));
+    }
     std::fs::rename(&staging, dir).map_err(|e| error(dir, e.to_string()))
 }
 
@@ -591,7 +658,12 @@ mod tests {
         assert_eq!(tensors.len(), 1 + 2 * 9 + 1 + 1);
         let (q_shape, q_values) = &tensors["model.layers.1.self_attn.q_proj.weight"];
         assert_eq!(q_shape, &vec![16, 16]);
-        let ours = model.layers[1].self_attn.q_proj.weight.val();
+        let ours = model.layers[1]
+            .self_attn
+            .q_proj
+            .float_weight()
+            .unwrap()
+            .val();
         let ours: Vec<f32> = ours.into_data().try_into_vec().unwrap();
         // Ours is [in, out]: element (out o, in i) of the file is ours[i][o].
         for o in 0..16 {
@@ -659,13 +731,8 @@ mod tests {
         )
         .unwrap();
         let imported = import(&dir, &device).unwrap();
-        let embedding: Vec<f32> = imported
-            .embed_tokens
-            .val()
-            .into_data()
-            .try_into_vec()
-            .unwrap();
-        let original: Vec<f32> = model.embed_tokens.val().into_data().try_into_vec().unwrap();
+        let embedding = imported.embedding_values();
+        let original = model.embedding_values();
         for (got, want) in embedding.iter().zip(&original) {
             assert_eq!(
                 got.to_bits(),

@@ -6,4 +6,5 @@ pub mod ggml_blocks;
 pub mod gguf;
 pub mod hf;
 pub mod names;
+pub mod quantized;
 pub mod rope_layout;

@@ -97,7 +97,7 @@ pub fn generate(
         return Err(ModelError::TokenOutOfRange { token, vocab });
     }
 
-    let device = model.embed_tokens.device();
+    let device = model.device();
     let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
     let mut cache = KvCache::new(model.layers.len());
     let mut tokens = Vec::new();

@@ -145,7 +145,8 @@ mod tests {
                 .layers[1]
                 .mlp
                 .down_proj
-                .weight
+                .float_weight()
+                .unwrap()
                 .val()
                 .into_data()
                 .try_into_vec::<f32>()
@@ -177,6 +178,80 @@ mod tests {
         let plain = flat(eval.forward(tokens(&ids, &device)));
         let without = Llama::new(&config(false), 0.0, 4, &device).unwrap();
         assert_eq!(plain, flat(without.forward(tokens(&ids, &device))));
+    }
+
+    #[test]
+    fn quantized_layers_compute_with_their_dequantized_weights() {
+        let device = Device::flex();
+        let mut model = Llama::new(&config(false), 0.0, 8, &device).unwrap();
+        let mut reference = Llama::new(&config(false), 0.0, 8, &device).unwrap();
+        let settings = distillery_quant::QuantSettings {
+            bits: 4,
+            group_size: Some(16),
+            symmetric: false,
+        };
+        let paths: Vec<String> = model.linears().into_iter().map(|(path, _)| path).collect();
+        for path in &paths {
+            let linear = model.linear_mut(path).unwrap();
+            let (rows, cols) = (linear.d_output(), linear.d_input());
+            let matrix =
+                distillery_quant::round_to_nearest(&linear.weight_out_in(), rows, cols, &settings)
+                    .unwrap();
+            let packed = distillery_quant::PackedMatrix::from_quantized(&matrix);
+            let dequantized = packed.dequantize_transposed();
+            *linear = Linear::quantized(packed);
+            *reference.linear_mut(path).unwrap() = Linear::new(burn::module::Param::from_data(
+                TensorData::new(dequantized, [cols, rows]),
+                &device,
+            ));
+        }
+        // Quantized weights are no longer float parameters.
+        let quantized: usize = model
+            .linears()
+            .iter()
+            .map(|(_, linear)| linear.d_input() * linear.d_output())
+            .sum();
+        assert_eq!(
+            model.num_params(),
+            config(false).num_parameters() - quantized
+        );
+        // One row decodes on the fly; a long sequence goes through a dequantized copy.
+        for length in [1, 20] {
+            let ids: Vec<i64> = (0..length).map(|i| (i * 11 + 2) % 50).collect();
+            let quantized = flat(model.forward(tokens(&ids, &device)));
+            let float = flat(reference.forward(tokens(&ids, &device)));
+            let worst = quantized
+                .iter()
+                .zip(&float)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{length} tokens: logits differ by {worst}");
+        }
+    }
+
+    #[test]
+    fn a_quantized_tied_embedding_serves_lookup_and_output() {
+        let device = Device::flex();
+        let mut model = Llama::new(&config(true), 0.0, 9, &device).unwrap();
+        let table = model.embedding_values();
+        let matrix = distillery_quant::int8_absmax(&table, 50, 32, None).unwrap();
+        let packed = distillery_quant::PackedMatrix::from_quantized(&matrix);
+        let dequantized = packed.dequantize();
+        model.set_packed_embedding(packed);
+        assert!(model.embedding().is_none());
+        assert_eq!(model.embedding_values(), dequantized);
+        let mut reference = Llama::new(&config(true), 0.0, 9, &device).unwrap();
+        reference.set_embedding(burn::module::Param::from_data(
+            TensorData::new(dequantized, [50, 32]),
+            &device,
+        ));
+        let ids = [4i64, 49, 0, 17];
+        let worst = flat(model.forward(tokens(&ids, &device)))
+            .iter()
+            .zip(&flat(reference.forward(tokens(&ids, &device))))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "logits differ by {worst}");
     }
 
     #[test]

@@ -8,8 +8,11 @@
 use burn::module::{Module, Param};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::{embedding, linear};
+use std::sync::Arc;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use distillery_kernels::{causal_attention, dropout, rms_norm, swiglu};
+use distillery_quant::PackedMatrix;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -20,30 +23,115 @@ use crate::{KvCache, LlamaConfig, ModelError};
 /// `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
-/// A linear map without bias, `y = x W` with `W: [in, out]`.
+/// A linear map without bias, `y = x W` with `W: [in, out]`, whose weight is either a float
+/// parameter or a quantized matrix.
 #[derive(Module, Debug)]
 pub struct Linear {
-    pub weight: Param<Tensor<2>>,
+    /// `[in, out]`; `None` once the layer is quantized.
+    weight: Option<Param<Tensor<2>>>,
+    /// The quantized weight, output channels as rows.
+    #[module(skip)]
+    packed: Option<Arc<PackedMatrix>>,
 }
 
+/// Below this many input rows a quantized layer decodes its channels on the fly; above it, one
+/// float copy of the weight per call feeds the backend's matrix product.
+const DECODE_ROWS: usize = 8;
+
 impl Linear {
+    pub fn new(weight: Param<Tensor<2>>) -> Self {
+        Self {
+            weight: Some(weight),
+            packed: None,
+        }
+    }
+
+    pub fn quantized(packed: PackedMatrix) -> Self {
+        Self {
+            weight: None,
+            packed: Some(Arc::new(packed)),
+        }
+    }
+
+    /// The float weight `[in, out]`, unless the layer is quantized.
+    pub fn float_weight(&self) -> Option<&Param<Tensor<2>>> {
+        self.weight.as_ref()
+    }
+
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        self.packed.as_deref()
+    }
+
+    /// The weight as `[out, in]` row-major values (Hugging Face's layout), dequantized when the
+    /// layer is quantized.
+    pub fn weight_out_in(&self) -> Vec<f32> {
+        match (&self.weight, &self.packed) {
+            (Some(weight), _) => weight
+                .val()
+                .transpose()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .expect("weights are f32"),
+            (None, Some(packed)) => packed.dequantize(),
+            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        }
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product();
-        // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
-        // per batch entry, and its weight gradient would be a sum of per-batch products.
-        let y = linear(x.reshape([rows, dims[D - 1]]), self.weight.val(), None);
+        let x = x.reshape([rows, dims[D - 1]]);
+        let y = match (&self.weight, &self.packed) {
+            // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
+            // per batch entry, and its weight gradient would be a sum of per-batch products.
+            (Some(weight), _) => linear(x, weight.val(), None),
+            (None, Some(packed)) => quantized_product(packed, x),
+            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        };
         dims[D - 1] = self.d_output();
         y.reshape(dims)
     }
 
     pub fn d_input(&self) -> usize {
-        self.weight.dims()[0]
+        match (&self.weight, &self.packed) {
+            (Some(weight), _) => weight.dims()[0],
+            (None, Some(packed)) => packed.cols(),
+            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        }
     }
 
     pub fn d_output(&self) -> usize {
-        self.weight.dims()[1]
+        match (&self.weight, &self.packed) {
+            (Some(weight), _) => weight.dims()[1],
+            (None, Some(packed)) => packed.rows(),
+            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        }
     }
+}
+
+/// `x Wᵀ` for a quantized `W` (output channels as rows): `[rows, in]` to `[rows, out]`.
+fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
+    let device = x.device();
+    let [rows, cols] = x.dims();
+    if rows <= DECODE_ROWS {
+        let inputs = host_values(x);
+        let outputs = packed.matmul(&inputs, rows);
+        return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
+    }
+    let weight = Tensor::from_data(
+        TensorData::new(packed.dequantize_transposed(), [cols, packed.rows()]),
+        &device,
+    );
+    linear(x, weight, None)
+}
+
+fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("activations are f32")
 }
 
 #[derive(Module, Debug)]
@@ -74,7 +162,11 @@ pub struct DecoderLayer {
 
 #[derive(Module, Debug)]
 pub struct Llama {
-    pub embed_tokens: Param<Tensor<2>>,
+    /// `[vocab, hidden]`; `None` once the table is quantized.
+    embed_tokens: Option<Param<Tensor<2>>>,
+    /// The quantized table, one row per token.
+    #[module(skip)]
+    embed_packed: Option<Arc<PackedMatrix>>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the output projection is the transposed token embedding.
@@ -144,9 +236,7 @@ impl Initializer {
     }
 
     fn linear(&mut self, d_input: usize, d_output: usize, std: f64) -> Linear {
-        Linear {
-            weight: self.normal([d_input, d_output], std),
-        }
+        Linear::new(self.normal([d_input, d_output], std))
     }
 }
 
@@ -202,7 +292,8 @@ impl Llama {
             (!config.tie_word_embeddings).then(|| init.linear(hidden, config.vocab_size, INIT_STD));
 
         Ok(Self {
-            embed_tokens,
+            embed_tokens: Some(embed_tokens),
+            embed_packed: None,
             layers,
             norm: norm(),
             lm_head,
@@ -220,6 +311,113 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The device the model computes on.
+    pub fn device(&self) -> Device {
+        self.rope.device()
+    }
+
+    /// The float token embedding `[vocab, hidden]`, unless it is quantized.
+    pub fn embedding(&self) -> Option<&Param<Tensor<2>>> {
+        self.embed_tokens.as_ref()
+    }
+
+    pub fn set_embedding(&mut self, table: Param<Tensor<2>>) {
+        self.embed_tokens = Some(table);
+        self.embed_packed = None;
+    }
+
+    pub fn packed_embedding(&self) -> Option<&PackedMatrix> {
+        self.embed_packed.as_deref()
+    }
+
+    /// Replaces the token embedding (and, when tied, the output projection) by a quantized
+    /// table with one row per token.
+    pub fn set_packed_embedding(&mut self, table: PackedMatrix) {
+        self.embed_tokens = None;
+        self.embed_packed = Some(Arc::new(table));
+    }
+
+    /// The token embedding as `[vocab, hidden]` row-major values, dequantized when quantized.
+    pub fn embedding_values(&self) -> Vec<f32> {
+        match (&self.embed_tokens, &self.embed_packed) {
+            (Some(table), _) => host_values(table.val()),
+            (None, Some(packed)) => packed.dequantize(),
+            (None, None) => unreachable!("the model has a float or a quantized embedding"),
+        }
+    }
+
+    /// `[batch, seq, hidden]` embeddings of `tokens`.
+    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        match (&self.embed_tokens, &self.embed_packed) {
+            (Some(table), _) => embedding(table.val(), tokens),
+            (None, Some(packed)) => {
+                let [batch, seq] = tokens.dims();
+                let ids: Vec<usize> = tokens
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .expect("token ids are integers")
+                    .into_iter()
+                    .map(|id| id as usize)
+                    .collect();
+                Tensor::from_data(
+                    TensorData::new(packed.gather_rows(&ids), [batch, seq, packed.cols()]),
+                    &self.device(),
+                )
+            }
+            (None, None) => unreachable!("the model has a float or a quantized embedding"),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` of final hidden states `x` (after the final norm).
+    pub fn project(&self, x: Tensor<3>) -> Tensor<3> {
+        if let Some(head) = &self.lm_head {
+            return head.forward(x);
+        }
+        let [batch, seq, hidden] = x.dims();
+        let x = x.reshape([batch * seq, hidden]);
+        let logits = match (&self.embed_tokens, &self.embed_packed) {
+            (Some(table), _) => x.matmul(table.val().transpose()),
+            (None, Some(packed)) => quantized_product(packed, x),
+            (None, None) => unreachable!("the model has a float or a quantized embedding"),
+        };
+        logits.reshape([batch, seq, self.config.vocab_size])
+    }
+
+    /// Every linear layer under its module path (`layers.0.self_attn.q_proj`, `lm_head`), in
+    /// the order the forward pass reaches them.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut linears = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                linears.push((format!("layers.{index}.{name}"), linear));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            linears.push(("lm_head".into(), head));
+        }
+        linears
+    }
+
+    /// The linear layer at a path [`Llama::linears`] names.
+    pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
+        if path == "lm_head" {
+            return self.lm_head.as_mut();
+        }
+        let (index, name) = path.strip_prefix("layers.")?.split_once('.')?;
+        self.layers
+            .get_mut(index.parse::<usize>().ok()?)?
+            .linear_mut(name)
+    }
+
+    pub fn rotary_tables(&self) -> &RotaryTables {
+        &self.rope
+    }
+
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        normalize(&self.norm, x)
     }
 
     /// Seeds the dropout masks of the next forward passes. A training loop sets it from the
@@ -258,7 +456,7 @@ impl Llama {
             probability: self.dropout,
             seed: self.dropout_seed,
         };
-        let mut x = dropout.apply(embedding(self.embed_tokens.val(), tokens), 0);
+        let mut x = dropout.apply(self.embed(tokens), 0);
         let mut hidden_states = output_hidden_states.then(|| vec![x.clone()]);
         for (index, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|cache| cache.layer_mut(index));
@@ -272,16 +470,7 @@ impl Llama {
             cache.advance(seq);
         }
 
-        let x = normalize(&self.norm, x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => {
-                let [batch, seq, hidden] = x.dims();
-                x.reshape([batch * seq, hidden])
-                    .matmul(self.embed_tokens.val().transpose())
-                    .reshape([batch, seq, self.config.vocab_size])
-            }
-        };
+        let logits = self.project(self.final_norm(x));
         LlamaOutput {
             logits,
             hidden_states,
@@ -290,6 +479,44 @@ impl Llama {
 }
 
 impl DecoderLayer {
+    /// The layer's linear maps under their paths inside the layer, in forward order.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    /// The linear map at a path [`DecoderLayer::linears`] names.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let linear = match name {
+            "self_attn.q_proj" => &mut self.self_attn.q_proj,
+            "self_attn.k_proj" => &mut self.self_attn.k_proj,
+            "self_attn.v_proj" => &mut self.self_attn.v_proj,
+            "self_attn.o_proj" => &mut self.self_attn.o_proj,
+            "mlp.gate_proj" => &mut self.mlp.gate_proj,
+            "mlp.up_proj" => &mut self.mlp.up_proj,
+            "mlp.down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        };
+        Some(linear)
+    }
+
+    /// The attention block's input: the residual stream, normalized.
+    pub fn attention_input(&self, x: Tensor<3>) -> Tensor<3> {
+        normalize(&self.input_layernorm, x)
+    }
+
+    /// The MLP block's input: the residual stream after attention, normalized.
+    pub fn mlp_input(&self, x: Tensor<3>) -> Tensor<3> {
+        normalize(&self.post_attention_layernorm, x)
+    }
+
     fn forward(
         &self,
         x: Tensor<3>,
@@ -299,22 +526,34 @@ impl DecoderLayer {
         dropout: DropoutSites,
         (attention_site, mlp_site): (u64, u64),
     ) -> Tensor<3> {
-        let attended = self.self_attn.forward(
-            normalize(&self.input_layernorm, x.clone()),
-            rope,
-            start,
-            cache,
-        );
+        let attended = self
+            .self_attn
+            .forward(self.attention_input(x.clone()), rope, start, cache);
         let x = x + dropout.apply(attended, attention_site);
-        let transformed = self
-            .mlp
-            .forward(normalize(&self.post_attention_layernorm, x.clone()));
+        let transformed = self.mlp.forward(self.mlp_input(x.clone()));
         x + dropout.apply(transformed, mlp_site)
     }
 }
 
 impl Attention {
     fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RotaryTables,
+        start: usize,
+        cache: Option<&mut crate::cache::LayerCache>,
+    ) -> Tensor<3> {
+        self.o_proj
+            .forward(self.context_with(x, rope, start, cache))
+    }
+
+    /// The heads' outputs for a whole sequence from position 0, concatenated
+    /// `[batch, seq, heads * head_dim]`: the input of `o_proj`.
+    pub fn context(&self, x: Tensor<3>, rope: &RotaryTables) -> Tensor<3> {
+        self.context_with(x, rope, 0, None)
+    }
+
+    fn context_with(
         &self,
         x: Tensor<3>,
         rope: &RotaryTables,
@@ -335,18 +574,20 @@ impl Attention {
             Some(cache) => cache.append(key, value),
             None => (key, value),
         };
-        let context = causal_attention(query, key, value);
-        let context = context
+        causal_attention(query, key, value)
             .swap_dims(1, 2)
-            .reshape([batch, seq, self.num_heads * self.head_dim]);
-        self.o_proj.forward(context)
+            .reshape([batch, seq, self.num_heads * self.head_dim])
     }
 }
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(gated)
+        self.down_proj.forward(self.gated(x))
+    }
+
+    /// `silu(gate(x)) * up(x)`: the input of `down_proj`.
+    pub fn gated(&self, x: Tensor<3>) -> Tensor<3> {
+        swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
     }
 }
 

@@ -39,6 +39,10 @@ impl RotaryTables {
         }
     }
 
+    pub fn device(&self) -> Device {
+        self.cos.device()
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]
     }

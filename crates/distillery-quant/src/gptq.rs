@@ -24,19 +24,30 @@ impl QuantSettings {
                 self.bits
             )));
         }
-        if let Some(size) = self.group_size
-            && (size == 0 || !cols.is_multiple_of(size))
-        {
-            return Err(QuantError::Settings(format!(
-                "group_size = {size} does not divide the {cols} input columns"
-            )));
-        }
-        Ok(())
+        validate_group_size(self.group_size, cols)
     }
+}
 
-    fn groups(&self, cols: usize) -> usize {
-        self.group_size.map_or(1, |size| cols / size)
+/// Groups of `group_size` consecutive columns; like AutoGPTQ, the last one may be shorter
+/// when the size does not divide the width.
+fn validate_group_size(group_size: Option<usize>, cols: usize) -> Result<(), QuantError> {
+    match group_size {
+        Some(0) => Err(QuantError::Settings(
+            "group_size = 0 is not a group; use -1 for one group per row".into(),
+        )),
+        Some(size) if size > cols => Err(QuantError::Settings(format!(
+            "group_size = {size} is wider than the {cols} input columns"
+        ))),
+        _ => Ok(()),
     }
+}
+
+fn group_count(group_size: Option<usize>, cols: usize) -> usize {
+    group_size.map_or(1, |size| cols.div_ceil(size))
+}
+
+fn group_columns(group: usize, group_size: usize, cols: usize) -> std::ops::Range<usize> {
+    group * group_size..((group + 1) * group_size).min(cols)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,34 +104,68 @@ pub fn round_to_nearest(
     settings: &QuantSettings,
 ) -> Result<QuantizedMatrix, QuantError> {
     settings.validate(cols)?;
-    let group_size = settings.group_size.unwrap_or(cols);
-    let groups = settings.groups(cols);
+    Ok(quantize_on_grids(
+        weights,
+        rows,
+        cols,
+        settings.bits,
+        settings.group_size,
+        |values| Grid::fit(values.iter().copied(), settings.bits, settings.symmetric),
+    ))
+}
+
+/// Symmetric absmax int8 of each row (or row group): codes -127..=127 stored as 8-bit codes
+/// around 128, with `scale = absmax / 127`.
+pub fn int8_absmax(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    group_size: Option<usize>,
+) -> Result<QuantizedMatrix, QuantError> {
+    validate_group_size(group_size, cols)?;
+    Ok(quantize_on_grids(
+        weights,
+        rows,
+        cols,
+        8,
+        group_size,
+        |values| Grid::absmax_int8(values.iter().copied()),
+    ))
+}
+
+fn quantize_on_grids(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group_size: Option<usize>,
+    fit: impl Fn(&[f32]) -> Grid,
+) -> QuantizedMatrix {
+    let size = group_size.unwrap_or(cols);
+    let groups = group_count(group_size, cols);
     let mut grids = Vec::with_capacity(groups * rows);
     for group in 0..groups {
+        let columns = group_columns(group, size, cols);
         for row in 0..rows {
-            let start = row * cols + group * group_size;
-            grids.push(Grid::fit(
-                weights[start..start + group_size].iter().copied(),
-                settings.bits,
-                settings.symmetric,
-            ));
+            let start = row * cols;
+            grids.push(fit(&weights[start + columns.start..start + columns.end]));
         }
     }
-    let group_index: Vec<u32> = (0..cols).map(|col| (col / group_size) as u32).collect();
+    let group_index: Vec<u32> = (0..cols).map(|col| (col / size) as u32).collect();
     let codes = (0..rows * cols)
         .map(|index| {
             let (row, col) = (index / cols, index % cols);
             grids[group_index[col] as usize * rows + row].encode(weights[index]) as u8
         })
         .collect();
-    Ok(QuantizedMatrix {
+    QuantizedMatrix {
         rows,
         cols,
-        bits: settings.bits,
+        bits,
         codes,
         grids,
         group_index,
-    })
+    }
 }
 
 /// The running mean of `2 x xᵀ` over a layer's calibration inputs.
@@ -144,23 +189,30 @@ impl Hessian {
     pub fn add(&mut self, inputs: &[f32]) {
         let n = self.size;
         let count = inputs.len() / n;
+        let mut outer_products = vec![0.0f64; n * n];
+        for x in inputs.chunks_exact(n) {
+            for i in 0..n {
+                let xi = f64::from(x[i]);
+                let row = &mut outer_products[i * n..(i + 1) * n];
+                for (value, &xj) in row.iter_mut().zip(x) {
+                    *value += xi * f64::from(xj);
+                }
+            }
+        }
+        self.add_outer_products(&outer_products, count);
+    }
+
+    /// Adds `count` input vectors given as the sum of their outer products `Σ x xᵀ`, which a
+    /// caller computes as one matrix product `XᵀX`.
+    pub fn add_outer_products(&mut self, sum: &[f64], count: usize) {
         if count == 0 {
             return;
         }
         let total = self.samples + count;
         let keep = self.samples as f64 / total as f64;
         let weight = 2.0 / total as f64;
-        for value in &mut self.values {
-            *value *= keep;
-        }
-        for x in inputs.chunks_exact(n) {
-            for i in 0..n {
-                let xi = f64::from(x[i]) * weight;
-                let row = &mut self.values[i * n..(i + 1) * n];
-                for (value, &xj) in row.iter_mut().zip(x) {
-                    *value += xi * f64::from(xj);
-                }
-            }
+        for (value, &added) in self.values.iter_mut().zip(sum) {
+            *value = *value * keep + weight * added;
         }
         self.samples = total;
     }
@@ -240,7 +292,7 @@ fn gptq_with_damping(
         }
     }
     let group_size = quant.group_size.unwrap_or(cols);
-    let groups = quant.groups(cols);
+    let groups = group_count(quant.group_size, cols);
     let fit = |w: &[f64], row: usize, columns: &mut dyn Iterator<Item = usize>| {
         Grid::fit(
             columns.map(|col| w[row * cols + col] as f32),
@@ -253,7 +305,7 @@ fn gptq_with_damping(
     if quant.group_size.is_none() || settings.static_groups {
         for group in 0..groups {
             for row in 0..rows {
-                let mut columns = group * group_size..(group + 1) * group_size;
+                let mut columns = group_columns(group, group_size, cols);
                 grids[group * rows + row] = Some(fit(&w, row, &mut columns));
             }
         }
@@ -295,7 +347,7 @@ fn gptq_with_damping(
                 && position.is_multiple_of(group_size)
             {
                 for row in 0..rows {
-                    let mut columns = position..position + group_size;
+                    let mut columns = group_columns(group, group_size, cols);
                     grids[group * rows + row] = Some(fit(&w, row, &mut columns));
                 }
             }
@@ -559,15 +611,44 @@ mod tests {
         };
         let error = round_to_nearest(&weights, 2, 12, &five_bits).unwrap_err();
         assert!(error.to_string().contains("bits = 5"), "{error}");
-        let bad_group = QuantSettings {
-            bits: 4,
-            group_size: Some(5),
-            symmetric: false,
-        };
-        let error = round_to_nearest(&weights, 2, 12, &bad_group).unwrap_err();
-        assert!(
-            error.to_string().contains("does not divide the 12"),
-            "{error}"
-        );
+        for (group_size, message) in [(0, "group_size = 0"), (13, "wider than the 12")] {
+            let bad_group = QuantSettings {
+                bits: 4,
+                group_size: Some(group_size),
+                symmetric: false,
+            };
+            let error = round_to_nearest(&weights, 2, 12, &bad_group).unwrap_err();
+            assert!(error.to_string().contains(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_group_size_that_does_not_divide_the_width_leaves_a_short_last_group() {
+        let (rows, cols) = (3, 10);
+        let weights = random_matrix(rows, cols, 10);
+        let settings = settings(4, Some(4));
+        let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
+        assert_eq!(rtn.groups(), 3);
+        assert_eq!(rtn.group_index, vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2]);
+        let tail: Vec<f32> = weights[8..10].to_vec();
+        assert_eq!(rtn.grids[2 * rows], Grid::fit(tail, 4, false));
+        let quantized = gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
+        assert_eq!(quantized.matrix, rtn);
+    }
+
+    #[test]
+    fn int8_codes_are_absmax_scaled_around_128() {
+        let weights = [0.5, -1.27, 0.0, 0.01, 2.54, -0.3];
+        let matrix = int8_absmax(&weights, 2, 3, None).unwrap();
+        assert_eq!(matrix.bits, 8);
+        assert_eq!(matrix.codes[1], 1);
+        assert_eq!(matrix.codes[2], 128);
+        assert_eq!(matrix.codes[4], 255);
+        for (value, restored) in weights.iter().zip(matrix.dequantize()) {
+            assert!(
+                (value - restored).abs() <= 0.01 + 1e-5,
+                "{value} -> {restored}"
+            );
+        }
     }
 }

@@ -1,5 +1,13 @@
 //! Uniform quantization grids: `bits`-bit codes `q` in `0..=2^bits - 1` standing for
 //! `scale * (q - zero)`, with one grid per output channel and group of input columns.
+//!
+//! Scales are always half-precision numbers, because GPTQ files store them as f16: the model
+//! that is evaluated right after quantization is then exactly the one that is saved.
+
+use crate::f16::round_to_f16;
+
+/// The smallest positive half-precision number: a scale never rounds to zero.
+const SMALLEST_F16: f32 = 5.960_464_5e-8;
 
 /// The grid of one output channel over one group of input columns.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -14,7 +22,8 @@ pub struct Grid {
 impl Grid {
     /// The grid that covers `values` with `bits`-bit codes. It always contains 0, so zero weights
     /// stay exactly zero. Symmetric grids centre 0 at code `2^(bits-1)` and cover
-    /// `[-absmax, absmax]`; asymmetric ones cover `[min(values, 0), max(values, 0)]`.
+    /// `[-absmax, absmax]`; asymmetric ones cover `[min(values, 0), max(values, 0)]` with the
+    /// zero at code 1 or above, because GPTQ's v1 files store `zero - 1` and cannot hold -1.
     pub fn fit(values: impl IntoIterator<Item = f32>, bits: u32, symmetric: bool) -> Self {
         let max_code = (1u32 << bits) - 1;
         let (mut low, mut high) = values
@@ -30,16 +39,40 @@ impl Grid {
             low = -1.0;
             high = 1.0;
         }
-        let scale = (high - low) / max_code as f32;
-        let zero = if symmetric {
-            max_code.div_ceil(2)
-        } else {
-            (-low / scale).round() as u32
-        };
+        if symmetric {
+            return Self {
+                scale: half_scale((high - low) / max_code as f32),
+                zero: max_code.div_ceil(2),
+                max_code,
+            };
+        }
+        let scale = half_scale((high - low) / max_code as f32);
+        let zero = (-low / scale).round().min(max_code as f32) as u32;
+        if zero >= 1 {
+            return Self {
+                scale,
+                zero,
+                max_code,
+            };
+        }
         Self {
-            scale,
-            zero,
+            scale: half_scale(high / (max_code - 1) as f32),
+            zero: 1,
             max_code,
+        }
+    }
+
+    /// Symmetric absmax int8 as an 8-bit grid: `value ≈ scale * (code - 128)` with
+    /// `scale = absmax / 127`, so codes stay in `1..=255` and stand for -127..=127.
+    pub fn absmax_int8(values: impl IntoIterator<Item = f32>) -> Self {
+        let absmax = values
+            .into_iter()
+            .fold(0.0f32, |max, value| max.max(value.abs()));
+        let scale = if absmax == 0.0 { 1.0 } else { absmax / 127.0 };
+        Self {
+            scale: half_scale(scale),
+            zero: 128,
+            max_code: 255,
         }
     }
 
@@ -59,29 +92,14 @@ impl Grid {
     }
 }
 
-/// Symmetric int8 of one output channel: `value ≈ scale * code`, codes in `-127..=127`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Int8Channel {
-    pub scale: f32,
-    pub codes: Vec<i8>,
-}
-
-/// Absmax int8 quantization of one channel (or one group of it).
-pub fn int8_absmax(values: &[f32]) -> Int8Channel {
-    let absmax = values
-        .iter()
-        .fold(0.0f32, |max, value| max.max(value.abs()));
-    let scale = if absmax == 0.0 { 1.0 } else { absmax / 127.0 };
-    let codes = values
-        .iter()
-        .map(|value| (value / scale).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    Int8Channel { scale, codes }
+fn half_scale(scale: f32) -> f32 {
+    round_to_f16(scale).max(SMALLEST_F16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::f16::f32_to_f16;
 
     #[test]
     fn asymmetric_grid_spans_min_to_max_and_keeps_zero_exact() {
@@ -97,11 +115,31 @@ mod tests {
     }
 
     #[test]
+    fn nonnegative_groups_keep_the_zero_at_code_one() {
+        let grid = Grid::fit([0.0, 1.0, 3.0], 2, false);
+        assert_eq!(grid.zero, 1);
+        assert!((grid.scale - 1.5).abs() < 1e-7);
+        assert_eq!(grid.round(3.0), 3.0);
+        assert_eq!(grid.round(0.0), 0.0);
+    }
+
+    #[test]
     fn symmetric_grid_centres_zero() {
         let grid = Grid::fit([-0.5, 1.5], 4, true);
         assert_eq!(grid.zero, 8);
-        assert!((grid.scale - 3.0 / 15.0).abs() < 1e-7);
+        assert!((grid.scale - 3.0 / 15.0).abs() < 1e-4);
         assert_eq!(grid.round(0.0), 0.0);
+    }
+
+    #[test]
+    fn scales_are_half_precision_numbers() {
+        for bits in [2, 3, 4, 8] {
+            let grid = Grid::fit([-0.123_456, 0.654_321], bits, false);
+            assert_eq!(round_to_f16(grid.scale), grid.scale);
+            assert_ne!(f32_to_f16(grid.scale), 0);
+        }
+        let tiny = Grid::fit([1e-12, -1e-12], 8, true);
+        assert!(tiny.scale > 0.0);
     }
 
     #[test]
@@ -113,10 +151,9 @@ mod tests {
             let grid = Grid::fit(values.iter().copied(), bits, false);
             for &value in &values {
                 let error = (grid.round(value) - value).abs();
-                assert!(
-                    error <= grid.scale / 2.0 + 1e-6,
-                    "{bits} bits: {value} -> {error}"
-                );
+                // The f16 scale may shrink the range by one part in 2^11.
+                let bound = grid.scale / 2.0 + value.abs() * 1e-3;
+                assert!(error <= bound, "{bits} bits: {value} -> {error}");
             }
         }
     }
@@ -131,11 +168,12 @@ mod tests {
     #[test]
     fn int8_round_trip_is_within_half_a_step() {
         let values = [0.3, -1.27, 0.0, 0.9999, -0.02];
-        let channel = int8_absmax(&values);
-        assert!((channel.scale - 0.01).abs() < 1e-7);
-        assert_eq!(channel.codes[1], -127);
-        for (value, code) in values.iter().zip(&channel.codes) {
-            assert!((*code as f32 * channel.scale - value).abs() <= channel.scale / 2.0 + 1e-7);
+        let grid = Grid::absmax_int8(values);
+        assert!((grid.scale - 0.01).abs() < 1e-5);
+        assert_eq!(grid.encode(-1.27), 1, "-127 sits at code 1");
+        assert_eq!(grid.encode(0.0), 128);
+        for value in values {
+            assert!((grid.round(value) - value).abs() <= grid.scale / 2.0 + 1e-5);
         }
     }
 }

@@ -1,15 +1,20 @@
 //! Post-training weight quantization: absmax int8, round-to-nearest and GPTQ, as pure
-//! functions on weight matrices, plus the GPTQ storage layout.
+//! functions on weight matrices; the packed form quantized layers compute with; the GPTQ
+//! storage layout.
 
+pub mod f16;
 pub mod gptq;
 pub mod grid;
 mod linalg;
 pub mod pack;
+pub mod packed;
 
 pub use gptq::{
-    GptqOutcome, GptqSettings, Hessian, QuantSettings, QuantizedMatrix, gptq, round_to_nearest,
+    GptqOutcome, GptqSettings, Hessian, QuantSettings, QuantizedMatrix, gptq, int8_absmax,
+    round_to_nearest,
 };
-pub use grid::{Grid, Int8Channel, int8_absmax};
+pub use grid::Grid;
+pub use packed::{GptqTensors, PackedMatrix};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
@@ -20,4 +25,6 @@ pub enum QuantError {
          its calibration inputs are degenerate"
     )]
     NotPositiveDefinite { damp_percent: f64 },
+    #[error("malformed GPTQ tensors: {0}")]
+    Layout(String),
 }

@@ -6,8 +6,6 @@
 //! every 3 words (AutoGPTQ's layout). `qweight` packs each output channel's codes along the
 //! input dimension: `[in * bits / 32, out]`.
 
-use crate::QuantError;
-
 /// `codes` (each below `2^bits`) as a bit stream of 32-bit words.
 pub fn pack_bits(codes: &[u32], bits: u32) -> Vec<u32> {
     let total_bits = codes.len() * bits as usize;
@@ -38,48 +36,6 @@ pub fn unpack_bits(words: &[u32], bits: u32, count: usize) -> Vec<u32> {
             code & mask
         })
         .collect()
-}
-
-/// GPTQ's `qweight`: `codes` (`rows x cols` = output x input, row-major) packed along the input
-/// dimension into a row-major `[cols * bits / 32, rows]` array of words.
-pub fn pack_qweight(
-    codes: &[u8],
-    rows: usize,
-    cols: usize,
-    bits: u32,
-) -> Result<Vec<u32>, QuantError> {
-    if !(cols * bits as usize).is_multiple_of(32) {
-        return Err(QuantError::Settings(format!(
-            "{cols} input columns of {bits} bits do not fill whole 32-bit words"
-        )));
-    }
-    let packed_rows = cols * bits as usize / 32;
-    let mut qweight = vec![0u32; packed_rows * rows];
-    for row in 0..rows {
-        let column: Vec<u32> = codes[row * cols..(row + 1) * cols]
-            .iter()
-            .map(|&code| u32::from(code))
-            .collect();
-        for (packed_row, word) in pack_bits(&column, bits).into_iter().enumerate() {
-            qweight[packed_row * rows + row] = word;
-        }
-    }
-    Ok(qweight)
-}
-
-/// The codes of a `qweight` written by [`pack_qweight`], `rows x cols`.
-pub fn unpack_qweight(qweight: &[u32], rows: usize, cols: usize, bits: u32) -> Vec<u8> {
-    let packed_rows = cols * bits as usize / 32;
-    let mut codes = vec![0u8; rows * cols];
-    for row in 0..rows {
-        let words: Vec<u32> = (0..packed_rows)
-            .map(|packed_row| qweight[packed_row * rows + row])
-            .collect();
-        for (col, code) in unpack_bits(&words, bits, cols).into_iter().enumerate() {
-            codes[row * cols + col] = code as u8;
-        }
-    }
-    codes
 }
 
 #[cfg(test)]
@@ -120,19 +76,5 @@ mod tests {
                 codes
             );
         }
-    }
-
-    #[test]
-    fn qweight_packs_along_the_input_dimension() {
-        // Two output channels of eight 4-bit inputs: one word per channel.
-        let codes: Vec<u8> = (0..16).map(|i| (i % 16) as u8).collect();
-        let qweight = pack_qweight(&codes, 2, 8, 4).unwrap();
-        assert_eq!(qweight, vec![0x7654_3210, 0xFEDC_BA98]);
-        assert_eq!(unpack_qweight(&qweight, 2, 8, 4), codes);
-        let codes_3bit: Vec<u8> = (0..3 * 32).map(|i| (i % 8) as u8).collect();
-        let packed = pack_qweight(&codes_3bit, 3, 32, 3).unwrap();
-        assert_eq!(packed.len(), 9);
-        assert_eq!(unpack_qweight(&packed, 3, 32, 3), codes_3bit);
-        assert!(pack_qweight(&codes, 2, 8, 3).is_err());
     }
 }

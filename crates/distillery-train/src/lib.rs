@@ -149,7 +149,7 @@ pub fn evaluate_checkpoint(
         checkpoint,
         step,
         parameters: model.config().num_parameters(),
-        metrics: evaluate_on_validation(config, &data, &model),
+        metrics: evaluate_on_data(config, &data, &model),
     })
 }
 
@@ -159,10 +159,11 @@ pub fn evaluate_model(
     model: &distillery_model::Llama,
 ) -> Result<EvalMetrics, TrainError> {
     let data = prepare_data(config)?;
-    Ok(evaluate_on_validation(config, &data, model))
+    Ok(evaluate_on_data(config, &data, model))
 }
 
-fn evaluate_on_validation(
+/// `model`'s metrics on the validation split of data already prepared for `config`.
+pub fn evaluate_on_data(
     config: &ExperimentConfig,
     data: &RunData,
     model: &distillery_model::Llama,

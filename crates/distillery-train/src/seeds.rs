@@ -8,6 +8,8 @@ pub enum Stream {
     DataOrder,
     /// Dropout masks; the index is `step * grad_accum + micro_batch`.
     Dropout,
+    /// Calibration windows of post-training quantization.
+    Calibration,
 }
 
 pub fn derive_seed(seed: u64, stream: Stream, index: u64) -> u64 {
@@ -15,6 +17,7 @@ pub fn derive_seed(seed: u64, stream: Stream, index: u64) -> u64 {
         Stream::Init => 1,
         Stream::DataOrder => 2,
         Stream::Dropout => 3,
+        Stream::Calibration => 4,
     };
     splitmix64(splitmix64(splitmix64(seed) ^ stream_id) ^ index)
 }

@@ -1,0 +1,202 @@
+//! Every kind of model distillery reads, behind one loader: training checkpoints (and run
+//! directories), quantized model folders and GGUF files. `eval`, `generate` and `export` take
+//! any of them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use distillery_config::ExperimentConfig;
+use distillery_data::TextTokenizer;
+use distillery_formats::gguf::TensorKind;
+use distillery_formats::quantized;
+use distillery_model::Llama;
+use distillery_train::checkpoint::MODEL_FILE;
+use distillery_train::{EvalMetrics, load_for_inference};
+
+pub enum ModelKind {
+    Checkpoint { step: usize },
+    Quantized { label: String },
+    Gguf,
+}
+
+pub struct LoadedModel {
+    /// The file or directory the model came from (a run directory resolved to its checkpoint).
+    pub path: PathBuf,
+    pub kind: ModelKind,
+    pub model: Llama,
+    /// Bytes of the weights file.
+    pub file_bytes: u64,
+    /// Stored bits per parameter, counted over the weight tensors.
+    pub bits_per_weight: f64,
+    /// Stored bits per weight of the quantized matrices (scales, zeros, group indices included).
+    pub quantized_bits_per_weight: Option<f64>,
+}
+
+impl LoadedModel {
+    pub fn is_float(&self) -> bool {
+        matches!(self.kind, ModelKind::Checkpoint { .. })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            ModelKind::Checkpoint { step } => format!("{} (step {step})", self.path.display()),
+            ModelKind::Quantized { label } => format!("{} ({label})", self.path.display()),
+            ModelKind::Gguf => self.path.display().to_string(),
+        }
+    }
+}
+
+pub fn load_model(
+    config: &ExperimentConfig,
+    path: &Path,
+    tokenizer: &TextTokenizer,
+) -> anyhow::Result<LoadedModel> {
+    let device = distillery_train::device_for(config.run.backend);
+    if path
+        .extension()
+        .is_some_and(|extension| extension == "gguf")
+    {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let file = distillery_formats::gguf::read(&bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let model = distillery_formats::gguf::import_llama(&file, &device)
+            .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+        let tensor_bytes: f64 = file
+            .tensors
+            .iter()
+            .map(|tensor| {
+                let count = tensor.dims.iter().product::<u64>() as f64;
+                match tensor.kind {
+                    TensorKind::F32 => 4.0 * count,
+                    TensorKind::Q8_0 => 34.0 / 32.0 * count,
+                    TensorKind::Q4_0 => 18.0 / 32.0 * count,
+                }
+            })
+            .sum();
+        let parameters = model.config().num_parameters() as f64;
+        return Ok(LoadedModel {
+            path: path.to_path_buf(),
+            kind: ModelKind::Gguf,
+            model,
+            file_bytes: bytes.len() as u64,
+            bits_per_weight: tensor_bytes * 8.0 / parameters,
+            quantized_bits_per_weight: None,
+        });
+    }
+    if quantized::is_quantized_dir(path) {
+        let loaded = quantized::load(path, &device)?;
+        if let Some(sha) = loaded.record["tokenizer_sha256"].as_str()
+            && sha != tokenizer.sha256()
+        {
+            anyhow::bail!(
+                "{}: was quantized from a model trained with another tokenizer than {}",
+                path.display(),
+                config.data.tokenizer.display()
+            );
+        }
+        let label = loaded.record["label"].as_str().map_or_else(
+            || format!("{}-bit GPTQ", loaded.config.bits),
+            str::to_string,
+        );
+        return Ok(LoadedModel {
+            path: path.to_path_buf(),
+            kind: ModelKind::Quantized { label },
+            model: loaded.model,
+            file_bytes: loaded.file_bytes,
+            bits_per_weight: loaded.storage.bits_per_weight(),
+            quantized_bits_per_weight: loaded.storage.quantized_bits_per_weight(),
+        });
+    }
+    let (directory, step, model) = load_for_inference(config, path, tokenizer)?;
+    let weights = directory.join(MODEL_FILE);
+    let file_bytes = std::fs::metadata(&weights)
+        .with_context(|| format!("reading {}", weights.display()))?
+        .len();
+    Ok(LoadedModel {
+        path: directory,
+        kind: ModelKind::Checkpoint { step },
+        model,
+        file_bytes,
+        // Checkpoints hold every parameter as f32.
+        bits_per_weight: 32.0,
+        quantized_bits_per_weight: None,
+    })
+}
+
+/// One row of `distillery eval`'s table.
+#[derive(serde::Serialize)]
+pub struct EvalRow {
+    pub model: String,
+    pub parameters: usize,
+    pub bits_per_weight: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantized_bits_per_weight: Option<f64>,
+    pub file_bytes: u64,
+    /// File size over the reference float model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_vs_float: Option<f64>,
+    #[serde(flatten)]
+    pub metrics: EvalMetrics,
+    /// Perplexity change against the reference float model, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_perplexity_percent: Option<f64>,
+}
+
+/// Rows for `models` evaluated on the validation split; the first float checkpoint among them
+/// is the reference of the relative columns.
+pub fn evaluation_rows(
+    config: &ExperimentConfig,
+    models: &[LoadedModel],
+) -> anyhow::Result<Vec<EvalRow>> {
+    let data = distillery_train::prepare_data(config)?;
+    let metrics: Vec<EvalMetrics> = models
+        .iter()
+        .map(|loaded| distillery_train::evaluate_on_data(config, &data, &loaded.model))
+        .collect();
+    let reference = models
+        .iter()
+        .position(LoadedModel::is_float)
+        .map(|index| (models[index].file_bytes, metrics[index].perplexity));
+    Ok(models
+        .iter()
+        .zip(metrics)
+        .map(|(loaded, metrics)| EvalRow {
+            model: loaded.describe(),
+            parameters: loaded.model.config().num_parameters(),
+            bits_per_weight: loaded.bits_per_weight,
+            quantized_bits_per_weight: loaded.quantized_bits_per_weight,
+            file_bytes: loaded.file_bytes,
+            size_vs_float: reference.map(|(bytes, _)| loaded.file_bytes as f64 / bytes as f64),
+            delta_perplexity_percent: reference
+                .map(|(_, perplexity)| 100.0 * (metrics.perplexity / perplexity - 1.0)),
+            metrics,
+        })
+        .collect())
+}
+
+/// The rows as a Markdown table.
+pub fn markdown_table(rows: &[EvalRow]) -> String {
+    let mut table = String::from(
+        "| model | bits/weight | bits/weight (quantized matrices) | file bytes | size vs float | \
+         perplexity | Δ perplexity | top-1 accuracy |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let optional = |value: Option<f64>, format: &dyn Fn(f64) -> String| {
+        value.map_or_else(|| "–".to_string(), format)
+    };
+    for row in rows {
+        table.push_str(&format!(
+            "| {} | {:.2} | {} | {} | {} | {:.3} | {} | {:.4} |\n",
+            row.model,
+            row.bits_per_weight,
+            optional(row.quantized_bits_per_weight, &|bits| format!("{bits:.2}")),
+            row.file_bytes,
+            optional(row.size_vs_float, &|share| format!("{:.1}%", 100.0 * share)),
+            row.metrics.perplexity,
+            optional(row.delta_perplexity_percent, &|delta| format!(
+                "{delta:+.2}%"
+            )),
+            row.metrics.accuracy,
+        ));
+    }
+    table
+}

@@ -1,0 +1,540 @@
+//! Quantized weight matrices in the form layers compute with, and their GPTQ file layout.
+//!
+//! In memory each output channel's codes form one bit stream along the input dimension (see
+//! [`crate::pack`]), so a channel decodes from contiguous words. GPTQ files hold the same
+//! streams transposed: `qweight[word, out]`, zeros packed along the output dimension, f16
+//! scales, and the group of every input column.
+
+use rayon::prelude::*;
+
+use crate::QuantError;
+use crate::f16::{f16_to_f32, f32_to_f16};
+use crate::gptq::QuantizedMatrix;
+use crate::pack::{pack_bits, unpack_bits};
+
+/// Inputs below this many multiply-adds run on one thread: spawning costs more.
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
+/// scale and zero per output channel and group of input columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMatrix {
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    groups: usize,
+    words_per_row: usize,
+    /// `rows x words_per_row`.
+    words: Vec<u32>,
+    /// `rows x groups`.
+    scales: Vec<f32>,
+    /// `rows x groups`.
+    zeros: Vec<u8>,
+    /// The group of each input column.
+    group_index: Vec<u32>,
+}
+
+/// A quantized matrix as GPTQ (AutoGPTQ's v1 format) stores it; `rows` are output channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptqTensors {
+    pub bits: u32,
+    pub rows: usize,
+    pub cols: usize,
+    pub groups: usize,
+    /// `[cols * bits / 32, rows]`, row-major.
+    pub qweight: Vec<u32>,
+    /// `[groups, rows * bits / 32]`: each group's zeros minus one, packed along the outputs.
+    pub qzeros: Vec<u32>,
+    /// `[groups, rows]` half-precision bit patterns.
+    pub scales: Vec<u16>,
+    /// `[cols]`.
+    pub g_idx: Vec<u32>,
+}
+
+impl GptqTensors {
+    /// The shapes of `qweight`, `qzeros`, `scales` and `g_idx`, in that order.
+    pub fn shapes(&self) -> [Vec<usize>; 4] {
+        let bits = self.bits as usize;
+        [
+            vec![self.cols * bits / 32, self.rows],
+            vec![self.groups, self.rows * bits / 32],
+            vec![self.groups, self.rows],
+            vec![self.cols],
+        ]
+    }
+}
+
+impl PackedMatrix {
+    pub fn from_quantized(matrix: &QuantizedMatrix) -> Self {
+        let (rows, cols, bits) = (matrix.rows, matrix.cols, matrix.bits);
+        let groups = matrix.groups();
+        let words_per_row = (cols * bits as usize).div_ceil(32);
+        let mut words = Vec::with_capacity(rows * words_per_row);
+        let mut scales = vec![0.0; rows * groups];
+        let mut zeros = vec![0; rows * groups];
+        for row in 0..rows {
+            let codes: Vec<u32> = matrix.codes[row * cols..(row + 1) * cols]
+                .iter()
+                .map(|&code| u32::from(code))
+                .collect();
+            words.extend(pack_bits(&codes, bits));
+            for group in 0..groups {
+                let grid = matrix.grids[group * rows + row];
+                scales[row * groups + group] = grid.scale;
+                zeros[row * groups + group] = grid.zero as u8;
+            }
+        }
+        Self {
+            rows,
+            cols,
+            bits,
+            groups,
+            words_per_row,
+            words,
+            scales,
+            zeros,
+            group_index: matrix.group_index.clone(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn group_index(&self) -> &[u32] {
+        &self.group_index
+    }
+
+    /// Bytes the GPTQ tensors of this matrix take in a file.
+    pub fn stored_bytes(&self) -> usize {
+        let bits = self.bits as usize;
+        4 * (self.cols * bits).div_ceil(32) * self.rows
+            + 4 * self.groups * (self.rows * bits).div_ceil(32)
+            + 2 * self.groups * self.rows
+            + 4 * self.cols
+    }
+
+    /// Output channel `row`'s weights, one per input column.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let words = &self.words[row * self.words_per_row..(row + 1) * self.words_per_row];
+        let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
+        let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
+        let bits = self.bits as usize;
+        let mask = (1u64 << bits) - 1;
+        for (col, (value, &group)) in out.iter_mut().zip(&self.group_index).enumerate() {
+            let start = col * bits;
+            let (word, offset) = (start / 32, start % 32);
+            let mut stream = u64::from(words[word]) >> offset;
+            if offset + bits > 32 {
+                stream |= u64::from(words[word + 1]) << (32 - offset);
+            }
+            let code = (stream & mask) as f32;
+            let group = group as usize;
+            *value = scales[group] * (code - f32::from(zeros[group]));
+        }
+    }
+
+    /// All weights, `rows x cols` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut weights = vec![0.0; self.rows * self.cols];
+        weights
+            .par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(row, out)| self.dequantize_row(row, out));
+        weights
+    }
+
+    /// All weights transposed, `cols x rows`: a linear layer's `[in, out]`.
+    pub fn dequantize_transposed(&self) -> Vec<f32> {
+        let weights = self.dequantize();
+        let mut transposed = vec![0.0; self.rows * self.cols];
+        for (row, values) in weights.chunks_exact(self.cols).enumerate() {
+            for (col, &value) in values.iter().enumerate() {
+                transposed[col * self.rows + row] = value;
+            }
+        }
+        transposed
+    }
+
+    /// The rows named by `ids`, concatenated: an embedding lookup.
+    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let mut out = vec![0.0; ids.len() * self.cols];
+        for (&id, values) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            self.dequantize_row(id, values);
+        }
+        out
+    }
+
+    /// `x W ᵀ` for `count` input rows `x` (`count x cols`): `count x rows`. Each output channel
+    /// is decoded once into a scratch row and used against every input, so the float matrix
+    /// never exists whole.
+    pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
+        let cols = self.cols;
+        let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
+            scratch.resize(cols, 0.0);
+            self.dequantize_row(row, scratch);
+            for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
+                *value = dot(input, scratch);
+            }
+        };
+        let mut by_channel = vec![0.0f32; self.rows * count];
+        if self.rows * cols * count < PARALLEL_WORK {
+            let mut scratch = Vec::new();
+            for (row, out) in by_channel.chunks_exact_mut(count).enumerate() {
+                channel_outputs(row, &mut scratch, out);
+            }
+        } else {
+            by_channel
+                .par_chunks_mut(count)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (row, out)| {
+                    channel_outputs(row, scratch, out)
+                });
+        }
+        let mut outputs = vec![0.0; count * self.rows];
+        for (row, values) in by_channel.chunks_exact(count).enumerate() {
+            for (index, &value) in values.iter().enumerate() {
+                outputs[index * self.rows + row] = value;
+            }
+        }
+        outputs
+    }
+
+    /// The GPTQ tensors: whole 32-bit words of codes along the inputs and of zeros along the
+    /// outputs, which needs both widths to be multiples of `32 / gcd(32, bits)`.
+    pub fn to_gptq(&self) -> Result<GptqTensors, QuantError> {
+        let bits = self.bits as usize;
+        for (what, width) in [("input", self.cols), ("output", self.rows)] {
+            if !(width * bits).is_multiple_of(32) {
+                return Err(QuantError::Settings(format!(
+                    "{width} {what} channels of {bits} bits do not fill whole 32-bit words"
+                )));
+            }
+        }
+        let packed_rows = self.cols * bits / 32;
+        let mut qweight = vec![0u32; packed_rows * self.rows];
+        for row in 0..self.rows {
+            let words = &self.words[row * self.words_per_row..(row + 1) * self.words_per_row];
+            for (packed_row, &word) in words.iter().enumerate() {
+                qweight[packed_row * self.rows + row] = word;
+            }
+        }
+        let max_code = (1u32 << bits) - 1;
+        let mut qzeros = Vec::with_capacity(self.groups * self.rows * bits / 32);
+        let mut scales = Vec::with_capacity(self.groups * self.rows);
+        for group in 0..self.groups {
+            let stored: Vec<u32> = (0..self.rows)
+                .map(|row| (u32::from(self.zeros[row * self.groups + group]) - 1) & max_code)
+                .collect();
+            qzeros.extend(pack_bits(&stored, self.bits));
+            scales.extend(
+                (0..self.rows).map(|row| f32_to_f16(self.scales[row * self.groups + group])),
+            );
+        }
+        Ok(GptqTensors {
+            bits: self.bits,
+            rows: self.rows,
+            cols: self.cols,
+            groups: self.groups,
+            qweight,
+            qzeros,
+            scales,
+            g_idx: self.group_index.clone(),
+        })
+    }
+
+    /// Checks every length, index and value of GPTQ tensors read from a file.
+    pub fn from_gptq(tensors: &GptqTensors) -> Result<Self, QuantError> {
+        let GptqTensors {
+            bits,
+            rows,
+            cols,
+            groups,
+            ..
+        } = *tensors;
+        let invalid = |message: String| Err(QuantError::Layout(message));
+        if ![2, 3, 4, 8].contains(&bits) {
+            return invalid(format!("bits = {bits} (2, 3, 4 or 8)"));
+        }
+        let width = bits as usize;
+        if rows == 0 || cols == 0 || groups == 0 || groups > cols {
+            return invalid(format!("{rows} outputs, {cols} inputs and {groups} groups"));
+        }
+        if !(cols * width).is_multiple_of(32) || !(rows * width).is_multiple_of(32) {
+            return invalid(format!(
+                "{rows} x {cols} of {bits} bits do not fill whole 32-bit words"
+            ));
+        }
+        let expected = [
+            cols * width / 32 * rows,
+            groups * rows * width / 32,
+            groups * rows,
+            cols,
+        ];
+        let actual = [
+            tensors.qweight.len(),
+            tensors.qzeros.len(),
+            tensors.scales.len(),
+            tensors.g_idx.len(),
+        ];
+        for ((name, expected), actual) in ["qweight", "qzeros", "scales", "g_idx"]
+            .iter()
+            .zip(expected)
+            .zip(actual)
+        {
+            if expected != actual {
+                return invalid(format!(
+                    "{name} holds {actual} values where {rows} outputs x {cols} inputs at \
+                     {bits} bits in {groups} groups need {expected}"
+                ));
+            }
+        }
+        if let Some(&group) = tensors
+            .g_idx
+            .iter()
+            .find(|&&group| group as usize >= groups)
+        {
+            return invalid(format!("g_idx names group {group} of {groups}"));
+        }
+        let max_code = (1u32 << bits) - 1;
+        let words_per_row = cols * width / 32;
+        let mut words = vec![0u32; rows * words_per_row];
+        for (index, &word) in tensors.qweight.iter().enumerate() {
+            let (packed_row, row) = (index / rows, index % rows);
+            words[row * words_per_row + packed_row] = word;
+        }
+        let mut scales = vec![0.0; rows * groups];
+        let mut zeros = vec![0; rows * groups];
+        let zero_words = rows * width / 32;
+        for group in 0..groups {
+            let stored = unpack_bits(
+                &tensors.qzeros[group * zero_words..(group + 1) * zero_words],
+                bits,
+                rows,
+            );
+            for row in 0..rows {
+                let scale = f16_to_f32(tensors.scales[group * rows + row]);
+                if !(scale.is_finite() && scale > 0.0) {
+                    return invalid(format!(
+                        "scale {scale} of output {row} in group {group} is not a positive number"
+                    ));
+                }
+                scales[row * groups + group] = scale;
+                zeros[row * groups + group] = ((stored[row] + 1) & max_code) as u8;
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            groups,
+            words_per_row,
+            words,
+            scales,
+            zeros,
+            group_index: tensors.g_idx.clone(),
+        })
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums let the compiler keep a vector register of them.
+    let mut sums = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            sums[lane] += x[lane] * y[lane];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::gptq::{QuantSettings, int8_absmax, round_to_nearest};
+
+    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * cols)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn quantized(
+        rows: usize,
+        cols: usize,
+        bits: u32,
+        group_size: Option<usize>,
+    ) -> QuantizedMatrix {
+        let settings = QuantSettings {
+            bits,
+            group_size,
+            symmetric: false,
+        };
+        round_to_nearest(
+            &random_matrix(rows, cols, u64::from(bits)),
+            rows,
+            cols,
+            &settings,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn packed_matrices_decode_exactly_what_was_quantized() {
+        for bits in [2, 3, 4, 8] {
+            for group_size in [None, Some(32), Some(40)] {
+                let matrix = quantized(32, 96, bits, group_size);
+                let packed = PackedMatrix::from_quantized(&matrix);
+                assert_eq!(packed.dequantize(), matrix.dequantize(), "{bits} bits");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_and_gather_agree_with_the_dequantized_matrix() {
+        let (rows, cols, count) = (40, 64, 3);
+        let packed = PackedMatrix::from_quantized(&quantized(rows, cols, 3, Some(16)));
+        let weights = packed.dequantize();
+        let x = random_matrix(count, cols, 99);
+        let y = packed.matmul(&x, count);
+        for sample in 0..count {
+            for row in 0..rows {
+                let expected: f32 = (0..cols)
+                    .map(|col| x[sample * cols + col] * weights[row * cols + col])
+                    .sum();
+                let got = y[sample * rows + row];
+                assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+            }
+        }
+        let transposed = packed.dequantize_transposed();
+        assert_eq!(transposed[5 * rows + 7], weights[7 * cols + 5]);
+        assert_eq!(
+            packed.gather_rows(&[3, 0]),
+            [&weights[3 * cols..4 * cols], &weights[..cols]].concat()
+        );
+    }
+
+    #[test]
+    fn gptq_tensors_round_trip_and_store_zeros_minus_one() {
+        for bits in [2, 3, 4, 8] {
+            let packed = PackedMatrix::from_quantized(&quantized(32, 64, bits, Some(32)));
+            let tensors = packed.to_gptq().unwrap();
+            assert_eq!(tensors.qweight.len(), 64 * bits as usize / 32 * 32);
+            assert_eq!(PackedMatrix::from_gptq(&tensors).unwrap(), packed);
+        }
+        // One output channel's grid with zero 8 stores 7 in its nibble.
+        let int8 = int8_absmax(&random_matrix(32, 32, 4), 32, 32, None).unwrap();
+        let tensors = PackedMatrix::from_quantized(&int8).to_gptq().unwrap();
+        assert_eq!(tensors.qzeros[0], 0x7f7f_7f7f, "zero 128 is stored as 127");
+    }
+
+    #[test]
+    fn qweight_packs_each_output_channel_along_the_inputs() {
+        // 32 outputs of 8 inputs at 4 bits: output `o` has codes (o + i) % 16, so its one word
+        // of qweight holds nibbles o, o + 1, ..., o + 7 from the low end.
+        let (rows, cols) = (32, 8);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|index| ((index / cols + index % cols) % 16) as u8)
+            .collect();
+        let grid = crate::Grid {
+            scale: 1.0,
+            zero: 8,
+            max_code: 15,
+        };
+        let matrix = QuantizedMatrix {
+            rows,
+            cols,
+            bits: 4,
+            codes,
+            grids: vec![grid; rows],
+            group_index: vec![0; cols],
+        };
+        let tensors = PackedMatrix::from_quantized(&matrix).to_gptq().unwrap();
+        assert_eq!(tensors.shapes()[0], vec![1, 32]);
+        assert_eq!(tensors.qweight[0], 0x7654_3210);
+        assert_eq!(tensors.qweight[1], 0x8765_4321);
+        assert_eq!(tensors.qweight[9], 0x0FED_CBA9);
+        assert_eq!(tensors.qzeros, vec![0x7777_7777; 4], "zero 8 stored as 7");
+        assert_eq!(tensors.scales, vec![0x3c00; 32]);
+    }
+
+    #[test]
+    fn malformed_gptq_tensors_are_errors() {
+        let good = PackedMatrix::from_quantized(&quantized(32, 64, 4, Some(32)))
+            .to_gptq()
+            .unwrap();
+        let cases: Vec<(GptqTensors, &str)> = vec![
+            (
+                GptqTensors {
+                    bits: 5,
+                    ..good.clone()
+                },
+                "bits = 5",
+            ),
+            (
+                GptqTensors {
+                    qweight: good.qweight[1..].to_vec(),
+                    ..good.clone()
+                },
+                "qweight holds",
+            ),
+            (
+                GptqTensors {
+                    g_idx: vec![2; 64],
+                    ..good.clone()
+                },
+                "g_idx names group 2",
+            ),
+            (
+                GptqTensors {
+                    scales: vec![0x7c00; good.scales.len()],
+                    ..good.clone()
+                },
+                "not a positive number",
+            ),
+            (
+                GptqTensors {
+                    cols: 63,
+                    ..good.clone()
+                },
+                "whole 32-bit words",
+            ),
+        ];
+        for (tensors, message) in cases {
+            let error = PackedMatrix::from_gptq(&tensors).unwrap_err().to_string();
+            assert!(error.contains(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn stored_bytes_count_every_gptq_tensor() {
+        let packed = PackedMatrix::from_quantized(&quantized(64, 128, 4, Some(32)));
+        let tensors = packed.to_gptq().unwrap();
+        let bytes = 4 * (tensors.qweight.len() + tensors.qzeros.len() + tensors.g_idx.len())
+            + 2 * tensors.scales.len();
+        assert_eq!(packed.stored_bytes(), bytes);
+    }
+}

@@ -1,0 +1,648 @@
+//! Quantizing every matrix of a model. GPTQ calibrates block by block: each decoder layer sees
+//! the outputs of the already-quantized layers before it, and inside a layer each group of
+//! sublayers (q,k,v → o → gate,up → down) sees the outputs of the already-quantized ones, so
+//! memory holds one layer's activations and one Hessian at a time.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use distillery_config::{QuantizeConfig, QuantizeMethod};
+use distillery_model::{DecoderLayer, Linear, Llama};
+use distillery_quant::{
+    GptqSettings, Hessian, PackedMatrix, QuantError, QuantSettings, QuantizedMatrix, gptq,
+    int8_absmax, round_to_nearest,
+};
+
+use crate::QuantizeError;
+
+/// Calibration windows run through the model this many at a time.
+const CALIBRATION_BATCH: usize = 16;
+
+/// The sublayers GPTQ quantizes together, in the order their inputs become available.
+const SEQUENTIAL_GROUPS: [&[&str]; 4] = [
+    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    &["self_attn.o_proj"],
+    &["mlp.gate_proj", "mlp.up_proj"],
+    &["mlp.down_proj"],
+];
+
+/// How to quantize, resolved from a `[quantize]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeOptions {
+    pub method: QuantizeMethod,
+    pub bits: u32,
+    pub group_size: Option<usize>,
+    pub sym: bool,
+    pub act_order: bool,
+    pub static_groups: bool,
+    pub true_sequential: bool,
+    pub damp_percent: f64,
+    pub block_size: usize,
+    pub quantize_embeddings: bool,
+    pub quantize_lm_head: bool,
+}
+
+impl From<&QuantizeConfig> for QuantizeOptions {
+    fn from(config: &QuantizeConfig) -> Self {
+        Self {
+            method: config.method,
+            bits: config.bits(),
+            group_size: config.group_size(),
+            sym: config.sym,
+            act_order: config.act_order,
+            static_groups: config.static_groups,
+            true_sequential: config.true_sequential,
+            damp_percent: config.damp_percent,
+            block_size: config.block_size,
+            quantize_embeddings: config.quantize_embeddings,
+            quantize_lm_head: config.quantize_lm_head,
+        }
+    }
+}
+
+impl QuantizeOptions {
+    fn settings(&self) -> QuantSettings {
+        QuantSettings {
+            bits: self.bits,
+            group_size: self.group_size,
+            symmetric: self.sym,
+        }
+    }
+
+    /// Round-to-nearest (or absmax int8) of one `rows x cols` matrix.
+    fn round(
+        &self,
+        weights: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantizedMatrix, QuantError> {
+        match self.method {
+            QuantizeMethod::Int8 => int8_absmax(weights, rows, cols, self.group_size),
+            QuantizeMethod::Rtn | QuantizeMethod::Gptq => {
+                round_to_nearest(weights, rows, cols, &self.settings())
+            }
+        }
+    }
+}
+
+/// Calibration inputs: `windows` sequences of `seq_len` token ids, row-major.
+pub struct Calibration {
+    pub tokens: Vec<u32>,
+    pub seq_len: usize,
+}
+
+/// What happened to one matrix.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MatrixOutcome {
+    /// Module path: `layers.0.self_attn.q_proj`, `lm_head`, `embed_tokens`.
+    pub name: String,
+    /// GPTQ only: the dampening that made the Hessian invertible, when more than asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damp_percent_used: Option<f64>,
+}
+
+/// Where quantization stands, for a progress display.
+pub struct Progress<'a> {
+    /// The matrix about to be quantized.
+    pub name: &'a str,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Quantizes `model` in place as `options` say. GPTQ needs `calibration`.
+pub fn quantize_model(
+    model: &mut Llama,
+    options: &QuantizeOptions,
+    calibration: Option<&Calibration>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<MatrixOutcome>, QuantizeError> {
+    check_storable(model, options)?;
+    let total = model.linears().len()
+        - usize::from(model.lm_head.is_some() && !options.quantize_lm_head)
+        + usize::from(options.quantize_embeddings);
+    let mut quantizer = Quantizer {
+        options,
+        outcomes: Vec::new(),
+        total,
+        progress,
+    };
+    if options.quantize_embeddings {
+        quantizer.embedding(model)?;
+    }
+    match (options.method, calibration) {
+        (QuantizeMethod::Gptq, Some(calibration)) => quantizer.gptq_blocks(model, calibration)?,
+        (QuantizeMethod::Gptq, None) => {
+            return Err(QuantizeError::Settings(
+                "GPTQ needs calibration inputs".into(),
+            ));
+        }
+        _ => {
+            let paths: Vec<String> = model
+                .linears()
+                .into_iter()
+                .map(|(path, _)| path)
+                .filter(|path| path != "lm_head" || options.quantize_lm_head)
+                .collect();
+            for path in paths {
+                quantizer.round_linear(model, &path)?;
+            }
+        }
+    }
+    Ok(quantizer.outcomes)
+}
+
+/// GPTQ files pack whole 32-bit words of codes along each matrix's inputs and of zeros along
+/// its outputs; a model that cannot be stored is refused before any work.
+fn check_storable(model: &Llama, options: &QuantizeOptions) -> Result<(), QuantizeError> {
+    let config = model.config();
+    let mut shapes: Vec<(String, usize, usize)> = model
+        .linears()
+        .into_iter()
+        .filter(|(path, _)| path != "lm_head" || options.quantize_lm_head)
+        .map(|(path, linear)| (path, linear.d_input(), linear.d_output()))
+        .collect();
+    if options.quantize_embeddings {
+        shapes.push(("embed_tokens".into(), config.hidden_size, config.vocab_size));
+    }
+    for (name, inputs, outputs) in shapes {
+        let bits = options.bits as usize;
+        if !(inputs * bits).is_multiple_of(32) || !(outputs * bits).is_multiple_of(32) {
+            return Err(QuantizeError::Layer {
+                layer: name,
+                source: QuantError::Settings(format!(
+                    "{inputs} inputs x {outputs} outputs at {bits} bits do not fill whole \
+                     32-bit words"
+                )),
+            });
+        }
+        if let Some(size) = options.group_size
+            && size > inputs
+        {
+            return Err(QuantizeError::Layer {
+                layer: name,
+                source: QuantError::Settings(format!(
+                    "group_size = {size} is wider than its {inputs} input columns"
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct Quantizer<'a> {
+    options: &'a QuantizeOptions,
+    outcomes: Vec<MatrixOutcome>,
+    total: usize,
+    progress: &'a mut dyn FnMut(Progress),
+}
+
+impl Quantizer<'_> {
+    fn announce(&mut self, name: &str) {
+        (self.progress)(Progress {
+            name,
+            done: self.outcomes.len(),
+            total: self.total,
+        });
+    }
+
+    fn embedding(&mut self, model: &mut Llama) -> Result<(), QuantizeError> {
+        self.announce("embed_tokens");
+        let config = model.config();
+        let (rows, cols) = (config.vocab_size, config.hidden_size);
+        let matrix = self
+            .options
+            .round(&model.embedding_values(), rows, cols)
+            .map_err(|source| layer_error("embed_tokens", source))?;
+        model.set_packed_embedding(PackedMatrix::from_quantized(&matrix));
+        self.outcomes.push(MatrixOutcome {
+            name: "embed_tokens".into(),
+            damp_percent_used: None,
+        });
+        Ok(())
+    }
+
+    fn round_linear(&mut self, model: &mut Llama, path: &str) -> Result<(), QuantizeError> {
+        self.announce(path);
+        let linear = model.linear_mut(path).expect("paths come from the model");
+        let (rows, cols) = (linear.d_output(), linear.d_input());
+        let matrix = self
+            .options
+            .round(&linear.weight_out_in(), rows, cols)
+            .map_err(|source| layer_error(path, source))?;
+        *linear = Linear::quantized(PackedMatrix::from_quantized(&matrix));
+        self.outcomes.push(MatrixOutcome {
+            name: path.into(),
+            damp_percent_used: None,
+        });
+        Ok(())
+    }
+
+    fn gptq_linear(
+        &mut self,
+        linear: &mut Linear,
+        path: &str,
+        hessian: &Hessian,
+    ) -> Result<(), QuantizeError> {
+        self.announce(path);
+        let (rows, cols) = (linear.d_output(), linear.d_input());
+        let settings = GptqSettings {
+            quant: self.options.settings(),
+            damp_percent: self.options.damp_percent,
+            block_size: self.options.block_size,
+            act_order: self.options.act_order,
+            static_groups: self.options.static_groups,
+        };
+        let outcome = gptq(&linear.weight_out_in(), rows, cols, hessian, &settings)
+            .map_err(|source| layer_error(path, source))?;
+        *linear = Linear::quantized(PackedMatrix::from_quantized(&outcome.matrix));
+        let retried = outcome.damp_percent != self.options.damp_percent;
+        self.outcomes.push(MatrixOutcome {
+            name: path.into(),
+            damp_percent_used: retried.then_some(outcome.damp_percent),
+        });
+        Ok(())
+    }
+
+    fn gptq_blocks(
+        &mut self,
+        model: &mut Llama,
+        calibration: &Calibration,
+    ) -> Result<(), QuantizeError> {
+        let device = model.device();
+        let seq_len = calibration.seq_len;
+        let mut hidden: Vec<Tensor<3>> = calibration
+            .tokens
+            .chunks(CALIBRATION_BATCH * seq_len)
+            .map(|chunk| {
+                let windows = chunk.len() / seq_len;
+                let ids: Vec<i64> = chunk.iter().map(|&id| i64::from(id)).collect();
+                model.embed(Tensor::<2, Int>::from_data(
+                    TensorData::new(ids, [windows, seq_len]),
+                    &device,
+                ))
+            })
+            .collect();
+        let rope = model.rotary_tables().clone();
+        for index in 0..model.layers.len() {
+            let layer = &mut model.layers[index];
+            let prefix = format!("layers.{index}");
+            hidden = if self.options.true_sequential {
+                self.sequential_layer(layer, &prefix, &rope, hidden)?
+            } else {
+                let inputs = LayerInputs::of(layer, &rope, &hidden);
+                let hessians = inputs.hessians();
+                for (group, hessian) in SEQUENTIAL_GROUPS.iter().zip(&hessians) {
+                    for name in *group {
+                        let path = format!("{prefix}.{name}");
+                        self.gptq_linear(linear_of(layer, name), &path, hessian)?;
+                    }
+                }
+                LayerInputs::of(layer, &rope, &hidden).outputs(layer)
+            };
+        }
+        if self.options.quantize_lm_head {
+            let normalized: Vec<Tensor<3>> =
+                hidden.into_iter().map(|x| model.final_norm(x)).collect();
+            if let Some(head) = model.lm_head.as_mut() {
+                self.gptq_linear(head, "lm_head", &hessian_of(&normalized))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One decoder layer, each group of sublayers calibrated on the outputs of the groups
+    /// quantized before it; returns the quantized layer's outputs.
+    fn sequential_layer(
+        &mut self,
+        layer: &mut DecoderLayer,
+        prefix: &str,
+        rope: &distillery_model::rope::RotaryTables,
+        hidden: Vec<Tensor<3>>,
+    ) -> Result<Vec<Tensor<3>>, QuantizeError> {
+        let attention_inputs: Vec<Tensor<3>> = hidden
+            .iter()
+            .map(|x| layer.attention_input(x.clone()))
+            .collect();
+        self.gptq_group(layer, prefix, 0, &attention_inputs)?;
+        let contexts: Vec<Tensor<3>> = attention_inputs
+            .into_iter()
+            .map(|x| layer.self_attn.context(x, rope))
+            .collect();
+        self.gptq_group(layer, prefix, 1, &contexts)?;
+        let residuals: Vec<Tensor<3>> = hidden
+            .into_iter()
+            .zip(contexts)
+            .map(|(x, context)| x + layer.self_attn.o_proj.forward(context))
+            .collect();
+        let mlp_inputs: Vec<Tensor<3>> = residuals
+            .iter()
+            .map(|x| layer.mlp_input(x.clone()))
+            .collect();
+        self.gptq_group(layer, prefix, 2, &mlp_inputs)?;
+        let gated: Vec<Tensor<3>> = mlp_inputs.into_iter().map(|x| layer.mlp.gated(x)).collect();
+        self.gptq_group(layer, prefix, 3, &gated)?;
+        Ok(residuals
+            .into_iter()
+            .zip(gated)
+            .map(|(x, gated)| x + layer.mlp.down_proj.forward(gated))
+            .collect())
+    }
+
+    fn gptq_group(
+        &mut self,
+        layer: &mut DecoderLayer,
+        prefix: &str,
+        group: usize,
+        inputs: &[Tensor<3>],
+    ) -> Result<(), QuantizeError> {
+        let hessian = hessian_of(inputs);
+        for name in SEQUENTIAL_GROUPS[group] {
+            let path = format!("{prefix}.{name}");
+            self.gptq_linear(linear_of(layer, name), &path, &hessian)?;
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of a layer's four sublayer groups on the calibration windows, all computed with
+/// the layer's current weights.
+struct LayerInputs {
+    attention: Vec<Tensor<3>>,
+    context: Vec<Tensor<3>>,
+    /// The residual stream after attention.
+    residual: Vec<Tensor<3>>,
+    mlp: Vec<Tensor<3>>,
+    gated: Vec<Tensor<3>>,
+}
+
+impl LayerInputs {
+    fn of(
+        layer: &DecoderLayer,
+        rope: &distillery_model::rope::RotaryTables,
+        hidden: &[Tensor<3>],
+    ) -> Self {
+        let attention: Vec<Tensor<3>> = hidden
+            .iter()
+            .map(|x| layer.attention_input(x.clone()))
+            .collect();
+        let context: Vec<Tensor<3>> = attention
+            .iter()
+            .map(|x| layer.self_attn.context(x.clone(), rope))
+            .collect();
+        let residual: Vec<Tensor<3>> = hidden
+            .iter()
+            .zip(&context)
+            .map(|(x, context)| x.clone() + layer.self_attn.o_proj.forward(context.clone()))
+            .collect();
+        let mlp: Vec<Tensor<3>> = residual
+            .iter()
+            .map(|x| layer.mlp_input(x.clone()))
+            .collect();
+        let gated = mlp.iter().map(|x| layer.mlp.gated(x.clone())).collect();
+        Self {
+            attention,
+            context,
+            residual,
+            mlp,
+            gated,
+        }
+    }
+
+    /// One Hessian per group of [`SEQUENTIAL_GROUPS`].
+    fn hessians(&self) -> [Hessian; 4] {
+        [
+            hessian_of(&self.attention),
+            hessian_of(&self.context),
+            hessian_of(&self.mlp),
+            hessian_of(&self.gated),
+        ]
+    }
+
+    fn outputs(self, layer: &DecoderLayer) -> Vec<Tensor<3>> {
+        self.residual
+            .into_iter()
+            .zip(self.gated)
+            .map(|(x, gated)| x + layer.mlp.down_proj.forward(gated))
+            .collect()
+    }
+}
+
+fn linear_of<'a>(layer: &'a mut DecoderLayer, name: &str) -> &'a mut Linear {
+    layer
+        .linear_mut(name)
+        .expect("SEQUENTIAL_GROUPS names sublayers of the decoder layer")
+}
+
+/// `2/N Σ x xᵀ` over every position of `inputs` (`[batch, seq, features]` each), one matrix
+/// product per tensor on the model's device.
+fn hessian_of(inputs: &[Tensor<3>]) -> Hessian {
+    let size = inputs.first().map_or(0, |x| x.dims()[2]);
+    let mut hessian = Hessian::new(size);
+    for x in inputs {
+        let [batch, seq, features] = x.dims();
+        let rows = x.clone().reshape([batch * seq, features]);
+        let gram = rows.clone().transpose().matmul(rows);
+        let sum: Vec<f64> = gram.into_data().iter::<f32>().map(f64::from).collect();
+        hessian.add_outer_products(&sum, batch * seq);
+    }
+    hessian
+}
+
+fn layer_error(layer: &str, source: QuantError) -> QuantizeError {
+    QuantizeError::Layer {
+        layer: layer.to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use distillery_model::LlamaConfig;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn shape(tie_word_embeddings: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings,
+        }
+    }
+
+    fn options(method: QuantizeMethod, bits: u32) -> QuantizeOptions {
+        QuantizeOptions {
+            method,
+            bits,
+            group_size: Some(16),
+            sym: false,
+            act_order: false,
+            static_groups: false,
+            true_sequential: true,
+            damp_percent: 0.01,
+            block_size: 8,
+            quantize_embeddings: false,
+            quantize_lm_head: true,
+        }
+    }
+
+    /// Token streams with structure (a repeating random walk), so layer inputs are correlated.
+    fn calibration(windows: usize, seq_len: usize, seed: u64) -> Calibration {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut token = 0u32;
+        let tokens = (0..windows * seq_len)
+            .map(|_| {
+                token = (token + rng.random_range(0..5u32)) % 64;
+                token
+            })
+            .collect();
+        Calibration { tokens, seq_len }
+    }
+
+    /// Mean squared difference of two models' logits on the calibration windows.
+    fn logit_error(a: &Llama, b: &Llama, calibration: &Calibration) -> f64 {
+        let device = a.device();
+        let windows = calibration.tokens.len() / calibration.seq_len;
+        let ids: Vec<i64> = calibration.tokens.iter().map(|&id| i64::from(id)).collect();
+        let input = || {
+            Tensor::<2, Int>::from_data(
+                TensorData::new(ids.clone(), [windows, calibration.seq_len]),
+                &device,
+            )
+        };
+        let difference = a.forward(input()) - b.forward(input());
+        f64::from(
+            (difference.clone() * difference)
+                .mean()
+                .into_scalar::<f32>(),
+        )
+    }
+
+    fn quantized(
+        model: &Llama,
+        options: &QuantizeOptions,
+        calibration: Option<&Calibration>,
+    ) -> (Llama, Vec<MatrixOutcome>) {
+        let mut model = model.clone();
+        let mut seen = Vec::new();
+        let outcomes = quantize_model(&mut model, options, calibration, &mut |progress| {
+            seen.push((progress.name.to_string(), progress.done, progress.total));
+        })
+        .unwrap();
+        assert_eq!(seen.len(), outcomes.len());
+        assert!(seen.iter().all(|(_, _, total)| *total == outcomes.len()));
+        (model, outcomes)
+    }
+
+    #[test]
+    fn gptq_quantizes_every_matrix_and_beats_round_to_nearest() {
+        let device = Device::flex();
+        let model = Llama::new(&shape(false), 0.0, 3, &device).unwrap();
+        let calibration = calibration(32, 16, 1);
+        for true_sequential in [true, false] {
+            let gptq_options = QuantizeOptions {
+                true_sequential,
+                ..options(QuantizeMethod::Gptq, 2)
+            };
+            let (gptq_model, outcomes) = quantized(&model, &gptq_options, Some(&calibration));
+            assert_eq!(outcomes.len(), 2 * 7 + 1);
+            assert_eq!(outcomes[0].name, "layers.0.self_attn.q_proj");
+            assert_eq!(outcomes[14].name, "lm_head");
+            assert!(
+                gptq_model
+                    .linears()
+                    .iter()
+                    .all(|(_, linear)| linear.packed().is_some())
+            );
+            let (rtn_model, _) = quantized(&model, &options(QuantizeMethod::Rtn, 2), None);
+            let gptq_error = logit_error(&model, &gptq_model, &calibration);
+            let rtn_error = logit_error(&model, &rtn_model, &calibration);
+            assert!(
+                gptq_error < 0.9 * rtn_error,
+                "true_sequential {true_sequential}: GPTQ {gptq_error} vs RTN {rtn_error}"
+            );
+        }
+    }
+
+    #[test]
+    fn int8_with_a_quantized_tied_embedding_stays_close_to_float() {
+        let device = Device::flex();
+        let model = Llama::new(&shape(true), 0.0, 4, &device).unwrap();
+        let int8 = QuantizeOptions {
+            group_size: None,
+            quantize_embeddings: true,
+            quantize_lm_head: false,
+            ..options(QuantizeMethod::Int8, 8)
+        };
+        let (quantized_model, outcomes) = quantized(&model, &int8, None);
+        assert_eq!(outcomes.len(), 1 + 2 * 7);
+        assert_eq!(outcomes[0].name, "embed_tokens");
+        assert!(quantized_model.embedding().is_none());
+        let packed = quantized_model.packed_embedding().unwrap();
+        assert_eq!((packed.rows(), packed.cols(), packed.bits()), (64, 32, 8));
+        let calibration = calibration(2, 16, 2);
+        let error = logit_error(&model, &quantized_model, &calibration);
+        let (rtn4, _) = quantized(
+            &model,
+            &QuantizeOptions {
+                quantize_embeddings: true,
+                quantize_lm_head: false,
+                ..options(QuantizeMethod::Rtn, 4)
+            },
+            None,
+        );
+        let error4 = logit_error(&model, &rtn4, &calibration);
+        assert!(error < error4 / 50.0, "int8 {error} vs 4-bit {error4}");
+    }
+
+    #[test]
+    fn unusable_settings_are_errors_naming_the_layer() {
+        let device = Device::flex();
+        let mut model = Llama::new(&shape(false), 0.0, 5, &device).unwrap();
+        let error = quantize_model(
+            &mut model,
+            &options(QuantizeMethod::Gptq, 4),
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("calibration"), "{error}");
+        // k_proj has 16 outputs: 3-bit zeros need multiples of 32.
+        let error = quantize_model(
+            &mut model,
+            &options(QuantizeMethod::Rtn, 3),
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("layers.0.self_attn.k_proj: 32 inputs x 16 outputs"),
+            "{error}"
+        );
+        let wide_groups = QuantizeOptions {
+            group_size: Some(48),
+            ..options(QuantizeMethod::Rtn, 4)
+        };
+        let error = quantize_model(&mut model, &wide_groups, None, &mut |_| {}).unwrap_err();
+        assert!(
+            error.to_string().contains("wider than its 32 input"),
+            "{error}"
+        );
+        assert!(
+            model
+                .linears()
+                .iter()
+                .all(|(_, linear)| linear.packed().is_none()),
+            "refused settings leave the model untouched"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! `distillery quantize`: a run's checkpoint in, a quantized model folder out.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use distillery_config::{ExperimentConfig, QuantizeMethod};
+use distillery_data::WindowSampler;
+use distillery_train::seeds::{Stream, derive_seed};
+
+use crate::QuantizeError;
+use crate::model::{Calibration, MatrixOutcome, Progress, QuantizeOptions, quantize_model};
+
+/// What `distillery quantize` did.
+pub struct QuantizeOutcome {
+    pub source: PathBuf,
+    pub step: usize,
+    pub output: PathBuf,
+    /// Wall time of the quantization itself (calibration forward passes included; loading and
+    /// saving excluded).
+    pub seconds: f64,
+    pub matrices: Vec<MatrixOutcome>,
+    pub label: String,
+}
+
+/// `count` windows of `seq_len` tokens at offsets drawn from the run's calibration stream.
+pub fn calibration_windows(tokens: &[u32], count: usize, seq_len: usize, seed: u64) -> Vec<u32> {
+    let mut sampler = WindowSampler::new(derive_seed(seed, Stream::Calibration, 0), seq_len);
+    sampler.next_batch(tokens, count).inputs
+}
+
+/// Quantizes the checkpoint `config`'s `[quantize]` section names (by default the run's best)
+/// and saves it under `<checkpoint_dir>/<name>/`, replacing an earlier result of that name.
+pub fn quantize_run(
+    config: &ExperimentConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<QuantizeOutcome, QuantizeError> {
+    let settings = config
+        .quantize
+        .as_ref()
+        .ok_or_else(|| QuantizeError::Settings("the config has no [quantize] section".into()))?;
+    let data = distillery_train::prepare_data(config)?;
+    let source = settings
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| config.run_checkpoint_dir());
+    let (source, step, mut model) =
+        distillery_train::load_for_inference(config, &source, &data.tokenizer)?;
+    let options = QuantizeOptions::from(settings);
+    let seq_len = settings
+        .seqlen
+        .unwrap_or(config.data.seq_len)
+        .min(model.config().max_position_embeddings);
+    let calibration_source = match &settings.calibration {
+        Some(path) => path.display().to_string(),
+        None => format!("training split of {}", config.data.corpus.display()),
+    };
+    let calibration = match settings.method {
+        QuantizeMethod::Gptq => {
+            let tokens = match &settings.calibration {
+                Some(path) => {
+                    distillery_data::load_or_build(
+                        path,
+                        &data.tokenizer,
+                        &config.token_cache_dir(),
+                    )?
+                    .tokens
+                }
+                None => data.splits.train.to_vec(),
+            };
+            if tokens.len() <= seq_len {
+                return Err(QuantizeError::Settings(format!(
+                    "{calibration_source} holds {} tokens, fewer than one calibration window of \
+                     {seq_len} + 1",
+                    tokens.len()
+                )));
+            }
+            Some(Calibration {
+                tokens: calibration_windows(&tokens, settings.nsamples, seq_len, config.run.seed),
+                seq_len,
+            })
+        }
+        QuantizeMethod::Int8 | QuantizeMethod::Rtn => None,
+    };
+
+    let started = Instant::now();
+    let matrices = quantize_model(&mut model, &options, calibration.as_ref(), progress)?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let label = settings.label();
+    let name = settings
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{label}", config.run.name));
+    let output = config.run.checkpoint_dir.join(name);
+    let record = serde_json::json!({
+        "method": settings.method,
+        "label": label,
+        "settings": settings,
+        "source_checkpoint": source,
+        "source_step": step,
+        "tokenizer_sha256": data.tokenizer.sha256(),
+        "calibration": calibration.as_ref().map(|calibration| serde_json::json!({
+            "source": calibration_source,
+            "windows": calibration.tokens.len() / seq_len,
+            "seq_len": seq_len,
+            "seed": config.run.seed,
+        })),
+        "seconds": seconds,
+        "matrices": matrices,
+    });
+    let gptq_config = distillery_formats::quantized::GptqConfig::new(
+        options.bits,
+        options.group_size,
+        options.damp_percent,
+        options.act_order,
+        options.static_groups,
+        options.sym,
+        options.true_sequential,
+    );
+    let eos = data.tokenizer.eos_token_id();
+    distillery_formats::quantized::save(
+        &model,
+        &config.data.tokenizer,
+        eos,
+        eos,
+        &gptq_config,
+        &record,
+        &output,
+    )?;
+    Ok(QuantizeOutcome {
+        source,
+        step,
+        output,
+        seconds,
+        matrices,
+        label,
+    })
+}
