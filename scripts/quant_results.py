@@ -8,7 +8,8 @@ that the page reports, then one `distillery eval` table of them all.
 Each variant is one `distillery quantize CONFIG --set ...` run (its wall time is the
 quantization itself, calibration forward passes included, loading and saving excluded). Two
 scopes: `blocks` quantizes the 7 matrices of every decoder layer (AutoGPTQ's default), `all`
-also the token embedding and the output head (what an edge deployment ships).
+also the token embedding and the output head (what an edge deployment ships; a tied head is the
+embedding). The configs' presets leave `tie_word_embeddings` false unless the config sets it.
 """
 
 import argparse
@@ -37,10 +38,12 @@ VARIANTS = [
                                     "quantize.act_order=true"]),
 ]
 
-SCOPES = {
-    "blocks": [],
-    "all": ["quantize.quantize_embeddings=true", "quantize.quantize_lm_head=true"],
-}
+def scopes(tied):
+    # A tied head is the embedding itself: quantizing the embedding quantizes both.
+    every_matrix = ["quantize.quantize_embeddings=true"]
+    if not tied:
+        every_matrix.append("quantize.quantize_lm_head=true")
+    return {"blocks": [], "all": every_matrix}
 
 
 def run(args):
@@ -60,9 +63,11 @@ def main():
     parser.add_argument("--config", default="configs/shakespeare-student-distill.toml")
     args = parser.parse_args()
     with open(ROOT / args.config, "rb") as file:
-        run_name = tomllib.load(file)["run"]["name"]
+        config = tomllib.load(file)
+    run_name = config["run"]["name"]
+    tied = config["model"].get("tie_word_embeddings", False)
 
-    for scope, scope_settings in SCOPES.items():
+    for scope, scope_settings in scopes(tied).items():
         outputs, seconds = [], {}
         for label, settings in VARIANTS:
             name = f"{run_name}-{label.lower().replace(' ', '-').replace(',', '')}-{scope}"
