@@ -553,3 +553,59 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         "{stderr}"
     );
 }
+
+#[test]
+fn hugging_face_export_then_import_gives_back_identical_weights() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("round-trip", &["train.steps=10"]));
+    let with_config = |command: &str| {
+        let mut args = vec![command.to_string(), repo_path("configs/tiny-test.toml")];
+        args.extend(workspace.common_settings("round-trip"));
+        args
+    };
+    let hf_dir = workspace.root.join("hf");
+    let mut export = with_config("export");
+    export.extend([
+        "--checkpoint".into(),
+        workspace
+            .checkpoints
+            .join("round-trip")
+            .display()
+            .to_string(),
+        "--format".into(),
+        "hf".into(),
+        "--out".into(),
+        hf_dir.display().to_string(),
+    ]);
+    workspace.run_ok(&export);
+    let imported = workspace.root.join("imported");
+    let mut import = with_config("import");
+    import.extend([
+        "--hf-dir".into(),
+        hf_dir.display().to_string(),
+        "--out".into(),
+        imported.display().to_string(),
+    ]);
+    workspace.run_ok(&import);
+    common::assert_same_tensors(
+        &workspace.checkpoints.join("round-trip/best/model.bpk"),
+        &imported.join("model.bpk"),
+    );
+    let (code, stderr) = workspace.run_err(&import);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    // The imported checkpoint is a run's step 0: it evaluates like the original.
+    let evaluate = |target: &Path| -> serde_json::Value {
+        let mut args = with_config("eval");
+        args.extend([
+            "--checkpoint".into(),
+            target.display().to_string(),
+            "--json".into(),
+        ]);
+        serde_json::from_str(&workspace.run_ok(&args)).unwrap()
+    };
+    let original = evaluate(&workspace.checkpoints.join("round-trip"));
+    let reloaded = evaluate(&imported);
+    assert_eq!(original["loss"], reloaded["loss"]);
+    assert_eq!(reloaded["step"], 0);
+}

@@ -85,6 +85,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Read a Hugging Face Llama folder into a distillery checkpoint (step 0 of the config's
+    /// run), for eval, generate, export, a [teacher] or further training with --resume.
+    Import {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The folder: config.json, model.safetensors (or shards with their index; f32, f16
+        /// or bf16), tokenizer.json.
+        #[arg(long)]
+        hf_dir: PathBuf,
+        /// The checkpoint directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a GGUF file's metadata and tensors.
     Inspect {
         /// The GGUF file.
@@ -139,8 +152,11 @@ enum Command {
 enum ExportFormat {
     /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
     Hf,
-    /// A GGUF file for llama.cpp, f32 tensors, the tokenizer embedded.
+    /// A GGUF file for llama.cpp, the tokenizer embedded.
     Gguf,
+    /// A GPTQ folder (AutoGPTQ's v1 layout, as transformers loads it) from a model that
+    /// `distillery quantize` made.
+    Gptq,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -351,6 +367,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     distillery_formats::hf::export(model, &config.data.tokenizer, eos, eos, &out)?;
                     "Hugging Face Llama folder"
                 }
+                ExportFormat::Gptq => {
+                    let models::ModelKind::Quantized {
+                        config: gptq,
+                        record,
+                        ..
+                    } = &loaded.kind
+                    else {
+                        anyhow::bail!(
+                            "{}: --format gptq writes a quantized model; make one with \
+                             `distillery quantize` and export its folder",
+                            loaded.path.display()
+                        );
+                    };
+                    let float_ends = model.packed_embedding().is_some()
+                        || model
+                            .lm_head
+                            .as_ref()
+                            .is_some_and(|head| head.packed().is_some());
+                    let exported =
+                        distillery_formats::quantized::with_float_embedding_and_head(model);
+                    let folder = distillery_formats::quantized::QuantizedFolder {
+                        model: &exported,
+                        tokenizer: &config.data.tokenizer,
+                        bos_token_id: eos,
+                        eos_token_id: eos,
+                        config: gptq,
+                        record,
+                    };
+                    distillery_formats::quantized::save(&folder, &out, false)?;
+                    if float_ends {
+                        "GPTQ folder; the quantized embedding and head dequantized to f32, as \
+                         GPTQ loaders expect"
+                    } else {
+                        "GPTQ folder"
+                    }
+                }
                 ExportFormat::Gguf => {
                     let tokenizer_json: serde_json::Value = serde_json::from_str(
                         &std::fs::read_to_string(&config.data.tokenizer).with_context(|| {
@@ -370,6 +422,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
                         GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
                     };
+                    if let Some(note) = gguf_requantization_note(model, kind) {
+                        eprintln!("{note}");
+                    }
                     let (metadata, tensors) = distillery_formats::gguf::llama_contents(
                         model,
                         &config.run.name,
@@ -387,6 +442,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "wrote {} ({description}) from {}",
                 out.display(),
                 loaded.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import {
+            config,
+            hf_dir,
+            out,
+        } => {
+            let config = config.load()?;
+            let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+            let theirs_path = hf_dir.join("tokenizer.json");
+            let theirs = TextTokenizer::load(&theirs_path)?;
+            if theirs.sha256() != tokenizer.sha256() {
+                anyhow::bail!(
+                    "{}: another tokenizer than the config's {}; the checkpoint would record the \
+                     wrong one",
+                    theirs_path.display(),
+                    config.data.tokenizer.display()
+                );
+            }
+            if out.exists() {
+                anyhow::bail!(
+                    "{}: already exists; choose another directory",
+                    out.display()
+                );
+            }
+            let device = distillery_train::device_for(config.run.backend);
+            let model = distillery_formats::hf::import(&hf_dir, &device)?;
+            distillery_train::write_initial_checkpoint(&config, &model, tokenizer.sha256(), &out)?;
+            println!(
+                "imported {} ({} parameters) into {}",
+                hf_dir.display(),
+                model.config().num_parameters(),
+                out.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -598,6 +687,31 @@ fn describe_value(value: &distillery_formats::gguf::Value) -> String {
             items.len(),
         ),
     }
+}
+
+/// What happens to a quantized model's matrices in a GGUF file of `kind` blocks.
+fn gguf_requantization_note(model: &distillery_model::Llama, kind: TensorKind) -> Option<String> {
+    let packed: Vec<&distillery_quant::PackedMatrix> = model
+        .linears()
+        .into_iter()
+        .filter_map(|(_, linear)| linear.packed())
+        .chain(model.packed_embedding())
+        .collect();
+    if packed.is_empty() || kind == TensorKind::F32 {
+        return None;
+    }
+    let exact = kind == TensorKind::Q8_0
+        && packed
+            .iter()
+            .all(|matrix| matrix.is_int8_in_groups_of(distillery_formats::ggml_blocks::BLOCK));
+    Some(if exact {
+        "the int8 codes and scales map onto Q8_0 blocks unchanged".into()
+    } else {
+        format!(
+            "the quantized matrices are requantized to {kind:?} from their dequantized weights \
+             (only int8 with group_size = 32 maps onto Q8_0 unchanged)"
+        )
+    })
 }
 
 /// Quantized model folders and GGUF files, which only the table form of `eval` reads.

@@ -14,8 +14,14 @@ use distillery_train::checkpoint::MODEL_FILE;
 use distillery_train::{EvalMetrics, load_for_inference};
 
 pub enum ModelKind {
-    Checkpoint { step: usize },
-    Quantized { label: String },
+    Checkpoint {
+        step: usize,
+    },
+    Quantized {
+        label: String,
+        config: quantized::GptqConfig,
+        record: serde_json::Value,
+    },
     Gguf,
 }
 
@@ -40,7 +46,7 @@ impl LoadedModel {
     pub fn describe(&self) -> String {
         match &self.kind {
             ModelKind::Checkpoint { step } => format!("{} (step {step})", self.path.display()),
-            ModelKind::Quantized { label } => format!("{} ({label})", self.path.display()),
+            ModelKind::Quantized { label, .. } => format!("{} ({label})", self.path.display()),
             ModelKind::Gguf => self.path.display().to_string(),
         }
     }
@@ -100,7 +106,11 @@ pub fn load_model(
         );
         return Ok(LoadedModel {
             path: path.to_path_buf(),
-            kind: ModelKind::Quantized { label },
+            kind: ModelKind::Quantized {
+                label,
+                config: loaded.config,
+                record: loaded.record,
+            },
             model: loaded.model,
             file_bytes: loaded.file_bytes,
             bits_per_weight: loaded.storage.bits_per_weight(),

@@ -840,6 +840,45 @@ mod tests {
     }
 
     #[test]
+    fn int8_matrices_in_groups_of_32_become_q8_0_blocks_unchanged() {
+        let config = LlamaConfig {
+            vocab_size: 6,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+        };
+        let mut model = Llama::new(&config, 0.0, 4, &Device::flex()).unwrap();
+        let paths: Vec<String> = model.linears().into_iter().map(|(path, _)| path).collect();
+        for path in paths {
+            let linear = model.linear_mut(&path).unwrap();
+            let (rows, cols) = (linear.d_output(), linear.d_input());
+            let matrix =
+                distillery_quant::int8_absmax(&linear.weight_out_in(), rows, cols, Some(32))
+                    .unwrap();
+            *linear = distillery_model::Linear::quantized(
+                distillery_quant::PackedMatrix::from_quantized(&matrix),
+            );
+        }
+        let (metadata, tensors) = llama_contents(&model, "int8", &vocabulary(), TensorKind::Q8_0);
+        let file = read(&write(&metadata, &tensors)).unwrap();
+        for (name, linear) in [
+            ("blk.0.ffn_down.weight", &model.layers[0].mlp.down_proj),
+            ("blk.0.attn_v.weight", &model.layers[0].self_attn.v_proj),
+            ("output.weight", model.lm_head.as_ref().unwrap()),
+        ] {
+            let stored = file.tensor(name).unwrap();
+            assert_eq!(stored.kind, TensorKind::Q8_0);
+            assert_eq!(stored.values, linear.weight_out_in(), "{name}");
+        }
+    }
+
+    #[test]
     fn f32_files_import_back_to_the_same_model() {
         let model = model();
         let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary(), TensorKind::F32);

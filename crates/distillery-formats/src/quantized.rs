@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::Device;
-use distillery_model::Llama;
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use distillery_model::{Linear, Llama};
 use distillery_quant::{GptqTensors, PackedMatrix};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -168,17 +169,28 @@ pub fn safetensors_bytes(model: &Llama) -> Result<Vec<u8>, distillery_quant::Qua
     Ok(safetensors_file(tensors))
 }
 
-/// Writes a quantized model as a folder at `dir` (assembled beside it, then renamed into place,
-/// replacing an earlier one).
-pub fn save(
-    model: &Llama,
-    tokenizer: &Path,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<u32>,
-    config: &GptqConfig,
-    record: &serde_json::Value,
-    dir: &Path,
-) -> Result<(), HfError> {
+/// What [`save`] writes.
+pub struct QuantizedFolder<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Path,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub config: &'a GptqConfig,
+    /// Written as [`RECORD_FILE`].
+    pub record: &'a serde_json::Value,
+}
+
+/// Writes a quantized model as a folder at `dir`, assembled beside it and renamed into place;
+/// an existing `dir` is an error unless `replace`.
+pub fn save(folder: &QuantizedFolder, dir: &Path, replace: bool) -> Result<(), HfError> {
+    let QuantizedFolder {
+        model,
+        tokenizer,
+        bos_token_id,
+        eos_token_id,
+        config,
+        record,
+    } = *folder;
     let weights =
         safetensors_bytes(model).map_err(|e| error(dir, format!("cannot store the model: {e}")))?;
     let mut hf_config: serde_json::Value =
@@ -205,7 +217,39 @@ pub fn save(
         bos_token_id,
         eos_token_id,
     )?);
-    write_folder(dir, &files, true)
+    write_folder(dir, &files, replace)
+}
+
+/// `model` with a quantized embedding or output head turned back into f32 tensors: GPTQ loaders
+/// (AutoGPTQ, transformers) quantize only the decoder layers' linear maps.
+pub fn with_float_embedding_and_head(model: &Llama) -> Llama {
+    let mut model = model.clone();
+    let device = model.device();
+    let config = model.config().clone();
+    if model.packed_embedding().is_some() {
+        let table = Tensor::<2>::from_data(
+            TensorData::new(
+                model.embedding_values(),
+                [config.vocab_size, config.hidden_size],
+            ),
+            &device,
+        );
+        model.set_embedding(Param::from_tensor(table));
+    }
+    if let Some(head) = model.lm_head.as_mut()
+        && head.packed().is_some()
+    {
+        let (inputs, outputs) = (head.d_input(), head.d_output());
+        let out_in = head.weight_out_in();
+        let transposed: Vec<f32> = (0..inputs * outputs)
+            .map(|index| out_in[(index % outputs) * inputs + index / outputs])
+            .collect();
+        *head = Linear::new(Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(transposed, [inputs, outputs]),
+            &device,
+        )));
+    }
+    model
 }
 
 /// Whether `dir` holds a quantized model.
@@ -371,8 +415,8 @@ fn packed_from_views(
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Int, Tensor, TensorData};
-    use distillery_model::{Linear, LlamaConfig};
+    use burn::tensor::Int;
+    use distillery_model::LlamaConfig;
     use distillery_quant::{QuantSettings, round_to_nearest};
 
     use super::*;
@@ -423,16 +467,15 @@ mod tests {
         let tokenizer = dir.with_file_name("tokenizer.json");
         std::fs::write(&tokenizer, "{}").unwrap();
         let config = GptqConfig::new(4, Some(16), 0.01, false, false, false, true);
-        save(
+        let folder = QuantizedFolder {
             model,
-            &tokenizer,
-            Some(0),
-            Some(0),
-            &config,
-            &serde_json::json!({ "label": "rtn-4bit-g16-asym" }),
-            dir,
-        )
-        .unwrap();
+            tokenizer: &tokenizer,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            config: &config,
+            record: &serde_json::json!({ "label": "rtn-4bit-g16-asym" }),
+        };
+        save(&folder, dir, true).unwrap();
     }
 
     fn logits(model: &Llama, device: &Device) -> Vec<f32> {
@@ -490,6 +533,12 @@ mod tests {
         );
         assert!(tensors.tensor("lm_head.weight").is_ok());
         assert!(tensors.tensor("model.embed_tokens.weight").is_err());
+
+        // A GPTQ export keeps the decoder layers' matrices and turns the embedding into floats.
+        let exported = with_float_embedding_and_head(&model);
+        assert_eq!(exported.embedding_values(), model.embedding_values());
+        assert!(exported.packed_embedding().is_none());
+        assert_eq!(logits(&exported, &device), logits(&model, &device));
 
         // Saving again replaces the folder.
         save_to(&Llama::new(&shape(), 0.0, 7, &device).unwrap(), &dir);

@@ -117,6 +117,19 @@ impl PackedMatrix {
         &self.group_index
     }
 
+    /// Whether this is symmetric absmax int8 (zero 128) in consecutive groups of `size` columns:
+    /// then ggml's Q8_0 blocks of 32 (absmax / 127 scales) hold exactly these codes.
+    pub fn is_int8_in_groups_of(&self, size: usize) -> bool {
+        self.bits == 8
+            && self.zeros.iter().all(|&zero| zero == 128)
+            && self.cols.is_multiple_of(size)
+            && self
+                .group_index
+                .iter()
+                .enumerate()
+                .all(|(col, &group)| group as usize == col / size)
+    }
+
     /// Bytes the GPTQ tensors of this matrix take in a file.
     pub fn stored_bytes(&self) -> usize {
         let bits = self.bits as usize;
@@ -527,6 +540,17 @@ mod tests {
             let error = PackedMatrix::from_gptq(&tensors).unwrap_err().to_string();
             assert!(error.contains(message), "{error}");
         }
+    }
+
+    #[test]
+    fn int8_in_blocks_of_32_is_recognized() {
+        let weights = random_matrix(4, 64, 12);
+        let by_32 = PackedMatrix::from_quantized(&int8_absmax(&weights, 4, 64, Some(32)).unwrap());
+        assert!(by_32.is_int8_in_groups_of(32));
+        let per_row = PackedMatrix::from_quantized(&int8_absmax(&weights, 4, 64, None).unwrap());
+        assert!(!per_row.is_int8_in_groups_of(32));
+        let rtn8 = PackedMatrix::from_quantized(&quantized(4, 64, 8, Some(32)));
+        assert!(!rtn8.is_int8_in_groups_of(32), "asymmetric zeros");
     }
 
     #[test]

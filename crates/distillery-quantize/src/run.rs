@@ -118,15 +118,15 @@ pub fn quantize_run(
         options.true_sequential,
     );
     let eos = data.tokenizer.eos_token_id();
-    distillery_formats::quantized::save(
-        &model,
-        &config.data.tokenizer,
-        eos,
-        eos,
-        &gptq_config,
-        &record,
-        &output,
-    )?;
+    let folder = distillery_formats::quantized::QuantizedFolder {
+        model: &model,
+        tokenizer: &config.data.tokenizer,
+        bos_token_id: eos,
+        eos_token_id: eos,
+        config: &gptq_config,
+        record: &record,
+    };
+    distillery_formats::quantized::save(&folder, &output, true)?;
     Ok(QuantizeOutcome {
         source,
         step,

@@ -25,7 +25,7 @@ pub use eval::{EvalMetrics, batch_tensors, evaluate};
 pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
 pub use trainer::{
     NextTokenObjective, Objective, ObjectiveLoss, Resume, TrainOptions, TrainOutcome, TrainSummary,
-    train,
+    train, write_initial_checkpoint,
 };
 
 #[derive(Debug, thiserror::Error)]

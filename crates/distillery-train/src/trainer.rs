@@ -201,6 +201,32 @@ impl StepRunner<'_> {
     }
 }
 
+/// Writes `model` as the step-0 checkpoint a run of `config` would start from (fresh optimizer
+/// moments, the run's first data order), so imported weights can be evaluated, distilled from,
+/// exported, or trained further with `--resume PATH`.
+pub fn write_initial_checkpoint(
+    config: &ExperimentConfig,
+    model: &Llama,
+    tokenizer_sha256: &str,
+    destination: &std::path::Path,
+) -> Result<(), TrainError> {
+    let progress = Progress::new(
+        0,
+        0,
+        WindowSampler::new(
+            derive_seed(config.run.seed, Stream::DataOrder, 0),
+            config.data.seq_len,
+        ),
+        None,
+        config,
+        tokenizer_sha256,
+        None,
+    );
+    let optimizer = AdamW::new(adamw_settings(config));
+    checkpoint::write_checkpoint(destination, model, &optimizer, config, progress)?;
+    Ok(())
+}
+
 pub(crate) fn adamw_settings(config: &ExperimentConfig) -> AdamWSettings {
     AdamWSettings {
         beta1: config.train.beta1,
