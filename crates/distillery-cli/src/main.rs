@@ -162,6 +162,7 @@ enum ExportFormat {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum GgufType {
     F32,
+    F16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
@@ -419,6 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })?;
                     let (kind, description) = match gguf_type {
                         GgufType::F32 => (TensorKind::F32, "GGUF, f32"),
+                        GgufType::F16 => (TensorKind::F16, "GGUF, f16 weight matrices"),
                         GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
                         GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
                     };

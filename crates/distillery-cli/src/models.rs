@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use distillery_config::ExperimentConfig;
 use distillery_data::TextTokenizer;
-use distillery_formats::gguf::TensorKind;
 use distillery_formats::quantized;
 use distillery_model::Llama;
 use distillery_train::checkpoint::MODEL_FILE;
@@ -67,17 +66,10 @@ pub fn load_model(
             .with_context(|| format!("reading {}", path.display()))?;
         let model = distillery_formats::gguf::import_llama(&file, &device)
             .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
-        let tensor_bytes: f64 = file
+        let tensor_bytes: u64 = file
             .tensors
             .iter()
-            .map(|tensor| {
-                let count = tensor.dims.iter().product::<u64>() as f64;
-                match tensor.kind {
-                    TensorKind::F32 => 4.0 * count,
-                    TensorKind::Q8_0 => 34.0 / 32.0 * count,
-                    TensorKind::Q4_0 => 18.0 / 32.0 * count,
-                }
-            })
+            .map(|tensor| tensor.kind.bytes(tensor.dims.iter().product()))
             .sum();
         let parameters = model.config().num_parameters() as f64;
         return Ok(LoadedModel {
@@ -85,7 +77,7 @@ pub fn load_model(
             kind: ModelKind::Gguf,
             model,
             file_bytes: bytes.len() as u64,
-            bits_per_weight: tensor_bytes * 8.0 / parameters,
+            bits_per_weight: tensor_bytes as f64 * 8.0 / parameters,
             quantized_bits_per_weight: None,
         });
     }

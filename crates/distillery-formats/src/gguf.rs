@@ -15,6 +15,7 @@ use crate::ggml_blocks::{
 };
 use crate::hf::{ModelAssembly, hf_tensors};
 use crate::rope_layout::{interleaved_to_rotate_half, rotate_half_to_interleaved};
+use distillery_quant::f16::{f16_to_f32, f32_to_f16};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
@@ -24,6 +25,7 @@ pub const ALIGNMENT: u64 = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorKind {
     F32,
+    F16,
     Q8_0,
     Q4_0,
 }
@@ -33,21 +35,28 @@ impl TensorKind {
     fn type_id(self) -> u32 {
         match self {
             Self::F32 => 0,
+            Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 8,
         }
     }
 
+    /// Stored in blocks of 32 values along a row.
+    fn is_blocked(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q4_0)
+    }
+
     fn from_type_id(id: u32) -> Option<Self> {
-        [Self::F32, Self::Q4_0, Self::Q8_0]
+        [Self::F32, Self::F16, Self::Q4_0, Self::Q8_0]
             .into_iter()
             .find(|kind| kind.type_id() == id)
     }
 
     /// Bytes of `count` values (a multiple of the block size when quantized).
-    fn bytes(self, count: u64) -> u64 {
+    pub fn bytes(self, count: u64) -> u64 {
         match self {
             Self::F32 => count * 4,
+            Self::F16 => count * 2,
             Self::Q8_0 => count / BLOCK as u64 * Q8_0_BYTES as u64,
             Self::Q4_0 => count / BLOCK as u64 * Q4_0_BYTES as u64,
         }
@@ -56,6 +65,10 @@ impl TensorKind {
     fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::F16 => values
+                .iter()
+                .flat_map(|&v| f32_to_f16(v).to_le_bytes())
+                .collect(),
             Self::Q8_0 => quantize_q8_0(values),
             Self::Q4_0 => quantize_q4_0(values),
         }
@@ -67,6 +80,10 @@ impl TensorKind {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
             Self::Q8_0 => dequantize_q8_0(bytes),
             Self::Q4_0 => dequantize_q4_0(bytes),
         }
@@ -76,6 +93,7 @@ impl TensorKind {
     fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
+            Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
         }
@@ -261,7 +279,7 @@ pub fn llama_contents(
             Value::Strings(vocabulary.merges.clone()),
         ),
     ];
-    if weights != TensorKind::F32 {
+    if weights.is_blocked() {
         metadata.push(("general.quantization_version".into(), Value::U32(2)));
     }
     for (key, id) in [
@@ -294,7 +312,9 @@ pub fn llama_contents(
                 _ => tensor.values,
             };
             let dims: Vec<u64> = tensor.shape.iter().rev().map(|&d| d as u64).collect();
-            let kind = if dims.len() == 2 && dims[0].is_multiple_of(BLOCK as u64) {
+            // Norm gains stay f32, as llama.cpp's converter keeps them; blocks need whole rows.
+            let fits = !weights.is_blocked() || dims[0].is_multiple_of(BLOCK as u64);
+            let kind = if dims.len() == 2 && fits {
                 weights
             } else {
                 TensorKind::F32
@@ -665,10 +685,10 @@ pub fn read(bytes: &[u8]) -> Result<GgufFile, GgufError> {
         let type_id = cursor.u32()?;
         let Some(kind) = TensorKind::from_type_id(type_id) else {
             return cursor.fail(format!(
-                "tensor `{name}` has ggml type {type_id}; f32, Q8_0 and Q4_0 are read"
+                "tensor `{name}` has ggml type {type_id}; f32, f16, Q8_0 and Q4_0 are read"
             ));
         };
-        if kind != TensorKind::F32 && dims.first().is_none_or(|d| d % BLOCK as u64 != 0) {
+        if kind.is_blocked() && dims.first().is_none_or(|d| d % BLOCK as u64 != 0) {
             return cursor.fail(format!("tensor `{name}` has rows of a partial block"));
         }
         let offset = cursor.u64()?;
@@ -876,6 +896,29 @@ mod tests {
             assert_eq!(stored.kind, TensorKind::Q8_0);
             assert_eq!(stored.values, linear.weight_out_in(), "{name}");
         }
+    }
+
+    #[test]
+    fn f16_files_hold_every_matrix_in_half_precision_and_norms_in_f32() {
+        let model = model();
+        let (metadata, tensors) = llama_contents(&model, "tiny", &vocabulary(), TensorKind::F16);
+        let file = read(&write(&metadata, &tensors)).unwrap();
+        assert_eq!(file.value("general.file_type"), Some(&Value::U32(1)));
+        assert!(file.value("general.quantization_version").is_none());
+        let embedding = file.tensor("token_embd.weight").unwrap();
+        assert_eq!(embedding.kind, TensorKind::F16);
+        let rounded: Vec<f32> = model
+            .embedding_values()
+            .iter()
+            .map(|&v| distillery_quant::f16::round_to_f16(v))
+            .collect();
+        assert_eq!(embedding.values, rounded);
+        assert_eq!(
+            file.tensor("blk.0.attn_norm.weight").unwrap().kind,
+            TensorKind::F32
+        );
+        let imported = import_llama(&file, &Device::flex()).unwrap();
+        assert_eq!(imported.embedding_values(), rounded);
     }
 
     #[test]
