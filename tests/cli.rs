@@ -579,7 +579,8 @@ fn hugging_face_export_then_import_gives_back_identical_weights() {
     ]);
     workspace.run_ok(&export);
     let imported = workspace.root.join("imported");
-    let mut import = with_config("import");
+    let mut import = vec!["import".to_string(), repo_path("configs/tiny-test.toml")];
+    import.extend(workspace.common_settings("fine-tune"));
     import.extend([
         "--hf-dir".into(),
         hf_dir.display().to_string(),
@@ -608,4 +609,9 @@ fn hugging_face_export_then_import_gives_back_identical_weights() {
     let reloaded = evaluate(&imported);
     assert_eq!(original["loss"], reloaded["loss"]);
     assert_eq!(reloaded["step"], 0);
+    // ...from which the config's run trains on.
+    let mut fine_tune = workspace.train_args("fine-tune", &[]);
+    fine_tune.extend(["--resume".into(), imported.display().to_string()]);
+    workspace.run_ok(&fine_tune);
+    assert!(workspace.checkpoints.join("fine-tune/step-0000040").is_dir());
 }

@@ -140,6 +140,10 @@ impl AdamW {
             stored.insert(name, TensorData::from_bytes(bytes, shape, dtype));
         }
 
+        // An optimizer that never stepped holds no moments (an imported model's step 0).
+        if steps == 0 && stored.is_empty() {
+            return Ok(Self::new(settings));
+        }
         let mut expected = ParameterSizes::default();
         module.visit(&mut expected);
         let mut moments = BTreeMap::new();
