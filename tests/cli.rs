@@ -613,5 +613,10 @@ fn hugging_face_export_then_import_gives_back_identical_weights() {
     let mut fine_tune = workspace.train_args("fine-tune", &[]);
     fine_tune.extend(["--resume".into(), imported.display().to_string()]);
     workspace.run_ok(&fine_tune);
-    assert!(workspace.checkpoints.join("fine-tune/step-0000040").is_dir());
+    assert!(
+        workspace
+            .checkpoints
+            .join("fine-tune/step-0000040")
+            .is_dir()
+    );
 }

@@ -345,7 +345,8 @@ pub struct QuantizeConfig {
     /// GPTQ: tokens per calibration window (default `data.seq_len`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seqlen: Option<usize>,
-    /// GPTQ: a text file to draw calibration windows from, instead of the training split.
+    /// GPTQ: a text file, or a distillery token cache (`.tokens`) made with the run's tokenizer,
+    /// to draw calibration windows from instead of the training split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<PathBuf>,
     /// Quantize the token embedding too (round-to-nearest: a lookup table has no Hessian).

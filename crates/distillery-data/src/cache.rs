@@ -132,6 +132,29 @@ pub fn load_or_build(
     })
 }
 
+/// The ids of an existing token cache (a `.tokens` file with its `.tokens.json` header), which
+/// must have been encoded with `tokenizer`.
+pub fn read_token_cache(path: &Path, tokenizer: &TextTokenizer) -> Result<Vec<u32>, DataError> {
+    let invalid = |message: String| DataError::Cache {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (header, tokens) =
+        read_cache(path)
+            .map_err(&invalid)?
+            .ok_or_else(|| DataError::MissingFile {
+                what: "token cache",
+                path: path.to_path_buf(),
+            })?;
+    if header.tokenizer_sha256 != tokenizer.sha256() {
+        return Err(invalid(format!(
+            "was encoded with another tokenizer (sha256 {})",
+            header.tokenizer_sha256
+        )));
+    }
+    Ok(tokens)
+}
+
 /// `Ok(None)` when there is no cache; `Err(reason)` when one exists but cannot be trusted.
 fn read_cache(path: &Path) -> Result<Option<(TokenCacheHeader, Vec<u32>)>, String> {
     let header_file = header_path(path);
@@ -248,6 +271,24 @@ mod tests {
         let second = load_or_build(&corpus, &tokenizer, &cache_dir).unwrap();
         assert_eq!(second.status, CacheStatus::Reused);
         assert_eq!(second.tokens, first.tokens);
+    }
+
+    #[test]
+    fn an_existing_cache_reads_back_only_under_its_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (corpus, tokenizer) = setup(dir.path());
+        let cache = load_or_build(&corpus, &tokenizer, dir.path()).unwrap();
+        assert_eq!(
+            read_token_cache(&cache.path, &tokenizer).unwrap(),
+            cache.tokens
+        );
+        let other = TextTokenizer::train_bpe(&corpus, 300).unwrap();
+        let error = read_token_cache(&cache.path, &other)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("another tokenizer"), "{error}");
+        let missing = read_token_cache(&dir.path().join("none.tokens"), &tokenizer).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
     }
 
     #[test]

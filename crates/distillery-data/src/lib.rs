@@ -7,7 +7,9 @@ mod windows;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use cache::{CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build};
+pub use cache::{
+    CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build, read_token_cache,
+};
 pub use tokenizer::{END_OF_TEXT, TextTokenizer, default_tokenizer_path, hex_sha256};
 pub use windows::{TokenBatch, TokenSplits, TokenWindow, ValidationWindows, WindowSampler};
 
@@ -22,6 +24,8 @@ pub enum DataError {
     },
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
+    #[error("token cache {}: {message}", path.display())]
+    Cache { path: PathBuf, message: String },
     #[error("tokenization failed: {0}")]
     Encode(String),
     #[error(

@@ -57,6 +57,13 @@ pub fn quantize_run(
     let calibration = match settings.method {
         QuantizeMethod::Gptq => {
             let tokens = match &settings.calibration {
+                Some(path)
+                    if path
+                        .extension()
+                        .is_some_and(|extension| extension == "tokens") =>
+                {
+                    distillery_data::read_token_cache(path, &data.tokenizer)?
+                }
                 Some(path) => {
                     distillery_data::load_or_build(
                         path,
