@@ -543,6 +543,42 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     ]);
     assert!(workspace.run_ok(&generate).starts_with("ROMEO:"));
 
+    // The config form of export writes every listed format, and rewrites them when run again.
+    let mut export = with_config(
+        "export",
+        &[
+            "export.formats=[\"hf\", \"gguf\", \"gptq\"]",
+            "export.gguf_types=[\"q8_0\", \"f16\"]",
+        ],
+    );
+    export.extend(
+        gptq.iter()
+            .flat_map(|setting| ["--set".to_string(), setting.to_string()]),
+    );
+    for _ in 0..2 {
+        workspace.run_ok(&export);
+    }
+    let exports = workspace.checkpoints.join("quantized-export");
+    for file in [
+        "quantized-hf/model.safetensors",
+        "quantized-gptq/quantize_config.json",
+        "quantized-q8_0.gguf",
+        "quantized-f16.gguf",
+    ] {
+        assert!(exports.join(file).is_file(), "{file}");
+    }
+    let gptq_weights = std::fs::read(exports.join("quantized-gptq/model.safetensors")).unwrap();
+    let gptq_tensors = safetensors::SafeTensors::deserialize(&gptq_weights).unwrap();
+    assert!(
+        gptq_tensors.tensor("model.embed_tokens.weight").is_ok(),
+        "f32 for loaders"
+    );
+    assert!(
+        gptq_tensors
+            .tensor("model.layers.0.mlp.up_proj.qweight")
+            .is_ok()
+    );
+
     let (code, stderr) = workspace.run_err(&with_config(
         "quantize",
         &["quantize.method=\"gptq\"", "quantize.bits=5"],

@@ -1,5 +1,6 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
+mod export;
 mod models;
 
 use std::path::{Path, PathBuf};
@@ -12,12 +13,12 @@ use clap::{Args, Parser, Subcommand};
 use distillery_config::{ConfigError, ExperimentConfig, TeacherSource};
 use distillery_data::TextTokenizer;
 use distillery_distill::DistillError;
-use distillery_formats::gguf::TensorKind;
 use distillery_model::{GenerationConfig, SamplingConfig};
 use distillery_train::{
     BenchReport, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
     bench_objective, bench_train, evaluate_checkpoint, train,
 };
+use export::{ExportFormat, GgufType};
 
 /// Exit status for configuration errors (a wrong key, type or value), as for usage errors.
 const EXIT_CONFIG: u8 = 2;
@@ -68,22 +69,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a model in another tool's format.
+    /// Write a model in another tool's format, or every export the config's [export] section
+    /// lists.
     Export {
         #[command(flatten)]
         config: ConfigArgs,
         /// A checkpoint directory, a run directory (its best checkpoint), a quantized model
         /// folder or a GGUF file.
         #[arg(long)]
-        checkpoint: PathBuf,
+        checkpoint: Option<PathBuf>,
         #[arg(long, value_enum)]
-        format: ExportFormat,
+        format: Option<ExportFormat>,
         /// How GGUF stores the weight matrices.
         #[arg(long = "type", value_enum, default_value = "f32")]
         gguf_type: GgufType,
-        /// The folder (hf) or file (gguf) to create.
+        /// The folder (hf, gptq) or file (gguf) to create.
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
     /// Read a Hugging Face Llama folder into a distillery checkpoint (step 0 of the config's
     /// run), for eval, generate, export, a [teacher] or further training with --resume.
@@ -146,27 +148,6 @@ enum Command {
         #[command(subcommand)]
         what: TokenizerCommand,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ExportFormat {
-    /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
-    Hf,
-    /// A GGUF file for llama.cpp, the tokenizer embedded.
-    Gguf,
-    /// A GPTQ folder (AutoGPTQ's v1 layout, as transformers loads it) from a model that
-    /// `distillery quantize` made.
-    Gptq,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum GgufType {
-    F32,
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
 }
 
 #[derive(Subcommand)]
@@ -360,91 +341,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = config.load()?;
             let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-            let loaded = models::load_model(&config, &checkpoint, &tokenizer)?;
-            let model = &loaded.model;
-            let eos = tokenizer.eos_token_id();
-            let description = match format {
-                ExportFormat::Hf => {
-                    distillery_formats::hf::export(model, &config.data.tokenizer, eos, eos, &out)?;
-                    "Hugging Face Llama folder"
-                }
-                ExportFormat::Gptq => {
-                    let models::ModelKind::Quantized {
-                        config: gptq,
-                        record,
-                        ..
-                    } = &loaded.kind
-                    else {
-                        anyhow::bail!(
-                            "{}: --format gptq writes a quantized model; make one with \
-                             `distillery quantize` and export its folder",
-                            loaded.path.display()
-                        );
-                    };
-                    let float_ends = model.packed_embedding().is_some()
-                        || model
-                            .lm_head
-                            .as_ref()
-                            .is_some_and(|head| head.packed().is_some());
-                    let exported =
-                        distillery_formats::quantized::with_float_embedding_and_head(model);
-                    let folder = distillery_formats::quantized::QuantizedFolder {
-                        model: &exported,
-                        tokenizer: &config.data.tokenizer,
-                        bos_token_id: eos,
-                        eos_token_id: eos,
-                        config: gptq,
-                        record,
-                    };
-                    distillery_formats::quantized::save(&folder, &out, false)?;
-                    if float_ends {
-                        "GPTQ folder; the quantized embedding and head dequantized to f32, as \
-                         GPTQ loaders expect"
-                    } else {
-                        "GPTQ folder"
-                    }
-                }
-                ExportFormat::Gguf => {
-                    let tokenizer_json: serde_json::Value = serde_json::from_str(
-                        &std::fs::read_to_string(&config.data.tokenizer).with_context(|| {
-                            format!("reading {}", config.data.tokenizer.display())
-                        })?,
-                    )
-                    .with_context(|| format!("parsing {}", config.data.tokenizer.display()))?;
-                    let vocabulary = distillery_formats::gguf::vocabulary_from_tokenizer_json(
-                        &tokenizer_json,
-                        eos,
-                    )
-                    .map_err(|message| {
-                        anyhow::anyhow!("{}: {message}", config.data.tokenizer.display())
-                    })?;
-                    let (kind, description) = match gguf_type {
-                        GgufType::F32 => (TensorKind::F32, "GGUF, f32"),
-                        GgufType::F16 => (TensorKind::F16, "GGUF, f16 weight matrices"),
-                        GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
-                        GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
-                    };
-                    if let Some(note) = gguf_requantization_note(model, kind) {
-                        eprintln!("{note}");
-                    }
-                    let (metadata, tensors) = distillery_formats::gguf::llama_contents(
-                        model,
-                        &config.run.name,
-                        &vocabulary,
-                        kind,
-                    );
-                    distillery_data::write_atomically(
-                        &out,
-                        &distillery_formats::gguf::write(&metadata, &tensors),
-                    )?;
-                    description
-                }
+            let jobs = match (format, checkpoint, out) {
+                (Some(format), Some(checkpoint), Some(out)) => vec![export::ExportJob {
+                    source: checkpoint,
+                    format,
+                    gguf_type,
+                    out,
+                    replace: false,
+                }],
+                (None, None, None) => export::configured_jobs(&config)?,
+                _ => anyhow::bail!(
+                    "give --checkpoint, --format and --out together, or none of them to export \
+                     as the config's [export] section says"
+                ),
             };
-            println!(
-                "wrote {} ({description}) from {}",
-                out.display(),
-                loaded.describe()
-            );
+            for job in &jobs {
+                let loaded = models::load_model(&config, &job.source, &tokenizer)?;
+                let description = export::export(&config, &tokenizer, &loaded, job)?;
+                println!(
+                    "wrote {} ({description}) from {}",
+                    job.out.display(),
+                    loaded.describe()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {
@@ -689,31 +608,6 @@ fn describe_value(value: &distillery_formats::gguf::Value) -> String {
             items.len(),
         ),
     }
-}
-
-/// What happens to a quantized model's matrices in a GGUF file of `kind` blocks.
-fn gguf_requantization_note(model: &distillery_model::Llama, kind: TensorKind) -> Option<String> {
-    let packed: Vec<&distillery_quant::PackedMatrix> = model
-        .linears()
-        .into_iter()
-        .filter_map(|(_, linear)| linear.packed())
-        .chain(model.packed_embedding())
-        .collect();
-    if packed.is_empty() || kind == TensorKind::F32 {
-        return None;
-    }
-    let exact = kind == TensorKind::Q8_0
-        && packed
-            .iter()
-            .all(|matrix| matrix.is_int8_in_groups_of(distillery_formats::ggml_blocks::BLOCK));
-    Some(if exact {
-        "the int8 codes and scales map onto Q8_0 blocks unchanged".into()
-    } else {
-        format!(
-            "the quantized matrices are requantized to {kind:?} from their dequantized weights \
-             (only int8 with group_size = 32 maps onto Q8_0 unchanged)"
-        )
-    })
 }
 
 /// Quantized model folders and GGUF files, which only the table form of `eval` reads.

@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
-    ExperimentConfig, LogConfig, ModelSection, QuantizeConfig, QuantizeMethod, RunConfig,
-    StudentConfig, StudentInit, TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
+    ExperimentConfig, ExportConfig, ExportFormatName, GgufTypeName, LogConfig, ModelSection,
+    QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit, TeacherCheckpoint,
+    TeacherConfig, TeacherSource, TrainConfig,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,9 @@ pub struct ExperimentConfig {
     /// Post-training quantization of the run's model (`distillery quantize`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<QuantizeConfig>,
+    /// What `distillery export CONFIG` writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -411,6 +414,69 @@ impl QuantizeConfig {
         };
         format!("{method}{groups}{act_order}{asymmetric}")
     }
+}
+
+impl QuantizeConfig {
+    /// The directory name of the quantized model, under `run.checkpoint_dir`.
+    pub fn output_name(&self, run_name: &str) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{run_name}-{}", self.label()))
+    }
+}
+
+/// The exports `distillery export CONFIG` writes, each named after the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub formats: Vec<ExportFormatName>,
+    /// The GGUF files' weight types (default q8_0).
+    #[serde(default = "default_gguf_types")]
+    pub gguf_types: Vec<GgufTypeName>,
+    /// The model of the hf and gguf exports (default: the run directory's best checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
+    /// The quantized model folder of the gptq export (default: what the config's [quantize]
+    /// section writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<PathBuf>,
+    /// Where the exports go (default `<checkpoint_dir>/<run>-export/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_dir: Option<PathBuf>,
+}
+
+impl ExportConfig {
+    pub fn out_dir(&self, config: &ExperimentConfig) -> PathBuf {
+        self.out_dir.clone().unwrap_or_else(|| {
+            config
+                .run
+                .checkpoint_dir
+                .join(format!("{}-export", config.run.name))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormatName {
+    Hf,
+    Gguf,
+    Gptq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GgufTypeName {
+    F32,
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+fn default_gguf_types() -> Vec<GgufTypeName> {
+    vec![GgufTypeName::Q8_0]
 }
 
 fn default_damp_percent() -> f64 {

@@ -491,12 +491,14 @@ fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], devi
 /// the tokenizer (`tokenizer.json` copied from `tokenizer`), `tokenizer_config.json` and
 /// `generation_config.json`. The folder is assembled beside `dir` and renamed into place, so an
 /// interrupted export leaves no folder that looks complete.
+/// An existing `dir` is an error unless `replace`.
 pub fn export(
     model: &Llama,
     tokenizer: &Path,
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
     dir: &Path,
+    replace: bool,
 ) -> Result<(), HfError> {
     let mut files = vec![
         (
@@ -511,7 +513,7 @@ pub fn export(
         bos_token_id,
         eos_token_id,
     )?);
-    write_folder(dir, &files, false)
+    write_folder(dir, &files, replace)
 }
 
 /// `tokenizer.json` (a copy of `tokenizer`), `tokenizer_config.json` and
@@ -646,7 +648,7 @@ mod tests {
         let tokenizer = root.join("source-tokenizer.json");
         std::fs::write(&tokenizer, b"{}").unwrap();
         let dir = root.join("hf");
-        export(model, &tokenizer, Some(0), Some(0), &dir).unwrap();
+        export(model, &tokenizer, Some(0), Some(0), &dir, false).unwrap();
         dir
     }
 

@@ -94,11 +94,10 @@ pub fn quantize_run(
     let seconds = started.elapsed().as_secs_f64();
 
     let label = settings.label();
-    let name = settings
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}-{label}", config.run.name));
-    let output = config.run.checkpoint_dir.join(name);
+    let output = config
+        .run
+        .checkpoint_dir
+        .join(settings.output_name(&config.run.name));
     let record = serde_json::json!({
         "method": settings.method,
         "label": label,

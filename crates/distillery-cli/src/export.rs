@@ -1,0 +1,230 @@
+//! `distillery export`: one model to one file format, or every export a config's `[export]`
+//! section lists.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use distillery_config::{ExperimentConfig, ExportFormatName, GgufTypeName};
+use distillery_data::TextTokenizer;
+use distillery_formats::gguf::TensorKind;
+use distillery_formats::quantized::{QuantizedFolder, save, with_float_embedding_and_head};
+
+use crate::models::{LoadedModel, ModelKind};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
+    Hf,
+    /// A GGUF file for llama.cpp, the tokenizer embedded.
+    Gguf,
+    /// A GPTQ folder (AutoGPTQ's v1 layout, as transformers loads it) from a model that
+    /// `distillery quantize` made.
+    Gptq,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufType {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+pub struct ExportJob {
+    pub source: PathBuf,
+    pub format: ExportFormat,
+    pub gguf_type: GgufType,
+    pub out: PathBuf,
+    /// Replace an earlier output (the config form rewrites its own outputs).
+    pub replace: bool,
+}
+
+/// The exports of the config's `[export]` section, into `out_dir`: `<run>-hf/`, `<run>-gptq/`
+/// and `<run>-<type>.gguf`.
+pub fn configured_jobs(config: &ExperimentConfig) -> anyhow::Result<Vec<ExportJob>> {
+    let Some(settings) = &config.export else {
+        anyhow::bail!(
+            "the config has no [export] section; add one, or give --checkpoint, --format and --out"
+        );
+    };
+    let run = &config.run.name;
+    let out_dir = settings.out_dir(config);
+    let source = settings
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| config.run_checkpoint_dir());
+    let mut jobs = Vec::new();
+    for format in &settings.formats {
+        match format {
+            ExportFormatName::Hf => jobs.push(ExportJob {
+                source: source.clone(),
+                format: ExportFormat::Hf,
+                gguf_type: GgufType::F32,
+                out: out_dir.join(format!("{run}-hf")),
+                replace: true,
+            }),
+            ExportFormatName::Gguf => {
+                for gguf_type in &settings.gguf_types {
+                    let (gguf_type, suffix) = match gguf_type {
+                        GgufTypeName::F32 => (GgufType::F32, "f32"),
+                        GgufTypeName::F16 => (GgufType::F16, "f16"),
+                        GgufTypeName::Q8_0 => (GgufType::Q8_0, "q8_0"),
+                        GgufTypeName::Q4_0 => (GgufType::Q4_0, "q4_0"),
+                    };
+                    jobs.push(ExportJob {
+                        source: source.clone(),
+                        format: ExportFormat::Gguf,
+                        gguf_type,
+                        out: out_dir.join(format!("{run}-{suffix}.gguf")),
+                        replace: true,
+                    });
+                }
+            }
+            ExportFormatName::Gptq => {
+                let quantized = settings.quantized.clone().or_else(|| {
+                    config
+                        .quantize
+                        .as_ref()
+                        .map(|quantize| config.run.checkpoint_dir.join(quantize.output_name(run)))
+                });
+                let Some(quantized) = quantized else {
+                    anyhow::bail!(
+                        "`export.formats` lists gptq: set export.quantized to a quantized model \
+                         folder, or add the [quantize] section that makes it"
+                    );
+                };
+                jobs.push(ExportJob {
+                    source: quantized,
+                    format: ExportFormat::Gptq,
+                    gguf_type: GgufType::F32,
+                    out: out_dir.join(format!("{run}-gptq")),
+                    replace: true,
+                });
+            }
+        }
+    }
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    Ok(jobs)
+}
+
+/// Writes `loaded` as `job` says; returns what was written, in words.
+pub fn export(
+    config: &ExperimentConfig,
+    tokenizer: &TextTokenizer,
+    loaded: &LoadedModel,
+    job: &ExportJob,
+) -> anyhow::Result<&'static str> {
+    let model = &loaded.model;
+    let eos = tokenizer.eos_token_id();
+    let out = &job.out;
+    Ok(match job.format {
+        ExportFormat::Hf => {
+            distillery_formats::hf::export(
+                model,
+                &config.data.tokenizer,
+                eos,
+                eos,
+                out,
+                job.replace,
+            )?;
+            "Hugging Face Llama folder"
+        }
+        ExportFormat::Gptq => {
+            let ModelKind::Quantized {
+                config: gptq,
+                record,
+                ..
+            } = &loaded.kind
+            else {
+                anyhow::bail!(
+                    "{}: --format gptq writes a quantized model; make one with \
+                     `distillery quantize` and export its folder",
+                    loaded.path.display()
+                );
+            };
+            let float_ends = model.packed_embedding().is_some()
+                || model
+                    .lm_head
+                    .as_ref()
+                    .is_some_and(|head| head.packed().is_some());
+            let exported = with_float_embedding_and_head(model);
+            let folder = QuantizedFolder {
+                model: &exported,
+                tokenizer: &config.data.tokenizer,
+                bos_token_id: eos,
+                eos_token_id: eos,
+                config: gptq,
+                record,
+            };
+            save(&folder, out, job.replace)?;
+            if float_ends {
+                "GPTQ folder; the quantized embedding and head dequantized to f32, as GPTQ \
+                 loaders expect"
+            } else {
+                "GPTQ folder"
+            }
+        }
+        ExportFormat::Gguf => {
+            let tokenizer_json: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&config.data.tokenizer)
+                    .with_context(|| format!("reading {}", config.data.tokenizer.display()))?,
+            )
+            .with_context(|| format!("parsing {}", config.data.tokenizer.display()))?;
+            let vocabulary =
+                distillery_formats::gguf::vocabulary_from_tokenizer_json(&tokenizer_json, eos)
+                    .map_err(|message| {
+                        anyhow::anyhow!("{}: {message}", config.data.tokenizer.display())
+                    })?;
+            let (kind, description) = match job.gguf_type {
+                GgufType::F32 => (TensorKind::F32, "GGUF, f32"),
+                GgufType::F16 => (TensorKind::F16, "GGUF, f16 weight matrices"),
+                GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
+                GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
+            };
+            if let Some(note) = requantization_note(model, kind) {
+                eprintln!("{note}");
+            }
+            if out.exists() && !job.replace {
+                anyhow::bail!("{}: already exists; choose another file", out.display());
+            }
+            let (metadata, tensors) = distillery_formats::gguf::llama_contents(
+                model,
+                &config.run.name,
+                &vocabulary,
+                kind,
+            );
+            distillery_data::write_atomically(
+                out,
+                &distillery_formats::gguf::write(&metadata, &tensors),
+            )?;
+            description
+        }
+    })
+}
+
+/// What happens to a quantized model's matrices in a GGUF file of `kind` blocks.
+fn requantization_note(model: &distillery_model::Llama, kind: TensorKind) -> Option<String> {
+    let packed: Vec<&distillery_quant::PackedMatrix> = model
+        .linears()
+        .into_iter()
+        .filter_map(|(_, linear)| linear.packed())
+        .chain(model.packed_embedding())
+        .collect();
+    if packed.is_empty() || kind == TensorKind::F32 {
+        return None;
+    }
+    let exact = kind == TensorKind::Q8_0
+        && packed
+            .iter()
+            .all(|matrix| matrix.is_int8_in_groups_of(distillery_formats::ggml_blocks::BLOCK));
+    Some(if exact {
+        "the int8 codes and scales map onto Q8_0 blocks unchanged".into()
+    } else {
+        format!(
+            "the quantized matrices are requantized to {kind:?} from their dequantized weights \
+             (only int8 with group_size = 32 maps onto Q8_0 unchanged)"
+        )
+    })
+}
