@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BINARY = str(ROOT / "target/release/distillery")
 
 VARIANTS = [
-    ("int8", ['quantize.method="int8"']),
+    ("int8", ['quantize.method="int8"', "quantize.bits=8", "quantize.group_size=-1"]),
     ("RTN 8-bit g128", ['quantize.method="rtn"', "quantize.bits=8"]),
     ("GPTQ 8-bit g128", ['quantize.method="gptq"', "quantize.bits=8"]),
     ("RTN 4-bit g128", ['quantize.method="rtn"', "quantize.bits=4"]),
@@ -38,12 +38,18 @@ VARIANTS = [
                                     "quantize.act_order=true"]),
 ]
 
+# Every row states all of its settings, so a [quantize] section in the config changes nothing.
+BASE = ["quantize.group_size=128", "quantize.sym=true", "quantize.act_order=false",
+        "quantize.static_groups=false", "quantize.true_sequential=true",
+        "quantize.damp_percent=0.01", "quantize.block_size=128", "quantize.nsamples=128"]
+
+
 def scopes(tied):
     # A tied head is the embedding itself: quantizing the embedding quantizes both.
-    every_matrix = ["quantize.quantize_embeddings=true"]
-    if not tied:
-        every_matrix.append("quantize.quantize_lm_head=true")
-    return {"blocks": [], "all": every_matrix}
+    blocks = ["quantize.quantize_embeddings=false", "quantize.quantize_lm_head=false"]
+    every_matrix = ["quantize.quantize_embeddings=true",
+                    f"quantize.quantize_lm_head={'false' if tied else 'true'}"]
+    return {"blocks": blocks, "all": every_matrix}
 
 
 def run(args):
@@ -71,7 +77,7 @@ def main():
         outputs, seconds = [], {}
         for label, settings in VARIANTS:
             name = f"{run_name}-{label.lower().replace(' ', '-').replace(',', '')}-{scope}"
-            report = quantize(args.config, settings + scope_settings, name)
+            report = quantize(args.config, BASE + settings + scope_settings, name)
             outputs.append((label, report["output"]))
             seconds[report["output"]] = report["seconds"]
             source = report["models"][0]["model"].split(" (")[0]
