@@ -1,5 +1,6 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
+mod decode_bench;
 mod export;
 mod models;
 
@@ -157,6 +158,24 @@ enum BenchCommand {
     /// Distillation throughput with a live and a cached teacher, against plain training of
     /// the same student.
     Distill(BenchArgs),
+    /// Decoding speed (greedy, KV cache) of one or more models: checkpoints, quantized folders
+    /// or GGUF files.
+    Generate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, num_args = 1.., required = true)]
+        checkpoint: Vec<PathBuf>,
+        /// Prompt length, taken from the start of the validation split.
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Timed runs per model (the median is reported), after one warm-up run.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -495,6 +514,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{}", describe_bench(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Generate {
+                    config,
+                    checkpoint,
+                    prompt_tokens,
+                    new_tokens,
+                    runs,
+                    json,
+                },
+        } => {
+            let config = config.load()?;
+            let data = distillery_train::prepare_data(&config)?;
+            anyhow::ensure!(
+                prompt_tokens >= 1 && prompt_tokens < data.splits.validation.len(),
+                "--prompt-tokens must be between 1 and the validation split's length"
+            );
+            let prompt = &data.splits.validation[..prompt_tokens];
+            let mut reports = Vec::new();
+            for path in &checkpoint {
+                let loaded = models::load_model(&config, path, &data.tokenizer)?;
+                reports.push(decode_bench::bench_decode(
+                    &loaded, prompt, new_tokens, runs,
+                )?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", decode_bench::markdown_table(&reports));
             }
             Ok(ExitCode::SUCCESS)
         }

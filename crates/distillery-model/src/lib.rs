@@ -198,7 +198,10 @@ mod tests {
                 distillery_quant::round_to_nearest(&linear.weight_out_in(), rows, cols, &settings)
                     .unwrap();
             let packed = distillery_quant::PackedMatrix::from_quantized(&matrix);
-            let dequantized = packed.dequantize_transposed();
+            let out_in = packed.dequantize();
+            let dequantized: Vec<f32> = (0..rows * cols)
+                .map(|index| out_in[(index % rows) * cols + index / rows])
+                .collect();
             *linear = Linear::quantized(packed);
             *reference.linear_mut(path).unwrap() = Linear::new(burn::module::Param::from_data(
                 TensorData::new(dequantized, [cols, rows]),

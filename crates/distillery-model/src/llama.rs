@@ -119,11 +119,12 @@ fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
         let outputs = packed.matmul(&inputs, rows);
         return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
     }
-    let weight = Tensor::from_data(
-        TensorData::new(packed.dequantize_transposed(), [cols, packed.rows()]),
+    // `[out, in]` as decoded, used through a transposed view: no host-side transpose.
+    let weight = Tensor::<2>::from_data(
+        TensorData::new(packed.dequantize(), [packed.rows(), cols]),
         &device,
     );
-    linear(x, weight, None)
+    x.matmul(weight.transpose())
 }
 
 fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {

@@ -1,10 +1,11 @@
 //! Quantized weight matrices in the form layers compute with, and their GPTQ file layout.
 //!
-//! In memory each output channel's codes form one bit stream along the input dimension (see
-//! [`crate::pack`]), so a channel decodes from contiguous words. GPTQ files hold the same
+//! In memory each output channel's codes form one little-endian bit stream along the input
+//! dimension (see [`crate::pack`]), kept as bytes, so a channel decodes from contiguous bytes. GPTQ files hold the same
 //! streams transposed: `qweight[word, out]`, zeros packed along the output dimension, f16
 //! scales, and the group of every input column.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::QuantError;
@@ -23,9 +24,10 @@ pub struct PackedMatrix {
     cols: usize,
     bits: u32,
     groups: usize,
-    words_per_row: usize,
-    /// `rows x words_per_row`.
-    words: Vec<u32>,
+    /// Whole 32-bit words' worth of bytes per channel, as GPTQ files pack them.
+    bytes_per_row: usize,
+    /// `rows x bytes_per_row`.
+    stream: Vec<u8>,
     /// `rows x groups`.
     scales: Vec<f32>,
     /// `rows x groups`.
@@ -68,8 +70,8 @@ impl PackedMatrix {
     pub fn from_quantized(matrix: &QuantizedMatrix) -> Self {
         let (rows, cols, bits) = (matrix.rows, matrix.cols, matrix.bits);
         let groups = matrix.groups();
-        let words_per_row = (cols * bits as usize).div_ceil(32);
-        let mut words = Vec::with_capacity(rows * words_per_row);
+        let bytes_per_row = 4 * (cols * bits as usize).div_ceil(32);
+        let mut stream = Vec::with_capacity(rows * bytes_per_row);
         let mut scales = vec![0.0; rows * groups];
         let mut zeros = vec![0; rows * groups];
         for row in 0..rows {
@@ -77,7 +79,11 @@ impl PackedMatrix {
                 .iter()
                 .map(|&code| u32::from(code))
                 .collect();
-            words.extend(pack_bits(&codes, bits));
+            stream.extend(
+                pack_bits(&codes, bits)
+                    .into_iter()
+                    .flat_map(u32::to_le_bytes),
+            );
             for group in 0..groups {
                 let grid = matrix.grids[group * rows + row];
                 scales[row * groups + group] = grid.scale;
@@ -89,8 +95,8 @@ impl PackedMatrix {
             cols,
             bits,
             groups,
-            words_per_row,
-            words,
+            bytes_per_row,
+            stream,
             scales,
             zeros,
             group_index: matrix.group_index.clone(),
@@ -130,6 +136,11 @@ impl PackedMatrix {
                 .all(|(col, &group)| group as usize == col / size)
     }
 
+    /// Bytes this matrix takes in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.stream.len() + 4 * self.scales.len() + self.zeros.len() + 4 * self.group_index.len()
+    }
+
     /// Bytes the GPTQ tensors of this matrix take in a file.
     pub fn stored_bytes(&self) -> usize {
         let bits = self.bits as usize;
@@ -141,19 +152,18 @@ impl PackedMatrix {
 
     /// Output channel `row`'s weights, one per input column.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let words = &self.words[row * self.words_per_row..(row + 1) * self.words_per_row];
+        let bytes = self.channel_bytes(row);
         let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
         let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
         let bits = self.bits as usize;
-        let mask = (1u64 << bits) - 1;
+        let mask = (1u16 << bits) - 1;
         for (col, (value, &group)) in out.iter_mut().zip(&self.group_index).enumerate() {
             let start = col * bits;
-            let (word, offset) = (start / 32, start % 32);
-            let mut stream = u64::from(words[word]) >> offset;
-            if offset + bits > 32 {
-                stream |= u64::from(words[word + 1]) << (32 - offset);
-            }
-            let code = (stream & mask) as f32;
+            let (byte, offset) = (start / 8, start % 8);
+            // Codes of at most 8 bits span at most two bytes.
+            let next = bytes.get(byte + 1).copied().unwrap_or(0);
+            let window = u16::from_le_bytes([bytes[byte], next]);
+            let code = ((window >> offset) & mask) as f32;
             let group = group as usize;
             *value = scales[group] * (code - f32::from(zeros[group]));
         }
@@ -169,18 +179,6 @@ impl PackedMatrix {
         weights
     }
 
-    /// All weights transposed, `cols x rows`: a linear layer's `[in, out]`.
-    pub fn dequantize_transposed(&self) -> Vec<f32> {
-        let weights = self.dequantize();
-        let mut transposed = vec![0.0; self.rows * self.cols];
-        for (row, values) in weights.chunks_exact(self.cols).enumerate() {
-            for (col, &value) in values.iter().enumerate() {
-                transposed[col * self.rows + row] = value;
-            }
-        }
-        transposed
-    }
-
     /// The rows named by `ids`, concatenated: an embedding lookup.
     pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
         let mut out = vec![0.0; ids.len() * self.cols];
@@ -190,16 +188,73 @@ impl PackedMatrix {
         out
     }
 
-    /// `x W ᵀ` for `count` input rows `x` (`count x cols`): `count x rows`. Each output channel
-    /// is decoded once into a scratch row and used against every input, so the float matrix
-    /// never exists whole.
+    /// When every group is one run of consecutive columns (no act-order permutation) whose codes
+    /// start on a word boundary, the run's length.
+    fn word_aligned_group_size(&self) -> Option<usize> {
+        let size = self
+            .group_index
+            .iter()
+            .take_while(|&&group| group == 0)
+            .count();
+        let bits = self.bits as usize;
+        let aligned = size > 0
+            && 32 % bits == 0
+            && (size * bits).is_multiple_of(32)
+            && self
+                .group_index
+                .iter()
+                .enumerate()
+                .all(|(col, &group)| group as usize == col / size);
+        aligned.then_some(size)
+    }
+
+    fn channel_bytes(&self, row: usize) -> &[u8] {
+        &self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row]
+    }
+
+    /// Output channel `row`'s codes for columns `start..start + out.len()`, which begins on a
+    /// word boundary, as floats.
+    fn unpack_codes(&self, row: usize, start: usize, out: &mut [f32]) {
+        let bits = self.bits as usize;
+        let bytes = &self.channel_bytes(row)[start * bits / 8..];
+        unpack_byte_aligned(bytes, self.bits, out);
+    }
+
+    /// `x Wᵀ` for `count` input rows `x` (`count x cols`): `count x rows`. The float matrix
+    /// never exists whole: with consecutive groups each channel's group contributes
+    /// `scale * (x · codes - zero * Σx)`, the codes unpacked once for every input; otherwise
+    /// each channel is decoded into a scratch row.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
-        let cols = self.cols;
+        let (cols, groups) = (self.cols, self.groups);
+        let grouped = self.word_aligned_group_size();
+        let group_sums: Vec<f32> = match grouped {
+            Some(size) => x
+                .chunks_exact(cols)
+                .flat_map(|input| input.chunks(size).map(|part| part.iter().sum::<f32>()))
+                .collect(),
+            None => Vec::new(),
+        };
         let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
             scratch.resize(cols, 0.0);
-            self.dequantize_row(row, scratch);
-            for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
-                *value = dot(input, scratch);
+            let Some(size) = grouped else {
+                self.dequantize_row(row, scratch);
+                for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
+                    *value = dot(input, scratch);
+                }
+                return;
+            };
+            out.fill(0.0);
+            for group in 0..groups {
+                let start = group * size;
+                let codes = &mut scratch[..size.min(cols - start)];
+                self.unpack_codes(row, start, codes);
+                let scale = self.scales[row * groups + group];
+                let zero = f32::from(self.zeros[row * groups + group]);
+                for (index, value) in out.iter_mut().enumerate() {
+                    let input = &x[index * cols + start..index * cols + start + codes.len()];
+                    let sum = group_sums[index * groups + group];
+                    *value += scale * (dot(input, codes) - zero * sum);
+                }
             }
         };
         let mut by_channel = vec![0.0f32; self.rows * count];
@@ -239,9 +294,9 @@ impl PackedMatrix {
         let packed_rows = self.cols * bits / 32;
         let mut qweight = vec![0u32; packed_rows * self.rows];
         for row in 0..self.rows {
-            let words = &self.words[row * self.words_per_row..(row + 1) * self.words_per_row];
-            for (packed_row, &word) in words.iter().enumerate() {
-                qweight[packed_row * self.rows + row] = word;
+            for (packed_row, word) in self.channel_bytes(row).chunks_exact(4).enumerate() {
+                qweight[packed_row * self.rows + row] =
+                    u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
             }
         }
         let max_code = (1u32 << bits) - 1;
@@ -322,11 +377,12 @@ impl PackedMatrix {
             return invalid(format!("g_idx names group {group} of {groups}"));
         }
         let max_code = (1u32 << bits) - 1;
-        let words_per_row = cols * width / 32;
-        let mut words = vec![0u32; rows * words_per_row];
+        let bytes_per_row = cols * width / 8;
+        let mut stream = vec![0u8; rows * bytes_per_row];
         for (index, &word) in tensors.qweight.iter().enumerate() {
             let (packed_row, row) = (index / rows, index % rows);
-            words[row * words_per_row + packed_row] = word;
+            let at = row * bytes_per_row + 4 * packed_row;
+            stream[at..at + 4].copy_from_slice(&word.to_le_bytes());
         }
         let mut scales = vec![0.0; rows * groups];
         let mut zeros = vec![0; rows * groups];
@@ -353,8 +409,8 @@ impl PackedMatrix {
             cols,
             bits,
             groups,
-            words_per_row,
-            words,
+            bytes_per_row,
+            stream,
             scales,
             zeros,
             group_index: tensors.g_idx.clone(),
@@ -362,6 +418,35 @@ impl PackedMatrix {
     }
 }
 
+/// Codes of 2, 4 or 8 bits from a byte-aligned stream, as floats: byte by byte, so the
+/// compiler turns it into vector shifts and conversions.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn unpack_byte_aligned(bytes: &[u8], bits: u32, out: &mut [f32]) {
+    match bits {
+        8 => {
+            for (code, &byte) in out.iter_mut().zip(bytes) {
+                *code = f32::from(byte);
+            }
+        }
+        // Word-aligned runs hold whole bytes of codes.
+        4 => {
+            for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = f32::from(byte & 0xF);
+                pair[1] = f32::from(byte >> 4);
+            }
+        }
+        _ => {
+            for (quad, &byte) in out.chunks_exact_mut(4).zip(bytes) {
+                quad[0] = f32::from(byte & 0x3);
+                quad[1] = f32::from((byte >> 2) & 0x3);
+                quad[2] = f32::from((byte >> 4) & 0x3);
+                quad[3] = f32::from(byte >> 6);
+            }
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums let the compiler keep a vector register of them.
     let mut sums = [0.0f32; 8];
@@ -428,8 +513,28 @@ mod tests {
 
     #[test]
     fn matmul_and_gather_agree_with_the_dequantized_matrix() {
-        let (rows, cols, count) = (40, 64, 3);
-        let packed = PackedMatrix::from_quantized(&quantized(rows, cols, 3, Some(16)));
+        // 3 bits straddle words and act-order scatters groups: channels decode whole; 4 and 8
+        // bits in groups of 16 (and a short last group) go group by group.
+        for (bits, cols, group_index) in [
+            (3, 64, None),
+            (4, 64, None),
+            (8, 72, None),
+            (
+                4,
+                64,
+                Some((0..64u32).map(|col| col % 4).collect::<Vec<_>>()),
+            ),
+        ] {
+            let mut matrix = quantized(40, cols, bits, Some(16));
+            if let Some(group_index) = group_index {
+                matrix.group_index = group_index;
+            }
+            check_matmul(&PackedMatrix::from_quantized(&matrix));
+        }
+    }
+
+    fn check_matmul(packed: &PackedMatrix) {
+        let (rows, cols, count) = (packed.rows(), packed.cols(), 3);
         let weights = packed.dequantize();
         let x = random_matrix(count, cols, 99);
         let y = packed.matmul(&x, count);
@@ -442,8 +547,6 @@ mod tests {
                 assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
             }
         }
-        let transposed = packed.dequantize_transposed();
-        assert_eq!(transposed[5 * rows + 7], weights[7 * cols + 5]);
         assert_eq!(
             packed.gather_rows(&[3, 0]),
             [&weights[3 * cols..4 * cols], &weights[..cols]].concat()
