@@ -546,6 +546,30 @@ mod tests {
     }
 
     #[test]
+    fn truncated_or_corrupted_weights_are_errors_never_panics() {
+        let device = Device::flex();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        save_to(&quantized_model(&device), &dir);
+        let path = dir.join(WEIGHTS_FILE);
+        let valid = std::fs::read(&path).unwrap();
+        let header_len = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
+        for cut in (0..valid.len()).step_by(valid.len() / 40) {
+            std::fs::write(&path, &valid[..cut]).unwrap();
+            assert!(load(&dir, &device).is_err(), "a file cut at {cut} bytes loaded");
+        }
+        // Every byte of the header, and data bytes all over the file, flipped one at a time:
+        // each load ends in a model or an error, and a panic fails the test.
+        let positions = (0..8 + header_len).chain((8 + header_len..valid.len()).step_by(97));
+        for position in positions {
+            let mut damaged = valid.clone();
+            damaged[position] ^= 0x5A;
+            std::fs::write(&path, &damaged).unwrap();
+            let _ = load(&dir, &device);
+        }
+    }
+
+    #[test]
     fn damaged_quantized_folders_are_errors_naming_the_tensor() {
         let device = Device::flex();
         let model = quantized_model(&device);
