@@ -579,6 +579,25 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
             .is_ok()
     );
 
+    // Without a config, export takes the one the model was trained with.
+    let recorded = workspace.root.join("recorded.gguf");
+    workspace.run_ok(&[
+        "export".into(),
+        "--checkpoint".into(),
+        output.display().to_string(),
+        "--format".into(),
+        "gguf".into(),
+        "--type".into(),
+        "q8_0".into(),
+        "--out".into(),
+        recorded.display().to_string(),
+    ]);
+    let recorded = distillery_formats::gguf::read(&std::fs::read(&recorded).unwrap()).unwrap();
+    assert_eq!(
+        recorded.value("general.name"),
+        Some(&Value::String("quantized".into()))
+    );
+
     let (code, stderr) = workspace.run_err(&with_config(
         "quantize",
         &["quantize.method=\"gptq\"", "quantize.bits=5"],

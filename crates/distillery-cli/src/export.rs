@@ -41,6 +41,31 @@ pub struct ExportJob {
     pub replace: bool,
 }
 
+/// The config a model was trained with: a checkpoint's `run.toml`, or for a quantized folder,
+/// the one of the checkpoint it was quantized from.
+pub fn recorded_config(model: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let checkpoint = if distillery_formats::quantized::is_quantized_dir(model) {
+        let record_path = model.join(distillery_formats::quantized::RECORD_FILE);
+        let record: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&record_path)
+                .with_context(|| format!("reading {}", record_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", record_path.display()))?;
+        let Some(source) = record["source_checkpoint"].as_str() else {
+            anyhow::bail!(
+                "{}: names no source checkpoint; give the experiment config",
+                record_path.display()
+            );
+        };
+        PathBuf::from(source)
+    } else {
+        model.to_path_buf()
+    };
+    let directory = distillery_train::checkpoint::resolve_checkpoint(&checkpoint)
+        .with_context(|| format!("{}: give the experiment config", model.display()))?;
+    Ok(directory.join(distillery_train::checkpoint::RUN_CONFIG_FILE))
+}
+
 /// The exports of the config's `[export]` section, into `out_dir`: `<run>-hf/`, `<run>-gptq/`
 /// and `<run>-<type>.gguf`.
 pub fn configured_jobs(config: &ExperimentConfig) -> anyhow::Result<Vec<ExportJob>> {

@@ -73,8 +73,12 @@ enum Command {
     /// Write a model in another tool's format, or every export the config's [export] section
     /// lists.
     Export {
-        #[command(flatten)]
-        config: ConfigArgs,
+        /// The experiment config (TOML); without it, the config the checkpoint was trained with
+        /// (its run.toml, or for a quantized folder, its source checkpoint's).
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set export.gguf_types='["q4_0"]' (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         /// A checkpoint directory, a run directory (its best checkpoint), a quantized model
         /// folder or a GGUF file.
         #[arg(long)]
@@ -353,12 +357,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Export {
             config,
+            overrides,
             checkpoint,
             format,
             gguf_type,
             out,
         } => {
-            let config = config.load()?;
+            let config_path = match (config, &checkpoint) {
+                (Some(config), _) => config,
+                (None, Some(checkpoint)) => export::recorded_config(checkpoint)?,
+                (None, None) => anyhow::bail!(
+                    "give the experiment config, or --checkpoint with --format and --out"
+                ),
+            };
+            let config = ConfigArgs {
+                config: config_path,
+                overrides,
+            }
+            .load()?;
             let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
             let jobs = match (format, checkpoint, out) {
                 (Some(format), Some(checkpoint), Some(out)) => vec![export::ExportJob {

@@ -556,7 +556,10 @@ mod tests {
         let header_len = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
         for cut in (0..valid.len()).step_by(valid.len() / 40) {
             std::fs::write(&path, &valid[..cut]).unwrap();
-            assert!(load(&dir, &device).is_err(), "a file cut at {cut} bytes loaded");
+            assert!(
+                load(&dir, &device).is_err(),
+                "a file cut at {cut} bytes loaded"
+            );
         }
         // Every byte of the header, and data bytes all over the file, flipped one at a time:
         // each load ends in a model or an error, and a panic fails the test.
