@@ -675,3 +675,44 @@ fn hugging_face_export_then_import_gives_back_identical_weights() {
             .is_dir()
     );
 }
+
+#[test]
+fn cost_states_its_assumptions_and_recommends() {
+    let workspace = Workspace::new();
+    let args = |tokens_per_day: &str| -> Vec<String> {
+        [
+            "cost",
+            "--tokens-per-sec",
+            "2000",
+            "--hardware-per-hour",
+            "0.2",
+            "--utilization",
+            "0.25",
+            "--tokens-per-day",
+            tokens_per_day,
+            "--api-per-million",
+            "1.0",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let report: serde_json::Value = serde_json::from_str(&workspace.run_ok(&args("1e8"))).unwrap();
+    // 2000 tokens/s a quarter of the time: 43.2M tokens/day per instance at 4.80 a day.
+    let estimate = &report["estimate"];
+    assert_eq!(estimate["instances"], 3);
+    assert_eq!(estimate["self_host"], true);
+    assert!((estimate["break_even_tokens_per_day"].as_f64().unwrap() - 4.8e6).abs() < 1e-3);
+    assert_eq!(report["assumptions"]["utilization"], 0.25);
+    assert_eq!(report["throughput_source"], "given");
+    let small: serde_json::Value = serde_json::from_str(&workspace.run_ok(&args("1e6"))).unwrap();
+    assert_eq!(small["estimate"]["self_host"], false);
+    let mut impossible = args("1e6");
+    impossible[6] = "1.5".into();
+    let (code, stderr) = workspace.run_err(&impossible);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("utilization must be in (0, 1], got 1.5"),
+        "{stderr}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
+mod cost;
 mod decode_bench;
 mod export;
 mod models;
@@ -142,6 +143,33 @@ enum Command {
         top_p: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Cost per million tokens self-hosted against an API, the break-even volume and a
+    /// recommendation, from a throughput measured here (--measure) or given.
+    Cost {
+        /// The experiment config; needed with --measure.
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Measure the decode throughput of this model (as `bench generate` does).
+        #[arg(long, value_name = "MODEL", conflicts_with = "tokens_per_sec")]
+        measure: Option<PathBuf>,
+        /// Generated tokens per second of one instance, when not measured.
+        #[arg(long)]
+        tokens_per_sec: Option<f64>,
+        /// Rent of one instance per hour.
+        #[arg(long)]
+        hardware_per_hour: f64,
+        /// Share of the time an instance spends generating.
+        #[arg(long, default_value_t = 0.5)]
+        utilization: f64,
+        #[arg(long)]
+        tokens_per_day: f64,
+        /// The API's price per million generated tokens.
+        #[arg(long)]
+        api_per_million: f64,
+        #[arg(long)]
+        json: bool,
     },
     /// Measurements.
     Bench {
@@ -530,6 +558,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{}", describe_bench(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cost {
+            config,
+            overrides,
+            measure,
+            tokens_per_sec,
+            hardware_per_hour,
+            utilization,
+            tokens_per_day,
+            api_per_million,
+            json,
+        } => {
+            let (tokens_per_sec, source) = match (measure, tokens_per_sec) {
+                (Some(model), _) => {
+                    let Some(config) = config else {
+                        anyhow::bail!("--measure needs the experiment config");
+                    };
+                    let config = ConfigArgs { config, overrides }.load()?;
+                    let data = distillery_train::prepare_data(&config)?;
+                    let loaded = models::load_model(&config, &model, &data.tokenizer)?;
+                    let report =
+                        decode_bench::bench_decode(&loaded, &data.splits.validation[..32], 128, 3)?;
+                    (
+                        report.decode_tokens_per_sec,
+                        format!(
+                            "measured: greedy decoding of {} on {}",
+                            loaded.describe(),
+                            distillery_train::backend_description(config.run.backend)
+                        ),
+                    )
+                }
+                (None, Some(tokens_per_sec)) => (tokens_per_sec, "given".to_string()),
+                (None, None) => anyhow::bail!("give --tokens-per-sec, or --measure MODEL"),
+            };
+            let inputs = cost::CostInputs {
+                tokens_per_sec,
+                hardware_per_hour,
+                utilization,
+                tokens_per_day,
+                api_per_million,
+            };
+            let estimate = cost::estimate(&inputs).map_err(|message| anyhow::anyhow!(message))?;
+            if json {
+                let report = serde_json::json!({
+                    "assumptions": inputs,
+                    "throughput_source": source,
+                    "estimate": estimate,
+                });
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", cost::describe(&inputs, &estimate, &source));
             }
             Ok(ExitCode::SUCCESS)
         }
