@@ -4,6 +4,7 @@ mod cost;
 mod decode_bench;
 mod export;
 mod models;
+mod pipeline;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +41,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a pipeline config's stages in order (train, distill, quantize, export, eval),
+    /// skipping the complete ones and resuming an interrupted one.
+    Pipeline {
+        /// The pipeline config (TOML).
+        config: PathBuf,
+    },
     /// Train a model from a TOML experiment config.
     Train {
         #[command(flatten)]
@@ -297,6 +304,32 @@ fn is_config_error(error: &anyhow::Error) -> bool {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Pipeline { config } => {
+            let pipeline = distillery_config::load_pipeline(&config)?;
+            let started = std::time::Instant::now();
+            match pipeline::run(&pipeline, interrupt_flag()?)? {
+                pipeline::PipelineOutcome::Completed => {
+                    println!(
+                        "pipeline {} complete in {:.0} s; tables in {}",
+                        pipeline.pipeline.name,
+                        started.elapsed().as_secs_f64(),
+                        pipeline
+                            .pipeline
+                            .experiment_dir
+                            .join(&pipeline.pipeline.name)
+                            .display()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                pipeline::PipelineOutcome::Interrupted { stage } => {
+                    eprintln!(
+                        "interrupted in stage {stage}: its checkpoint is saved; run the pipeline \
+                         again to continue"
+                    );
+                    Ok(ExitCode::from(EXIT_INTERRUPTED))
+                }
+            }
+        }
         Command::Train { config, resume } => {
             let origin = config.config.display().to_string();
             let config = config.load()?;

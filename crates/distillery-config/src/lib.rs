@@ -4,6 +4,7 @@
 //! result is deserialized into strict serde structs and checked. Every error names the file, the
 //! key and, where the document has it, the line.
 
+mod pipeline;
 mod presets;
 mod schema;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use distillery_model::LlamaConfig;
 use sha2::{Digest, Sha256};
 
+pub use pipeline::{PipelineConfig, PipelineSection, StageConfig, StageKind, load_pipeline};
 pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,

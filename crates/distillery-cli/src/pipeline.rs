@@ -1,0 +1,296 @@
+//! `distillery pipeline`: the stages of a pipeline config, in order. A stage whose outputs are
+//! complete and whose settings (and upstream stages) are unchanged is skipped; an interrupted
+//! training stage resumes from its newest checkpoint; a failing stage stops the pipeline with
+//! its name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use distillery_config::{ConfigError, ExperimentConfig, PipelineConfig, StageConfig, StageKind};
+use distillery_train::checkpoint::{latest_checkpoint, read_progress};
+use distillery_train::{NextTokenObjective, Resume, TrainOptions, TrainOutcome};
+use serde::{Deserialize, Serialize};
+
+use crate::{decode_bench, export, models};
+
+const STATE_FILE: &str = "pipeline.json";
+
+/// What a pipeline has finished: each stage's fingerprint when it last completed.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PipelineState {
+    completed: BTreeMap<String, String>,
+}
+
+pub enum PipelineOutcome {
+    Completed,
+    /// A training stage saved a checkpoint and stopped on Ctrl-C.
+    Interrupted {
+        stage: String,
+    },
+}
+
+struct Stage<'a> {
+    settings: &'a StageConfig,
+    config: ExperimentConfig,
+    origin: String,
+    fingerprint: String,
+}
+
+/// Runs every stage of `pipeline` in order.
+pub fn run(
+    pipeline: &PipelineConfig,
+    interrupt: Arc<AtomicBool>,
+) -> anyhow::Result<PipelineOutcome> {
+    let dir = pipeline
+        .pipeline
+        .experiment_dir
+        .join(&pipeline.pipeline.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let state_path = dir.join(STATE_FILE);
+    let mut state: PipelineState = match std::fs::read_to_string(&state_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a pipeline state file", state_path.display()))?,
+        Err(_) => PipelineState::default(),
+    };
+    let mut upstream = String::new();
+    let mut model_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for settings in &pipeline.stages {
+        let origin = format!("{} (stage {})", settings.config.display(), settings.name);
+        let label = format!("stage {} ({:?})", settings.name, settings.kind).to_lowercase();
+        let config =
+            load_stage_config(settings, &origin).with_context(|| format!("{label} failed"))?;
+        // A stage's fingerprint covers its settings and every stage before it, so a change
+        // upstream reruns what depends on it.
+        let fingerprint = distillery_data::hex_sha256(
+            format!(
+                "{upstream}\n{:?}\n{}\n{:?}",
+                settings.kind,
+                config.to_toml(),
+                settings.models
+            )
+            .as_bytes(),
+        );
+        upstream = fingerprint.clone();
+        let stage = Stage {
+            settings,
+            config,
+            origin,
+            fingerprint,
+        };
+        let recorded = state.completed.get(&settings.name) == Some(&stage.fingerprint);
+        let result = run_stage(&stage, recorded, &dir, &model_dirs, &interrupt)
+            .with_context(|| format!("{label} failed"))?;
+        match result {
+            StageResult::Skipped { reason, model } => {
+                eprintln!("{label}: skipped, {reason}");
+                model_dirs.extend(model.map(|path| (settings.name.clone(), path)));
+            }
+            StageResult::Done { summary, model } => {
+                eprintln!("{label}: {summary}");
+                model_dirs.extend(model.map(|path| (settings.name.clone(), path)));
+            }
+            StageResult::Interrupted => {
+                return Ok(PipelineOutcome::Interrupted {
+                    stage: settings.name.clone(),
+                });
+            }
+        }
+        state
+            .completed
+            .insert(settings.name.clone(), stage.fingerprint.clone());
+        distillery_data::write_atomically(
+            &state_path,
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
+    }
+    Ok(PipelineOutcome::Completed)
+}
+
+fn load_stage_config(stage: &StageConfig, origin: &str) -> Result<ExperimentConfig, ConfigError> {
+    let config = distillery_config::load(&stage.config, &stage.set)?;
+    config.check_inputs(origin)?;
+    Ok(config)
+}
+
+enum StageResult {
+    Skipped {
+        reason: String,
+        model: Option<PathBuf>,
+    },
+    Done {
+        summary: String,
+        model: Option<PathBuf>,
+    },
+    Interrupted,
+}
+
+fn run_stage(
+    stage: &Stage,
+    recorded: bool,
+    dir: &Path,
+    model_dirs: &BTreeMap<String, PathBuf>,
+    interrupt: &Arc<AtomicBool>,
+) -> anyhow::Result<StageResult> {
+    let config = &stage.config;
+    match stage.settings.kind {
+        StageKind::Train | StageKind::Distill => train_stage(stage, interrupt),
+        StageKind::Quantize => {
+            let settings = config.quantize.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("{}: the config has no [quantize] section", stage.origin)
+            })?;
+            let output = config
+                .run
+                .checkpoint_dir
+                .join(settings.output_name(&config.run.name));
+            if recorded && distillery_formats::quantized::is_quantized_dir(&output) {
+                return Ok(StageResult::Skipped {
+                    reason: format!("{} is up to date", output.display()),
+                    model: Some(output),
+                });
+            }
+            let outcome = distillery_quantize::quantize_run(config, &mut |_| {})?;
+            Ok(StageResult::Done {
+                summary: format!(
+                    "{} in {:.2} s -> {}",
+                    outcome.label,
+                    outcome.seconds,
+                    outcome.output.display()
+                ),
+                model: Some(outcome.output),
+            })
+        }
+        StageKind::Export => {
+            let jobs = export::configured_jobs(config)?;
+            if recorded && jobs.iter().all(|job| job.out.exists()) {
+                return Ok(StageResult::Skipped {
+                    reason: format!("{} exports are up to date", jobs.len()),
+                    model: None,
+                });
+            }
+            let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
+            for job in &jobs {
+                let loaded = models::load_model(config, &job.source, &tokenizer)?;
+                export::export(config, &tokenizer, &loaded, job)?;
+            }
+            let outputs: Vec<String> = jobs
+                .iter()
+                .map(|job| job.out.display().to_string())
+                .collect();
+            Ok(StageResult::Done {
+                summary: format!("wrote {}", outputs.join(", ")),
+                model: None,
+            })
+        }
+        StageKind::Eval => {
+            let table = dir.join(format!("{}.md", stage.settings.name));
+            let json = dir.join(format!("{}.json", stage.settings.name));
+            if recorded && table.is_file() && json.is_file() {
+                return Ok(StageResult::Skipped {
+                    reason: format!("{} is up to date", table.display()),
+                    model: None,
+                });
+            }
+            let data = distillery_train::prepare_data(config)?;
+            let mut loaded = Vec::new();
+            for name in &stage.settings.models {
+                let path = &model_dirs[name];
+                loaded.push(models::load_model(config, path, &data.tokenizer)?);
+            }
+            let rows = models::evaluation_rows(config, &loaded)?;
+            // 32 prompt tokens and 128 new ones, or what a shorter context holds.
+            let context = loaded
+                .iter()
+                .map(|model| model.model.config().max_position_embeddings)
+                .min()
+                .unwrap_or(0);
+            let prompt_tokens = (context / 4).clamp(1, 32);
+            let new_tokens = (context - prompt_tokens).min(128);
+            let prompt = &data.splits.validation[..prompt_tokens];
+            let decoding = loaded
+                .iter()
+                .map(|model| decode_bench::bench_decode(model, prompt, new_tokens, 3))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let report = serde_json::json!({
+                "models": stage.settings.models,
+                "validation": rows,
+                "decoding": decoding,
+            });
+            distillery_data::write_atomically(
+                &json,
+                serde_json::to_string_pretty(&report)?.as_bytes(),
+            )?;
+            let markdown = format!(
+                "{}\n{}",
+                models::markdown_table(&rows),
+                decode_bench::markdown_table(&decoding)
+            );
+            distillery_data::write_atomically(&table, markdown.as_bytes())?;
+            Ok(StageResult::Done {
+                summary: format!("{} models compared in {}", loaded.len(), table.display()),
+                model: None,
+            })
+        }
+    }
+}
+
+/// A training stage is complete when its run holds a checkpoint at its last step made with
+/// these settings; checkpoints of other settings are an error, never overwritten.
+fn train_stage(stage: &Stage, interrupt: &Arc<AtomicBool>) -> anyhow::Result<StageResult> {
+    let config = &stage.config;
+    let run_dir = config.run_checkpoint_dir();
+    let resume = match latest_checkpoint(&run_dir)? {
+        None => Resume::Fresh,
+        Some(latest) => {
+            let progress = read_progress(&latest)?;
+            if progress.trajectory_sha256 != config.trajectory_sha256() {
+                anyhow::bail!(
+                    "{} holds checkpoints made with other settings than {}; move it away to \
+                     train this stage again",
+                    run_dir.display(),
+                    stage.origin
+                );
+            }
+            if progress.step >= config.train.steps {
+                return Ok(StageResult::Skipped {
+                    reason: format!(
+                        "{} is complete at step {}",
+                        run_dir.display(),
+                        progress.step
+                    ),
+                    model: Some(run_dir),
+                });
+            }
+            eprintln!(
+                "stage {}: resuming {} from step {}",
+                stage.settings.name,
+                run_dir.display(),
+                progress.step
+            );
+            Resume::Latest
+        }
+    };
+    let options = TrainOptions {
+        resume,
+        interrupt: interrupt.clone(),
+    };
+    let outcome = match stage.settings.kind {
+        StageKind::Distill => distillery_distill::distill(config, &stage.origin, &options)?,
+        _ => distillery_train::train(config, &options, &mut NextTokenObjective)?,
+    };
+    Ok(match outcome {
+        TrainOutcome::Completed(summary) => StageResult::Done {
+            summary: match summary.best {
+                Some(best) => format!(
+                    "{} steps, best validation loss {:.4} at step {}",
+                    summary.steps, best.loss, best.step
+                ),
+                None => format!("{} steps", summary.steps),
+            },
+            model: Some(run_dir),
+        },
+        TrainOutcome::Interrupted { .. } => StageResult::Interrupted,
+    })
+}
