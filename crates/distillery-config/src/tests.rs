@@ -204,10 +204,22 @@ fn every_shipped_config_parses() {
     let mut count = 0;
     for entry in std::fs::read_dir(&directory).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|ext| ext == "toml") {
-            load(&path, &[]).unwrap_or_else(|error| panic!("{error}"));
-            count += 1;
+        if path.extension().is_none_or(|ext| ext != "toml") {
+            continue;
         }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        if table.contains_key("pipeline") {
+            // A pipeline: every stage's config, with the stage's overrides, parses too.
+            let pipeline = load_pipeline(&path).unwrap_or_else(|error| panic!("{error}"));
+            for stage in pipeline.stages {
+                let stage_path = directory.join("..").join(&stage.config);
+                load(&stage_path, &stage.set).unwrap_or_else(|error| panic!("{error}"));
+            }
+        } else {
+            load(&path, &[]).unwrap_or_else(|error| panic!("{error}"));
+        }
+        count += 1;
     }
     assert!(
         count >= 2,
