@@ -49,6 +49,7 @@ fn pipeline_toml(workspace: &Workspace, gptq_bits: u32) -> String {
 [pipeline]
 name = "tiny"
 experiment_dir = {experiments:?}
+report_dir = {reports:?}
 
 [[stage]]
 name = "teacher"
@@ -88,6 +89,7 @@ set = {student}
 models = ["teacher", "student", "int8", "gptq"]
 "#,
         experiments = workspace.experiments.display().to_string(),
+        reports = workspace.root.join("reports").display().to_string(),
         teacher = settings("teacher", &["train.steps=30".into()]),
         student = settings("student", &student),
         int8 = settings("student", &quantized("int8", &[])),
@@ -135,6 +137,39 @@ fn pipeline_runs_every_stage_then_skips_what_is_complete() {
     let export_dir = workspace.checkpoints.join("student-export");
     assert!(export_dir.join("student-q8_0.gguf").is_file());
     assert!(export_dir.join("student-hf/model.safetensors").is_file());
+
+    // The report: a notebook (nbformat 4) with the figures embedded, Markdown, SVG and PNG.
+    let report = workspace.root.join("reports/tiny");
+    let notebook: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.ipynb")).unwrap())
+            .unwrap();
+    assert_eq!(notebook["nbformat"], 4);
+    let embedded = notebook["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|cell| cell["outputs"][0]["data"]["image/png"].is_string())
+        .count();
+    assert_eq!(embedded, 4);
+    for stem in [
+        "loss_curves",
+        "perplexity_vs_bits",
+        "model_sizes",
+        "decode_speed",
+    ] {
+        let png = std::fs::read(report.join(format!("{stem}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{stem}");
+        let svg = std::fs::read_to_string(report.join(format!("{stem}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg"), "{stem}");
+    }
+    let markdown = std::fs::read_to_string(report.join("report.md")).unwrap();
+    for section in [
+        "## Models",
+        "## Production metrics and cost",
+        "## Edge deployment",
+    ] {
+        assert!(markdown.contains(section), "{section}: {markdown}");
+    }
 
     // Again: every stage is complete and unchanged.
     let (ok, stderr) = run_pipeline(&workspace, &pipeline_toml(&workspace, 4));

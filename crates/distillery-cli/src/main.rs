@@ -5,6 +5,7 @@ mod decode_bench;
 mod export;
 mod models;
 mod pipeline;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,6 +47,13 @@ enum Command {
     Pipeline {
         /// The pipeline config (TOML).
         config: PathBuf,
+    },
+    /// Write a pipeline's report (plots, report.md, report.ipynb) to notebooks-export/<name>/.
+    Report {
+        /// The pipeline config (TOML) whose stages have run.
+        config: PathBuf,
+        #[arg(long, default_value = "notebooks-export")]
+        out: PathBuf,
     },
     /// Train a model from a TOML experiment config.
     Train {
@@ -304,11 +312,24 @@ fn is_config_error(error: &anyhow::Error) -> bool {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Report { config, out } => {
+            let pipeline = distillery_config::load_pipeline(&config)?;
+            let dir = report::write_report(&pipeline, &out)?;
+            println!(
+                "wrote {} (report.md, report.ipynb and the figures)",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pipeline { config } => {
             let pipeline = distillery_config::load_pipeline(&config)?;
             let started = std::time::Instant::now();
             match pipeline::run(&pipeline, interrupt_flag()?)? {
                 pipeline::PipelineOutcome::Completed => {
+                    if let Some(report_dir) = &pipeline.pipeline.report_dir {
+                        let dir = report::write_report(&pipeline, report_dir)?;
+                        eprintln!("report: {}", dir.join("report.ipynb").display());
+                    }
                     println!(
                         "pipeline {} complete in {:.0} s; tables in {}",
                         pipeline.pipeline.name,

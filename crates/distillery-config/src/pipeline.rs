@@ -22,6 +22,10 @@ pub struct PipelineSection {
     pub name: String,
     #[serde(default = "default_experiment_dir")]
     pub experiment_dir: PathBuf,
+    /// Where `<name>/report.md`, `report.ipynb` and the figures go after the last stage; the
+    /// pipeline needs an eval stage for it. No report when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
