@@ -19,7 +19,6 @@ bit stream along the outputs (read back as `(stored + 1) & (2^bits - 1)`); `scal
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from validation_split import validation_windows
+from validation_split import evaluate_causal_lm, validation_windows
 
 
 def bit_streams(words, bits, count):
@@ -80,30 +79,8 @@ def main():
     model.eval()
 
     validation, windows = validation_windows(args.tokens, args.validation_fraction, args.seq_len)
-    loss_sum, correct, positions = 0.0, 0, 0
-    with torch.no_grad():
-        for first in range(0, windows, args.batch_size):
-            batch = [
-                validation[index * args.seq_len:index * args.seq_len + args.seq_len + 1]
-                for index in range(first, min(first + args.batch_size, windows))
-            ]
-            batch = torch.tensor(np.stack(batch))
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(input_ids=inputs).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            ).item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            positions += targets.numel()
-    loss = loss_sum / positions
-    print(json.dumps({
-        "quantized_matrices": len(quantized),
-        "bits": bits,
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "accuracy": correct / positions,
-        "tokens": positions,
-    }, indent=2))
+    result = evaluate_causal_lm(model, validation, windows, args.seq_len, args.batch_size)
+    print(json.dumps({"quantized_matrices": len(quantized), "bits": bits, **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ non-overlapping windows of `--seq-len` predicted tokens, as distillery cuts it.
 
 import argparse
 import json
-import math
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from validation_split import validation_windows
+from validation_split import evaluate_causal_lm, validation_windows
 
 
 def main():
@@ -35,28 +33,8 @@ def main():
 
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     model.eval()
-    loss_sum, correct, positions = 0.0, 0, 0
-    with torch.no_grad():
-        for first in range(0, windows, args.batch_size):
-            batch = [
-                validation[index * args.seq_len:index * args.seq_len + args.seq_len + 1]
-                for index in range(first, min(first + args.batch_size, windows))
-            ]
-            batch = torch.tensor(np.stack(batch))
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(input_ids=inputs).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            ).item()
-            correct += (logits.argmax(-1) == targets).sum().item()
-            positions += targets.numel()
-    loss = loss_sum / positions
-    print(json.dumps({
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "accuracy": correct / positions,
-        "tokens": positions,
-    }, indent=2))
+    result = evaluate_causal_lm(model, validation, windows, args.seq_len, args.batch_size)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,32 @@ def validation_windows(tokens_path, validation_fraction, seq_len):
     validation_len = int(math.floor(len(tokens) * validation_fraction + 0.5))
     validation = tokens[len(tokens) - validation_len:]
     return validation, (len(validation) - 1) // seq_len
+
+
+def evaluate_causal_lm(model, validation, windows, seq_len, batch_size):
+    """Validation loss, perplexity and top-1 accuracy of a transformers causal LM over the
+    windows, as `distillery eval` computes them."""
+    import torch
+
+    loss_sum, correct, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for first in range(0, windows, batch_size):
+            batch = [
+                validation[index * seq_len:index * seq_len + seq_len + 1]
+                for index in range(first, min(first + batch_size, windows))
+            ]
+            batch = torch.tensor(np.stack(batch))
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            logits = model(input_ids=inputs).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            ).item()
+            correct += (logits.argmax(-1) == targets).sum().item()
+            positions += targets.numel()
+    loss = loss_sum / positions
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "accuracy": correct / positions,
+        "tokens": positions,
+    }

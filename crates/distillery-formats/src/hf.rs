@@ -271,7 +271,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
 }
 
 /// Little-endian f32, f16 or bf16 tensor bytes as f32 values.
-pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     match dtype {
         Dtype::F32 => Some(
             bytes
@@ -351,6 +351,22 @@ impl ModelAssembly {
         Ok(())
     }
 
+    /// Checks and stores a float tensor (f32, f16 or bf16) read from a safetensors file.
+    pub(crate) fn put_view(
+        &mut self,
+        name: &str,
+        view: &safetensors::tensor::TensorView,
+    ) -> Result<(), String> {
+        self.check(name, view.shape())?;
+        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            format!(
+                "tensor `{name}` is {:?}; f32, f16 or bf16 expected",
+                view.dtype()
+            )
+        })?;
+        self.put(name, values)
+    }
+
     /// Stores a quantized matrix for the weight `name` (Hugging Face's name of the float
     /// weight), whose `[out, in]` shape it must have.
     pub(crate) fn put_packed(&mut self, name: &str, packed: PackedMatrix) -> Result<(), String> {
@@ -419,19 +435,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
                 continue;
             }
             assembly
-                .check(&name, view.shape())
-                .map_err(|message| error(&file, message))?;
-            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                error(
-                    &file,
-                    format!(
-                        "tensor `{name}` is {:?}; f32, f16 or bf16 expected",
-                        view.dtype()
-                    ),
-                )
-            })?;
-            assembly
-                .put(&name, values)
+                .put_view(&name, &view)
                 .map_err(|message| error(&file, message))?;
         }
     }

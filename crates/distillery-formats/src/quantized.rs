@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hf::{
     CONFIG_FILE, HfError, ModelAssembly, RawTensor, WEIGHTS_FILE, config_json, error, hf_tensors,
-    read_config, safetensors_file, to_f32, tokenizer_files, write_folder,
+    read_config, safetensors_file, tokenizer_files, write_folder,
 };
 use crate::names::hf_name;
 
@@ -318,19 +318,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<QuantizedModel, HfError> {
             continue;
         }
         assembly
-            .check(&name, view.shape())
-            .map_err(|message| error(&path, message))?;
-        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            error(
-                &path,
-                format!(
-                    "tensor `{name}` is {:?}; f32, f16 or bf16 expected",
-                    view.dtype()
-                ),
-            )
-        })?;
-        assembly
-            .put(&name, values)
+            .put_view(&name, &view)
             .map_err(|message| error(&path, message))?;
     }
     for (prefix, views) in parts {
