@@ -442,6 +442,24 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
     assembly.finish().map_err(|message| error(dir, message))
 }
 
+/// A float linear layer from a `[out, in]` (Hugging Face layout) row-major weight. Transposed
+/// here, not as a tensor view: a strided weight would take another matmul path and change the
+/// logits in their last bits.
+pub(crate) fn float_linear(
+    out_in: &[f32],
+    outputs: usize,
+    inputs: usize,
+    device: &Device,
+) -> Linear {
+    let transposed: Vec<f32> = (0..inputs * outputs)
+        .map(|index| out_in[(index % outputs) * inputs + index / outputs])
+        .collect();
+    Linear::new(Param::from_tensor(Tensor::<2>::from_data(
+        TensorData::new(transposed, [inputs, outputs]),
+        device,
+    )))
+}
+
 /// Puts a Hugging Face tensor (already shape-checked) into the parameter at `path`.
 fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], device: &Device) {
     let matrix = |values: Vec<f32>| {
@@ -453,18 +471,7 @@ fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], devi
             device,
         ))
     };
-    // Transposed here, not as a tensor view: a strided weight would take another matmul path
-    // and change the logits in their last bits.
-    let linear = |values: Vec<f32>| {
-        let (out, inputs) = (shape[0], shape[1]);
-        let transposed: Vec<f32> = (0..inputs * out)
-            .map(|index| values[(index % out) * inputs + index / out])
-            .collect();
-        Linear::new(Param::from_tensor(Tensor::<2>::from_data(
-            TensorData::new(transposed, [inputs, out]),
-            device,
-        )))
-    };
+    let linear = |values: Vec<f32>| float_linear(&values, shape[0], shape[1], device);
     match path {
         "embed_tokens" => model.set_embedding(Param::from_tensor(matrix(values))),
         "norm.gamma" => model.norm.gamma = vector(values),
@@ -504,25 +511,55 @@ pub fn export(
     dir: &Path,
     replace: bool,
 ) -> Result<(), HfError> {
-    let mut files = vec![
+    let files = vec![
         (
             CONFIG_FILE,
             config_json(model.config(), bos_token_id, eos_token_id).into_bytes(),
         ),
         (WEIGHTS_FILE, safetensors_bytes(model)),
     ];
-    files.extend(tokenizer_files(
-        model.config(),
+    let tokens = TokenizerFiles {
+        config: model.config(),
         tokenizer,
         bos_token_id,
         eos_token_id,
+    };
+    write_model_folder(dir, files, &tokens, replace)
+}
+
+/// What a model folder says about its tokenizer.
+pub(crate) struct TokenizerFiles<'a> {
+    pub config: &'a LlamaConfig,
+    pub tokenizer: &'a Path,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// Writes a model folder: `files` plus the tokenizer files (see [`write_folder`]).
+pub(crate) fn write_model_folder(
+    dir: &Path,
+    mut files: Vec<(&str, Vec<u8>)>,
+    tokens: &TokenizerFiles,
+    replace: bool,
+) -> Result<(), HfError> {
+    files.extend(tokenizer_files(
+        tokens.config,
+        tokens.tokenizer,
+        tokens.bos_token_id,
+        tokens.eos_token_id,
     )?);
     write_folder(dir, &files, replace)
 }
 
+pub(crate) fn pretty_json(value: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_string_pretty(value)
+        .expect("json values serialize")
+        .into_bytes()
+}
+
 /// `tokenizer.json` (a copy of `tokenizer`), `tokenizer_config.json` and
 /// `generation_config.json`.
-pub(crate) fn tokenizer_files(
+fn tokenizer_files(
     config: &LlamaConfig,
     tokenizer: &Path,
     bos_token_id: Option<u32>,
@@ -537,26 +574,17 @@ pub(crate) fn tokenizer_files(
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
     });
-    let pretty = |value: &serde_json::Value| {
-        serde_json::to_string_pretty(value)
-            .expect("json")
-            .into_bytes()
-    };
     Ok(vec![
         ("tokenizer.json", tokenizer_json),
-        ("tokenizer_config.json", pretty(&tokenizer_config)),
-        ("generation_config.json", pretty(&generation_config)),
+        ("tokenizer_config.json", pretty_json(&tokenizer_config)),
+        ("generation_config.json", pretty_json(&generation_config)),
     ])
 }
 
 /// Writes `files` into folder `dir`, assembled beside it and renamed into place, so an
 /// interrupted write leaves no folder that looks complete. An existing `dir` is an error unless
 /// `replace`; then it is swapped out only once the new folder is complete.
-pub(crate) fn write_folder(
-    dir: &Path,
-    files: &[(&str, Vec<u8>)],
-    replace: bool,
-) -> Result<(), HfError> {
+fn write_folder(dir: &Path, files: &[(&str, Vec<u8>)], replace: bool) -> Result<(), HfError> {
     if dir.exists() && !replace {
         return Err(error(dir, "already exists; choose another output folder"));
     }

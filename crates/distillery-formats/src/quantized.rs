@@ -10,14 +10,15 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
-use distillery_model::{Linear, Llama};
+use distillery_model::Llama;
 use distillery_quant::{GptqTensors, PackedMatrix};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::hf::{
-    CONFIG_FILE, HfError, ModelAssembly, RawTensor, WEIGHTS_FILE, config_json, error, hf_tensors,
-    read_config, safetensors_file, tokenizer_files, write_folder,
+    CONFIG_FILE, HfError, ModelAssembly, RawTensor, TokenizerFiles, WEIGHTS_FILE, config_json,
+    error, float_linear, hf_tensors, pretty_json, read_config, safetensors_file,
+    write_model_folder,
 };
 use crate::names::hf_name;
 
@@ -197,27 +198,22 @@ pub fn save(folder: &QuantizedFolder, dir: &Path, replace: bool) -> Result<(), H
         serde_json::from_str(&config_json(model.config(), bos_token_id, eos_token_id))
             .expect("config_json writes json");
     hf_config["quantization_config"] = serde_json::to_value(config).expect("json");
-    let pretty = |value: &serde_json::Value| {
-        serde_json::to_string_pretty(value)
-            .expect("json")
-            .into_bytes()
-    };
-    let mut files = vec![
-        (CONFIG_FILE, pretty(&hf_config)),
+    let files = vec![
+        (CONFIG_FILE, pretty_json(&hf_config)),
         (WEIGHTS_FILE, weights),
         (
             QUANTIZE_CONFIG_FILE,
-            pretty(&serde_json::to_value(config).expect("json")),
+            pretty_json(&serde_json::to_value(config).expect("json")),
         ),
-        (RECORD_FILE, pretty(record)),
+        (RECORD_FILE, pretty_json(record)),
     ];
-    files.extend(tokenizer_files(
-        model.config(),
+    let tokens = TokenizerFiles {
+        config: model.config(),
         tokenizer,
         bos_token_id,
         eos_token_id,
-    )?);
-    write_folder(dir, &files, replace)
+    };
+    write_model_folder(dir, files, &tokens, replace)
 }
 
 /// `model` with a quantized embedding or output head turned back into f32 tensors: GPTQ loaders
@@ -239,15 +235,12 @@ pub fn with_float_embedding_and_head(model: &Llama) -> Llama {
     if let Some(head) = model.lm_head.as_mut()
         && head.packed().is_some()
     {
-        let (inputs, outputs) = (head.d_input(), head.d_output());
-        let out_in = head.weight_out_in();
-        let transposed: Vec<f32> = (0..inputs * outputs)
-            .map(|index| out_in[(index % outputs) * inputs + index / outputs])
-            .collect();
-        *head = Linear::new(Param::from_tensor(Tensor::<2>::from_data(
-            TensorData::new(transposed, [inputs, outputs]),
+        *head = float_linear(
+            &head.weight_out_in(),
+            head.d_output(),
+            head.d_input(),
             &device,
-        )));
+        );
     }
     model
 }
@@ -404,7 +397,7 @@ fn packed_from_views(
 #[cfg(test)]
 mod tests {
     use burn::tensor::Int;
-    use distillery_model::LlamaConfig;
+    use distillery_model::{Linear, LlamaConfig};
     use distillery_quant::{QuantSettings, round_to_nearest};
 
     use super::*;

@@ -403,17 +403,8 @@ fn gptq_with_damping(
 
 #[cfg(test)]
 mod tests {
-    use rand::{RngExt, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-
     use super::*;
-
-    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..rows * cols)
-            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-            .collect()
-    }
+    use crate::test_support::random_matrix;
 
     /// `count` inputs of `size` features with strong correlations: mixtures of a few sources.
     fn correlated_inputs(count: usize, size: usize, seed: u64) -> Vec<f32> {

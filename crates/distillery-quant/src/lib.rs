@@ -14,6 +14,20 @@ pub use gptq::{
     round_to_nearest,
 };
 pub use grid::Grid;
+
+#[cfg(test)]
+mod test_support {
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// `rows x cols` values uniform in [-1, 1) from `seed`.
+    pub fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * cols)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+}
 pub use packed::{GptqTensors, PackedMatrix};
 
 #[derive(Debug, thiserror::Error)]

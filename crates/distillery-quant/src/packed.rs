@@ -467,18 +467,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use rand::{RngExt, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-
     use super::*;
     use crate::gptq::{QuantSettings, int8_absmax, round_to_nearest};
-
-    fn random_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..rows * cols)
-            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-            .collect()
-    }
+    use crate::test_support::random_matrix;
 
     fn quantized(
         rows: usize,
