@@ -45,13 +45,13 @@ enum Command {
     /// Run a pipeline config's stages in order (train, distill, quantize, export, eval),
     /// skipping the complete ones and resuming an interrupted one.
     Pipeline {
-        /// The pipeline config (TOML).
-        config: PathBuf,
+        #[command(flatten)]
+        config: PipelineArgs,
     },
     /// Write a pipeline's report (plots, report.md, report.ipynb) to notebooks-export/<name>/.
     Report {
-        /// The pipeline config (TOML) whose stages have run.
-        config: PathBuf,
+        #[command(flatten)]
+        config: PipelineArgs,
         #[arg(long, default_value = "notebooks-export")]
         out: PathBuf,
     },
@@ -254,6 +254,26 @@ enum TokenizerCommand {
 }
 
 #[derive(Args)]
+struct PipelineArgs {
+    /// The pipeline config (TOML).
+    config: PathBuf,
+    /// Override a key of every stage's experiment config, after the stage's own `set`, e.g.
+    /// --set run.backend=wgpu (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl PipelineArgs {
+    fn load(&self) -> Result<distillery_config::PipelineConfig, ConfigError> {
+        let mut pipeline = distillery_config::load_pipeline(&self.config)?;
+        for stage in &mut pipeline.stages {
+            stage.set.extend(self.overrides.iter().cloned());
+        }
+        Ok(pipeline)
+    }
+}
+
+#[derive(Args)]
 struct ConfigArgs {
     /// The experiment config (TOML).
     config: PathBuf,
@@ -313,7 +333,7 @@ fn is_config_error(error: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Report { config, out } => {
-            let pipeline = distillery_config::load_pipeline(&config)?;
+            let pipeline = config.load()?;
             let dir = report::write_report(&pipeline, &out)?;
             println!(
                 "wrote {} (report.md, report.ipynb and the figures)",
@@ -322,7 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pipeline { config } => {
-            let pipeline = distillery_config::load_pipeline(&config)?;
+            let pipeline = config.load()?;
             let started = std::time::Instant::now();
             match pipeline::run(&pipeline, interrupt_flag()?)? {
                 pipeline::PipelineOutcome::Completed => {
@@ -506,7 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out.display()
                 );
             }
-            let device = distillery_train::device_for(config.run.backend);
+            let device = distillery_train::device_for(&config.run)?;
             let model = distillery_formats::hf::import(&hf_dir, &device)?;
             distillery_train::write_initial_checkpoint(&config, &model, tokenizer.sha256(), &out)?;
             println!(
@@ -641,7 +661,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         format!(
                             "measured: greedy decoding of {} on {}",
                             loaded.describe(),
-                            distillery_train::backend_description(config.run.backend)
+                            distillery_train::backend_description(
+                                &config.run,
+                                &distillery_train::device_for(&config.run)?
+                            )
                         ),
                     )
                 }

@@ -56,7 +56,7 @@ pub fn load_model(
     path: &Path,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<LoadedModel> {
-    let device = distillery_train::device_for(config.run.backend);
+    let device = distillery_train::device_for(&config.run)?;
     if path
         .extension()
         .is_some_and(|extension| extension == "gguf")

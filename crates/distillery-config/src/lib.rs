@@ -19,8 +19,8 @@ pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
     ExperimentConfig, ExportConfig, ExportFormatName, GgufTypeName, LogConfig, ModelSection,
-    QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit, TeacherCheckpoint,
-    TeacherConfig, TeacherSource, TrainConfig,
+    Precision, QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit,
+    TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -613,14 +613,16 @@ impl ExperimentConfig {
         toml::to_string_pretty(self).expect("configs serialize to TOML")
     }
 
-    /// The settings that decide the trained weights: seed, backend, data, model and
+    /// The settings that decide the trained weights: seed, backend, precision, data, model and
     /// optimization. Logging, evaluation and checkpoint cadence are not among them.
     fn trajectory(&self) -> BTreeMap<String, String> {
         let value = toml::Value::try_from(self).expect("configs serialize to TOML");
         let mut flat = BTreeMap::new();
         flatten("", &value, &mut flat);
-        flat.retain(|key, _| {
+        // f32 is left out so that checkpoints written before `run.dtype` existed keep their hash.
+        flat.retain(|key, value| {
             ["run.seed", "run.backend"].contains(&key.as_str())
+                || (key == "run.dtype" && value.trim_matches('"') != Precision::F32.name())
                 || [
                     "data.", "model.", "train.", "teacher.", "distill.", "student.",
                 ]

@@ -45,20 +45,68 @@ pub struct RunConfig {
     pub seed: u64,
     #[serde(default)]
     pub backend: Backend,
+    /// Which device of the backend: the N-th GPU or adapter it finds. The CPU backends have
+    /// one device, 0.
+    #[serde(default)]
+    pub device: usize,
+    /// The precision parameters and activations are stored and computed in.
+    #[serde(default)]
+    pub dtype: Precision,
     #[serde(default = "default_checkpoint_dir")]
     pub checkpoint_dir: PathBuf,
     #[serde(default = "default_experiment_dir")]
     pub experiment_dir: PathBuf,
 }
 
-/// The compute backend. burn picks backends at run time from a `Device`; only the backends
-/// listed here are accepted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The compute backend. burn picks backends at run time from a `Device`; a backend that is
+/// not compiled in is an error when the run starts, never a fallback to another one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
-    /// burn-flex on the CPU.
+    /// burn-flex on the CPU, with distillery's fused kernels.
     #[default]
     Cpu,
+    /// burn's CubeCL wgpu runtime: Vulkan, Metal or DX12, whichever the machine offers.
+    Wgpu,
+    /// LibTorch on the CPU (cargo feature `tch`).
+    TchCpu,
+    /// LibTorch on an NVIDIA GPU (cargo feature `tch`, a CUDA build of libtorch).
+    TchCuda,
+    /// burn's CubeCL CUDA runtime (cargo feature `cuda`; needs only the NVIDIA driver).
+    Cuda,
+}
+
+impl Backend {
+    /// The name a config spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::TchCpu => "tch-cpu",
+            Backend::TchCuda => "tch-cuda",
+            Backend::Cuda => "cuda",
+        }
+    }
+}
+
+/// Floating-point precision of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -111,7 +111,14 @@ fn lines_refer_to_the_file_even_when_overrides_add_keys() {
 fn unknown_backend_lists_the_choices() {
     let message = error(MINIMAL, &["run.backend=quantum"]);
     assert!(message.contains("run.backend"), "{message}");
-    assert!(message.contains("cpu"), "{message}");
+    for backend in ["cpu", "wgpu", "tch-cpu", "tch-cuda", "cuda"] {
+        assert!(message.contains(backend), "{message}");
+    }
+    let message = error(MINIMAL, &["run.dtype=\"f64\""]);
+    assert!(
+        message.contains("run.dtype") && message.contains("bf16"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -190,6 +197,19 @@ fn trajectory_ignores_cadence_but_not_optimization() {
     )
     .unwrap();
     assert_eq!(base.trajectory_sha256(), cadence.trajectory_sha256());
+    let other_gpu = parse(MINIMAL, "test.toml", &["run.device=1".into()]).unwrap();
+    assert_eq!(base.trajectory_sha256(), other_gpu.trajectory_sha256());
+    let explicit_f32 = parse(MINIMAL, "test.toml", &["run.dtype=\"f32\"".into()]).unwrap();
+    assert_eq!(base.trajectory_sha256(), explicit_f32.trajectory_sha256());
+    let half = parse(MINIMAL, "test.toml", &["run.dtype=\"bf16\"".into()]).unwrap();
+    assert_eq!(half.run.dtype, Precision::Bf16);
+    assert_eq!(
+        base.trajectory_differences(&half),
+        vec!["run.dtype: (unset) -> \"bf16\"".to_string()]
+    );
+    let gpu = parse(MINIMAL, "test.toml", &["run.backend=\"wgpu\"".into()]).unwrap();
+    assert_eq!(gpu.run.backend, Backend::Wgpu);
+    assert_ne!(base.trajectory_sha256(), gpu.trajectory_sha256());
     let faster = parse(MINIMAL, "test.toml", &["train.lr=0.01".into()]).unwrap();
     assert_ne!(base.trajectory_sha256(), faster.trajectory_sha256());
     assert_eq!(

@@ -69,7 +69,7 @@ fn objective_with_data(
         teacher_config,
         &data.tokenizer,
         student,
-        &device_for(config.run.backend),
+        &device_for(&config.run).map_err(TrainError::from)?,
     )?;
     let student_settings = config.student.clone().unwrap_or_default();
     let init_layers = match student_settings.init {
@@ -122,7 +122,7 @@ pub fn write_teacher_cache(
         teacher_config,
         &data.tokenizer,
         &data.llama,
-        &device_for(config.run.backend),
+        &device_for(&config.run).map_err(TrainError::from)?,
     )?;
     let header = TeacherCacheHeader::for_run(config, &data, &teacher);
     let path = cache::cache_path(config, &data, &teacher);

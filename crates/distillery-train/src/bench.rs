@@ -45,7 +45,7 @@ pub fn bench_objective(
     timed_steps: usize,
     objective: &mut dyn Objective,
 ) -> Result<BenchReport, TrainError> {
-    let device = device_for(config.run.backend);
+    let device = device_for(&config.run)?;
     let data = prepare_data(config)?;
     let model = objective.initial_model(Llama::new(
         &data.llama,
@@ -85,7 +85,7 @@ pub fn bench_objective(
     let variance =
         durations.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / durations.len().max(1) as f64;
     Ok(BenchReport {
-        backend: crate::backend_description(config.run.backend),
+        backend: crate::backend_description(&config.run, &device),
         parameters,
         tokens_per_step,
         warmup_steps,

@@ -1,6 +1,7 @@
 //! Training: the loop, its optimizer and schedule, checkpoints with exact resume, validation,
 //! metrics and the throughput bench.
 
+mod backend;
 mod bench;
 pub mod checkpoint;
 mod eval;
@@ -14,11 +15,11 @@ mod trainer;
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
-use distillery_config::{Backend, ExperimentConfig};
+use distillery_config::ExperimentConfig;
 use distillery_data::{CacheStatus, DataError, TextTokenizer, TokenSplits};
 use distillery_model::{LlamaConfig, ModelError};
 
+pub use backend::{BackendError, backend_description, device_for};
 pub use bench::{BenchReport, bench_objective, bench_train};
 pub use checkpoint::{BestValidation, CheckpointError};
 pub use eval::{EvalMetrics, batch_tensors, evaluate};
@@ -34,6 +35,8 @@ pub enum TrainError {
     #[error("{origin}: {message}")]
     Config { origin: String, message: String },
     #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -47,20 +50,6 @@ pub enum TrainError {
         "training diverged: the loss is {loss} at step {step}; lower train.lr or set train.grad_clip"
     )]
     Diverged { step: usize, loss: f64 },
-}
-
-/// The device a run's backend computes on. Never `Device::default()`, which prefers a GPU
-/// backend whenever one is compiled in.
-pub fn device_for(backend: Backend) -> Device {
-    match backend {
-        Backend::Cpu => Device::flex(),
-    }
-}
-
-pub fn backend_description(backend: Backend) -> String {
-    match backend {
-        Backend::Cpu => "cpu (burn-flex)".into(),
-    }
 }
 
 /// The tokenizer, the token splits and the model architecture of a run.
@@ -134,7 +123,7 @@ pub fn load_for_inference(
             ),
         });
     }
-    let device = device_for(config.run.backend);
+    let device = device_for(&config.run)?;
     let model = checkpoint::load_model(&directory, None, 0.0, &device)?;
     Ok((directory, progress.step, model))
 }
@@ -176,10 +165,5 @@ pub fn evaluate_on_data(
             .min(model.config().max_position_embeddings),
         config.eval.max_windows,
     );
-    evaluate(
-        model,
-        &windows,
-        config.eval_batch_size(),
-        &device_for(config.run.backend),
-    )
+    evaluate(model, &windows, config.eval_batch_size(), &model.device())
 }

@@ -355,7 +355,7 @@ pub fn train(
     options: &TrainOptions,
     objective: &mut dyn Objective,
 ) -> Result<TrainOutcome, TrainError> {
-    let device = device_for(config.run.backend);
+    let device = device_for(&config.run)?;
     let data = prepare_data(config)?;
     let start = start_state(config, &data, &options.resume, &device, objective)?;
     let run_dir = config.run_checkpoint_dir();
@@ -375,10 +375,9 @@ pub fn train(
     let total_steps = config.train.steps;
     let reporter = Reporter::new(start.step, total_steps, config.log.every);
     reporter.note(&format!(
-        "run {}: {} parameters, backend {}, {} training / {} validation tokens ({})",
+        "run {}: {} parameters, {} training / {} validation tokens ({})",
         config.run.name,
         data.llama.num_parameters(),
-        crate::backend_description(config.run.backend),
         data.splits.train.len(),
         data.splits.validation.len(),
         data.cache_note,
