@@ -5,17 +5,21 @@
 # backend, not the models' quality.
 #
 # Usage: scripts/check-backend-pipeline.sh BACKEND [STEPS]   e.g. wgpu 20, or tch-cpu 20
-#   DISTILLERY=path/to/distillery picks the binary (default: target/release/distillery; tch-*
-#   backends need one built with --features tch, as scripts/check-tch.sh leaves it).
+#   DISTILLERY=path/to/distillery picks the binary (default: the release build in
+#   $CARGO_TARGET_DIR or target/; tch-* backends need one built with --features tch, as
+#   scripts/check-tch.sh leaves it). The shipped token caches in datasets/ are used and, if
+#   missing, written there.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 backend="${1:?usage: scripts/check-backend-pipeline.sh BACKEND [STEPS]}"
 steps="${2:-20}"
-binary="${DISTILLERY:-$repo/target/release/distillery}"
+binary="$(realpath "${DISTILLERY:-${CARGO_TARGET_DIR:-$repo/target}/release/distillery}")"
 
 if [[ "$backend" == tch-* ]]; then
-    eval "$("$repo/scripts/setup-libtorch.sh")"
+    # An assignment, not `eval "$(...)"`, so that a failed setup stops the script.
+    environment="$("$repo/scripts/setup-libtorch.sh")"
+    eval "$environment"
 fi
 
 scratch="$(mktemp -d)"

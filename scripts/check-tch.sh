@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-eval "$(scripts/setup-libtorch.sh)"
+# An assignment, not `eval "$(...)"`, so that a failed setup stops the script.
+environment="$(scripts/setup-libtorch.sh)"
+eval "$environment"
 echo "LIBTORCH=$LIBTORCH" >&2
 cargo test --release -p distillery-cli --features tch --test backends -- --test-threads=1 --nocapture

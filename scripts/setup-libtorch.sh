@@ -15,9 +15,10 @@ torch_version=2.9.0
 cuda_runtime=12.8.90
 cuda_cupti=12.8.90
 
+# Printed for `eval`: paths quoted, LD_LIBRARY_PATH's old value expanded where it is evaluated.
 print_environment() {
-    echo "export LIBTORCH=$dest"
-    echo "export LD_LIBRARY_PATH=$dest/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+    printf 'export LIBTORCH=%q\n' "$dest"
+    printf 'export LD_LIBRARY_PATH=%q${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' "$dest/lib"
 }
 
 if [[ "$(cat "$dest/build-version" 2>/dev/null)" == "$torch_version" ]]; then

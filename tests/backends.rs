@@ -165,11 +165,19 @@ fn f32_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// The largest absolute difference; NaN if either side has a NaN, so that it fails every
+/// tolerance.
 fn max_difference(expected: &[f32], actual: &[f32]) -> f32 {
     assert_eq!(expected.len(), actual.len());
     expected
         .iter()
         .zip(actual)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, |largest, difference| {
+            if difference.is_nan() || difference > largest {
+                difference
+            } else {
+                largest
+            }
+        })
 }

@@ -215,3 +215,23 @@ fn killed_pipeline_resumes_its_stage_and_failures_name_the_stage() {
     assert!(stderr.contains("stage gptq"), "{stderr}");
     assert!(!Path::new(&workspace.checkpoints.join("student-gptq-5bit-g16")).exists());
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn settings_given_to_the_pipeline_reach_its_stages() {
+    let workspace = Workspace::new();
+    let path = workspace.root.join("pipeline.toml");
+    std::fs::write(&path, pipeline_toml(&workspace, 4)).unwrap();
+    let (code, stderr) = workspace.run_err(&[
+        "pipeline".into(),
+        path.display().to_string(),
+        "--set".into(),
+        "run.backend=cuda".into(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("stage teacher (train) failed") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+    assert!(!workspace.checkpoints.join("teacher").exists());
+}

@@ -619,10 +619,8 @@ impl ExperimentConfig {
         let value = toml::Value::try_from(self).expect("configs serialize to TOML");
         let mut flat = BTreeMap::new();
         flatten("", &value, &mut flat);
-        // f32 is left out so that checkpoints written before `run.dtype` existed keep their hash.
-        flat.retain(|key, value| {
-            ["run.seed", "run.backend"].contains(&key.as_str())
-                || (key == "run.dtype" && value.trim_matches('"') != Precision::F32.name())
+        flat.retain(|key, _| {
+            ["run.seed", "run.backend", "run.dtype"].contains(&key.as_str())
                 || [
                     "data.", "model.", "train.", "teacher.", "distill.", "student.",
                 ]

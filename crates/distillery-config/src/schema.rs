@@ -47,10 +47,12 @@ pub struct RunConfig {
     pub backend: Backend,
     /// Which device of the backend: the N-th GPU or adapter it finds. The CPU backends have
     /// one device, 0.
-    #[serde(default)]
+    // Defaults are left out when saved, so that configs written before these keys existed
+    // keep their pipeline fingerprints.
+    #[serde(default, skip_serializing_if = "is_first_device")]
     pub device: usize,
     /// The precision parameters and activations are stored and computed in.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub dtype: Precision,
     #[serde(default = "default_checkpoint_dir")]
     pub checkpoint_dir: PathBuf,
@@ -99,7 +101,15 @@ pub enum Precision {
     F16,
 }
 
+fn is_first_device(device: &usize) -> bool {
+    *device == 0
+}
+
 impl Precision {
+    fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",

@@ -39,26 +39,43 @@ pub enum BackendError {
     },
 }
 
-/// A run's (backend, device index, precision).
-type DeviceKey = (Backend, usize, Precision);
+/// The devices this process has opened, by backend and index, with the precision each was set
+/// to: burn fixes a device's default precision once, at its first tensor.
+type OpenDevices = HashMap<(Backend, usize), (Precision, Device)>;
 
-/// The device a run computes on, made once per process for each (backend, device, dtype) so
-/// that every stage of a pipeline and every model of an evaluation share it. Opening it prints
-/// which device it is, for every command that computes.
+/// The device a run computes on, opened once per process so that every stage of a pipeline and
+/// every model of an evaluation share it. Opening it prints which device it is, for every
+/// command that computes.
 pub fn device_for(run: &RunConfig) -> Result<Device, BackendError> {
-    static DEVICES: OnceLock<Mutex<HashMap<DeviceKey, Device>>> = OnceLock::new();
-    let key = (run.backend, run.device, run.dtype);
+    static DEVICES: OnceLock<Mutex<OpenDevices>> = OnceLock::new();
+    if run.backend == Backend::Cpu && run.dtype != Precision::F32 {
+        return Err(precision_error(
+            run,
+            "distillery's CPU kernels and optimizer compute in f32".into(),
+        ));
+    }
     let mut devices = DEVICES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(device) = devices.get(&key) {
+    if let Some((precision, device)) = devices.get(&(run.backend, run.device)) {
+        if *precision != run.dtype {
+            return Err(precision_error(
+                run,
+                format!(
+                    "this process already computes in {} on device {}, and burn sets a \
+                     device's precision once",
+                    precision.name(),
+                    run.device
+                ),
+            ));
+        }
         return Ok(device.clone());
     }
     let mut device = open(run.backend, run.device)?;
-    set_precision(&mut device, run.backend, run.dtype)?;
+    set_precision(&mut device, run)?;
     eprintln!("backend {}", backend_description(run, &device));
-    devices.insert(key, device.clone());
+    devices.insert((run.backend, run.device), (run.dtype, device.clone()));
     Ok(device)
 }
 
@@ -93,67 +110,71 @@ fn device_name(_: &Device) -> Option<String> {
 }
 
 fn open(backend: Backend, index: usize) -> Result<Device, BackendError> {
-    let missing = |found: usize, needs: &'static str| BackendError::NoDevice {
-        backend: backend.name(),
-        index,
-        found,
-        needs,
+    let only_device_zero = |needs: &'static str| {
+        if index == 0 {
+            Ok(())
+        } else {
+            Err(BackendError::NoDevice {
+                backend: backend.name(),
+                index,
+                found: 1,
+                needs,
+            })
+        }
     };
     match backend {
-        Backend::Cpu if index == 0 => Ok(Device::flex()),
-        Backend::Cpu => Err(missing(1, "the cpu backend has one device, 0")),
-        Backend::Wgpu => wgpu(index).ok_or_else(|| {
-            missing(
-                wgpu_adapters(),
-                "wgpu needs a Vulkan, Metal or DX12 driver (on Debian without a GPU: apt-get \
-                 install mesa-vulkan-drivers libvulkan1)",
-            )
-        }),
-        Backend::TchCpu if index == 0 => tch_cpu(),
-        Backend::TchCpu => Err(missing(1, "the tch-cpu backend has one device, 0")),
-        Backend::TchCuda => tch_cuda(index)?.ok_or_else(|| {
-            missing(
-                tch_cuda_devices(),
-                "tch-cuda needs an NVIDIA GPU, its driver and a CUDA build of libtorch \
-                 (LIBTORCH pointing at one)",
-            )
-        }),
-        Backend::Cuda => cuda(index)?.ok_or_else(|| {
-            missing(
-                cuda_devices(),
-                "the cuda backend needs an NVIDIA GPU and its driver (libcuda.so.1)",
-            )
-        }),
+        Backend::Cpu => {
+            only_device_zero("the cpu backend has one device, 0").map(|()| Device::flex())
+        }
+        Backend::Wgpu => wgpu(index),
+        Backend::TchCpu => {
+            only_device_zero("the tch-cpu backend has one device, 0")?;
+            tch_cpu()
+        }
+        Backend::TchCuda => tch_cuda(index),
+        Backend::Cuda => cuda(index),
     }
+}
+
+/// The `index`-th of the devices a backend found, or an error saying what it needs.
+#[cfg(any(feature = "wgpu", feature = "tch", feature = "cuda"))]
+fn nth_device(
+    found: Vec<Device>,
+    backend: Backend,
+    index: usize,
+    needs: &'static str,
+) -> Result<Device, BackendError> {
+    let count = found.len();
+    found.into_iter().nth(index).ok_or(BackendError::NoDevice {
+        backend: backend.name(),
+        index,
+        found: count,
+        needs,
+    })
 }
 
 /// The N-th adapter wgpu finds, of any kind: a discrete GPU, an integrated one, or a software
 /// rasterizer such as Mesa's lavapipe.
 #[cfg(feature = "wgpu")]
-fn wgpu(index: usize) -> Option<Device> {
-    Device::enumerate(burn::tensor::DeviceType::Wgpu)
+fn wgpu(index: usize) -> Result<Device, BackendError> {
+    let adapters = Device::enumerate(burn::tensor::DeviceType::Wgpu)
         .into_iter()
-        .nth(index)
-}
-
-#[cfg(feature = "wgpu")]
-fn wgpu_adapters() -> usize {
-    Device::enumerate(burn::tensor::DeviceType::Wgpu)
-        .into_iter()
-        .count()
+        .collect();
+    nth_device(
+        adapters,
+        Backend::Wgpu,
+        index,
+        "wgpu needs a Vulkan, Metal or DX12 driver (on Debian without a GPU: apt-get install \
+         mesa-vulkan-drivers libvulkan1)",
+    )
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu(_: usize) -> Option<Device> {
-    None
+fn wgpu(_: usize) -> Result<Device, BackendError> {
+    Err(not_compiled(Backend::Wgpu, "wgpu", ""))
 }
 
-#[cfg(not(feature = "wgpu"))]
-fn wgpu_adapters() -> usize {
-    0
-}
-
-#[cfg(not(all(feature = "tch", feature = "cuda")))]
+#[cfg(not(all(feature = "wgpu", feature = "tch", feature = "cuda")))]
 fn not_compiled(backend: Backend, feature: &'static str, needs: &'static str) -> BackendError {
     BackendError::NotCompiled {
         backend: backend.name(),
@@ -176,81 +197,69 @@ fn tch_cpu() -> Result<Device, BackendError> {
     Err(not_compiled(Backend::TchCpu, "tch", LIBTORCH_NEEDS))
 }
 
+/// LibTorch enumerates its CUDA devices.
 #[cfg(feature = "tch")]
-#[allow(deprecated)]
-fn tch_cuda(index: usize) -> Result<Option<Device>, BackendError> {
-    Ok((index < tch_cuda_devices()).then(|| Device::libtorch_cuda(index)))
-}
-
-#[cfg(feature = "tch")]
-fn tch_cuda_devices() -> usize {
-    Device::enumerate(burn::tensor::DeviceType::LibTorch)
+fn tch_cuda(index: usize) -> Result<Device, BackendError> {
+    let gpus = Device::enumerate(burn::tensor::DeviceType::LibTorch)
         .into_iter()
-        .count()
+        .collect();
+    nth_device(
+        gpus,
+        Backend::TchCuda,
+        index,
+        "tch-cuda needs an NVIDIA GPU, its driver and a CUDA build of libtorch (LIBTORCH \
+         pointing at one)",
+    )
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch_cuda(_: usize) -> Result<Option<Device>, BackendError> {
+fn tch_cuda(_: usize) -> Result<Device, BackendError> {
     Err(not_compiled(Backend::TchCuda, "tch", LIBTORCH_NEEDS))
 }
 
-#[cfg(not(feature = "tch"))]
-fn tch_cuda_devices() -> usize {
-    0
-}
-
 #[cfg(feature = "cuda")]
-fn cuda(index: usize) -> Result<Option<Device>, BackendError> {
-    Ok(Device::enumerate(burn::tensor::DeviceType::Cuda)
+fn cuda(index: usize) -> Result<Device, BackendError> {
+    let gpus = Device::enumerate(burn::tensor::DeviceType::Cuda)
         .into_iter()
-        .nth(index))
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_devices() -> usize {
-    Device::enumerate(burn::tensor::DeviceType::Cuda)
-        .into_iter()
-        .count()
+        .collect();
+    nth_device(
+        gpus,
+        Backend::Cuda,
+        index,
+        "the cuda backend needs an NVIDIA GPU and its driver (libcuda.so.1)",
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: usize) -> Result<Option<Device>, BackendError> {
+fn cuda(_: usize) -> Result<Device, BackendError> {
     Err(not_compiled(Backend::Cuda, "cuda", ""))
 }
 
-#[cfg(not(feature = "cuda"))]
-fn cuda_devices() -> usize {
-    0
+fn precision_error(run: &RunConfig, reason: String) -> BackendError {
+    BackendError::Precision {
+        backend: run.backend.name(),
+        dtype: run.dtype.name(),
+        reason,
+    }
 }
 
 /// f32 is every backend's default and needs no setting; a half precision must be one the
 /// device computes in, not only stores.
-fn set_precision(
-    device: &mut Device,
-    backend: Backend,
-    dtype: Precision,
-) -> Result<(), BackendError> {
-    let float = match dtype {
+fn set_precision(device: &mut Device, run: &RunConfig) -> Result<(), BackendError> {
+    let float = match run.dtype {
         Precision::F32 => return Ok(()),
         Precision::Bf16 => FloatDType::BF16,
         Precision::F16 => FloatDType::F16,
     };
-    let refuse = |reason: String| BackendError::Precision {
-        backend: backend.name(),
-        dtype: dtype.name(),
-        reason,
-    };
-    if backend == Backend::Cpu {
-        return Err(refuse(
-            "distillery's CPU kernels and optimizer compute in f32".into(),
-        ));
-    }
     if !device.supports_dtype(float) {
-        return Err(refuse("the device has no arithmetic in it".into()));
+        return Err(precision_error(
+            run,
+            "the device has no arithmetic in it".into(),
+        ));
     }
     device
         .configure(float)
-        .map_err(|error| refuse(error.to_string()))
+        .map_err(|error| precision_error(run, error.to_string()))
 }
 
 #[cfg(test)]
@@ -299,12 +308,28 @@ mod tests {
             let message = error(Backend::TchCuda, 0, Precision::F32);
             assert!(message.contains("--features tch"), "{message}");
         }
+        if !cfg!(feature = "wgpu") {
+            let message = error(Backend::Wgpu, 0, Precision::F32);
+            assert!(message.contains("--features wgpu"), "{message}");
+        }
         if !cfg!(feature = "cuda") {
             let message = error(Backend::Cuda, 0, Precision::F32);
             assert!(message.contains("--features cuda"), "{message}");
         }
     }
 
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn a_device_keeps_the_precision_it_was_opened_with() {
+        device_for(&run(Backend::Wgpu, 0, Precision::F32)).unwrap();
+        let message = error(Backend::Wgpu, 0, Precision::F16);
+        assert!(
+            message.contains("already computes in f32 on device 0"),
+            "{message}"
+        );
+    }
+
+    #[cfg(feature = "wgpu")]
     #[test]
     fn a_missing_adapter_is_an_error_that_says_what_is_missing() {
         let message = error(Backend::Wgpu, 64, Precision::F32);

@@ -134,8 +134,11 @@ impl AdamW {
             let (name, dtype, shape, _, bytes) = tensor
                 .into_parts()
                 .map_err(|error| fail(error.to_string()))?;
-            if dtype != DType::F32 || shape.num_dims() != 1 {
-                return Err(fail(format!("tensor `{name}` is not a 1-D f32 tensor")));
+            // Moments are kept in the run's precision (`run.dtype`).
+            if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) || shape.num_dims() != 1 {
+                return Err(fail(format!(
+                    "tensor `{name}` is not a 1-D f32, bf16 or f16 tensor"
+                )));
             }
             stored.insert(name, TensorData::from_bytes(bytes, shape, dtype));
         }
