@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use distillery_kernels::AdamWStep;
 
 use crate::CheckpointError;
@@ -134,11 +134,8 @@ impl AdamW {
             let (name, dtype, shape, _, bytes) = tensor
                 .into_parts()
                 .map_err(|error| fail(error.to_string()))?;
-            // Moments are kept in the run's precision (`run.dtype`).
-            if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) || shape.num_dims() != 1 {
-                return Err(fail(format!(
-                    "tensor `{name}` is not a 1-D f32, bf16 or f16 tensor"
-                )));
+            if dtype != DType::F32 || shape.num_dims() != 1 {
+                return Err(fail(format!("tensor `{name}` is not a 1-D f32 tensor")));
             }
             stored.insert(name, TensorData::from_bytes(bytes, shape, dtype));
         }
@@ -162,7 +159,8 @@ impl AdamW {
                         data.shape().num_elements()
                     )));
                 }
-                Ok(Tensor::<1>::from_data(data, device))
+                // f32 whatever the run's precision, as `map_float` keeps them.
+                Ok(Tensor::<1>::from_data(data, (device, DType::F32)))
             };
             let first = take("first")?;
             let second = take("second")?;
@@ -254,7 +252,7 @@ impl ModuleMapper for Update<'_> {
         let (first, second) = match self.optimizer.moments.remove(&name) {
             Some(Moments { first, second }) => (first, second),
             None => {
-                let zeros = Tensor::<1>::zeros([size], &grad.device());
+                let zeros = Tensor::<1>::zeros([size], (&grad.device(), DType::F32));
                 (zeros.clone(), zeros)
             }
         };
@@ -275,13 +273,24 @@ impl ModuleMapper for Update<'_> {
             second_correction: (1.0 - beta2.powi(steps)) as f32,
             grad_scale: self.grad_scale as f32,
         };
+        // A half-precision run steps in f32 with f32 moments, as mixed-precision AdamW does:
+        // in f16, eps (1e-8) and most squared gradients round to zero.
+        let dtype = tensor.dtype();
+        let in_f32 = |tensor: Tensor<1>| match tensor.dtype() {
+            DType::F32 => tensor,
+            _ => tensor.cast(FloatDType::F32),
+        };
         let (value, first, second) = distillery_kernels::adamw(
-            tensor.inner().reshape([size]),
-            grad.reshape([size]),
+            in_f32(tensor.inner().reshape([size])),
+            in_f32(grad.reshape([size])),
             first,
             second,
             step,
         );
+        let value = match dtype {
+            DType::F32 => value,
+            _ => value.cast(dtype),
+        };
         self.optimizer
             .moments
             .insert(name, Moments { first, second });
@@ -363,6 +372,44 @@ mod tests {
         let gain = values(&model.gain);
         assert!((gain[0] - expected(0.5, false)).abs() < 1e-6, "{gain:?}");
         assert_eq!(optimizer.steps(), 2);
+    }
+
+    #[test]
+    fn half_precision_parameters_step_in_f32_with_f32_moments() {
+        let device = Device::flex().autodiff();
+        let half = (&device, DType::F16);
+        let mut model = Pair {
+            matrix: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![1.0f32, -2.0], [1, 2]),
+                half,
+            )),
+            gain: Param::from_tensor(Tensor::from_data(TensorData::new(vec![0.5f32], [1]), half)),
+        };
+        assert_eq!(model.matrix.val().dtype(), DType::F16);
+        // Gradients of 1e-4: their squares (1e-8) and eps round to zero in f16, where the
+        // update would be 0 / 0.
+        let weights = Tensor::<2>::from_data(TensorData::new(vec![1e-4f32, -1e-4], [1, 2]), half);
+        let loss = (model.matrix.val() * weights).sum() + model.gain.val().mul_scalar(1e-4).sum();
+        let mut gradients = GradientsParams::from_grads(loss.backward(), &model);
+        let mut optimizer = AdamW::new(AdamWSettings {
+            weight_decay: 0.0,
+            ..SETTINGS
+        });
+        model = optimizer.step(model, &mut gradients, 0.01, None).0;
+        assert_eq!(model.matrix.val().dtype(), DType::F16);
+        assert_eq!(optimizer.moments["matrix"].second.dtype(), DType::F32);
+        // Each parameter moves by lr * sign(g), to f16's precision (a step of ~1e-3 at 1).
+        let as_f32 = |tensor: Tensor<1>| -> Vec<f32> {
+            tensor.into_data().convert::<f32>().try_into_vec().unwrap()
+        };
+        let moved = [
+            as_f32(model.matrix.val().reshape([2])),
+            as_f32(model.gain.val()),
+        ]
+        .concat();
+        for (value, expected) in moved.iter().zip([0.99f32, -1.99, 0.49]) {
+            assert!((value - expected).abs() < 2e-3, "{moved:?}");
+        }
     }
 
     #[test]
