@@ -51,7 +51,7 @@ pub fn device_for(run: &RunConfig) -> Result<Device, BackendError> {
     if run.backend == Backend::Cpu && run.dtype != Precision::F32 {
         return Err(precision_error(
             run,
-            "distillery's CPU kernels and optimizer compute in f32".into(),
+            "distillery's fused CPU kernels compute in f32".into(),
         ));
     }
     let mut devices = DEVICES
