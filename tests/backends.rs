@@ -77,8 +77,8 @@ fn assert_backend_matches_cpu(backend: &str) {
             .join(run)
             .join("step-0000001/model.bpk")
     };
-    let expected = f32_tensors(&step(&cpu));
-    let actual = f32_tensors(&step(&other));
+    let expected = common::model_f32_tensors(&step(&cpu));
+    let actual = common::model_f32_tensors(&step(&other));
     assert_eq!(expected.len(), actual.len());
     let mut largest = 0.0f32;
     for (name, expected) in &expected {
@@ -150,19 +150,6 @@ fn metric(workspace: &Workspace, run: &str, tag: &str) -> f64 {
     let series = common::metric_series(&workspace.experiments.join(run), tag);
     assert_eq!(series.len(), 1, "{tag} of {run}: {series:?}");
     series[0].1
-}
-
-fn f32_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    common::model_tensors(path)
-        .into_iter()
-        .map(|(name, bytes)| {
-            let values = bytes
-                .chunks_exact(4)
-                .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
-                .collect();
-            (name, values)
-        })
-        .collect()
 }
 
 /// The largest absolute difference; NaN if either side has a NaN, so that it fails every

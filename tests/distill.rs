@@ -212,15 +212,9 @@ fn student_from_teacher_starts_from_the_chosen_teacher_layer() {
     // After one step at a vanishing learning rate the student still holds the teacher's
     // layer 1 as its layer 0.
     let student =
-        common::model_tensors(&workspace.checkpoints.join("copied/step-0000001/model.bpk"));
-    let teacher = common::model_tensors(&workspace.checkpoints.join("teacher/best/model.bpk"));
-    let close = |a: &[u8], b: &[u8]| {
-        a.chunks(4).zip(b.chunks(4)).all(|(a, b)| {
-            let a = f32::from_le_bytes(a.try_into().unwrap());
-            let b = f32::from_le_bytes(b.try_into().unwrap());
-            (a - b).abs() <= 1e-6
-        })
-    };
+        common::model_f32_tensors(&workspace.checkpoints.join("copied/step-0000001/model.bpk"));
+    let teacher = common::model_f32_tensors(&workspace.checkpoints.join("teacher/best/model.bpk"));
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-6);
     for (student_name, teacher_name) in [
         (
             "layers.0.self_attn.q_proj.weight",

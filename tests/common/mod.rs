@@ -159,6 +159,20 @@ pub fn model_tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Every tensor of an f32 burnpack file, by name, as values.
+pub fn model_f32_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    model_tensors(path)
+        .into_iter()
+        .map(|(name, bytes)| {
+            let values = bytes
+                .chunks_exact(4)
+                .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
     std::fs::read_to_string(path)
         .unwrap()

@@ -139,7 +139,7 @@ fn open(backend: Backend, index: usize) -> Result<Device, BackendError> {
 /// The `index`-th of the devices a backend found, or an error saying what it needs.
 #[cfg(any(feature = "wgpu", feature = "tch", feature = "cuda"))]
 fn nth_device(
-    found: Vec<Device>,
+    found: burn::tensor::Devices,
     backend: Backend,
     index: usize,
     needs: &'static str,
@@ -157,11 +157,8 @@ fn nth_device(
 /// rasterizer such as Mesa's lavapipe.
 #[cfg(feature = "wgpu")]
 fn wgpu(index: usize) -> Result<Device, BackendError> {
-    let adapters = Device::enumerate(burn::tensor::DeviceType::Wgpu)
-        .into_iter()
-        .collect();
     nth_device(
-        adapters,
+        Device::enumerate(burn::tensor::DeviceType::Wgpu),
         Backend::Wgpu,
         index,
         "wgpu needs a Vulkan, Metal or DX12 driver (on Debian without a GPU: apt-get install \
@@ -200,11 +197,8 @@ fn tch_cpu() -> Result<Device, BackendError> {
 /// LibTorch enumerates its CUDA devices.
 #[cfg(feature = "tch")]
 fn tch_cuda(index: usize) -> Result<Device, BackendError> {
-    let gpus = Device::enumerate(burn::tensor::DeviceType::LibTorch)
-        .into_iter()
-        .collect();
     nth_device(
-        gpus,
+        Device::enumerate(burn::tensor::DeviceType::LibTorch),
         Backend::TchCuda,
         index,
         "tch-cuda needs an NVIDIA GPU, its driver and a CUDA build of libtorch (LIBTORCH \
@@ -219,11 +213,8 @@ fn tch_cuda(_: usize) -> Result<Device, BackendError> {
 
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<Device, BackendError> {
-    let gpus = Device::enumerate(burn::tensor::DeviceType::Cuda)
-        .into_iter()
-        .collect();
     nth_device(
-        gpus,
+        Device::enumerate(burn::tensor::DeviceType::Cuda),
         Backend::Cuda,
         index,
         "the cuda backend needs an NVIDIA GPU and its driver (libcuda.so.1)",
