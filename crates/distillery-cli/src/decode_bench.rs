@@ -40,23 +40,27 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// Greedy generation of `new_tokens` after `prompt`, `runs` times after one warm-up run: the
-/// prefill is timed by generating one token, the decode rate from the rest.
+/// Greedy generation of `new_tokens` after `prompt` with each model, `runs` rounds after one
+/// warm-up run each: the prefill is timed by generating one token, the decode rate from the
+/// rest. Every round runs every model in turn, so a busy moment of a shared machine slows
+/// them alike instead of skewing one model's figures.
 pub fn bench_decode(
-    loaded: &LoadedModel,
+    models: &[LoadedModel],
     prompt: &[u32],
     new_tokens: usize,
     runs: usize,
-) -> anyhow::Result<DecodeReport> {
-    let model = &loaded.model;
-    let context = model.config().max_position_embeddings;
-    anyhow::ensure!(
-        new_tokens >= 2 && prompt.len() + new_tokens <= context,
-        "{} prompt tokens and {new_tokens} new tokens must fit the model's context of {context} \
-         (and at least 2 new tokens are timed)",
-        prompt.len()
-    );
-    let run = |count: usize| -> anyhow::Result<f64> {
+) -> anyhow::Result<Vec<DecodeReport>> {
+    for loaded in models {
+        let context = loaded.model.config().max_position_embeddings;
+        anyhow::ensure!(
+            new_tokens >= 2 && prompt.len() + new_tokens <= context,
+            "{} prompt tokens and {new_tokens} new tokens must fit the context of {} ({context}) \
+             (and at least 2 new tokens are timed)",
+            prompt.len(),
+            loaded.describe()
+        );
+    }
+    let run = |model: &Llama, count: usize| -> anyhow::Result<f64> {
         let config = GenerationConfig {
             max_new_tokens: count,
             sampling: SamplingConfig::default(),
@@ -67,40 +71,53 @@ pub fn bench_decode(
         anyhow::ensure!(generation.tokens.len() == count, "generation stopped early");
         Ok(started.elapsed().as_secs_f64())
     };
-    run(new_tokens)?;
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
-    for _ in 0..runs.max(1) {
-        let first = run(1)?;
-        let all = run(new_tokens)?;
-        prefill.push(first * 1e3);
-        decode.push((new_tokens - 1) as f64 / (all - first).max(f64::EPSILON));
+    for loaded in models {
+        run(&loaded.model, new_tokens)?;
     }
-    Ok(DecodeReport {
-        model: loaded.describe(),
-        bits_per_weight: loaded.bits_per_weight,
-        weight_bytes: weight_bytes(model),
-        prompt_tokens: prompt.len(),
-        prefill_ms: median(prefill),
-        new_tokens,
-        decode_tokens_per_sec: median(decode),
-        runs: runs.max(1),
-    })
+    let mut prefill = vec![Vec::new(); models.len()];
+    let mut decode = vec![Vec::new(); models.len()];
+    for _ in 0..runs.max(1) {
+        for (index, loaded) in models.iter().enumerate() {
+            let first = run(&loaded.model, 1)?;
+            let all = run(&loaded.model, new_tokens)?;
+            prefill[index].push(first * 1e3);
+            decode[index].push((new_tokens - 1) as f64 / (all - first).max(f64::EPSILON));
+        }
+    }
+    Ok(models
+        .iter()
+        .zip(prefill.into_iter().zip(decode))
+        .map(|(loaded, (prefill, decode))| DecodeReport {
+            model: loaded.describe(),
+            bits_per_weight: loaded.bits_per_weight,
+            weight_bytes: weight_bytes(&loaded.model),
+            prompt_tokens: prompt.len(),
+            prefill_ms: median(prefill),
+            new_tokens,
+            decode_tokens_per_sec: median(decode),
+            runs: runs.max(1),
+        })
+        .collect())
 }
 
 pub fn markdown_table(reports: &[DecodeReport]) -> String {
     let mut table = String::from(
-        "| model | bits/weight | weights in memory | prefill | decode |\n|---|---:|---:|---:|---:|\n",
+        "| model | bits/weight | weights in memory | prefill | decode | decode vs first |\n\
+         |---|---:|---:|---:|---:|---:|\n",
     );
+    let first = reports
+        .first()
+        .map_or(1.0, |report| report.decode_tokens_per_sec);
     for report in reports {
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s |\n",
+            "| {} | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s | {:.2}x |\n",
             report.model,
             report.bits_per_weight,
             report.weight_bytes as f64 / 1e6,
             report.prefill_ms,
             report.prompt_tokens,
             report.decode_tokens_per_sec,
+            report.decode_tokens_per_sec / first,
         ));
     }
     table

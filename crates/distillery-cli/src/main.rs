@@ -654,10 +654,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let config = ConfigArgs { config, overrides }.load()?;
                     let data = distillery_train::prepare_data(&config)?;
                     let loaded = models::load_model(&config, &model, &data.tokenizer)?;
-                    let report =
-                        decode_bench::bench_decode(&loaded, &data.splits.validation[..32], 128, 3)?;
+                    let reports = decode_bench::bench_decode(
+                        std::slice::from_ref(&loaded),
+                        &data.splits.validation[..32],
+                        128,
+                        3,
+                    )?;
                     (
-                        report.decode_tokens_per_sec,
+                        reports[0].decode_tokens_per_sec,
                         format!(
                             "measured: greedy decoding of {} on {}",
                             loaded.describe(),
@@ -709,13 +713,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "--prompt-tokens must be between 1 and the validation split's length"
             );
             let prompt = &data.splits.validation[..prompt_tokens];
-            let mut reports = Vec::new();
-            for path in &checkpoint {
-                let loaded = models::load_model(&config, path, &data.tokenizer)?;
-                reports.push(decode_bench::bench_decode(
-                    &loaded, prompt, new_tokens, runs,
-                )?);
-            }
+            let loaded = checkpoint
+                .iter()
+                .map(|path| models::load_model(&config, path, &data.tokenizer))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let reports = decode_bench::bench_decode(&loaded, prompt, new_tokens, runs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {

@@ -209,10 +209,7 @@ fn run_stage(
             let prompt_tokens = (context / 4).clamp(1, 32);
             let new_tokens = (context - prompt_tokens).min(128);
             let prompt = &data.splits.validation[..prompt_tokens];
-            let decoding = loaded
-                .iter()
-                .map(|model| decode_bench::bench_decode(model, prompt, new_tokens, 3))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let decoding = decode_bench::bench_decode(&loaded, prompt, new_tokens, 3)?;
             let report = serde_json::json!({
                 "models": stage.settings.models,
                 "validation": rows,

@@ -97,6 +97,18 @@ pub fn generate(
         return Err(ModelError::TokenOutOfRange { token, vocab });
     }
 
+    // Quantized layers split each product over rayon's threads. Decoding on one of them makes
+    // every split a work-stealing fork instead of a hand-over that puts this thread to sleep
+    // and wakes it again, which at one token's matrices costs as much as the arithmetic.
+    rayon::scope(|_| decode(model, prompt, config))
+}
+
+fn decode(
+    model: &Llama,
+    prompt: &[u32],
+    config: &GenerationConfig,
+) -> Result<Generation, ModelError> {
+    let context = model.config().max_position_embeddings;
     let device = model.device();
     let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
     let mut cache = KvCache::new(model.layers.len());

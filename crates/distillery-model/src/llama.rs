@@ -34,8 +34,10 @@ pub struct Linear {
     packed: Option<Arc<PackedMatrix>>,
 }
 
-/// Below this many input rows a quantized layer decodes its channels on the fly; above it, one
-/// float copy of the weight per call feeds the backend's matrix product.
+/// Up to this many input rows (a decoding step) a quantized layer multiplies its packed codes
+/// directly, with inputs rounded to int8 where the layout allows integer dot products
+/// ([`PackedMatrix::matmul_int8_inputs`]); above it, one float copy of the weight per call
+/// feeds the backend's matrix product with exact inputs.
 const DECODE_ROWS: usize = 8;
 
 impl Linear {
@@ -116,7 +118,7 @@ fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
     let [rows, cols] = x.dims();
     if rows <= DECODE_ROWS {
         let inputs = host_values(x);
-        let outputs = packed.matmul(&inputs, rows);
+        let outputs = packed.matmul_int8_inputs(&inputs, rows);
         return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
     }
     // `[out, in]` as decoded, used through a transposed view: no host-side transpose.

@@ -5,6 +5,7 @@
 pub mod f16;
 pub mod gptq;
 pub mod grid;
+pub mod int8_inputs;
 mod linalg;
 pub mod pack;
 pub mod packed;

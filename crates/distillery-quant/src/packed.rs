@@ -11,10 +11,14 @@ use rayon::prelude::*;
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
+use crate::int8_inputs::{self, ChannelCodes, Int8Inputs};
 use crate::pack::{pack_bits, unpack_bits};
 
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
 const PARALLEL_WORK: usize = 1 << 16;
+
+/// Output channels one parallel task computes: enough work to outweigh handing it out.
+const CHANNELS_PER_TASK: usize = 32;
 
 /// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
 /// scale and zero per output channel and group of input columns.
@@ -212,21 +216,23 @@ impl PackedMatrix {
         &self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row]
     }
 
-    /// Output channel `row`'s codes for columns `start..start + out.len()`, which begins on a
-    /// word boundary, as floats.
-    fn unpack_codes(&self, row: usize, start: usize, out: &mut [f32]) {
-        let bits = self.bits as usize;
-        let bytes = &self.channel_bytes(row)[start * bits / 8..];
-        unpack_byte_aligned(bytes, self.bits, out);
-    }
-
     /// `x Wᵀ` for `count` input rows `x` (`count x cols`): `count x rows`. The float matrix
-    /// never exists whole: with consecutive groups each channel's group contributes
-    /// `scale * (x · codes - zero * Σx)`, the codes unpacked once for every input; otherwise
-    /// each channel is decoded into a scratch row.
+    /// never exists whole. With consecutive word-aligned groups of 2, 4 or 8 bits, each
+    /// channel's group contributes `scale * (x · codes - zero * Σx)`, the dot product read
+    /// straight from the packed bytes: the inputs are split once into one array per code
+    /// position within a byte, so the k-th byte's codes meet their inputs at index k of every
+    /// array. Otherwise each channel is decoded into a scratch row.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
-        let (cols, groups) = (self.cols, self.groups);
+        let (cols, groups, bits) = (self.cols, self.groups, self.bits as usize);
         let grouped = self.word_aligned_group_size();
+        let codes_per_byte = 8 / bits;
+        let phases: Vec<f32> = match grouped {
+            Some(_) => x
+                .chunks_exact(cols)
+                .flat_map(|input| split_by_code_position(input, codes_per_byte, self.bytes_per_row))
+                .collect(),
+            None => Vec::new(),
+        };
         let group_sums: Vec<f32> = match grouped {
             Some(size) => x
                 .chunks_exact(cols)
@@ -234,41 +240,115 @@ impl PackedMatrix {
                 .collect(),
             None => Vec::new(),
         };
+        let phases_per_input = codes_per_byte * self.bytes_per_row;
         let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
-            scratch.resize(cols, 0.0);
             let Some(size) = grouped else {
+                scratch.resize(cols, 0.0);
                 self.dequantize_row(row, scratch);
                 for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
                     *value = dot(input, scratch);
                 }
                 return;
             };
-            out.fill(0.0);
-            for group in 0..groups {
-                let start = group * size;
-                let codes = &mut scratch[..size.min(cols - start)];
-                self.unpack_codes(row, start, codes);
-                let scale = self.scales[row * groups + group];
-                let zero = f32::from(self.zeros[row * groups + group]);
-                for (index, value) in out.iter_mut().enumerate() {
-                    let input = &x[index * cols + start..index * cols + start + codes.len()];
-                    let sum = group_sums[index * groups + group];
-                    *value += scale * (dot(input, codes) - zero * sum);
-                }
+            let row_groups = RowGroups {
+                bytes: self.channel_bytes(row),
+                bits: self.bits,
+                group_bytes: size * bits / 8,
+                scales: &self.scales[row * groups..(row + 1) * groups],
+            };
+            let zeros = &self.zeros[row * groups..(row + 1) * groups];
+            for (index, value) in out.iter_mut().enumerate() {
+                let phases = &phases[index * phases_per_input..(index + 1) * phases_per_input];
+                let sums = &group_sums[index * groups..(index + 1) * groups];
+                let zero_terms: f32 = (0..groups)
+                    .map(|group| row_groups.scales[group] * f32::from(zeros[group]) * sums[group])
+                    .sum();
+                *value = scaled_code_dot(&row_groups, phases, self.bytes_per_row) - zero_terms;
             }
         };
+        self.by_channel(count, channel_outputs)
+    }
+
+    /// `x Wᵀ` like [`Self::matmul`], but for decoding: when the matrix holds 4- or 8-bit codes
+    /// in consecutive groups of whole 32-column blocks, each input row is first rounded to
+    /// int8 per block ([`Int8Inputs`]) and multiplied in integers, as llama.cpp does. The
+    /// result is exactly `x̂ Wᵀ` for the rounded `x̂` (up to float summation order); other
+    /// layouts compute exactly.
+    pub fn matmul_int8_inputs(&self, x: &[f32], count: usize) -> Vec<f32> {
+        let Some(size) = self.integer_group_size() else {
+            return self.matmul(x, count);
+        };
+        let (cols, groups) = (self.cols, self.groups);
+        let blocks_per_group = size / int8_inputs::BLOCK;
+        let blocks = cols / int8_inputs::BLOCK;
+        let inputs: Vec<Int8Inputs> = x
+            .chunks_exact(cols)
+            .map(|input| Int8Inputs::new(input, self.bits))
+            .collect();
+        // What each group's zero point multiplies: the sum of its rounded inputs.
+        let group_sums: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|input| {
+                (0..groups)
+                    .map(|group| {
+                        let first = group * blocks_per_group;
+                        input.block_sums(first..(first + blocks_per_group).min(blocks))
+                    })
+                    .collect()
+            })
+            .collect();
+        let channel_outputs = |row: usize, _: &mut Vec<f32>, out: &mut [f32]| {
+            let channel = ChannelCodes {
+                bytes: self.channel_bytes(row),
+                bits: self.bits,
+                blocks_per_group,
+                scales: &self.scales[row * groups..(row + 1) * groups],
+            };
+            let zeros = &self.zeros[row * groups..(row + 1) * groups];
+            for ((value, input), sums) in out.iter_mut().zip(&inputs).zip(&group_sums) {
+                let zero_terms: f32 = channel
+                    .scales
+                    .iter()
+                    .zip(zeros)
+                    .zip(sums)
+                    .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
+                    .sum();
+                *value = int8_inputs::channel_dot(&channel, input) - zero_terms;
+            }
+        };
+        self.by_channel(count, channel_outputs)
+    }
+
+    /// The group size when [`Self::matmul_int8_inputs`] can multiply in integers.
+    fn integer_group_size(&self) -> Option<usize> {
+        let size = self.word_aligned_group_size()?;
+        let fits = matches!(self.bits, 4 | 8)
+            && size.is_multiple_of(int8_inputs::BLOCK)
+            && self.cols.is_multiple_of(int8_inputs::BLOCK);
+        fits.then_some(size)
+    }
+
+    /// `count x rows` outputs from `channel_outputs(row, scratch, outputs of that channel)`,
+    /// channels spread over threads when the product is large enough.
+    fn by_channel(
+        &self,
+        count: usize,
+        channel_outputs: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync,
+    ) -> Vec<f32> {
         let mut by_channel = vec![0.0f32; self.rows * count];
-        if self.rows * cols * count < PARALLEL_WORK {
+        if self.rows * self.cols * count < PARALLEL_WORK {
             let mut scratch = Vec::new();
             for (row, out) in by_channel.chunks_exact_mut(count).enumerate() {
                 channel_outputs(row, &mut scratch, out);
             }
         } else {
             by_channel
-                .par_chunks_mut(count)
+                .par_chunks_mut(count * CHANNELS_PER_TASK)
                 .enumerate()
-                .for_each_init(Vec::new, |scratch, (row, out)| {
-                    channel_outputs(row, scratch, out)
+                .for_each_init(Vec::new, |scratch, (task, outs)| {
+                    for (offset, out) in outs.chunks_exact_mut(count).enumerate() {
+                        channel_outputs(task * CHANNELS_PER_TASK + offset, scratch, out);
+                    }
                 });
         }
         let mut outputs = vec![0.0; count * self.rows];
@@ -418,31 +498,142 @@ impl PackedMatrix {
     }
 }
 
-/// Codes of 2, 4 or 8 bits from a byte-aligned stream, as floats: byte by byte, so the
-/// compiler turns it into vector shifts and conversions.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn unpack_byte_aligned(bytes: &[u8], bits: u32, out: &mut [f32]) {
-    match bits {
-        8 => {
-            for (code, &byte) in out.iter_mut().zip(bytes) {
-                *code = f32::from(byte);
+/// One input row as `codes_per_byte` arrays of `bytes` entries: array `p` holds the inputs of
+/// the codes at position `p` of each byte (`input[k * codes_per_byte + p]`), zero past the end.
+fn split_by_code_position(input: &[f32], codes_per_byte: usize, bytes: usize) -> Vec<f32> {
+    let mut phases = vec![0.0; codes_per_byte * bytes];
+    for (col, &value) in input.iter().enumerate() {
+        phases[(col % codes_per_byte) * bytes + col / codes_per_byte] = value;
+    }
+    phases
+}
+
+/// One output channel's packed codes, cut into groups of `group_bytes` bytes (the last may be
+/// shorter) with one scale each.
+struct RowGroups<'a> {
+    bytes: &'a [u8],
+    bits: u32,
+    group_bytes: usize,
+    scales: &'a [f32],
+}
+
+/// Lanes of independent partial sums: two AVX-512 registers of f32, enough to hide the adds'
+/// latency, and one chunk covers a 128-column group of 2-bit codes.
+const LANES: usize = 32;
+
+/// `Σ_group scale · (codes · inputs)` over one channel's 2-, 4- or 8-bit codes, whose byte `k`
+/// holds the codes of inputs `phases[p * stride + k]` (position `p` in the byte, lowest bits
+/// first). Codes are widened to floats in registers, never stored, and the partial sums stay
+/// in lanes across groups, reduced once per channel.
+fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has just been found to support both features.
+        return unsafe { x86::scaled_code_dot(row, phases, stride) };
+    }
+    scaled_code_dot_portable(row, phases, stride)
+}
+
+/// [`scaled_code_dot`] for any CPU, in a shape compilers vectorize.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn scaled_code_dot_portable(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut tails = 0.0f32;
+    let codes_per_byte = 8 / row.bits as usize;
+    let mask = ((1u16 << row.bits) - 1) as u8;
+    for (group, &scale) in row.scales.iter().enumerate() {
+        let first = group * row.group_bytes;
+        let last = (first + row.group_bytes).min(row.bytes.len());
+        let bytes = &row.bytes[first..last];
+        let mut group_lanes = [0.0f32; LANES];
+        let mut group_tail = 0.0f32;
+        for position in 0..codes_per_byte {
+            let inputs = &phases[position * stride + first..position * stride + last];
+            let shift = position as u32 * row.bits;
+            let (byte_chunks, input_chunks) =
+                (bytes.chunks_exact(LANES), inputs.chunks_exact(LANES));
+            group_tail += byte_chunks
+                .remainder()
+                .iter()
+                .zip(input_chunks.remainder())
+                .map(|(&byte, &input)| f32::from((byte >> shift) & mask) * input)
+                .sum::<f32>();
+            for (bytes, inputs) in byte_chunks.zip(input_chunks) {
+                for lane in 0..LANES {
+                    group_lanes[lane] += f32::from((bytes[lane] >> shift) & mask) * inputs[lane];
+                }
             }
         }
-        // Word-aligned runs hold whole bytes of codes.
-        4 => {
-            for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
-                pair[0] = f32::from(byte & 0xF);
-                pair[1] = f32::from(byte >> 4);
-            }
+        for lane in 0..LANES {
+            lanes[lane] += scale * group_lanes[lane];
         }
-        _ => {
-            for (quad, &byte) in out.chunks_exact_mut(4).zip(bytes) {
-                quad[0] = f32::from(byte & 0x3);
-                quad[1] = f32::from((byte >> 2) & 0x3);
-                quad[2] = f32::from((byte >> 4) & 0x3);
-                quad[3] = f32::from(byte >> 6);
+        tails += scale * group_tail;
+    }
+    lanes.iter().sum::<f32>() + tails
+}
+
+/// The AVX2 kernel: 16 bytes of codes at a time, each code position shifted and masked out of
+/// the bytes, widened to eight-lane floats and fused-multiply-added onto its inputs.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::RowGroups;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+        let bits = row.bits as usize;
+        let mask = _mm_set1_epi8(((1u16 << bits) - 1) as u8 as i8);
+        let mut total = _mm256_setzero_ps();
+        let mut tails = 0.0f32;
+        for (group, &scale) in row.scales.iter().enumerate() {
+            let first = group * row.group_bytes;
+            let last = (first + row.group_bytes).min(row.bytes.len());
+            let bytes = &row.bytes[first..last];
+            let whole = bytes.len() - bytes.len() % 16;
+            let mut low_sums = _mm256_setzero_ps();
+            let mut high_sums = _mm256_setzero_ps();
+            let mut group_tail = 0.0f32;
+            for position in 0..8 / bits {
+                let inputs = &phases[position * stride + first..position * stride + last];
+                let shift = position * bits;
+                let shift_count = _mm_cvtsi32_si128(shift as i32);
+                for start in (0..whole).step_by(16) {
+                    // SAFETY: `start + 16 <= whole <= bytes.len() == inputs.len()`.
+                    let (packed, low_inputs, high_inputs) = unsafe {
+                        (
+                            _mm_loadu_si128(bytes.as_ptr().add(start).cast()),
+                            _mm256_loadu_ps(inputs.as_ptr().add(start)),
+                            _mm256_loadu_ps(inputs.as_ptr().add(start + 8)),
+                        )
+                    };
+                    // A 16-bit shift pulls the next byte's bits into each byte's top; the mask,
+                    // narrower than 8 - shift bits, drops them.
+                    let codes = _mm_and_si128(_mm_srl_epi16(packed, shift_count), mask);
+                    let low = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+                    let high =
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)));
+                    low_sums = _mm256_fmadd_ps(low, low_inputs, low_sums);
+                    high_sums = _mm256_fmadd_ps(high, high_inputs, high_sums);
+                }
+                let code_mask = ((1u16 << bits) - 1) as u8;
+                group_tail += bytes[whole..]
+                    .iter()
+                    .zip(&inputs[whole..])
+                    .map(|(&byte, &input)| f32::from((byte >> shift) & code_mask) * input)
+                    .sum::<f32>();
             }
+            let group_sums = _mm256_add_ps(low_sums, high_sums);
+            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sums, total);
+            tails += scale * group_tail;
         }
+        let halves = _mm_add_ps(
+            _mm256_castps256_ps128(total),
+            _mm256_extractf128_ps(total, 1),
+        );
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        let single = _mm_add_ss(pairs, _mm_movehdup_ps(pairs));
+        _mm_cvtss_f32(single) + tails
     }
 }
 
@@ -542,6 +733,47 @@ mod tests {
             packed.gather_rows(&[3, 0]),
             [&weights[3 * cols..4 * cols], &weights[..cols]].concat()
         );
+    }
+
+    #[test]
+    fn int8_input_products_are_the_rounded_inputs_times_the_weights() {
+        let count = 3;
+        for (bits, group_size) in [(4, Some(32)), (4, Some(64)), (8, Some(32)), (8, None)] {
+            let packed = PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size));
+            assert!(packed.integer_group_size().is_some());
+            let weights = packed.dequantize();
+            let x = random_matrix(count, 128, 98);
+            let y = packed.matmul_int8_inputs(&x, count);
+            let exact = packed.matmul(&x, count);
+            for (sample, input) in x.chunks_exact(128).enumerate() {
+                let rounded = Int8Inputs::new(input, bits).dequantize(bits);
+                for row in 0..40 {
+                    let expected: f32 = (0..128)
+                        .map(|col| rounded[col] * weights[row * 128 + col])
+                        .sum();
+                    let got = y[sample * 40 + row];
+                    assert!(
+                        (got - expected).abs() < 1e-4,
+                        "{bits} bits: {got} vs {expected}"
+                    );
+                    // Rounding the inputs moves each product by at most half an input step per
+                    // column: a bound, and a check that the inputs were rounded at all.
+                    let step_bound: f32 = (0..128)
+                        .map(|col| weights[row * 128 + col].abs() * (1.0 / 254.0))
+                        .sum();
+                    assert!((got - exact[sample * 40 + row]).abs() <= step_bound);
+                }
+            }
+        }
+        // 3-bit words and groups of 16 columns have no integer kernel: exact products.
+        for (bits, group_size) in [(3, Some(32)), (4, Some(16))] {
+            let packed = PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size));
+            let x = random_matrix(count, 128, 97);
+            assert_eq!(
+                packed.matmul_int8_inputs(&x, count),
+                packed.matmul(&x, count)
+            );
+        }
     }
 
     #[test]
