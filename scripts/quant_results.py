@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = str(ROOT / "target/release/distillery")
 
+# Grids searched for the least rounding error (the reference gptq.py's `mse` option).
+CLIP = "quantize.clip_search=true"
+
 VARIANTS = [
     ("int8", ['quantize.method="int8"', "quantize.bits=8", "quantize.group_size=-1"]),
     ("RTN 8-bit g128", ['quantize.method="rtn"', "quantize.bits=8"]),
@@ -36,12 +39,19 @@ VARIANTS = [
     ("GPTQ 3-bit g128", ['quantize.method="gptq"', "quantize.bits=3"]),
     ("GPTQ 3-bit g128 act-order", ['quantize.method="gptq"', "quantize.bits=3",
                                     "quantize.act_order=true"]),
+    ("RTN 4-bit g128 clip", ['quantize.method="rtn"', "quantize.bits=4", CLIP]),
+    ("GPTQ 4-bit g128 clip", ['quantize.method="gptq"', "quantize.bits=4", CLIP]),
+    ("RTN 3-bit g128 clip", ['quantize.method="rtn"', "quantize.bits=3", CLIP]),
+    ("GPTQ 3-bit g128 clip", ['quantize.method="gptq"', "quantize.bits=3", CLIP]),
+    ("GPTQ 3-bit g128 act-order clip", ['quantize.method="gptq"', "quantize.bits=3",
+                                         "quantize.act_order=true", CLIP]),
 ]
 
 # Every row states all of its settings, so a [quantize] section in the config changes nothing.
 BASE = ["quantize.group_size=128", "quantize.sym=true", "quantize.act_order=false",
         "quantize.static_groups=false", "quantize.true_sequential=true",
-        "quantize.damp_percent=0.01", "quantize.block_size=128", "quantize.nsamples=128"]
+        "quantize.damp_percent=0.01", "quantize.block_size=128", "quantize.nsamples=128",
+        "quantize.clip_search=false"]
 
 
 def scopes(tied):
@@ -105,7 +115,12 @@ def main():
 
         for gptq, rtn in [("GPTQ 3-bit g128", "RTN 3-bit g128"),
                           ("GPTQ 3-bit g128 act-order", "RTN 3-bit g128"),
-                          ("GPTQ 4-bit g128", "RTN 4-bit g128")]:
+                          ("GPTQ 4-bit g128", "RTN 4-bit g128"),
+                          ("GPTQ 3-bit g128 clip", "RTN 3-bit g128"),
+                          ("GPTQ 3-bit g128 act-order clip", "RTN 3-bit g128"),
+                          ("GPTQ 3-bit g128 clip", "RTN 3-bit g128 clip"),
+                          ("GPTQ 3-bit g128 act-order clip", "RTN 3-bit g128 clip"),
+                          ("GPTQ 4-bit g128 clip", "RTN 4-bit g128 clip")]:
             print(f"\n- {gptq} closes {100 * (1 - delta(gptq) / delta(rtn)):.0f}% of "
                   f"{rtn}'s perplexity gap to float.", end="")
         print()

@@ -375,6 +375,12 @@ fn validate_quantize(
             }
         }
     }
+    if quantize.method == QuantizeMethod::Int8 && quantize.clip_search {
+        return fail(
+            "quantize.clip_search",
+            "only applies to method = \"rtn\" or \"gptq\" (int8 is absmax by definition)".into(),
+        );
+    }
     if !(quantize.damp_percent > 0.0 && quantize.damp_percent <= 1.0) {
         return fail(
             "quantize.damp_percent",

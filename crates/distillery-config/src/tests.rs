@@ -302,6 +302,11 @@ fn bad_quantize_settings_name_their_key() {
             "only applies",
         ),
         (
+            "method = \"int8\"\nclip_search = true",
+            "quantize.clip_search",
+            "absmax",
+        ),
+        (
             "method = \"gptq\"\ndamp_percent = 0.0",
             "quantize.damp_percent",
             "(0, 1]",

@@ -424,6 +424,7 @@ mod tests {
             bits: 4,
             group_size: Some(16),
             symmetric: false,
+            clip_search: false,
         };
         let quantize = |values: &[f32], rows, cols| {
             PackedMatrix::from_quantized(&round_to_nearest(values, rows, cols, &settings).unwrap())

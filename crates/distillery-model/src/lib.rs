@@ -189,6 +189,7 @@ mod tests {
             bits: 4,
             group_size: Some(16),
             symmetric: false,
+            clip_search: false,
         };
         let paths: Vec<String> = model.linears().into_iter().map(|(path, _)| path).collect();
         for path in &paths {

@@ -4,6 +4,8 @@
 //! input feature, the layout GPTQ's error propagation runs along (burn's `[in, out]` linear
 //! weights are transposed at the call site).
 
+use rayon::prelude::*;
+
 use crate::QuantError;
 use crate::grid::Grid;
 use crate::linalg::{cholesky_upper, spd_inverse};
@@ -14,9 +16,21 @@ pub struct QuantSettings {
     /// Input columns sharing one grid per output channel; the whole row when `None`.
     pub group_size: Option<usize>,
     pub symmetric: bool,
+    /// Search each grid's range for the least rounding error ([`Grid::fit_clipped`]) instead
+    /// of spanning all its values.
+    pub clip_search: bool,
 }
 
 impl QuantSettings {
+    /// The grid of one output channel's group of weights.
+    pub fn fit(&self, values: &[f32]) -> Grid {
+        if self.clip_search {
+            Grid::fit_clipped(values, self.bits, self.symmetric)
+        } else {
+            Grid::fit(values.iter().copied(), self.bits, self.symmetric)
+        }
+    }
+
     pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
         if ![2, 3, 4, 8].contains(&self.bits) {
             return Err(QuantError::Settings(format!(
@@ -110,7 +124,7 @@ pub fn round_to_nearest(
         cols,
         settings.bits,
         settings.group_size,
-        |values| Grid::fit(values.iter().copied(), settings.bits, settings.symmetric),
+        |values| settings.fit(values),
     ))
 }
 
@@ -139,18 +153,19 @@ fn quantize_on_grids(
     cols: usize,
     bits: u32,
     group_size: Option<usize>,
-    fit: impl Fn(&[f32]) -> Grid,
+    fit: impl Fn(&[f32]) -> Grid + Sync,
 ) -> QuantizedMatrix {
     let size = group_size.unwrap_or(cols);
     let groups = group_count(group_size, cols);
-    let mut grids = Vec::with_capacity(groups * rows);
-    for group in 0..groups {
-        let columns = group_columns(group, size, cols);
-        for row in 0..rows {
+    let grids: Vec<Grid> = (0..groups * rows)
+        .into_par_iter()
+        .map(|index| {
+            let (group, row) = (index / rows, index % rows);
+            let columns = group_columns(group, size, cols);
             let start = row * cols;
-            grids.push(fit(&weights[start + columns.start..start + columns.end]));
-        }
-    }
+            fit(&weights[start + columns.start..start + columns.end])
+        })
+        .collect();
     let group_index: Vec<u32> = (0..cols).map(|col| (col / size) as u32).collect();
     let codes = (0..rows * cols)
         .map(|index| {
@@ -293,21 +308,24 @@ fn gptq_with_damping(
     }
     let group_size = quant.group_size.unwrap_or(cols);
     let groups = group_count(quant.group_size, cols);
-    let fit = |w: &[f64], row: usize, columns: &mut dyn Iterator<Item = usize>| {
-        Grid::fit(
-            columns.map(|col| w[row * cols + col] as f32),
-            quant.bits,
-            quant.symmetric,
-        )
+    // Every row's grid of one group, rows in parallel: a clipping search makes fitting cost
+    // as much as the quantization itself.
+    let fit_group = |w: &[f64], group: usize, grids: &mut [Option<Grid>]| {
+        grids[group * rows..(group + 1) * rows]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(row, grid)| {
+                let values: Vec<f32> = group_columns(group, group_size, cols)
+                    .map(|col| w[row * cols + col] as f32)
+                    .collect();
+                *grid = Some(quant.fit(&values));
+            });
     };
     // Static groups (and ungrouped rows) are fitted on the weights as they come in.
     let mut grids: Vec<Option<Grid>> = vec![None; groups * rows];
     if quant.group_size.is_none() || settings.static_groups {
         for group in 0..groups {
-            for row in 0..rows {
-                let mut columns = group_columns(group, group_size, cols);
-                grids[group * rows + row] = Some(fit(&w, row, &mut columns));
-            }
+            fit_group(&w, group, &mut grids);
         }
     }
 
@@ -346,10 +364,7 @@ fn gptq_with_damping(
                 && !settings.static_groups
                 && position.is_multiple_of(group_size)
             {
-                for row in 0..rows {
-                    let mut columns = group_columns(group, group_size, cols);
-                    grids[group * rows + row] = Some(fit(&w, row, &mut columns));
-                }
+                fit_group(&w, group, &mut grids);
             }
             group_of_position[position] = group as u32;
             let diagonal = inverse_factor[position * cols + position];
@@ -445,6 +460,7 @@ mod tests {
                 bits,
                 group_size,
                 symmetric: false,
+                clip_search: false,
             },
             damp_percent: 0.01,
             block_size: 8,
@@ -485,17 +501,16 @@ mod tests {
         let (rows, cols) = (6, 16);
         let weights = random_matrix(rows, cols, 1);
         for group_size in [None, Some(4)] {
-            let rtn =
-                round_to_nearest(&weights, rows, cols, &settings(3, group_size).quant).unwrap();
-            let gptq = gptq(
-                &weights,
-                rows,
-                cols,
-                &identity_hessian(cols),
-                &settings(3, group_size),
-            )
-            .unwrap();
-            assert_eq!(gptq.matrix, rtn, "group size {group_size:?}");
+            for clip_search in [false, true] {
+                let mut settings = settings(3, group_size);
+                settings.quant.clip_search = clip_search;
+                let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
+                let gptq = gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
+                assert_eq!(
+                    gptq.matrix, rtn,
+                    "group size {group_size:?}, clip {clip_search}"
+                );
+            }
         }
     }
 
@@ -599,6 +614,7 @@ mod tests {
             bits: 5,
             group_size: None,
             symmetric: false,
+            clip_search: false,
         };
         let error = round_to_nearest(&weights, 2, 12, &five_bits).unwrap_err();
         assert!(error.to_string().contains("bits = 5"), "{error}");
@@ -607,6 +623,7 @@ mod tests {
                 bits: 4,
                 group_size: Some(group_size),
                 symmetric: false,
+                clip_search: false,
             };
             let error = round_to_nearest(&weights, 2, 12, &bad_group).unwrap_err();
             assert!(error.to_string().contains(message), "{error}");

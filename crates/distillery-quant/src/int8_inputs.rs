@@ -7,82 +7,101 @@
 /// blocks, and a block's codes fill one 256-bit register at 8 bits and half of one at 4.
 pub const BLOCK: usize = 32;
 
-/// One input row rounded to int8 per block, laid out in the order the codes unpack: at 8
-/// bits column order, at 4 bits each block's even columns (low nibbles) then its odd columns
-/// (high nibbles).
+/// One input row rounded to int8 per block of [`BLOCK`] columns.
 #[derive(Debug, Clone)]
 pub struct Int8Inputs {
+    /// Column order.
     values: Vec<i8>,
+    /// The same values in the order the x86 kernel meets the codes: at 8 bits column order; at
+    /// 4 bits, for each pair of blocks of a group, both blocks' even columns (low nibbles of
+    /// 32 code bytes), then both blocks' odd columns (high nibbles), and for a group's last
+    /// unpaired block its even then its odd columns.
+    kernel_order: Vec<i8>,
     scales: Vec<f32>,
+    /// Each block's scale four times: two blocks' worth scales the eight lanes of one sum.
+    lane_scales: Vec<f32>,
     /// `scale * Σ values` of each block: what the zero points multiply.
     sums: Vec<f32>,
 }
 
 impl Int8Inputs {
-    /// `input.len()` must be a multiple of [`BLOCK`].
-    pub fn new(input: &[f32], bits: u32) -> Self {
+    /// `input.len()` must be a multiple of [`BLOCK`]; the weights' groups hold
+    /// `blocks_per_group` blocks.
+    pub fn new(input: &[f32], bits: u32, blocks_per_group: usize) -> Self {
         debug_assert!(input.len().is_multiple_of(BLOCK));
         let blocks = input.len() / BLOCK;
-        let mut values = vec![0i8; input.len()];
+        let mut values = Vec::with_capacity(input.len());
         let mut scales = Vec::with_capacity(blocks);
         let mut sums = Vec::with_capacity(blocks);
-        for (block, (columns, out)) in input
-            .chunks_exact(BLOCK)
-            .zip(values.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
+        for columns in input.chunks_exact(BLOCK) {
             let absmax = columns
                 .iter()
                 .fold(0.0f32, |max, value| max.max(value.abs()));
             let scale = absmax / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (column, &value) in columns.iter().enumerate() {
-                let slot = if bits == 4 {
-                    column / 2 + (column % 2) * (BLOCK / 2)
-                } else {
-                    column
-                };
-                let rounded = (value * inverse).round().clamp(-127.0, 127.0) as i8;
-                out[slot] = rounded;
-                sum += i32::from(rounded);
-            }
+            let start = values.len();
+            values.extend(
+                columns
+                    .iter()
+                    .map(|&value| (value * inverse).round().clamp(-127.0, 127.0) as i8),
+            );
+            let sum: i32 = values[start..].iter().map(|&value| i32::from(value)).sum();
             scales.push(scale);
             sums.push(scale * sum as f32);
-            debug_assert_eq!(scales.len(), block + 1);
         }
+        let kernel_order = if bits == 4 {
+            nibble_order(&values, blocks, blocks_per_group)
+        } else {
+            values.clone()
+        };
         Self {
             values,
+            kernel_order,
+            lane_scales: scales.iter().flat_map(|&scale| [scale; 4]).collect(),
             scales,
             sums,
         }
     }
 
-    /// The input as these integers stand for it, in column order.
-    pub fn dequantize(&self, bits: u32) -> Vec<f32> {
-        let mut out = vec![0.0; self.values.len()];
-        for (block, (values, columns)) in self
-            .values
+    /// The input as these integers stand for it.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.values
             .chunks_exact(BLOCK)
-            .zip(out.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            for (column, value) in columns.iter_mut().enumerate() {
-                let slot = if bits == 4 {
-                    column / 2 + (column % 2) * (BLOCK / 2)
-                } else {
-                    column
-                };
-                *value = self.scales[block] * f32::from(values[slot]);
-            }
-        }
-        out
+            .zip(&self.scales)
+            .flat_map(|(values, &scale)| values.iter().map(move |&value| scale * f32::from(value)))
+            .collect()
     }
 
     /// `Σ scale · Σ values` over the blocks `blocks`.
     pub fn block_sums(&self, blocks: std::ops::Range<usize>) -> f32 {
         self.sums[blocks].iter().sum()
     }
+}
+
+/// The blocks of each group, paired from the group's start, as [`Int8Inputs::kernel_order`]
+/// lays them out at 4 bits.
+fn block_runs(blocks: usize, blocks_per_group: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..blocks)
+        .step_by(blocks_per_group)
+        .flat_map(move |first| {
+            let end = (first + blocks_per_group).min(blocks);
+            (first..end)
+                .step_by(2)
+                .map(move |block| (block, (end - block).min(2)))
+        })
+}
+
+fn nibble_order(values: &[i8], blocks: usize, blocks_per_group: usize) -> Vec<i8> {
+    let mut ordered = Vec::with_capacity(values.len());
+    for (first, count) in block_runs(blocks, blocks_per_group) {
+        let run = &values[first * BLOCK..(first + count) * BLOCK];
+        for parity in 0..2 {
+            for block in run.chunks_exact(BLOCK) {
+                ordered.extend(block.iter().skip(parity).step_by(2));
+            }
+        }
+    }
+    ordered
 }
 
 /// One output channel: its packed codes (`bits * BLOCK / 8` bytes a block) and one scale per
@@ -103,24 +122,26 @@ pub fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
     {
-        // SAFETY: the CPU has just been found to support every feature the kernel uses.
-        return unsafe { x86::channel_dot(channel, inputs) };
+        if channel.bits != 3 {
+            // SAFETY: the CPU has just been found to support every feature the kernel uses.
+            return unsafe { x86::channel_dot(channel, inputs) };
+        }
+        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vbmi") {
+            // SAFETY: as above, with the byte permutes 3-bit codes need.
+            return unsafe { x86::triple_channel_dot(channel, inputs) };
+        }
     }
     channel_dot_portable(channel, inputs)
 }
 
-fn block_codes(channel: &ChannelCodes, block: usize) -> [u8; BLOCK] {
-    let mut codes = [0u8; BLOCK];
-    if channel.bits == 8 {
-        codes.copy_from_slice(&channel.bytes[block * BLOCK..(block + 1) * BLOCK]);
-    } else {
-        let bytes = &channel.bytes[block * BLOCK / 2..(block + 1) * BLOCK / 2];
-        for (index, &byte) in bytes.iter().enumerate() {
-            codes[index] = byte & 0xF;
-            codes[index + BLOCK / 2] = byte >> 4;
-        }
-    }
-    codes
+/// The code of column `column` of a channel.
+fn code(channel: &ChannelCodes, column: usize) -> i32 {
+    let bits = channel.bits as usize;
+    let (byte, offset) = (column * bits / 8, column * bits % 8);
+    // Codes of at most 8 bits span at most two bytes.
+    let next = channel.bytes.get(byte + 1).copied().unwrap_or(0);
+    let window = u16::from_le_bytes([channel.bytes[byte], next]);
+    i32::from((window >> offset) & ((1 << bits) - 1))
 }
 
 fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
@@ -130,11 +151,11 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         let first = group * channel.blocks_per_group;
         let mut group_sum = 0.0f32;
         for block in first..(first + channel.blocks_per_group).min(blocks) {
-            let values = &inputs.values[block * BLOCK..(block + 1) * BLOCK];
-            let products: i32 = block_codes(channel, block)
+            let columns = block * BLOCK..(block + 1) * BLOCK;
+            let products: i32 = inputs.values[columns.clone()]
                 .iter()
-                .zip(values)
-                .map(|(&code, &value)| i32::from(code) * i32::from(value))
+                .zip(columns)
+                .map(|(&value, column)| code(channel, column) * i32::from(value))
                 .sum();
             group_sum += inputs.scales[block] * products as f32;
         }
@@ -143,8 +164,9 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
     total
 }
 
-/// With AVX-512 VNNI one `vpdpbusd` multiplies a block's 32 unsigned codes with its 32 signed
-/// inputs and sums them in fours into eight 32-bit lanes.
+/// With AVX-512 VNNI one `vpdpbusd` multiplies 32 unsigned codes with 32 signed inputs and sums
+/// them in fours into eight 32-bit lanes: at 8 bits one block, at 4 bits the low or the high
+/// nibbles of two blocks' 32 bytes, four lanes a block.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -154,31 +176,95 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     pub(super) fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         let blocks = inputs.scales.len();
-        let block_bytes = BLOCK * channel.bits as usize / 8;
+        assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
+        assert!(inputs.kernel_order.len() >= blocks * BLOCK);
+        assert!(inputs.lane_scales.len() >= blocks * 4);
+        let sums = if channel.bits == 8 {
+            byte_codes(channel, inputs, blocks)
+        } else {
+            nibble_codes(channel, inputs, blocks)
+        };
+        horizontal_sum(sums)
+    }
+
+    /// 3-bit codes: a block's 32 codes are 12 bytes. A byte permute gives each code a 16-bit
+    /// lane holding the two bytes its bits lie in, a per-lane shift and mask cut it out.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vbmi,avx512vnni,avx512vl")]
+    pub(super) fn triple_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+        let blocks = inputs.scales.len();
+        let block_bytes = BLOCK * 3 / 8;
         assert!(channel.bytes.len() >= blocks * block_bytes);
-        assert!(inputs.values.len() >= blocks * BLOCK);
-        let nibble = _mm_set1_epi8(0xF);
+        assert!(inputs.kernel_order.len() >= blocks * BLOCK);
+        let mut byte_of_lane = [0u8; 64];
+        let mut shift_of_lane = [0u16; 32];
+        for lane in 0..32 {
+            let first_bit = 3 * lane;
+            byte_of_lane[2 * lane] = (first_bit / 8) as u8;
+            byte_of_lane[2 * lane + 1] = (first_bit / 8 + 1) as u8;
+            shift_of_lane[lane] = (first_bit % 8) as u16;
+        }
+        // SAFETY: both arrays are 64 bytes.
+        let (byte_of_lane, shift_of_lane) = unsafe {
+            (
+                _mm512_loadu_si512(byte_of_lane.as_ptr().cast()),
+                _mm512_loadu_si512(shift_of_lane.as_ptr().cast()),
+            )
+        };
+        let code_mask = _mm512_set1_epi16(7);
         let mut total = _mm256_setzero_ps();
         for (group, &scale) in channel.scales.iter().enumerate() {
             let first = group * channel.blocks_per_group;
             let mut group_sum = _mm256_setzero_ps();
             for block in first..(first + channel.blocks_per_group).min(blocks) {
-                // SAFETY: the asserts above keep every block's bytes and inputs in bounds.
+                // SAFETY: the asserts above keep the block's 12 code bytes (a masked load reads
+                // no others) and its 32 inputs in bounds.
                 let (packed, values) = unsafe {
                     (
-                        channel.bytes.as_ptr().add(block * block_bytes),
-                        _mm256_loadu_si256(inputs.values.as_ptr().add(block * BLOCK).cast()),
+                        _mm_maskz_loadu_epi8(
+                            0x0FFF,
+                            channel.bytes.as_ptr().add(block * block_bytes).cast(),
+                        ),
+                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
                     )
                 };
-                let codes = if channel.bits == 8 {
-                    // SAFETY: as above, 32 bytes.
-                    unsafe { _mm256_loadu_si256(packed.cast()) }
-                } else {
-                    // SAFETY: as above, 16 bytes.
-                    let bytes = unsafe { _mm_loadu_si128(packed.cast()) };
-                    let low = _mm_and_si128(bytes, nibble);
-                    let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-                    _mm256_set_m128i(high, low)
+                let windows = _mm512_permutexvar_epi8(byte_of_lane, _mm512_zextsi128_si512(packed));
+                let codes = _mm512_and_si512(_mm512_srlv_epi16(windows, shift_of_lane), code_mask);
+                let products = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    _mm512_cvtepi16_epi8(codes),
+                    values,
+                );
+                group_sum = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(products),
+                    _mm256_set1_ps(inputs.scales[block]),
+                    group_sum,
+                );
+            }
+            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
+        }
+        horizontal_sum(total)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn horizontal_sum(sums: __m256) -> f32 {
+        let halves = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+        let mut total = _mm256_setzero_ps();
+        for (group, &scale) in channel.scales.iter().enumerate() {
+            let first = group * channel.blocks_per_group;
+            let mut group_sum = _mm256_setzero_ps();
+            for block in first..(first + channel.blocks_per_group).min(blocks) {
+                // SAFETY: `channel_dot` checked that every block's 32 codes and inputs exist.
+                let (codes, values) = unsafe {
+                    (
+                        _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK).cast()),
+                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
+                    )
                 };
                 let products = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
                 group_sum = _mm256_fmadd_ps(
@@ -189,12 +275,56 @@ mod x86 {
             }
             total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
         }
-        let halves = _mm_add_ps(
-            _mm256_castps256_ps128(total),
-            _mm256_extractf128_ps(total, 1),
-        );
-        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+        total
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+        let nibbles = _mm256_set1_epi8(0xF);
+        let mut total = _mm256_setzero_ps();
+        for (group, &scale) in channel.scales.iter().enumerate() {
+            let first = group * channel.blocks_per_group;
+            let end = (first + channel.blocks_per_group).min(blocks);
+            let mut group_sum = _mm256_setzero_ps();
+            let mut block = first;
+            while block + 2 <= end {
+                // SAFETY: `channel_dot` checked that both blocks' 32 code bytes, 64 inputs and
+                // 8 lane scales exist.
+                let (packed, even, odd, lane_scales) = unsafe {
+                    let values = inputs.kernel_order.as_ptr().add(block * BLOCK);
+                    (
+                        _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
+                        _mm256_loadu_si256(values.cast()),
+                        _mm256_loadu_si256(values.add(BLOCK).cast()),
+                        _mm256_loadu_ps(inputs.lane_scales.as_ptr().add(block * 4)),
+                    )
+                };
+                let low = _mm256_and_si256(packed, nibbles);
+                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibbles);
+                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), low, even);
+                let sums = _mm256_dpbusd_epi32(sums, high, odd);
+                group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), lane_scales, group_sum);
+                block += 2;
+            }
+            if block < end {
+                // SAFETY: as above, for one block's 16 code bytes and 32 inputs.
+                let (packed, values) = unsafe {
+                    (
+                        _mm_loadu_si128(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
+                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
+                    )
+                };
+                let nibbles = _mm256_castsi256_si128(nibbles);
+                let low = _mm_and_si128(packed, nibbles);
+                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibbles);
+                let codes = _mm256_set_m128i(high, low);
+                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
+                let scale = _mm256_set1_ps(inputs.scales[block]);
+                group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, group_sum);
+            }
+            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
+        }
+        total
     }
 }
 
@@ -206,9 +336,9 @@ mod tests {
     #[test]
     fn inputs_round_to_int8_within_half_a_step_per_block() {
         let input = random_matrix(1, 96, 21);
-        for bits in [4, 8] {
-            let rounded = Int8Inputs::new(&input, bits);
-            let restored = rounded.dequantize(bits);
+        for bits in [3, 4, 8] {
+            let rounded = Int8Inputs::new(&input, bits, 3);
+            let restored = rounded.dequantize();
             for (block, (original, restored)) in input
                 .chunks_exact(BLOCK)
                 .zip(restored.chunks_exact(BLOCK))
@@ -228,41 +358,47 @@ mod tests {
     #[test]
     fn every_kernel_sums_codes_times_rounded_inputs() {
         let input = random_matrix(1, 128, 22);
-        // Codes 0..=255 or 0..=15 from a fixed pattern, groups of two blocks and a short last one.
-        for bits in [4u32, 8] {
-            let bytes: Vec<u8> = (0..128 * bits as usize / 8)
-                .map(|index| (index * 73 + 11) as u8)
-                .collect();
-            let scales = [0.5f32, -1.25];
-            let channel = ChannelCodes {
-                bytes: &bytes,
-                bits,
-                blocks_per_group: 3,
-                scales: &scales,
-            };
-            let rounded = Int8Inputs::new(&input, bits);
-            let restored = rounded.dequantize(bits);
-            let mask = (1u32 << bits) - 1;
-            let terms: Vec<f32> = (0..128)
-                .map(|column| {
-                    let start = column * bits as usize;
-                    let code = (u32::from(bytes[start / 8]) >> (start % 8)) & mask;
-                    let scale = scales[column / (3 * BLOCK)];
-                    scale * code as f32 * restored[column]
-                })
-                .collect();
-            let expected: f32 = terms.iter().sum();
-            let portable = channel_dot_portable(&channel, &rounded);
-            let dispatched = channel_dot(&channel, &rounded);
-            let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
-            assert!(
-                (portable - expected).abs() < bound,
-                "{bits}: {portable} vs {expected}"
-            );
-            assert!(
-                (dispatched - expected).abs() < bound,
-                "{bits}: {dispatched} vs {expected}"
-            );
+        let all_scales = [0.5f32, -1.25, 0.75, 2.0];
+        // Codes 0..=255 or 0..=15 from a fixed pattern, in groups of one to four blocks:
+        // paired blocks, a group's last unpaired block and a short last group.
+        for bits in [3u32, 4, 8] {
+            for blocks_per_group in 1..=4 {
+                let bytes: Vec<u8> = (0..128 * bits as usize / 8)
+                    .map(|index| (index * 73 + 11) as u8)
+                    .collect();
+                let scales = &all_scales[..4usize.div_ceil(blocks_per_group)];
+                let channel = ChannelCodes {
+                    bytes: &bytes,
+                    bits,
+                    blocks_per_group,
+                    scales,
+                };
+                let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
+                let restored = rounded.dequantize();
+                let mask = (1u32 << bits) - 1;
+                let terms: Vec<f32> = (0..128)
+                    .map(|column| {
+                        let start = column * bits as usize;
+                        let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
+                        let window = u32::from(u16::from_le_bytes([bytes[start / 8], next]));
+                        let code = (window >> (start % 8)) & mask;
+                        let scale = scales[column / (blocks_per_group * BLOCK)];
+                        scale * code as f32 * restored[column]
+                    })
+                    .collect();
+                let expected: f32 = terms.iter().sum();
+                let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
+                for (kernel, got) in [
+                    ("portable", channel_dot_portable(&channel, &rounded)),
+                    ("dispatched", channel_dot(&channel, &rounded)),
+                ] {
+                    assert!(
+                        (got - expected).abs() < bound,
+                        "{kernel}, {bits} bits, {blocks_per_group} blocks a group: \
+                         {got} vs {expected}"
+                    );
+                }
+            }
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct PackedMatrix {
     zeros: Vec<u8>,
     /// The group of each input column.
     group_index: Vec<u32>,
+    /// When the columns' groups are scattered (act-order), the codes are stored with columns
+    /// sorted by group, so each group is again one run of consecutive codes and the fast
+    /// products apply: stored position `k` holds column `order[k]`. Products permute their
+    /// inputs the same way; rows and files come back in column order.
+    order: Option<Vec<u32>>,
 }
 
 /// A quantized matrix as GPTQ (AutoGPTQ's v1 format) stores it; `rows` are output channels.
@@ -104,7 +109,9 @@ impl PackedMatrix {
             scales,
             zeros,
             group_index: matrix.group_index.clone(),
+            order: None,
         }
+        .with_groups_in_runs()
     }
 
     pub fn rows(&self) -> usize {
@@ -142,7 +149,11 @@ impl PackedMatrix {
 
     /// Bytes this matrix takes in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.stream.len() + 4 * self.scales.len() + self.zeros.len() + 4 * self.group_index.len()
+        self.stream.len()
+            + 4 * self.scales.len()
+            + self.zeros.len()
+            + 4 * self.group_index.len()
+            + self.order.as_ref().map_or(0, |order| 4 * order.len())
     }
 
     /// Bytes the GPTQ tensors of this matrix take in a file.
@@ -156,20 +167,78 @@ impl PackedMatrix {
 
     /// Output channel `row`'s weights, one per input column.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let bytes = self.channel_bytes(row);
+        let Some(order) = &self.order else {
+            return self.decode_stored_row(row, out);
+        };
+        let mut stored = vec![0.0; self.cols];
+        self.decode_stored_row(row, &mut stored);
+        for (&col, value) in order.iter().zip(stored) {
+            out[col as usize] = value;
+        }
+    }
+
+    /// Output channel `row`'s weights in stored order.
+    fn decode_stored_row(&self, row: usize, out: &mut [f32]) {
         let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
         let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
-        let bits = self.bits as usize;
-        let mask = (1u16 << bits) - 1;
-        for (col, (value, &group)) in out.iter_mut().zip(&self.group_index).enumerate() {
-            let start = col * bits;
-            let (byte, offset) = (start / 8, start % 8);
-            // Codes of at most 8 bits span at most two bytes.
-            let next = bytes.get(byte + 1).copied().unwrap_or(0);
-            let window = u16::from_le_bytes([bytes[byte], next]);
-            let code = ((window >> offset) & mask) as f32;
-            let group = group as usize;
+        for (position, value) in out.iter_mut().enumerate() {
+            let code = self.stored_code(row, position) as f32;
+            let group = self.group_index[self.column(position)] as usize;
             *value = scales[group] * (code - f32::from(zeros[group]));
+        }
+    }
+
+    /// The code at stored position `position` of channel `row`.
+    fn stored_code(&self, row: usize, position: usize) -> u32 {
+        let bytes = self.channel_bytes(row);
+        let bits = self.bits as usize;
+        let start = position * bits;
+        let (byte, offset) = (start / 8, start % 8);
+        // Codes of at most 8 bits span at most two bytes.
+        let next = bytes.get(byte + 1).copied().unwrap_or(0);
+        let window = u16::from_le_bytes([bytes[byte], next]);
+        u32::from((window >> offset) & ((1u16 << bits) - 1))
+    }
+
+    /// The input column at stored position `position`.
+    fn column(&self, position: usize) -> usize {
+        self.order
+            .as_ref()
+            .map_or(position, |order| order[position] as usize)
+    }
+
+    /// Stores the codes with columns sorted by group when the groups are scattered.
+    fn with_groups_in_runs(mut self) -> Self {
+        if self.group_index.is_sorted() {
+            return self;
+        }
+        let mut order: Vec<u32> = (0..self.cols as u32).collect();
+        order.sort_by_key(|&col| self.group_index[col as usize]);
+        let mut stream = Vec::with_capacity(self.stream.len());
+        for row in 0..self.rows {
+            let codes: Vec<u32> = order
+                .iter()
+                .map(|&col| self.stored_code(row, col as usize))
+                .collect();
+            stream.extend(
+                pack_bits(&codes, self.bits)
+                    .into_iter()
+                    .flat_map(u32::to_le_bytes),
+            );
+        }
+        self.stream = stream;
+        self.order = Some(order);
+        self
+    }
+
+    /// `x` (`count` rows of `cols` inputs) in stored column order.
+    fn inputs_in_stored_order<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.order {
+            None => std::borrow::Cow::Borrowed(x),
+            Some(order) => x
+                .chunks_exact(self.cols)
+                .flat_map(|input| order.iter().map(|&col| input[col as usize]))
+                .collect(),
         }
     }
 
@@ -192,24 +261,23 @@ impl PackedMatrix {
         out
     }
 
-    /// When every group is one run of consecutive columns (no act-order permutation) whose codes
-    /// start on a word boundary, the run's length.
+    /// When every group is one run of consecutive stored codes of one length (the last may be
+    /// shorter) that starts on a word boundary, the run's length.
     fn word_aligned_group_size(&self) -> Option<usize> {
-        let size = self
-            .group_index
-            .iter()
-            .take_while(|&&group| group == 0)
-            .count();
+        let size = self.group_run_size()?;
         let bits = self.bits as usize;
-        let aligned = size > 0
-            && 32 % bits == 0
-            && (size * bits).is_multiple_of(32)
-            && self
-                .group_index
-                .iter()
-                .enumerate()
-                .all(|(col, &group)| group as usize == col / size);
-        aligned.then_some(size)
+        (32 % bits == 0 && (size * bits).is_multiple_of(32)).then_some(size)
+    }
+
+    /// When every group is one run of consecutive stored codes of one length (the last may be
+    /// shorter), the run's length.
+    fn group_run_size(&self) -> Option<usize> {
+        let group_at = |position: usize| self.group_index[self.column(position)] as usize;
+        let size = (0..self.cols)
+            .take_while(|&position| group_at(position) == 0)
+            .count();
+        (size > 0 && (0..self.cols).all(|position| group_at(position) == position / size))
+            .then_some(size)
     }
 
     fn channel_bytes(&self, row: usize) -> &[u8] {
@@ -223,6 +291,7 @@ impl PackedMatrix {
     /// position within a byte, so the k-th byte's codes meet their inputs at index k of every
     /// array. Otherwise each channel is decoded into a scratch row.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
+        let x = &*self.inputs_in_stored_order(x);
         let (cols, groups, bits) = (self.cols, self.groups, self.bits as usize);
         let grouped = self.word_aligned_group_size();
         let codes_per_byte = 8 / bits;
@@ -244,7 +313,7 @@ impl PackedMatrix {
         let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
             let Some(size) = grouped else {
                 scratch.resize(cols, 0.0);
-                self.dequantize_row(row, scratch);
+                self.decode_stored_row(row, scratch);
                 for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
                     *value = dot(input, scratch);
                 }
@@ -269,7 +338,7 @@ impl PackedMatrix {
         self.by_channel(count, channel_outputs)
     }
 
-    /// `x Wᵀ` like [`Self::matmul`], but for decoding: when the matrix holds 4- or 8-bit codes
+    /// `x Wᵀ` like [`Self::matmul`], but for decoding: when the matrix holds 3-, 4- or 8-bit codes
     /// in consecutive groups of whole 32-column blocks, each input row is first rounded to
     /// int8 per block ([`Int8Inputs`]) and multiplied in integers, as llama.cpp does. The
     /// result is exactly `x̂ Wᵀ` for the rounded `x̂` (up to float summation order); other
@@ -278,12 +347,13 @@ impl PackedMatrix {
         let Some(size) = self.integer_group_size() else {
             return self.matmul(x, count);
         };
+        let x = &*self.inputs_in_stored_order(x);
         let (cols, groups) = (self.cols, self.groups);
         let blocks_per_group = size / int8_inputs::BLOCK;
         let blocks = cols / int8_inputs::BLOCK;
         let inputs: Vec<Int8Inputs> = x
             .chunks_exact(cols)
-            .map(|input| Int8Inputs::new(input, self.bits))
+            .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
             .collect();
         // What each group's zero point multiplies: the sum of its rounded inputs.
         let group_sums: Vec<Vec<f32>> = inputs
@@ -321,8 +391,8 @@ impl PackedMatrix {
 
     /// The group size when [`Self::matmul_int8_inputs`] can multiply in integers.
     fn integer_group_size(&self) -> Option<usize> {
-        let size = self.word_aligned_group_size()?;
-        let fits = matches!(self.bits, 4 | 8)
+        let size = self.group_run_size()?;
+        let fits = matches!(self.bits, 3 | 4 | 8)
             && size.is_multiple_of(int8_inputs::BLOCK)
             && self.cols.is_multiple_of(int8_inputs::BLOCK);
         fits.then_some(size)
@@ -374,9 +444,22 @@ impl PackedMatrix {
         let packed_rows = self.cols * bits / 32;
         let mut qweight = vec![0u32; packed_rows * self.rows];
         for row in 0..self.rows {
-            for (packed_row, word) in self.channel_bytes(row).chunks_exact(4).enumerate() {
-                qweight[packed_row * self.rows + row] =
-                    u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            let words: Vec<u32> = match &self.order {
+                None => self
+                    .channel_bytes(row)
+                    .chunks_exact(4)
+                    .map(|word| u32::from_le_bytes([word[0], word[1], word[2], word[3]]))
+                    .collect(),
+                Some(order) => {
+                    let mut codes = vec![0u32; self.cols];
+                    for (position, &col) in order.iter().enumerate() {
+                        codes[col as usize] = self.stored_code(row, position);
+                    }
+                    pack_bits(&codes, self.bits)
+                }
+            };
+            for (packed_row, word) in words.into_iter().enumerate() {
+                qweight[packed_row * self.rows + row] = word;
             }
         }
         let max_code = (1u32 << bits) - 1;
@@ -494,7 +577,9 @@ impl PackedMatrix {
             scales,
             zeros,
             group_index: tensors.g_idx.clone(),
-        })
+            order: None,
+        }
+        .with_groups_in_runs())
     }
 }
 
@@ -672,6 +757,7 @@ mod tests {
             bits,
             group_size,
             symmetric: false,
+            clip_search: false,
         };
         round_to_nearest(
             &random_matrix(rows, cols, u64::from(bits)),
@@ -706,6 +792,11 @@ mod tests {
                 64,
                 Some((0..64u32).map(|col| col % 4).collect::<Vec<_>>()),
             ),
+            (
+                3,
+                64,
+                Some((0..64u32).map(|col| (col * 5 + 2) % 4).collect::<Vec<_>>()),
+            ),
         ] {
             let mut matrix = quantized(40, cols, bits, Some(16));
             if let Some(group_index) = group_index {
@@ -738,7 +829,14 @@ mod tests {
     #[test]
     fn int8_input_products_are_the_rounded_inputs_times_the_weights() {
         let count = 3;
-        for (bits, group_size) in [(4, Some(32)), (4, Some(64)), (8, Some(32)), (8, None)] {
+        for (bits, group_size) in [
+            (3, Some(32)),
+            (3, Some(64)),
+            (4, Some(32)),
+            (4, Some(64)),
+            (8, Some(32)),
+            (8, None),
+        ] {
             let packed = PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size));
             assert!(packed.integer_group_size().is_some());
             let weights = packed.dequantize();
@@ -746,7 +844,8 @@ mod tests {
             let y = packed.matmul_int8_inputs(&x, count);
             let exact = packed.matmul(&x, count);
             for (sample, input) in x.chunks_exact(128).enumerate() {
-                let rounded = Int8Inputs::new(input, bits).dequantize(bits);
+                let blocks_per_group = group_size.unwrap_or(128) / int8_inputs::BLOCK;
+                let rounded = Int8Inputs::new(input, bits, blocks_per_group).dequantize();
                 for row in 0..40 {
                     let expected: f32 = (0..128)
                         .map(|col| rounded[col] * weights[row * 128 + col])
@@ -765,14 +864,55 @@ mod tests {
                 }
             }
         }
-        // 3-bit words and groups of 16 columns have no integer kernel: exact products.
-        for (bits, group_size) in [(3, Some(32)), (4, Some(16))] {
+        // 2-bit codes and groups of 16 columns have no integer kernel: exact products.
+        for (bits, group_size) in [(2, Some(32)), (4, Some(16))] {
             let packed = PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size));
             let x = random_matrix(count, 128, 97);
             assert_eq!(
                 packed.matmul_int8_inputs(&x, count),
                 packed.matmul(&x, count)
             );
+        }
+    }
+
+    #[test]
+    fn act_order_matrices_compute_like_their_groups_in_runs() {
+        // Column c = 4j + g of the scattered matrix is column 32g + j of the consecutive one:
+        // its group is c % 4, and sorting by group gives back the consecutive order.
+        let (rows, cols) = (32, 128);
+        let spread = |col: usize| 32 * (col % 4) + col / 4;
+        for bits in [3, 4, 8] {
+            let consecutive = quantized(rows, cols, bits, Some(32));
+            let mut scattered = consecutive.clone();
+            for row in 0..rows {
+                for col in 0..cols {
+                    scattered.codes[row * cols + col] = consecutive.codes[row * cols + spread(col)];
+                }
+            }
+            scattered.group_index = (0..cols as u32).map(|col| col % 4).collect();
+            let (consecutive, scattered) = (
+                PackedMatrix::from_quantized(&consecutive),
+                PackedMatrix::from_quantized(&scattered),
+            );
+            let x = random_matrix(2, cols, 96);
+            let x_scattered: Vec<f32> = (0..2 * cols)
+                .map(|index| x[index / cols * cols + spread(index % cols)])
+                .collect();
+            assert_eq!(
+                scattered.matmul_int8_inputs(&x_scattered, 2),
+                consecutive.matmul_int8_inputs(&x, 2),
+                "{bits} bits"
+            );
+            assert_eq!(scattered.matmul(&x_scattered, 2), consecutive.matmul(&x, 2));
+            let weights = consecutive.dequantize();
+            let expected: Vec<f32> = (0..rows * cols)
+                .map(|index| weights[index / cols * cols + spread(index % cols)])
+                .collect();
+            assert_eq!(scattered.dequantize(), expected);
+            let tensors = scattered.to_gptq().unwrap();
+            assert_eq!(tensors.g_idx, scattered.group_index);
+            assert_eq!(PackedMatrix::from_gptq(&tensors).unwrap(), scattered);
+            check_matmul(&scattered);
         }
     }
 

@@ -31,6 +31,7 @@ pub struct QuantizeOptions {
     pub bits: u32,
     pub group_size: Option<usize>,
     pub sym: bool,
+    pub clip_search: bool,
     pub act_order: bool,
     pub static_groups: bool,
     pub true_sequential: bool,
@@ -47,6 +48,7 @@ impl From<&QuantizeConfig> for QuantizeOptions {
             bits: config.bits(),
             group_size: config.group_size(),
             sym: config.sym,
+            clip_search: config.clip_search,
             act_order: config.act_order,
             static_groups: config.static_groups,
             true_sequential: config.true_sequential,
@@ -64,6 +66,7 @@ impl QuantizeOptions {
             bits: self.bits,
             group_size: self.group_size,
             symmetric: self.sym,
+            clip_search: self.clip_search,
         }
     }
 
@@ -483,6 +486,7 @@ mod tests {
             bits,
             group_size: Some(16),
             sym: false,
+            clip_search: false,
             act_order: false,
             static_groups: false,
             true_sequential: true,
