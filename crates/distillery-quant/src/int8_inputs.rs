@@ -113,25 +113,26 @@ pub struct ChannelCodes<'a> {
     pub scales: &'a [f32],
 }
 
-/// `Σ_group scale · Σ_block input_scale · (codes · inputs)`: the channel's dot product with
-/// the rounded inputs, zero points left out.
-pub fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+/// `Σ_group scale · Σ_block input_scale · (codes · inputs)`: a channel's dot product with the
+/// rounded inputs, zero points left out.
+pub type ChannelDot = fn(&ChannelCodes, &Int8Inputs) -> f32;
+
+/// The fastest [`ChannelDot`] this CPU runs for `bits`-bit codes, chosen once per product.
+pub fn channel_dot(bits: u32) -> ChannelDot {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
     {
-        if channel.bits != 3 {
-            // SAFETY: the CPU has just been found to support every feature the kernel uses.
-            return unsafe { x86::channel_dot(channel, inputs) };
+        if bits != 3 {
+            return x86::vnni_channel_dot;
         }
         if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vbmi") {
-            // SAFETY: as above, with the byte permutes 3-bit codes need.
-            return unsafe { x86::triple_channel_dot(channel, inputs) };
+            return x86::vbmi_channel_dot;
         }
     }
-    channel_dot_portable(channel, inputs)
+    channel_dot_portable
 }
 
 /// The code of column `column` of a channel.
@@ -173,8 +174,22 @@ mod x86 {
 
     use super::{BLOCK, ChannelCodes, Int8Inputs};
 
+    /// Only handed out by [`super::channel_dot`] once the CPU's features have been checked.
+    pub(super) fn vnni_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+        // SAFETY: `super::channel_dot` returns this function only when the CPU has AVX2, FMA,
+        // AVX-512 VNNI and VL.
+        unsafe { channel_dot(channel, inputs) }
+    }
+
+    /// Only handed out by [`super::channel_dot`] once the CPU's features have been checked.
+    pub(super) fn vbmi_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+        // SAFETY: `super::channel_dot` returns this function only when the CPU also has
+        // AVX-512 BW and VBMI.
+        unsafe { triple_channel_dot(channel, inputs) }
+    }
+
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub(super) fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+    fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         let blocks = inputs.scales.len();
         assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
         assert!(inputs.kernel_order.len() >= blocks * BLOCK);
@@ -190,7 +205,7 @@ mod x86 {
     /// 3-bit codes: a block's 32 codes are 12 bytes. A byte permute gives each code a 16-bit
     /// lane holding the two bytes its bits lie in, a per-lane shift and mask cut it out.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vbmi,avx512vnni,avx512vl")]
-    pub(super) fn triple_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+    fn triple_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         let blocks = inputs.scales.len();
         let block_bytes = BLOCK * 3 / 8;
         assert!(channel.bytes.len() >= blocks * block_bytes);
@@ -390,7 +405,7 @@ mod tests {
                 let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
                 for (kernel, got) in [
                     ("portable", channel_dot_portable(&channel, &rounded)),
-                    ("dispatched", channel_dot(&channel, &rounded)),
+                    ("selected", channel_dot(bits)(&channel, &rounded)),
                 ] {
                     assert!(
                         (got - expected).abs() < bound,

@@ -18,7 +18,7 @@ use crate::pack::{pack_bits, unpack_bits};
 const PARALLEL_WORK: usize = 1 << 16;
 
 /// Output channels one parallel task computes: enough work to outweigh handing it out.
-const CHANNELS_PER_TASK: usize = 32;
+const CHANNELS_PER_TASK: usize = 128;
 
 /// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
 /// scale and zero per output channel and group of input columns.
@@ -43,6 +43,9 @@ pub struct PackedMatrix {
     /// products apply: stored position `k` holds column `order[k]`. Products permute their
     /// inputs the same way; rows and files come back in column order.
     order: Option<Vec<u32>>,
+    /// When every group is one run of consecutive stored codes of one length (the last may be
+    /// shorter), the run's length: found once, used by every product.
+    run_size: Option<usize>,
 }
 
 /// A quantized matrix as GPTQ (AutoGPTQ's v1 format) stores it; `rows` are output channels.
@@ -110,6 +113,7 @@ impl PackedMatrix {
             zeros,
             group_index: matrix.group_index.clone(),
             order: None,
+            run_size: None,
         }
         .with_groups_in_runs()
     }
@@ -165,22 +169,33 @@ impl PackedMatrix {
             + 4 * self.cols
     }
 
-    /// Output channel `row`'s weights, one per input column.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+    /// Output channel `row`'s weights, one per input column; `aligned` is the matrix's
+    /// [`Self::word_aligned_group_size`].
+    fn dequantize_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
         let Some(order) = &self.order else {
-            return self.decode_stored_row(row, out);
+            return self.decode_stored_row(row, out, aligned);
         };
         let mut stored = vec![0.0; self.cols];
-        self.decode_stored_row(row, &mut stored);
+        self.decode_stored_row(row, &mut stored, aligned);
         for (&col, value) in order.iter().zip(stored) {
             out[col as usize] = value;
         }
     }
 
     /// Output channel `row`'s weights in stored order.
-    fn decode_stored_row(&self, row: usize, out: &mut [f32]) {
+    fn decode_stored_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
         let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
         let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
+        if let Some(size) = aligned {
+            let bytes = self.channel_bytes(row);
+            let bits = self.bits as usize;
+            for (group, values) in out.chunks_mut(size).enumerate() {
+                let start = group * size * bits / 8;
+                let zero = f32::from(zeros[group]);
+                decode_byte_aligned(&bytes[start..], self.bits, scales[group], zero, values);
+            }
+            return;
+        }
         for (position, value) in out.iter_mut().enumerate() {
             let code = self.stored_code(row, position) as f32;
             let group = self.group_index[self.column(position)] as usize;
@@ -209,9 +224,14 @@ impl PackedMatrix {
 
     /// Stores the codes with columns sorted by group when the groups are scattered.
     fn with_groups_in_runs(mut self) -> Self {
-        if self.group_index.is_sorted() {
-            return self;
+        if !self.group_index.is_sorted() {
+            self.sort_groups_into_runs();
         }
+        self.run_size = self.scan_group_runs();
+        self
+    }
+
+    fn sort_groups_into_runs(&mut self) {
         let mut order: Vec<u32> = (0..self.cols as u32).collect();
         order.sort_by_key(|&col| self.group_index[col as usize]);
         let mut stream = Vec::with_capacity(self.stream.len());
@@ -228,7 +248,6 @@ impl PackedMatrix {
         }
         self.stream = stream;
         self.order = Some(order);
-        self
     }
 
     /// `x` (`count` rows of `cols` inputs) in stored column order.
@@ -244,19 +263,21 @@ impl PackedMatrix {
 
     /// All weights, `rows x cols` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
+        let aligned = self.word_aligned_group_size();
         let mut weights = vec![0.0; self.rows * self.cols];
         weights
             .par_chunks_mut(self.cols)
             .enumerate()
-            .for_each(|(row, out)| self.dequantize_row(row, out));
+            .for_each(|(row, out)| self.dequantize_row(row, out, aligned));
         weights
     }
 
     /// The rows named by `ids`, concatenated: an embedding lookup.
     pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let aligned = self.word_aligned_group_size();
         let mut out = vec![0.0; ids.len() * self.cols];
         for (&id, values) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
-            self.dequantize_row(id, values);
+            self.dequantize_row(id, values, aligned);
         }
         out
     }
@@ -264,14 +285,12 @@ impl PackedMatrix {
     /// When every group is one run of consecutive stored codes of one length (the last may be
     /// shorter) that starts on a word boundary, the run's length.
     fn word_aligned_group_size(&self) -> Option<usize> {
-        let size = self.group_run_size()?;
+        let size = self.run_size?;
         let bits = self.bits as usize;
         (32 % bits == 0 && (size * bits).is_multiple_of(32)).then_some(size)
     }
 
-    /// When every group is one run of consecutive stored codes of one length (the last may be
-    /// shorter), the run's length.
-    fn group_run_size(&self) -> Option<usize> {
+    fn scan_group_runs(&self) -> Option<usize> {
         let group_at = |position: usize| self.group_index[self.column(position)] as usize;
         let size = (0..self.cols)
             .take_while(|&position| group_at(position) == 0)
@@ -313,7 +332,7 @@ impl PackedMatrix {
         let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
             let Some(size) = grouped else {
                 scratch.resize(cols, 0.0);
-                self.decode_stored_row(row, scratch);
+                self.decode_stored_row(row, scratch, None);
                 for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
                     *value = dot(input, scratch);
                 }
@@ -367,6 +386,7 @@ impl PackedMatrix {
                     .collect()
             })
             .collect();
+        let channel_dot = int8_inputs::channel_dot(self.bits);
         let channel_outputs = |row: usize, _: &mut Vec<f32>, out: &mut [f32]| {
             let channel = ChannelCodes {
                 bytes: self.channel_bytes(row),
@@ -383,7 +403,7 @@ impl PackedMatrix {
                     .zip(sums)
                     .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
                     .sum();
-                *value = int8_inputs::channel_dot(&channel, input) - zero_terms;
+                *value = channel_dot(&channel, input) - zero_terms;
             }
         };
         self.by_channel(count, channel_outputs)
@@ -391,7 +411,7 @@ impl PackedMatrix {
 
     /// The group size when [`Self::matmul_int8_inputs`] can multiply in integers.
     fn integer_group_size(&self) -> Option<usize> {
-        let size = self.group_run_size()?;
+        let size = self.run_size?;
         let fits = matches!(self.bits, 3 | 4 | 8)
             && size.is_multiple_of(int8_inputs::BLOCK)
             && self.cols.is_multiple_of(int8_inputs::BLOCK);
@@ -578,8 +598,30 @@ impl PackedMatrix {
             zeros,
             group_index: tensors.g_idx.clone(),
             order: None,
+            run_size: None,
         }
         .with_groups_in_runs())
+    }
+}
+
+/// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream, byte by
+/// byte, in a shape compilers vectorize.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn decode_byte_aligned(bytes: &[u8], bits: u32, scale: f32, zero: f32, out: &mut [f32]) {
+    let codes_per_byte = 8 / bits as usize;
+    let mask = ((1u16 << bits) - 1) as u8;
+    let (whole, tail) = out.split_at_mut(out.len() / codes_per_byte * codes_per_byte);
+    for (values, &byte) in whole.chunks_exact_mut(codes_per_byte).zip(bytes) {
+        for (position, value) in values.iter_mut().enumerate() {
+            let code = (byte >> (position as u32 * bits)) & mask;
+            *value = scale * (f32::from(code) - zero);
+        }
+    }
+    if let Some(&byte) = bytes.get(whole.len() / codes_per_byte) {
+        for (position, value) in tail.iter_mut().enumerate() {
+            let code = (byte >> (position as u32 * bits)) & mask;
+            *value = scale * (f32::from(code) - zero);
+        }
     }
 }
 
