@@ -3,6 +3,8 @@
 //! multiplied with the 4- or 8-bit weight codes in 32-bit integer sums, which are exact; only
 //! the block and group scales are applied in floating point.
 
+use crate::pack::code_at;
+
 /// Columns sharing one input scale; a weight group of a multiple of this size holds whole
 /// blocks, and a block's codes fill one 256-bit register at 8 bits and half of one at 4.
 pub const BLOCK: usize = 32;
@@ -12,11 +14,11 @@ pub const BLOCK: usize = 32;
 pub struct Int8Inputs {
     /// Column order.
     values: Vec<i8>,
-    /// The same values in the order the x86 kernel meets the codes: at 8 bits column order; at
-    /// 4 bits, for each pair of blocks of a group, both blocks' even columns (low nibbles of
-    /// 32 code bytes), then both blocks' odd columns (high nibbles), and for a group's last
-    /// unpaired block its even then its odd columns.
-    kernel_order: Vec<i8>,
+    /// At 4 bits, the same values in the order the x86 kernel meets the codes: for each pair of
+    /// blocks of a group, both blocks' even columns (low nibbles of 32 code bytes), then both
+    /// blocks' odd columns (high nibbles), and for a group's last unpaired block its even then
+    /// its odd columns. Other widths meet them in column order.
+    nibble_order: Option<Vec<i8>>,
     scales: Vec<f32>,
     /// Each block's scale four times: two blocks' worth scales the eight lanes of one sum.
     lane_scales: Vec<f32>,
@@ -49,18 +51,20 @@ impl Int8Inputs {
             scales.push(scale);
             sums.push(scale * sum as f32);
         }
-        let kernel_order = if bits == 4 {
-            nibble_order(&values, blocks, blocks_per_group)
-        } else {
-            values.clone()
-        };
+        let nibble_order = (bits == 4).then(|| nibble_order(&values, blocks, blocks_per_group));
         Self {
             values,
-            kernel_order,
+            nibble_order,
             lane_scales: scales.iter().flat_map(|&scale| [scale; 4]).collect(),
             scales,
             sums,
         }
+    }
+
+    /// The values in the order the x86 kernel meets the codes.
+    #[cfg(target_arch = "x86_64")]
+    fn kernel_order(&self) -> &[i8] {
+        self.nibble_order.as_deref().unwrap_or(&self.values)
     }
 
     /// The input as these integers stand for it.
@@ -78,7 +82,7 @@ impl Int8Inputs {
     }
 }
 
-/// The blocks of each group, paired from the group's start, as [`Int8Inputs::kernel_order`]
+/// The blocks of each group, paired from the group's start, as [`Int8Inputs::nibble_order`]
 /// lays them out at 4 bits.
 fn block_runs(blocks: usize, blocks_per_group: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..blocks)
@@ -135,16 +139,6 @@ pub fn channel_dot(bits: u32) -> ChannelDot {
     channel_dot_portable
 }
 
-/// The code of column `column` of a channel.
-fn code(channel: &ChannelCodes, column: usize) -> i32 {
-    let bits = channel.bits as usize;
-    let (byte, offset) = (column * bits / 8, column * bits % 8);
-    // Codes of at most 8 bits span at most two bytes.
-    let next = channel.bytes.get(byte + 1).copied().unwrap_or(0);
-    let window = u16::from_le_bytes([channel.bytes[byte], next]);
-    i32::from((window >> offset) & ((1 << bits) - 1))
-}
-
 fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
     let blocks = inputs.scales.len();
     let mut total = 0.0f32;
@@ -156,7 +150,9 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
             let products: i32 = inputs.values[columns.clone()]
                 .iter()
                 .zip(columns)
-                .map(|(&value, column)| code(channel, column) * i32::from(value))
+                .map(|(&value, column)| {
+                    code_at(channel.bytes, channel.bits, column) as i32 * i32::from(value)
+                })
                 .sum();
             group_sum += inputs.scales[block] * products as f32;
         }
@@ -169,7 +165,7 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
 /// them in fours into eight 32-bit lanes: at 8 bits one block, at 4 bits the low or the high
 /// nibbles of two blocks' 32 bytes, four lanes a block.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, ChannelCodes, Int8Inputs};
@@ -192,7 +188,7 @@ mod x86 {
     fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
         let blocks = inputs.scales.len();
         assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
-        assert!(inputs.kernel_order.len() >= blocks * BLOCK);
+        assert!(inputs.kernel_order().len() >= blocks * BLOCK);
         assert!(inputs.lane_scales.len() >= blocks * 4);
         let sums = if channel.bits == 8 {
             byte_codes(channel, inputs, blocks)
@@ -209,7 +205,8 @@ mod x86 {
         let blocks = inputs.scales.len();
         let block_bytes = BLOCK * 3 / 8;
         assert!(channel.bytes.len() >= blocks * block_bytes);
-        assert!(inputs.kernel_order.len() >= blocks * BLOCK);
+        let ordered = inputs.kernel_order();
+        assert!(ordered.len() >= blocks * BLOCK);
         let mut byte_of_lane = [0u8; 64];
         let mut shift_of_lane = [0u16; 32];
         for lane in 0..32 {
@@ -239,7 +236,7 @@ mod x86 {
                             0x0FFF,
                             channel.bytes.as_ptr().add(block * block_bytes).cast(),
                         ),
-                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
+                        _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
                     )
                 };
                 let windows = _mm512_permutexvar_epi8(byte_of_lane, _mm512_zextsi128_si512(packed));
@@ -261,7 +258,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    fn horizontal_sum(sums: __m256) -> f32 {
+    pub(crate) fn horizontal_sum(sums: __m256) -> f32 {
         let halves = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
         let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
         _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
@@ -269,6 +266,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+        let ordered = inputs.kernel_order();
         let mut total = _mm256_setzero_ps();
         for (group, &scale) in channel.scales.iter().enumerate() {
             let first = group * channel.blocks_per_group;
@@ -278,7 +276,7 @@ mod x86 {
                 let (codes, values) = unsafe {
                     (
                         _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK).cast()),
-                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
+                        _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
                     )
                 };
                 let products = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
@@ -295,6 +293,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+        let ordered = inputs.kernel_order();
         let nibbles = _mm256_set1_epi8(0xF);
         let mut total = _mm256_setzero_ps();
         for (group, &scale) in channel.scales.iter().enumerate() {
@@ -306,7 +305,7 @@ mod x86 {
                 // SAFETY: `channel_dot` checked that both blocks' 32 code bytes, 64 inputs and
                 // 8 lane scales exist.
                 let (packed, even, odd, lane_scales) = unsafe {
-                    let values = inputs.kernel_order.as_ptr().add(block * BLOCK);
+                    let values = ordered.as_ptr().add(block * BLOCK);
                     (
                         _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
                         _mm256_loadu_si256(values.cast()),
@@ -326,7 +325,7 @@ mod x86 {
                 let (packed, values) = unsafe {
                     (
                         _mm_loadu_si128(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
-                        _mm256_loadu_si256(inputs.kernel_order.as_ptr().add(block * BLOCK).cast()),
+                        _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
                     )
                 };
                 let nibbles = _mm256_castsi256_si128(nibbles);

@@ -22,6 +22,16 @@ pub fn pack_bits(codes: &[u32], bits: u32) -> Vec<u32> {
     words
 }
 
+/// Code `index` of a bit stream of `bits`-bit codes held as little-endian bytes.
+pub fn code_at(bytes: &[u8], bits: u32, index: usize) -> u32 {
+    let start = index * bits as usize;
+    let (byte, offset) = (start / 8, start % 8);
+    // Codes of at most 8 bits span at most two bytes.
+    let next = bytes.get(byte + 1).copied().unwrap_or(0);
+    let window = u16::from_le_bytes([bytes[byte], next]);
+    u32::from((window >> offset) & ((1u16 << bits) - 1))
+}
+
 /// The first `count` codes of a bit stream written by [`pack_bits`].
 pub fn unpack_bits(words: &[u32], bits: u32, count: usize) -> Vec<u32> {
     let mask = (1u32 << bits) - 1;

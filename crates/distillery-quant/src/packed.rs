@@ -12,7 +12,7 @@ use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
 use crate::int8_inputs::{self, ChannelCodes, Int8Inputs};
-use crate::pack::{pack_bits, unpack_bits};
+use crate::pack::{code_at, pack_bits, unpack_bits};
 
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
 const PARALLEL_WORK: usize = 1 << 16;
@@ -171,13 +171,20 @@ impl PackedMatrix {
 
     /// Output channel `row`'s weights, one per input column; `aligned` is the matrix's
     /// [`Self::word_aligned_group_size`].
-    fn dequantize_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
+    /// `scratch` holds the stored order of an act-order row.
+    fn dequantize_row(
+        &self,
+        row: usize,
+        out: &mut [f32],
+        aligned: Option<usize>,
+        scratch: &mut Vec<f32>,
+    ) {
         let Some(order) = &self.order else {
             return self.decode_stored_row(row, out, aligned);
         };
-        let mut stored = vec![0.0; self.cols];
-        self.decode_stored_row(row, &mut stored, aligned);
-        for (&col, value) in order.iter().zip(stored) {
+        scratch.resize(self.cols, 0.0);
+        self.decode_stored_row(row, scratch, aligned);
+        for (&col, &value) in order.iter().zip(scratch.iter()) {
             out[col as usize] = value;
         }
     }
@@ -205,14 +212,7 @@ impl PackedMatrix {
 
     /// The code at stored position `position` of channel `row`.
     fn stored_code(&self, row: usize, position: usize) -> u32 {
-        let bytes = self.channel_bytes(row);
-        let bits = self.bits as usize;
-        let start = position * bits;
-        let (byte, offset) = (start / 8, start % 8);
-        // Codes of at most 8 bits span at most two bytes.
-        let next = bytes.get(byte + 1).copied().unwrap_or(0);
-        let window = u16::from_le_bytes([bytes[byte], next]);
-        u32::from((window >> offset) & ((1u16 << bits) - 1))
+        code_at(self.channel_bytes(row), self.bits, position)
     }
 
     /// The input column at stored position `position`.
@@ -268,16 +268,19 @@ impl PackedMatrix {
         weights
             .par_chunks_mut(self.cols)
             .enumerate()
-            .for_each(|(row, out)| self.dequantize_row(row, out, aligned));
+            .for_each_init(Vec::new, |scratch, (row, out)| {
+                self.dequantize_row(row, out, aligned, scratch)
+            });
         weights
     }
 
     /// The rows named by `ids`, concatenated: an embedding lookup.
     pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
         let aligned = self.word_aligned_group_size();
+        let mut scratch = Vec::new();
         let mut out = vec![0.0; ids.len() * self.cols];
         for (&id, values) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
-            self.dequantize_row(id, values, aligned);
+            self.dequantize_row(id, values, aligned, &mut scratch);
         }
         out
     }
@@ -706,6 +709,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::RowGroups;
+    use crate::int8_inputs::x86::horizontal_sum;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
@@ -754,13 +758,7 @@ mod x86 {
             total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sums, total);
             tails += scale * group_tail;
         }
-        let halves = _mm_add_ps(
-            _mm256_castps256_ps128(total),
-            _mm256_extractf128_ps(total, 1),
-        );
-        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-        let single = _mm_add_ss(pairs, _mm_movehdup_ps(pairs));
-        _mm_cvtss_f32(single) + tails
+        horizontal_sum(total) + tails
     }
 }
 
