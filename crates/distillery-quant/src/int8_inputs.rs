@@ -1,6 +1,6 @@
 //! Integer dot products for decoding: the input vector rounded to int8 in blocks of 32
 //! columns (one f32 scale each, as llama.cpp rounds activations for its quantized matrices),
-//! multiplied with the 4- or 8-bit weight codes in 32-bit integer sums, which are exact; only
+//! multiplied with the 3-, 4- or 8-bit weight codes in 32-bit integer sums, which are exact; only
 //! the block and group scales are applied in floating point.
 
 use crate::pack::code_at;
