@@ -95,6 +95,38 @@ impl Linear {
         y.reshape(dims)
     }
 
+    /// Several layers applied to the same input. Quantized layers decoding a step share one
+    /// int8-input product ([`PackedMatrix::matmul_int8_inputs_together`]): one hand-over to the
+    /// worker threads instead of one per layer.
+    pub fn forward_together<const D: usize, const N: usize>(
+        linears: [&Linear; N],
+        x: Tensor<D>,
+    ) -> [Tensor<D>; N] {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let packed: Option<Vec<&PackedMatrix>> = linears
+            .iter()
+            .map(|linear| linear.weight.is_none().then(|| linear.packed()).flatten())
+            .collect();
+        let Some(packed) = packed.filter(|_| rows <= DECODE_ROWS) else {
+            return linears.map(|linear| linear.forward(x.clone()));
+        };
+        let device = x.device();
+        let inputs = host_values(x.reshape([rows, dims[D - 1]]));
+        let mut outputs =
+            PackedMatrix::matmul_int8_inputs_together(&packed, &inputs, rows).into_iter();
+        std::array::from_fn(|index| {
+            let mut output_dims = dims;
+            output_dims[D - 1] = packed[index].rows();
+            let values = outputs.next().expect("one output per layer");
+            Tensor::<2>::from_data(
+                TensorData::new(values, [rows, packed[index].rows()]),
+                &device,
+            )
+            .reshape(output_dims)
+        })
+    }
+
     pub fn d_input(&self) -> usize {
         match (&self.weight, &self.packed) {
             (Some(weight), _) => weight.dims()[0],
@@ -564,15 +596,16 @@ impl Attention {
         cache: Option<&mut crate::cache::LayerCache>,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
-        let heads = |projection: &Linear, count: usize| {
-            projection
-                .forward(x.clone())
+        let heads = |projected: Tensor<3>, count: usize| {
+            projected
                 .reshape([batch, seq, count, self.head_dim])
                 .swap_dims(1, 2)
         };
-        let query = rope.apply(heads(&self.q_proj, self.num_heads), start);
-        let key = rope.apply(heads(&self.k_proj, self.num_kv_heads), start);
-        let value = heads(&self.v_proj, self.num_kv_heads);
+        let [query, key, value] =
+            Linear::forward_together([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let query = rope.apply(heads(query, self.num_heads), start);
+        let key = rope.apply(heads(key, self.num_kv_heads), start);
+        let value = heads(value, self.num_kv_heads);
         let (key, value) = match cache {
             Some(cache) => cache.append(key, value),
             None => (key, value),
@@ -590,7 +623,8 @@ impl Mlp {
 
     /// `silu(gate(x)) * up(x)`: the input of `down_proj`.
     pub fn gated(&self, x: Tensor<3>) -> Tensor<3> {
-        swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
+        let [gate, up] = Linear::forward_together([&self.gate_proj, &self.up_proj], x);
+        swiglu(gate, up)
     }
 }
 

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
-use crate::int8_inputs::{self, ChannelCodes, Int8Inputs};
+use crate::int8_inputs::{self, ChannelCodes, ChannelDot, Int8Inputs};
 use crate::pack::{code_at, pack_bits, unpack_bits};
 
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
@@ -366,19 +366,72 @@ impl PackedMatrix {
     /// result is exactly `x̂ Wᵀ` for the rounded `x̂` (up to float summation order); other
     /// layouts compute exactly.
     pub fn matmul_int8_inputs(&self, x: &[f32], count: usize) -> Vec<f32> {
-        let Some(size) = self.integer_group_size() else {
+        let Some(product) = self.integer_product(x, count) else {
             return self.matmul(x, count);
         };
+        self.by_channel(count, |row, _, out| product.channel(row, out))
+    }
+
+    /// [`Self::matmul_int8_inputs`] of several matrices with the same inputs (q, k and v; gate
+    /// and up), their channels spread over the threads in one go rather than one hand-over per
+    /// matrix. Each matrix's outputs, `count x rows`.
+    pub fn matmul_int8_inputs_together(
+        matrices: &[&PackedMatrix],
+        x: &[f32],
+        count: usize,
+    ) -> Vec<Vec<f32>> {
+        let products: Option<Vec<IntegerProduct>> = matrices
+            .iter()
+            .map(|matrix| matrix.integer_product(x, count))
+            .collect();
+        let Some(products) = products else {
+            return matrices
+                .iter()
+                .map(|matrix| matrix.matmul_int8_inputs(x, count))
+                .collect();
+        };
+        let mut starts = vec![0];
+        for matrix in matrices {
+            starts.push(starts.last().copied().unwrap_or(0) + matrix.rows);
+        }
+        let rows = starts[matrices.len()];
+        let work = matrices
+            .iter()
+            .map(|matrix| matrix.rows * matrix.cols)
+            .sum::<usize>()
+            * count;
+        let by_channel = channel_major(rows, work, count, |row, _, out| {
+            let matrix = starts.partition_point(|&start| start <= row) - 1;
+            products[matrix].channel(row - starts[matrix], out)
+        });
+        matrices
+            .iter()
+            .zip(starts.windows(2))
+            .map(|(matrix, range)| {
+                transposed(
+                    &by_channel[range[0] * count..range[1] * count],
+                    matrix.rows,
+                    count,
+                )
+            })
+            .collect()
+    }
+
+    /// The rounded inputs and per-group sums an int8-input product needs, when the matrix's
+    /// layout allows one.
+    fn integer_product(&self, x: &[f32], count: usize) -> Option<IntegerProduct<'_>> {
+        let size = self.integer_group_size()?;
         let x = &*self.inputs_in_stored_order(x);
         let (cols, groups) = (self.cols, self.groups);
         let blocks_per_group = size / int8_inputs::BLOCK;
         let blocks = cols / int8_inputs::BLOCK;
         let inputs: Vec<Int8Inputs> = x
             .chunks_exact(cols)
+            .take(count)
             .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
             .collect();
         // What each group's zero point multiplies: the sum of its rounded inputs.
-        let group_sums: Vec<Vec<f32>> = inputs
+        let group_sums = inputs
             .iter()
             .map(|input| {
                 (0..groups)
@@ -389,27 +442,13 @@ impl PackedMatrix {
                     .collect()
             })
             .collect();
-        let channel_dot = int8_inputs::channel_dot(self.bits);
-        let channel_outputs = |row: usize, _: &mut Vec<f32>, out: &mut [f32]| {
-            let channel = ChannelCodes {
-                bytes: self.channel_bytes(row),
-                bits: self.bits,
-                blocks_per_group,
-                scales: &self.scales[row * groups..(row + 1) * groups],
-            };
-            let zeros = &self.zeros[row * groups..(row + 1) * groups];
-            for ((value, input), sums) in out.iter_mut().zip(&inputs).zip(&group_sums) {
-                let zero_terms: f32 = channel
-                    .scales
-                    .iter()
-                    .zip(zeros)
-                    .zip(sums)
-                    .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
-                    .sum();
-                *value = channel_dot(&channel, input) - zero_terms;
-            }
-        };
-        self.by_channel(count, channel_outputs)
+        Some(IntegerProduct {
+            matrix: self,
+            blocks_per_group,
+            inputs,
+            group_sums,
+            channel_dot: int8_inputs::channel_dot(self.bits),
+        })
     }
 
     /// The group size when [`Self::matmul_int8_inputs`] can multiply in integers.
@@ -421,36 +460,15 @@ impl PackedMatrix {
         fits.then_some(size)
     }
 
-    /// `count x rows` outputs from `channel_outputs(row, scratch, outputs of that channel)`,
-    /// channels spread over threads when the product is large enough.
+    /// `count x rows` outputs from `channel_outputs(row, scratch, outputs of that channel)`.
     fn by_channel(
         &self,
         count: usize,
         channel_outputs: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync,
     ) -> Vec<f32> {
-        let mut by_channel = vec![0.0f32; self.rows * count];
-        if self.rows * self.cols * count < PARALLEL_WORK {
-            let mut scratch = Vec::new();
-            for (row, out) in by_channel.chunks_exact_mut(count).enumerate() {
-                channel_outputs(row, &mut scratch, out);
-            }
-        } else {
-            by_channel
-                .par_chunks_mut(count * CHANNELS_PER_TASK)
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (task, outs)| {
-                    for (offset, out) in outs.chunks_exact_mut(count).enumerate() {
-                        channel_outputs(task * CHANNELS_PER_TASK + offset, scratch, out);
-                    }
-                });
-        }
-        let mut outputs = vec![0.0; count * self.rows];
-        for (row, values) in by_channel.chunks_exact(count).enumerate() {
-            for (index, &value) in values.iter().enumerate() {
-                outputs[index * self.rows + row] = value;
-            }
-        }
-        outputs
+        let work = self.rows * self.cols * count;
+        let by_channel = channel_major(self.rows, work, count, channel_outputs);
+        transposed(&by_channel, self.rows, count)
     }
 
     /// The GPTQ tensors: whole 32-bit words of codes along the inputs and of zeros along the
@@ -605,6 +623,78 @@ impl PackedMatrix {
         }
         .with_groups_in_runs())
     }
+}
+
+/// An int8-input product in progress: one matrix and its rounded inputs.
+struct IntegerProduct<'a> {
+    matrix: &'a PackedMatrix,
+    blocks_per_group: usize,
+    inputs: Vec<Int8Inputs>,
+    group_sums: Vec<Vec<f32>>,
+    channel_dot: ChannelDot,
+}
+
+impl IntegerProduct<'_> {
+    /// Output channel `row`'s value for every input.
+    fn channel(&self, row: usize, out: &mut [f32]) {
+        let matrix = self.matrix;
+        let groups = matrix.groups;
+        let channel = ChannelCodes {
+            bytes: matrix.channel_bytes(row),
+            bits: matrix.bits,
+            blocks_per_group: self.blocks_per_group,
+            scales: &matrix.scales[row * groups..(row + 1) * groups],
+        };
+        let zeros = &matrix.zeros[row * groups..(row + 1) * groups];
+        for ((value, input), sums) in out.iter_mut().zip(&self.inputs).zip(&self.group_sums) {
+            let zero_terms: f32 = channel
+                .scales
+                .iter()
+                .zip(zeros)
+                .zip(sums)
+                .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
+                .sum();
+            *value = (self.channel_dot)(&channel, input) - zero_terms;
+        }
+    }
+}
+
+/// `rows x count` values from `channel_outputs(row, scratch, outputs of that channel)`, rows
+/// spread over threads when `work` multiply-adds are enough to pay for it.
+fn channel_major(
+    rows: usize,
+    work: usize,
+    count: usize,
+    channel_outputs: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut by_channel = vec![0.0f32; rows * count];
+    if work < PARALLEL_WORK {
+        let mut scratch = Vec::new();
+        for (row, out) in by_channel.chunks_exact_mut(count).enumerate() {
+            channel_outputs(row, &mut scratch, out);
+        }
+    } else {
+        by_channel
+            .par_chunks_mut(count * CHANNELS_PER_TASK)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (task, outs)| {
+                for (offset, out) in outs.chunks_exact_mut(count).enumerate() {
+                    channel_outputs(task * CHANNELS_PER_TASK + offset, scratch, out);
+                }
+            });
+    }
+    by_channel
+}
+
+/// `rows x count` values as `count x rows`.
+fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
+    let mut outputs = vec![0.0; count * rows];
+    for (row, values) in by_channel.chunks_exact(count).enumerate() {
+        for (index, &value) in values.iter().enumerate() {
+            outputs[index * rows + row] = value;
+        }
+    }
+    outputs
 }
 
 /// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream, byte by
@@ -912,6 +1002,28 @@ mod tests {
                 packed.matmul_int8_inputs(&x, count),
                 packed.matmul(&x, count)
             );
+        }
+    }
+
+    #[test]
+    fn products_together_equal_products_one_by_one() {
+        let x = random_matrix(2, 128, 95);
+        let integer = [
+            PackedMatrix::from_quantized(&quantized(64, 128, 4, Some(32))),
+            PackedMatrix::from_quantized(&quantized(40, 128, 4, Some(64))),
+            PackedMatrix::from_quantized(&quantized(96, 128, 8, None)),
+        ];
+        // Groups of 16 have no integer kernel: every matrix is then computed on its own.
+        let mixed = [
+            PackedMatrix::from_quantized(&quantized(64, 128, 4, Some(32))),
+            PackedMatrix::from_quantized(&quantized(32, 128, 4, Some(16))),
+        ];
+        for matrices in [&integer[..], &mixed[..]] {
+            let references: Vec<&PackedMatrix> = matrices.iter().collect();
+            let together = PackedMatrix::matmul_int8_inputs_together(&references, &x, 2);
+            for (matrix, outputs) in matrices.iter().zip(together) {
+                assert_eq!(outputs, matrix.matmul_int8_inputs(&x, 2));
+            }
         }
     }
 
