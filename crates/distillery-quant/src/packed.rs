@@ -332,6 +332,7 @@ impl PackedMatrix {
             None => Vec::new(),
         };
         let phases_per_input = codes_per_byte * self.bytes_per_row;
+        let code_dot = scaled_code_dot();
         let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
             let Some(size) = grouped else {
                 scratch.resize(cols, 0.0);
@@ -351,10 +352,8 @@ impl PackedMatrix {
             for (index, value) in out.iter_mut().enumerate() {
                 let phases = &phases[index * phases_per_input..(index + 1) * phases_per_input];
                 let sums = &group_sums[index * groups..(index + 1) * groups];
-                let zero_terms: f32 = (0..groups)
-                    .map(|group| row_groups.scales[group] * f32::from(zeros[group]) * sums[group])
-                    .sum();
-                *value = scaled_code_dot(&row_groups, phases, self.bytes_per_row) - zero_terms;
+                *value = code_dot(&row_groups, phases, self.bytes_per_row)
+                    - zero_terms(row_groups.scales, zeros, sums);
             }
         };
         self.by_channel(count, channel_outputs)
@@ -647,16 +646,19 @@ impl IntegerProduct<'_> {
         };
         let zeros = &matrix.zeros[row * groups..(row + 1) * groups];
         for ((value, input), sums) in out.iter_mut().zip(&self.inputs).zip(&self.group_sums) {
-            let zero_terms: f32 = channel
-                .scales
-                .iter()
-                .zip(zeros)
-                .zip(sums)
-                .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
-                .sum();
-            *value = (self.channel_dot)(&channel, input) - zero_terms;
+            *value = (self.channel_dot)(&channel, input) - zero_terms(channel.scales, zeros, sums);
         }
     }
+}
+
+/// `Σ_group scale · zero · Σ inputs`: what the zero points take off a channel's code products.
+fn zero_terms(scales: &[f32], zeros: &[u8], input_sums: &[f32]) -> f32 {
+    scales
+        .iter()
+        .zip(zeros)
+        .zip(input_sums)
+        .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
+        .sum()
 }
 
 /// `rows x count` values from `channel_outputs(row, scratch, outputs of that channel)`, rows
@@ -741,20 +743,20 @@ struct RowGroups<'a> {
 /// latency, and one chunk covers a 128-column group of 2-bit codes.
 const LANES: usize = 32;
 
-/// `Σ_group scale · (codes · inputs)` over one channel's 2-, 4- or 8-bit codes, whose byte `k`
-/// holds the codes of inputs `phases[p * stride + k]` (position `p` in the byte, lowest bits
-/// first). Codes are widened to floats in registers, never stored, and the partial sums stay
+/// The fastest function this CPU runs for `Σ_group scale · (codes · inputs)` over one
+/// channel's 2-, 4- or 8-bit codes, whose byte `k` holds the codes of inputs
+/// `phases[p * stride + k]` (position `p` in the byte, lowest bits first), chosen once per
+/// product. Codes are widened to floats in registers, never stored, and the partial sums stay
 /// in lanes across groups, reduced once per channel.
-fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+fn scaled_code_dot() -> fn(&RowGroups, &[f32], usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has just been found to support both features.
-        return unsafe { x86::scaled_code_dot(row, phases, stride) };
+        return x86::avx2_scaled_code_dot;
     }
-    scaled_code_dot_portable(row, phases, stride)
+    scaled_code_dot_portable
 }
 
-/// [`scaled_code_dot`] for any CPU, in a shape compilers vectorize.
+/// [`scaled_code_dot`]'s function for any CPU, in a shape compilers vectorize.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
 fn scaled_code_dot_portable(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
     let mut lanes = [0.0f32; LANES];
@@ -801,8 +803,15 @@ mod x86 {
     use super::RowGroups;
     use crate::int8_inputs::x86::horizontal_sum;
 
+    /// Only handed out by [`super::scaled_code_dot`] once the CPU's features have been checked.
+    pub(super) fn avx2_scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+        // SAFETY: `super::scaled_code_dot` returns this function only when the CPU has AVX2
+        // and FMA.
+        unsafe { scaled_code_dot(row, phases, stride) }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
+    fn scaled_code_dot(row: &RowGroups, phases: &[f32], stride: usize) -> f32 {
         let bits = row.bits as usize;
         let mask = _mm_set1_epi8(((1u16 << bits) - 1) as u8 as i8);
         let mut total = _mm256_setzero_ps();
