@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use distillery_model::{GenerationConfig, Llama, SamplingConfig, generate};
+use distillery_model::{GenerationConfig, Llama, SamplingConfig, generate_streaming};
 
 use crate::models::LoadedModel;
 
@@ -41,9 +41,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Greedy generation of `new_tokens` after `prompt` with each model, `runs` rounds after one
-/// warm-up run each: the prefill is timed by generating one token, the decode rate from the
-/// rest. Every round runs every model in turn, so a busy moment of a shared machine slows
-/// them alike instead of skewing one model's figures.
+/// warm-up run each. Each run times its own first token (the prefill) and the rest (the decode
+/// rate), so the two never come from different runs. Every round runs every model in turn, so
+/// a busy moment of a shared machine slows them alike instead of skewing one model's figures.
 pub fn bench_decode(
     models: &[LoadedModel],
     prompt: &[u32],
@@ -60,28 +60,39 @@ pub fn bench_decode(
             loaded.describe()
         );
     }
-    let run = |model: &Llama, count: usize| -> anyhow::Result<f64> {
-        let config = GenerationConfig {
-            max_new_tokens: count,
-            sampling: SamplingConfig::default(),
-            eos_token_id: None,
-        };
+    let config = GenerationConfig {
+        max_new_tokens: new_tokens,
+        sampling: SamplingConfig::default(),
+        eos_token_id: None,
+    };
+    // Seconds to the first token and from it to the last.
+    let run = |model: &Llama| -> anyhow::Result<(f64, f64)> {
         let started = Instant::now();
-        let generation = generate(model, prompt, &config)?;
-        anyhow::ensure!(generation.tokens.len() == count, "generation stopped early");
-        Ok(started.elapsed().as_secs_f64())
+        let mut first_token = None;
+        let generation = generate_streaming(model, prompt, &config, |_| {
+            first_token.get_or_insert_with(Instant::now);
+        })?;
+        let finished = Instant::now();
+        anyhow::ensure!(
+            generation.tokens.len() == new_tokens,
+            "generation stopped early"
+        );
+        let first_token = first_token.unwrap_or(finished);
+        Ok((
+            (first_token - started).as_secs_f64(),
+            (finished - first_token).as_secs_f64(),
+        ))
     };
     for loaded in models {
-        run(&loaded.model, new_tokens)?;
+        run(&loaded.model)?;
     }
     let mut prefill = vec![Vec::new(); models.len()];
     let mut decode = vec![Vec::new(); models.len()];
     for _ in 0..runs.max(1) {
         for (index, loaded) in models.iter().enumerate() {
-            let first = run(&loaded.model, 1)?;
-            let all = run(&loaded.model, new_tokens)?;
+            let (first, rest) = run(&loaded.model)?;
             prefill[index].push(first * 1e3);
-            decode[index].push((new_tokens - 1) as f64 / (all - first).max(f64::EPSILON));
+            decode[index].push((new_tokens - 1) as f64 / rest);
         }
     }
     Ok(models

@@ -84,7 +84,7 @@ pub trait FusedOptimizerOps: Backend {
 }
 
 /// Whether `device` computes on burn-flex, directly or under autodiff.
-fn is_flex(device: &Device) -> bool {
+pub fn is_flex(device: &Device) -> bool {
     // Which other variants exist depends on the backends compiled in.
     #[allow(unreachable_patterns)]
     match device.as_dispatch() {

@@ -8,16 +8,32 @@ pub struct KvCache {
     len: usize,
 }
 
-/// One layer's keys and values, each `[batch, kv_heads, cached_positions, head_dim]`.
+/// One layer's keys and values: buffers `[batch, kv_heads, capacity, head_dim]` whose first
+/// `len` positions are filled. New positions are written in place, so a decoding step copies
+/// one position rather than the whole history.
 #[derive(Debug, Default)]
 pub struct LayerCache {
-    entries: Option<(Tensor<4>, Tensor<4>)>,
+    buffers: Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+    /// Positions the first allocation reserves.
+    reserved: usize,
 }
 
 impl KvCache {
+    /// A cache that grows as positions arrive.
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache that holds `positions` positions without reallocating.
+    pub fn with_capacity(num_layers: usize, positions: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerCache {
+                    reserved: positions,
+                    ..LayerCache::default()
+                })
+                .collect(),
             len: 0,
         }
     }
@@ -41,16 +57,38 @@ impl KvCache {
 }
 
 impl LayerCache {
-    /// Appends the new positions and returns every cached key and value.
+    /// Appends the new positions and returns every cached key and value, views of the buffers.
+    /// The views must be dropped before the next append for it to write in place; otherwise
+    /// the write copies the buffer first, which is slower but still correct.
     pub(crate) fn append(&mut self, key: Tensor<4>, value: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (key, value) = match self.entries.take() {
-            Some((cached_key, cached_value)) => (
-                Tensor::cat(vec![cached_key, key], 2),
-                Tensor::cat(vec![cached_value, value], 2),
-            ),
-            None => (key, value),
+        let [batch, heads, new, head_dim] = key.dims();
+        let end = self.len + new;
+        let (keys, values) = match self.buffers.take() {
+            Some((keys, values)) if keys.dims()[2] >= end => (keys, values),
+            previous => {
+                let held = previous.as_ref().map_or(0, |(keys, _)| keys.dims()[2]);
+                let capacity = end.max(self.reserved).max(2 * held);
+                let device = key.device();
+                let fresh = || Tensor::<4>::zeros([batch, heads, capacity, head_dim], &device);
+                let (mut keys, mut values) = (fresh(), fresh());
+                if let Some((old_keys, old_values)) = previous {
+                    let filled = [0..batch, 0..heads, 0..self.len, 0..head_dim];
+                    keys = keys.slice_assign(filled.clone(), old_keys.slice(filled.clone()));
+                    values = values.slice_assign(filled.clone(), old_values.slice(filled));
+                }
+                (keys, values)
+            }
         };
-        self.entries = Some((key.clone(), value.clone()));
-        (key, value)
+        let arriving = [0..batch, 0..heads, self.len..end, 0..head_dim];
+        let keys = keys.slice_assign(arriving.clone(), key);
+        let values = values.slice_assign(arriving, value);
+        let filled = [0..batch, 0..heads, 0..end, 0..head_dim];
+        let views = (
+            keys.clone().slice(filled.clone()),
+            values.clone().slice(filled),
+        );
+        self.buffers = Some((keys, values));
+        self.len = end;
+        views
     }
 }

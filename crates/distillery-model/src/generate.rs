@@ -81,6 +81,16 @@ pub fn generate(
     prompt: &[u32],
     config: &GenerationConfig,
 ) -> Result<Generation, ModelError> {
+    generate_streaming(model, prompt, config, |_| {})
+}
+
+/// [`generate`], handing each new token to `on_token` as soon as it is chosen.
+pub fn generate_streaming(
+    model: &Llama,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    on_token: impl FnMut(u32) + Send,
+) -> Result<Generation, ModelError> {
     config.sampling.validate()?;
     let context = model.config().max_position_embeddings;
     if prompt.is_empty() {
@@ -100,18 +110,20 @@ pub fn generate(
     // Quantized layers split each product over rayon's threads. Decoding on one of them makes
     // every split a work-stealing fork instead of a hand-over that puts this thread to sleep
     // and wakes it again, which at one token's matrices costs as much as the arithmetic.
-    rayon::scope(|_| decode(model, prompt, config))
+    rayon::scope(|_| decode(model, prompt, config, on_token))
 }
 
 fn decode(
     model: &Llama,
     prompt: &[u32],
     config: &GenerationConfig,
+    mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ModelError> {
     let context = model.config().max_position_embeddings;
     let device = model.device();
     let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
-    let mut cache = KvCache::new(model.layers.len());
+    let positions = (prompt.len() + config.max_new_tokens).min(context);
+    let mut cache = KvCache::with_capacity(model.layers.len(), positions);
     let mut tokens = Vec::new();
     let mut next_input = prompt.to_vec();
     let stop = loop {
@@ -132,6 +144,7 @@ fn decode(
             .expect("float logits convert to f32");
         let token = sample_token(&last, &config.sampling, &mut rng);
         tokens.push(token);
+        on_token(token);
         if config.eos_token_id == Some(token) {
             break StopReason::EndOfSequence;
         }

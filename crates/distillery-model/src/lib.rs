@@ -10,7 +10,7 @@ pub mod rope;
 
 pub use cache::KvCache;
 pub use config::LlamaConfig;
-pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate};
+pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming};
 pub use llama::{Attention, DecoderLayer, INIT_STD, Linear, Llama, LlamaOutput, Mlp};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,24 +67,33 @@ mod tests {
             let ids: Vec<i64> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
             let full = flat(model.forward(tokens(&ids, &device)));
 
-            let mut cache = KvCache::new(2);
-            let mut pieces = flat(
-                model
-                    .forward_with(tokens(&ids[..5], &device), Some(&mut cache), false)
-                    .logits,
-            );
-            for &id in &ids[5..] {
-                let step = model.forward_with(tokens(&[id], &device), Some(&mut cache), false);
-                pieces.extend(flat(step.logits));
+            // A growing cache reallocates twice on the way (5, 10, 20 positions); a reserved
+            // one never does.
+            for (kind, mut cache) in [
+                ("growing", KvCache::new(2)),
+                ("reserved", KvCache::with_capacity(2, ids.len())),
+            ] {
+                let mut pieces = flat(
+                    model
+                        .forward_with(tokens(&ids[..5], &device), Some(&mut cache), false)
+                        .logits,
+                );
+                for &id in &ids[5..] {
+                    let step = model.forward_with(tokens(&[id], &device), Some(&mut cache), false);
+                    pieces.extend(flat(step.logits));
+                }
+                assert_eq!(cache.len(), ids.len());
+                assert_eq!(full.len(), pieces.len());
+                let worst = full
+                    .iter()
+                    .zip(&pieces)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "tied={tie}, {kind}: cached logits differ by {worst}"
+                );
             }
-            assert_eq!(cache.len(), ids.len());
-            assert_eq!(full.len(), pieces.len());
-            let worst = full
-                .iter()
-                .zip(&pieces)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(worst < 1e-4, "tied={tie}: cached logits differ by {worst}");
         }
     }
 

@@ -11,7 +11,7 @@ use burn::tensor::module::{embedding, linear};
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use distillery_kernels::{causal_attention, dropout, rms_norm, swiglu};
+use distillery_kernels::{causal_attention, dropout, is_flex, rms_norm, swiglu};
 use distillery_quant::PackedMatrix;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -153,7 +153,12 @@ fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
         let outputs = packed.matmul_int8_inputs(&inputs, rows);
         return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
     }
-    // `[out, in]` as decoded, used through a transposed view: no host-side transpose.
+    if is_flex(&device) {
+        let outputs = packed.matmul_in_tiles(&host_values(x), rows);
+        return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
+    }
+    // Other backends multiply on their device: `[out, in]` as decoded, used through a
+    // transposed view, with no host-side transpose.
     let weight = Tensor::<2>::from_data(
         TensorData::new(packed.dequantize(), [packed.rows(), cols]),
         &device,

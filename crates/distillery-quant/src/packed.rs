@@ -20,6 +20,10 @@ const PARALLEL_WORK: usize = 1 << 16;
 /// Output channels one parallel task computes: enough work to outweigh handing it out.
 const CHANNELS_PER_TASK: usize = 128;
 
+/// Output channels [`PackedMatrix::matmul_in_tiles`] decodes at a time: 64 channels of 4,096
+/// inputs are 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
+const TILE_CHANNELS: usize = 256;
+
 /// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
 /// scale and zero per output channel and group of input columns.
 #[derive(Debug, Clone, PartialEq)]
@@ -357,6 +361,57 @@ impl PackedMatrix {
             }
         };
         self.by_channel(count, channel_outputs)
+    }
+
+    /// `x Wᵀ` for many input rows (a prompt, an evaluation batch), exactly with the stored
+    /// weights: each task decodes a tile of channels to floats and multiplies every input row
+    /// with it while the tile is in cache, so the float matrix never exists whole and each
+    /// decoded weight serves all rows.
+    pub fn matmul_in_tiles(&self, x: &[f32], count: usize) -> Vec<f32> {
+        let x = &*self.inputs_in_stored_order(x);
+        let cols = self.cols;
+        assert!(x.len() >= count * cols);
+        let aligned = self.word_aligned_group_size();
+        let mut by_channel = vec![0.0f32; self.rows * count];
+        by_channel
+            .par_chunks_mut(TILE_CHANNELS * count)
+            .enumerate()
+            .for_each_init(Vec::new, |tile, (index, outs)| {
+                let channels = outs.len() / count;
+                tile.resize(channels * cols, 0.0);
+                for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
+                    self.decode_stored_row(index * TILE_CHANNELS + offset, weights, aligned);
+                }
+                // `outs` (`channels x count`, row-major) is written as the `count x channels`
+                // product `x tileᵀ` stored by columns: gemm then reads the tile in place, as
+                // broadcast operands, instead of repacking it, and packs only `x`.
+                // SAFETY: `outs` and `tile` are this task's own, `channels x count` and
+                // `channels x cols`; `x` holds `count` rows of `cols`.
+                unsafe {
+                    gemm::gemm(
+                        count,
+                        channels,
+                        cols,
+                        outs.as_mut_ptr(),
+                        count as isize,
+                        1,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        tile.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        transposed(&by_channel, self.rows, count)
     }
 
     /// `x Wᵀ` like [`Self::matmul`], but for decoding: when the matrix holds 3-, 4- or 8-bit codes
@@ -699,20 +754,29 @@ fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
     outputs
 }
 
-/// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream, byte by
-/// byte, in a shape compilers vectorize.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+/// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream.
 fn decode_byte_aligned(bytes: &[u8], bits: u32, scale: f32, zero: f32, out: &mut [f32]) {
-    let codes_per_byte = 8 / bits as usize;
+    match bits {
+        8 => decode_codes::<1>(bytes, scale, zero, out),
+        4 => decode_codes::<2>(bytes, scale, zero, out),
+        _ => decode_codes::<4>(bytes, scale, zero, out),
+    }
+}
+
+/// [`decode_byte_aligned`] with `PER_BYTE` codes a byte known when compiling, so the byte loop
+/// unrolls into shifts and masks that vectorize.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn decode_codes<const PER_BYTE: usize>(bytes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+    let bits = 8 / PER_BYTE as u32;
     let mask = ((1u16 << bits) - 1) as u8;
-    let (whole, tail) = out.split_at_mut(out.len() / codes_per_byte * codes_per_byte);
-    for (values, &byte) in whole.chunks_exact_mut(codes_per_byte).zip(bytes) {
+    let (whole, tail) = out.split_at_mut(out.len() / PER_BYTE * PER_BYTE);
+    for (values, &byte) in whole.chunks_exact_mut(PER_BYTE).zip(bytes) {
         for (position, value) in values.iter_mut().enumerate() {
             let code = (byte >> (position as u32 * bits)) & mask;
             *value = scale * (f32::from(code) - zero);
         }
     }
-    if let Some(&byte) = bytes.get(whole.len() / codes_per_byte) {
+    if let Some(&byte) = bytes.get(whole.len() / PER_BYTE) {
         for (position, value) in tail.iter_mut().enumerate() {
             let code = (byte >> (position as u32 * bits)) & mask;
             *value = scale * (f32::from(code) - zero);
@@ -943,20 +1007,28 @@ mod tests {
             }
             check_matmul(&PackedMatrix::from_quantized(&matrix));
         }
+        // Two whole tiles of channels and a part of one.
+        check_matmul(&PackedMatrix::from_quantized(&quantized(
+            2 * TILE_CHANNELS + 9,
+            64,
+            4,
+            Some(32),
+        )));
     }
 
     fn check_matmul(packed: &PackedMatrix) {
         let (rows, cols, count) = (packed.rows(), packed.cols(), 3);
         let weights = packed.dequantize();
         let x = random_matrix(count, cols, 99);
-        let y = packed.matmul(&x, count);
-        for sample in 0..count {
-            for row in 0..rows {
-                let expected: f32 = (0..cols)
-                    .map(|col| x[sample * cols + col] * weights[row * cols + col])
-                    .sum();
-                let got = y[sample * rows + row];
-                assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+        for y in [packed.matmul(&x, count), packed.matmul_in_tiles(&x, count)] {
+            for sample in 0..count {
+                for row in 0..rows {
+                    let expected: f32 = (0..cols)
+                        .map(|col| x[sample * cols + col] * weights[row * cols + col])
+                        .sum();
+                    let got = y[sample * rows + row];
+                    assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+                }
             }
         }
         assert_eq!(
