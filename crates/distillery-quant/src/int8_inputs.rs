@@ -117,12 +117,12 @@ pub struct ChannelCodes<'a> {
     pub scales: &'a [f32],
 }
 
-/// `Σ_group scale · Σ_block input_scale · (codes · inputs)`: a channel's dot product with the
-/// rounded inputs, zero points left out.
-pub type ChannelDot = fn(&ChannelCodes, &Int8Inputs) -> f32;
+/// `Σ_group scale · Σ_block input_scale · (codes · inputs)` of each channel of one matrix with
+/// the rounded inputs, zero points left out: `out[c]` for `channels[c]`.
+pub type ChannelDots = fn(&[ChannelCodes], &Int8Inputs, &mut [f32]);
 
-/// The fastest [`ChannelDot`] this CPU runs for `bits`-bit codes, chosen once per product.
-pub fn channel_dot(bits: u32) -> ChannelDot {
+/// The fastest [`ChannelDots`] this CPU runs for `bits`-bit codes, chosen once per product.
+pub fn channel_dots(bits: u32) -> ChannelDots {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni")
         && is_x86_feature_detected!("avx512vl")
@@ -130,13 +130,19 @@ pub fn channel_dot(bits: u32) -> ChannelDot {
         && is_x86_feature_detected!("fma")
     {
         if bits != 3 {
-            return x86::vnni_channel_dot;
+            return x86::vnni_channel_dots;
         }
         if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vbmi") {
-            return x86::vbmi_channel_dot;
+            return x86::vbmi_channel_dots;
         }
     }
-    channel_dot_portable
+    channel_dots_portable
+}
+
+fn channel_dots_portable(channels: &[ChannelCodes], inputs: &Int8Inputs, out: &mut [f32]) {
+    for (channel, value) in channels.iter().zip(out) {
+        *value = channel_dot_portable(channel, inputs);
+    }
 }
 
 fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
@@ -170,32 +176,48 @@ pub(crate) mod x86 {
 
     use super::{BLOCK, ChannelCodes, Int8Inputs};
 
-    /// Only handed out by [`super::channel_dot`] once the CPU's features have been checked.
-    pub(super) fn vnni_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
-        // SAFETY: `super::channel_dot` returns this function only when the CPU has AVX2, FMA,
+    /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
+    pub(super) fn vnni_channel_dots(
+        channels: &[ChannelCodes],
+        inputs: &Int8Inputs,
+        out: &mut [f32],
+    ) {
+        // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA,
         // AVX-512 VNNI and VL.
-        unsafe { channel_dot(channel, inputs) }
+        unsafe { dots(channels, inputs, out) }
     }
 
-    /// Only handed out by [`super::channel_dot`] once the CPU's features have been checked.
-    pub(super) fn vbmi_channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
-        // SAFETY: `super::channel_dot` returns this function only when the CPU also has
-        // AVX-512 BW and VBMI.
-        unsafe { triple_channel_dot(channel, inputs) }
+    /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
+    pub(super) fn vbmi_channel_dots(
+        channels: &[ChannelCodes],
+        inputs: &Int8Inputs,
+        out: &mut [f32],
+    ) {
+        for (channel, value) in channels.iter().zip(out) {
+            // SAFETY: `super::channel_dots` returns this function only when the CPU also has
+            // AVX-512 BW and VBMI.
+            *value = unsafe { triple_channel_dot(channel, inputs) };
+        }
     }
 
+    /// 4- and 8-bit codes, one channel after another: each channel's codes are one run of
+    /// bytes and consecutive channels continue it, a single stream through memory. (Taking
+    /// four channels at once to share the input loads made four streams and ran slower.)
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn channel_dot(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
+    fn dots(channels: &[ChannelCodes], inputs: &Int8Inputs, out: &mut [f32]) {
         let blocks = inputs.scales.len();
-        assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
         assert!(inputs.kernel_order().len() >= blocks * BLOCK);
         assert!(inputs.lane_scales.len() >= blocks * 4);
-        let sums = if channel.bits == 8 {
-            byte_codes(channel, inputs, blocks)
-        } else {
-            nibble_codes(channel, inputs, blocks)
-        };
-        horizontal_sum(sums)
+        for (channel, value) in channels.iter().zip(out) {
+            assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
+            assert!(channel.scales.len() >= blocks.div_ceil(channel.blocks_per_group));
+            let sums = if channel.bits == 8 {
+                byte_codes(channel, inputs, blocks)
+            } else {
+                nibble_codes(channel, inputs, blocks)
+            };
+            *value = horizontal_sum(sums);
+        }
     }
 
     /// 3-bit codes: a block's 32 codes are 12 bytes. A byte permute gives each code a 16-bit
@@ -264,15 +286,15 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
     }
 
+    /// 8-bit codes: one block of 32 codes a `vpdpbusd`. [`dots`] checked every bound.
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
         let ordered = inputs.kernel_order();
         let mut total = _mm256_setzero_ps();
-        for (group, &scale) in channel.scales.iter().enumerate() {
-            let first = group * channel.blocks_per_group;
+        for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
             let mut group_sum = _mm256_setzero_ps();
             for block in first..(first + channel.blocks_per_group).min(blocks) {
-                // SAFETY: `channel_dot` checked that every block's 32 codes and inputs exist.
+                // SAFETY: `dots` checked that every block's 32 codes and inputs exist.
                 let (codes, values) = unsafe {
                     (
                         _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK).cast()),
@@ -286,24 +308,26 @@ pub(crate) mod x86 {
                     group_sum,
                 );
             }
-            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
+            total = _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total);
         }
         total
     }
 
+    /// 4-bit codes: two blocks' 32 code bytes a pair of `vpdpbusd`s, low nibbles against the
+    /// blocks' even columns and high nibbles against their odd ones. [`dots`] checked every
+    /// bound.
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
         let ordered = inputs.kernel_order();
         let nibbles = _mm256_set1_epi8(0xF);
         let mut total = _mm256_setzero_ps();
-        for (group, &scale) in channel.scales.iter().enumerate() {
-            let first = group * channel.blocks_per_group;
+        for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
             let end = (first + channel.blocks_per_group).min(blocks);
             let mut group_sum = _mm256_setzero_ps();
             let mut block = first;
             while block + 2 <= end {
-                // SAFETY: `channel_dot` checked that both blocks' 32 code bytes, 64 inputs and
-                // 8 lane scales exist.
+                // SAFETY: `dots` checked that both blocks' 32 code bytes, 64 inputs and 8 lane
+                // scales exist.
                 let (packed, even, odd, lane_scales) = unsafe {
                     let values = ordered.as_ptr().add(block * BLOCK);
                     (
@@ -336,7 +360,7 @@ pub(crate) mod x86 {
                 let scale = _mm256_set1_ps(inputs.scales[block]);
                 group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, group_sum);
             }
-            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
+            total = _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total);
         }
         total
     }
@@ -373,44 +397,67 @@ mod tests {
     fn every_kernel_sums_codes_times_rounded_inputs() {
         let input = random_matrix(1, 128, 22);
         let all_scales = [0.5f32, -1.25, 0.75, 2.0];
-        // Codes 0..=255 or 0..=15 from a fixed pattern, in groups of one to four blocks:
-        // paired blocks, a group's last unpaired block and a short last group.
+        // Six channels: one batch of four and two alone. Codes from a fixed pattern per
+        // channel, in groups of one to four blocks: paired blocks, a group's last unpaired
+        // block and a short last group.
+        let channel_count = 6;
         for bits in [3u32, 4, 8] {
             for blocks_per_group in 1..=4 {
-                let bytes: Vec<u8> = (0..128 * bits as usize / 8)
-                    .map(|index| (index * 73 + 11) as u8)
+                let groups = 4usize.div_ceil(blocks_per_group);
+                let bytes: Vec<Vec<u8>> = (0..channel_count)
+                    .map(|channel| {
+                        (0..128 * bits as usize / 8)
+                            .map(|index| (index * 73 + 11 + 29 * channel) as u8)
+                            .collect()
+                    })
                     .collect();
-                let scales = &all_scales[..4usize.div_ceil(blocks_per_group)];
-                let channel = ChannelCodes {
-                    bytes: &bytes,
-                    bits,
-                    blocks_per_group,
-                    scales,
-                };
+                let scales: Vec<Vec<f32>> = (0..channel_count)
+                    .map(|channel| {
+                        (0..groups)
+                            .map(|group| all_scales[(group + channel) % 4])
+                            .collect()
+                    })
+                    .collect();
+                let channels: Vec<ChannelCodes> = bytes
+                    .iter()
+                    .zip(&scales)
+                    .map(|(bytes, scales)| ChannelCodes {
+                        bytes,
+                        bits,
+                        blocks_per_group,
+                        scales,
+                    })
+                    .collect();
                 let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
                 let restored = rounded.dequantize();
                 let mask = (1u32 << bits) - 1;
-                let terms: Vec<f32> = (0..128)
-                    .map(|column| {
-                        let start = column * bits as usize;
-                        let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
-                        let window = u32::from(u16::from_le_bytes([bytes[start / 8], next]));
-                        let code = (window >> (start % 8)) & mask;
-                        let scale = scales[column / (blocks_per_group * BLOCK)];
-                        scale * code as f32 * restored[column]
-                    })
-                    .collect();
-                let expected: f32 = terms.iter().sum();
-                let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
-                for (kernel, got) in [
-                    ("portable", channel_dot_portable(&channel, &rounded)),
-                    ("selected", channel_dot(bits)(&channel, &rounded)),
-                ] {
-                    assert!(
-                        (got - expected).abs() < bound,
-                        "{kernel}, {bits} bits, {blocks_per_group} blocks a group: \
-                         {got} vs {expected}"
-                    );
+                let mut portable = vec![0.0; channel_count];
+                channel_dots_portable(&channels, &rounded, &mut portable);
+                let mut selected = vec![0.0; channel_count];
+                channel_dots(bits)(&channels, &rounded, &mut selected);
+                for (index, channel) in channels.iter().enumerate() {
+                    let terms: Vec<f32> = (0..128)
+                        .map(|column| {
+                            let start = column * bits as usize;
+                            let bytes = channel.bytes;
+                            let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
+                            let window = u32::from(u16::from_le_bytes([bytes[start / 8], next]));
+                            let code = (window >> (start % 8)) & mask;
+                            let scale = channel.scales[column / (blocks_per_group * BLOCK)];
+                            scale * code as f32 * restored[column]
+                        })
+                        .collect();
+                    let expected: f32 = terms.iter().sum();
+                    let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
+                    for (kernel, got) in
+                        [("portable", portable[index]), ("selected", selected[index])]
+                    {
+                        assert!(
+                            (got - expected).abs() < bound,
+                            "{kernel}, {bits} bits, {blocks_per_group} blocks a group, channel \
+                             {index}: {got} vs {expected}"
+                        );
+                    }
                 }
             }
         }

@@ -11,7 +11,9 @@ use rayon::prelude::*;
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
-use crate::int8_inputs::{self, ChannelCodes, ChannelDot, Int8Inputs};
+use std::ops::Range;
+
+use crate::int8_inputs::{self, ChannelCodes, ChannelDots, Int8Inputs};
 use crate::pack::{code_at, pack_bits, unpack_bits};
 
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
@@ -360,7 +362,11 @@ impl PackedMatrix {
                     - zero_terms(row_groups.scales, zeros, sums);
             }
         };
-        self.by_channel(count, channel_outputs)
+        self.by_channel(count, |rows, scratch, outs| {
+            for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
+                channel_outputs(row, scratch, out);
+            }
+        })
     }
 
     /// `x Wᵀ` for many input rows (a prompt, an evaluation batch), exactly with the stored
@@ -423,7 +429,7 @@ impl PackedMatrix {
         let Some(product) = self.integer_product(x, count) else {
             return self.matmul(x, count);
         };
-        self.by_channel(count, |row, _, out| product.channel(row, out))
+        self.by_channel(count, |rows, _, outs| product.channels(rows, outs))
     }
 
     /// [`Self::matmul_int8_inputs`] of several matrices with the same inputs (q, k and v; gate
@@ -454,9 +460,18 @@ impl PackedMatrix {
             .map(|matrix| matrix.rows * matrix.cols)
             .sum::<usize>()
             * count;
-        let by_channel = channel_major(rows, work, count, |row, _, out| {
-            let matrix = starts.partition_point(|&start| start <= row) - 1;
-            products[matrix].channel(row - starts[matrix], out)
+        let by_channel = channel_major(rows, work, count, |rows, _, outs| {
+            // A task's channels may run from one matrix into the next.
+            let mut row = rows.start;
+            while row < rows.end {
+                let matrix = starts.partition_point(|&start| start <= row) - 1;
+                let end = rows.end.min(starts[matrix + 1]);
+                products[matrix].channels(
+                    row - starts[matrix]..end - starts[matrix],
+                    &mut outs[(row - rows.start) * count..(end - rows.start) * count],
+                );
+                row = end;
+            }
         });
         matrices
             .iter()
@@ -501,7 +516,7 @@ impl PackedMatrix {
             blocks_per_group,
             inputs,
             group_sums,
-            channel_dot: int8_inputs::channel_dot(self.bits),
+            channel_dots: int8_inputs::channel_dots(self.bits),
         })
     }
 
@@ -514,11 +529,11 @@ impl PackedMatrix {
         fits.then_some(size)
     }
 
-    /// `count x rows` outputs from `channel_outputs(row, scratch, outputs of that channel)`.
+    /// `count x rows` outputs from `channel_outputs(rows, scratch, outputs of those channels)`.
     fn by_channel(
         &self,
         count: usize,
-        channel_outputs: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync,
+        channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
     ) -> Vec<f32> {
         let work = self.rows * self.cols * count;
         let by_channel = channel_major(self.rows, work, count, channel_outputs);
@@ -685,23 +700,32 @@ struct IntegerProduct<'a> {
     blocks_per_group: usize,
     inputs: Vec<Int8Inputs>,
     group_sums: Vec<Vec<f32>>,
-    channel_dot: ChannelDot,
+    channel_dots: ChannelDots,
 }
 
 impl IntegerProduct<'_> {
-    /// Output channel `row`'s value for every input.
-    fn channel(&self, row: usize, out: &mut [f32]) {
+    /// Output channels `rows`' values, `rows.len() x inputs` row-major.
+    fn channels(&self, rows: Range<usize>, outs: &mut [f32]) {
         let matrix = self.matrix;
         let groups = matrix.groups;
-        let channel = ChannelCodes {
-            bytes: matrix.channel_bytes(row),
-            bits: matrix.bits,
-            blocks_per_group: self.blocks_per_group,
-            scales: &matrix.scales[row * groups..(row + 1) * groups],
-        };
-        let zeros = &matrix.zeros[row * groups..(row + 1) * groups];
-        for ((value, input), sums) in out.iter_mut().zip(&self.inputs).zip(&self.group_sums) {
-            *value = (self.channel_dot)(&channel, input) - zero_terms(channel.scales, zeros, sums);
+        let count = self.inputs.len();
+        let channels: Vec<ChannelCodes> = rows
+            .clone()
+            .map(|row| ChannelCodes {
+                bytes: matrix.channel_bytes(row),
+                bits: matrix.bits,
+                blocks_per_group: self.blocks_per_group,
+                scales: &matrix.scales[row * groups..(row + 1) * groups],
+            })
+            .collect();
+        let mut dots = vec![0.0; channels.len()];
+        for (index, (input, sums)) in self.inputs.iter().zip(&self.group_sums).enumerate() {
+            (self.channel_dots)(&channels, input, &mut dots);
+            for ((row, channel), dot) in rows.clone().zip(&channels).zip(&dots) {
+                let zeros = &matrix.zeros[row * groups..(row + 1) * groups];
+                outs[(row - rows.start) * count + index] =
+                    dot - zero_terms(channel.scales, zeros, sums);
+            }
         }
     }
 }
@@ -716,28 +740,24 @@ fn zero_terms(scales: &[f32], zeros: &[u8], input_sums: &[f32]) -> f32 {
         .sum()
 }
 
-/// `rows x count` values from `channel_outputs(row, scratch, outputs of that channel)`, rows
-/// spread over threads when `work` multiply-adds are enough to pay for it.
+/// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
+/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it.
 fn channel_major(
     rows: usize,
     work: usize,
     count: usize,
-    channel_outputs: impl Fn(usize, &mut Vec<f32>, &mut [f32]) + Sync,
+    channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut by_channel = vec![0.0f32; rows * count];
     if work < PARALLEL_WORK {
-        let mut scratch = Vec::new();
-        for (row, out) in by_channel.chunks_exact_mut(count).enumerate() {
-            channel_outputs(row, &mut scratch, out);
-        }
+        channel_outputs(0..rows, &mut Vec::new(), &mut by_channel);
     } else {
         by_channel
             .par_chunks_mut(count * CHANNELS_PER_TASK)
             .enumerate()
             .for_each_init(Vec::new, |scratch, (task, outs)| {
-                for (offset, out) in outs.chunks_exact_mut(count).enumerate() {
-                    channel_outputs(task * CHANNELS_PER_TASK + offset, scratch, out);
-                }
+                let first = task * CHANNELS_PER_TASK;
+                channel_outputs(first..first + outs.len() / count, scratch, outs);
             });
     }
     by_channel
