@@ -3,6 +3,8 @@
 //! multiplied with the 3-, 4- or 8-bit weight codes in 32-bit integer sums, which are exact; only
 //! the block and group scales are applied in floating point.
 
+use multiversion::multiversion;
+
 use crate::pack::code_at;
 
 /// Columns sharing one input scale; a weight group of a multiple of this size holds whole
@@ -22,8 +24,9 @@ pub struct Int8Inputs {
     scales: Vec<f32>,
     /// Each block's scale four times: two blocks' worth scales the eight lanes of one sum.
     lane_scales: Vec<f32>,
-    /// `scale * Σ values` of each block: what the zero points multiply.
-    sums: Vec<f32>,
+    /// `Σ_block scale · Σ values` over each weight group's blocks, an eighth of it: what a
+    /// group's zero point takes off each of a sum's eight lanes.
+    group_lane_sums: Vec<f32>,
 }
 
 impl Int8Inputs {
@@ -34,22 +37,14 @@ impl Int8Inputs {
         let blocks = input.len() / BLOCK;
         let mut values = Vec::with_capacity(input.len());
         let mut scales = Vec::with_capacity(blocks);
-        let mut sums = Vec::with_capacity(blocks);
-        for columns in input.chunks_exact(BLOCK) {
-            let absmax = columns
-                .iter()
-                .fold(0.0f32, |max, value| max.max(value.abs()));
-            let scale = absmax / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let start = values.len();
-            values.extend(
-                columns
-                    .iter()
-                    .map(|&value| (value * inverse).round().clamp(-127.0, 127.0) as i8),
-            );
-            let sum: i32 = values[start..].iter().map(|&value| i32::from(value)).sum();
+        let mut group_lane_sums = vec![0.0; blocks.div_ceil(blocks_per_group)];
+        for (index, columns) in input.chunks_exact(BLOCK).enumerate() {
+            let mut block = [0i8; BLOCK];
+            let scale = round_block(columns, &mut block);
+            let sum: i32 = block.iter().map(|&value| i32::from(value)).sum();
+            values.extend(block);
             scales.push(scale);
-            sums.push(scale * sum as f32);
+            group_lane_sums[index / blocks_per_group] += scale * sum as f32 / 8.0;
         }
         let nibble_order = (bits == 4).then(|| nibble_order(&values, blocks, blocks_per_group));
         Self {
@@ -57,7 +52,7 @@ impl Int8Inputs {
             nibble_order,
             lane_scales: scales.iter().flat_map(|&scale| [scale; 4]).collect(),
             scales,
-            sums,
+            group_lane_sums,
         }
     }
 
@@ -75,11 +70,26 @@ impl Int8Inputs {
             .flat_map(|(values, &scale)| values.iter().map(move |&value| scale * f32::from(value)))
             .collect()
     }
+}
 
-    /// `Σ scale · Σ values` over the blocks `blocks`.
-    pub fn block_sums(&self, blocks: std::ops::Range<usize>) -> f32 {
-        self.sums[blocks].iter().sum()
+/// One block rounded to int8 against its absolute maximum (ties to even, which has a vector
+/// instruction); returns the block's scale.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn round_block(columns: &[f32], out: &mut [i8; BLOCK]) -> f32 {
+    // Lane-wise maxima first: a chain of maxima through one value does not vectorize.
+    let mut lanes = [0.0f32; 16];
+    for chunk in columns.chunks_exact(16) {
+        for (lane, value) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(value.abs());
+        }
     }
+    let absmax = lanes.iter().fold(0.0f32, |max, &lane| max.max(lane));
+    let scale = absmax / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (value, &column) in out.iter_mut().zip(columns) {
+        *value = (column * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    scale
 }
 
 /// The blocks of each group, paired from the group's start, as [`Int8Inputs::nibble_order`]
@@ -108,17 +118,19 @@ fn nibble_order(values: &[i8], blocks: usize, blocks_per_group: usize) -> Vec<i8
     ordered
 }
 
-/// One output channel: its packed codes (`bits * BLOCK / 8` bytes a block) and one scale per
-/// group of `blocks_per_group` blocks.
+/// One output channel: its packed codes (`bits * BLOCK / 8` bytes a block) and one scale and
+/// zero point per group of `blocks_per_group` blocks.
 pub struct ChannelCodes<'a> {
     pub bytes: &'a [u8],
     pub bits: u32,
     pub blocks_per_group: usize,
     pub scales: &'a [f32],
+    pub zeros: &'a [u8],
 }
 
-/// `Σ_group scale · Σ_block input_scale · (codes · inputs)` of each channel of one matrix with
-/// the rounded inputs, zero points left out: `out[c]` for `channels[c]`.
+/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · inputs)` of each channel of one
+/// matrix with the rounded inputs: `out[c]` for `channels[c]`. The codes meet the inputs in
+/// integers; the zero points are taken off each group's float sum.
 pub type ChannelDots = fn(&[ChannelCodes], &Int8Inputs, &mut [f32]);
 
 /// The fastest [`ChannelDots`] this CPU runs for `bits`-bit codes, chosen once per product.
@@ -162,7 +174,8 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
                 .sum();
             group_sum += inputs.scales[block] * products as f32;
         }
-        total += scale * group_sum;
+        let zero_part = 8.0 * f32::from(channel.zeros[group]) * inputs.group_lane_sums[group];
+        total += scale * (group_sum - zero_part);
     }
     total
 }
@@ -210,7 +223,9 @@ pub(crate) mod x86 {
         assert!(inputs.lane_scales.len() >= blocks * 4);
         for (channel, value) in channels.iter().zip(out) {
             assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
-            assert!(channel.scales.len() >= blocks.div_ceil(channel.blocks_per_group));
+            let groups = blocks.div_ceil(channel.blocks_per_group);
+            assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
+            assert!(inputs.group_lane_sums.len() >= groups);
             let sums = if channel.bits == 8 {
                 byte_codes(channel, inputs, blocks)
             } else {
@@ -227,6 +242,9 @@ pub(crate) mod x86 {
         let blocks = inputs.scales.len();
         let block_bytes = BLOCK * 3 / 8;
         assert!(channel.bytes.len() >= blocks * block_bytes);
+        let groups = blocks.div_ceil(channel.blocks_per_group);
+        assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
+        assert!(inputs.group_lane_sums.len() >= groups);
         let ordered = inputs.kernel_order();
         assert!(ordered.len() >= blocks * BLOCK);
         let mut byte_of_lane = [0u8; 64];
@@ -246,7 +264,7 @@ pub(crate) mod x86 {
         };
         let code_mask = _mm512_set1_epi16(7);
         let mut total = _mm256_setzero_ps();
-        for (group, &scale) in channel.scales.iter().enumerate() {
+        for group in 0..groups {
             let first = group * channel.blocks_per_group;
             let mut group_sum = _mm256_setzero_ps();
             for block in first..(first + channel.blocks_per_group).min(blocks) {
@@ -274,9 +292,24 @@ pub(crate) mod x86 {
                     group_sum,
                 );
             }
-            total = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total);
+            total = group_total(channel, inputs, group, group_sum, total);
         }
         horizontal_sum(total)
+    }
+
+    /// `total + scale · (group_sum - zero · inputs)` for one group: its zero point's share
+    /// taken off each of the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn group_total(
+        channel: &ChannelCodes,
+        inputs: &Int8Inputs,
+        group: usize,
+        group_sum: __m256,
+        total: __m256,
+    ) -> __m256 {
+        let zero_part = f32::from(channel.zeros[group]) * inputs.group_lane_sums[group];
+        let group_sum = _mm256_sub_ps(group_sum, _mm256_set1_ps(zero_part));
+        _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total)
     }
 
     #[target_feature(enable = "avx2")]
@@ -308,7 +341,7 @@ pub(crate) mod x86 {
                     group_sum,
                 );
             }
-            total = _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total);
+            total = group_total(channel, inputs, group, group_sum, total);
         }
         total
     }
@@ -360,7 +393,7 @@ pub(crate) mod x86 {
                 let scale = _mm256_set1_ps(inputs.scales[block]);
                 group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, group_sum);
             }
-            total = _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total);
+            total = group_total(channel, inputs, group, group_sum, total);
         }
         total
     }
@@ -387,9 +420,9 @@ mod tests {
                     assert!((a - b).abs() <= step / 2.0 + 1e-7, "{a} vs {b}");
                 }
             }
-            let all_sums = rounded.block_sums(0..3);
+            // Groups of three blocks: the whole input is one group.
             let expected: f32 = restored.iter().sum();
-            assert!((all_sums - expected).abs() < 1e-4);
+            assert!((8.0 * rounded.group_lane_sums[0] - expected).abs() < 1e-4);
         }
     }
 
@@ -397,8 +430,7 @@ mod tests {
     fn every_kernel_sums_codes_times_rounded_inputs() {
         let input = random_matrix(1, 128, 22);
         let all_scales = [0.5f32, -1.25, 0.75, 2.0];
-        // Six channels: one batch of four and two alone. Codes from a fixed pattern per
-        // channel, in groups of one to four blocks: paired blocks, a group's last unpaired
+        // Six channels, codes and zero points from a fixed pattern per channel, in groups of one to four blocks: paired blocks, a group's last unpaired
         // block and a short last group.
         let channel_count = 6;
         for bits in [3u32, 4, 8] {
@@ -418,14 +450,23 @@ mod tests {
                             .collect()
                     })
                     .collect();
+                let zeros: Vec<Vec<u8>> = (0..channel_count)
+                    .map(|channel| {
+                        (0..groups)
+                            .map(|group| ((5 * group + 3 * channel) % (1 << bits)) as u8)
+                            .collect()
+                    })
+                    .collect();
                 let channels: Vec<ChannelCodes> = bytes
                     .iter()
                     .zip(&scales)
-                    .map(|(bytes, scales)| ChannelCodes {
+                    .zip(&zeros)
+                    .map(|((bytes, scales), zeros)| ChannelCodes {
                         bytes,
                         bits,
                         blocks_per_group,
                         scales,
+                        zeros,
                     })
                     .collect();
                 let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
@@ -443,8 +484,10 @@ mod tests {
                             let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
                             let window = u32::from(u16::from_le_bytes([bytes[start / 8], next]));
                             let code = (window >> (start % 8)) & mask;
-                            let scale = channel.scales[column / (blocks_per_group * BLOCK)];
-                            scale * code as f32 * restored[column]
+                            let group = column / (blocks_per_group * BLOCK);
+                            let weight = channel.scales[group]
+                                * (code as f32 - f32::from(channel.zeros[group]));
+                            weight * restored[column]
                         })
                         .collect();
                     let expected: f32 = terms.iter().sum();

@@ -486,36 +486,20 @@ impl PackedMatrix {
             .collect()
     }
 
-    /// The rounded inputs and per-group sums an int8-input product needs, when the matrix's
-    /// layout allows one.
+    /// The rounded inputs an int8-input product needs, when the matrix's layout allows one.
     fn integer_product(&self, x: &[f32], count: usize) -> Option<IntegerProduct<'_>> {
         let size = self.integer_group_size()?;
         let x = &*self.inputs_in_stored_order(x);
-        let (cols, groups) = (self.cols, self.groups);
         let blocks_per_group = size / int8_inputs::BLOCK;
-        let blocks = cols / int8_inputs::BLOCK;
         let inputs: Vec<Int8Inputs> = x
-            .chunks_exact(cols)
+            .chunks_exact(self.cols)
             .take(count)
             .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
-            .collect();
-        // What each group's zero point multiplies: the sum of its rounded inputs.
-        let group_sums = inputs
-            .iter()
-            .map(|input| {
-                (0..groups)
-                    .map(|group| {
-                        let first = group * blocks_per_group;
-                        input.block_sums(first..(first + blocks_per_group).min(blocks))
-                    })
-                    .collect()
-            })
             .collect();
         Some(IntegerProduct {
             matrix: self,
             blocks_per_group,
             inputs,
-            group_sums,
             channel_dots: int8_inputs::channel_dots(self.bits),
         })
     }
@@ -699,7 +683,6 @@ struct IntegerProduct<'a> {
     matrix: &'a PackedMatrix,
     blocks_per_group: usize,
     inputs: Vec<Int8Inputs>,
-    group_sums: Vec<Vec<f32>>,
     channel_dots: ChannelDots,
 }
 
@@ -716,15 +699,17 @@ impl IntegerProduct<'_> {
                 bits: matrix.bits,
                 blocks_per_group: self.blocks_per_group,
                 scales: &matrix.scales[row * groups..(row + 1) * groups],
+                zeros: &matrix.zeros[row * groups..(row + 1) * groups],
             })
             .collect();
+        if count == 1 {
+            return (self.channel_dots)(&channels, &self.inputs[0], outs);
+        }
         let mut dots = vec![0.0; channels.len()];
-        for (index, (input, sums)) in self.inputs.iter().zip(&self.group_sums).enumerate() {
+        for (index, input) in self.inputs.iter().enumerate() {
             (self.channel_dots)(&channels, input, &mut dots);
-            for ((row, channel), dot) in rows.clone().zip(&channels).zip(&dots) {
-                let zeros = &matrix.zeros[row * groups..(row + 1) * groups];
-                outs[(row - rows.start) * count + index] =
-                    dot - zero_terms(channel.scales, zeros, sums);
+            for (offset, &dot) in dots.iter().enumerate() {
+                outs[offset * count + index] = dot;
             }
         }
     }
