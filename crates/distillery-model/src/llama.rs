@@ -36,9 +36,14 @@ pub struct Linear {
 
 /// Up to this many input rows (a decoding step) a quantized layer multiplies its packed codes
 /// directly, with inputs rounded to int8 where the layout allows integer dot products
-/// ([`PackedMatrix::matmul_int8_inputs`]); above it, one float copy of the weight per call
-/// feeds the backend's matrix product with exact inputs.
+/// ([`PackedMatrix::matmul_int8_inputs`]); above it, inputs stay exact.
 const DECODE_ROWS: usize = 8;
+
+/// Up to this many input rows (a prompt) on the CPU backend a quantized layer decodes its
+/// weights a tile at a time ([`PackedMatrix::matmul_in_tiles`]); above it (evaluation and
+/// calibration batches) one float copy of the whole weight per call feeds the backend's matrix
+/// product, a cost those rows repay.
+const PROMPT_ROWS: usize = 512;
 
 impl Linear {
     pub fn new(weight: Param<Tensor<2>>) -> Self {
@@ -153,12 +158,11 @@ fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
         let outputs = packed.matmul_int8_inputs(&inputs, rows);
         return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
     }
-    if is_flex(&device) {
+    if rows <= PROMPT_ROWS && is_flex(&device) {
         let outputs = packed.matmul_in_tiles(&host_values(x), rows);
         return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
     }
-    // Other backends multiply on their device: `[out, in]` as decoded, used through a
-    // transposed view, with no host-side transpose.
+    // `[out, in]` as decoded, used through a transposed view, with no host-side transpose.
     let weight = Tensor::<2>::from_data(
         TensorData::new(packed.dequantize(), [packed.rows(), cols]),
         &device,

@@ -22,8 +22,9 @@ const PARALLEL_WORK: usize = 1 << 16;
 /// Output channels one parallel task computes: enough work to outweigh handing it out.
 const CHANNELS_PER_TASK: usize = 128;
 
-/// Output channels [`PackedMatrix::matmul_in_tiles`] decodes at a time: 64 channels of 4,096
-/// inputs are 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
+/// The most output channels [`PackedMatrix::matmul_in_tiles`] decodes at a time: 256 channels
+/// of 1,024 inputs are 1 MiB of floats, which stay in a core's L2 cache while every input row
+/// meets them.
 const TILE_CHANNELS: usize = 256;
 
 /// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
@@ -386,15 +387,18 @@ impl PackedMatrix {
         let cols = self.cols;
         assert!(x.len() >= count * cols);
         let aligned = self.word_aligned_group_size();
+        // Smaller tiles when a matrix has too few channels to give every thread one.
+        let threads = rayon::current_num_threads();
+        let tile_channels = TILE_CHANNELS.min(self.rows.div_ceil(threads).next_multiple_of(16));
         let mut by_channel = vec![0.0f32; self.rows * count];
         by_channel
-            .par_chunks_mut(TILE_CHANNELS * count)
+            .par_chunks_mut(tile_channels * count)
             .enumerate()
             .for_each_init(Vec::new, |tile, (index, outs)| {
                 let channels = outs.len() / count;
                 tile.resize(channels * cols, 0.0);
                 for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
-                    self.decode_stored_row(index * TILE_CHANNELS + offset, weights, aligned);
+                    self.decode_stored_row(index * tile_channels + offset, weights, aligned);
                 }
                 // `outs` (`channels x count`, row-major) is written as the `count x channels`
                 // product `x tileᵀ` stored by columns: gemm then reads the tile in place, as
@@ -756,12 +760,18 @@ fn channel_major(
     by_channel
 }
 
-/// `rows x count` values as `count x rows`.
+/// `rows x count` values as `count x rows`, in square tiles so that neither side is walked
+/// with a stride through more memory than the caches hold.
 fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
+    const TILE: usize = 16;
     let mut outputs = vec![0.0; count * rows];
-    for (row, values) in by_channel.chunks_exact(count).enumerate() {
-        for (index, &value) in values.iter().enumerate() {
-            outputs[index * rows + row] = value;
+    for first_row in (0..rows).step_by(TILE) {
+        for first_index in (0..count).step_by(TILE) {
+            for row in first_row..(first_row + TILE).min(rows) {
+                for index in first_index..(first_index + TILE).min(count) {
+                    outputs[index * rows + row] = by_channel[row * count + index];
+                }
+            }
         }
     }
     outputs
