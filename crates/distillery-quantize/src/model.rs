@@ -576,6 +576,55 @@ mod tests {
     }
 
     #[test]
+    fn quantized_logits_do_not_depend_on_how_many_rows_a_product_takes() {
+        // 40 windows of 16 tokens put 640 rows through each product (the whole weight decoded
+        // once); one window 16 rows (decoded a tile at a time); one token 1 row (integer dot
+        // products with int8 inputs, so only close).
+        let device = Device::flex();
+        let model = Llama::new(&shape(false), 0.0, 6, &device).unwrap();
+        let rtn = QuantizeOptions {
+            group_size: Some(32),
+            ..options(QuantizeMethod::Rtn, 4)
+        };
+        let (quantized_model, _) = quantized(&model, &rtn, None);
+        let calibration = calibration(40, 16, 3);
+        let ids: Vec<i64> = calibration.tokens.iter().map(|&id| i64::from(id)).collect();
+        let logits = |ids: &[i64], windows: usize| -> Vec<f32> {
+            let input = TensorData::new(ids.to_vec(), [windows, ids.len() / windows]);
+            let output = quantized_model.forward(Tensor::<2, Int>::from_data(input, &device));
+            output.into_data().try_into_vec().unwrap()
+        };
+        let batch = logits(&ids, 40);
+        let windows: Vec<f32> = ids
+            .chunks(16)
+            .flat_map(|window| logits(window, 1))
+            .collect();
+        let tokens: Vec<f32> = ids.iter().flat_map(|&id| logits(&[id], 1)).collect();
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(worst(&batch, &windows) < 1e-4);
+        // Each token alone starts a sequence, so compare with the first positions only.
+        let firsts: Vec<f32> = batch
+            .chunks(16 * 64)
+            .flat_map(|window| window[..64].to_vec())
+            .collect();
+        let first_tokens: Vec<f32> = tokens
+            .chunks(16 * 64)
+            .flat_map(|window| window[..64].to_vec())
+            .collect();
+        let spread = firsts.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        assert!(worst(&firsts, &first_tokens) < 0.05 * spread);
+        assert!(
+            worst(&firsts, &first_tokens) > 0.0,
+            "decoding rounds its inputs to int8"
+        );
+    }
+
+    #[test]
     fn int8_with_a_quantized_tied_embedding_stays_close_to_float() {
         let device = Device::flex();
         let model = Llama::new(&shape(true), 0.0, 4, &device).unwrap();
