@@ -294,6 +294,12 @@ mod tests {
             first,
             generate(&model, &[1, 2, 3], &generation_config).unwrap()
         );
+        let mut streamed = Vec::new();
+        let streaming = generate_streaming(&model, &[1, 2, 3], &generation_config, |token| {
+            streamed.push(token)
+        })
+        .unwrap();
+        assert_eq!((&streaming, &streamed), (&first, &first.tokens));
 
         // The greedy continuation equals repeatedly taking the argmax of an uncached forward.
         let mut sequence: Vec<i64> = vec![1, 2, 3];

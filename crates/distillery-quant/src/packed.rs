@@ -5,14 +5,14 @@
 //! streams transposed: `qweight[word, out]`, zeros packed along the output dimension, f16
 //! scales, and the group of every input column.
 
+use std::ops::Range;
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
-use std::ops::Range;
-
 use crate::int8_inputs::{self, ChannelCodes, ChannelDots, Int8Inputs};
 use crate::pack::{code_at, pack_bits, unpack_bits};
 
@@ -401,8 +401,9 @@ impl PackedMatrix {
                     self.decode_stored_row(index * tile_channels + offset, weights, aligned);
                 }
                 // `outs` (`channels x count`, row-major) is written as the `count x channels`
-                // product `x tileᵀ` stored by columns: gemm then reads the tile in place, as
-                // broadcast operands, instead of repacking it, and packs only `x`.
+                // product `x tileᵀ` stored by columns: for prompt-sized `count` gemm then reads
+                // the tile in place, as broadcast operands, instead of repacking it, and packs
+                // only `x`.
                 // SAFETY: `outs` and `tile` are this task's own, `channels x count` and
                 // `channels x cols`; `x` holds `count` rows of `cols`.
                 unsafe {
