@@ -6,6 +6,7 @@
 //! scales, and the group of every input column.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -439,7 +440,7 @@ impl PackedMatrix {
     /// result is exactly `x̂ Wᵀ` for the rounded `x̂` (up to float summation order); other
     /// layouts compute exactly.
     pub fn matmul_int8_inputs(&self, x: &[f32], count: usize) -> Vec<f32> {
-        let Some(product) = self.integer_product(x, count) else {
+        let Some(product) = self.integer_product(x, count, None) else {
             return self.matmul(x, count);
         };
         self.by_channel(count, |rows, _, outs| product.channels(rows, outs))
@@ -453,16 +454,16 @@ impl PackedMatrix {
         x: &[f32],
         count: usize,
     ) -> Vec<Vec<f32>> {
-        let products: Option<Vec<IntegerProduct>> = matrices
-            .iter()
-            .map(|matrix| matrix.integer_product(x, count))
-            .collect();
-        let Some(products) = products else {
-            return matrices
-                .iter()
-                .map(|matrix| matrix.matmul_int8_inputs(x, count))
-                .collect();
-        };
+        let mut products: Vec<IntegerProduct> = Vec::with_capacity(matrices.len());
+        for matrix in matrices {
+            let Some(product) = matrix.integer_product(x, count, products.last()) else {
+                return matrices
+                    .iter()
+                    .map(|matrix| matrix.matmul_int8_inputs(x, count))
+                    .collect();
+            };
+            products.push(product);
+        }
         let mut starts = vec![0];
         for matrix in matrices {
             starts.push(starts.last().copied().unwrap_or(0) + matrix.rows);
@@ -499,16 +500,32 @@ impl PackedMatrix {
             .collect()
     }
 
-    /// The rounded inputs an int8-input product needs, when the matrix's layout allows one.
-    fn integer_product(&self, x: &[f32], count: usize) -> Option<IntegerProduct<'_>> {
+    /// The rounded inputs an int8-input product needs, when the matrix's layout allows one:
+    /// those of `previous`, a product of the same `x`, when this matrix rounds them alike.
+    fn integer_product<'a>(
+        &'a self,
+        x: &[f32],
+        count: usize,
+        previous: Option<&IntegerProduct>,
+    ) -> Option<IntegerProduct<'a>> {
         let size = self.integer_group_size()?;
-        let x = &*self.inputs_in_stored_order(x);
         let blocks_per_group = size / int8_inputs::BLOCK;
-        let inputs: Vec<Int8Inputs> = x
-            .chunks_exact(self.cols)
-            .take(count)
-            .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
-            .collect();
+        let shared = previous.filter(|previous| {
+            let other = previous.matrix;
+            (other.bits, previous.blocks_per_group) == (self.bits, blocks_per_group)
+                && other.order.is_none()
+                && self.order.is_none()
+        });
+        let inputs = match shared {
+            Some(previous) => Arc::clone(&previous.inputs),
+            None => Arc::new(
+                self.inputs_in_stored_order(x)
+                    .chunks_exact(self.cols)
+                    .take(count)
+                    .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
+                    .collect(),
+            ),
+        };
         Some(IntegerProduct {
             matrix: self,
             blocks_per_group,
@@ -534,6 +551,9 @@ impl PackedMatrix {
     ) -> Vec<f32> {
         let work = self.rows * self.cols * count;
         let by_channel = channel_major(self.rows, work, count, channel_outputs);
+        if count == 1 {
+            return by_channel;
+        }
         transposed(&by_channel, self.rows, count)
     }
 
@@ -695,7 +715,8 @@ impl PackedMatrix {
 struct IntegerProduct<'a> {
     matrix: &'a PackedMatrix,
     blocks_per_group: usize,
-    inputs: Vec<Int8Inputs>,
+    /// Shared by the products of one input with matrices that round it alike.
+    inputs: Arc<Vec<Int8Inputs>>,
     channel_dots: ChannelDots,
 }
 
@@ -1134,8 +1155,10 @@ mod tests {
     #[test]
     fn products_together_equal_products_one_by_one() {
         let x = random_matrix(2, 128, 95);
+        // The first two round their inputs alike and share them.
         let integer = [
             PackedMatrix::from_quantized(&quantized(64, 128, 4, Some(32))),
+            PackedMatrix::from_quantized(&quantized(48, 128, 4, Some(32))),
             PackedMatrix::from_quantized(&quantized(40, 128, 4, Some(64))),
             PackedMatrix::from_quantized(&quantized(96, 128, 8, None)),
         ];
