@@ -470,11 +470,8 @@ impl QuantizeConfig {
             .group_size()
             .map_or(String::new(), |size| format!("-g{size}"));
         let act_order = if self.act_order { "-act" } else { "" };
-        let clipped = if self.clip_search && self.method != QuantizeMethod::Int8 {
-            "-clip"
-        } else {
-            ""
-        };
+        // Validation refuses the search for int8.
+        let clipped = if self.clip_search { "-clip" } else { "" };
         let asymmetric = if self.sym || self.method == QuantizeMethod::Int8 {
             ""
         } else {

@@ -124,11 +124,7 @@ impl Linear {
             let mut output_dims = dims;
             output_dims[D - 1] = packed[index].rows();
             let values = outputs.next().expect("one output per layer");
-            Tensor::<2>::from_data(
-                TensorData::new(values, [rows, packed[index].rows()]),
-                &device,
-            )
-            .reshape(output_dims)
+            device_matrix(values, [rows, packed[index].rows()], &device).reshape(output_dims)
         })
     }
 
@@ -153,21 +149,21 @@ impl Linear {
 fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
     let device = x.device();
     let [rows, cols] = x.dims();
-    if rows <= DECODE_ROWS {
-        let inputs = host_values(x);
-        let outputs = packed.matmul_int8_inputs(&inputs, rows);
-        return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
-    }
-    if rows <= PROMPT_ROWS && is_flex(&device) {
-        let outputs = packed.matmul_in_tiles(&host_values(x), rows);
-        return Tensor::from_data(TensorData::new(outputs, [rows, packed.rows()]), &device);
-    }
-    // `[out, in]` as decoded, used through a transposed view, with no host-side transpose.
-    let weight = Tensor::<2>::from_data(
-        TensorData::new(packed.dequantize(), [packed.rows(), cols]),
-        &device,
-    );
-    x.matmul(weight.transpose())
+    let outputs = if rows <= DECODE_ROWS {
+        packed.matmul_int8_inputs(&host_values(x), rows)
+    } else if rows <= PROMPT_ROWS && is_flex(&device) {
+        packed.matmul_in_tiles(&host_values(x), rows)
+    } else {
+        // `[out, in]` as decoded, used through a transposed view, with no host-side transpose.
+        let weight = device_matrix(packed.dequantize(), [packed.rows(), cols], &device);
+        return x.matmul(weight.transpose());
+    };
+    device_matrix(outputs, [rows, packed.rows()], &device)
+}
+
+/// Row-major host values as a matrix on `device`.
+fn device_matrix(values: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 fn host_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {

@@ -118,20 +118,45 @@ fn nibble_order(values: &[i8], blocks: usize, blocks_per_group: usize) -> Vec<i8
     ordered
 }
 
-/// One output channel: its packed codes (`bits * BLOCK / 8` bytes a block) and one scale and
-/// zero point per group of `blocks_per_group` blocks.
-pub struct ChannelCodes<'a> {
+/// Consecutive output channels of one matrix, as the matrix stores them: each channel's packed
+/// codes (`bits * BLOCK / 8` bytes a block) in `row_bytes` bytes, and `groups` scales and zero
+/// points a channel, a group being `blocks_per_group` blocks.
+pub struct ChannelRun<'a> {
     pub bytes: &'a [u8],
-    pub bits: u32,
-    pub blocks_per_group: usize,
+    pub row_bytes: usize,
     pub scales: &'a [f32],
     pub zeros: &'a [u8],
+    pub groups: usize,
+    pub bits: u32,
+    pub blocks_per_group: usize,
 }
 
-/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · inputs)` of each channel of one
-/// matrix with the rounded inputs: `out[c]` for `channels[c]`. The codes meet the inputs in
-/// integers; the zero points are taken off each group's float sum.
-pub type ChannelDots = fn(&[ChannelCodes], &Int8Inputs, &mut [f32]);
+impl<'a> ChannelRun<'a> {
+    fn channel(&self, index: usize) -> ChannelCodes<'a> {
+        let groups = index * self.groups..(index + 1) * self.groups;
+        ChannelCodes {
+            bytes: &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes],
+            bits: self.bits,
+            blocks_per_group: self.blocks_per_group,
+            scales: &self.scales[groups.clone()],
+            zeros: &self.zeros[groups],
+        }
+    }
+}
+
+/// One channel of a [`ChannelRun`].
+struct ChannelCodes<'a> {
+    bytes: &'a [u8],
+    bits: u32,
+    blocks_per_group: usize,
+    scales: &'a [f32],
+    zeros: &'a [u8],
+}
+
+/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · inputs)` of each channel of a run
+/// with the rounded inputs: `out[c]` for channel `c`. The codes meet the inputs in integers;
+/// the zero points are taken off each group's float sum.
+pub type ChannelDots = fn(&ChannelRun, &Int8Inputs, &mut [f32]);
 
 /// The fastest [`ChannelDots`] this CPU runs for `bits`-bit codes, chosen once per product.
 pub fn channel_dots(bits: u32) -> ChannelDots {
@@ -151,9 +176,9 @@ pub fn channel_dots(bits: u32) -> ChannelDots {
     channel_dots_portable
 }
 
-fn channel_dots_portable(channels: &[ChannelCodes], inputs: &Int8Inputs, out: &mut [f32]) {
-    for (channel, value) in channels.iter().zip(out) {
-        *value = channel_dot_portable(channel, inputs);
+fn channel_dots_portable(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
+    for (index, value) in out.iter_mut().enumerate() {
+        *value = channel_dot_portable(&run.channel(index), inputs);
     }
 }
 
@@ -187,26 +212,19 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, ChannelCodes, Int8Inputs};
+    use super::{BLOCK, ChannelCodes, ChannelRun, Int8Inputs};
 
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
-    pub(super) fn vnni_channel_dots(
-        channels: &[ChannelCodes],
-        inputs: &Int8Inputs,
-        out: &mut [f32],
-    ) {
+    pub(super) fn vnni_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA,
         // AVX-512 VNNI and VL.
-        unsafe { dots(channels, inputs, out) }
+        unsafe { dots(run, inputs, out) }
     }
 
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
-    pub(super) fn vbmi_channel_dots(
-        channels: &[ChannelCodes],
-        inputs: &Int8Inputs,
-        out: &mut [f32],
-    ) {
-        for (channel, value) in channels.iter().zip(out) {
+    pub(super) fn vbmi_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
+        for (index, value) in out.iter_mut().enumerate() {
+            let channel = &run.channel(index);
             // SAFETY: `super::channel_dots` returns this function only when the CPU also has
             // AVX-512 BW and VBMI.
             *value = unsafe { triple_channel_dot(channel, inputs) };
@@ -217,11 +235,12 @@ pub(crate) mod x86 {
     /// bytes and consecutive channels continue it, a single stream through memory. (Taking
     /// four channels at once to share the input loads made four streams and ran slower.)
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn dots(channels: &[ChannelCodes], inputs: &Int8Inputs, out: &mut [f32]) {
+    fn dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         let blocks = inputs.scales.len();
         assert!(inputs.kernel_order().len() >= blocks * BLOCK);
         assert!(inputs.lane_scales.len() >= blocks * 4);
-        for (channel, value) in channels.iter().zip(out) {
+        for (index, value) in out.iter_mut().enumerate() {
+            let channel = &run.channel(index);
             assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
             let groups = blocks.div_ceil(channel.blocks_per_group);
             assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
@@ -430,53 +449,48 @@ mod tests {
     fn every_kernel_sums_codes_times_rounded_inputs() {
         let input = random_matrix(1, 128, 22);
         let all_scales = [0.5f32, -1.25, 0.75, 2.0];
-        // Six channels, codes and zero points from a fixed pattern per channel, in groups of one to four blocks: paired blocks, a group's last unpaired
-        // block and a short last group.
+        // Six channels, codes and zero points from a fixed pattern per channel, in groups of
+        // one to four blocks: paired blocks, a group's last unpaired block and a short last
+        // group.
         let channel_count = 6;
         for bits in [3u32, 4, 8] {
             for blocks_per_group in 1..=4 {
                 let groups = 4usize.div_ceil(blocks_per_group);
-                let bytes: Vec<Vec<u8>> = (0..channel_count)
-                    .map(|channel| {
-                        (0..128 * bits as usize / 8)
-                            .map(|index| (index * 73 + 11 + 29 * channel) as u8)
-                            .collect()
+                let row_bytes = 128 * bits as usize / 8;
+                let bytes: Vec<u8> = (0..channel_count)
+                    .flat_map(|channel| {
+                        (0..row_bytes).map(move |index| (index * 73 + 11 + 29 * channel) as u8)
                     })
                     .collect();
-                let scales: Vec<Vec<f32>> = (0..channel_count)
-                    .map(|channel| {
+                let scales: Vec<f32> = (0..channel_count)
+                    .flat_map(|channel| {
+                        (0..groups).map(move |group| all_scales[(group + channel) % 4])
+                    })
+                    .collect();
+                let zeros: Vec<u8> = (0..channel_count)
+                    .flat_map(|channel| {
                         (0..groups)
-                            .map(|group| all_scales[(group + channel) % 4])
-                            .collect()
+                            .map(move |group| ((5 * group + 3 * channel) % (1 << bits)) as u8)
                     })
                     .collect();
-                let zeros: Vec<Vec<u8>> = (0..channel_count)
-                    .map(|channel| {
-                        (0..groups)
-                            .map(|group| ((5 * group + 3 * channel) % (1 << bits)) as u8)
-                            .collect()
-                    })
-                    .collect();
-                let channels: Vec<ChannelCodes> = bytes
-                    .iter()
-                    .zip(&scales)
-                    .zip(&zeros)
-                    .map(|((bytes, scales), zeros)| ChannelCodes {
-                        bytes,
-                        bits,
-                        blocks_per_group,
-                        scales,
-                        zeros,
-                    })
-                    .collect();
+                let run = ChannelRun {
+                    bytes: &bytes,
+                    row_bytes,
+                    scales: &scales,
+                    zeros: &zeros,
+                    groups,
+                    bits,
+                    blocks_per_group,
+                };
                 let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
                 let restored = rounded.dequantize();
                 let mask = (1u32 << bits) - 1;
                 let mut portable = vec![0.0; channel_count];
-                channel_dots_portable(&channels, &rounded, &mut portable);
+                channel_dots_portable(&run, &rounded, &mut portable);
                 let mut selected = vec![0.0; channel_count];
-                channel_dots(bits)(&channels, &rounded, &mut selected);
-                for (index, channel) in channels.iter().enumerate() {
+                channel_dots(bits)(&run, &rounded, &mut selected);
+                for index in 0..channel_count {
+                    let channel = run.channel(index);
                     let terms: Vec<f32> = (0..128)
                         .map(|column| {
                             let start = column * bits as usize;

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
-use crate::int8_inputs::{self, ChannelCodes, ChannelDots, Int8Inputs};
+use crate::int8_inputs::{self, ChannelDots, ChannelRun, Int8Inputs};
 use crate::pack::{code_at, pack_bits, unpack_bits};
 
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
@@ -726,22 +726,22 @@ impl IntegerProduct<'_> {
         let matrix = self.matrix;
         let groups = matrix.groups;
         let count = self.inputs.len();
-        let channels: Vec<ChannelCodes> = rows
-            .clone()
-            .map(|row| ChannelCodes {
-                bytes: matrix.channel_bytes(row),
-                bits: matrix.bits,
-                blocks_per_group: self.blocks_per_group,
-                scales: &matrix.scales[row * groups..(row + 1) * groups],
-                zeros: &matrix.zeros[row * groups..(row + 1) * groups],
-            })
-            .collect();
+        let run = ChannelRun {
+            bytes: &matrix.stream
+                [rows.start * matrix.bytes_per_row..rows.end * matrix.bytes_per_row],
+            row_bytes: matrix.bytes_per_row,
+            scales: &matrix.scales[rows.start * groups..rows.end * groups],
+            zeros: &matrix.zeros[rows.start * groups..rows.end * groups],
+            groups,
+            bits: matrix.bits,
+            blocks_per_group: self.blocks_per_group,
+        };
         if count == 1 {
-            return (self.channel_dots)(&channels, &self.inputs[0], outs);
+            return (self.channel_dots)(&run, &self.inputs[0], outs);
         }
-        let mut dots = vec![0.0; channels.len()];
+        let mut dots = vec![0.0; rows.len()];
         for (index, input) in self.inputs.iter().enumerate() {
-            (self.channel_dots)(&channels, input, &mut dots);
+            (self.channel_dots)(&run, input, &mut dots);
             for (offset, &dot) in dots.iter().enumerate() {
                 outs[offset * count + index] = dot;
             }
