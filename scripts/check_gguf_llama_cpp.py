@@ -15,14 +15,12 @@ of `--seq-len` predicted tokens, as distillery cuts them.
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 from llama_cpp import Llama
 from tokenizers import Tokenizer
 
-from validation_split import validation_windows
+from validation_split import evaluate_llama_cpp, validation_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,27 +50,9 @@ def main():
     if args.windows is not None:
         windows = min(windows, args.windows)
 
-    loss_sum, correct, positions = 0.0, 0, 0
-    for index in range(windows):
-        window = validation[index * args.seq_len:index * args.seq_len + args.seq_len + 1]
-        inputs, targets = window[:-1].tolist(), window[1:]
-        llm.reset()
-        llm.eval(inputs)
-        logits = np.asarray(llm.scores[:len(inputs)], dtype=np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss_sum -= log_probs[np.arange(len(targets)), targets].sum()
-        correct += int((logits.argmax(axis=1) == targets).sum())
-        positions += len(targets)
-    loss = loss_sum / positions
-    print(json.dumps({
-        "tokenization_matches": same_tokens,
-        "tokens_compared": len(ours),
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "accuracy": correct / positions,
-        "tokens": positions,
-    }, indent=2))
+    result, _ = evaluate_llama_cpp(llm, validation, windows, args.seq_len)
+    print(json.dumps({"tokenization_matches": same_tokens, "tokens_compared": len(ours)} | result,
+                     indent=2))
 
 
 if __name__ == "__main__":

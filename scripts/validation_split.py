@@ -41,6 +41,11 @@ def evaluate_causal_lm(model, validation, windows, seq_len, batch_size):
             ).item()
             correct += (logits.argmax(-1) == targets).sum().item()
             positions += targets.numel()
+    return metrics(loss_sum, correct, positions)
+
+
+def metrics(loss_sum, correct, positions):
+    """The numbers `distillery eval` reports, from summed losses and correct predictions."""
     loss = loss_sum / positions
     return {
         "loss": loss,
@@ -48,3 +53,22 @@ def evaluate_causal_lm(model, validation, windows, seq_len, batch_size):
         "accuracy": correct / positions,
         "tokens": positions,
     }
+
+
+def evaluate_llama_cpp(llm, validation, windows, seq_len):
+    """Validation loss, perplexity and top-1 accuracy of a llama-cpp-python model over the
+    windows, each evaluated from an empty context as `distillery eval` does, and the most likely
+    next token at every position."""
+    loss_sum, correct, predictions = 0.0, 0, []
+    for index in range(windows):
+        window = validation[index * seq_len:index * seq_len + seq_len + 1]
+        inputs, targets = window[:-1].tolist(), window[1:]
+        llm.reset()
+        llm.eval(inputs)
+        logits = np.asarray(llm.scores[:len(inputs)], dtype=np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum -= log_probs[np.arange(len(targets)), targets].sum()
+        predictions.extend(logits.argmax(axis=1).tolist())
+        correct += int((logits.argmax(axis=1) == targets).sum())
+    return metrics(loss_sum, correct, windows * seq_len), predictions

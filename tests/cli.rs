@@ -415,23 +415,25 @@ fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
         out.display().to_string(),
     ]);
     workspace.run_ok(&export);
-    let file = distillery_formats::gguf::read(&std::fs::read(&out).unwrap()).unwrap();
+    let file = distillery_formats::gguf::read(std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(
         file.value("general.architecture"),
         Some(&Value::String("llama".into()))
     );
-    match file.value("tokenizer.ggml.tokens") {
-        Some(Value::Strings(tokens)) => {
-            assert_eq!(tokens.len(), 2048);
-            assert_eq!(tokens[0], "<|endoftext|>");
-        }
-        other => panic!("tokens: {other:?}"),
-    }
+    let tokens = file
+        .value("tokenizer.ggml.tokens")
+        .and_then(Value::as_strings)
+        .unwrap();
+    assert_eq!(tokens.len(), 2048);
+    assert_eq!(tokens[0], "<|endoftext|>");
+    assert_eq!(
+        file.value("tokenizer.ggml.pre"),
+        Some(&Value::String("gpt-2".into()))
+    );
     let checkpoint = common::model_tensors(&workspace.checkpoints.join("exported/best/model.bpk"));
     let embedding: Vec<u8> = file
-        .tensor("token_embd.weight")
+        .tensor_values(file.tensor("token_embd.weight").unwrap())
         .unwrap()
-        .values
         .iter()
         .flat_map(|value| value.to_le_bytes())
         .collect();
@@ -592,7 +594,7 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         "--out".into(),
         recorded.display().to_string(),
     ]);
-    let recorded = distillery_formats::gguf::read(&std::fs::read(&recorded).unwrap()).unwrap();
+    let recorded = distillery_formats::gguf::read(std::fs::read(&recorded).unwrap()).unwrap();
     assert_eq!(
         recorded.value("general.name"),
         Some(&Value::String("quantized".into()))
@@ -714,5 +716,120 @@ fn cost_states_its_assumptions_and_recommends() {
     assert!(
         stderr.contains("utilization must be in (0, 1], got 1.5"),
         "{stderr}"
+    );
+}
+
+/// A pretrained model's file as `model.from`: the config takes its architecture and tokenizer,
+/// and refuses a field that contradicts it, naming the field.
+#[test]
+fn model_from_a_gguf_file_gives_the_architecture_and_refuses_contradictions() {
+    let workspace = Workspace::new();
+    workspace.run_ok(&workspace.train_args("pretrained", &["train.steps=10"]));
+    let gguf = workspace.root.join("pretrained.gguf");
+    let mut export = vec!["export".to_string(), repo_path("configs/tiny-test.toml")];
+    export.extend(workspace.common_settings("pretrained"));
+    export.extend([
+        "--checkpoint".into(),
+        workspace
+            .checkpoints
+            .join("pretrained")
+            .display()
+            .to_string(),
+        "--format".into(),
+        "gguf".into(),
+        "--out".into(),
+        gguf.display().to_string(),
+    ]);
+    workspace.run_ok(&export);
+    let config = workspace.root.join("from.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[run]\nname = \"from\"\ncheckpoint_dir = \"{}\"\n[data]\ncorpus = \"{}\"\nseq_len = 32\n\
+             [model]\nfrom = \"{}\"\n[train]\nsteps = 1\nbatch_size = 4\nlr = 1e-3\n[eval]\nmax_windows = 8\n",
+            workspace.checkpoints.display(),
+            repo_path("datasets/tinyshakespeare.txt"),
+            gguf.display()
+        ),
+    )
+    .unwrap();
+    let evaluate = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["eval".to_string(), config.display().to_string()];
+        for setting in extra {
+            args.extend(["--set".to_string(), setting.to_string()]);
+        }
+        args.extend([
+            "--checkpoint".into(),
+            gguf.display().to_string(),
+            "--json".into(),
+        ]);
+        args
+    };
+    let rows: serde_json::Value = serde_json::from_str(&workspace.run_ok(&evaluate(&[]))).unwrap();
+    assert!(rows[0]["loss"].as_f64().unwrap() > 0.0);
+    // The file's tokenizer, written beside it, is the one the run uses.
+    let written = workspace.root.join("pretrained.tokenizer/tokenizer.json");
+    let tokenizer = distillery_data::TextTokenizer::load(&written).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 2048);
+    // The same fields as the file's are fine; another value is an error naming the field.
+    workspace.run_ok(&evaluate(&["model.hidden_size=32"]));
+    let (code, stderr) = workspace.run_err(&evaluate(&["model.hidden_size=64"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("`model.hidden_size`") && stderr.contains("= 64 contradicts"),
+        "{stderr}"
+    );
+    let (code, stderr) = workspace.run_err(&evaluate(&[&format!(
+        "data.tokenizer={}",
+        repo_path("datasets/shakespeare-bpe-2048.json")
+    )]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("`data.tokenizer`"), "{stderr}");
+    // A model without a chat template cannot chat.
+    let (_, stderr) = workspace.run_err(&[
+        "generate".into(),
+        config.display().to_string(),
+        "--checkpoint".into(),
+        gguf.display().to_string(),
+        "--chat".into(),
+        "hello".into(),
+    ]);
+    assert!(stderr.contains("no chat template"), "{stderr}");
+
+    // `import --gguf` makes a checkpoint of the file's weights; `quantize` takes the file too.
+    let imported = workspace.root.join("imported");
+    let mut import = vec!["import".to_string(), repo_path("configs/tiny-test.toml")];
+    import.extend(workspace.common_settings("imported"));
+    import.extend([
+        "--gguf".into(),
+        gguf.display().to_string(),
+        "--out".into(),
+        imported.display().to_string(),
+    ]);
+    workspace.run_ok(&import);
+    assert_eq!(
+        common::model_tensors(&imported.join("model.bpk")),
+        common::model_tensors(&workspace.checkpoints.join("pretrained/best/model.bpk"))
+    );
+    let mut quantize = vec!["quantize".to_string(), repo_path("configs/tiny-test.toml")];
+    quantize.extend(workspace.common_settings("pretrained"));
+    for setting in [
+        "quantize.method=\"int8\"".to_string(),
+        format!("quantize.checkpoint={}", gguf.display()),
+        "quantize.name=\"from-gguf\"".into(),
+    ] {
+        quantize.extend(["--set".to_string(), setting]);
+    }
+    quantize.push("--json".into());
+    let report: serde_json::Value = serde_json::from_str(&workspace.run_ok(&quantize)).unwrap();
+    assert_eq!(
+        report["models"][0]["model"].as_str().unwrap(),
+        gguf.display().to_string()
+    );
+    assert!(
+        workspace
+            .checkpoints
+            .join("from-gguf/quantize_config.json")
+            .is_file()
     );
 }

@@ -386,11 +386,33 @@ fn a_hugging_face_teacher_teaches_like_the_checkpoint_it_was_exported_from() {
     from_hf[position] = format!("teacher.hf_dir={}", hf_dir.display());
     let output = workspace.run_ok(&from_hf);
     assert!(output.contains("trained 10 steps"), "{output}");
+
+    // The same teacher as an f32 GGUF file, named by `teacher.from`.
+    let gguf = workspace.root.join("teacher.gguf");
+    let position = export.iter().position(|arg| arg == "hf").unwrap();
+    export[position] = "gguf".into();
+    *export.last_mut().unwrap() = gguf.display().to_string();
+    workspace.run_ok(&export);
+    let mut from_gguf = from_hf.clone();
+    let position = from_gguf
+        .iter()
+        .position(|arg| arg.starts_with("teacher.hf_dir="))
+        .unwrap();
+    from_gguf[position] = format!("teacher.from={}", gguf.display());
+    let position = from_gguf
+        .iter()
+        .position(|arg| arg == "run.name=from-hf")
+        .unwrap();
+    from_gguf[position] = "run.name=from-gguf".into();
+    workspace.run_ok(&from_gguf);
     for tag in ["teacher/val_loss", "train/loss", "val/kd"] {
-        assert_eq!(
-            common::metric_series(&workspace.experiments.join("from-hf"), tag),
-            common::metric_series(&workspace.experiments.join("from-checkpoint"), tag),
-            "{tag}"
-        );
+        let reference = common::metric_series(&workspace.experiments.join("from-checkpoint"), tag);
+        for run in ["from-hf", "from-gguf"] {
+            assert_eq!(
+                common::metric_series(&workspace.experiments.join(run), tag),
+                reference,
+                "{run} {tag}"
+            );
+        }
     }
 }

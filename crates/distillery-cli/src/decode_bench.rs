@@ -10,6 +10,10 @@ use crate::models::LoadedModel;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeReport {
     pub model: String,
+    /// Seconds from opening the file to a model ready to compute.
+    pub load_seconds: f64,
+    /// The family of kernels the quantized products ran (`portable`, `avx2`, `avx512`).
+    pub kernels: &'static str,
     pub bits_per_weight: f64,
     /// Bytes the weights take in memory as the model computes with them.
     pub weight_bytes: usize,
@@ -22,17 +26,18 @@ pub struct DecodeReport {
     pub runs: usize,
 }
 
-/// Bytes of `model`'s weights: f32 parameters plus the packed matrices as they sit in memory.
-fn weight_bytes(model: &Llama) -> usize {
+/// Bytes of `model`'s weights: f32 parameters plus the quantized matrices as they sit in
+/// memory.
+pub fn weight_bytes(model: &Llama) -> usize {
     use burn::module::Module;
-    let packed = model
+    let quantized = model
         .linears()
         .into_iter()
-        .filter_map(|(_, linear)| linear.packed())
-        .chain(model.packed_embedding())
+        .filter_map(|(_, linear)| linear.quantized_weight())
+        .chain(model.quantized_embedding())
         .map(|matrix| matrix.memory_bytes())
         .sum::<usize>();
-    4 * model.num_params() + packed
+    4 * model.num_params() + quantized
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -63,7 +68,7 @@ pub fn bench_decode(
     let config = GenerationConfig {
         max_new_tokens: new_tokens,
         sampling: SamplingConfig::default(),
-        eos_token_id: None,
+        stop_tokens: Vec::new(),
     };
     // Seconds to the first token and from it to the last.
     let run = |model: &Llama| -> anyhow::Result<(f64, f64)> {
@@ -100,6 +105,8 @@ pub fn bench_decode(
         .zip(prefill.into_iter().zip(decode))
         .map(|(loaded, (prefill, decode))| DecodeReport {
             model: loaded.describe(),
+            load_seconds: loaded.load_seconds,
+            kernels: distillery_quant::cpu::kernel_family().name(),
             bits_per_weight: loaded.bits_per_weight,
             weight_bytes: weight_bytes(&loaded.model),
             prompt_tokens: prompt.len(),
@@ -113,16 +120,17 @@ pub fn bench_decode(
 
 pub fn markdown_table(reports: &[DecodeReport]) -> String {
     let mut table = String::from(
-        "| model | bits/weight | weights in memory | prefill | decode | decode vs first |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| model | load | bits/weight | weights in memory | prefill | decode | decode vs first |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
     );
     let first = reports
         .first()
         .map_or(1.0, |report| report.decode_tokens_per_sec);
     for report in reports {
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s | {:.2}x |\n",
+            "| {} | {:.2} s | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s | {:.2}x |\n",
             report.model,
+            report.load_seconds,
             report.bits_per_weight,
             report.weight_bytes as f64 / 1e6,
             report.prefill_ms,
@@ -131,5 +139,9 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
             report.decode_tokens_per_sec / first,
         ));
     }
+    table.push_str(&format!(
+        "\nkernels: {} (this CPU's best: DISTILLERY_KERNELS=portable|avx2|avx512 chooses a lower family)\n",
+        distillery_quant::cpu::kernel_family().name()
+    ));
     table
 }

@@ -6,36 +6,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use distillery_config::{ExperimentConfig, ExportFormatName, GgufTypeName};
 use distillery_data::TextTokenizer;
-use distillery_formats::gguf::TensorKind;
-use distillery_formats::quantized::{QuantizedFolder, save, with_float_embedding_and_head};
+use distillery_formats::quantized::{QuantizedFolder, save};
+use distillery_quant::{GgmlType, QuantizedWeight};
 
 use crate::models::{LoadedModel, ModelKind};
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// A Hugging Face Llama folder: config.json, model.safetensors, tokenizer files.
-    Hf,
-    /// A GGUF file for llama.cpp, the tokenizer embedded.
-    Gguf,
-    /// A GPTQ folder (AutoGPTQ's v1 layout, as transformers loads it) from a model that
-    /// `distillery quantize` made.
-    Gptq,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GgufType {
-    F32,
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-}
-
 pub struct ExportJob {
     pub source: PathBuf,
-    pub format: ExportFormat,
-    pub gguf_type: GgufType,
+    pub format: ExportFormatName,
+    pub gguf_type: GgufTypeName,
     pub out: PathBuf,
     /// Replace an earlier output (the config form rewrites its own outputs).
     pub replace: bool,
@@ -85,24 +64,18 @@ pub fn configured_jobs(config: &ExperimentConfig) -> anyhow::Result<Vec<ExportJo
         match format {
             ExportFormatName::Hf => jobs.push(ExportJob {
                 source: source.clone(),
-                format: ExportFormat::Hf,
-                gguf_type: GgufType::F32,
+                format: ExportFormatName::Hf,
+                gguf_type: GgufTypeName::F32,
                 out: out_dir.join(format!("{run}-hf")),
                 replace: true,
             }),
             ExportFormatName::Gguf => {
-                for gguf_type in &settings.gguf_types {
-                    let (gguf_type, suffix) = match gguf_type {
-                        GgufTypeName::F32 => (GgufType::F32, "f32"),
-                        GgufTypeName::F16 => (GgufType::F16, "f16"),
-                        GgufTypeName::Q8_0 => (GgufType::Q8_0, "q8_0"),
-                        GgufTypeName::Q4_0 => (GgufType::Q4_0, "q4_0"),
-                    };
+                for &gguf_type in &settings.gguf_types {
                     jobs.push(ExportJob {
                         source: source.clone(),
-                        format: ExportFormat::Gguf,
+                        format: ExportFormatName::Gguf,
                         gguf_type,
-                        out: out_dir.join(format!("{run}-{suffix}.gguf")),
+                        out: out_dir.join(format!("{run}-{}.gguf", gguf_type.name())),
                         replace: true,
                     });
                 }
@@ -122,8 +95,8 @@ pub fn configured_jobs(config: &ExperimentConfig) -> anyhow::Result<Vec<ExportJo
                 };
                 jobs.push(ExportJob {
                     source: quantized,
-                    format: ExportFormat::Gptq,
-                    gguf_type: GgufType::F32,
+                    format: ExportFormatName::Gptq,
+                    gguf_type: GgufTypeName::F32,
                     out: out_dir.join(format!("{run}-gptq")),
                     replace: true,
                 });
@@ -145,7 +118,7 @@ pub fn export(
     let eos = tokenizer.eos_token_id();
     let out = &job.out;
     Ok(match job.format {
-        ExportFormat::Hf => {
+        ExportFormatName::Hf => {
             distillery_formats::hf::export(
                 model,
                 &config.data.tokenizer,
@@ -156,7 +129,7 @@ pub fn export(
             )?;
             "Hugging Face Llama folder"
         }
-        ExportFormat::Gptq => {
+        ExportFormatName::Gptq => {
             let ModelKind::Quantized {
                 config: gptq,
                 record,
@@ -174,7 +147,7 @@ pub fn export(
                     .lm_head
                     .as_ref()
                     .is_some_and(|head| head.packed().is_some());
-            let exported = with_float_embedding_and_head(model);
+            let exported = model.with_float_embedding_and_head();
             let folder = QuantizedFolder {
                 model: &exported,
                 tokenizer: &config.data.tokenizer,
@@ -191,22 +164,16 @@ pub fn export(
                 "GPTQ folder"
             }
         }
-        ExportFormat::Gguf => {
-            let tokenizer_json: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&config.data.tokenizer)
-                    .with_context(|| format!("reading {}", config.data.tokenizer.display()))?,
-            )
-            .with_context(|| format!("parsing {}", config.data.tokenizer.display()))?;
-            let vocabulary =
-                distillery_formats::gguf::vocabulary_from_tokenizer_json(&tokenizer_json, eos)
-                    .map_err(|message| {
-                        anyhow::anyhow!("{}: {message}", config.data.tokenizer.display())
-                    })?;
+        ExportFormatName::Gguf => {
+            let vocabulary = distillery_formats::source::tokenizer_vocabulary(
+                &config.data.tokenizer,
+                tokenizer.eos_token_id(),
+            )?;
             let (kind, description) = match job.gguf_type {
-                GgufType::F32 => (TensorKind::F32, "GGUF, f32"),
-                GgufType::F16 => (TensorKind::F16, "GGUF, f16 weight matrices"),
-                GgufType::Q8_0 => (TensorKind::Q8_0, "GGUF, Q8_0 weight matrices"),
-                GgufType::Q4_0 => (TensorKind::Q4_0, "GGUF, Q4_0 weight matrices"),
+                GgufTypeName::F32 => (GgmlType::F32, "GGUF, f32"),
+                GgufTypeName::F16 => (GgmlType::F16, "GGUF, f16 weight matrices"),
+                GgufTypeName::Q8_0 => (GgmlType::Q8_0, "GGUF, Q8_0 weight matrices"),
+                GgufTypeName::Q4_0 => (GgmlType::Q4_0, "GGUF, Q4_0 weight matrices"),
             };
             if let Some(note) = requantization_note(model, kind) {
                 eprintln!("{note}");
@@ -230,26 +197,29 @@ pub fn export(
 }
 
 /// What happens to a quantized model's matrices in a GGUF file of `kind` blocks.
-fn requantization_note(model: &distillery_model::Llama, kind: TensorKind) -> Option<String> {
-    let packed: Vec<&distillery_quant::PackedMatrix> = model
+fn requantization_note(model: &distillery_model::Llama, kind: GgmlType) -> Option<String> {
+    let quantized: Vec<&QuantizedWeight> = model
         .linears()
         .into_iter()
-        .filter_map(|(_, linear)| linear.packed())
-        .chain(model.packed_embedding())
+        .filter_map(|(_, linear)| linear.quantized_weight())
+        .chain(model.quantized_embedding())
         .collect();
-    if packed.is_empty() || kind == TensorKind::F32 {
+    if quantized.is_empty() || kind == GgmlType::F32 {
         return None;
     }
-    let exact = kind == TensorKind::Q8_0
-        && packed
-            .iter()
-            .all(|matrix| matrix.is_int8_in_groups_of(distillery_formats::ggml_blocks::BLOCK));
-    Some(if exact {
-        "the int8 codes and scales map onto Q8_0 blocks unchanged".into()
+    let unchanged = quantized.iter().all(|matrix| match matrix {
+        QuantizedWeight::Blocks(blocks) => blocks.kind() == kind,
+        QuantizedWeight::Packed(packed) => {
+            kind == GgmlType::Q8_0 && packed.is_int8_in_groups_of(GgmlType::Q8_0.block_values())
+        }
+    });
+    Some(if unchanged {
+        format!("the quantized matrices map onto {kind} blocks unchanged")
     } else {
         format!(
-            "the quantized matrices are requantized to {kind:?} from their dequantized weights \
-             (only int8 with group_size = 32 maps onto Q8_0 unchanged)"
+            "the quantized matrices are requantized to {kind} from their dequantized weights \
+             (matrices already in {kind} blocks, and int8 with group_size = 32 for Q8_0, keep \
+             their codes)"
         )
     })
 }

@@ -3,6 +3,9 @@
 mod cost;
 mod decode_bench;
 mod export;
+mod generate;
+mod import;
+mod inspect;
 mod models;
 mod pipeline;
 mod report;
@@ -15,14 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distillery_config::{ConfigError, ExperimentConfig, TeacherSource};
+use distillery_config::{ExportFormatName, GgufTypeName};
 use distillery_data::TextTokenizer;
 use distillery_distill::DistillError;
-use distillery_model::{GenerationConfig, SamplingConfig};
 use distillery_train::{
     BenchReport, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
     bench_objective, bench_train, evaluate_checkpoint, train,
 };
-use export::{ExportFormat, GgufType};
+use models::Activations;
 
 /// Exit status for configuration errors (a wrong key, type or value), as for usage errors.
 const EXIT_CONFIG: u8 = 2;
@@ -99,28 +102,21 @@ enum Command {
         /// folder or a GGUF file.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
-        #[arg(long, value_enum)]
-        format: Option<ExportFormat>,
-        /// How GGUF stores the weight matrices.
-        #[arg(long = "type", value_enum, default_value = "f32")]
-        gguf_type: GgufType,
+        /// hf (a Hugging Face Llama folder), gguf (a file for llama.cpp, the tokenizer
+        /// embedded) or gptq (a GPTQ folder of a model `distillery quantize` made).
+        #[arg(long, value_parser = parse_export_format)]
+        format: Option<ExportFormatName>,
+        /// How GGUF stores the weight matrices: f32, f16, q8_0 or q4_0.
+        #[arg(long = "type", value_parser = parse_gguf_type, default_value = "f32")]
+        gguf_type: GgufTypeName,
         /// The folder (hf, gptq) or file (gguf) to create.
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Read a Hugging Face Llama folder into a distillery checkpoint (step 0 of the config's
-    /// run), for eval, generate, export, a [teacher] or further training with --resume.
-    Import {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// The folder: config.json, model.safetensors (or shards with their index; f32, f16
-        /// or bf16), tokenizer.json.
-        #[arg(long)]
-        hf_dir: PathBuf,
-        /// The checkpoint directory to create.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    /// Read a pretrained model (a Hugging Face Llama folder or a GGUF file) into a distillery
+    /// checkpoint (step 0 of the config's run), for eval, generate, export, a [teacher] or
+    /// further training with --resume.
+    Import(import::ImportArgs),
     /// Print a GGUF file's metadata and tensors.
     Inspect {
         /// The GGUF file.
@@ -138,27 +134,17 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// How quantized matrices treat their activations.
+        #[arg(long, value_enum, default_value_t)]
+        activations: Activations,
+        /// Also write each model's most likely next token at every evaluated position, as a
+        /// JSON list of lists (one per model).
+        #[arg(long, value_name = "FILE")]
+        predictions: Option<PathBuf>,
     },
-    /// Continue a prompt with a model (any that `eval` takes).
-    Generate {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 100)]
-        max_new_tokens: usize,
-        /// 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    /// Continue a prompt with a model (any that `eval` takes), or answer a chat message
+    /// through its chat template.
+    Generate(generate::GenerateArgs),
     /// Cost per million tokens self-hosted against an API, the break-even volume and a
     /// recommendation, from a throughput measured here (--measure) or given.
     Cost {
@@ -222,6 +208,9 @@ enum BenchCommand {
         runs: usize,
         #[arg(long)]
         json: bool,
+        /// How quantized matrices treat their activations.
+        #[arg(long, value_enum, default_value_t)]
+        activations: Activations,
     },
 }
 
@@ -251,6 +240,19 @@ enum TokenizerCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the token ids of a text, as JSON: with a tokenizer.json, or the tokenizer a GGUF
+    /// file carries (written beside it as model.from does).
+    Encode {
+        /// A tokenizer.json, or a GGUF file.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The text; or --file.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// A UTF-8 text file to encode.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -274,7 +276,7 @@ impl PipelineArgs {
 }
 
 #[derive(Args)]
-struct ConfigArgs {
+pub struct ConfigArgs {
     /// The experiment config (TOML).
     config: PathBuf,
     /// Override a config key, e.g. --set train.lr=3e-4 (repeatable).
@@ -283,12 +285,34 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    /// The config with its overrides applied, its input files checked.
-    fn load(&self) -> Result<ExperimentConfig, ConfigError> {
-        let config = distillery_config::load(&self.config, &self.overrides)?;
+    /// The config with its overrides applied, `model.from` read, its input files checked.
+    pub fn load(&self) -> Result<ExperimentConfig, ConfigError> {
+        let config = distillery_config::load_reading(
+            &self.config,
+            &self.overrides,
+            Some(&read_model_source),
+        )?;
         config.check_inputs(&self.config.display().to_string())?;
         Ok(config)
     }
+}
+
+/// What `model.from` names: a GGUF file (its tokenizer written beside it) or a Hugging Face
+/// folder.
+pub fn read_model_source(path: &Path) -> Result<distillery_config::ModelSource, String> {
+    let source = distillery_formats::source::read_source(path).map_err(|e| e.message)?;
+    Ok(distillery_config::ModelSource {
+        architecture: source.architecture,
+        tokenizer: source.tokenizer,
+    })
+}
+
+fn parse_export_format(name: &str) -> Result<ExportFormatName, String> {
+    name.parse()
+}
+
+fn parse_gguf_type(name: &str) -> Result<GgufTypeName, String> {
+    name.parse()
 }
 
 fn main() -> ExitCode {
@@ -426,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 models::load_model(&config, &outcome.source, &tokenizer)?,
                 models::load_model(&config, &outcome.output, &tokenizer)?,
             ];
-            let rows = models::evaluation_rows(&config, &models)?;
+            let rows = models::evaluation_rows(&config, &models, None)?;
             if json {
                 let report = serde_json::json!({
                     "output": outcome.output,
@@ -503,79 +527,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Import {
-            config,
-            hf_dir,
-            out,
-        } => {
-            let config = config.load()?;
-            let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-            let theirs_path = hf_dir.join("tokenizer.json");
-            let theirs = TextTokenizer::load(&theirs_path)?;
-            if theirs.sha256() != tokenizer.sha256() {
-                anyhow::bail!(
-                    "{}: another tokenizer than the config's {}; the checkpoint would record the \
-                     wrong one",
-                    theirs_path.display(),
-                    config.data.tokenizer.display()
-                );
-            }
-            if out.exists() {
-                anyhow::bail!(
-                    "{}: already exists; choose another directory",
-                    out.display()
-                );
-            }
-            let device = distillery_train::device_for(&config.run)?;
-            let model = distillery_formats::hf::import(&hf_dir, &device)?;
-            distillery_train::write_initial_checkpoint(&config, &model, tokenizer.sha256(), &out)?;
-            println!(
-                "imported {} ({} parameters) into {}",
-                hf_dir.display(),
-                model.config().num_parameters(),
-                out.display()
-            );
+        Command::Import(args) => {
+            import::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { file } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let gguf = distillery_formats::gguf::read(&bytes)
-                .with_context(|| format!("reading {}", file.display()))?;
-            println!(
-                "{}: GGUF version {}, {} bytes, {} metadata entries, {} tensors",
-                file.display(),
-                gguf.version,
-                bytes.len(),
-                gguf.metadata.len(),
-                gguf.tensors.len()
-            );
-            for (key, value) in &gguf.metadata {
-                println!("  {key} = {}", describe_value(value));
-            }
-            for tensor in &gguf.tensors {
-                println!("  {} {:?} {:?}", tensor.name, tensor.kind, tensor.dims);
-            }
+            inspect::run(&file)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
             config,
             checkpoint,
             json,
+            activations,
+            predictions,
         } => {
             let origin = config.config.display().to_string();
             let config = config.load()?;
             match checkpoint.as_slice() {
-                [single] if !is_other_format(single) => {
+                [single] if !is_other_format(single) && predictions.is_none() => {
                     evaluate_training_checkpoint(&config, &origin, single, json)
                 }
                 paths => {
                     let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-                    let models = paths
+                    let mut models = paths
                         .iter()
                         .map(|path| models::load_model(&config, path, &tokenizer))
                         .collect::<anyhow::Result<Vec<_>>>()?;
-                    let rows = models::evaluation_rows(&config, &models)?;
+                    models::apply_activations(&mut models, activations);
+                    let mut predicted = Vec::new();
+                    let rows = models::evaluation_rows(
+                        &config,
+                        &models,
+                        predictions.is_some().then_some(&mut predicted),
+                    )?;
+                    if let Some(path) = &predictions {
+                        distillery_data::write_atomically(
+                            path,
+                            serde_json::to_string(&predicted)?.as_bytes(),
+                        )?;
+                    }
                     if json {
                         println!("{}", serde_json::to_string_pretty(&rows)?);
                     } else {
@@ -585,35 +576,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Generate {
-            config,
-            checkpoint,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-        } => {
-            let config = config.load()?;
-            let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-            let model = models::load_model(&config, &checkpoint, &tokenizer)?.model;
-            let prompt_ids = tokenizer.encode(&prompt)?;
-            let generation = distillery_model::generate(
-                &model,
-                &prompt_ids,
-                &GenerationConfig {
-                    max_new_tokens,
-                    sampling: SamplingConfig {
-                        temperature,
-                        top_k,
-                        top_p,
-                        seed,
-                    },
-                    eos_token_id: tokenizer.eos_token_id(),
-                },
-            )?;
-            println!("{prompt}{}", tokenizer.decode(&generation.tokens)?);
+        Command::Generate(args) => {
+            generate::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -704,6 +668,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     new_tokens,
                     runs,
                     json,
+                    activations,
                 },
         } => {
             let config = config.load()?;
@@ -713,10 +678,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "--prompt-tokens must be between 1 and the validation split's length"
             );
             let prompt = &data.splits.validation[..prompt_tokens];
-            let loaded = checkpoint
+            let mut loaded = checkpoint
                 .iter()
                 .map(|path| models::load_model(&config, path, &data.tokenizer))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            models::apply_activations(&mut loaded, activations);
             let reports = decode_bench::bench_decode(&loaded, prompt, new_tokens, runs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -805,42 +771,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// A metadata value for `inspect`: arrays by their length and first items.
-fn describe_value(value: &distillery_formats::gguf::Value) -> String {
-    use distillery_formats::gguf::Value;
-    let preview = |items: Vec<String>, total: usize| {
-        let shown = items.into_iter().take(5).collect::<Vec<_>>().join(", ");
-        if total > 5 {
-            format!("[{shown}, ...] ({total} items)")
-        } else {
-            format!("[{shown}]")
+        Command::Tokenizer {
+            what:
+                TokenizerCommand::Encode {
+                    tokenizer,
+                    text,
+                    file,
+                },
+        } => {
+            let path = if distillery_formats::source::is_gguf(&tokenizer) {
+                distillery_formats::source::read_source(&tokenizer)?.tokenizer
+            } else {
+                tokenizer
+            };
+            let tokenizer = TextTokenizer::load(&path)?;
+            let text = match (text, file) {
+                (Some(text), _) => text,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                (None, None) => unreachable!("clap requires --text or --file"),
+            };
+            println!("{}", serde_json::to_string(&tokenizer.encode(&text)?)?);
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    match value {
-        Value::U32(v) => v.to_string(),
-        Value::I32(v) => v.to_string(),
-        Value::F32(v) => v.to_string(),
-        Value::Bool(v) => v.to_string(),
-        Value::U64(v) => v.to_string(),
-        Value::String(v) => format!("{v:?}"),
-        Value::Strings(items) => preview(
-            items.iter().map(|item| format!("{item:?}")).collect(),
-            items.len(),
-        ),
-        Value::I32s(items) => preview(
-            items.iter().map(|item| item.to_string()).collect(),
-            items.len(),
-        ),
     }
 }
 
 /// Quantized model folders and GGUF files, which only the table form of `eval` reads.
 fn is_other_format(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|extension| extension == "gguf")
+    distillery_formats::source::is_gguf(path)
         || distillery_formats::quantized::is_quantized_dir(path)
 }
 

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use distillery_config::ExperimentConfig;
 use distillery_data::TextTokenizer;
-use distillery_formats::quantized;
+use distillery_formats::{quantized, source};
 use distillery_model::Llama;
+use distillery_quant::ActivationRounding;
 use distillery_train::checkpoint::MODEL_FILE;
 use distillery_train::{EvalMetrics, load_for_inference};
 
@@ -35,6 +36,8 @@ pub struct LoadedModel {
     pub bits_per_weight: f64,
     /// Stored bits per weight of the quantized matrices (scales, zeros, group indices included).
     pub quantized_bits_per_weight: Option<f64>,
+    /// Seconds from opening the file to a model ready to compute.
+    pub load_seconds: f64,
 }
 
 impl LoadedModel {
@@ -56,29 +59,36 @@ pub fn load_model(
     path: &Path,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<LoadedModel> {
+    let started = std::time::Instant::now();
+    let mut loaded = open_model(config, path, tokenizer)?;
+    loaded.load_seconds = started.elapsed().as_secs_f64();
+    Ok(loaded)
+}
+
+fn open_model(
+    config: &ExperimentConfig,
+    path: &Path,
+    tokenizer: &TextTokenizer,
+) -> anyhow::Result<LoadedModel> {
     let device = distillery_train::device_for(&config.run)?;
-    if path
-        .extension()
-        .is_some_and(|extension| extension == "gguf")
-    {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let file = distillery_formats::gguf::read(&bytes)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let model = distillery_formats::gguf::import_llama(&file, &device)
-            .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+    if source::is_gguf(path) {
+        let vocabulary =
+            source::tokenizer_vocabulary(&config.data.tokenizer, tokenizer.eos_token_id())?;
+        let (file, model) = source::load_gguf_for(path, &vocabulary, &device)?;
         let tensor_bytes: u64 = file
             .tensors
             .iter()
-            .map(|tensor| tensor.kind.bytes(tensor.dims.iter().product()))
+            .filter_map(|tensor| tensor.bytes())
             .sum();
         let parameters = model.config().num_parameters() as f64;
         return Ok(LoadedModel {
             path: path.to_path_buf(),
             kind: ModelKind::Gguf,
             model,
-            file_bytes: bytes.len() as u64,
+            file_bytes: file.len() as u64,
             bits_per_weight: tensor_bytes as f64 * 8.0 / parameters,
             quantized_bits_per_weight: None,
+            load_seconds: 0.0,
         });
     }
     if quantized::is_quantized_dir(path) {
@@ -107,6 +117,7 @@ pub fn load_model(
             file_bytes: loaded.file_bytes,
             bits_per_weight: loaded.storage.bits_per_weight(),
             quantized_bits_per_weight: loaded.storage.quantized_bits_per_weight(),
+            load_seconds: 0.0,
         });
     }
     let (directory, step, model) = load_for_inference(config, path, tokenizer)?;
@@ -122,7 +133,48 @@ pub fn load_model(
         // Checkpoints hold every parameter as f32.
         bits_per_weight: 32.0,
         quantized_bits_per_weight: None,
+        load_seconds: 0.0,
     })
+}
+
+/// How quantized matrices treat their activations, as a command-line flag names it.
+#[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Activations {
+    /// int8-rounded activations (llama.cpp's arithmetic) on single-token decoding steps, exact
+    /// f32 activations on prompts and evaluation batches.
+    #[default]
+    Auto,
+    /// Exact f32 activations everywhere: the stored weights' own arithmetic.
+    F32,
+    /// Activations rounded to int8 per 32 columns everywhere, as llama.cpp computes.
+    Int8,
+}
+
+impl Activations {
+    pub fn rounding(self) -> ActivationRounding {
+        match self {
+            Self::Auto => ActivationRounding::DecodeSteps,
+            Self::F32 => ActivationRounding::Never,
+            Self::Int8 => ActivationRounding::Always,
+        }
+    }
+}
+
+/// Sets `activations` on every model and, when one is quantized, says which arithmetic runs.
+pub fn apply_activations(models: &mut [LoadedModel], activations: Activations) {
+    let rounding = activations.rounding();
+    for loaded in models.iter_mut() {
+        loaded.model.set_activation_rounding(rounding);
+    }
+    if models.iter().any(|loaded| loaded.model.is_quantized()) {
+        eprintln!(
+            "arithmetic: {} (--activations {})",
+            rounding.describe(),
+            clap::ValueEnum::to_possible_value(&activations)
+                .map(|value| value.get_name().to_string())
+                .unwrap_or_default()
+        );
+    }
 }
 
 /// One row of `distillery eval`'s table.
@@ -146,14 +198,34 @@ pub struct EvalRow {
 
 /// Rows for `models` evaluated on the validation split; the first float checkpoint among them
 /// is the reference of the relative columns.
+/// With `predictions`, each model's most likely next token at every evaluated position is
+/// pushed there too.
 pub fn evaluation_rows(
     config: &ExperimentConfig,
     models: &[LoadedModel],
+    mut predictions: Option<&mut Vec<Vec<u32>>>,
 ) -> anyhow::Result<Vec<EvalRow>> {
     let data = distillery_train::prepare_data(config)?;
     let metrics: Vec<EvalMetrics> = models
         .iter()
-        .map(|loaded| distillery_train::evaluate_on_data(config, &data, &loaded.model))
+        .map(|loaded| {
+            let model = &loaded.model;
+            let windows = distillery_train::validation_windows(config, &data, model);
+            let batch = config.eval_batch_size();
+            match predictions.as_deref_mut() {
+                Some(predictions) => {
+                    let (metrics, predicted) = distillery_train::evaluate_with_predictions(
+                        model,
+                        &windows,
+                        batch,
+                        &model.device(),
+                    );
+                    predictions.push(predicted);
+                    metrics
+                }
+                None => distillery_train::evaluate(model, &windows, batch, &model.device()),
+            }
+        })
         .collect();
     let reference = models
         .iter()

@@ -110,7 +110,11 @@ pub fn run(
 }
 
 fn load_stage_config(stage: &StageConfig, origin: &str) -> Result<ExperimentConfig, ConfigError> {
-    let config = distillery_config::load(&stage.config, &stage.set)?;
+    let config = distillery_config::load_reading(
+        &stage.config,
+        &stage.set,
+        Some(&crate::read_model_source),
+    )?;
     config.check_inputs(origin)?;
     Ok(config)
 }
@@ -199,7 +203,7 @@ fn run_stage(
                 let path = &model_dirs[name];
                 loaded.push(models::load_model(config, path, &data.tokenizer)?);
             }
-            let rows = models::evaluation_rows(config, &loaded)?;
+            let rows = models::evaluation_rows(config, &loaded, None)?;
             // 32 prompt tokens and 128 new ones, or what a shorter context holds.
             let context = loaded
                 .iter()

@@ -23,7 +23,11 @@ pub fn write_report(pipeline: &PipelineConfig, out_root: &Path) -> anyhow::Resul
     let mut exports = Vec::new();
     let mut evals = Vec::new();
     for stage in &pipeline.stages {
-        let config = distillery_config::load(&stage.config, &stage.set)?;
+        let config = distillery_config::load_reading(
+            &stage.config,
+            &stage.set,
+            Some(&crate::read_model_source),
+        )?;
         match stage.kind {
             StageKind::Train | StageKind::Distill => {
                 runs.push(run_curves(&stage.name, &config.run_experiment_dir())?);

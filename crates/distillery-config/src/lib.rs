@@ -47,14 +47,53 @@ pub enum ConfigError {
     },
 }
 
+/// What a pretrained model's file (`model.from`) says about the run: its architecture and where
+/// its tokenizer lies as a `tokenizer.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSource {
+    pub architecture: LlamaConfig,
+    pub tokenizer: PathBuf,
+}
+
+/// Reads a `model.from` path; the message of an error names what is wrong with the file.
+pub type ModelSourceReader<'a> = &'a dyn Fn(&Path) -> Result<ModelSource, String>;
+
+/// Calls the macro `$callback` with every architecture field of `[model]` that a preset and a
+/// model file both give.
+macro_rules! with_shape_fields {
+    ($callback:ident) => {
+        $callback!(
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope_theta,
+            tie_word_embeddings
+        )
+    };
+}
+
 /// Reads a config file and applies `overrides` (`key.path=value`, the value in TOML syntax, or a
-/// bare string).
+/// bare string). A config whose `model.from` still has to be read needs [`load_reading`].
 pub fn load(path: &Path, overrides: &[String]) -> Result<ExperimentConfig, ConfigError> {
+    load_reading(path, overrides, None)
+}
+
+/// [`load`], with `reader` for the file `model.from` names.
+pub fn load_reading(
+    path: &Path,
+    overrides: &[String],
+    reader: Option<ModelSourceReader>,
+) -> Result<ExperimentConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text, &path.display().to_string(), overrides)
+    parse_reading(&text, &path.display().to_string(), overrides, reader)
 }
 
 /// Parses config text; `origin` names it in errors.
@@ -62,6 +101,16 @@ pub fn parse(
     text: &str,
     origin: &str,
     overrides: &[String],
+) -> Result<ExperimentConfig, ConfigError> {
+    parse_reading(text, origin, overrides, None)
+}
+
+/// [`parse`], with `reader` for the file `model.from` names.
+pub fn parse_reading(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+    reader: Option<ModelSourceReader>,
 ) -> Result<ExperimentConfig, ConfigError> {
     let mut document: toml_edit::DocumentMut =
         text.parse()
@@ -117,8 +166,93 @@ pub fn parse(
         }
     };
     resolve_preset(&mut config.model).map_err(invalid)?;
+    resolve_source(&mut config, reader).map_err(invalid)?;
     validate(&config).map_err(invalid)?;
     Ok(config)
+}
+
+/// Fills the model fields and the tokenizer from `model.from`'s file. A field the config also
+/// sets must agree with the file; a config saved with a run already holds them all and needs no
+/// reader.
+fn resolve_source(
+    config: &mut ExperimentConfig,
+    reader: Option<ModelSourceReader>,
+) -> Result<(), (String, String)> {
+    let Some(from) = config.model.from.clone() else {
+        return Ok(());
+    };
+    let fail = |key: &str, message: String| Err((key.to_string(), message));
+    if config.model.preset.is_some() {
+        return fail(
+            "model.preset",
+            "and model.from both give the architecture; keep one".into(),
+        );
+    }
+    let Some(reader) = reader else {
+        let complete =
+            model_config(&config.model, 1).is_some() && config.model.vocab_size.is_some();
+        if complete && !config.data.tokenizer.as_os_str().is_empty() {
+            return Ok(());
+        }
+        return fail(
+            "model.from",
+            format!("{} must be read to resolve the config", from.display()),
+        );
+    };
+    let source = reader(&from).map_err(|message| ("model.from".to_string(), message))?;
+    let file = source.architecture;
+    let model = &mut config.model;
+    macro_rules! agree {
+        ($($field:ident),*) => {
+            $(
+                match model.$field {
+                    Some(value) if value != file.$field => {
+                        return fail(
+                            concat!("model.", stringify!($field)),
+                            format!("= {value} contradicts {}'s {}", from.display(), file.$field),
+                        );
+                    }
+                    _ => model.$field = Some(file.$field),
+                }
+            )*
+        };
+    }
+    with_shape_fields!(agree);
+    match &model.rope_scaling {
+        Some(scaling) if Some(scaling) != file.rope_scaling.as_ref() => {
+            return fail(
+                "model.rope_scaling",
+                format!(
+                    "= {scaling:?} contradicts {}'s {:?}",
+                    from.display(),
+                    file.rope_scaling
+                ),
+            );
+        }
+        _ => model.rope_scaling = file.rope_scaling,
+    }
+    let data = &mut config.data;
+    if data.tokenizer.as_os_str().is_empty() {
+        data.tokenizer = source.tokenizer;
+    } else if !same_file(&data.tokenizer, &source.tokenizer) {
+        return fail(
+            "data.tokenizer",
+            format!(
+                "= {} is not the tokenizer of model.from ({}); leave data.tokenizer out or name \
+                 that file",
+                data.tokenizer.display(),
+                source.tokenizer.display()
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 fn apply_override(
@@ -195,18 +329,7 @@ fn resolve_preset(model: &mut ModelSection) -> Result<(), (String, String)> {
             $( model.$field = model.$field.or(preset.$field); )*
         };
     }
-    fill!(
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_hidden_layers,
-        num_attention_heads,
-        num_key_value_heads,
-        max_position_embeddings,
-        rms_norm_eps,
-        rope_theta,
-        tie_word_embeddings
-    );
+    with_shape_fields!(fill);
     Ok(())
 }
 
@@ -225,6 +348,12 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
         );
     }
     let data = &config.data;
+    if data.tokenizer.as_os_str().is_empty() {
+        return fail(
+            "data.tokenizer",
+            "is required (a tokenizer.json), unless model.from names a model that has one".into(),
+        );
+    }
     if !(data.validation_fraction > 0.0 && data.validation_fraction < 1.0) {
         return fail(
             "data.validation_fraction",
@@ -478,15 +607,17 @@ fn validate_distillation(
             }
         }
     }
-    if let Some(teacher) = &config.teacher
-        && teacher.checkpoint.is_some() == teacher.hf_dir.is_some()
-    {
-        return fail(
-            "teacher",
-            "set exactly one of teacher.checkpoint (a distillery run or checkpoint) and \
-             teacher.hf_dir (a Hugging Face Llama folder)"
-                .into(),
-        );
+    if let Some(teacher) = &config.teacher {
+        let sources = [&teacher.checkpoint, &teacher.from, &teacher.hf_dir];
+        if sources.iter().filter(|source| source.is_some()).count() != 1 {
+            return fail(
+                "teacher",
+                "set exactly one of teacher.checkpoint (a distillery run or checkpoint), \
+                 teacher.from (a GGUF file or a Hugging Face Llama folder) and teacher.hf_dir \
+                 (a Hugging Face Llama folder)"
+                    .into(),
+            );
+        }
     }
     if let Some(distill) = &config.distill {
         if !(distill.temperature.is_finite() && distill.temperature > 0.0) {
@@ -547,6 +678,7 @@ fn model_config(model: &ModelSection, vocab_size: usize) -> Option<LlamaConfig> 
         rms_norm_eps: model.rms_norm_eps.unwrap_or(1e-5),
         rope_theta: model.rope_theta.unwrap_or(10000.0),
         tie_word_embeddings: model.tie_word_embeddings.unwrap_or(false),
+        rope_scaling: model.rope_scaling.clone(),
     })
 }
 

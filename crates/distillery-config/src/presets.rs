@@ -38,6 +38,7 @@ fn shape(
     tie_word_embeddings: bool,
 ) -> ModelSection {
     ModelSection {
+        from: None,
         preset: None,
         vocab_size: None,
         hidden_size: Some(hidden_size),
@@ -49,6 +50,7 @@ fn shape(
         rms_norm_eps: Some(1e-5),
         rope_theta: Some(10000.0),
         tie_word_embeddings: Some(tie_word_embeddings),
+        rope_scaling: None,
         dropout: 0.0,
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use distillery_model::RopeScaling;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,7 +125,9 @@ impl Precision {
 pub struct DataConfig {
     /// UTF-8 text file; relative paths are relative to the working directory.
     pub corpus: PathBuf,
-    /// A Hugging Face `tokenizer.json`.
+    /// A Hugging Face `tokenizer.json`; with `model.from`, the model's own tokenizer, which
+    /// this may name but not contradict.
+    #[serde(default)]
     pub tokenizer: PathBuf,
     /// Where the token cache is written; defaults to the corpus's directory.
     #[serde(default)]
@@ -136,11 +139,16 @@ pub struct DataConfig {
     pub seq_len: usize,
 }
 
-/// The model: a named preset, explicit Hugging Face fields, or a preset with some fields
-/// overridden. `vocab_size` defaults to the tokenizer's vocabulary size.
+/// The model: a named preset, explicit Hugging Face fields, a preset with some fields
+/// overridden, or a pretrained model's file (`from`) that every field comes from.
+/// `vocab_size` defaults to the tokenizer's vocabulary size.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    /// A GGUF file or a Hugging Face Llama folder whose architecture and tokenizer the run
+    /// takes; any field also set here must agree with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,6 +172,9 @@ pub struct ModelSection {
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tie_word_embeddings: Option<bool>,
+    /// Rotary-frequency scaling, as Hugging Face's `rope_scaling` (a table with `rope_type`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Dropout on embeddings and residual branches during training.
     #[serde(default)]
     pub dropout: f64,
@@ -270,6 +281,10 @@ pub struct TeacherConfig {
     /// A distillery run directory (`checkpoints/<run>`) or one of its checkpoint directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
+    /// A pretrained model's file: a GGUF file or a Hugging Face Llama folder; instead of
+    /// `checkpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
     /// A Hugging Face Llama folder (`config.json`, safetensors weights, `tokenizer.json`);
     /// instead of `checkpoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -421,8 +436,9 @@ pub struct QuantizeConfig {
     /// Quantize the untied output projection too.
     #[serde(default)]
     pub quantize_lm_head: bool,
-    /// The model to quantize: a run or checkpoint directory (default the run's directory,
-    /// whose `best/` checkpoint is taken).
+    /// The model to quantize: a run or checkpoint directory, or a pretrained model's GGUF file
+    /// or Hugging Face folder (default the run's directory, whose `best/` checkpoint is taken,
+    /// or `model.from` while the run has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
     /// Names the output `<checkpoint_dir>/<name>/` (default `<run>-<method and settings>`).
@@ -538,6 +554,59 @@ pub enum GgufTypeName {
     Q8_0,
     #[serde(rename = "q4_0")]
     Q4_0,
+}
+
+impl ExportFormatName {
+    pub const ALL: [ExportFormatName; 3] = [Self::Hf, Self::Gguf, Self::Gptq];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hf => "hf",
+            Self::Gguf => "gguf",
+            Self::Gptq => "gptq",
+        }
+    }
+}
+
+impl GgufTypeName {
+    pub const ALL: [GgufTypeName; 4] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0];
+
+    /// The name configs and the command line spell it with, and exported files carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// Parses a name from a fixed list, naming the choices when it is none of them.
+fn by_name<T: Copy>(name: &str, all: &[T], name_of: fn(T) -> &'static str) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|&item| name_of(item) == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&item| name_of(item)).collect();
+            format!("\"{name}\" is not one of {}", names.join(", "))
+        })
+}
+
+impl std::str::FromStr for ExportFormatName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        by_name(name, &Self::ALL, Self::name)
+    }
+}
+
+impl std::str::FromStr for GgufTypeName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        by_name(name, &Self::ALL, Self::name)
+    }
 }
 
 fn default_gguf_types() -> Vec<GgufTypeName> {

@@ -237,7 +237,8 @@ fn every_shipped_config_parses() {
                 load(&stage_path, &stage.set).unwrap_or_else(|error| panic!("{error}"));
             }
         } else {
-            load(&path, &[]).unwrap_or_else(|error| panic!("{error}"));
+            load_reading(&path, &[], Some(&smollm2_source))
+                .unwrap_or_else(|error| panic!("{error}"));
         }
         count += 1;
     }
@@ -345,5 +346,107 @@ fn three_bit_storage_needs_widths_in_whole_words() {
         message.contains("self_attn.k_proj is 32 inputs x 16 outputs")
             && message.contains("multiples of 32"),
         "{message}"
+    );
+}
+
+/// What reading SmolLM2-135M-Instruct's file gives `model.from`.
+fn smollm2_source(_: &Path) -> Result<ModelSource, String> {
+    Ok(ModelSource {
+        architecture: distillery_model::LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            tie_word_embeddings: true,
+            rope_scaling: None,
+        },
+        tokenizer: PathBuf::from("models/smollm2.tokenizer/tokenizer.json"),
+    })
+}
+
+const FROM_FILE: &str = r#"
+[run]
+name = "real"
+[data]
+corpus = "c.txt"
+seq_len = 64
+[model]
+from = "models/smollm2.gguf"
+[train]
+steps = 1
+batch_size = 1
+lr = 1e-4
+"#;
+
+#[test]
+fn model_from_fills_the_architecture_and_the_tokenizer() {
+    let config = parse_reading(FROM_FILE, "from.toml", &[], Some(&smollm2_source)).unwrap();
+    assert_eq!(config.model.hidden_size, Some(576));
+    assert_eq!(config.model.rope_theta, Some(100000.0));
+    assert_eq!(config.model.tie_word_embeddings, Some(true));
+    assert_eq!(
+        config.data.tokenizer,
+        PathBuf::from("models/smollm2.tokenizer/tokenizer.json")
+    );
+    assert_eq!(
+        config.llama_config(49152).unwrap(),
+        smollm2_source(Path::new("")).unwrap().architecture
+    );
+    // The resolved config, as a run saves it, parses without reading the file again.
+    let saved = parse(&config.to_toml(), "run.toml", &[]).unwrap();
+    assert_eq!(saved, config);
+    // Without a reader, an unresolved one says so.
+    let error = parse(FROM_FILE, "from.toml", &[]).unwrap_err().to_string();
+    assert!(
+        error.contains("`model.from`") && error.contains("must be read"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_field_that_contradicts_model_from_is_an_error_naming_it() {
+    let agreeing = parse_reading(
+        FROM_FILE,
+        "from.toml",
+        &["model.num_hidden_layers=30".into()],
+        Some(&smollm2_source),
+    );
+    assert!(agreeing.is_ok());
+    for (setting, key) in [
+        ("model.num_hidden_layers=4", "model.num_hidden_layers"),
+        ("model.rope_theta=10000.0", "model.rope_theta"),
+        (
+            "model.tie_word_embeddings=false",
+            "model.tie_word_embeddings",
+        ),
+        ("model.preset=\"llama-tiny\"", "model.preset"),
+        ("data.tokenizer=\"datasets/other.json\"", "data.tokenizer"),
+    ] {
+        let error = parse_reading(
+            FROM_FILE,
+            "from.toml",
+            &[setting.into()],
+            Some(&smollm2_source),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains(&format!("`{key}`")), "{setting}: {error}");
+    }
+    let error = parse_reading(
+        FROM_FILE,
+        "from.toml",
+        &["model.num_hidden_layers=4".into()],
+        Some(&smollm2_source),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("= 4 contradicts models/smollm2.gguf's 30"),
+        "{error}"
     );
 }

@@ -1,6 +1,7 @@
 //! Text to token windows: tokenizers, the token cache and the seeded window sampler.
 
 mod cache;
+pub mod chat;
 mod tokenizer;
 mod windows;
 
@@ -10,7 +11,10 @@ use std::path::{Path, PathBuf};
 pub use cache::{
     CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build, read_token_cache,
 };
-pub use tokenizer::{END_OF_TEXT, TextTokenizer, default_tokenizer_path, hex_sha256};
+pub use tokenizer::{
+    END_OF_TEXT, TOKENIZER_CONFIG_FILE, TextTokenizer, TokenizerSettings, default_tokenizer_path,
+    hex_sha256,
+};
 pub use windows::{TokenBatch, TokenSplits, TokenWindow, ValidationWindows, WindowSampler};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,8 @@ pub enum DataError {
     Cache { path: PathBuf, message: String },
     #[error("tokenization failed: {0}")]
     Encode(String),
+    #[error("chat: {0}")]
+    Chat(String),
     #[error(
         "a byte-level BPE vocabulary needs at least {minimum} entries (256 bytes and <|endoftext|>), got {requested}"
     )]

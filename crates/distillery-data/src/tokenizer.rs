@@ -14,10 +14,71 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// Names other tokenizers use for their end-of-sequence token, tried in order.
 const EOS_CANDIDATES: [&str; 3] = [END_OF_TEXT, "</s>", "<|end_of_text|>"];
 
+/// The settings Hugging Face keeps beside `tokenizer.json` in `tokenizer_config.json`: which
+/// tokens begin and end a sequence, whether a prompt starts with the beginning one, and the
+/// chat template.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerSettings {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub add_bos_token: bool,
+    pub chat_template: Option<String>,
+}
+
+/// The name of the settings file Hugging Face keeps beside `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+impl TokenizerSettings {
+    /// The `tokenizer_config.json` beside `tokenizer`, when there is one.
+    fn beside(tokenizer: &Path) -> Result<Option<Self>, DataError> {
+        let path = tokenizer.with_file_name(TOKENIZER_CONFIG_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(DataError::Io { path, source }),
+        };
+        let invalid = |message: String| DataError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+        // Transformers writes a special token as its text or as an `AddedToken` object.
+        let token = |key: &str| -> Result<Option<String>, DataError> {
+            match &json[key] {
+                serde_json::Value::Null => Ok(None),
+                serde_json::Value::String(text) => Ok(Some(text.clone())),
+                other => other["content"]
+                    .as_str()
+                    .map(|text| Some(text.to_string()))
+                    .ok_or_else(|| invalid(format!("`{key}` is not a token"))),
+            }
+        };
+        // A list of named templates: the default one serves chat.
+        let chat_template = match &json["chat_template"] {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(template) => Some(template.clone()),
+            serde_json::Value::Array(templates) => templates
+                .iter()
+                .find(|entry| entry["name"] == "default")
+                .and_then(|entry| entry["template"].as_str())
+                .map(str::to_string),
+            _ => return Err(invalid("`chat_template` is not a template".into())),
+        };
+        Ok(Some(Self {
+            bos_token: token("bos_token")?,
+            eos_token: token("eos_token")?,
+            add_bos_token: json["add_bos_token"].as_bool().unwrap_or(false),
+            chat_template,
+        }))
+    }
+}
+
 /// A Hugging Face tokenizer plus the hash that identifies it in token caches and checkpoints.
 pub struct TextTokenizer {
     inner: Tokenizer,
     sha256: String,
+    settings: Option<TokenizerSettings>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -30,7 +91,8 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads any Hugging Face `tokenizer.json`.
+    /// Loads any Hugging Face `tokenizer.json`, and the `tokenizer_config.json` beside it when
+    /// there is one.
     pub fn load(path: &Path) -> Result<Self, DataError> {
         if !path.is_file() {
             return Err(DataError::MissingFile {
@@ -42,7 +104,24 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             message: error.to_string(),
         })?;
-        Self::from_tokenizer(inner, path)
+        let mut tokenizer = Self::from_tokenizer(inner, path)?;
+        tokenizer.settings = TokenizerSettings::beside(path)?;
+        for (key, token) in tokenizer.settings.iter().flat_map(|settings| {
+            [
+                ("bos_token", &settings.bos_token),
+                ("eos_token", &settings.eos_token),
+            ]
+        }) {
+            if let Some(token) = token
+                && tokenizer.inner.token_to_id(token).is_none()
+            {
+                return Err(DataError::Tokenizer {
+                    path: path.with_file_name(TOKENIZER_CONFIG_FILE),
+                    message: format!("`{key}` \"{token}\" is not in the vocabulary"),
+                });
+            }
+        }
+        Ok(tokenizer)
     }
 
     /// Trains a byte-level BPE tokenizer (GPT-2's pre-tokenizer, no normalizer) on a text file.
@@ -93,7 +172,11 @@ impl TextTokenizer {
                 message: error.to_string(),
             })?;
         let sha256 = hex_sha256(canonical.as_bytes());
-        Ok(Self { inner, sha256 })
+        Ok(Self {
+            inner,
+            sha256,
+            settings: None,
+        })
     }
 
     /// Writes `tokenizer.json` (pretty-printed, as Hugging Face does), replacing any old file
@@ -120,10 +203,60 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The end-of-sequence token: `tokenizer_config.json`'s, or the first of the usual names
+    /// the vocabulary has.
     pub fn eos_token_id(&self) -> Option<u32> {
-        EOS_CANDIDATES
-            .iter()
-            .find_map(|token| self.inner.token_to_id(token))
+        match self
+            .settings
+            .as_ref()
+            .and_then(|settings| settings.eos_token.as_deref())
+        {
+            Some(token) => self.inner.token_to_id(token),
+            None => EOS_CANDIDATES
+                .iter()
+                .find_map(|token| self.inner.token_to_id(token)),
+        }
+    }
+
+    /// The beginning-of-sequence token `tokenizer_config.json` names.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        let token = self.settings.as_ref()?.bos_token.as_deref()?;
+        self.inner.token_to_id(token)
+    }
+
+    /// `tokenizer_config.json`'s settings, when the tokenizer has one.
+    pub fn settings(&self) -> Option<&TokenizerSettings> {
+        self.settings.as_ref()
+    }
+
+    /// Token ids of a prompt: the text, after the beginning-of-sequence token when the
+    /// tokenizer's settings add one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let mut ids = Vec::new();
+        if self
+            .settings
+            .as_ref()
+            .is_some_and(|settings| settings.add_bos_token)
+            && let Some(bos) = self.bos_token_id()
+        {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Whether `id` is a special (added, control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|token| token.special)
+    }
+
+    /// The text of token `id` as the vocabulary spells it (byte-level tokens in their mapped
+    /// form), or `None` outside the vocabulary.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {

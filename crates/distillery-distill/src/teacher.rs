@@ -35,16 +35,21 @@ impl Teacher {
         student: &LlamaConfig,
         device: &Device,
     ) -> Result<Self, DistillError> {
-        let (model, directory, step, weights_sha256) = match (&config.checkpoint, &config.hf_dir) {
-            (Some(checkpoint), _) => load_checkpoint(checkpoint, config.select, tokenizer, device)?,
-            (None, Some(hf_dir)) => load_hf(hf_dir, tokenizer, device)?,
-            (None, None) => {
-                return Err(DistillError::Teacher {
-                    path: PathBuf::new(),
-                    message: "set teacher.checkpoint or teacher.hf_dir".into(),
-                });
-            }
-        };
+        let (model, directory, step, weights_sha256) =
+            match (&config.checkpoint, &config.from, &config.hf_dir) {
+                (Some(checkpoint), _, _) => {
+                    load_checkpoint(checkpoint, config.select, tokenizer, device)?
+                }
+                (None, None, Some(dir)) => load_hf(dir, tokenizer, device)?,
+                (None, Some(path), _) if path.is_dir() => load_hf(path, tokenizer, device)?,
+                (None, Some(path), _) => load_gguf(path, tokenizer, device)?,
+                (None, None, _) => {
+                    return Err(DistillError::Teacher {
+                        path: PathBuf::new(),
+                        message: "set teacher.checkpoint, teacher.from or teacher.hf_dir".into(),
+                    });
+                }
+            };
         let logits_width = logits_width(
             model.config().vocab_size,
             student.vocab_size,
@@ -164,6 +169,50 @@ fn load_hf(
     Ok((model, dir.to_path_buf(), None, digests.join(" ")))
 }
 
+/// A GGUF teacher, dequantized once: a live teacher runs every training batch through every
+/// matrix, which float weights serve fastest.
+fn load_gguf(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<LoadedTeacher, DistillError> {
+    let teacher_error = |message: String| DistillError::Teacher {
+        path: path.to_path_buf(),
+        message,
+    };
+    // The file carries its tokenizer as GGUF metadata: it must tokenize as the student's does.
+    let student_json: serde_json::Value = tokenizer
+        .inner()
+        .to_string(false)
+        .ok()
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .ok_or_else(|| teacher_error("the student's tokenizer does not serialize".into()))?;
+    let vocabulary = distillery_formats::gguf::vocabulary_from_tokenizer_json(
+        &student_json,
+        None,
+        tokenizer.eos_token_id(),
+    )
+    .map_err(|error| teacher_error(format!("the student's tokenizer: {error}")))?;
+    let bytes = std::fs::read(path).map_err(|error| teacher_error(error.to_string()))?;
+    let weights_sha256 = distillery_data::hex_sha256(&bytes);
+    let file =
+        distillery_formats::gguf::read(bytes).map_err(|error| teacher_error(error.to_string()))?;
+    distillery_formats::gguf::check_same_vocabulary(&file, &vocabulary).map_err(|error| {
+        teacher_error(format!(
+            "tokenizes differently from the student ({error}); teacher and student must share \
+             one tokenizer"
+        ))
+    })?;
+    let model = distillery_formats::gguf::import(&file, device)
+        .map_err(|error| teacher_error(error.to_string()))?;
+    Ok((
+        model.dequantized(),
+        path.to_path_buf(),
+        None,
+        weights_sha256,
+    ))
+}
+
 fn another_tokenizer(path: PathBuf, theirs: &str, ours: &TextTokenizer) -> DistillError {
     DistillError::Teacher {
         path,
@@ -253,6 +302,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings: true,
+            rope_scaling: None,
         };
         let teacher = Teacher {
             model: Llama::new(&shape, 0.5, 3, &device).unwrap().valid(),

@@ -7,14 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::tensor::{Device, Tensor, TensorData};
-use distillery_model::{Linear, Llama, LlamaConfig};
-use distillery_quant::PackedMatrix;
+use burn::tensor::{Device, Tensor};
+use distillery_model::{Linear, Llama, LlamaConfig, RopeScaling};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::names::{distillery_path, hf_name};
-use distillery_quant::f16::f16_to_f32;
+use crate::assembly::ModelAssembly;
+use crate::names::hf_name;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -34,77 +33,306 @@ pub(crate) fn error(path: &Path, message: impl Into<String>) -> HfError {
     }
 }
 
-/// The fields of a Hugging Face Llama `config.json` that decide the model. The file holds many
-/// more (token ids, dtype, generation defaults); those are ignored, and features distillery's
-/// model does not have are refused.
-#[derive(Debug, Deserialize)]
-struct HfConfigFile {
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    max_position_embeddings: usize,
-    rms_norm_eps: f64,
-    rope_theta: Option<f64>,
-    tie_word_embeddings: Option<bool>,
-    hidden_act: Option<String>,
-    attention_bias: Option<bool>,
-    mlp_bias: Option<bool>,
-    rope_scaling: Option<serde_json::Value>,
-    head_dim: Option<usize>,
+/// Keys of a Hugging Face `config.json` that change nothing distillery computes: bookkeeping,
+/// token ids, training-only settings and generation defaults.
+const INERT_KEYS: [&str; 52] = [
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "pretraining_tp",
+    "is_llama_config",
+    "transformers.js_config",
+    "tokenizer_class",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_bfloat16",
+    "tie_encoder_decoder",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "chunk_size_feed_forward",
+    "pruned_heads",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "task_specific_params",
+    "finetuning_task",
+    "prefix",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "num_return_sequences",
+    "bad_words_ids",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+];
+
+/// Reads a Hugging Face Llama `config.json`, as transformers 4 and 5 write it. Every key must
+/// be understood: one that changes the model in a way distillery does not implement, or that
+/// it does not know, is an error naming it.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig, HfError> {
+    read_config_file(dir, false)
 }
 
-/// Reads a Hugging Face Llama `config.json`.
-pub fn read_config(dir: &Path) -> Result<LlamaConfig, HfError> {
+/// [`read_config`] of a quantized folder, whose `quantization_config` its own reader checks.
+pub(crate) fn read_quantized_config(dir: &Path) -> Result<LlamaConfig, HfError> {
+    read_config_file(dir, true)
+}
+
+fn read_config_file(dir: &Path, quantized: bool) -> Result<LlamaConfig, HfError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| error(&path, e.to_string()))?;
-    let file: HfConfigFile = serde_json::from_str(&text)
-        .map_err(|e| error(&path, format!("not a Llama config: {e}")))?;
-    let unsupported = |what: &str| Err(error(&path, format!("{what} is not supported")));
-    if let Some(model_type) = &file.model_type
-        && model_type != "llama"
-    {
-        return unsupported(&format!("model_type \"{model_type}\""));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| error(&path, format!("not JSON: {e}")))?;
+    parse_config_of(&json, quantized).map_err(|message| error(&path, message))
+}
+
+/// The architecture a `config.json` describes; the message names the key at fault.
+pub fn parse_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
+    parse_config_of(json, false)
+}
+
+fn parse_config_of(json: &serde_json::Value, quantized: bool) -> Result<LlamaConfig, String> {
+    let Some(fields) = json.as_object() else {
+        return Err("is not a JSON object".into());
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    let mut get = |key: &'static str| {
+        seen.push(key);
+        fields.get(key).filter(|value| !value.is_null())
+    };
+    let count = |key: &str, value: Option<&serde_json::Value>| -> Result<Option<usize>, String> {
+        value
+            .map(|value| {
+                value
+                    .as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| format!("`{key}` = {value} is not a count"))
+            })
+            .transpose()
+    };
+    let number = |key: &str, value: Option<&serde_json::Value>| -> Result<Option<f64>, String> {
+        value
+            .map(|value| {
+                value
+                    .as_f64()
+                    .ok_or_else(|| format!("`{key}` = {value} is not a number"))
+            })
+            .transpose()
+    };
+    let flag = |key: &str, value: Option<&serde_json::Value>| -> Result<Option<bool>, String> {
+        value
+            .map(|value| {
+                value
+                    .as_bool()
+                    .ok_or_else(|| format!("`{key}` = {value} is not true or false"))
+            })
+            .transpose()
+    };
+    let required =
+        |key: &str, value: Option<usize>| value.ok_or_else(|| format!("`{key}` is missing"));
+    match get("model_type") {
+        None => {}
+        Some(kind) if *kind == "llama" => {}
+        Some(other) => return Err(format!("`model_type` {other} is not supported (llama)")),
     }
-    if let Some(act) = &file.hidden_act
-        && act != "silu"
+    if let Some(act) = get("hidden_act")
+        && *act != "silu"
     {
-        return unsupported(&format!("hidden_act \"{act}\""));
+        return Err(format!("`hidden_act` {act} is not supported (silu)"));
     }
-    if file.attention_bias == Some(true) || file.mlp_bias == Some(true) {
-        return unsupported("a bias in the attention or MLP projections");
+    for key in ["attention_bias", "mlp_bias", "rope_interleaved"] {
+        if flag(key, get(key))? == Some(true) {
+            return Err(format!("`{key}` = true is not supported"));
+        }
     }
-    if file
-        .rope_scaling
-        .as_ref()
-        .is_some_and(|value| !value.is_null())
+    if let Some(quantization) = get("quantization_config")
+        && !quantized
     {
-        return unsupported("rope_scaling");
-    }
-    if let Some(head_dim) = file.head_dim
-        && head_dim * file.num_attention_heads != file.hidden_size
-    {
-        return unsupported(&format!(
-            "head_dim {head_dim} other than hidden_size / heads"
+        return Err(format!(
+            "`quantization_config` = {quantization}: a quantized folder is read as one (GPTQ \
+             layout); other quantization formats are not supported"
         ));
     }
+    let num_attention_heads = required(
+        "num_attention_heads",
+        count("num_attention_heads", get("num_attention_heads"))?,
+    )?;
+    let hidden_size = required("hidden_size", count("hidden_size", get("hidden_size"))?)?;
+    if let Some(head_dim) = count("head_dim", get("head_dim"))?
+        && head_dim * num_attention_heads != hidden_size
+    {
+        return Err(format!(
+            "`head_dim` {head_dim} other than hidden_size / num_attention_heads is not supported"
+        ));
+    }
+    let (rope_theta, rope_scaling) = rope(
+        get("rope_theta"),
+        get("rope_scaling"),
+        get("rope_parameters"),
+    )?;
     let config = LlamaConfig {
-        vocab_size: file.vocab_size,
-        hidden_size: file.hidden_size,
-        intermediate_size: file.intermediate_size,
-        num_hidden_layers: file.num_hidden_layers,
-        num_attention_heads: file.num_attention_heads,
-        num_key_value_heads: file.num_key_value_heads.unwrap_or(file.num_attention_heads),
-        max_position_embeddings: file.max_position_embeddings,
-        rms_norm_eps: file.rms_norm_eps,
-        rope_theta: file.rope_theta.unwrap_or(10000.0),
-        tie_word_embeddings: file.tie_word_embeddings.unwrap_or(false),
+        vocab_size: required("vocab_size", count("vocab_size", get("vocab_size"))?)?,
+        hidden_size,
+        intermediate_size: required(
+            "intermediate_size",
+            count("intermediate_size", get("intermediate_size"))?,
+        )?,
+        num_hidden_layers: required(
+            "num_hidden_layers",
+            count("num_hidden_layers", get("num_hidden_layers"))?,
+        )?,
+        num_attention_heads,
+        num_key_value_heads: count("num_key_value_heads", get("num_key_value_heads"))?
+            .unwrap_or(num_attention_heads),
+        max_position_embeddings: required(
+            "max_position_embeddings",
+            count("max_position_embeddings", get("max_position_embeddings"))?,
+        )?,
+        rms_norm_eps: number("rms_norm_eps", get("rms_norm_eps"))?
+            .ok_or("`rms_norm_eps` is missing")?,
+        rope_theta,
+        tie_word_embeddings: flag("tie_word_embeddings", get("tie_word_embeddings"))?
+            .unwrap_or(false),
+        rope_scaling,
     };
-    config.validate().map_err(|e| error(&path, e.to_string()))?;
+    let not_understood = fields.iter().find(|(key, value)| {
+        !seen.contains(&key.as_str()) && !INERT_KEYS.contains(&key.as_str()) && !value.is_null()
+    });
+    if let Some((key, value)) = not_understood {
+        return Err(format!(
+            "`{key}` = {value} is not understood by distillery and may change the model"
+        ));
+    }
+    config.validate().map_err(|e| e.to_string())?;
     Ok(config)
+}
+
+/// The rotary base and scaling from transformers 4's `rope_theta` and `rope_scaling`, or
+/// transformers 5's `rope_parameters`; where both forms are present they must agree.
+fn rope(
+    theta: Option<&serde_json::Value>,
+    scaling: Option<&serde_json::Value>,
+    parameters: Option<&serde_json::Value>,
+) -> Result<(f64, Option<RopeScaling>), String> {
+    let theta = theta
+        .map(|value| {
+            value
+                .as_f64()
+                .ok_or_else(|| format!("`rope_theta` = {value} is not a number"))
+        })
+        .transpose()?;
+    let from_scaling = scaling
+        .map(|scaling| rope_scaling("rope_scaling", scaling))
+        .transpose()?;
+    let Some(parameters) = parameters else {
+        return Ok((theta.unwrap_or(10000.0), from_scaling.flatten()));
+    };
+    let parameters_theta =
+        match parameters.get("rope_theta") {
+            Some(value) => Some(value.as_f64().ok_or_else(|| {
+                format!("`rope_parameters.rope_theta` = {value} is not a number")
+            })?),
+            None => None,
+        };
+    let from_parameters = rope_scaling("rope_parameters", parameters)?;
+    if let (Some(a), Some(b)) = (theta, parameters_theta)
+        && a != b
+    {
+        return Err(format!(
+            "`rope_theta` = {a} and `rope_parameters.rope_theta` = {b} disagree"
+        ));
+    }
+    if let Some(from_scaling) = &from_scaling
+        && *from_scaling != from_parameters
+    {
+        return Err(format!(
+            "`rope_scaling` and `rope_parameters` disagree: {from_scaling:?} against \
+             {from_parameters:?}"
+        ));
+    }
+    Ok((
+        parameters_theta.or(theta).unwrap_or(10000.0),
+        from_parameters,
+    ))
+}
+
+/// A `rope_scaling` or `rope_parameters` table: `None` for plain rotary embeddings.
+fn rope_scaling(key: &str, value: &serde_json::Value) -> Result<Option<RopeScaling>, String> {
+    let Some(table) = value.as_object() else {
+        return Err(format!("`{key}` = {value} is not a table"));
+    };
+    // transformers 4 wrote the type as `type`, later as `rope_type`.
+    let kind = table
+        .get("rope_type")
+        .or_else(|| table.get("type"))
+        .and_then(|kind| kind.as_str())
+        .unwrap_or("default");
+    let number = |field: &str| -> Result<f64, String> {
+        table
+            .get(field)
+            .and_then(|value| value.as_f64())
+            .ok_or_else(|| format!("`{key}.{field}` is missing or not a number"))
+    };
+    let scaling = match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: number("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+        }),
+        other => {
+            return Err(format!(
+                "`{key}` of rope_type \"{other}\" is not supported (default, linear, llama3)"
+            ));
+        }
+    };
+    let known: &[&str] = match kind {
+        "default" => &["rope_type", "type", "rope_theta"],
+        "linear" => &["rope_type", "type", "rope_theta", "factor"],
+        _ => &[
+            "rope_type",
+            "type",
+            "rope_theta",
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ],
+    };
+    if let Some(field) = table.keys().find(|field| !known.contains(&field.as_str())) {
+        return Err(format!(
+            "`{key}.{field}` is not understood by distillery and may change the model"
+        ));
+    }
+    Ok(scaling)
 }
 
 /// `config.json` for `config` as `transformers` writes it for `LlamaForCausalLM`.
@@ -270,136 +498,6 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
         .collect()
 }
 
-/// Little-endian f32, f16 or bf16 tensor bytes as f32 values.
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    match dtype {
-        Dtype::F32 => Some(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ),
-        Dtype::BF16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
-                .collect(),
-        ),
-        Dtype::F16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-        ),
-        _ => None,
-    }
-}
-
-/// A model of a given architecture filled tensor by tensor from Hugging Face-named tensors:
-/// every name must be one the model has, with the shape the architecture implies, and none may
-/// be missing at the end.
-pub(crate) struct ModelAssembly {
-    /// What the architecture came from, for errors: `config.json`, the GGUF metadata.
-    source: &'static str,
-    model: Llama,
-    expected: BTreeMap<String, Vec<usize>>,
-    loaded: BTreeSet<String>,
-    device: Device,
-}
-
-impl ModelAssembly {
-    pub(crate) fn new(
-        config: &LlamaConfig,
-        source: &'static str,
-        device: &Device,
-    ) -> Result<Self, String> {
-        let model = Llama::new(config, 0.0, 0, device).map_err(|e| e.to_string())?;
-        let expected = hf_tensors(&model)
-            .into_iter()
-            .map(|tensor| (tensor.name, tensor.shape))
-            .collect();
-        Ok(Self {
-            source,
-            model,
-            expected,
-            loaded: BTreeSet::new(),
-            device: device.clone(),
-        })
-    }
-
-    /// Checks `name` and `shape` (Hugging Face layout) before the values are decoded.
-    pub(crate) fn check(&self, name: &str, shape: &[usize]) -> Result<(), String> {
-        match self.expected.get(name) {
-            None => Err(format!(
-                "unexpected tensor `{name}` for this {}",
-                self.source
-            )),
-            Some(expected) if expected != shape => Err(format!(
-                "tensor `{name}` has shape {shape:?}; {} implies {expected:?}",
-                self.source
-            )),
-            Some(_) => Ok(()),
-        }
-    }
-
-    /// Stores a tensor that passed [`check`](Self::check).
-    pub(crate) fn put(&mut self, name: &str, values: Vec<f32>) -> Result<(), String> {
-        let shape = self.expected[name].clone();
-        let path = distillery_path(name).map_err(|e| e.to_string())?;
-        assign(&mut self.model, &path, values, &shape, &self.device);
-        self.loaded.insert(name.to_string());
-        Ok(())
-    }
-
-    /// Checks and stores a float tensor (f32, f16 or bf16) read from a safetensors file.
-    pub(crate) fn put_view(
-        &mut self,
-        name: &str,
-        view: &safetensors::tensor::TensorView,
-    ) -> Result<(), String> {
-        self.check(name, view.shape())?;
-        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            format!(
-                "tensor `{name}` is {:?}; f32, f16 or bf16 expected",
-                view.dtype()
-            )
-        })?;
-        self.put(name, values)
-    }
-
-    /// Stores a quantized matrix for the weight `name` (Hugging Face's name of the float
-    /// weight), whose `[out, in]` shape it must have.
-    pub(crate) fn put_packed(&mut self, name: &str, packed: PackedMatrix) -> Result<(), String> {
-        self.check(name, &[packed.rows(), packed.cols()])?;
-        let path = distillery_path(name).map_err(|e| e.to_string())?;
-        if path == "embed_tokens" {
-            self.model.set_packed_embedding(packed);
-        } else {
-            let layer = path
-                .strip_suffix(".weight")
-                .and_then(|layer| self.model.linear_mut(layer))
-                .ok_or_else(|| format!("`{name}` is not a matrix that can be quantized"))?;
-            *layer = Linear::quantized(packed);
-        }
-        self.loaded.insert(name.to_string());
-        Ok(())
-    }
-
-    pub(crate) fn finish(self) -> Result<Llama, String> {
-        let missing: Vec<&str> = self
-            .expected
-            .keys()
-            .filter(|name| !self.loaded.contains(*name))
-            .map(String::as_str)
-            .collect();
-        if missing.is_empty() {
-            Ok(self.model)
-        } else {
-            Err(format!("missing tensors: {}", missing.join(", ")))
-        }
-    }
-}
-
 /// Loads a Hugging Face Llama folder into distillery's model on `device`. Every tensor the model
 /// needs must be present with the shape `config.json` implies; any other tensor is an error.
 pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
@@ -440,62 +538,6 @@ pub fn import(dir: &Path, device: &Device) -> Result<Llama, HfError> {
         }
     }
     assembly.finish().map_err(|message| error(dir, message))
-}
-
-/// A float linear layer from a `[out, in]` (Hugging Face layout) row-major weight. Transposed
-/// here, not as a tensor view: a strided weight would take another matmul path and change the
-/// logits in their last bits.
-pub(crate) fn float_linear(
-    out_in: &[f32],
-    outputs: usize,
-    inputs: usize,
-    device: &Device,
-) -> Linear {
-    let transposed: Vec<f32> = (0..inputs * outputs)
-        .map(|index| out_in[(index % outputs) * inputs + index / outputs])
-        .collect();
-    Linear::new(Param::from_tensor(Tensor::<2>::from_data(
-        TensorData::new(transposed, [inputs, outputs]),
-        device,
-    )))
-}
-
-/// Puts a Hugging Face tensor (already shape-checked) into the parameter at `path`.
-fn assign(model: &mut Llama, path: &str, values: Vec<f32>, shape: &[usize], device: &Device) {
-    let matrix = |values: Vec<f32>| {
-        Tensor::<2>::from_data(TensorData::new(values, [shape[0], shape[1]]), device)
-    };
-    let vector = |values: Vec<f32>| {
-        Param::from_tensor(Tensor::<1>::from_data(
-            TensorData::new(values, [shape[0]]),
-            device,
-        ))
-    };
-    let linear = |values: Vec<f32>| float_linear(&values, shape[0], shape[1], device);
-    match path {
-        "embed_tokens" => model.set_embedding(Param::from_tensor(matrix(values))),
-        "norm.gamma" => model.norm.gamma = vector(values),
-        "lm_head.weight" => model.lm_head = Some(linear(values)),
-        _ => {
-            let rest = path.strip_prefix("layers.").expect("names were mapped");
-            let (index, rest) = rest.split_once('.').expect("names were mapped");
-            let layer = &mut model.layers[index.parse::<usize>().expect("a layer index")];
-            match rest {
-                "input_layernorm.gamma" => layer.input_layernorm.gamma = vector(values),
-                "post_attention_layernorm.gamma" => {
-                    layer.post_attention_layernorm.gamma = vector(values)
-                }
-                "self_attn.q_proj.weight" => layer.self_attn.q_proj = linear(values),
-                "self_attn.k_proj.weight" => layer.self_attn.k_proj = linear(values),
-                "self_attn.v_proj.weight" => layer.self_attn.v_proj = linear(values),
-                "self_attn.o_proj.weight" => layer.self_attn.o_proj = linear(values),
-                "mlp.gate_proj.weight" => layer.mlp.gate_proj = linear(values),
-                "mlp.up_proj.weight" => layer.mlp.up_proj = linear(values),
-                "mlp.down_proj.weight" => layer.mlp.down_proj = linear(values),
-                other => unreachable!("the name table has no layer parameter `{other}`"),
-            }
-        }
-    }
 }
 
 /// Writes `model` as a Hugging Face Llama folder at `dir`: `config.json`, `model.safetensors`,
@@ -566,10 +608,14 @@ fn tokenizer_files(
     eos_token_id: Option<u32>,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, HfError> {
     let tokenizer_json = std::fs::read(tokenizer).map_err(|e| error(tokenizer, e.to_string()))?;
-    let tokenizer_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": config.max_position_embeddings,
-    });
+    // The tokenizer's own settings (special tokens, chat template) travel with it.
+    let settings_path = tokenizer.with_file_name("tokenizer_config.json");
+    let mut tokenizer_config = match std::fs::read_to_string(&settings_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| error(&settings_path, format!("not JSON: {e}")))?,
+        Err(_) => serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}),
+    };
+    tokenizer_config["model_max_length"] = config.max_position_embeddings.into();
     let generation_config = serde_json::json!({
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
@@ -584,7 +630,11 @@ fn tokenizer_files(
 /// Writes `files` into folder `dir`, assembled beside it and renamed into place, so an
 /// interrupted write leaves no folder that looks complete. An existing `dir` is an error unless
 /// `replace`; then it is swapped out only once the new folder is complete.
-fn write_folder(dir: &Path, files: &[(&str, Vec<u8>)], replace: bool) -> Result<(), HfError> {
+pub(crate) fn write_folder(
+    dir: &Path,
+    files: &[(&str, Vec<u8>)],
+    replace: bool,
+) -> Result<(), HfError> {
     if dir.exists() && !replace {
         return Err(error(dir, "already exists; choose another output folder"));
     }
@@ -615,7 +665,7 @@ fn write_folder(dir: &Path, files: &[(&str, Vec<u8>)], replace: bool) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Int;
+    use burn::tensor::{Int, TensorData};
 
     use super::*;
 
@@ -631,6 +681,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings: tied,
+            rope_scaling: None,
         }
     }
 
@@ -834,19 +885,206 @@ mod tests {
         assert!(error.contains("the weight files hold"), "{error}");
     }
 
+    /// SmolLM2-135M's `config.json` as transformers 4.42 wrote it, and as transformers 5
+    /// writes it (`rope_parameters`, `dtype`, no top-level `rope_theta`).
+    fn smollm2_config(transformers_5: bool) -> serde_json::Value {
+        let mut config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+            "intermediate_size": 1536, "is_llama_config": true, "max_position_embeddings": 8192,
+            "mlp_bias": false, "model_type": "llama", "num_attention_heads": 9,
+            "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2,
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": false,
+            "tie_word_embeddings": true, "use_cache": true, "vocab_size": 49152,
+        });
+        if transformers_5 {
+            config["rope_parameters"] =
+                serde_json::json!({"rope_theta": 100000.0, "rope_type": "default"});
+            config["dtype"] = "bfloat16".into();
+            config["transformers_version"] = "5.0.0".into();
+        } else {
+            config["rope_theta"] = 100000.into();
+            config["rope_scaling"] = serde_json::Value::Null;
+            config["torch_dtype"] = "bfloat16".into();
+            config["transformers_version"] = "4.42.3".into();
+            config["quantization_config"] = serde_json::Value::Null;
+        }
+        config
+    }
+
+    #[test]
+    fn transformers_4_and_5_configs_give_the_same_architecture() {
+        let v4 = parse_config(&smollm2_config(false)).unwrap();
+        let v5 = parse_config(&smollm2_config(true)).unwrap();
+        assert_eq!(v4, v5);
+        assert_eq!(v5.rope_theta, 100000.0);
+        assert_eq!((v5.num_key_value_heads, v5.head_dim()), (3, 64));
+        assert!(v5.tie_word_embeddings);
+        assert_eq!(v5.rope_scaling, None);
+        // What distillery writes reads back as the same architecture.
+        let written: serde_json::Value =
+            serde_json::from_str(&config_json(&v5, Some(1), Some(2))).unwrap();
+        assert_eq!(parse_config(&written).unwrap(), v5);
+    }
+
+    #[test]
+    fn rope_scaling_is_implemented_or_refused_by_name() {
+        let llama3 = serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let expected = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        // transformers 4: `rope_scaling` with `rope_type` (or the older `type`).
+        for type_key in ["rope_type", "type"] {
+            let mut config = smollm2_config(false);
+            let mut scaling = llama3.clone();
+            scaling[type_key] = "llama3".into();
+            config["rope_scaling"] = scaling;
+            assert_eq!(
+                parse_config(&config).unwrap().rope_scaling,
+                expected,
+                "{type_key}"
+            );
+        }
+        // transformers 5: `rope_parameters` carrying the base too.
+        let mut config = smollm2_config(true);
+        let mut parameters = llama3.clone();
+        parameters["rope_type"] = "llama3".into();
+        parameters["rope_theta"] = 500000.0.into();
+        config["rope_parameters"] = parameters;
+        let parsed = parse_config(&config).unwrap();
+        assert_eq!(
+            (parsed.rope_theta, parsed.rope_scaling),
+            (500000.0, expected)
+        );
+
+        let error = |config: &serde_json::Value| parse_config(config).unwrap_err();
+        let mut dynamic = smollm2_config(false);
+        dynamic["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
+        assert!(
+            error(&dynamic).contains("rope_type \"dynamic\" is not supported"),
+            "{}",
+            error(&dynamic)
+        );
+        let mut yarn = smollm2_config(true);
+        yarn["rope_parameters"] =
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4});
+        assert!(
+            error(&yarn).contains("`rope_parameters` of rope_type \"yarn\""),
+            "{}",
+            error(&yarn)
+        );
+        let mut unknown_field = smollm2_config(false);
+        unknown_field["rope_scaling"] =
+            serde_json::json!({"rope_type": "linear", "factor": 2.0, "beta": 3});
+        assert!(
+            error(&unknown_field).contains("`rope_scaling.beta`"),
+            "{}",
+            error(&unknown_field)
+        );
+    }
+
+    #[test]
+    fn two_sources_of_one_setting_must_agree() {
+        let mut config = smollm2_config(true);
+        config["rope_theta"] = 10000.into();
+        let error = parse_config(&config).unwrap_err();
+        assert!(
+            error.contains(
+                "`rope_theta` = 10000 and `rope_parameters.rope_theta` = 100000 disagree"
+            ),
+            "{error}"
+        );
+        config["rope_theta"] = 100000.into();
+        assert_eq!(parse_config(&config).unwrap().rope_theta, 100000.0);
+    }
+
+    #[test]
+    fn unknown_or_unsupported_fields_are_named() {
+        for (key, value, expected) in [
+            (
+                "sliding_window",
+                serde_json::json!(4096),
+                "`sliding_window` = 4096 is not understood",
+            ),
+            (
+                "attention_bias",
+                serde_json::json!(true),
+                "`attention_bias` = true is not supported",
+            ),
+            ("head_dim", serde_json::json!(128), "`head_dim` 128"),
+            (
+                "hidden_act",
+                serde_json::json!("gelu"),
+                "`hidden_act` \"gelu\"",
+            ),
+            (
+                "model_type",
+                serde_json::json!("mistral"),
+                "`model_type` \"mistral\"",
+            ),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "awq"}),
+                "`quantization_config`",
+            ),
+        ] {
+            let mut config = smollm2_config(false);
+            config[key] = value;
+            let error = parse_config(&config).unwrap_err();
+            assert!(error.contains(expected), "{key}: {error}");
+        }
+    }
+
+    /// A folder transformers 5 wrote imports with its own rope base: the same logits as the
+    /// same weights under a transformers 4 config.
+    #[test]
+    fn a_transformers_5_folder_imports_with_its_rope_base() {
+        let device = Device::flex();
+        let mut architecture = shape(true);
+        architecture.rope_theta = 100000.0;
+        let model = Llama::new(&architecture, 0.0, 3, &device).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let tokenizer = root.path().join("tokenizer.json");
+        std::fs::write(&tokenizer, "{}").unwrap();
+        let dir = root.path().join("v5");
+        export(&model, &tokenizer, None, None, &dir, false).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        let fields = config.as_object_mut().unwrap();
+        fields.remove("rope_theta");
+        fields.remove("torch_dtype");
+        fields.insert("dtype".into(), "float32".into());
+        fields.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_theta": 100000.0, "rope_type": "default"}),
+        );
+        std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+        let imported = import(&dir, &device).unwrap();
+        assert_eq!(imported.config().rope_theta, 100000.0);
+        let ids: Vec<i64> = (0..10).map(|i| (i * 7 + 1) % 48).collect();
+        let logits = |model: &Llama| -> Vec<f32> {
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, 10]), &device);
+            model.forward(input).into_data().try_into_vec().unwrap()
+        };
+        assert_eq!(logits(&imported), logits(&model));
+    }
+
     #[test]
     fn configs_with_features_distillery_lacks_are_refused() {
         let root = tempfile::tempdir().unwrap();
         let mut config: serde_json::Value =
             serde_json::from_str(&config_json(&shape(false), None, None)).unwrap();
-        config["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
-        std::fs::write(root.path().join(CONFIG_FILE), config.to_string()).unwrap();
-        let error = read_config(root.path()).unwrap_err().to_string();
-        assert!(error.contains("rope_scaling is not supported"), "{error}");
-        config["rope_scaling"] = serde_json::Value::Null;
         config["model_type"] = "mistral".into();
         std::fs::write(root.path().join(CONFIG_FILE), config.to_string()).unwrap();
         let error = read_config(root.path()).unwrap_err().to_string();
-        assert!(error.contains("model_type \"mistral\""), "{error}");
+        assert!(
+            error.contains("`model_type` \"mistral\" is not supported"),
+            "{error}"
+        );
     }
 }

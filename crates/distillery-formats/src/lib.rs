@@ -2,9 +2,10 @@
 //!
 //! Names and layouts are converted here and nowhere else, so the model keeps one definition.
 
-pub mod ggml_blocks;
+mod assembly;
 pub mod gguf;
 pub mod hf;
 pub mod names;
 pub mod quantized;
 pub mod rope_layout;
+pub mod source;

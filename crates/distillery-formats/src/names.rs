@@ -11,17 +11,34 @@ pub struct UnknownParameter(pub String);
 #[error("unexpected tensor `{0}` in a Hugging Face Llama checkpoint")]
 pub struct UnknownTensor(pub String);
 
-/// The layer-local module paths, identical in both naming schemes but for the norm suffix.
-const LAYER_WEIGHTS: [&str; 7] = [
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-];
+use distillery_model::LayerMatrix;
+
 const LAYER_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// Whether a layer-local name is one of the layer's matrices (`self_attn.q_proj.weight`),
+/// identical in both naming schemes.
+fn is_layer_matrix(rest: &str) -> bool {
+    rest.strip_suffix(".weight")
+        .and_then(LayerMatrix::from_path)
+        .is_some()
+}
+
+/// Hugging Face's names of a decoder layer's tensors.
+pub struct LayerTensorNames {
+    pub input_layernorm: String,
+    pub post_attention_layernorm: String,
+    /// In [`LayerMatrix::ALL`]'s order.
+    pub matrices: [String; 7],
+}
+
+pub fn layer_tensor_names(layer: usize) -> LayerTensorNames {
+    LayerTensorNames {
+        input_layernorm: format!("model.layers.{layer}.input_layernorm.weight"),
+        post_attention_layernorm: format!("model.layers.{layer}.post_attention_layernorm.weight"),
+        matrices: LayerMatrix::ALL
+            .map(|matrix| format!("model.layers.{layer}.{}.weight", matrix.path())),
+    }
+}
 
 /// `layers.3.self_attn.q_proj.weight` -> `model.layers.3.self_attn.q_proj.weight`.
 pub fn hf_name(path: &str) -> Result<String, UnknownParameter> {
@@ -33,7 +50,7 @@ pub fn hf_name(path: &str) -> Result<String, UnknownParameter> {
         _ => {}
     }
     let (layer, rest) = split_layer(path, "layers.").ok_or_else(unknown)?;
-    if LAYER_WEIGHTS.contains(&rest) {
+    if is_layer_matrix(rest) {
         return Ok(format!("model.layers.{layer}.{rest}"));
     }
     match rest.strip_suffix(".gamma") {
@@ -54,7 +71,7 @@ pub fn distillery_path(hf_name: &str) -> Result<String, UnknownTensor> {
         _ => {}
     }
     let (layer, rest) = split_layer(hf_name, "model.layers.").ok_or_else(unknown)?;
-    if LAYER_WEIGHTS.contains(&rest) {
+    if is_layer_matrix(rest) {
         return Ok(format!("layers.{layer}.{rest}"));
     }
     match rest.strip_suffix(".weight") {
@@ -80,8 +97,8 @@ mod tests {
             "lm_head.weight".into(),
         ];
         for layer in [0, 11] {
-            for weight in LAYER_WEIGHTS {
-                paths.push(format!("layers.{layer}.{weight}"));
+            for matrix in LayerMatrix::ALL {
+                paths.push(format!("layers.{layer}.{}.weight", matrix.path()));
             }
             for norm in LAYER_NORMS {
                 paths.push(format!("layers.{layer}.{norm}.gamma"));

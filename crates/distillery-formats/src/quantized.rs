@@ -8,17 +8,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::Param;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use distillery_model::Llama;
 use distillery_quant::{GptqTensors, PackedMatrix};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::assembly::ModelAssembly;
 use crate::hf::{
-    CONFIG_FILE, HfError, ModelAssembly, RawTensor, TokenizerFiles, WEIGHTS_FILE, config_json,
-    error, float_linear, hf_tensors, pretty_json, read_config, safetensors_file,
-    write_model_folder,
+    CONFIG_FILE, HfError, RawTensor, TokenizerFiles, WEIGHTS_FILE, config_json, error, hf_tensors,
+    pretty_json, read_quantized_config, safetensors_file, write_model_folder,
 };
 use crate::names::hf_name;
 
@@ -216,35 +215,6 @@ pub fn save(folder: &QuantizedFolder, dir: &Path, replace: bool) -> Result<(), H
     write_model_folder(dir, files, &tokens, replace)
 }
 
-/// `model` with a quantized embedding or output head turned back into f32 tensors: GPTQ loaders
-/// (AutoGPTQ, transformers) quantize only the decoder layers' linear maps.
-pub fn with_float_embedding_and_head(model: &Llama) -> Llama {
-    let mut model = model.clone();
-    let device = model.device();
-    let config = model.config().clone();
-    if model.packed_embedding().is_some() {
-        let table = Tensor::<2>::from_data(
-            TensorData::new(
-                model.embedding_values(),
-                [config.vocab_size, config.hidden_size],
-            ),
-            &device,
-        );
-        model.set_embedding(Param::from_tensor(table));
-    }
-    if let Some(head) = model.lm_head.as_mut()
-        && head.packed().is_some()
-    {
-        *head = float_linear(
-            &head.weight_out_in(),
-            head.d_output(),
-            head.d_input(),
-            &device,
-        );
-    }
-    model
-}
-
 /// Whether `dir` holds a quantized model.
 pub fn is_quantized_dir(dir: &Path) -> bool {
     dir.join(QUANTIZE_CONFIG_FILE).is_file()
@@ -254,7 +224,7 @@ pub fn is_quantized_dir(dir: &Path) -> bool {
 /// Every tensor is checked against `config.json` and `quantize_config.json`: a missing,
 /// unexpected or misshapen tensor is an error naming it.
 pub fn load(dir: &Path, device: &Device) -> Result<QuantizedModel, HfError> {
-    let config = read_config(dir)?;
+    let config = read_quantized_config(dir)?;
     let quantize_path = dir.join(QUANTIZE_CONFIG_FILE);
     let text = std::fs::read_to_string(&quantize_path)
         .map_err(|e| error(&quantize_path, e.to_string()))?;
@@ -319,7 +289,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<QuantizedModel, HfError> {
             .map_err(|message| error(&path, message))?;
         storage.quantized_weights += (packed.rows() * packed.cols()) as u64;
         assembly
-            .put_packed(&format!("{prefix}.weight"), packed)
+            .put_quantized(&format!("{prefix}.weight"), packed)
             .map_err(|message| error(&path, message))?;
     }
     let model = assembly.finish().map_err(|message| error(&path, message))?;
@@ -396,7 +366,7 @@ fn packed_from_views(
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Int;
+    use burn::tensor::{Int, Tensor, TensorData};
     use distillery_model::{Linear, LlamaConfig};
     use distillery_quant::{QuantSettings, round_to_nearest};
 
@@ -414,6 +384,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings: false,
+            rope_scaling: None,
         }
     }
 
@@ -517,7 +488,7 @@ mod tests {
         assert!(tensors.tensor("model.embed_tokens.weight").is_err());
 
         // A GPTQ export keeps the decoder layers' matrices and turns the embedding into floats.
-        let exported = with_float_embedding_and_head(&model);
+        let exported = model.with_float_embedding_and_head();
         assert_eq!(exported.embedding_values(), model.embedding_values());
         assert!(exported.packed_embedding().is_none());
         assert_eq!(logits(&exported, &device), logits(&model, &device));

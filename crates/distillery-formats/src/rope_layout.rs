@@ -91,7 +91,7 @@ mod tests {
             TensorData::new(values.clone(), [1, heads, positions, head_dim]),
             &device,
         );
-        let ours = RotaryTables::new(32, head_dim, 10000.0, &device).apply(x, 0);
+        let ours = RotaryTables::new(32, head_dim, 10000.0, None, &device).apply(x, 0);
         let ours: Vec<f32> = ours.into_data().try_into_vec().unwrap();
 
         // Treat every (head, position) vector as one "row set" of head_dim rows, one column.

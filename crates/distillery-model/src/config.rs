@@ -20,6 +20,86 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub tie_word_embeddings: bool,
+    /// How rotary frequencies are stretched for contexts beyond the pretraining length;
+    /// absent for plain rotary embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// A rotary-frequency scaling, as Hugging Face's `rope_scaling` (transformers 4) or
+/// `rope_parameters` (transformers 5) names it by `rope_type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// Inverse frequency `inv_freq` of one rotary pair, scaled (transformers'
+    /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters`).
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        match *self {
+            Self::Linear { factor } => inv_freq / factor,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let context = original_max_position_embeddings as f64;
+                let wavelength = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelength < context / high_freq_factor {
+                    inv_freq
+                } else if wavelength > context / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth = (context / wavelength - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let invalid = |reason: String| {
+            Err(ModelError::InvalidConfig {
+                field: "rope_scaling",
+                reason,
+            })
+        };
+        match *self {
+            Self::Linear { factor } | Self::Llama3 { factor, .. }
+                if !(factor.is_finite() && factor >= 1.0) =>
+            {
+                invalid(format!("factor must be at least 1, got {factor}"))
+            }
+            Self::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+                ..
+            } if !(low_freq_factor > 0.0
+                && high_freq_factor > low_freq_factor
+                && original_max_position_embeddings > 0) =>
+            {
+                invalid(format!(
+                    "llama3 needs 0 < low_freq_factor < high_freq_factor and a positive \
+                     original_max_position_embeddings, got {low_freq_factor}, \
+                     {high_freq_factor}, {original_max_position_embeddings}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -93,7 +173,10 @@ impl LlamaConfig {
                 });
             }
         }
-        Ok(())
+        match &self.rope_scaling {
+            Some(scaling) => scaling.validate(),
+            None => Ok(()),
+        }
     }
 
     /// Number of trainable parameters, counting a tied embedding once.
@@ -130,6 +213,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings: false,
+            rope_scaling: None,
         }
     }
 

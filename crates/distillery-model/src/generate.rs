@@ -56,8 +56,8 @@ impl SamplingConfig {
 pub struct GenerationConfig {
     pub max_new_tokens: usize,
     pub sampling: SamplingConfig,
-    /// Generation stops after emitting this token.
-    pub eos_token_id: Option<u32>,
+    /// Generation stops after emitting any of these tokens (end of sequence, end of turn).
+    pub stop_tokens: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +145,7 @@ fn decode(
         let token = sample_token(&last, &config.sampling, &mut rng);
         tokens.push(token);
         on_token(token);
-        if config.eos_token_id == Some(token) {
+        if config.stop_tokens.contains(&token) {
             break StopReason::EndOfSequence;
         }
         next_input = vec![token];

@@ -6,12 +6,17 @@ mod cache;
 mod config;
 pub mod generate;
 mod llama;
+mod matrices;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming};
-pub use llama::{Attention, DecoderLayer, INIT_STD, Linear, Llama, LlamaOutput, Mlp};
+pub use llama::{
+    Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,
+    Weight,
+};
+pub use matrices::LayerMatrix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -27,6 +32,12 @@ pub enum ModelError {
     PromptTooLong { tokens: usize, context: usize },
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
+    #[error("weight `{path}` has shape {shape:?}; the config implies {expected:?}")]
+    WeightShape {
+        path: String,
+        shape: Vec<usize>,
+        expected: Vec<usize>,
+    },
 }
 
 #[cfg(test)]
@@ -48,6 +59,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings,
+            rope_scaling: None,
         }
     }
 
@@ -240,6 +252,15 @@ mod tests {
                 .fold(0.0f32, f32::max);
             assert!(worst < 1e-4, "{length} tokens: logits differ by {worst}");
         }
+        // Dequantized, the model is the reference: the same float weights, the same logits.
+        assert!(model.is_quantized());
+        let dequantized = model.dequantized();
+        assert!(!dequantized.is_quantized());
+        let ids: Vec<i64> = (0..12).map(|i| (i * 3 + 1) % 50).collect();
+        assert_eq!(
+            flat(dequantized.forward(tokens(&ids, &device))),
+            flat(reference.forward(tokens(&ids, &device)))
+        );
     }
 
     #[test]
@@ -268,6 +289,51 @@ mod tests {
         assert!(worst < 1e-4, "logits differ by {worst}");
     }
 
+    /// A model's weights handed back to [`Llama::from_weights`] make the same model; a shape
+    /// the config does not imply is refused naming the weight.
+    #[test]
+    fn models_assemble_from_their_weights() {
+        let device = Device::flex();
+        for tie in [false, true] {
+            let config = config(tie);
+            let model = Llama::new(&config, 0.0, 6, &device).unwrap();
+            let weights = |model: &Llama| LlamaWeights {
+                embed_tokens: Weight::Float(model.embedding().unwrap().val()),
+                layers: model
+                    .layers
+                    .iter()
+                    .map(|layer| LayerWeights {
+                        input_layernorm: layer.input_layernorm.gamma.val(),
+                        post_attention_layernorm: layer.post_attention_layernorm.gamma.val(),
+                        matrices: LayerMatrix::ALL.map(|matrix| {
+                            Weight::Float(layer.matrix(matrix).float_weight().unwrap().val())
+                        }),
+                    })
+                    .collect(),
+                norm: model.norm.gamma.val(),
+                lm_head: model
+                    .lm_head
+                    .as_ref()
+                    .map(|head| Weight::Float(head.float_weight().unwrap().val())),
+            };
+            let assembled = Llama::from_weights(&config, weights(&model), &device).unwrap();
+            let ids: Vec<i64> = (0..9).map(|i| (i * 13 + 5) % 50).collect();
+            assert_eq!(
+                flat(assembled.forward(tokens(&ids, &device))),
+                flat(model.forward(tokens(&ids, &device)))
+            );
+            let mut wrong = weights(&model);
+            wrong.layers[1].matrices[6] = Weight::Float(Tensor::zeros([3, 32], &device));
+            let error = Llama::from_weights(&config, wrong, &device)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("layers.1.mlp.down_proj") && error.contains("[48, 32]"),
+                "{error}"
+            );
+        }
+    }
+
     #[test]
     fn parameter_count_matches_config() {
         let device = Device::flex();
@@ -285,7 +351,7 @@ mod tests {
         let generation_config = GenerationConfig {
             max_new_tokens: 6,
             sampling: SamplingConfig::default(),
-            eos_token_id: None,
+            stop_tokens: Vec::new(),
         };
         let first = generate(&model, &[1, 2, 3], &generation_config).unwrap();
         assert_eq!(first.tokens.len(), 6);
@@ -319,7 +385,7 @@ mod tests {
             &model,
             &[1, 2, 3],
             &GenerationConfig {
-                eos_token_id: Some(eos),
+                stop_tokens: vec![eos],
                 ..generation_config.clone()
             },
         )
@@ -348,7 +414,7 @@ mod tests {
         let config = GenerationConfig {
             max_new_tokens: 1,
             sampling: SamplingConfig::default(),
-            eos_token_id: None,
+            stop_tokens: Vec::new(),
         };
         assert!(matches!(
             generate(&model, &[], &config),

@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use distillery_kernels::{causal_attention, dropout, is_flex, rms_norm, swiglu};
-use distillery_quant::PackedMatrix;
+use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::rope::RotaryTables;
-use crate::{KvCache, LlamaConfig, ModelError};
+use crate::{KvCache, LayerMatrix, LlamaConfig, ModelError};
 
 /// Standard deviation of every weight matrix at initialization (GPT-2 and Hugging Face Llama's
 /// `initializer_range`).
@@ -31,16 +31,19 @@ pub struct Linear {
     weight: Option<Param<Tensor<2>>>,
     /// The quantized weight, output channels as rows.
     #[module(skip)]
-    packed: Option<Arc<PackedMatrix>>,
+    quantized: Option<Arc<QuantizedWeight>>,
+    /// How a quantized weight's products treat their inputs.
+    #[module(skip)]
+    rounding: ActivationRounding,
 }
 
-/// Up to this many input rows (a decoding step) a quantized layer multiplies its packed codes
-/// directly, with inputs rounded to int8 where the layout allows integer dot products
-/// ([`PackedMatrix::matmul_int8_inputs`]); above it, inputs stay exact.
+/// Up to this many input rows (a decoding step) a quantized layer multiplies its codes
+/// directly, with inputs rounded to int8 where the layout allows integer dot products and the
+/// [`ActivationRounding`] says so ([`QuantizedWeight::matmul_int8_inputs`]).
 const DECODE_ROWS: usize = 8;
 
 /// Up to this many input rows (a prompt) on the CPU backend a quantized layer decodes its
-/// weights a tile at a time ([`PackedMatrix::matmul_in_tiles`]); above it (evaluation and
+/// weights a tile at a time ([`QuantizedWeight::matmul_in_tiles`]); above it (evaluation and
 /// calibration batches) one float copy of the whole weight per call feeds the backend's matrix
 /// product, a cost those rows repay.
 const PROMPT_ROWS: usize = 512;
@@ -49,14 +52,16 @@ impl Linear {
     pub fn new(weight: Param<Tensor<2>>) -> Self {
         Self {
             weight: Some(weight),
-            packed: None,
+            quantized: None,
+            rounding: ActivationRounding::default(),
         }
     }
 
-    pub fn quantized(packed: PackedMatrix) -> Self {
+    pub fn quantized(weight: impl Into<QuantizedWeight>) -> Self {
         Self {
             weight: None,
-            packed: Some(Arc::new(packed)),
+            quantized: Some(Arc::new(weight.into())),
+            rounding: ActivationRounding::default(),
         }
     }
 
@@ -65,14 +70,41 @@ impl Linear {
         self.weight.as_ref()
     }
 
+    pub fn quantized_weight(&self) -> Option<&QuantizedWeight> {
+        self.quantized.as_deref()
+    }
+
+    /// The quantized weight when it is in distillery's packed layout.
     pub fn packed(&self) -> Option<&PackedMatrix> {
-        self.packed.as_deref()
+        self.quantized_weight().and_then(QuantizedWeight::packed)
+    }
+
+    pub fn set_activation_rounding(&mut self, rounding: ActivationRounding) {
+        self.rounding = rounding;
+    }
+
+    /// The same map with a float weight: a quantized weight's dequantized values.
+    pub fn to_float(&self, device: &Device) -> Linear {
+        let Some(quantized) = &self.quantized else {
+            return self.clone();
+        };
+        let (outputs, inputs) = (quantized.rows(), quantized.cols());
+        let out_in = quantized.dequantize();
+        // `[in, out]` as burn stores it, transposed on the host: a strided weight would take
+        // another matmul path and change results in their last bits.
+        let in_out: Vec<f32> = (0..inputs * outputs)
+            .map(|index| out_in[(index % outputs) * inputs + index / outputs])
+            .collect();
+        Linear::new(Param::from_data(
+            TensorData::new(in_out, [inputs, outputs]),
+            device,
+        ))
     }
 
     /// The weight as `[out, in]` row-major values (Hugging Face's layout), dequantized when the
     /// layer is quantized.
     pub fn weight_out_in(&self) -> Vec<f32> {
-        match (&self.weight, &self.packed) {
+        match (&self.weight, &self.quantized) {
             (Some(weight), _) => weight
                 .val()
                 .transpose()
@@ -80,7 +112,7 @@ impl Linear {
                 .convert::<f32>()
                 .try_into_vec()
                 .expect("weights are f32"),
-            (None, Some(packed)) => packed.dequantize(),
+            (None, Some(quantized)) => quantized.dequantize(),
             (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
         }
     }
@@ -89,76 +121,98 @@ impl Linear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product();
         let x = x.reshape([rows, dims[D - 1]]);
-        let y = match (&self.weight, &self.packed) {
+        let y = match (&self.weight, &self.quantized) {
             // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
             // per batch entry, and its weight gradient would be a sum of per-batch products.
             (Some(weight), _) => linear(x, weight.val(), None),
-            (None, Some(packed)) => quantized_product(packed, x),
+            (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),
             (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
         };
         dims[D - 1] = self.d_output();
         y.reshape(dims)
     }
 
-    /// Several layers applied to the same input. Quantized layers decoding a step share one
-    /// int8-input product ([`PackedMatrix::matmul_int8_inputs_together`]): one hand-over to the
-    /// worker threads instead of one per layer.
+    /// Several layers applied to the same input. Quantized layers rounding their inputs to
+    /// int8 share one product ([`QuantizedWeight::matmul_int8_inputs_together`]): one rounding
+    /// and one hand-over to the worker threads instead of one per layer.
     pub fn forward_together<const D: usize, const N: usize>(
         linears: [&Linear; N],
         x: Tensor<D>,
     ) -> [Tensor<D>; N] {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
-        let packed: Option<Vec<&PackedMatrix>> = linears
+        let quantized: Option<Vec<&QuantizedWeight>> = linears
             .iter()
-            .map(|linear| linear.weight.is_none().then(|| linear.packed()).flatten())
+            .map(|linear| {
+                let rounds = linear.weight.is_none() && linear.rounds_inputs(rows);
+                rounds.then(|| linear.quantized_weight()).flatten()
+            })
             .collect();
-        let Some(packed) = packed.filter(|_| rows <= DECODE_ROWS) else {
+        let Some(quantized) = quantized else {
             return linears.map(|linear| linear.forward(x.clone()));
         };
         let device = x.device();
         let inputs = host_values(x.reshape([rows, dims[D - 1]]));
         let mut outputs =
-            PackedMatrix::matmul_int8_inputs_together(&packed, &inputs, rows).into_iter();
+            QuantizedWeight::matmul_int8_inputs_together(&quantized, &inputs, rows).into_iter();
         std::array::from_fn(|index| {
             let mut output_dims = dims;
-            output_dims[D - 1] = packed[index].rows();
+            output_dims[D - 1] = quantized[index].rows();
             let values = outputs.next().expect("one output per layer");
-            device_matrix(values, [rows, packed[index].rows()], &device).reshape(output_dims)
+            device_matrix(values, [rows, quantized[index].rows()], &device).reshape(output_dims)
         })
     }
 
+    /// Whether a product over `rows` input rows rounds them to int8.
+    fn rounds_inputs(&self, rows: usize) -> bool {
+        rounds_inputs(self.rounding, rows)
+    }
+
     pub fn d_input(&self) -> usize {
-        match (&self.weight, &self.packed) {
+        match (&self.weight, &self.quantized) {
             (Some(weight), _) => weight.dims()[0],
-            (None, Some(packed)) => packed.cols(),
+            (None, Some(quantized)) => quantized.cols(),
             (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
         }
     }
 
     pub fn d_output(&self) -> usize {
-        match (&self.weight, &self.packed) {
+        match (&self.weight, &self.quantized) {
             (Some(weight), _) => weight.dims()[1],
-            (None, Some(packed)) => packed.rows(),
+            (None, Some(quantized)) => quantized.rows(),
             (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
         }
     }
 }
 
+fn rounds_inputs(rounding: ActivationRounding, rows: usize) -> bool {
+    match rounding {
+        ActivationRounding::DecodeSteps => rows <= DECODE_ROWS,
+        ActivationRounding::Never => false,
+        ActivationRounding::Always => true,
+    }
+}
+
 /// `x Wᵀ` for a quantized `W` (output channels as rows): `[rows, in]` to `[rows, out]`.
-fn quantized_product(packed: &PackedMatrix, x: Tensor<2>) -> Tensor<2> {
+fn quantized_product(
+    weight: &QuantizedWeight,
+    x: Tensor<2>,
+    rounding: ActivationRounding,
+) -> Tensor<2> {
     let device = x.device();
     let [rows, cols] = x.dims();
-    let outputs = if rows <= DECODE_ROWS {
-        packed.matmul_int8_inputs(&host_values(x), rows)
+    let outputs = if rounds_inputs(rounding, rows) {
+        weight.matmul_int8_inputs(&host_values(x), rows)
+    } else if rows <= DECODE_ROWS {
+        weight.matmul(&host_values(x), rows)
     } else if rows <= PROMPT_ROWS && is_flex(&device) {
-        packed.matmul_in_tiles(&host_values(x), rows)
+        weight.matmul_in_tiles(&host_values(x), rows)
     } else {
         // `[out, in]` as decoded, used through a transposed view, with no host-side transpose.
-        let weight = device_matrix(packed.dequantize(), [packed.rows(), cols], &device);
-        return x.matmul(weight.transpose());
+        let matrix = device_matrix(weight.dequantize(), [weight.rows(), cols], &device);
+        return x.matmul(matrix.transpose());
     };
-    device_matrix(outputs, [rows, packed.rows()], &device)
+    device_matrix(outputs, [rows, weight.rows()], &device)
 }
 
 /// Row-major host values as a matrix on `device`.
@@ -206,7 +260,10 @@ pub struct Llama {
     embed_tokens: Option<Param<Tensor<2>>>,
     /// The quantized table, one row per token.
     #[module(skip)]
-    embed_packed: Option<Arc<PackedMatrix>>,
+    embed_quantized: Option<Arc<QuantizedWeight>>,
+    /// How the tied output projection of a quantized table treats its inputs.
+    #[module(skip)]
+    rounding: ActivationRounding,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the output projection is the transposed token embedding.
@@ -280,6 +337,70 @@ impl Initializer {
     }
 }
 
+/// A weight matrix handed to [`Llama::from_weights`].
+#[derive(Debug)]
+pub enum Weight {
+    /// Float values in burn's layout: `[in, out]` for a linear map, `[vocab, hidden]` for the
+    /// token embedding.
+    Float(Tensor<2>),
+    /// Output channels (or tokens) as rows.
+    Quantized(QuantizedWeight),
+}
+
+/// A decoder layer's weights.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub input_layernorm: Tensor<1>,
+    pub post_attention_layernorm: Tensor<1>,
+    /// In [`LayerMatrix::ALL`]'s order.
+    pub matrices: [Weight; 7],
+}
+
+/// Every weight of a model.
+#[derive(Debug)]
+pub struct LlamaWeights {
+    pub embed_tokens: Weight,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor<1>,
+    /// `None` when the output projection is the transposed token embedding.
+    pub lm_head: Option<Weight>,
+}
+
+fn check_shape(path: &str, shape: Vec<usize>, expected: Vec<usize>) -> Result<(), ModelError> {
+    if shape == expected {
+        Ok(())
+    } else {
+        Err(ModelError::WeightShape {
+            path: path.to_string(),
+            shape,
+            expected,
+        })
+    }
+}
+
+fn linear_from(
+    path: String,
+    weight: Weight,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Linear, ModelError> {
+    match weight {
+        Weight::Float(values) => {
+            check_shape(&path, values.dims().to_vec(), vec![inputs, outputs])?;
+            Ok(Linear::new(Param::from_tensor(values)))
+        }
+        Weight::Quantized(quantized) => {
+            // Quantized matrices keep output channels as rows.
+            check_shape(
+                &path,
+                vec![quantized.cols(), quantized.rows()],
+                vec![inputs, outputs],
+            )?;
+            Ok(Linear::quantized(quantized))
+        }
+    }
+}
+
 impl Llama {
     /// A freshly initialized model: normal(0, 0.02) weights, residual output projections scaled
     /// by 1/sqrt(2 * layers) as in GPT-2, unit norm gains.
@@ -333,7 +454,8 @@ impl Llama {
 
         Ok(Self {
             embed_tokens: Some(embed_tokens),
-            embed_packed: None,
+            embed_quantized: None,
+            rounding: ActivationRounding::default(),
             layers,
             norm: norm(),
             lm_head,
@@ -341,9 +463,139 @@ impl Llama {
                 config.max_position_embeddings,
                 head_dim,
                 config.rope_theta,
+                config.rope_scaling.as_ref(),
                 device,
             ),
             dropout,
+            dropout_seed: 0,
+            config: config.clone(),
+        })
+    }
+
+    /// A model of `config` with the given weights, checked against the shapes the config
+    /// implies; nothing is drawn at random.
+    pub fn from_weights(
+        config: &LlamaConfig,
+        weights: LlamaWeights,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        if weights.layers.len() != config.num_hidden_layers {
+            return Err(ModelError::WeightShape {
+                path: "layers".into(),
+                shape: vec![weights.layers.len()],
+                expected: vec![config.num_hidden_layers],
+            });
+        }
+        if weights.lm_head.is_some() == config.tie_word_embeddings {
+            return Err(ModelError::InvalidConfig {
+                field: "tie_word_embeddings",
+                reason: format!(
+                    "is {} but the weights {} an output projection",
+                    config.tie_word_embeddings,
+                    if weights.lm_head.is_some() {
+                        "hold"
+                    } else {
+                        "lack"
+                    }
+                ),
+            });
+        }
+        let hidden = config.hidden_size;
+        let norm = |path: String, gain: Tensor<1>| -> Result<RmsNorm, ModelError> {
+            check_shape(&path, gain.dims().to_vec(), vec![hidden])?;
+            let mut norm = RmsNormConfig::new(hidden)
+                .with_epsilon(config.rms_norm_eps)
+                .init(device);
+            norm.gamma = Param::from_tensor(gain);
+            Ok(norm)
+        };
+        let head_dim = config.head_dim();
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for (index, layer) in weights.layers.into_iter().enumerate() {
+            let [
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                gate_proj,
+                up_proj,
+                down_proj,
+            ] = layer
+                .matrices
+                .into_iter()
+                .zip(LayerMatrix::ALL)
+                .map(|(weight, matrix)| {
+                    let (inputs, outputs) = matrix.shape(config);
+                    linear_from(
+                        format!("layers.{index}.{}", matrix.path()),
+                        weight,
+                        inputs,
+                        outputs,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .try_into()
+                .expect("seven matrices");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(
+                    format!("layers.{index}.input_layernorm"),
+                    layer.input_layernorm,
+                )?,
+                self_attn: Attention {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim,
+                },
+                post_attention_layernorm: norm(
+                    format!("layers.{index}.post_attention_layernorm"),
+                    layer.post_attention_layernorm,
+                )?,
+                mlp: Mlp {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                },
+            });
+        }
+        let lm_head = weights
+            .lm_head
+            .map(|head| linear_from("lm_head".into(), head, hidden, config.vocab_size))
+            .transpose()?;
+        let table = [config.vocab_size, hidden];
+        let (embed_tokens, embed_quantized) = match weights.embed_tokens {
+            Weight::Float(values) => {
+                check_shape("embed_tokens", values.dims().to_vec(), table.to_vec())?;
+                (Some(Param::from_tensor(values)), None)
+            }
+            Weight::Quantized(quantized) => {
+                check_shape(
+                    "embed_tokens",
+                    vec![quantized.rows(), quantized.cols()],
+                    table.to_vec(),
+                )?;
+                (None, Some(Arc::new(quantized)))
+            }
+        };
+        Ok(Self {
+            embed_tokens,
+            embed_quantized,
+            rounding: ActivationRounding::default(),
+            layers,
+            norm: norm("norm".into(), weights.norm)?,
+            lm_head,
+            rope: RotaryTables::new(
+                config.max_position_embeddings,
+                head_dim,
+                config.rope_theta,
+                config.rope_scaling.as_ref(),
+                device,
+            ),
+            dropout: 0.0,
             dropout_seed: 0,
             config: config.clone(),
         })
@@ -365,34 +617,95 @@ impl Llama {
 
     pub fn set_embedding(&mut self, table: Param<Tensor<2>>) {
         self.embed_tokens = Some(table);
-        self.embed_packed = None;
+        self.embed_quantized = None;
     }
 
+    pub fn quantized_embedding(&self) -> Option<&QuantizedWeight> {
+        self.embed_quantized.as_deref()
+    }
+
+    /// The quantized table when it is in distillery's packed layout.
     pub fn packed_embedding(&self) -> Option<&PackedMatrix> {
-        self.embed_packed.as_deref()
+        self.quantized_embedding().and_then(QuantizedWeight::packed)
+    }
+
+    /// The model with a quantized token embedding and output head dequantized to floats.
+    pub fn with_float_embedding_and_head(&self) -> Llama {
+        let mut model = self.clone();
+        let device = model.device();
+        if model.embed_quantized.is_some() {
+            let [vocab, hidden] = [self.config.vocab_size, self.config.hidden_size];
+            model.set_embedding(Param::from_data(
+                TensorData::new(model.embedding_values(), [vocab, hidden]),
+                &device,
+            ));
+        }
+        if let Some(head) = model.lm_head.as_mut() {
+            *head = head.to_float(&device);
+        }
+        model
+    }
+
+    /// The model with every quantized weight dequantized to floats.
+    pub fn dequantized(&self) -> Llama {
+        let mut model = self.with_float_embedding_and_head();
+        let device = model.device();
+        for layer in &mut model.layers {
+            for matrix in LayerMatrix::ALL {
+                let linear = layer.matrix_mut(matrix);
+                *linear = linear.to_float(&device);
+            }
+        }
+        model
+    }
+
+    /// Sets how every quantized product of the model treats its inputs.
+    pub fn set_activation_rounding(&mut self, rounding: ActivationRounding) {
+        self.rounding = rounding;
+        for layer in &mut self.layers {
+            for matrix in LayerMatrix::ALL {
+                layer.matrix_mut(matrix).set_activation_rounding(rounding);
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            head.set_activation_rounding(rounding);
+        }
+    }
+
+    pub fn activation_rounding(&self) -> ActivationRounding {
+        self.rounding
+    }
+
+    /// Whether any weight is quantized (so the activation rounding matters).
+    pub fn is_quantized(&self) -> bool {
+        self.embed_quantized.is_some()
+            || self
+                .linears()
+                .iter()
+                .any(|(_, linear)| linear.quantized_weight().is_some())
     }
 
     /// Replaces the token embedding (and, when tied, the output projection) by a quantized
     /// table with one row per token.
-    pub fn set_packed_embedding(&mut self, table: PackedMatrix) {
+    pub fn set_packed_embedding(&mut self, table: impl Into<QuantizedWeight>) {
         self.embed_tokens = None;
-        self.embed_packed = Some(Arc::new(table));
+        self.embed_quantized = Some(Arc::new(table.into()));
     }
 
     /// The token embedding as `[vocab, hidden]` row-major values, dequantized when quantized.
     pub fn embedding_values(&self) -> Vec<f32> {
-        match (&self.embed_tokens, &self.embed_packed) {
+        match (&self.embed_tokens, &self.embed_quantized) {
             (Some(table), _) => host_values(table.val()),
-            (None, Some(packed)) => packed.dequantize(),
+            (None, Some(quantized)) => quantized.dequantize(),
             (None, None) => unreachable!("the model has a float or a quantized embedding"),
         }
     }
 
     /// `[batch, seq, hidden]` embeddings of `tokens`.
     pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        match (&self.embed_tokens, &self.embed_packed) {
+        match (&self.embed_tokens, &self.embed_quantized) {
             (Some(table), _) => embedding(table.val(), tokens),
-            (None, Some(packed)) => {
+            (None, Some(quantized)) => {
                 let [batch, seq] = tokens.dims();
                 let ids: Vec<usize> = tokens
                     .into_data()
@@ -403,7 +716,7 @@ impl Llama {
                     .map(|id| id as usize)
                     .collect();
                 Tensor::from_data(
-                    TensorData::new(packed.gather_rows(&ids), [batch, seq, packed.cols()]),
+                    TensorData::new(quantized.gather_rows(&ids), [batch, seq, quantized.cols()]),
                     &self.device(),
                 )
             }
@@ -418,9 +731,9 @@ impl Llama {
         }
         let [batch, seq, hidden] = x.dims();
         let x = x.reshape([batch * seq, hidden]);
-        let logits = match (&self.embed_tokens, &self.embed_packed) {
+        let logits = match (&self.embed_tokens, &self.embed_quantized) {
             (Some(table), _) => x.matmul(table.val().transpose()),
-            (None, Some(packed)) => quantized_product(packed, x),
+            (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),
             (None, None) => unreachable!("the model has a float or a quantized embedding"),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
@@ -521,30 +834,36 @@ impl Llama {
 impl DecoderLayer {
     /// The layer's linear maps under their paths inside the layer, in forward order.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
-        [
-            ("self_attn.q_proj", &self.self_attn.q_proj),
-            ("self_attn.k_proj", &self.self_attn.k_proj),
-            ("self_attn.v_proj", &self.self_attn.v_proj),
-            ("self_attn.o_proj", &self.self_attn.o_proj),
-            ("mlp.gate_proj", &self.mlp.gate_proj),
-            ("mlp.up_proj", &self.mlp.up_proj),
-            ("mlp.down_proj", &self.mlp.down_proj),
-        ]
+        LayerMatrix::ALL.map(|matrix| (matrix.path(), self.matrix(matrix)))
+    }
+
+    pub fn matrix(&self, matrix: LayerMatrix) -> &Linear {
+        match matrix {
+            LayerMatrix::Query => &self.self_attn.q_proj,
+            LayerMatrix::Key => &self.self_attn.k_proj,
+            LayerMatrix::Value => &self.self_attn.v_proj,
+            LayerMatrix::Output => &self.self_attn.o_proj,
+            LayerMatrix::Gate => &self.mlp.gate_proj,
+            LayerMatrix::Up => &self.mlp.up_proj,
+            LayerMatrix::Down => &self.mlp.down_proj,
+        }
+    }
+
+    pub fn matrix_mut(&mut self, matrix: LayerMatrix) -> &mut Linear {
+        match matrix {
+            LayerMatrix::Query => &mut self.self_attn.q_proj,
+            LayerMatrix::Key => &mut self.self_attn.k_proj,
+            LayerMatrix::Value => &mut self.self_attn.v_proj,
+            LayerMatrix::Output => &mut self.self_attn.o_proj,
+            LayerMatrix::Gate => &mut self.mlp.gate_proj,
+            LayerMatrix::Up => &mut self.mlp.up_proj,
+            LayerMatrix::Down => &mut self.mlp.down_proj,
+        }
     }
 
     /// The linear map at a path [`DecoderLayer::linears`] names.
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        let linear = match name {
-            "self_attn.q_proj" => &mut self.self_attn.q_proj,
-            "self_attn.k_proj" => &mut self.self_attn.k_proj,
-            "self_attn.v_proj" => &mut self.self_attn.v_proj,
-            "self_attn.o_proj" => &mut self.self_attn.o_proj,
-            "mlp.gate_proj" => &mut self.mlp.gate_proj,
-            "mlp.up_proj" => &mut self.mlp.up_proj,
-            "mlp.down_proj" => &mut self.mlp.down_proj,
-            _ => return None,
-        };
-        Some(linear)
+        LayerMatrix::from_path(name).map(|matrix| self.matrix_mut(matrix))
     }
 
     /// The attention block's input: the residual stream, normalized.

@@ -75,7 +75,7 @@ impl Int8Inputs {
 /// One block rounded to int8 against its absolute maximum (ties to even, which has a vector
 /// instruction); returns the block's scale.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
-fn round_block(columns: &[f32], out: &mut [i8; BLOCK]) -> f32 {
+pub(crate) fn round_block(columns: &[f32], out: &mut [i8; BLOCK]) -> f32 {
     // Lane-wise maxima first: a chain of maxima through one value does not vectorize.
     let mut lanes = [0.0f32; 16];
     for chunk in columns.chunks_exact(16) {

@@ -2,13 +2,17 @@
 //! functions on weight matrices; the packed form quantized layers compute with; the GPTQ
 //! storage layout.
 
+pub mod cpu;
 pub mod f16;
+pub mod ggml;
 pub mod gptq;
 pub mod grid;
 pub mod int8_inputs;
 mod linalg;
 pub mod pack;
 pub mod packed;
+mod products;
+pub mod weight;
 
 pub use gptq::{
     GptqOutcome, GptqSettings, Hessian, QuantSettings, QuantizedMatrix, gptq, int8_absmax,
@@ -29,7 +33,9 @@ mod test_support {
             .collect()
     }
 }
+pub use ggml::{BlockMatrix, GgmlType};
 pub use packed::{GptqTensors, PackedMatrix};
+pub use weight::{ActivationRounding, QuantizedWeight};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {

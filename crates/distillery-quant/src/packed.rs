@@ -16,17 +16,7 @@ use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
 use crate::int8_inputs::{self, ChannelDots, ChannelRun, Int8Inputs};
 use crate::pack::{code_at, pack_bits, unpack_bits};
-
-/// Inputs below this many multiply-adds run on one thread: spawning costs more.
-const PARALLEL_WORK: usize = 1 << 16;
-
-/// Output channels one parallel task computes: enough work to outweigh handing it out.
-const CHANNELS_PER_TASK: usize = 128;
-
-/// The most output channels [`PackedMatrix::matmul_in_tiles`] decodes at a time: 256 channels
-/// of 1,024 inputs are 1 MiB of floats, which stay in a core's L2 cache while every input row
-/// meets them.
-const TILE_CHANNELS: usize = 256;
+use crate::products::{channel_major, dot, in_tiles, together, transposed};
 
 /// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
 /// scale and zero per output channel and group of input columns.
@@ -385,53 +375,10 @@ impl PackedMatrix {
     /// decoded weight serves all rows.
     pub fn matmul_in_tiles(&self, x: &[f32], count: usize) -> Vec<f32> {
         let x = &*self.inputs_in_stored_order(x);
-        let cols = self.cols;
-        assert!(x.len() >= count * cols);
         let aligned = self.word_aligned_group_size();
-        // Smaller tiles when a matrix has too few channels to give every thread one.
-        let threads = rayon::current_num_threads();
-        let tile_channels = TILE_CHANNELS.min(self.rows.div_ceil(threads).next_multiple_of(16));
-        let mut by_channel = vec![0.0f32; self.rows * count];
-        by_channel
-            .par_chunks_mut(tile_channels * count)
-            .enumerate()
-            .for_each_init(Vec::new, |tile, (index, outs)| {
-                let channels = outs.len() / count;
-                tile.resize(channels * cols, 0.0);
-                for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
-                    self.decode_stored_row(index * tile_channels + offset, weights, aligned);
-                }
-                // `outs` (`channels x count`, row-major) is written as the `count x channels`
-                // product `x tileᵀ` stored by columns: for prompt-sized `count` gemm then reads
-                // the tile in place, as broadcast operands, instead of repacking it, and packs
-                // only `x`.
-                // SAFETY: `outs` and `tile` are this task's own, `channels x count` and
-                // `channels x cols`; `x` holds `count` rows of `cols`.
-                unsafe {
-                    gemm::gemm(
-                        count,
-                        channels,
-                        cols,
-                        outs.as_mut_ptr(),
-                        count as isize,
-                        1,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        cols as isize,
-                        tile.as_ptr(),
-                        cols as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            });
-        transposed(&by_channel, self.rows, count)
+        in_tiles(self.rows, self.cols, x, count, |row, weights| {
+            self.decode_stored_row(row, weights, aligned)
+        })
     }
 
     /// `x Wᵀ` like [`Self::matmul`], but for decoding: when the matrix holds 3-, 4- or 8-bit codes
@@ -464,40 +411,13 @@ impl PackedMatrix {
             };
             products.push(product);
         }
-        let mut starts = vec![0];
-        for matrix in matrices {
-            starts.push(starts.last().copied().unwrap_or(0) + matrix.rows);
-        }
-        let rows = starts[matrices.len()];
-        let work = matrices
+        let shapes: Vec<(usize, usize)> = matrices
             .iter()
-            .map(|matrix| matrix.rows * matrix.cols)
-            .sum::<usize>()
-            * count;
-        let by_channel = channel_major(rows, work, count, |rows, _, outs| {
-            // A task's channels may run from one matrix into the next.
-            let mut row = rows.start;
-            while row < rows.end {
-                let matrix = starts.partition_point(|&start| start <= row) - 1;
-                let end = rows.end.min(starts[matrix + 1]);
-                products[matrix].channels(
-                    row - starts[matrix]..end - starts[matrix],
-                    &mut outs[(row - rows.start) * count..(end - rows.start) * count],
-                );
-                row = end;
-            }
-        });
-        matrices
-            .iter()
-            .zip(starts.windows(2))
-            .map(|(matrix, range)| {
-                transposed(
-                    &by_channel[range[0] * count..range[1] * count],
-                    matrix.rows,
-                    count,
-                )
-            })
-            .collect()
+            .map(|matrix| (matrix.rows, matrix.cols))
+            .collect();
+        together(&shapes, count, |matrix, rows, outs| {
+            products[matrix].channels(rows, outs)
+        })
     }
 
     /// The rounded inputs an int8-input product needs, when the matrix's layout allows one:
@@ -759,46 +679,6 @@ fn zero_terms(scales: &[f32], zeros: &[u8], input_sums: &[f32]) -> f32 {
         .sum()
 }
 
-/// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
-/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it.
-fn channel_major(
-    rows: usize,
-    work: usize,
-    count: usize,
-    channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let mut by_channel = vec![0.0f32; rows * count];
-    if work < PARALLEL_WORK {
-        channel_outputs(0..rows, &mut Vec::new(), &mut by_channel);
-    } else {
-        by_channel
-            .par_chunks_mut(count * CHANNELS_PER_TASK)
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (task, outs)| {
-                let first = task * CHANNELS_PER_TASK;
-                channel_outputs(first..first + outs.len() / count, scratch, outs);
-            });
-    }
-    by_channel
-}
-
-/// `rows x count` values as `count x rows`, in square tiles so that neither side is walked
-/// with a stride through more memory than the caches hold.
-fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
-    const TILE: usize = 16;
-    let mut outputs = vec![0.0; count * rows];
-    for first_row in (0..rows).step_by(TILE) {
-        for first_index in (0..count).step_by(TILE) {
-            for row in first_row..(first_row + TILE).min(rows) {
-                for index in first_index..(first_index + TILE).min(count) {
-                    outputs[index * rows + row] = by_channel[row * count + index];
-                }
-            }
-        }
-    }
-    outputs
-}
-
 /// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream.
 fn decode_byte_aligned(bytes: &[u8], bits: u32, scale: f32, zero: f32, out: &mut [f32]) {
     match bits {
@@ -988,29 +868,11 @@ mod x86 {
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler keep a vector register of them.
-    let mut sums = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            sums[lane] += x[lane] * y[lane];
-        }
-    }
-    sums.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gptq::{QuantSettings, int8_absmax, round_to_nearest};
+    use crate::products::TILE_CHANNELS;
     use crate::test_support::random_matrix;
 
     fn quantized(

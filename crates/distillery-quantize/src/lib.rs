@@ -23,4 +23,6 @@ pub enum QuantizeError {
     Data(#[from] distillery_data::DataError),
     #[error(transparent)]
     Files(#[from] distillery_formats::hf::HfError),
+    #[error(transparent)]
+    Source(#[from] distillery_formats::source::SourceError),
 }

@@ -1,10 +1,11 @@
 //! `distillery quantize`: a run's checkpoint in, a quantized model folder out.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use distillery_config::{ExperimentConfig, QuantizeMethod};
 use distillery_data::WindowSampler;
+use distillery_model::Llama;
 use distillery_train::seeds::{Stream, derive_seed};
 
 use crate::QuantizeError;
@@ -28,6 +29,42 @@ pub fn calibration_windows(tokens: &[u32], count: usize, seq_len: usize, seed: u
     sampler.next_batch(tokens, count).inputs
 }
 
+/// The float model to quantize: a run's checkpoint, or a pretrained model's file (a GGUF file,
+/// whose blocks are dequantized first, or a Hugging Face folder) that tokenizes as the run does.
+fn load_source(
+    config: &ExperimentConfig,
+    source: &Path,
+    tokenizer: &distillery_data::TextTokenizer,
+) -> Result<(PathBuf, usize, Llama), QuantizeError> {
+    let device =
+        distillery_train::device_for(&config.run).map_err(distillery_train::TrainError::from)?;
+    if distillery_formats::source::is_gguf(source) {
+        let vocabulary = distillery_formats::source::tokenizer_vocabulary(
+            &config.data.tokenizer,
+            tokenizer.eos_token_id(),
+        )?;
+        let (_, model) = distillery_formats::source::load_gguf_for(source, &vocabulary, &device)?;
+        return Ok((source.to_path_buf(), 0, model.dequantized()));
+    }
+    if source.join(distillery_formats::hf::CONFIG_FILE).is_file() {
+        let theirs = distillery_data::TextTokenizer::load(
+            &source.join(distillery_formats::source::TOKENIZER_FILE),
+        )?;
+        if theirs.sha256() != tokenizer.sha256() {
+            return Err(QuantizeError::Settings(format!(
+                "{}: another tokenizer than the run's {}",
+                source.display(),
+                config.data.tokenizer.display()
+            )));
+        }
+        let model = distillery_formats::hf::import(source, &device)?;
+        return Ok((source.to_path_buf(), 0, model));
+    }
+    Ok(distillery_train::load_for_inference(
+        config, source, tokenizer,
+    )?)
+}
+
 /// Quantizes the checkpoint `config`'s `[quantize]` section names (by default the run's best)
 /// and saves it under `<checkpoint_dir>/<name>/`, replacing an earlier result of that name.
 pub fn quantize_run(
@@ -39,12 +76,13 @@ pub fn quantize_run(
         .as_ref()
         .ok_or_else(|| QuantizeError::Settings("the config has no [quantize] section".into()))?;
     let data = distillery_train::prepare_data(config)?;
-    let source = settings
-        .checkpoint
-        .clone()
-        .unwrap_or_else(|| config.run_checkpoint_dir());
-    let (source, step, mut model) =
-        distillery_train::load_for_inference(config, &source, &data.tokenizer)?;
+    // A run that has not trained yet is its pretrained model.
+    let source = match (&settings.checkpoint, &config.model.from) {
+        (Some(checkpoint), _) => checkpoint.clone(),
+        (None, Some(from)) if !config.run_checkpoint_dir().exists() => from.clone(),
+        (None, _) => config.run_checkpoint_dir(),
+    };
+    let (source, step, mut model) = load_source(config, &source, &data.tokenizer)?;
     let options = QuantizeOptions::from(settings);
     let seq_len = settings
         .seqlen

@@ -34,6 +34,28 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> EvalMetrics {
+    evaluate_windows(model, windows, batch_size, device, None)
+}
+
+/// [`evaluate`], also returning each position's most likely next token, window after window.
+pub fn evaluate_with_predictions(
+    model: &Llama,
+    windows: &ValidationWindows,
+    batch_size: usize,
+    device: &Device,
+) -> (EvalMetrics, Vec<u32>) {
+    let mut predictions = Vec::new();
+    let metrics = evaluate_windows(model, windows, batch_size, device, Some(&mut predictions));
+    (metrics, predictions)
+}
+
+fn evaluate_windows(
+    model: &Llama,
+    windows: &ValidationWindows,
+    batch_size: usize,
+    device: &Device,
+    mut predictions: Option<&mut Vec<u32>>,
+) -> EvalMetrics {
     let mut loss_sum = 0.0;
     let mut correct = 0;
     let mut tokens = 0;
@@ -43,6 +65,16 @@ pub fn evaluate(
         let positions = batch.batch_size * batch.seq_len;
         let loss: f32 = cross_entropy(logits.clone(), targets.clone()).into_scalar();
         loss_sum += loss as f64 * positions as f64;
+        if let Some(predictions) = predictions.as_deref_mut() {
+            let predicted: Vec<i64> = logits
+                .clone()
+                .argmax(2)
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec()
+                .expect("token ids are integers");
+            predictions.extend(predicted.into_iter().map(|id| id as u32));
+        }
         correct += next_token_hits(logits, targets).0;
         tokens += positions;
     }

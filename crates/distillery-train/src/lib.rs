@@ -22,7 +22,7 @@ use distillery_model::{LlamaConfig, ModelError};
 pub use backend::{BackendError, backend_description, device_for};
 pub use bench::{BenchReport, bench_objective, bench_train};
 pub use checkpoint::{BestValidation, CheckpointError};
-pub use eval::{EvalMetrics, batch_tensors, evaluate};
+pub use eval::{EvalMetrics, batch_tensors, evaluate, evaluate_with_predictions};
 pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
 pub use trainer::{
     NextTokenObjective, Objective, ObjectiveLoss, Resume, TrainOptions, TrainOutcome, TrainSummary,
@@ -157,13 +157,27 @@ pub fn evaluate_on_data(
     data: &RunData,
     model: &distillery_model::Llama,
 ) -> EvalMetrics {
-    let windows = distillery_data::ValidationWindows::new(
+    evaluate(
+        model,
+        &validation_windows(config, data, model),
+        config.eval_batch_size(),
+        &model.device(),
+    )
+}
+
+/// The validation windows of `config` for `model`: `data.seq_len` tokens (at most the model's
+/// context), the first `eval.max_windows`.
+pub fn validation_windows(
+    config: &ExperimentConfig,
+    data: &RunData,
+    model: &distillery_model::Llama,
+) -> distillery_data::ValidationWindows {
+    distillery_data::ValidationWindows::new(
         data.splits.validation.clone(),
         config
             .data
             .seq_len
             .min(model.config().max_position_embeddings),
         config.eval.max_windows,
-    );
-    evaluate(model, &windows, config.eval_batch_size(), &model.device())
+    )
 }

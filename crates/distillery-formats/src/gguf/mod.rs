@@ -1,0 +1,16 @@
+//! GGUF, the file format llama.cpp runs: the container, the `llama` architecture's mapping to
+//! distillery's model, and the tokenizer the file carries.
+
+mod container;
+mod llama;
+mod vocab;
+
+pub use container::{
+    ALIGNMENT, GgufError, GgufFile, GgufTensor, TensorData, TensorInfo, Value, ValueType, read,
+    write,
+};
+pub use llama::{GgufModelError, architecture, gguf_name, hf_name_of, import, llama_contents};
+pub use vocab::{
+    GgufVocabulary, TokenizerFiles, VocabError, check_same_vocabulary, token_type,
+    tokenizer_from_gguf, vocabulary_from_tokenizer_json,
+};

@@ -1,0 +1,365 @@
+//! A weight matrix kept in ggml's blocks, exactly as a GGUF file stores it: one row of blocks
+//! per output channel. Rows decode on the fly; the float matrix never exists whole.
+
+use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
+use super::kernels::{PieceInputs, pieces_dot};
+use super::types::GgmlType;
+use crate::QuantError;
+use crate::products::{channel_major, dot, in_tiles, together, transposed};
+
+/// A `rows x cols` (output x input) matrix of one ggml type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockMatrix {
+    kind: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    /// `rows x row_bytes`: each channel's blocks, in file order.
+    bytes: Vec<u8>,
+}
+
+impl BlockMatrix {
+    /// The matrix whose rows of `kind` blocks `bytes` holds. The type must be readable and
+    /// quantized in blocks or half precision, and `bytes` exactly `rows` rows of `cols` values.
+    pub fn new(
+        kind: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Self, QuantError> {
+        let layout = |message: String| Err(QuantError::Layout(message));
+        if !kind.is_readable() || kind == GgmlType::F32 {
+            return layout(format!("{kind} matrices are not kept in blocks"));
+        }
+        let Some(row_bytes) = kind.row_bytes(cols) else {
+            return layout(format!(
+                "rows of {cols} values are not whole {kind} blocks of {}",
+                kind.block_values()
+            ));
+        };
+        if rows.checked_mul(row_bytes) != Some(bytes.len()) {
+            return layout(format!(
+                "{} bytes for {rows} rows of {cols} {kind} values ({row_bytes} bytes a row)",
+                bytes.len()
+            ));
+        }
+        Ok(Self {
+            kind,
+            rows,
+            cols,
+            row_bytes,
+            bytes,
+        })
+    }
+
+    pub fn kind(&self) -> GgmlType {
+        self.kind
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The blocks, row after row, as a GGUF file stores them.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn row(&self, row: usize) -> &[u8] {
+        &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes]
+    }
+
+    /// Channel `row`'s weights, as ggml dequantizes them.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        blocks::dequantize(self.kind, self.row(row), out);
+    }
+
+    /// All weights, `rows x cols` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut weights = vec![0.0; self.rows * self.cols];
+        for (row, out) in weights.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(row, out);
+        }
+        weights
+    }
+
+    /// The rows named by `ids`, concatenated: an embedding lookup.
+    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let mut out = vec![0.0; ids.len() * self.cols];
+        for (&id, values) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            self.dequantize_row(id, values);
+        }
+        out
+    }
+
+    /// `x Wᵀ` for `count` input rows `x` (`count x cols`) with exact f32 inputs and the
+    /// dequantized weights: `count x rows`.
+    pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
+        let cols = self.cols;
+        let by_channel = channel_major(
+            self.rows,
+            self.rows * cols * count,
+            count,
+            |rows, scratch, outs| {
+                scratch.resize(cols, 0.0);
+                for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
+                    self.dequantize_row(row, scratch);
+                    for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
+                        *value = dot(input, scratch);
+                    }
+                }
+            },
+        );
+        if count == 1 {
+            return by_channel;
+        }
+        transposed(&by_channel, self.rows, count)
+    }
+
+    /// [`Self::matmul`] for many input rows: tiles of channels decoded to floats meet every
+    /// input row while in cache.
+    pub fn matmul_in_tiles(&self, x: &[f32], count: usize) -> Vec<f32> {
+        in_tiles(self.rows, self.cols, x, count, |row, out| {
+            self.dequantize_row(row, out)
+        })
+    }
+
+    /// Whether products can round their inputs to int8 ([`Self::matmul_int8_inputs`]): the
+    /// block-quantized types, not half precision.
+    pub fn has_integer_pieces(&self) -> bool {
+        self.kind.is_block_quantized()
+    }
+
+    /// `x Wᵀ` with each input row rounded to int8 per 32 columns (one f32 scale each), as
+    /// llama.cpp rounds activations for its quantized matrices, and multiplied with the
+    /// weights' codes in integer sums; the scales and minima apply in floats. Half-precision
+    /// matrices take exact inputs.
+    pub fn matmul_int8_inputs(&self, x: &[f32], count: usize) -> Vec<f32> {
+        if !self.has_integer_pieces() {
+            return self.matmul(x, count);
+        }
+        let inputs: Vec<PieceInputs> = x
+            .chunks_exact(self.cols)
+            .take(count)
+            .map(PieceInputs::new)
+            .collect();
+        let by_channel = channel_major(
+            self.rows,
+            self.rows * self.cols * count,
+            count,
+            |rows, _, outs| self.channels_int8(rows, &inputs, outs),
+        );
+        if count == 1 {
+            return by_channel;
+        }
+        transposed(&by_channel, self.rows, count)
+    }
+
+    /// Several matrices of the same input width applied to the same int8-rounded inputs in
+    /// one parallel region: `outputs[m]` is `x W_mᵀ`.
+    pub fn matmul_int8_inputs_together(
+        matrices: &[&BlockMatrix],
+        x: &[f32],
+        count: usize,
+    ) -> Vec<Vec<f32>> {
+        let Some(cols) = matrices.first().map(|matrix| matrix.cols) else {
+            return Vec::new();
+        };
+        if matrices
+            .iter()
+            .any(|matrix| matrix.cols != cols || !matrix.has_integer_pieces())
+        {
+            return matrices
+                .iter()
+                .map(|matrix| matrix.matmul_int8_inputs(x, count))
+                .collect();
+        }
+        let inputs: Vec<PieceInputs> = x
+            .chunks_exact(cols)
+            .take(count)
+            .map(PieceInputs::new)
+            .collect();
+        let shapes: Vec<(usize, usize)> = matrices
+            .iter()
+            .map(|matrix| (matrix.rows, matrix.cols))
+            .collect();
+        together(&shapes, count, |matrix, rows, outs| {
+            matrices[matrix].channels_int8(rows, &inputs, outs)
+        })
+    }
+
+    /// Channels `rows`, each against every input: `outs[channel * inputs + input]`. Each
+    /// channel's pieces are decoded once into small signed codes and their scales, which every
+    /// input then meets in integer dot products: one kernel for every block format.
+    fn channels_int8(
+        &self,
+        rows: std::ops::Range<usize>,
+        inputs: &[PieceInputs],
+        outs: &mut [f32],
+    ) {
+        let count = inputs.len();
+        let dot = pieces_dot();
+        let mut codes = vec![0i8; self.cols];
+        let mut scales = vec![PieceScales::default(); self.cols / PIECE];
+        for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
+            self.decode_pieces(row, &mut codes, &mut scales);
+            for (input, value) in inputs.iter().zip(out.iter_mut()) {
+                *value = dot(&codes, &scales, input);
+            }
+        }
+    }
+
+    /// Channel `row`'s codes and piece scales.
+    fn decode_pieces(&self, row: usize, codes: &mut [i8], scales: &mut [PieceScales]) {
+        // One loop per type, so each inlines its own piece decoder.
+        match self.kind {
+            GgmlType::Q4_0 => decode_row_pieces(GgmlType::Q4_0, self.row(row), codes, scales),
+            GgmlType::Q4_1 => decode_row_pieces(GgmlType::Q4_1, self.row(row), codes, scales),
+            GgmlType::Q5_0 => decode_row_pieces(GgmlType::Q5_0, self.row(row), codes, scales),
+            GgmlType::Q5_1 => decode_row_pieces(GgmlType::Q5_1, self.row(row), codes, scales),
+            GgmlType::Q8_0 => decode_row_pieces(GgmlType::Q8_0, self.row(row), codes, scales),
+            GgmlType::Q2K => decode_row_pieces(GgmlType::Q2K, self.row(row), codes, scales),
+            GgmlType::Q3K => decode_row_pieces(GgmlType::Q3K, self.row(row), codes, scales),
+            GgmlType::Q4K => decode_row_pieces(GgmlType::Q4K, self.row(row), codes, scales),
+            GgmlType::Q5K => decode_row_pieces(GgmlType::Q5K, self.row(row), codes, scales),
+            GgmlType::Q6K => decode_row_pieces(GgmlType::Q6K, self.row(row), codes, scales),
+            other => unreachable!("{other} has no integer pieces"),
+        }
+    }
+}
+
+#[inline(always)]
+fn decode_row_pieces(kind: GgmlType, bytes: &[u8], codes: &mut [i8], scales: &mut [PieceScales]) {
+    let per_block = pieces_per_block(kind);
+    let mut pieces = codes.chunks_exact_mut(PIECE).zip(scales.iter_mut());
+    for block in bytes.chunks_exact(kind.block_bytes()) {
+        for (piece, (codes, scales)) in (0..per_block).zip(pieces.by_ref()) {
+            let codes: &mut [i8; PIECE] = codes.try_into().expect("a piece of codes");
+            *scales = decode_piece(kind, block, piece, codes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::ggml::blocks::{QUANTIZED_KINDS, random_blocks};
+
+    /// A matrix of random blocks whose half-precision fields hold small positive numbers.
+    fn random_matrix(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> BlockMatrix {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let blocks = rows * cols / kind.block_values();
+        BlockMatrix::new(kind, rows, cols, random_blocks(kind, blocks, &mut rng)).unwrap()
+    }
+
+    fn inputs(count: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..count * cols)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// `x Wᵀ` in f64 from the dequantized weights, each value with the sum of its products'
+    /// magnitudes (what float rounding errors scale with).
+    fn reference(matrix: &BlockMatrix, x: &[f32], count: usize) -> Vec<(f64, f64)> {
+        let weights = matrix.dequantize();
+        let cols = matrix.cols();
+        let mut out = vec![(0.0, 0.0); count * matrix.rows()];
+        for index in 0..count {
+            for row in 0..matrix.rows() {
+                let products = (0..cols).map(|col| {
+                    f64::from(x[index * cols + col]) * f64::from(weights[row * cols + col])
+                });
+                out[index * matrix.rows() + row] = products
+                    .fold((0.0, 0.0), |(sum, size), product| {
+                        (sum + product, size + product.abs())
+                    });
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[(f64, f64)], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (g, (w, size)) in got.iter().zip(want) {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * size.max(1.0),
+                "{what}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Half precision and every block-quantized type.
+    fn kinds() -> impl Iterator<Item = GgmlType> {
+        std::iter::once(GgmlType::F16).chain(QUANTIZED_KINDS)
+    }
+
+    #[test]
+    fn exact_products_equal_the_dequantized_weights() {
+        for kind in kinds() {
+            let matrix = random_matrix(kind, 37, 512, 1);
+            for count in [1, 3, 20] {
+                let x = inputs(count, 512, 2);
+                let want = reference(&matrix, &x, count);
+                for (how, got) in [
+                    ("rows", matrix.matmul(&x, count)),
+                    ("tiles", matrix.matmul_in_tiles(&x, count)),
+                ] {
+                    assert_close(&got, &want, &format!("{kind} {how} x{count}"));
+                }
+            }
+        }
+    }
+
+    /// The integer product is exactly the rounded inputs times the weights, up to float
+    /// summation order.
+    #[test]
+    fn int8_products_equal_the_rounded_inputs_times_the_weights() {
+        for kind in kinds() {
+            let matrix = random_matrix(kind, 19, 512, 3);
+            for count in [1, 4] {
+                let x = inputs(count, 512, 4);
+                let rounded: Vec<f32> = if matrix.has_integer_pieces() {
+                    x.chunks_exact(512)
+                        .flat_map(|row| PieceInputs::new(row).dequantize())
+                        .collect()
+                } else {
+                    x.clone()
+                };
+                let want = reference(&matrix, &rounded, count);
+                let got = matrix.matmul_int8_inputs(&x, count);
+                assert_close(&got, &want, &format!("{kind} x{count}"));
+                let together =
+                    BlockMatrix::matmul_int8_inputs_together(&[&matrix, &matrix], &x, count);
+                assert_eq!(together, vec![got.clone(), got]);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_gathered_and_layouts_checked() {
+        let matrix = random_matrix(GgmlType::Q4_1, 6, 64, 5);
+        let all = matrix.dequantize();
+        assert_eq!(
+            matrix.gather_rows(&[4, 1]),
+            [&all[256..320], &all[64..128]].concat()
+        );
+        assert_eq!(matrix.memory_bytes(), 6 * 2 * 20);
+        let error = BlockMatrix::new(GgmlType::Q4K, 2, 64, vec![0; 10]).unwrap_err();
+        assert!(error.to_string().contains("whole Q4_K blocks"), "{error}");
+        let error = BlockMatrix::new(GgmlType::Q4_0, 2, 64, vec![0; 10]).unwrap_err();
+        assert!(error.to_string().contains("10 bytes"), "{error}");
+        assert!(BlockMatrix::new(GgmlType::Iq2Xxs, 1, 256, vec![0; 66]).is_err());
+    }
+}

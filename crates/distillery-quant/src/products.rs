@@ -1,0 +1,177 @@
+//! What every quantized layout's products share: spreading output channels over threads,
+//! turning channel-major results around, and multiplying many input rows with a tile of
+//! channels decoded to floats.
+
+use std::ops::Range;
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Inputs below this many multiply-adds run on one thread: spawning costs more.
+pub(crate) const PARALLEL_WORK: usize = 1 << 16;
+
+/// Output channels one parallel task computes: enough work to outweigh handing it out.
+const CHANNELS_PER_TASK: usize = 128;
+
+/// The most output channels [`in_tiles`] decodes at a time: 256 channels of 1,024 inputs are
+/// 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
+pub(crate) const TILE_CHANNELS: usize = 256;
+
+/// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
+/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it.
+pub(crate) fn channel_major(
+    rows: usize,
+    work: usize,
+    count: usize,
+    channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut by_channel = vec![0.0f32; rows * count];
+    if work < PARALLEL_WORK {
+        channel_outputs(0..rows, &mut Vec::new(), &mut by_channel);
+    } else {
+        by_channel
+            .par_chunks_mut(count * CHANNELS_PER_TASK)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (task, outs)| {
+                let first = task * CHANNELS_PER_TASK;
+                channel_outputs(first..first + outs.len() / count, scratch, outs);
+            });
+    }
+    by_channel
+}
+
+/// Several matrices applied to the same `count` inputs in one parallel region, a task's
+/// channels running from one matrix into the next: `channels(matrix, rows, outs)` writes the
+/// outputs of channels `rows` of matrix `matrix` (`(rows, cols)` in `shapes`) to `outs`,
+/// `outs[channel * count + input]`. Each matrix's outputs, `count x rows`.
+pub(crate) fn together(
+    shapes: &[(usize, usize)],
+    count: usize,
+    channels: impl Fn(usize, Range<usize>, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    let mut starts = vec![0];
+    for &(rows, _) in shapes {
+        starts.push(starts.last().copied().unwrap_or(0) + rows);
+    }
+    let rows = starts[shapes.len()];
+    let work = shapes
+        .iter()
+        .map(|&(rows, cols)| rows * cols)
+        .sum::<usize>()
+        * count;
+    let by_channel = channel_major(rows, work, count, |range, _, outs| {
+        let mut row = range.start;
+        while row < range.end {
+            let matrix = starts.partition_point(|&start| start <= row) - 1;
+            let end = range.end.min(starts[matrix + 1]);
+            channels(
+                matrix,
+                row - starts[matrix]..end - starts[matrix],
+                &mut outs[(row - range.start) * count..(end - range.start) * count],
+            );
+            row = end;
+        }
+    });
+    shapes
+        .iter()
+        .zip(starts.windows(2))
+        .map(|(&(rows, _), range)| {
+            transposed(&by_channel[range[0] * count..range[1] * count], rows, count)
+        })
+        .collect()
+}
+
+/// `rows x count` values as `count x rows`, in square tiles so that neither side is walked
+/// with a stride through more memory than the caches hold.
+pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut outputs = vec![0.0; count * rows];
+    for first_row in (0..rows).step_by(TILE) {
+        for first_index in (0..count).step_by(TILE) {
+            for row in first_row..(first_row + TILE).min(rows) {
+                for index in first_index..(first_index + TILE).min(count) {
+                    outputs[index * rows + row] = by_channel[row * count + index];
+                }
+            }
+        }
+    }
+    outputs
+}
+
+/// `x Wᵀ` for `count` input rows `x` (`count x cols`) and a `rows x cols` matrix `W` whose
+/// channels `decode_row(channel, out)` writes as floats: each task decodes a tile of channels
+/// and multiplies every input row with it while the tile is in cache, so the float matrix
+/// never exists whole and each decoded weight serves all rows. `count x rows`.
+pub(crate) fn in_tiles(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    count: usize,
+    decode_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert!(x.len() >= count * cols);
+    // Smaller tiles when a matrix has too few channels to give every thread one.
+    let threads = rayon::current_num_threads();
+    let tile_channels = TILE_CHANNELS.min(rows.div_ceil(threads).next_multiple_of(16));
+    let mut by_channel = vec![0.0f32; rows * count];
+    by_channel
+        .par_chunks_mut(tile_channels * count)
+        .enumerate()
+        .for_each_init(Vec::new, |tile, (index, outs)| {
+            let channels = outs.len() / count;
+            tile.resize(channels * cols, 0.0);
+            for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
+                decode_row(index * tile_channels + offset, weights);
+            }
+            // `outs` (`channels x count`, row-major) is written as the `count x channels`
+            // product `x tileᵀ` stored by columns: for prompt-sized `count` gemm then reads
+            // the tile in place, as broadcast operands, instead of repacking it, and packs
+            // only `x`.
+            // SAFETY: `outs` and `tile` are this task's own, `channels x count` and
+            // `channels x cols`; `x` holds `count` rows of `cols`.
+            unsafe {
+                gemm::gemm(
+                    count,
+                    channels,
+                    cols,
+                    outs.as_mut_ptr(),
+                    count as isize,
+                    1,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    tile.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    transposed(&by_channel, rows, count)
+}
+
+/// The dot product of two equally long slices.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums let the compiler keep a vector register of them.
+    let mut sums = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            sums[lane] += x[lane] * y[lane];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
