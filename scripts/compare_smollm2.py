@@ -48,10 +48,10 @@ def token_cache(vocab_size):
     return max(caches, key=lambda path: path.stat().st_mtime)
 
 
-def llama_cpp_windows(gguf, validation, windows, seq_len):
+def llama_cpp_windows(gguf, validation, windows, seq_len, **settings):
     from llama_cpp import Llama
     llm = Llama(model_path=str(gguf), n_ctx=seq_len + 1, n_batch=seq_len + 1, logits_all=True,
-                n_threads=2, verbose=False)
+                n_threads=2, verbose=False, **settings)
     return evaluate_llama_cpp(llm, validation, windows, seq_len)
 
 
@@ -115,16 +115,26 @@ def main():
         started = time.time()
         llama_eval, llama_predictions = llama_cpp_windows(gguf, validation, windows, args.seq_len)
         llama_eval["seconds"] = round(time.time() - started, 1)
+        # llama.cpp against itself with only its KV cache's precision changed (f16 to f32): how
+        # far top-1 agreement moves under a rounding change that leaves the loss all but equal.
+        llama_f32_kv, llama_f32_kv_predictions = llama_cpp_windows(
+            gguf, validation, windows, args.seq_len, type_k=0, type_v=0)
 
     f32 = report["distillery_f32"]
     int8 = report["distillery_int8"]
-    agreement = np.mean(np.array(int8.pop("predictions")[:1000]) == np.array(llama_predictions[:1000]))
-    f32_agreement_llama = np.mean(np.array(f32.pop("predictions")[:1000]) == np.array(llama_predictions[:1000]))
+    int8_predictions = np.array(int8.pop("predictions")[:1000])
+    f32_predictions = np.array(f32.pop("predictions")[:1000])
+    agreement = np.mean(int8_predictions == np.array(llama_predictions[:1000]))
+    f32_agreement_llama = np.mean(f32_predictions == np.array(llama_predictions[:1000]))
+    report["int8_top1_agreement_with_f32_first_1000"] = float(np.mean(int8_predictions == f32_predictions))
     report["transformers_f32"] = transformers_eval
     report["llama_cpp"] = llama_eval
     report["f32_vs_transformers_loss_relative"] = abs(f32["loss"] / transformers_eval["loss"] - 1)
     report["int8_vs_llama_cpp_loss_relative"] = abs(int8["loss"] / llama_eval["loss"] - 1)
     report["int8_top1_agreement_with_llama_cpp_first_1000"] = float(agreement)
+    report["llama_cpp_f32_kv_cache"] = {"loss": llama_f32_kv["loss"], "accuracy": llama_f32_kv["accuracy"]}
+    report["llama_cpp_top1_agreement_with_its_f32_kv_cache_first_1000"] = float(
+        np.mean(np.array(llama_predictions[:1000]) == np.array(llama_f32_kv_predictions[:1000])))
     report["f32_top1_agreement_with_llama_cpp_first_1000"] = float(f32_agreement_llama)
     report["chat"] = [{
         "question": question,
