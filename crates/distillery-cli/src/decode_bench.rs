@@ -49,8 +49,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// warm-up run each. Each run times its own first token (the prefill) and the rest (the decode
 /// rate), so the two never come from different runs. Every round runs every model in turn, so
 /// a busy moment of a shared machine slows them alike instead of skewing one model's figures.
+/// `load_seconds[i]` is how long model `i` took from its file to ready, reported beside it.
 pub fn bench_decode(
     models: &[LoadedModel],
+    load_seconds: &[f64],
     prompt: &[u32],
     new_tokens: usize,
     runs: usize,
@@ -102,19 +104,22 @@ pub fn bench_decode(
     }
     Ok(models
         .iter()
+        .zip(load_seconds)
         .zip(prefill.into_iter().zip(decode))
-        .map(|(loaded, (prefill, decode))| DecodeReport {
-            model: loaded.describe(),
-            load_seconds: loaded.load_seconds,
-            kernels: distillery_quant::cpu::kernel_family().name(),
-            bits_per_weight: loaded.bits_per_weight,
-            weight_bytes: weight_bytes(&loaded.model),
-            prompt_tokens: prompt.len(),
-            prefill_ms: median(prefill),
-            new_tokens,
-            decode_tokens_per_sec: median(decode),
-            runs: runs.max(1),
-        })
+        .map(
+            |((loaded, &load_seconds), (prefill, decode))| DecodeReport {
+                model: loaded.describe(),
+                load_seconds,
+                kernels: distillery_quant::cpu::kernel_family().name(),
+                bits_per_weight: loaded.bits_per_weight,
+                weight_bytes: weight_bytes(&loaded.model),
+                prompt_tokens: prompt.len(),
+                prefill_ms: median(prefill),
+                new_tokens,
+                decode_tokens_per_sec: median(decode),
+                runs: runs.max(1),
+            },
+        )
         .collect())
 }
 
@@ -140,8 +145,10 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
         ));
     }
     table.push_str(&format!(
-        "\nkernels: {} (this CPU's best: DISTILLERY_KERNELS=portable|avx2|avx512 chooses a lower family)\n",
-        distillery_quant::cpu::kernel_family().name()
+        "\nkernels: {} (this CPU's best: {}; DISTILLERY_KERNELS=portable|avx2|avx512 chooses a \
+         lower family)\n",
+        distillery_quant::cpu::kernel_family().name(),
+        distillery_quant::cpu::KernelFamily::detected().name()
     ));
     table
 }

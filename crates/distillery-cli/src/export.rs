@@ -186,10 +186,10 @@ pub fn export(
                 &config.run.name,
                 &vocabulary,
                 kind,
-            );
+            )?;
             distillery_data::write_atomically(
                 out,
-                &distillery_formats::gguf::write(&metadata, &tensors),
+                &distillery_formats::gguf::write(&metadata, &tensors)?,
             )?;
             description
         }

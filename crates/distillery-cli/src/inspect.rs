@@ -14,16 +14,16 @@ fn describe(path: &Path, file: &GgufFile) -> String {
     let mut out = format!(
         "{}: GGUF version {}, {} bytes, {} metadata entries, {} tensors\n",
         path.display(),
-        file.version,
+        file.version(),
         file.len(),
-        file.metadata.len(),
-        file.tensors.len()
+        file.metadata().len(),
+        file.tensors().len()
     );
-    for (key, value) in &file.metadata {
+    for (key, value) in file.metadata() {
         out.push_str(&format!("  {key} = {}\n", describe_value(value)));
     }
     let mut by_type: Vec<(String, usize, u64)> = Vec::new();
-    for tensor in &file.tensors {
+    for tensor in file.tensors() {
         let bytes = tensor.bytes();
         out.push_str(&format!(
             "  {} {} {:?} {}\n",
@@ -71,8 +71,11 @@ fn describe_value(value: &Value) -> String {
             format!("{head:?}... ({} characters)", v.chars().count())
         }
         Value::String(v) => format!("{v:?}"),
-        Value::Array(_, items) => {
-            let shown: Vec<String> = items.iter().take(5).map(describe_value).collect();
+        Value::Array(items) => {
+            let shown: Vec<String> = (0..items.len().min(5))
+                .filter_map(|index| items.item(index))
+                .map(|item| describe_value(&item))
+                .collect();
             if items.len() > 5 {
                 format!("[{}, ...] ({} items)", shown.join(", "), items.len())
             } else {

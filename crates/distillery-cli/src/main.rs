@@ -617,9 +617,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     };
                     let config = ConfigArgs { config, overrides }.load()?;
                     let data = distillery_train::prepare_data(&config)?;
-                    let loaded = models::load_model(&config, &model, &data.tokenizer)?;
+                    let (loaded, load_seconds) =
+                        models::load_model_timed(&config, &model, &data.tokenizer)?;
                     let reports = decode_bench::bench_decode(
                         std::slice::from_ref(&loaded),
+                        &[load_seconds],
                         &data.splits.validation[..32],
                         128,
                         3,
@@ -678,12 +680,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "--prompt-tokens must be between 1 and the validation split's length"
             );
             let prompt = &data.splits.validation[..prompt_tokens];
-            let mut loaded = checkpoint
+            let (mut loaded, load_seconds): (Vec<_>, Vec<_>) = checkpoint
                 .iter()
-                .map(|path| models::load_model(&config, path, &data.tokenizer))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                .map(|path| models::load_model_timed(&config, path, &data.tokenizer))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
             models::apply_activations(&mut loaded, activations);
-            let reports = decode_bench::bench_decode(&loaded, prompt, new_tokens, runs)?;
+            let reports =
+                decode_bench::bench_decode(&loaded, &load_seconds, prompt, new_tokens, runs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {

@@ -36,8 +36,6 @@ pub struct LoadedModel {
     pub bits_per_weight: f64,
     /// Stored bits per weight of the quantized matrices (scales, zeros, group indices included).
     pub quantized_bits_per_weight: Option<f64>,
-    /// Seconds from opening the file to a model ready to compute.
-    pub load_seconds: f64,
 }
 
 impl LoadedModel {
@@ -54,18 +52,18 @@ impl LoadedModel {
     }
 }
 
-pub fn load_model(
+/// [`load_model`] and the seconds it took, from opening the file to a model ready to compute.
+pub fn load_model_timed(
     config: &ExperimentConfig,
     path: &Path,
     tokenizer: &TextTokenizer,
-) -> anyhow::Result<LoadedModel> {
+) -> anyhow::Result<(LoadedModel, f64)> {
     let started = std::time::Instant::now();
-    let mut loaded = open_model(config, path, tokenizer)?;
-    loaded.load_seconds = started.elapsed().as_secs_f64();
-    Ok(loaded)
+    let loaded = load_model(config, path, tokenizer)?;
+    Ok((loaded, started.elapsed().as_secs_f64()))
 }
 
-fn open_model(
+pub fn load_model(
     config: &ExperimentConfig,
     path: &Path,
     tokenizer: &TextTokenizer,
@@ -76,7 +74,7 @@ fn open_model(
             source::tokenizer_vocabulary(&config.data.tokenizer, tokenizer.eos_token_id())?;
         let (file, model) = source::load_gguf_for(path, &vocabulary, &device)?;
         let tensor_bytes: u64 = file
-            .tensors
+            .tensors()
             .iter()
             .filter_map(|tensor| tensor.bytes())
             .sum();
@@ -85,10 +83,9 @@ fn open_model(
             path: path.to_path_buf(),
             kind: ModelKind::Gguf,
             model,
-            file_bytes: file.len() as u64,
+            file_bytes: file.len(),
             bits_per_weight: tensor_bytes as f64 * 8.0 / parameters,
             quantized_bits_per_weight: None,
-            load_seconds: 0.0,
         });
     }
     if quantized::is_quantized_dir(path) {
@@ -117,7 +114,6 @@ fn open_model(
             file_bytes: loaded.file_bytes,
             bits_per_weight: loaded.storage.bits_per_weight(),
             quantized_bits_per_weight: loaded.storage.quantized_bits_per_weight(),
-            load_seconds: 0.0,
         });
     }
     let (directory, step, model) = load_for_inference(config, path, tokenizer)?;
@@ -133,7 +129,6 @@ fn open_model(
         // Checkpoints hold every parameter as f32.
         bits_per_weight: 32.0,
         quantized_bits_per_weight: None,
-        load_seconds: 0.0,
     })
 }
 

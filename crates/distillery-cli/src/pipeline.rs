@@ -199,9 +199,12 @@ fn run_stage(
             }
             let data = distillery_train::prepare_data(config)?;
             let mut loaded = Vec::new();
+            let mut load_seconds = Vec::new();
             for name in &stage.settings.models {
-                let path = &model_dirs[name];
-                loaded.push(models::load_model(config, path, &data.tokenizer)?);
+                let (model, seconds) =
+                    models::load_model_timed(config, &model_dirs[name], &data.tokenizer)?;
+                loaded.push(model);
+                load_seconds.push(seconds);
             }
             let rows = models::evaluation_rows(config, &loaded, None)?;
             // 32 prompt tokens and 128 new ones, or what a shorter context holds.
@@ -213,7 +216,8 @@ fn run_stage(
             let prompt_tokens = (context / 4).clamp(1, 32);
             let new_tokens = (context - prompt_tokens).min(128);
             let prompt = &data.splits.validation[..prompt_tokens];
-            let decoding = decode_bench::bench_decode(&loaded, prompt, new_tokens, 3)?;
+            let decoding =
+                decode_bench::bench_decode(&loaded, &load_seconds, prompt, new_tokens, 3)?;
             let report = serde_json::json!({
                 "models": stage.settings.models,
                 "validation": rows,

@@ -189,8 +189,12 @@ fn resolve_source(
         );
     }
     let Some(reader) = reader else {
-        let complete =
-            model_config(&config.model, 1).is_some() && config.model.vocab_size.is_some();
+        // Without the file, only a config that states every shape field (as a resolved config
+        // written beside a run does) is complete: a default must never stand in for the file.
+        macro_rules! all_stated {
+            ($($field:ident),*) => { true $(&& config.model.$field.is_some())* };
+        }
+        let complete = with_shape_fields!(all_stated);
         if complete && !config.data.tokenizer.as_os_str().is_empty() {
             return Ok(());
         }

@@ -193,18 +193,10 @@ fn load_gguf(
         tokenizer.eos_token_id(),
     )
     .map_err(|error| teacher_error(format!("the student's tokenizer: {error}")))?;
+    let (_, model) = distillery_formats::source::load_gguf_for(path, &vocabulary, device)
+        .map_err(|error| teacher_error(error.message))?;
     let bytes = std::fs::read(path).map_err(|error| teacher_error(error.to_string()))?;
     let weights_sha256 = distillery_data::hex_sha256(&bytes);
-    let file =
-        distillery_formats::gguf::read(bytes).map_err(|error| teacher_error(error.to_string()))?;
-    distillery_formats::gguf::check_same_vocabulary(&file, &vocabulary).map_err(|error| {
-        teacher_error(format!(
-            "tokenizes differently from the student ({error}); teacher and student must share \
-             one tokenizer"
-        ))
-    })?;
-    let model = distillery_formats::gguf::import(&file, device)
-        .map_err(|error| teacher_error(error.to_string()))?;
     Ok((
         model.dequantized(),
         path.to_path_buf(),

@@ -94,18 +94,12 @@ impl ModelAssembly {
             [rows, cols] if name == "model.embed_tokens.weight" => Slot::Matrix(Weight::Float(
                 Tensor::from_data(TensorData::new(values, [rows, cols]), &self.device),
             )),
-            // Linear weights are `[out, in]` in files, `[in, out]` in burn. Transposed here,
-            // not as a tensor view: a strided weight would take another matmul path and change
-            // the logits in their last bits.
-            [outputs, inputs] => {
-                let transposed: Vec<f32> = (0..inputs * outputs)
-                    .map(|index| values[(index % outputs) * inputs + index / outputs])
-                    .collect();
-                Slot::Matrix(Weight::Float(Tensor::from_data(
-                    TensorData::new(transposed, [inputs, outputs]),
-                    &self.device,
-                )))
-            }
+            [outputs, inputs] => Slot::Matrix(Weight::Float(distillery_model::in_out_weight(
+                &values,
+                outputs,
+                inputs,
+                &self.device,
+            ))),
             _ => unreachable!("tensors are vectors or matrices"),
         };
         self.slots.insert(name.to_string(), slot);

@@ -183,7 +183,7 @@ fn parse_config_of(json: &serde_json::Value, quantized: bool) -> Result<LlamaCon
     )?;
     let hidden_size = required("hidden_size", count("hidden_size", get("hidden_size"))?)?;
     if let Some(head_dim) = count("head_dim", get("head_dim"))?
-        && head_dim * num_attention_heads != hidden_size
+        && head_dim.checked_mul(num_attention_heads) != Some(hidden_size)
     {
         return Err(format!(
             "`head_dim` {head_dim} other than hidden_size / num_attention_heads is not supported"
@@ -232,65 +232,77 @@ fn parse_config_of(json: &serde_json::Value, quantized: bool) -> Result<LlamaCon
 }
 
 /// The rotary base and scaling from transformers 4's `rope_theta` and `rope_scaling`, or
-/// transformers 5's `rope_parameters`; where both forms are present they must agree.
+/// transformers 5's `rope_parameters`; every place that states the base or the scaling must
+/// agree with every other.
 fn rope(
     theta: Option<&serde_json::Value>,
     scaling: Option<&serde_json::Value>,
     parameters: Option<&serde_json::Value>,
 ) -> Result<(f64, Option<RopeScaling>), String> {
-    let theta = theta
-        .map(|value| {
-            value
-                .as_f64()
-                .ok_or_else(|| format!("`rope_theta` = {value} is not a number"))
-        })
-        .transpose()?;
-    let from_scaling = scaling
-        .map(|scaling| rope_scaling("rope_scaling", scaling))
-        .transpose()?;
-    let Some(parameters) = parameters else {
-        return Ok((theta.unwrap_or(10000.0), from_scaling.flatten()));
-    };
-    let parameters_theta =
-        match parameters.get("rope_theta") {
-            Some(value) => Some(value.as_f64().ok_or_else(|| {
-                format!("`rope_parameters.rope_theta` = {value} is not a number")
-            })?),
-            None => None,
-        };
-    let from_parameters = rope_scaling("rope_parameters", parameters)?;
-    if let (Some(a), Some(b)) = (theta, parameters_theta)
+    let mut thetas = Vec::new();
+    if let Some(value) = theta {
+        let theta = value
+            .as_f64()
+            .ok_or_else(|| format!("`rope_theta` = {value} is not a number"))?;
+        thetas.push(("rope_theta".to_string(), theta));
+    }
+    let mut scalings = Vec::new();
+    for (key, table) in [("rope_scaling", scaling), ("rope_parameters", parameters)] {
+        if let Some(table) = table.filter(|table| !table.is_null()) {
+            let (theta, scaling) = rope_table(key, table)?;
+            if let Some(theta) = theta {
+                thetas.push((format!("{key}.rope_theta"), theta));
+            }
+            scalings.push((key, scaling));
+        }
+    }
+    if let Some(((a_key, a), (b_key, b))) = thetas
+        .iter()
+        .zip(thetas.iter().skip(1))
+        .find(|((_, a), (_, b))| a != b)
+    {
+        return Err(format!("`{a_key}` = {a} and `{b_key}` = {b} disagree"));
+    }
+    if let [(a_key, a), (b_key, b)] = scalings.as_slice()
         && a != b
     {
         return Err(format!(
-            "`rope_theta` = {a} and `rope_parameters.rope_theta` = {b} disagree"
-        ));
-    }
-    if let Some(from_scaling) = &from_scaling
-        && *from_scaling != from_parameters
-    {
-        return Err(format!(
-            "`rope_scaling` and `rope_parameters` disagree: {from_scaling:?} against \
-             {from_parameters:?}"
+            "`{a_key}` and `{b_key}` disagree: {a:?} against {b:?}"
         ));
     }
     Ok((
-        parameters_theta.or(theta).unwrap_or(10000.0),
-        from_parameters,
+        thetas.first().map_or(10000.0, |(_, theta)| *theta),
+        scalings.into_iter().next().and_then(|(_, scaling)| scaling),
     ))
 }
 
-/// A `rope_scaling` or `rope_parameters` table: `None` for plain rotary embeddings.
-fn rope_scaling(key: &str, value: &serde_json::Value) -> Result<Option<RopeScaling>, String> {
+/// A `rope_scaling` or `rope_parameters` table: the rotary base it states, and its scaling
+/// (`None` for plain rotary embeddings).
+fn rope_table(
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<(Option<f64>, Option<RopeScaling>), String> {
     let Some(table) = value.as_object() else {
         return Err(format!("`{key}` = {value} is not a table"));
     };
-    // transformers 4 wrote the type as `type`, later as `rope_type`.
-    let kind = table
-        .get("rope_type")
-        .or_else(|| table.get("type"))
-        .and_then(|kind| kind.as_str())
-        .unwrap_or("default");
+    // transformers 4 wrote the type as `type`, later as `rope_type`; both may be present.
+    let mut kinds = Vec::new();
+    for field in ["rope_type", "type"] {
+        if let Some(kind) = table.get(field) {
+            let kind = kind
+                .as_str()
+                .ok_or_else(|| format!("`{key}.{field}` = {kind} is not a string"))?;
+            kinds.push(kind);
+        }
+    }
+    if let [a, b] = kinds.as_slice()
+        && a != b
+    {
+        return Err(format!(
+            "`{key}.rope_type` = \"{a}\" and `{key}.type` = \"{b}\" disagree"
+        ));
+    }
+    let kind = kinds.first().copied().unwrap_or("default");
     let number = |field: &str| -> Result<f64, String> {
         table
             .get(field)
@@ -302,12 +314,20 @@ fn rope_scaling(key: &str, value: &serde_json::Value) -> Result<Option<RopeScali
         "linear" => Some(RopeScaling::Linear {
             factor: number("factor")?,
         }),
-        "llama3" => Some(RopeScaling::Llama3 {
-            factor: number("factor")?,
-            low_freq_factor: number("low_freq_factor")?,
-            high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
-        }),
+        "llama3" => {
+            let field = "original_max_position_embeddings";
+            let original = table
+                .get(field)
+                .and_then(|value| value.as_u64())
+                .and_then(|value| usize::try_from(value).ok())
+                .ok_or_else(|| format!("`{key}.{field}` is missing or not a whole number"))?;
+            Some(RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: original,
+            })
+        }
         other => {
             return Err(format!(
                 "`{key}` of rope_type \"{other}\" is not supported (default, linear, llama3)"
@@ -332,7 +352,15 @@ fn rope_scaling(key: &str, value: &serde_json::Value) -> Result<Option<RopeScali
             "`{key}.{field}` is not understood by distillery and may change the model"
         ));
     }
-    Ok(scaling)
+    let theta = table
+        .get("rope_theta")
+        .map(|value| {
+            value
+                .as_f64()
+                .ok_or_else(|| format!("`{key}.rope_theta` = {value} is not a number"))
+        })
+        .transpose()?;
+    Ok((theta, scaling))
 }
 
 /// `config.json` for `config` as `transformers` writes it for `LlamaForCausalLM`.
@@ -340,7 +368,14 @@ pub fn config_json(
     config: &LlamaConfig,
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
-) -> String {
+) -> Result<String, String> {
+    if let Some(RopeScaling::Factors { .. }) = config.rope_scaling {
+        return Err(
+            "the model's rotary frequencies are scaled by a table of per-pair factors (a GGUF \
+             `rope_freqs.weight`), which a transformers config cannot express; export it as GGUF"
+                .into(),
+        );
+    }
     let mut value = serde_json::to_value(config).expect("configs serialize");
     let object = value.as_object_mut().expect("an object");
     object.insert(
@@ -354,7 +389,7 @@ pub fn config_json(
     object.insert("torch_dtype".into(), "float32".into());
     object.insert("bos_token_id".into(), bos_token_id.into());
     object.insert("eos_token_id".into(), eos_token_id.into());
-    serde_json::to_string_pretty(&value).expect("json serializes")
+    Ok(serde_json::to_string_pretty(&value).expect("json serializes"))
 }
 
 /// A tensor in Hugging Face layout: name, shape and little-endian f32 values.
@@ -556,7 +591,9 @@ pub fn export(
     let files = vec![
         (
             CONFIG_FILE,
-            config_json(model.config(), bos_token_id, eos_token_id).into_bytes(),
+            config_json(model.config(), bos_token_id, eos_token_id)
+                .map_err(|message| error(dir, message))?
+                .into_bytes(),
         ),
         (WEIGHTS_FILE, safetensors_bytes(model)),
     ];
@@ -646,7 +683,9 @@ pub(crate) fn write_folder(
         sibling_name.push(name);
         dir.with_file_name(sibling_name)
     };
-    let staging = sibling(".tmp-");
+    // Named per process: two exports to one folder at once must not write into each other's.
+    let process = std::process::id();
+    let staging = sibling(&format!(".tmp-{process}-"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| error(&staging, e.to_string()))?;
     for (file, bytes) in files {
@@ -654,7 +693,7 @@ pub(crate) fn write_folder(
         std::fs::write(&path, bytes).map_err(|e| error(&path, e.to_string()))?;
     }
     if dir.exists() {
-        let old = sibling(".old-");
+        let old = sibling(&format!(".old-{process}-"));
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(dir, &old).map_err(|e| error(dir, e.to_string()))?;
         std::fs::rename(&staging, dir).map_err(|e| error(dir, e.to_string()))?;
@@ -716,15 +755,7 @@ mod tests {
     }
 
     fn logits(model: &Llama) -> Vec<f32> {
-        let tokens = Tensor::<2, Int>::from_data(
-            TensorData::new(vec![1i64, 7, 30, 2, 47, 5], [2, 3]),
-            &Device::flex(),
-        );
-        model
-            .forward(tokens)
-            .into_data()
-            .try_into_vec::<f32>()
-            .unwrap()
+        crate::testing::logits(model, vec![1, 7, 30, 2, 47, 5], [2, 3])
     }
 
     fn export_folder(model: &Llama, root: &Path) -> PathBuf {
@@ -924,7 +955,7 @@ mod tests {
         assert_eq!(v5.rope_scaling, None);
         // What distillery writes reads back as the same architecture.
         let written: serde_json::Value =
-            serde_json::from_str(&config_json(&v5, Some(1), Some(2))).unwrap();
+            serde_json::from_str(&config_json(&v5, Some(1), Some(2)).unwrap()).unwrap();
         assert_eq!(parse_config(&written).unwrap(), v5);
     }
 
@@ -989,6 +1020,16 @@ mod tests {
     }
 
     #[test]
+    fn per_pair_rotary_factors_have_no_transformers_config() {
+        let mut config = shape(false);
+        config.rope_scaling = Some(RopeScaling::Factors {
+            factors: vec![2.0; config.head_dim() / 2],
+        });
+        let error = config_json(&config, None, None).unwrap_err();
+        assert!(error.contains("`rope_freqs.weight`"), "{error}");
+    }
+
+    #[test]
     fn two_sources_of_one_setting_must_agree() {
         let mut config = smollm2_config(true);
         config["rope_theta"] = 10000.into();
@@ -1001,6 +1042,43 @@ mod tests {
         );
         config["rope_theta"] = 100000.into();
         assert_eq!(parse_config(&config).unwrap().rope_theta, 100000.0);
+
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), expected: &str| {
+            let mut config = smollm2_config(false);
+            edit(&mut config);
+            let error = parse_config(&config).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+        };
+        refused(
+            &|config| config["rope_scaling"] = serde_json::json!({"rope_theta": 5e5}),
+            "`rope_theta` = 100000 and `rope_scaling.rope_theta` = 500000 disagree",
+        );
+        refused(
+            &|config| {
+                config["rope_scaling"] =
+                    serde_json::json!({"rope_type": "linear", "type": "default", "factor": 2.0})
+            },
+            "`rope_scaling.rope_type` = \"linear\" and `rope_scaling.type` = \"default\" disagree",
+        );
+        refused(
+            &|config| config["rope_scaling"] = serde_json::json!({"rope_type": 3}),
+            "`rope_scaling.rope_type` = 3 is not a string",
+        );
+        refused(
+            &|config| {
+                config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192.5})
+            },
+            "`rope_scaling.original_max_position_embeddings` is missing or not a whole number",
+        );
+        refused(
+            &|config| {
+                config["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+                config["rope_parameters"] = serde_json::json!({"rope_type": "default"});
+            },
+            "`rope_scaling` and `rope_parameters` disagree",
+        );
     }
 
     #[test]
@@ -1078,7 +1156,7 @@ mod tests {
     fn configs_with_features_distillery_lacks_are_refused() {
         let root = tempfile::tempdir().unwrap();
         let mut config: serde_json::Value =
-            serde_json::from_str(&config_json(&shape(false), None, None)).unwrap();
+            serde_json::from_str(&config_json(&shape(false), None, None).unwrap()).unwrap();
         config["model_type"] = "mistral".into();
         std::fs::write(root.path().join(CONFIG_FILE), config.to_string()).unwrap();
         let error = read_config(root.path()).unwrap_err().to_string();

@@ -9,3 +9,5 @@ pub mod names;
 pub mod quantized;
 pub mod rope_layout;
 pub mod source;
+#[cfg(test)]
+mod testing;

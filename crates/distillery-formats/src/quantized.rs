@@ -193,9 +193,10 @@ pub fn save(folder: &QuantizedFolder, dir: &Path, replace: bool) -> Result<(), H
     } = *folder;
     let weights =
         safetensors_bytes(model).map_err(|e| error(dir, format!("cannot store the model: {e}")))?;
+    let config_text = config_json(model.config(), bos_token_id, eos_token_id)
+        .map_err(|message| error(dir, message))?;
     let mut hf_config: serde_json::Value =
-        serde_json::from_str(&config_json(model.config(), bos_token_id, eos_token_id))
-            .expect("config_json writes json");
+        serde_json::from_str(&config_text).expect("config_json writes json");
     hf_config["quantization_config"] = serde_json::to_value(config).expect("json");
     let files = vec![
         (CONFIG_FILE, pretty_json(&hf_config)),
@@ -366,7 +367,6 @@ fn packed_from_views(
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Int, Tensor, TensorData};
     use distillery_model::{Linear, LlamaConfig};
     use distillery_quant::{QuantSettings, round_to_nearest};
 
@@ -431,10 +431,9 @@ mod tests {
         save(&folder, dir, true).unwrap();
     }
 
-    fn logits(model: &Llama, device: &Device) -> Vec<f32> {
+    fn logits(model: &Llama) -> Vec<f32> {
         let ids: Vec<i64> = (0..12).map(|i| (i * 5 + 1) % 64).collect();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 12]), device);
-        model.forward(input).into_data().try_into_vec().unwrap()
+        crate::testing::logits(model, ids, [1, 12])
     }
 
     #[test]
@@ -454,7 +453,7 @@ mod tests {
         {
             assert_eq!(original.packed(), restored.packed(), "{path}");
         }
-        assert_eq!(logits(&loaded.model, &device), logits(&model, &device));
+        assert_eq!(logits(&loaded.model), logits(&model));
         // Everything but the f32 head and norms is 4-bit with scales, zeros and group indices.
         let storage = loaded.storage;
         assert_eq!(storage.parameters, shape().num_parameters() as u64);
@@ -491,7 +490,7 @@ mod tests {
         let exported = model.with_float_embedding_and_head();
         assert_eq!(exported.embedding_values(), model.embedding_values());
         assert!(exported.packed_embedding().is_none());
-        assert_eq!(logits(&exported, &device), logits(&model, &device));
+        assert_eq!(logits(&exported), logits(&model));
 
         // Saving again replaces the folder.
         save_to(&Llama::new(&shape(), 0.0, 7, &device).unwrap(), &dir);

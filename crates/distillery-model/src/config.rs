@@ -40,13 +40,18 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// Each rotary pair's frequency divided by its own factor, as GGUF files carry Llama 3.1's
+    /// scaling (`rope_freqs.weight`); transformers has no such type.
+    Factors { factors: Vec<f64> },
 }
 
 impl RopeScaling {
-    /// Inverse frequency `inv_freq` of one rotary pair, scaled (transformers'
-    /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters`).
-    pub fn scale(&self, inv_freq: f64) -> f64 {
+    /// Inverse frequency `inv_freq` of rotary pair `pair`, scaled (transformers'
+    /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters`, llama.cpp's
+    /// frequency factors).
+    pub fn scale(&self, pair: usize, inv_freq: f64) -> f64 {
         match *self {
+            Self::Factors { ref factors } => inv_freq / factors[pair],
             Self::Linear { factor } => inv_freq / factor,
             Self::Llama3 {
                 factor,
@@ -69,7 +74,7 @@ impl RopeScaling {
         }
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    fn validate(&self, pairs: usize) -> Result<(), ModelError> {
         let invalid = |reason: String| {
             Err(ModelError::InvalidConfig {
                 field: "rope_scaling",
@@ -77,6 +82,17 @@ impl RopeScaling {
             })
         };
         match *self {
+            Self::Factors { ref factors } if factors.len() != pairs => invalid(format!(
+                "holds {} frequency factors for {pairs} rotary pairs",
+                factors.len()
+            )),
+            Self::Factors { ref factors }
+                if !factors
+                    .iter()
+                    .all(|factor| factor.is_finite() && *factor > 0.0) =>
+            {
+                invalid("frequency factors must be positive numbers".into())
+            }
             Self::Linear { factor } | Self::Llama3 { factor, .. }
                 if !(factor.is_finite() && factor >= 1.0) =>
             {
@@ -173,27 +189,48 @@ impl LlamaConfig {
                 });
             }
         }
+        if self.checked_parameters().is_none() {
+            return Err(ModelError::InvalidConfig {
+                field: "hidden_size",
+                reason: "the model's parameter count overflows".into(),
+            });
+        }
         match &self.rope_scaling {
-            Some(scaling) => scaling.validate(),
+            Some(scaling) => scaling.validate(self.head_dim() / 2),
             None => Ok(()),
         }
     }
 
-    /// Number of trainable parameters, counting a tied embedding once.
+    /// Number of trainable parameters, counting a tied embedding once. A [validated]
+    /// (Self::validate) config's count fits.
     pub fn num_parameters(&self) -> usize {
+        self.checked_parameters()
+            .expect("validated configs count their parameters")
+    }
+
+    /// [`Self::num_parameters`], or `None` when the count overflows (a hostile file's config).
+    pub fn checked_parameters(&self) -> Option<usize> {
         let hidden = self.hidden_size;
-        let kv_width = self.num_key_value_heads * self.head_dim();
-        let attention = 2 * hidden * hidden + 2 * hidden * kv_width;
-        let mlp = 3 * hidden * self.intermediate_size;
-        let norms = 2 * hidden;
-        let layers = self.num_hidden_layers * (attention + mlp + norms);
-        let embedding = self.vocab_size * hidden;
+        let kv_width = self.num_key_value_heads.checked_mul(self.head_dim())?;
+        let attention = hidden
+            .checked_mul(hidden)?
+            .checked_add(hidden.checked_mul(kv_width)?)?
+            .checked_mul(2)?;
+        let mlp = hidden.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let norms = hidden.checked_mul(2)?;
+        let layers = self
+            .num_hidden_layers
+            .checked_mul(attention.checked_add(mlp)?.checked_add(norms)?)?;
+        let embedding = self.vocab_size.checked_mul(hidden)?;
         let head = if self.tie_word_embeddings {
             0
         } else {
             embedding
         };
-        embedding + layers + hidden + head
+        embedding
+            .checked_add(layers)?
+            .checked_add(hidden)?
+            .checked_add(head)
     }
 }
 

@@ -14,7 +14,7 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming};
 pub use llama::{
     Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,
-    Weight,
+    Weight, in_out_weight,
 };
 pub use matrices::LayerMatrix;
 

@@ -88,17 +88,13 @@ impl Linear {
         let Some(quantized) = &self.quantized else {
             return self.clone();
         };
-        let (outputs, inputs) = (quantized.rows(), quantized.cols());
-        let out_in = quantized.dequantize();
-        // `[in, out]` as burn stores it, transposed on the host: a strided weight would take
-        // another matmul path and change results in their last bits.
-        let in_out: Vec<f32> = (0..inputs * outputs)
-            .map(|index| out_in[(index % outputs) * inputs + index / outputs])
-            .collect();
-        Linear::new(Param::from_data(
-            TensorData::new(in_out, [inputs, outputs]),
+        let weight = in_out_weight(
+            &quantized.dequantize(),
+            quantized.rows(),
+            quantized.cols(),
             device,
-        ))
+        );
+        Linear::new(Param::from_tensor(weight))
     }
 
     /// The weight as `[out, in]` row-major values (Hugging Face's layout), dequantized when the
@@ -335,6 +331,16 @@ impl Initializer {
     fn linear(&mut self, d_input: usize, d_output: usize, std: f64) -> Linear {
         Linear::new(self.normal([d_input, d_output], std))
     }
+}
+
+/// A linear map's `[in, out]` weight, as burn stores it, from `[out, in]` row-major values
+/// (the layout files and quantized rows use). Transposed on the host, not as a tensor view: a
+/// strided weight would take another matmul path and change results in their last bits.
+pub fn in_out_weight(out_in: &[f32], outputs: usize, inputs: usize, device: &Device) -> Tensor<2> {
+    let in_out: Vec<f32> = (0..inputs * outputs)
+        .map(|index| out_in[(index % outputs) * inputs + index / outputs])
+        .collect();
+    Tensor::from_data(TensorData::new(in_out, [inputs, outputs]), device)
 }
 
 /// A weight matrix handed to [`Llama::from_weights`].

@@ -56,13 +56,8 @@ impl LayerMatrix {
         }
     }
 
-    /// Whether the matrix's output rows are rotated by the rotary embedding, pairwise within
-    /// each head: the query and key projections, whose row order files disagree on.
-    pub fn is_rotated(self) -> bool {
-        matches!(self, Self::Query | Self::Key)
-    }
-
-    /// The heads the matrix's outputs split into, for the rotated ones.
+    /// The heads the matrix's outputs split into, for the ones the rotary embedding turns
+    /// pairwise within each head (query and key), whose row order files disagree on.
     pub fn heads(self, config: &LlamaConfig) -> Option<usize> {
         match self {
             Self::Query => Some(config.num_attention_heads),

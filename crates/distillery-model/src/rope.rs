@@ -32,7 +32,7 @@ impl RotaryTables {
         let frequencies: Vec<f64> = (0..half)
             .map(|i| {
                 let frequency = theta.powf(-2.0 * i as f64 / head_dim as f64);
-                scaling.map_or(frequency, |scaling| scaling.scale(frequency))
+                scaling.map_or(frequency, |scaling| scaling.scale(i, frequency))
             })
             .collect();
         let mut cos = Vec::with_capacity(max_positions * head_dim);
@@ -166,10 +166,19 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 64,
         };
-        assert_eq!(llama3.scale(1.0), 1.0);
-        assert_eq!(llama3.scale(0.001), 0.001 / 8.0);
+        assert_eq!(llama3.scale(0, 1.0), 1.0);
+        assert_eq!(llama3.scale(0, 0.001), 0.001 / 8.0);
         let smooth = (64.0 / (2.0 * std::f64::consts::PI * 10.0) - 1.0) / 3.0;
         let expected = (1.0 - smooth) * 0.1 / 8.0 + smooth * 0.1;
-        assert!((llama3.scale(0.1) - expected).abs() < 1e-15);
+        assert!((llama3.scale(0, 0.1) - expected).abs() < 1e-15);
+        // Per-pair factors divide each pair's frequency by its own.
+        let factors = RopeScaling::Factors {
+            factors: vec![1.0, 2.0, 4.0, 8.0],
+        };
+        let scaled = RotaryTables::new(4, 8, 10000.0, Some(&factors), &device());
+        for (i, factor) in [1.0, 2.0, 4.0, 8.0].into_iter().enumerate() {
+            let ratio = frequency(&plain, i) / frequency(&scaled, i);
+            assert!((ratio - factor).abs() < 1e-3, "pair {i}: {ratio}");
+        }
     }
 }

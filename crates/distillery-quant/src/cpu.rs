@@ -25,7 +25,7 @@ impl KernelFamily {
     }
 
     /// The best family this CPU runs.
-    fn detected() -> Self {
+    pub fn detected() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2")

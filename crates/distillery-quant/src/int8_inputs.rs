@@ -158,14 +158,11 @@ struct ChannelCodes<'a> {
 /// the zero points are taken off each group's float sum.
 pub type ChannelDots = fn(&ChannelRun, &Int8Inputs, &mut [f32]);
 
-/// The fastest [`ChannelDots`] this CPU runs for `bits`-bit codes, chosen once per product.
+/// The fastest [`ChannelDots`] of the [kernel family](crate::cpu::kernel_family) in use for
+/// `bits`-bit codes, chosen once per product.
 pub fn channel_dots(bits: u32) -> ChannelDots {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-    {
+    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx512Vnni {
         if bits != 3 {
             return x86::vnni_channel_dots;
         }

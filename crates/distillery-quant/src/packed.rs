@@ -750,14 +750,15 @@ struct RowGroups<'a> {
 /// latency, and one chunk covers a 128-column group of 2-bit codes.
 const LANES: usize = 32;
 
-/// The fastest function this CPU runs for `Σ_group scale · (codes · inputs)` over one
+/// The fastest function of the [kernel family](crate::cpu::kernel_family) in use for
+/// `Σ_group scale · (codes · inputs)` over one
 /// channel's 2-, 4- or 8-bit codes, whose byte `k` holds the codes of inputs
 /// `phases[p * stride + k]` (position `p` in the byte, lowest bits first), chosen once per
 /// product. Codes are widened to floats in registers, never stored, and the partial sums stay
 /// in lanes across groups, reduced once per channel.
 fn scaled_code_dot() -> fn(&RowGroups, &[f32], usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
         return x86::avx2_scaled_code_dot;
     }
     scaled_code_dot_portable

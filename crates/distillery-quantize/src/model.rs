@@ -5,7 +5,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{QuantizeConfig, QuantizeMethod};
-use distillery_model::{DecoderLayer, Linear, Llama};
+use distillery_model::{DecoderLayer, LayerMatrix, Linear, Llama};
 use distillery_quant::{
     GptqSettings, Hessian, PackedMatrix, QuantError, QuantSettings, QuantizedMatrix, gptq,
     int8_absmax, round_to_nearest,
@@ -15,14 +15,6 @@ use crate::QuantizeError;
 
 /// Calibration windows run through the model this many at a time.
 const CALIBRATION_BATCH: usize = 16;
-
-/// The sublayers GPTQ quantizes together, in the order their inputs become available.
-const SEQUENTIAL_GROUPS: [&[&str]; 4] = [
-    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    &["self_attn.o_proj"],
-    &["mlp.gate_proj", "mlp.up_proj"],
-    &["mlp.down_proj"],
-];
 
 /// How to quantize, resolved from a `[quantize]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,10 +284,10 @@ impl Quantizer<'_> {
             } else {
                 let inputs = LayerInputs::of(layer, &rope, &hidden);
                 let hessians = inputs.hessians();
-                for (group, hessian) in SEQUENTIAL_GROUPS.iter().zip(&hessians) {
-                    for name in *group {
-                        let path = format!("{prefix}.{name}");
-                        self.gptq_linear(linear_of(layer, name), &path, hessian)?;
+                for (group, hessian) in LayerMatrix::SEQUENTIAL_GROUPS.iter().zip(&hessians) {
+                    for &matrix in *group {
+                        let path = format!("{prefix}.{}", matrix.path());
+                        self.gptq_linear(layer.matrix_mut(matrix), &path, hessian)?;
                     }
                 }
                 LayerInputs::of(layer, &rope, &hidden).outputs(layer)
@@ -357,9 +349,9 @@ impl Quantizer<'_> {
         inputs: &[Tensor<3>],
     ) -> Result<(), QuantizeError> {
         let hessian = hessian_of(inputs);
-        for name in SEQUENTIAL_GROUPS[group] {
-            let path = format!("{prefix}.{name}");
-            self.gptq_linear(linear_of(layer, name), &path, &hessian)?;
+        for &matrix in LayerMatrix::SEQUENTIAL_GROUPS[group] {
+            let path = format!("{prefix}.{}", matrix.path());
+            self.gptq_linear(layer.matrix_mut(matrix), &path, &hessian)?;
         }
         Ok(())
     }
@@ -409,7 +401,7 @@ impl LayerInputs {
         }
     }
 
-    /// One Hessian per group of [`SEQUENTIAL_GROUPS`].
+    /// One Hessian per group of [`LayerMatrix::SEQUENTIAL_GROUPS`].
     fn hessians(&self) -> [Hessian; 4] {
         [
             hessian_of(&self.attention),
@@ -426,12 +418,6 @@ impl LayerInputs {
             .map(|(x, gated)| x + layer.mlp.down_proj.forward(gated))
             .collect()
     }
-}
-
-fn linear_of<'a>(layer: &'a mut DecoderLayer, name: &str) -> &'a mut Linear {
-    layer
-        .linear_mut(name)
-        .expect("SEQUENTIAL_GROUPS names sublayers of the decoder layer")
 }
 
 /// `2/N Σ x xᵀ` over every position of `inputs` (`[batch, seq, features]` each), one matrix

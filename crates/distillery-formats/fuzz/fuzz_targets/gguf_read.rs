@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(file) = distillery_formats::gguf::read(data.to_vec()) {
-        for tensor in &file.tensors {
+        for tensor in file.tensors() {
             let _ = file.tensor_values(tensor);
         }
         let _ = distillery_formats::gguf::tokenizer_from_gguf(&file);

@@ -6,6 +6,8 @@
 //! each tensor at an aligned offset. Every integer is little-endian; strings are a u64 length
 //! and UTF-8 bytes; an array is its element type, a u64 count and the elements.
 
+use std::collections::HashSet;
+
 use distillery_quant::f16::f32_to_f16;
 use distillery_quant::ggml::{self, GgmlType};
 
@@ -89,42 +91,102 @@ pub enum Value {
     U64(u64),
     I64(i64),
     F64(f64),
-    /// Elements of one type.
-    Array(ValueType, Vec<Value>),
+    Array(Array),
+}
+
+/// An array value: elements of one type, kept in a vector of that type, so an array takes about
+/// the memory its bytes in the file do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+    Array(Vec<Array>),
+}
+
+/// Calls `$callback` with the variant name every scalar type has in [`Value`], [`Array`] and
+/// [`ValueType`] alike, so the per-type matches are written once.
+macro_rules! with_scalar_types {
+    ($callback:ident) => {
+        $callback!(U8, I8, U16, I16, U32, I32, F32, Bool, String, U64, I64, F64)
+    };
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        macro_rules! length {
+            ($($name:ident),*) => {
+                match self {
+                    $(Self::$name(items) => items.len(),)*
+                    Self::Array(items) => items.len(),
+                }
+            };
+        }
+        with_scalar_types!(length)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn element(&self) -> ValueType {
+        macro_rules! element {
+            ($($name:ident),*) => {
+                match self {
+                    $(Self::$name(_) => ValueType::$name,)*
+                    Self::Array(_) => ValueType::Array,
+                }
+            };
+        }
+        with_scalar_types!(element)
+    }
+
+    /// Item `index` as a value, for display.
+    pub fn item(&self, index: usize) -> Option<Value> {
+        macro_rules! item {
+            ($($name:ident),*) => {
+                match self {
+                    $(Self::$name(items) => Value::$name(items.get(index)?.clone()),)*
+                    Self::Array(items) => Value::Array(items.get(index)?.clone()),
+                }
+            };
+        }
+        Some(with_scalar_types!(item))
+    }
 }
 
 impl Value {
     pub fn strings(items: impl IntoIterator<Item = String>) -> Self {
-        Self::Array(
-            ValueType::String,
-            items.into_iter().map(Value::String).collect(),
-        )
+        Self::Array(Array::String(items.into_iter().collect()))
     }
 
     pub fn i32s(items: impl IntoIterator<Item = i32>) -> Self {
-        Self::Array(ValueType::I32, items.into_iter().map(Value::I32).collect())
+        Self::Array(Array::I32(items.into_iter().collect()))
     }
 
     pub fn f32s(items: impl IntoIterator<Item = f32>) -> Self {
-        Self::Array(ValueType::F32, items.into_iter().map(Value::F32).collect())
+        Self::Array(Array::F32(items.into_iter().collect()))
     }
 
     fn kind(&self) -> ValueType {
-        match self {
-            Self::U8(_) => ValueType::U8,
-            Self::I8(_) => ValueType::I8,
-            Self::U16(_) => ValueType::U16,
-            Self::I16(_) => ValueType::I16,
-            Self::U32(_) => ValueType::U32,
-            Self::I32(_) => ValueType::I32,
-            Self::F32(_) => ValueType::F32,
-            Self::Bool(_) => ValueType::Bool,
-            Self::String(_) => ValueType::String,
-            Self::U64(_) => ValueType::U64,
-            Self::I64(_) => ValueType::I64,
-            Self::F64(_) => ValueType::F64,
-            Self::Array(..) => ValueType::Array,
+        macro_rules! kind {
+            ($($name:ident),*) => {
+                match self {
+                    $(Self::$name(_) => ValueType::$name,)*
+                    Self::Array(_) => ValueType::Array,
+                }
+            };
         }
+        with_scalar_types!(kind)
     }
 
     /// The value as an unsigned integer, whatever integer type stores it.
@@ -169,39 +231,37 @@ impl Value {
     /// The items of an array of strings.
     pub fn as_strings(&self) -> Option<Vec<&str>> {
         match self {
-            Self::Array(ValueType::String, items) => items.iter().map(Value::as_str).collect(),
+            Self::Array(Array::String(items)) => Some(items.iter().map(String::as_str).collect()),
             _ => None,
         }
     }
 
     /// The items of an array of integers, as i64.
     pub fn as_integers(&self) -> Option<Vec<i64>> {
-        match self {
-            Self::Array(_, items) => items
+        let Self::Array(array) = self else {
+            return None;
+        };
+        Some(match array {
+            Array::U8(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::I8(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::U16(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::I16(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::U32(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::I32(items) => items.iter().map(|&v| v.into()).collect(),
+            Array::I64(items) => items.clone(),
+            Array::U64(items) => items
                 .iter()
-                .map(|item| match *item {
-                    Value::I8(v) => Some(v.into()),
-                    Value::I16(v) => Some(v.into()),
-                    Value::I32(v) => Some(v.into()),
-                    Value::I64(v) => Some(v),
-                    _ => item.as_u64().and_then(|v| i64::try_from(v).ok()),
-                })
-                .collect(),
-            _ => None,
-        }
+                .map(|&v| i64::try_from(v).ok())
+                .collect::<Option<_>>()?,
+            _ => return None,
+        })
     }
 
     /// The items of an array of floats.
     pub fn as_floats(&self) -> Option<Vec<f32>> {
         match self {
-            Self::Array(_, items) => items
-                .iter()
-                .map(|item| match *item {
-                    Value::F32(v) => Some(v),
-                    Value::F64(v) => Some(v as f32),
-                    _ => None,
-                })
-                .collect(),
+            Self::Array(Array::F32(items)) => Some(items.clone()),
+            Self::Array(Array::F64(items)) => Some(items.iter().map(|&v| v as f32).collect()),
             _ => None,
         }
     }
@@ -220,19 +280,36 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Values in the tensor.
+    /// Values in the tensor (saturating: a count no file holds).
     pub fn values(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims
+            .iter()
+            .try_fold(1u64, |product, &dim| product.checked_mul(dim))
+            .unwrap_or(u64::MAX)
     }
 
-    /// Bytes of the tensor's data, when its type is known.
+    /// Bytes of the tensor's data, when its type is known, its rows are whole blocks and the
+    /// size is a number.
     pub fn bytes(&self) -> Option<u64> {
         let kind = self.kind.ok()?;
-        let row = self.dims.first().copied().unwrap_or(1);
-        let rows: u64 = self.dims.iter().skip(1).product();
-        let block_values = kind.block_values() as u64;
-        row.is_multiple_of(block_values)
-            .then(|| row / block_values * kind.block_bytes() as u64 * rows)
+        let row = usize::try_from(self.dims.first().copied().unwrap_or(1)).ok()?;
+        let rows = self
+            .dims
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |product, &dim| product.checked_mul(dim))?;
+        (kind.row_bytes(row)? as u64).checked_mul(rows)
+    }
+
+    /// The tensor's type, when distillery reads it; otherwise an error naming the tensor.
+    pub fn readable_type(&self) -> Result<GgmlType, GgufError> {
+        match self.kind {
+            Ok(kind) if kind.is_readable() => Ok(kind),
+            _ => Err(GgufError::UnsupportedType {
+                tensor: self.name.clone(),
+                kind: self.type_name(),
+            }),
+        }
     }
 
     /// The type's name, or the unknown id.
@@ -249,24 +326,49 @@ pub enum GgufError {
     #[error("malformed GGUF at byte {offset}: {message}")]
     Malformed { offset: usize, message: String },
     #[error(
-        "tensor `{tensor}` is {kind}, which distillery does not read (it reads F32, F16, BF16, \
-         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K)"
+        "tensor `{tensor}` is {kind}, which distillery does not read (it reads {})",
+        readable_names()
     )]
     UnsupportedType { tensor: String, kind: String },
     #[error("tensor `{tensor}`: {message}")]
     Tensor { tensor: String, message: String },
+    #[error("{0}")]
+    Write(String),
 }
 
-/// A parsed GGUF file: its metadata and tensor table, and its bytes.
+fn readable_names() -> String {
+    GgmlType::READABLE
+        .iter()
+        .map(|kind| kind.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A parsed GGUF file: its metadata and tensor table, and the bytes read of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufFile {
-    pub version: u32,
-    pub metadata: Vec<(String, Value)>,
-    pub tensors: Vec<TensorInfo>,
+    version: u32,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<TensorInfo>,
+    /// The file's bytes, or only its first ones when the file was read for its metadata.
     bytes: Vec<u8>,
+    /// The file's length.
+    length: u64,
 }
 
 impl GgufFile {
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.metadata
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
     pub fn value(&self, key: &str) -> Option<&Value> {
         self.metadata
             .iter()
@@ -278,32 +380,42 @@ impl GgufFile {
         self.tensors.iter().find(|tensor| tensor.name == name)
     }
 
-    pub fn len(&self) -> usize {
-        self.bytes.len()
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.length
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.length == 0
     }
 
     /// The stored bytes of a tensor of a type distillery reads.
     pub fn tensor_bytes(&self, tensor: &TensorInfo) -> Result<&[u8], GgufError> {
-        let kind = readable(tensor)?;
-        let length = tensor.bytes().ok_or_else(|| GgufError::Tensor {
+        let kind = tensor.readable_type()?;
+        let failure = |message: String| GgufError::Tensor {
             tensor: tensor.name.clone(),
-            message: format!(
+            message,
+        };
+        let length = tensor.bytes().ok_or_else(|| {
+            failure(format!(
                 "rows of {} values are not whole {kind} blocks",
                 tensor.dims.first().copied().unwrap_or(1)
-            ),
+            ))
         })?;
-        // `read` checked that the data lies inside the file.
-        let start = tensor.start as usize;
-        Ok(&self.bytes[start..start + length as usize])
+        let range = usize::try_from(tensor.start)
+            .ok()
+            .zip(usize::try_from(length).ok())
+            .and_then(|(start, length)| Some(start..start.checked_add(length)?));
+        range
+            .and_then(|range| self.bytes.get(range))
+            .ok_or_else(|| {
+                failure("its data was not read (the file was read for its metadata)".into())
+            })
     }
 
     /// A tensor's values as floats, dequantized as ggml does.
     pub fn tensor_values(&self, tensor: &TensorInfo) -> Result<Vec<f32>, GgufError> {
-        let kind = readable(tensor)?;
+        let kind = tensor.readable_type()?;
         let bytes = self.tensor_bytes(tensor)?;
         let mut values = vec![0.0; bytes.len() / kind.block_bytes() * kind.block_values()];
         ggml::dequantize(kind, bytes, &mut values);
@@ -311,20 +423,21 @@ impl GgufFile {
     }
 }
 
-fn readable(tensor: &TensorInfo) -> Result<GgmlType, GgufError> {
-    match tensor.kind {
-        Ok(kind) if kind.is_readable() => Ok(kind),
-        _ => Err(GgufError::UnsupportedType {
-            tensor: tensor.name.clone(),
-            kind: tensor.type_name(),
-        }),
-    }
-}
-
 /// A cursor that never reads past the end and never allocates more than the bytes left.
 struct Cursor<'a> {
     bytes: &'a [u8],
     position: usize,
+}
+
+/// Reads `count` array elements of `size` bytes each, decoded by `decode`.
+macro_rules! elements {
+    ($cursor:expr, $count:expr, $size:literal, $decode:expr) => {{
+        let bytes = $cursor.take($count * $size)?;
+        bytes
+            .chunks_exact($size)
+            .map(|chunk| $decode(chunk.try_into().expect("chunk size")))
+            .collect()
+    }};
 }
 
 impl<'a> Cursor<'a> {
@@ -389,7 +502,15 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn value(&mut self, kind: ValueType, depth: usize) -> Result<Value, GgufError> {
+    fn bool(&mut self) -> Result<bool, GgufError> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => self.fail(format!("a bool holds {other}")),
+        }
+    }
+
+    fn value(&mut self, kind: ValueType) -> Result<Value, GgufError> {
         Ok(match kind {
             ValueType::U8 => Value::U8(self.take(1)?[0]),
             ValueType::I8 => Value::I8(self.take(1)?[0] as i8),
@@ -398,34 +519,64 @@ impl<'a> Cursor<'a> {
             ValueType::U32 => Value::U32(self.u32()?),
             ValueType::I32 => Value::I32(i32::from_le_bytes(self.array()?)),
             ValueType::F32 => Value::F32(f32::from_le_bytes(self.array()?)),
-            ValueType::Bool => match self.take(1)?[0] {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
-                other => return self.fail(format!("a bool holds {other}")),
-            },
+            ValueType::Bool => Value::Bool(self.bool()?),
             ValueType::String => Value::String(self.string()?),
             ValueType::U64 => Value::U64(self.u64()?),
             ValueType::I64 => Value::I64(i64::from_le_bytes(self.array()?)),
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array()?)),
-            ValueType::Array => {
-                if depth >= MAX_NESTING {
-                    return self.fail("arrays nest too deeply");
-                }
-                let element = self.value_type()?;
-                let count = self.count(element.min_bytes())?;
-                let items = (0..count)
-                    .map(|_| self.value(element, depth + 1))
-                    .collect::<Result<_, _>>()?;
-                Value::Array(element, items)
+            ValueType::Array => Value::Array(self.array_value(0)?),
+        })
+    }
+
+    fn array_value(&mut self, depth: usize) -> Result<Array, GgufError> {
+        if depth >= MAX_NESTING {
+            return self.fail("arrays nest too deeply");
+        }
+        let element = self.value_type()?;
+        let count = self.count(element.min_bytes())?;
+        Ok(match element {
+            ValueType::U8 => Array::U8(self.take(count)?.to_vec()),
+            ValueType::I8 => Array::I8(self.take(count)?.iter().map(|&b| b as i8).collect()),
+            ValueType::U16 => Array::U16(elements!(self, count, 2, u16::from_le_bytes)),
+            ValueType::I16 => Array::I16(elements!(self, count, 2, i16::from_le_bytes)),
+            ValueType::U32 => Array::U32(elements!(self, count, 4, u32::from_le_bytes)),
+            ValueType::I32 => Array::I32(elements!(self, count, 4, i32::from_le_bytes)),
+            ValueType::F32 => Array::F32(elements!(self, count, 4, f32::from_le_bytes)),
+            ValueType::U64 => Array::U64(elements!(self, count, 8, u64::from_le_bytes)),
+            ValueType::I64 => Array::I64(elements!(self, count, 8, i64::from_le_bytes)),
+            ValueType::F64 => Array::F64(elements!(self, count, 8, f64::from_le_bytes)),
+            ValueType::Bool => {
+                Array::Bool((0..count).map(|_| self.bool()).collect::<Result<_, _>>()?)
             }
+            ValueType::String => Array::String(
+                (0..count)
+                    .map(|_| self.string())
+                    .collect::<Result<_, _>>()?,
+            ),
+            ValueType::Array => Array::Array(
+                (0..count)
+                    .map(|_| self.array_value(depth + 1))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 }
 
-/// Parses a GGUF file: its metadata and tensor table, every length, count and offset checked
-/// against the file before it is used. Tensors of types distillery does not read are listed;
-/// their data is refused when asked for.
+/// Parses a whole GGUF file: its metadata and tensor table, every length, count and offset
+/// checked against the file before it is used. Tensors of types distillery does not read are
+/// listed; their data is refused when asked for.
 pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
+    let length = bytes.len() as u64;
+    parse(bytes, length)
+}
+
+/// Parses the first bytes of a GGUF file `length` bytes long, enough to hold its metadata and
+/// tensor table: the tensors' data stays unread.
+pub fn read_metadata(bytes: Vec<u8>, length: u64) -> Result<GgufFile, GgufError> {
+    parse(bytes, length)
+}
+
+fn parse(bytes: Vec<u8>, length: u64) -> Result<GgufFile, GgufError> {
     let mut cursor = Cursor {
         bytes: &bytes,
         position: 0,
@@ -439,12 +590,13 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
     }
     let tensor_count = cursor.count(8 + 4 + 4 + 8)?;
     let metadata_count = cursor.count(8 + 4)?;
+    let mut keys = HashSet::with_capacity(metadata_count);
     let mut metadata = Vec::with_capacity(metadata_count);
     for _ in 0..metadata_count {
         let key = cursor.string()?;
         let kind = cursor.value_type()?;
-        let value = cursor.value(kind, 0)?;
-        if metadata.iter().any(|(existing, _)| *existing == key) {
+        let value = cursor.value(kind)?;
+        if !keys.insert(key.clone()) {
             return cursor.fail(format!("metadata key `{key}` appears twice"));
         }
         metadata.push((key, value));
@@ -456,6 +608,7 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
             _ => return cursor.fail(format!("general.alignment {value:?} is not a power of two")),
         },
     };
+    let mut names = HashSet::with_capacity(tensor_count);
     let mut infos = Vec::with_capacity(tensor_count);
     for _ in 0..tensor_count {
         let name = cursor.string()?;
@@ -473,7 +626,7 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
                 "tensor `{name}`'s data is not aligned to {alignment}"
             ));
         }
-        if infos.iter().any(|info: &(String, _, _, _)| info.0 == name) {
+        if !names.insert(name.clone()) {
             return cursor.fail(format!("tensor `{name}` appears twice"));
         }
         infos.push((name, dims, type_id, offset));
@@ -481,12 +634,8 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
     let data_start = (cursor.position as u64).div_ceil(alignment) * alignment;
     let mut tensors = Vec::with_capacity(infos.len());
     for (name, dims, type_id, offset) in infos {
-        let values = dims
-            .iter()
-            .try_fold(1u64, |product, &dim| product.checked_mul(dim));
-        let start = data_start.checked_add(offset);
-        let (Some(_), Some(start)) = (values, start) else {
-            return cursor.fail(format!("tensor `{name}` has an impossible size or offset"));
+        let Some(start) = data_start.checked_add(offset) else {
+            return cursor.fail(format!("tensor `{name}` has an impossible offset"));
         };
         let tensor = TensorInfo {
             name,
@@ -495,17 +644,14 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
             start,
         };
         if let Ok(kind) = tensor.kind {
-            let Some(length) = tensor.bytes() else {
+            let Some(size) = tensor.bytes() else {
                 return cursor.fail(format!(
-                    "tensor `{}` has rows of {} values, not whole {kind} blocks",
-                    tensor.name,
-                    tensor.dims.first().copied().unwrap_or(1)
+                    "tensor `{}` of {:?} {kind} values has no size: rows that are not whole \
+                     blocks, or too many values",
+                    tensor.name, tensor.dims
                 ));
             };
-            if start
-                .checked_add(length)
-                .is_none_or(|end| end > bytes.len() as u64)
-            {
+            if start.checked_add(size).is_none_or(|end| end > length) {
                 return cursor.fail(format!(
                     "tensor `{}` runs past the end of the file",
                     tensor.name
@@ -519,6 +665,7 @@ pub fn read(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         metadata,
         tensors,
         bytes,
+        length,
     })
 }
 
@@ -541,8 +688,8 @@ pub enum TensorData {
 }
 
 impl GgufTensor {
-    fn encoded(&self) -> Vec<u8> {
-        match &self.data {
+    fn encoded(&self) -> Result<Vec<u8>, GgufError> {
+        Ok(match &self.data {
             TensorData::Blocks(bytes) => bytes.clone(),
             TensorData::Values(values) => match self.kind {
                 GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -552,9 +699,14 @@ impl GgufTensor {
                     .collect(),
                 GgmlType::Q8_0 => ggml::quantize_q8_0(values),
                 GgmlType::Q4_0 => ggml::quantize_q4_0(values),
-                other => unreachable!("distillery does not quantize to {other}"),
+                other => {
+                    return Err(GgufError::Write(format!(
+                        "tensor `{}`: distillery does not quantize to {other}",
+                        self.name
+                    )));
+                }
             },
-        }
+        })
     }
 }
 
@@ -578,14 +730,27 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
         Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
-        Value::Array(element, items) => {
-            out.extend_from_slice(&element.id().to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                debug_assert_eq!(item.kind(), *element, "array items of one type");
-                put_value(out, item);
-            }
-        }
+        Value::Array(array) => put_array(out, array),
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, array: &Array) {
+    out.extend_from_slice(&array.element().id().to_le_bytes());
+    out.extend_from_slice(&(array.len() as u64).to_le_bytes());
+    match array {
+        Array::U8(items) => out.extend_from_slice(items),
+        Array::I8(items) => out.extend(items.iter().map(|&v| v as u8)),
+        Array::U16(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::I16(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::U32(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::I32(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::F32(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::Bool(items) => out.extend(items.iter().map(|&v| u8::from(v))),
+        Array::String(items) => items.iter().for_each(|item| put_string(out, item)),
+        Array::U64(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::I64(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::F64(items) => out.extend(items.iter().flat_map(|v| v.to_le_bytes())),
+        Array::Array(items) => items.iter().for_each(|item| put_array(out, item)),
     }
 }
 
@@ -596,7 +761,7 @@ fn pad_to_alignment(out: &mut Vec<u8>) {
 
 /// The bytes of a GGUF file holding `metadata` and `tensors` (quantized types need rows of
 /// whole blocks).
-pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
+pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Result<Vec<u8>, GgufError> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -607,7 +772,10 @@ pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
         out.extend_from_slice(&value.kind().id().to_le_bytes());
         put_value(&mut out, value);
     }
-    let encoded: Vec<Vec<u8>> = tensors.iter().map(GgufTensor::encoded).collect();
+    let encoded = tensors
+        .iter()
+        .map(GgufTensor::encoded)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut offset = 0u64;
     for (tensor, bytes) in tensors.iter().zip(&encoded) {
         put_string(&mut out, &tensor.name);
@@ -624,7 +792,7 @@ pub fn write(metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Vec<u8> {
         out.extend_from_slice(bytes);
         pad_to_alignment(&mut out);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -649,11 +817,12 @@ mod tests {
             ),
             (
                 "a.nested".into(),
-                Value::Array(
-                    ValueType::Array,
-                    vec![Value::i32s([1, 2]), Value::i32s([3])],
-                ),
+                Value::Array(Array::Array(vec![
+                    Array::I32(vec![1, 2]),
+                    Array::I32(vec![3]),
+                ])),
             ),
+            ("a.bytes".into(), Value::Array(Array::U8(vec![1, 2, 255]))),
         ];
         let tensors = vec![
             GgufTensor {
@@ -675,10 +844,10 @@ mod tests {
     #[test]
     fn every_value_type_and_tensor_reads_back() {
         let (metadata, tensors) = sample();
-        let bytes = write(&metadata, &tensors);
+        let bytes = write(&metadata, &tensors).unwrap();
         assert_eq!(bytes.len() as u64 % ALIGNMENT, 0);
-        let file = read(bytes).unwrap();
-        assert_eq!(file.metadata, metadata);
+        let file = read(bytes.clone()).unwrap();
+        assert_eq!(file.metadata(), metadata);
         let matrix = file.tensor("m").unwrap();
         assert_eq!(matrix.kind, Ok(GgmlType::Q8_0));
         assert_eq!(matrix.bytes(), Some(4 * 34));
@@ -695,11 +864,45 @@ mod tests {
         assert_eq!(Value::F32(1e-5).as_f64(), Some(1e-5));
         assert_eq!(
             file.value("a.nested").and_then(|v| match v {
-                Value::Array(_, items) => items[0].as_integers(),
+                Value::Array(array) => array.item(0)?.as_integers(),
                 _ => None,
             }),
             Some(vec![1, 2])
         );
+        // Read for its metadata only, a file lists its tensors but holds none of their data.
+        let table_end = bytes.len() - 192;
+        let head = read_metadata(bytes[..table_end].to_vec(), bytes.len() as u64).unwrap();
+        assert_eq!(head.metadata(), metadata);
+        assert_eq!(head.tensors(), file.tensors());
+        let error = head
+            .tensor_values(head.tensor("v").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("was not read"), "{error}");
+    }
+
+    #[test]
+    fn sizes_no_file_holds_are_refused() {
+        let (metadata, _) = sample();
+        // An F32 tensor of 2^62 values (2^64 bytes), and one of no values but 2^80 rows.
+        for dims in [vec![1u64 << 62], vec![0, 1 << 40, 1 << 40]] {
+            let tensor = GgufTensor {
+                name: "huge".into(),
+                dims,
+                kind: GgmlType::F32,
+                data: TensorData::Blocks(Vec::new()),
+            };
+            let bytes = write(&metadata, &[tensor]).unwrap();
+            let error = read(bytes).unwrap_err().to_string();
+            assert!(error.contains("`huge`"), "{error}");
+        }
+        let unwritable = GgufTensor {
+            name: "q".into(),
+            dims: vec![32],
+            kind: GgmlType::Q4K,
+            data: TensorData::Values(vec![0.0; 32]),
+        };
+        assert!(write(&metadata, &[unwritable]).is_err());
     }
 
     #[test]
@@ -711,7 +914,7 @@ mod tests {
             kind: GgmlType::Iq2Xxs,
             data: TensorData::Blocks(vec![0; 66]),
         });
-        let mut bytes = write(&metadata, &tensors);
+        let mut bytes = write(&metadata, &tensors).unwrap();
         let file = read(bytes.clone()).unwrap();
         let iq = file.tensor("iq").unwrap();
         assert_eq!(iq.type_name(), "IQ2_XXS");
@@ -731,7 +934,7 @@ mod tests {
     #[test]
     fn truncated_and_hostile_files_are_errors() {
         let (metadata, tensors) = sample();
-        let bytes = write(&metadata, &tensors);
+        let bytes = write(&metadata, &tensors).unwrap();
         // The last cut falls inside the last tensor's data (12 bytes, then 20 of padding).
         for length in [0, 3, 10, 24, 100, bytes.len() / 2, bytes.len() - 21] {
             assert!(

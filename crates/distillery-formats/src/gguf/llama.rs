@@ -89,6 +89,9 @@ pub fn hf_name_of(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.weight"))
 }
 
+/// The tensor that carries per-pair rotary frequency factors (Llama 3.1's scaling).
+const ROPE_FACTORS: &str = "rope_freqs.weight";
+
 /// `llama.*` keys that change nothing distillery computes: llama.cpp's bookkeeping.
 const INFORMATIONAL_KEYS: [&str; 2] = [
     "llama.rope.scaling.original_context_length",
@@ -135,12 +138,22 @@ pub fn architecture(file: &GgufFile) -> Result<LlamaConfig, GgufModelError> {
     };
     let hidden_size = required("llama.embedding_length")?;
     let num_attention_heads = required("llama.attention.head_count")?;
-    let vocab_size = match integer("llama.vocab_size")? {
-        Some(size) => size,
-        None => match file.value("tokenizer.ggml.tokens") {
-            Some(Value::Array(_, tokens)) => tokens.len(),
-            _ => return metadata_error("llama.vocab_size", "is missing, and so are the tokens"),
-        },
+    let tokens = match file.value("tokenizer.ggml.tokens") {
+        Some(Value::Array(tokens)) => Some(tokens.len()),
+        _ => None,
+    };
+    let vocab_size = match (integer("llama.vocab_size")?, tokens) {
+        (Some(size), Some(tokens)) if size < tokens => {
+            return metadata_error(
+                "llama.vocab_size",
+                format!("{size} is fewer than the {tokens} tokens of tokenizer.ggml.tokens"),
+            );
+        }
+        (Some(size), _) => size,
+        (None, Some(tokens)) => tokens,
+        (None, None) => {
+            return metadata_error("llama.vocab_size", "is missing, and so are the tokens");
+        }
     };
     let mut config = LlamaConfig {
         vocab_size,
@@ -231,7 +244,7 @@ pub fn architecture(file: &GgufFile) -> Result<LlamaConfig, GgufModelError> {
         "llama.rope.scaling.type",
         "llama.rope.scaling.factor",
     ];
-    if let Some((key, value)) = file.metadata.iter().find(|(key, _)| {
+    if let Some((key, value)) = file.metadata().iter().find(|(key, _)| {
         key.starts_with("llama.")
             && !understood.contains(&key.as_str())
             && !INFORMATIONAL_KEYS.contains(&key.as_str())
@@ -251,26 +264,58 @@ pub fn architecture(file: &GgufFile) -> Result<LlamaConfig, GgufModelError> {
 /// half-precision and block-quantized matrices keep their bytes ([`BlockMatrix`]), with the
 /// query and key rows moved from llama.cpp's rotary order to Hugging Face's.
 pub fn import(file: &GgufFile, device: &Device) -> Result<Llama, GgufModelError> {
-    let config = architecture(file)?;
-    if let Some(tensor) = file.tensor("rope_freqs.weight") {
-        return Err(GgufModelError::Model(format!(
-            "tensor `{}`: per-frequency rotary factors (Llama 3.1's rope scaling in GGUF) are \
-             not supported",
-            tensor.name
-        )));
+    let mut config = architecture(file)?;
+    let model_error = |message: String| GgufModelError::Model(message);
+    // A tensor distillery cannot read is named before anything else is judged.
+    for tensor in file.tensors() {
+        tensor.readable_type()?;
     }
-    // Hostile metadata must not size an allocation: the file has to hold that many values.
-    let stored: u64 = file.tensors.iter().map(|tensor| tensor.values()).sum();
+    // Hostile metadata must not size an allocation: the file has to hold that many values,
+    // counted over the tensors whose data it was checked to hold.
+    let stored = file
+        .tensors()
+        .iter()
+        .filter(|tensor| tensor.bytes().is_some())
+        .fold(0u64, |sum, tensor| sum.saturating_add(tensor.values()));
     if config.num_parameters() as u64 > stored {
-        return Err(GgufModelError::Model(format!(
+        return Err(model_error(format!(
             "the metadata describes {} parameters; the file holds {stored} values",
             config.num_parameters()
         )));
     }
-    let model_error = |message: String| GgufModelError::Model(message);
+    // Nor may the context: the rotary tables take 8 bytes a position and head dimension.
+    let tables =
+        (config.max_position_embeddings as u64).saturating_mul(8 * config.head_dim() as u64);
+    if tables > file.len() {
+        return Err(model_error(format!(
+            "a context of {} positions needs rotary tables of {tables} bytes, more than the \
+             {}-byte file",
+            config.max_position_embeddings,
+            file.len()
+        )));
+    }
+    if let Some(tensor) = file.tensor(ROPE_FACTORS) {
+        if config.rope_scaling.is_some() {
+            return Err(model_error(format!(
+                "tensor `{ROPE_FACTORS}` and llama.rope.scaling.type both scale the rotary \
+                 frequencies"
+            )));
+        }
+        let factors = file.tensor_values(tensor)?;
+        config.rope_scaling = Some(RopeScaling::Factors {
+            factors: factors.into_iter().map(f64::from).collect(),
+        });
+        config
+            .validate()
+            .map_err(|e| model_error(format!("tensor `{ROPE_FACTORS}`: {e}")))?;
+    }
     let mut assembly = ModelAssembly::new(&config, "GGUF metadata", device).map_err(model_error)?;
     let head_dim = config.head_dim();
-    for tensor in &file.tensors {
+    for tensor in file
+        .tensors()
+        .iter()
+        .filter(|tensor| tensor.name != ROPE_FACTORS)
+    {
         let name = hf_name_of(&tensor.name)
             .ok_or_else(|| model_error(format!("unexpected tensor `{}`", tensor.name)))?;
         let shape: Vec<usize> = tensor.dims.iter().rev().map(|&d| d as usize).collect();
@@ -290,9 +335,9 @@ pub fn import(file: &GgufFile, device: &Device) -> Result<Llama, GgufModelError>
                 };
                 assembly.put(&name, values);
             }
-            (kind, &[rows, cols]) => {
+            (_, &[rows, cols]) => {
                 let bytes = file.tensor_bytes(tensor)?;
-                let kind = kind.expect("readable tensors have a known type");
+                let kind = tensor.readable_type()?;
                 let row_bytes = bytes.len() / rows;
                 let bytes = match heads {
                     Some(heads) => interleaved_to_rotate_half(bytes, heads, head_dim, row_bytes),
@@ -308,6 +353,9 @@ pub fn import(file: &GgufFile, device: &Device) -> Result<Llama, GgufModelError>
     assembly.finish().map_err(model_error)
 }
 
+/// A GGUF file's contents before they are written: its metadata and its tensors.
+pub type GgufContents = (Vec<(String, Value)>, Vec<GgufTensor>);
+
 /// The metadata and tensors of a `llama` GGUF file of `model`, its weight matrices stored as
 /// `weights` (F32, F16, Q8_0 or Q4_0); a matrix already in `weights` blocks is written as it
 /// is. Norm gains stay F32, as llama.cpp's converter keeps them; matrices with rows that are
@@ -317,7 +365,7 @@ pub fn llama_contents(
     name: &str,
     vocabulary: &GgufVocabulary,
     weights: GgmlType,
-) -> (Vec<(String, Value)>, Vec<GgufTensor>) {
+) -> Result<GgufContents, GgufModelError> {
     let config = model.config();
     let u32_value = |value: usize| Value::U32(value as u32);
     let mut metadata = vec![
@@ -326,7 +374,7 @@ pub fn llama_contents(
             Value::String("llama".into()),
         ),
         ("general.name".into(), Value::String(name.into())),
-        ("general.file_type".into(), Value::U32(file_type(weights))),
+        ("general.file_type".into(), Value::U32(file_type(weights)?)),
         ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
         (
             "llama.context_length".into(),
@@ -382,17 +430,17 @@ pub fn llama_contents(
                 Value::F32(*factor as f32),
             ));
         }
-        Some(scaling @ RopeScaling::Llama3 { .. }) => {
+        Some(scaling @ (RopeScaling::Llama3 { .. } | RopeScaling::Factors { .. })) => {
             // llama.cpp divides each rotary frequency by its factor from this tensor.
             let head_dim = config.head_dim();
             let factors = (0..head_dim / 2)
                 .map(|i| {
                     let frequency = config.rope_theta.powf(-2.0 * i as f64 / head_dim as f64);
-                    (frequency / scaling.scale(frequency)) as f32
+                    (frequency / scaling.scale(i, frequency)) as f32
                 })
                 .collect();
             tensors.push(GgufTensor {
-                name: "rope_freqs.weight".into(),
+                name: ROPE_FACTORS.into(),
                 dims: vec![(head_dim / 2) as u64],
                 kind: GgmlType::F32,
                 data: TensorData::Values(factors),
@@ -442,7 +490,7 @@ pub fn llama_contents(
             data,
         });
     }
-    (metadata, tensors)
+    Ok((metadata, tensors))
 }
 
 /// The quantized weight behind a Hugging Face tensor name, when it is quantized.
@@ -461,13 +509,15 @@ fn quantized_weight<'a>(model: &'a Llama, hf_name: &str) -> Option<&'a Quantized
 
 /// `general.file_type` of a file whose weight matrices are stored as `weights`
 /// (`llama_ftype`).
-fn file_type(weights: GgmlType) -> u32 {
+fn file_type(weights: GgmlType) -> Result<u32, GgufModelError> {
     match weights {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q8_0 => 7,
-        other => unreachable!("distillery writes no file of {other} matrices"),
+        GgmlType::F32 => Ok(0),
+        GgmlType::F16 => Ok(1),
+        GgmlType::Q4_0 => Ok(2),
+        GgmlType::Q8_0 => Ok(7),
+        other => Err(GgufModelError::Model(format!(
+            "distillery writes GGUF files of F32, F16, Q8_0 or Q4_0 matrices, not {other}"
+        ))),
     }
 }
 
@@ -517,8 +567,8 @@ mod tests {
     }
 
     fn round_trip(model: &Llama, weights: GgmlType) -> GgufFile {
-        let (metadata, tensors) = llama_contents(model, "tiny", &vocabulary(), weights);
-        read(write(&metadata, &tensors)).unwrap()
+        let (metadata, tensors) = llama_contents(model, "tiny", &vocabulary(), weights).unwrap();
+        read(write(&metadata, &tensors).unwrap()).unwrap()
     }
 
     #[test]
@@ -550,7 +600,7 @@ mod tests {
     fn written_files_read_back_with_llama_names_dims_and_values() {
         let model = model();
         let file = round_trip(&model, GgmlType::F32);
-        assert_eq!(file.version, 3);
+        assert_eq!(file.version(), 3);
         assert_eq!(
             file.value("llama.attention.head_count_kv"),
             Some(&Value::U32(1))
@@ -563,7 +613,11 @@ mod tests {
             file.value("tokenizer.ggml.pre"),
             Some(&Value::String("gpt-2".into()))
         );
-        assert_eq!(file.tensors.len(), 1 + 2 * 9 + 1, "tied: no output.weight");
+        assert_eq!(
+            file.tensors().len(),
+            1 + 2 * 9 + 1,
+            "tied: no output.weight"
+        );
         assert!(file.tensor("output.weight").is_none());
         let embedding = file.tensor("token_embd.weight").unwrap();
         assert_eq!(embedding.dims, vec![8, 6]);
@@ -610,6 +664,81 @@ mod tests {
         assert_eq!(by_name(&imported), by_name(&model));
     }
 
+    /// Llama 3 scaling travels as llama.cpp's `rope_freqs.weight` (each pair's frequency
+    /// divisor), computed here by hand from Meta's formula, and reads back as those factors
+    /// with the same logits over a context longer than the original one.
+    #[test]
+    fn scaled_rotary_frequencies_travel_as_rope_freqs() {
+        let mut scaled = config(16, true);
+        let (factor, low, high, original) = (8.0, 1.0, 4.0, 16usize);
+        scaled.max_position_embeddings = 64;
+        scaled.rope_scaling = Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: original,
+        });
+        let model = Llama::new(&scaled, 0.0, 5, &Device::flex()).unwrap();
+        let file = round_trip(&model, GgmlType::F32);
+        let written = file
+            .tensor_values(file.tensor("rope_freqs.weight").unwrap())
+            .unwrap();
+        // head_dim 8: frequencies 1, 0.1, 0.01, 0.001, wavelengths 2π/frequency.
+        let expected: Vec<f32> = (0..4)
+            .map(|pair| {
+                let frequency = 10000f64.powf(-(pair as f64) / 4.0);
+                let wavelength = 2.0 * std::f64::consts::PI / frequency;
+                let scaled_frequency = if wavelength < original as f64 / high {
+                    frequency
+                } else if wavelength > original as f64 / low {
+                    frequency / factor
+                } else {
+                    let smooth = (original as f64 / wavelength - low) / (high - low);
+                    (1.0 - smooth) * frequency / factor + smooth * frequency
+                };
+                (frequency / scaled_frequency) as f32
+            })
+            .collect();
+        assert_eq!(written.len(), 4);
+        for (got, want) in written.iter().zip(&expected) {
+            assert!(
+                (got - want).abs() < 1e-5 * want,
+                "{written:?} vs {expected:?}"
+            );
+        }
+        assert!(
+            written[0] > 1.0 && written[0] < factor as f32,
+            "smoothed pair"
+        );
+        assert_eq!(written[1], factor as f32);
+
+        let imported = import(&file, &Device::flex()).unwrap();
+        let Some(RopeScaling::Factors { factors }) = &imported.config().rope_scaling else {
+            panic!("{:?}", imported.config().rope_scaling);
+        };
+        assert_eq!(
+            factors,
+            &written.iter().map(|&f| f64::from(f)).collect::<Vec<_>>()
+        );
+        let ids: Vec<i64> = (0..48).map(|i| i % 6).collect();
+        let logits = |model: &Llama| crate::testing::logits(model, ids.clone(), [1, 48]);
+        let (ours, theirs) = (logits(&model), logits(&imported));
+        let largest = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(largest < 1e-4, "logits differ by {largest}");
+        // Written again, the factors are the same tensor.
+        let again = round_trip(&imported, GgmlType::F32);
+        assert_eq!(
+            again
+                .tensor_values(again.tensor("rope_freqs.weight").unwrap())
+                .unwrap(),
+            written
+        );
+    }
+
     /// Quantized and half-precision matrices keep their blocks in memory, q and k rows in
     /// Hugging Face's order, and write back unchanged.
     #[test]
@@ -640,7 +769,7 @@ mod tests {
             };
             assert_eq!(down.kind, Ok(expected));
             let again = round_trip(&imported, kind);
-            for tensor in &file.tensors {
+            for tensor in file.tensors() {
                 assert_eq!(
                     again
                         .tensor_bytes(again.tensor(&tensor.name).unwrap())
@@ -708,12 +837,13 @@ mod tests {
     }
 
     fn with_metadata(model: &Llama, key: &str, value: Option<Value>) -> GgufFile {
-        let (mut metadata, tensors) = llama_contents(model, "tiny", &vocabulary(), GgmlType::F32);
+        let (mut metadata, tensors) =
+            llama_contents(model, "tiny", &vocabulary(), GgmlType::F32).unwrap();
         metadata.retain(|(name, _)| name != key);
         if let Some(value) = value {
             metadata.push((key.to_string(), value));
         }
-        read(write(&metadata, &tensors)).unwrap()
+        read(write(&metadata, &tensors).unwrap()).unwrap()
     }
 
     #[test]
@@ -749,10 +879,10 @@ mod tests {
             "llama.rope.scaling.type",
             Some(Value::String("linear".into())),
         );
-        let (mut metadata, tensors) = (linear.metadata.clone(), Vec::<GgufTensor>::new());
+        let (mut metadata, tensors) = (linear.metadata().to_vec(), Vec::<GgufTensor>::new());
         metadata.push(("llama.rope.scaling.factor".into(), Value::F32(2.0)));
         metadata.push(("llama.rope.scaling.finetuned".into(), Value::Bool(true)));
-        let config = architecture(&read(write(&metadata, &tensors)).unwrap()).unwrap();
+        let config = architecture(&read(write(&metadata, &tensors).unwrap()).unwrap()).unwrap();
         assert_eq!(
             config.rope_scaling,
             Some(RopeScaling::Linear { factor: 2.0 })
@@ -772,14 +902,15 @@ mod tests {
     #[test]
     fn tensors_of_types_distillery_does_not_read_are_refused_by_name() {
         let model = Llama::new(&config(256, true), 0.0, 4, &Device::flex()).unwrap();
-        let (metadata, mut tensors) = llama_contents(&model, "tiny", &vocabulary(), GgmlType::F32);
+        let (metadata, mut tensors) =
+            llama_contents(&model, "tiny", &vocabulary(), GgmlType::F32).unwrap();
         let embedding = tensors
             .iter_mut()
             .find(|t| t.name == "token_embd.weight")
             .unwrap();
         embedding.kind = GgmlType::Iq2Xxs;
         embedding.data = TensorData::Blocks(vec![0; 6 * 66]);
-        let file = read(write(&metadata, &tensors)).unwrap();
+        let file = read(write(&metadata, &tensors).unwrap()).unwrap();
         let error = import(&file, &Device::flex())
             .map(|_| ())
             .unwrap_err()

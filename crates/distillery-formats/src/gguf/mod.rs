@@ -6,10 +6,12 @@ mod llama;
 mod vocab;
 
 pub use container::{
-    ALIGNMENT, GgufError, GgufFile, GgufTensor, TensorData, TensorInfo, Value, ValueType, read,
-    write,
+    ALIGNMENT, Array, GgufError, GgufFile, GgufTensor, TensorData, TensorInfo, Value, read,
+    read_metadata, write,
 };
-pub use llama::{GgufModelError, architecture, gguf_name, hf_name_of, import, llama_contents};
+pub use llama::{
+    GgufContents, GgufModelError, architecture, gguf_name, hf_name_of, import, llama_contents,
+};
 pub use vocab::{
     GgufVocabulary, TokenizerFiles, VocabError, check_same_vocabulary, token_type,
     tokenizer_from_gguf, vocabulary_from_tokenizer_json,

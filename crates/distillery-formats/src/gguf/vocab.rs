@@ -269,7 +269,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerFiles, VocabError
                 "continuing_subword_prefix": null, "end_of_word_suffix": null,
                 "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                 "vocab": vocab_json(&tokens),
-                "merges": sentencepiece_merges(&tokens, &token_types, &scores),
+                "merges": sentencepiece_merges(&tokens, &token_types, &scores)?
+                    .into_iter()
+                    .map(|(left, right)| json!([tokens[left], tokens[right]]))
+                    .collect::<Vec<_>>(),
             });
             let mut normalizers = Vec::new();
             if flag("tokenizer.ggml.add_space_prefix", true)? {
@@ -395,22 +398,33 @@ fn post_processor(
     )
 }
 
-/// The merges of a SentencePiece BPE vocabulary: every split of a normal token into two
-/// tokens, the highest-scoring merged token first, as llama.cpp merges the adjacent pair whose
-/// concatenation scores highest.
-fn sentencepiece_merges(tokens: &[&str], token_types: &[i32], scores: &[f32]) -> Vec<Json> {
+/// The longest piece split into merges: SentencePiece's pieces are at most 16 characters by
+/// default, and a longer one costs time quadratic in its length.
+const MAX_SPLIT_BYTES: usize = 256;
+
+/// The merges of a SentencePiece BPE vocabulary, as pairs of token ids: every split of a
+/// normal or user-defined token into two tokens, the highest-scoring merged token first, as
+/// llama.cpp merges the adjacent pair whose concatenation scores highest. A vocabulary that
+/// splits into far more merges than real ones do is refused rather than built.
+fn sentencepiece_merges(
+    tokens: &[&str],
+    token_types: &[i32],
+    scores: &[f32],
+) -> Result<Vec<(usize, usize)>, VocabError> {
     let ids: HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
         .rev()
         .map(|(id, &token)| (token, id))
         .collect();
+    let limit = 16 * tokens.len() + (1 << 16);
     let mut merges = Vec::new();
     for (id, token) in tokens.iter().enumerate() {
-        if !matches!(
+        let mergeable = matches!(
             token_types[id],
             token_type::NORMAL | token_type::USER_DEFINED
-        ) {
+        );
+        if !mergeable || token.len() > MAX_SPLIT_BYTES {
             continue;
         }
         for (split, _) in token.char_indices().skip(1) {
@@ -419,15 +433,20 @@ fn sentencepiece_merges(tokens: &[&str], token_types: &[i32], scores: &[f32]) ->
                 merges.push((scores[id], id, l, r));
             }
         }
+        if merges.len() > limit {
+            return error(format!(
+                "the SentencePiece vocabulary splits into more than {limit} merges"
+            ));
+        }
     }
     merges.sort_by(|a, b| {
         b.0.total_cmp(&a.0)
             .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
     });
-    merges
+    Ok(merges
         .into_iter()
-        .map(|(_, _, left, right)| json!([tokens[left], tokens[right]]))
-        .collect()
+        .map(|(_, _, left, right)| (left, right))
+        .collect())
 }
 
 /// What a tokenizer contributes to a GGUF file.
@@ -681,17 +700,54 @@ pub fn check_same_vocabulary(
             vocabulary.tokens.get(id)
         ));
     }
-    let merges = file
-        .value("tokenizer.ggml.merges")
-        .and_then(Value::as_strings)
-        .unwrap_or_default();
-    if let Some(index) = (0..merges.len().max(vocabulary.merges.len())).find(|&index| {
-        merges.get(index).copied() != vocabulary.merges.get(index).map(String::as_str)
-    }) {
+    // SentencePiece vocabularies merge by score: the order both sets of scores give.
+    let (merges, theirs): (Vec<String>, Vec<String>) = match &vocabulary.scores {
+        Some(scores) => {
+            let file_scores = file
+                .value("tokenizer.ggml.scores")
+                .and_then(Value::as_floats)
+                .filter(|file_scores| file_scores.len() == tokens.len())
+                .ok_or_else(|| {
+                    VocabError("the file's `tokenizer.ggml.scores` are missing".into())
+                })?;
+            let file_types: Vec<i32> = file
+                .value("tokenizer.ggml.token_type")
+                .and_then(Value::as_integers)
+                .filter(|types| types.len() == tokens.len())
+                .map(|types| types.into_iter().map(|kind| kind as i32).collect())
+                .unwrap_or_else(|| vec![token_type::NORMAL; tokens.len()]);
+            let spell = |merges: Vec<(usize, usize)>| -> Vec<String> {
+                merges
+                    .into_iter()
+                    .map(|(left, right)| format!("{} {}", tokens[left], tokens[right]))
+                    .collect()
+            };
+            (
+                spell(sentencepiece_merges(&tokens, &file_types, &file_scores)?),
+                spell(sentencepiece_merges(
+                    &tokens,
+                    &vocabulary.token_types,
+                    scores,
+                )?),
+            )
+        }
+        None => (
+            file.value("tokenizer.ggml.merges")
+                .and_then(Value::as_strings)
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            vocabulary.merges.clone(),
+        ),
+    };
+    if let Some(index) =
+        (0..merges.len().max(theirs.len())).find(|&index| merges.get(index) != theirs.get(index))
+    {
         return error(format!(
             "merge {index} is {:?} in the file and {:?} in the tokenizer",
             merges.get(index),
-            vocabulary.merges.get(index)
+            theirs.get(index)
         ));
     }
     Ok(())
@@ -733,7 +789,7 @@ mod tests {
 
     /// A GGUF file holding only `metadata`.
     fn file(metadata: Vec<(String, Value)>) -> GgufFile {
-        read(write(&metadata, &[] as &[GgufTensor])).unwrap()
+        read(write(&metadata, &[] as &[GgufTensor]).unwrap()).unwrap()
     }
 
     fn entry(key: &str, value: Value) -> (String, Value) {
@@ -887,5 +943,51 @@ mod tests {
         for text in ["the a", "tha", "éthe"] {
             assert_eq!(encode(&rebuilt, text), encode(&files, text), "{text}");
         }
+    }
+
+    /// A file tokenizes as a vocabulary does when its tokens and merge order agree: for
+    /// SentencePiece the order the scores give, whatever the scores' values.
+    #[test]
+    fn vocabularies_are_compared_token_by_token_and_merge_by_merge() {
+        for original in [byte_level_file("smollm"), sentencepiece_file(true)] {
+            let files = tokenizer_from_gguf(&original).unwrap();
+            let vocabulary =
+                vocabulary_from_tokenizer_json(&files.tokenizer, Some(&files.config), None)
+                    .unwrap();
+            check_same_vocabulary(&original, &vocabulary).unwrap();
+            let mut renamed = vocabulary.clone();
+            renamed.tokens[5] = "x".into();
+            let message = check_same_vocabulary(&original, &renamed).unwrap_err().0;
+            assert!(message.contains("token 5"), "{message}");
+        }
+        // Scores that put "th" above "▁th" merge another way.
+        let original = sentencepiece_file(true);
+        let files = tokenizer_from_gguf(&original).unwrap();
+        let mut reordered =
+            vocabulary_from_tokenizer_json(&files.tokenizer, Some(&files.config), None).unwrap();
+        reordered.scores.as_mut().unwrap()[8] = 10.0;
+        let message = check_same_vocabulary(&original, &reordered).unwrap_err().0;
+        assert!(message.contains("merge 0"), "{message}");
+        // The gpt-2 pre-tokenizer is not smollm's.
+        let files = tokenizer_from_gguf(&byte_level_file("gpt-2")).unwrap();
+        let gpt2 = vocabulary_from_tokenizer_json(&files.tokenizer, None, Some(0)).unwrap();
+        let message = check_same_vocabulary(&byte_level_file("smollm"), &gpt2)
+            .unwrap_err()
+            .0;
+        assert!(message.contains("pre-tokenizer is smollm"), "{message}");
+    }
+
+    #[test]
+    fn vocabularies_that_split_into_too_many_merges_are_refused() {
+        // "a", "aa", ..., every one a merge of every split: quadratic in the longest token.
+        let tokens: Vec<String> = (1..=400).map(|length| "a".repeat(length)).collect();
+        let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let types = vec![token_type::NORMAL; tokens.len()];
+        let scores = vec![0.0; tokens.len()];
+        let merges =
+            sentencepiece_merges(&token_refs[..200], &types[..200], &scores[..200]).unwrap();
+        assert_eq!(merges.len(), (1..200).sum::<usize>());
+        let limited: Vec<&str> = token_refs[..300].to_vec();
+        assert!(sentencepiece_merges(&limited, &types[..300], &scores[..300]).is_ok());
     }
 }

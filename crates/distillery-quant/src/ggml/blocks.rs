@@ -32,14 +32,14 @@ use crate::f16::{f16_to_f32, f32_to_f16};
 /// Values in one piece: the unit the integer products work in, one input scale each.
 pub const PIECE: usize = 32;
 
-/// The half-precision number at `bytes[at..at + 2]`: one F16C instruction where the CPU has
-/// it (every block decodes a few), the same exact conversion in software otherwise.
+/// The half-precision number at `bytes[at..at + 2]`: one F16C instruction in the AVX2 kernel
+/// family (every block decodes a few), the same exact conversion in software otherwise.
 #[inline]
 fn half(bytes: &[u8], at: usize) -> f32 {
     let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has F16C.
+    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
+        // SAFETY: the AVX2 family includes F16C.
         return unsafe { f16c::to_f32(bits) };
     }
     f16_to_f32(bits)

@@ -50,7 +50,7 @@ impl PieceInputs {
 /// channel's decoded pieces.
 pub(crate) type PiecesDot = fn(&[i8], &[PieceScales], &PieceInputs) -> f32;
 
-/// The fastest [`PiecesDot`] of the [kernel family](kernel_family) in use.
+/// The fastest [`PiecesDot`] of the [kernel family](crate::cpu::kernel_family) in use.
 pub(crate) fn pieces_dot() -> PiecesDot {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
@@ -98,7 +98,9 @@ mod x86 {
     }
 
     /// Each piece's codes meet its inputs in one `vpmaddubsw` (the unsigned operand is the
-    /// codes' magnitude, the inputs carry the codes' signs, so no pair sum exceeds 32,512) and
+    /// codes' magnitude, read unsigned so a code of -128 gives 128; the inputs carry the codes'
+    /// signs, which is exact because rounding clamps inputs to ±127, so no pair sum exceeds
+    /// 32,512) and
     /// one `vpmaddwd`: i32 lanes 0..4 hold the first half's products, 4..8 the second's, which
     /// one multiply-add with the halves' scales folds into float lanes.
     #[target_feature(enable = "avx2,fma")]

@@ -116,31 +116,34 @@ impl GgmlType {
         self.entry().4
     }
 
-    /// Bytes of a row of `values` values, when it holds whole blocks.
+    /// Bytes of a row of `values` values, when it holds whole blocks and the size is a number.
     pub fn row_bytes(self, values: usize) -> Option<usize> {
         values
             .is_multiple_of(self.block_values())
-            .then(|| values / self.block_values() * self.block_bytes())
+            .then(|| (values / self.block_values()).checked_mul(self.block_bytes()))
+            .flatten()
     }
+
+    /// The types whose values distillery reads.
+    pub const READABLE: [GgmlType; 13] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
 
     /// Whether distillery reads the values of tensors of this type.
     pub fn is_readable(self) -> bool {
-        matches!(
-            self,
-            Self::F32
-                | Self::F16
-                | Self::Bf16
-                | Self::Q4_0
-                | Self::Q4_1
-                | Self::Q5_0
-                | Self::Q5_1
-                | Self::Q8_0
-                | Self::Q2K
-                | Self::Q3K
-                | Self::Q4K
-                | Self::Q5K
-                | Self::Q6K
-        )
+        Self::READABLE.contains(&self)
     }
 
     /// Whether the values are stored in quantized blocks rather than one number each.
