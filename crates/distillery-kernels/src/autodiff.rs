@@ -10,7 +10,7 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
 
-use crate::{AdamWTensors, FusedOps, FusedOptimizerOps, flex, rows::AdamWStep};
+use crate::{AdamWTensors, FusedInferenceOps, FusedOps, FusedOptimizerOps, flex, rows::AdamWStep};
 
 /// Forward passes that return what the backward pass needs, and the backward passes.
 pub trait FusedKernels: Backend {
@@ -242,6 +242,15 @@ impl FusedKernels for Flex {
         start: usize,
     ) -> FloatTensor<Self> {
         flex::rotary_backward(&gradient, &cos, &sin_signed, start)
+    }
+}
+
+impl FusedInferenceOps for Flex {
+    fn fused_row_times_matrix(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        flex::row_times_matrix(&x, &weight)
     }
 }
 

@@ -277,6 +277,55 @@ pub fn dropout(x: &FlexTensor, probability: f32, seed: u64) -> FlexTensor {
     tensor(output, shape_of(x))
 }
 
+/// Weight rows per parallel task of [`row_times_matrix`].
+const PRODUCT_ROWS: usize = 32;
+/// Outputs per parallel task of [`row_times_matrix`] on a transposed weight.
+const PRODUCT_DOTS: usize = 256;
+
+/// `x W` for one row `x` (`[1, in]`) and `W` (`[in, out]`, or a transposed `[out, in]`
+/// table): fixed runs of weight rows in parallel, each read front to back into partial sums, which are then added in run order. The
+/// weight streams from memory in one pass and is never packed; the runs do not depend on the
+/// thread count, so neither do the sums.
+pub fn row_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
+    let shape = weight.layout().shape();
+    let (inputs, outputs) = (shape[0], shape[1]);
+    assert_eq!(
+        x.layout().num_elements(),
+        inputs,
+        "one row of the weight's inputs"
+    );
+    let x = contiguous_f32(x);
+    // A transposed view of an `[out, in]` table (a tied output head): one dot product an
+    // output, each over a contiguous row.
+    if weight.layout().strides() == [1, inputs as isize] {
+        let start = weight.layout().start_offset();
+        let table = &weight.storage::<f32>()[start..start + inputs * outputs];
+        let mut out = vec![0.0f32; outputs];
+        out.par_chunks_mut(PRODUCT_DOTS)
+            .zip(table.par_chunks(PRODUCT_DOTS * inputs))
+            .for_each(|(out, rows)| rows::rows_dot(&x, rows, out));
+        return tensor(out, Shape::new([1, outputs]));
+    }
+    let weight = contiguous_f32(weight);
+    let mut partials = vec![0.0f32; inputs.div_ceil(PRODUCT_ROWS) * outputs];
+    partials
+        .par_chunks_mut(outputs)
+        .zip(x.par_chunks(PRODUCT_ROWS))
+        .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
+        .for_each(|((partial, x), weight)| rows::row_times_rows(x, weight, partial));
+    let mut chunks = partials.chunks_exact(outputs);
+    let mut out = chunks
+        .next()
+        .map(<[f32]>::to_vec)
+        .unwrap_or(vec![0.0; outputs]);
+    for partial in chunks {
+        for (sum, &value) in out.iter_mut().zip(partial) {
+            *sum += value;
+        }
+    }
+    tensor(out, Shape::new([1, outputs]))
+}
+
 /// `tensor` as the sole view of its own contiguous storage, so `storage_mut` is exactly its
 /// elements (copying only when it is a strided or partial view).
 fn standalone(input: FlexTensor) -> FlexTensor {

@@ -83,6 +83,14 @@ pub trait FusedOptimizerOps: Backend {
     ) -> AdamWTensors<Self>;
 }
 
+/// Inference-only operations: they run outside autodiff, on plain tensors.
+#[backend_extension(Flex)]
+pub trait FusedInferenceOps: Backend {
+    /// `x W` for one row `x` `[1, in]` and a weight `[in, out]`.
+    fn fused_row_times_matrix(x: FloatTensor<Self>, weight: FloatTensor<Self>)
+    -> FloatTensor<Self>;
+}
+
 /// Whether `device` computes on burn-flex, directly or under autodiff.
 pub fn is_flex(device: &Device) -> bool {
     // Which other variants exist depends on the backends compiled in.
@@ -229,6 +237,23 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin_signed: Tensor<2>, start: usize)
         ));
     }
     composed::rotary(x, cos, sin_signed, start)
+}
+
+/// `x W` for one row `x` `[1, in]` and a weight `W` `[in, out]`, outside autodiff (a decode
+/// step's product). On burn-flex one threaded pass streams the weight from memory (a general
+/// matrix product would pack it first, which for a single row costs more than the product);
+/// elsewhere burn's product.
+pub fn row_times_matrix(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    assert_eq!(x.dims()[0], 1, "one row");
+    if fused(&x) && !x.is_autodiff() && !weight.is_autodiff() && weight.dtype() == DType::F32 {
+        return Tensor::from_dispatch(
+            <burn::backend::Dispatch as FusedInferenceOps>::fused_row_times_matrix(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+            ),
+        );
+    }
+    x.matmul(weight)
 }
 
 /// One AdamW update of a flattened parameter: returns the new parameter and moments, none of

@@ -709,3 +709,51 @@ mod tests {
         assert_ne!(first, other);
     }
 }
+
+/// `x W` for one row `x` and the rows of a row-major `W` it meets (`x.len()` rows of
+/// `out.len()` columns), added into `out`: the weight is read once, front to back. Plain
+/// multiplies and adds (no fused multiply-add) give the same bits on every instruction set.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
+    let width = out.len();
+    assert_eq!(weight.len(), x.len() * width);
+    for (&value, row) in x.iter().zip(weight.chunks_exact(width)) {
+        for (sum, &weight) in out.iter_mut().zip(row) {
+            *sum += value * weight;
+        }
+    }
+}
+
+/// Partial sums of a dot product: lane `k` takes the products at indices `k mod LANES`.
+const DOT_LANES: usize = 16;
+
+/// `out[o] = x · rows[o]` for consecutive rows of `x.len()` values. Each dot product sums in
+/// [`DOT_LANES`] fixed lanes, then adds the lanes in a fixed order: the same bits on every
+/// instruction set and thread count.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn rows_dot(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    assert_eq!(rows.len(), out.len() * x.len());
+    for (sum, row) in out.iter_mut().zip(rows.chunks_exact(x.len())) {
+        let mut lanes = [0.0f32; DOT_LANES];
+        let (x_chunks, row_chunks) = (x.chunks_exact(DOT_LANES), row.chunks_exact(DOT_LANES));
+        let tail: f32 = x_chunks
+            .remainder()
+            .iter()
+            .zip(row_chunks.remainder())
+            .map(|(&a, &b)| a * b)
+            .sum();
+        for (x, row) in x_chunks.zip(row_chunks) {
+            for ((lane, &a), &b) in lanes.iter_mut().zip(x).zip(row) {
+                *lane += a * b;
+            }
+        }
+        let mut width = DOT_LANES / 2;
+        while width > 0 {
+            for k in 0..width {
+                lanes[k] += lanes[k + width];
+            }
+            width /= 2;
+        }
+        *sum = lanes[0] + tail;
+    }
+}

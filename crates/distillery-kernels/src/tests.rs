@@ -321,3 +321,35 @@ fn dropout_gradient_uses_the_forward_mask() {
     assert_eq!(values(dropout(x.clone(), 0.3, 5)), output);
     assert_ne!(values(dropout(x, 0.3, 6)), output);
 }
+
+/// One row times a weight, and times a transposed table (a tied output head), equals burn's
+/// product, with bits that do not depend on the thread count (1 or 3 workers).
+#[test]
+fn a_row_times_a_matrix_matches_the_product_on_any_thread_count() {
+    let device = Device::flex();
+    let x = random([1, 300], 31, &device);
+    let weight = random([300, 1100], 32, &device);
+    let table = random([1100, 300], 33, &device);
+    let on_threads = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            (
+                values(row_times_matrix(x.clone(), weight.clone())),
+                values(row_times_matrix(x.clone(), table.clone().transpose())),
+            )
+        })
+    };
+    let (product, head) = on_threads(1);
+    assert_eq!(on_threads(3), (product.clone(), head.clone()));
+    // The sums run over 300 products of up to 4 in size.
+    let close = |name: &str, got: Vec<f32>, want: Vec<f32>| {
+        for (index, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-3, "{name}[{index}]: {a} vs {b}");
+        }
+    };
+    close("product", product, values(x.clone().matmul(weight)));
+    close("head", head, values(x.matmul(table.transpose())));
+}

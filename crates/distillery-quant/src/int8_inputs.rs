@@ -162,12 +162,18 @@ pub type ChannelDots = fn(&ChannelRun, &Int8Inputs, &mut [f32]);
 /// `bits`-bit codes, chosen once per product.
 pub fn channel_dots(bits: u32) -> ChannelDots {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx512Vnni {
-        if bits != 3 {
-            return x86::vnni_channel_dots;
+    {
+        use crate::cpu::{KernelFamily, kernel_family};
+        if kernel_family() >= KernelFamily::Avx512Vnni {
+            if bits != 3 {
+                return x86::vnni_channel_dots;
+            }
+            if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vbmi") {
+                return x86::vbmi_channel_dots;
+            }
         }
-        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vbmi") {
-            return x86::vbmi_channel_dots;
+        if kernel_family() >= KernelFamily::Avx2 && bits != 3 {
+            return x86::avx2_channel_dots;
         }
     }
     channel_dots_portable
@@ -215,7 +221,7 @@ pub(crate) mod x86 {
     pub(super) fn vnni_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA,
         // AVX-512 VNNI and VL.
-        unsafe { dots(run, inputs, out) }
+        unsafe { vnni::dots(run, inputs, out) }
     }
 
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
@@ -228,26 +234,164 @@ pub(crate) mod x86 {
         }
     }
 
-    /// 4- and 8-bit codes, one channel after another: each channel's codes are one run of
-    /// bytes and consecutive channels continue it, a single stream through memory. (Taking
-    /// four channels at once to share the input loads made four streams and ran slower.)
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
-        let blocks = inputs.scales.len();
-        assert!(inputs.kernel_order().len() >= blocks * BLOCK);
-        assert!(inputs.lane_scales.len() >= blocks * 4);
-        for (index, value) in out.iter_mut().enumerate() {
-            let channel = &run.channel(index);
-            assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
-            let groups = blocks.div_ceil(channel.blocks_per_group);
-            assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
-            assert!(inputs.group_lane_sums.len() >= groups);
-            let sums = if channel.bits == 8 {
-                byte_codes(channel, inputs, blocks)
-            } else {
-                nibble_codes(channel, inputs, blocks)
-            };
-            *value = horizontal_sum(sums);
+    /// Only handed out by [`super::channel_dots`] once the CPU has AVX2 and FMA.
+    pub(super) fn avx2_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
+        // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2 and
+        // FMA.
+        unsafe { avx2::dots(run, inputs, out) }
+    }
+
+    /// The 4- and 8-bit kernels of one instruction family, from one body: `$quad_sums` gives
+    /// eight 32-bit lanes each summing four unsigned codes times signed inputs, and 8-bit codes
+    /// go in less `$byte_offset` (which joins the zero point).
+    ///
+    /// Channels are taken one after another: each channel's codes are one run of bytes and
+    /// consecutive channels continue it, a single stream through memory. (Taking four
+    /// channels at once to share the input loads made four streams and ran slower.)
+    macro_rules! integer_kernels {
+        ($features:literal, $quad_sums:ident, $byte_offset:expr) => {
+            use super::*;
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
+                let blocks = inputs.scales.len();
+                assert!(inputs.kernel_order().len() >= blocks * BLOCK);
+                assert!(inputs.lane_scales.len() >= blocks * 4);
+                for (index, value) in out.iter_mut().enumerate() {
+                    let channel = &run.channel(index);
+                    assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
+                    let groups = blocks.div_ceil(channel.blocks_per_group);
+                    assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
+                    assert!(inputs.group_lane_sums.len() >= groups);
+                    let sums = if channel.bits == 8 {
+                        byte_codes(channel, inputs, blocks)
+                    } else {
+                        nibble_codes(channel, inputs, blocks)
+                    };
+                    *value = horizontal_sum(sums);
+                }
+            }
+
+            /// 8-bit codes: one block of 32 codes a step. [`dots`] checked every bound.
+            #[target_feature(enable = $features)]
+            fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+                let ordered = inputs.kernel_order();
+                let mut total = _mm256_setzero_ps();
+                for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
+                    let mut group_sum = _mm256_setzero_ps();
+                    for block in first..(first + channel.blocks_per_group).min(blocks) {
+                        // SAFETY: `dots` checked that every block's 32 codes and inputs exist.
+                        let (codes, values) = unsafe {
+                            (
+                                _mm256_loadu_si256(
+                                    channel.bytes.as_ptr().add(block * BLOCK).cast(),
+                                ),
+                                _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
+                            )
+                        };
+                        let products = byte_sums(codes, values);
+                        group_sum = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(products),
+                            _mm256_set1_ps(inputs.scales[block]),
+                            group_sum,
+                        );
+                    }
+                    total = group_total(channel, inputs, group, $byte_offset, group_sum, total);
+                }
+                total
+            }
+
+            /// 4-bit codes: two blocks' 32 code bytes a step, low nibbles against the blocks'
+            /// even columns and high nibbles against their odd ones. [`dots`] checked every
+            /// bound.
+            #[target_feature(enable = $features)]
+            fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+                let ordered = inputs.kernel_order();
+                let nibbles = _mm256_set1_epi8(0xF);
+                let mut total = _mm256_setzero_ps();
+                for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
+                    let end = (first + channel.blocks_per_group).min(blocks);
+                    let mut group_sum = _mm256_setzero_ps();
+                    let mut block = first;
+                    while block + 2 <= end {
+                        // SAFETY: `dots` checked that both blocks' 32 code bytes, 64 inputs
+                        // and 8 lane scales exist.
+                        let (packed, even, odd, lane_scales) = unsafe {
+                            let values = ordered.as_ptr().add(block * BLOCK);
+                            (
+                                _mm256_loadu_si256(
+                                    channel.bytes.as_ptr().add(block * BLOCK / 2).cast(),
+                                ),
+                                _mm256_loadu_si256(values.cast()),
+                                _mm256_loadu_si256(values.add(BLOCK).cast()),
+                                _mm256_loadu_ps(inputs.lane_scales.as_ptr().add(block * 4)),
+                            )
+                        };
+                        let low = _mm256_and_si256(packed, nibbles);
+                        let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibbles);
+                        let sums = _mm256_add_epi32($quad_sums(low, even), $quad_sums(high, odd));
+                        group_sum =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), lane_scales, group_sum);
+                        block += 2;
+                    }
+                    if block < end {
+                        // SAFETY: as above, for one block's 16 code bytes and 32 inputs.
+                        let (packed, values) = unsafe {
+                            (
+                                _mm_loadu_si128(
+                                    channel.bytes.as_ptr().add(block * BLOCK / 2).cast(),
+                                ),
+                                _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
+                            )
+                        };
+                        let nibbles = _mm256_castsi256_si128(nibbles);
+                        let low = _mm_and_si128(packed, nibbles);
+                        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibbles);
+                        let sums = $quad_sums(_mm256_set_m128i(high, low), values);
+                        let scale = _mm256_set1_ps(inputs.scales[block]);
+                        group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, group_sum);
+                    }
+                    total = group_total(channel, inputs, group, 0.0, group_sum, total);
+                }
+                total
+            }
+        };
+    }
+
+    /// With AVX-512 VNNI: one `vpdpbusd` a step, codes as stored.
+    mod vnni {
+        integer_kernels!("avx2,fma,avx512vnni,avx512vl", quad_sums, 0.0);
+
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        fn quad_sums(codes: __m256i, values: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values)
+        }
+
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        fn byte_sums(codes: __m256i, values: __m256i) -> __m256i {
+            quad_sums(codes, values)
+        }
+    }
+
+    /// With AVX2: `vpmaddubsw` multiplies unsigned codes with signed inputs into pairs of
+    /// 16-bit sums (15 · 127 · 2 fits), `vpmaddwd` adds the pairs. 8-bit codes go in as
+    /// `code - 128` through the sign trick, since a pair of 8-bit codes times inputs could
+    /// exceed 16 bits.
+    mod avx2 {
+        integer_kernels!("avx2,fma", quad_sums, 128.0);
+
+        #[target_feature(enable = "avx2,fma")]
+        fn quad_sums(codes: __m256i, values: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(codes, values), _mm256_set1_epi16(1))
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        fn byte_sums(codes: __m256i, values: __m256i) -> __m256i {
+            let centered = _mm256_xor_si256(codes, _mm256_set1_epi8(i8::MIN));
+            quad_sums(
+                _mm256_sign_epi8(centered, centered),
+                _mm256_sign_epi8(values, centered),
+            )
         }
     }
 
@@ -308,22 +452,24 @@ pub(crate) mod x86 {
                     group_sum,
                 );
             }
-            total = group_total(channel, inputs, group, group_sum, total);
+            total = group_total(channel, inputs, group, 0.0, group_sum, total);
         }
         horizontal_sum(total)
     }
 
-    /// `total + scale · (group_sum - zero · inputs)` for one group: its zero point's share
-    /// taken off each of the eight lanes.
+    /// `total + scale · (group_sum - (zero - offset) · inputs)` for one group whose sums are
+    /// of `code - offset` times the inputs: its zero point's share, less the offset's, taken
+    /// off each of the eight lanes.
     #[target_feature(enable = "avx2,fma")]
     fn group_total(
         channel: &ChannelCodes,
         inputs: &Int8Inputs,
         group: usize,
+        offset: f32,
         group_sum: __m256,
         total: __m256,
     ) -> __m256 {
-        let zero_part = f32::from(channel.zeros[group]) * inputs.group_lane_sums[group];
+        let zero_part = (f32::from(channel.zeros[group]) - offset) * inputs.group_lane_sums[group];
         let group_sum = _mm256_sub_ps(group_sum, _mm256_set1_ps(zero_part));
         _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total)
     }
@@ -333,85 +479,6 @@ pub(crate) mod x86 {
         let halves = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
         let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
         _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
-    }
-
-    /// 8-bit codes: one block of 32 codes a `vpdpbusd`. [`dots`] checked every bound.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
-        let ordered = inputs.kernel_order();
-        let mut total = _mm256_setzero_ps();
-        for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
-            let mut group_sum = _mm256_setzero_ps();
-            for block in first..(first + channel.blocks_per_group).min(blocks) {
-                // SAFETY: `dots` checked that every block's 32 codes and inputs exist.
-                let (codes, values) = unsafe {
-                    (
-                        _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK).cast()),
-                        _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
-                    )
-                };
-                let products = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
-                group_sum = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(products),
-                    _mm256_set1_ps(inputs.scales[block]),
-                    group_sum,
-                );
-            }
-            total = group_total(channel, inputs, group, group_sum, total);
-        }
-        total
-    }
-
-    /// 4-bit codes: two blocks' 32 code bytes a pair of `vpdpbusd`s, low nibbles against the
-    /// blocks' even columns and high nibbles against their odd ones. [`dots`] checked every
-    /// bound.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
-        let ordered = inputs.kernel_order();
-        let nibbles = _mm256_set1_epi8(0xF);
-        let mut total = _mm256_setzero_ps();
-        for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
-            let end = (first + channel.blocks_per_group).min(blocks);
-            let mut group_sum = _mm256_setzero_ps();
-            let mut block = first;
-            while block + 2 <= end {
-                // SAFETY: `dots` checked that both blocks' 32 code bytes, 64 inputs and 8 lane
-                // scales exist.
-                let (packed, even, odd, lane_scales) = unsafe {
-                    let values = ordered.as_ptr().add(block * BLOCK);
-                    (
-                        _mm256_loadu_si256(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
-                        _mm256_loadu_si256(values.cast()),
-                        _mm256_loadu_si256(values.add(BLOCK).cast()),
-                        _mm256_loadu_ps(inputs.lane_scales.as_ptr().add(block * 4)),
-                    )
-                };
-                let low = _mm256_and_si256(packed, nibbles);
-                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibbles);
-                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), low, even);
-                let sums = _mm256_dpbusd_epi32(sums, high, odd);
-                group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), lane_scales, group_sum);
-                block += 2;
-            }
-            if block < end {
-                // SAFETY: as above, for one block's 16 code bytes and 32 inputs.
-                let (packed, values) = unsafe {
-                    (
-                        _mm_loadu_si128(channel.bytes.as_ptr().add(block * BLOCK / 2).cast()),
-                        _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast()),
-                    )
-                };
-                let nibbles = _mm256_castsi256_si128(nibbles);
-                let low = _mm_and_si128(packed, nibbles);
-                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibbles);
-                let codes = _mm256_set_m128i(high, low);
-                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
-                let scale = _mm256_set1_ps(inputs.scales[block]);
-                group_sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, group_sum);
-            }
-            total = group_total(channel, inputs, group, group_sum, total);
-        }
-        total
     }
 }
 
@@ -486,6 +553,14 @@ mod tests {
                 channel_dots_portable(&run, &rounded, &mut portable);
                 let mut selected = vec![0.0; channel_count];
                 channel_dots(bits)(&run, &rounded, &mut selected);
+                // The AVX2 kernel too, where it is not the one selected.
+                let mut avx2 = selected.clone();
+                #[cfg(target_arch = "x86_64")]
+                if bits != 3
+                    && crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2
+                {
+                    x86::avx2_channel_dots(&run, &rounded, &mut avx2);
+                }
                 for index in 0..channel_count {
                     let channel = run.channel(index);
                     let terms: Vec<f32> = (0..128)
@@ -503,9 +578,11 @@ mod tests {
                         .collect();
                     let expected: f32 = terms.iter().sum();
                     let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
-                    for (kernel, got) in
-                        [("portable", portable[index]), ("selected", selected[index])]
-                    {
+                    for (kernel, got) in [
+                        ("portable", portable[index]),
+                        ("selected", selected[index]),
+                        ("avx2", avx2[index]),
+                    ] {
                         assert!(
                             (got - expected).abs() < bound,
                             "{kernel}, {bits} bits, {blocks_per_group} blocks a group, channel \

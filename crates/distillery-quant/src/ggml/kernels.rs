@@ -1,7 +1,9 @@
-//! The integer kernel every block format shares: one channel's pieces, decoded to small signed
-//! codes and per-half scales, against one input row rounded to int8 per piece.
+//! The integer kernels of the block formats: the one every format shares (one channel's pieces,
+//! decoded to small signed codes and per-half scales, against one input row rounded to int8 per
+//! piece), and, for the 32-value block types, kernels that read the stored blocks directly.
 
 use super::blocks::{PIECE, PieceScales};
+use super::types::GgmlType;
 use crate::int8_inputs::round_block;
 
 /// One input row rounded to int8 per piece of 32 columns.
@@ -59,6 +61,23 @@ pub(crate) fn pieces_dot() -> PiecesDot {
     pieces_dot_portable
 }
 
+/// What the piece kernel computes over channels' rows of stored 32-value blocks (Q4_0, Q4_1,
+/// Q5_0, Q5_1, Q8_0), reading the blocks as they are: a decode step meets every weight once,
+/// so decoding pieces into memory first would cost as much as the products. The rows are
+/// consecutive, `row_bytes` each; `out[i]` is row `i`'s product.
+pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &PieceInputs, out: &mut [f32]);
+
+/// The [`BlocksDot`] of the [kernel family](crate::cpu::kernel_family) in use for `kind`;
+/// `None` where only the piece kernel serves it.
+pub(crate) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
+        return x86::blocks_dot(kind);
+    }
+    let _ = kind;
+    None
+}
+
 fn pieces_dot_portable(codes: &[i8], scales: &[PieceScales], inputs: &PieceInputs) -> f32 {
     let mut total = 0.0f32;
     for (at, (codes, scales)) in codes.chunks_exact(PIECE).zip(scales).enumerate() {
@@ -87,8 +106,147 @@ fn pieces_dot_portable(codes: &[i8], scales: &[PieceScales], inputs: &PieceInput
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{PIECE, PieceInputs, PieceScales};
+    use super::{BlocksDot, GgmlType, PIECE, PieceInputs, PieceScales};
     use crate::int8_inputs::x86::horizontal_sum;
+
+    /// The 32-value block types, as the const parameter of [`row_of_blocks`].
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+
+    /// Only called once the CPU is known to have AVX2, FMA and F16C.
+    pub(super) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
+        Some(match kind {
+            GgmlType::Q4_0 => checked::<Q4_0>,
+            GgmlType::Q4_1 => checked::<Q4_1>,
+            GgmlType::Q5_0 => checked::<Q5_0>,
+            GgmlType::Q5_1 => checked::<Q5_1>,
+            GgmlType::Q8_0 => checked::<Q8_0>,
+            _ => return None,
+        })
+    }
+
+    const fn block_bytes(kind: u8) -> usize {
+        match kind {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        }
+    }
+
+    /// One row after another: consecutive rows continue one run of bytes, a single stream
+    /// through memory. (Taking rows four or two at a time, to share each block's inputs, made
+    /// as many streams and ran slower on the bandwidth-bound types.)
+    fn checked<const KIND: u8>(
+        rows: &[u8],
+        row_bytes: usize,
+        inputs: &PieceInputs,
+        out: &mut [f32],
+    ) {
+        let blocks = row_bytes / block_bytes(KIND);
+        assert!(
+            row_bytes == blocks * block_bytes(KIND)
+                && rows.len() == out.len() * row_bytes
+                && inputs.values.len() >= blocks * PIECE
+                && inputs.scales.len() >= blocks
+                && inputs.half_sums.len() >= 2 * blocks
+        );
+        for (row, out) in rows.chunks_exact(row_bytes).zip(out) {
+            // SAFETY: the kernel family was checked; the lengths were checked above.
+            *out = unsafe { row_of_blocks::<KIND>(row, inputs) };
+        }
+    }
+
+    /// Per block: the codes unpacked in registers (unsigned for the types with a minimum,
+    /// shifted to signed for the others), one `vpmaddubsw` and one `vpmaddwd` against the
+    /// inputs (for signed codes through the sign trick of [`dot`]), one multiply-add with the
+    /// two scales; a minimum meets the inputs' sum. Even and odd blocks sum into separate
+    /// registers, so consecutive blocks do not wait on one another's additions.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_of_blocks<const KIND: u8>(row: &[u8], inputs: &PieceInputs) -> f32 {
+        let mut sums = [_mm256_setzero_ps(); 2];
+        let mut minima = [0.0f32; 2];
+        for (at, block) in row.chunks_exact(block_bytes(KIND)).enumerate() {
+            // SAFETY: `checked` made sure block `at`'s 32 inputs exist.
+            let values =
+                unsafe { _mm256_loadu_si256(inputs.values.as_ptr().add(at * PIECE).cast()) };
+            let products = block_products::<KIND>(block, values);
+            let scale = _mm256_set1_ps(half(block, 0) * inputs.scales[at]);
+            sums[at % 2] = _mm256_fmadd_ps(products, scale, sums[at % 2]);
+            if matches!(KIND, Q4_1 | Q5_1) {
+                let inputs_sum = inputs.half_sums[2 * at] + inputs.half_sums[2 * at + 1];
+                minima[at % 2] = half(block, 2).mul_add(inputs_sum, minima[at % 2]);
+            }
+        }
+        horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + (minima[0] + minima[1])
+    }
+
+    /// A block's integer products with its inputs `values`, in eight float lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn block_products<const KIND: u8>(block: &[u8], values: __m256i) -> __m256 {
+        let codes = match KIND {
+            Q4_0 => _mm256_sub_epi8(nibbles(&block[2..18]), _mm256_set1_epi8(8)),
+            Q4_1 => nibbles(&block[4..20]),
+            Q5_0 => _mm256_sub_epi8(
+                _mm256_or_si256(nibbles(&block[6..22]), fifth_bits(&block[2..6])),
+                _mm256_set1_epi8(16),
+            ),
+            Q5_1 => _mm256_or_si256(nibbles(&block[8..24]), fifth_bits(&block[4..8])),
+            // SAFETY: a Q8_0 block holds 32 codes after its scale.
+            _ => unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) },
+        };
+        let pairs = match KIND {
+            Q4_1 | Q5_1 => _mm256_maddubs_epi16(codes, values),
+            _ => _mm256_maddubs_epi16(
+                _mm256_sign_epi8(codes, codes),
+                _mm256_sign_epi8(values, codes),
+            ),
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn half(block: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([block[at], block[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// 16 bytes of nibbles as 32 bytes: the low nibbles (values 0..16), then the high ones.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles(bytes: &[u8]) -> __m256i {
+        assert!(bytes.len() == 16);
+        // SAFETY: 16 bytes were checked above.
+        let packed = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+        let mask = _mm_set1_epi8(0x0f);
+        _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(packed, 4), mask),
+            _mm_and_si128(packed, mask),
+        )
+    }
+
+    /// A 32-bit little-endian word's bit `j` as 16 in byte `j` (0 where the bit is clear).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fifth_bits(bytes: &[u8]) -> __m256i {
+        let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        // Byte `j` takes the word's byte `j / 8`, then keeps bit `j % 8` of it.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(word as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
 
     /// Only handed out by [`super::pieces_dot`] once the CPU is known to have AVX2 and FMA.
     pub(super) fn pieces_dot(codes: &[i8], scales: &[PieceScales], inputs: &PieceInputs) -> f32 {
@@ -140,6 +298,54 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+    use crate::ggml::blocks::{QUANTIZED_KINDS, decode_piece, pieces_per_block, random_blocks};
+
+    /// The kernels that read stored blocks give the piece kernel's sums over the same blocks,
+    /// for every type they serve, every code (random blocks cover all) and extreme inputs.
+    #[test]
+    fn block_kernels_equal_the_piece_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2 {
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            let mut served = 0;
+            for kind in QUANTIZED_KINDS {
+                let Some(kernel) = x86::blocks_dot(kind) else {
+                    continue;
+                };
+                served += 1;
+                let blocks = 18;
+                let row = random_blocks(kind, blocks, &mut rng);
+                let mut codes = vec![0i8; blocks * kind.block_values()];
+                let mut scales = Vec::new();
+                for (index, block) in row.chunks_exact(kind.block_bytes()).enumerate() {
+                    for piece in 0..pieces_per_block(kind) {
+                        let at = (index * pieces_per_block(kind) + piece) * PIECE;
+                        let piece_codes: &mut [i8; PIECE] =
+                            (&mut codes[at..at + PIECE]).try_into().unwrap();
+                        scales.push(decode_piece(kind, block, piece, piece_codes));
+                    }
+                }
+                let mut input: Vec<f32> = (0..codes.len())
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect();
+                input[..PIECE].fill(-1.0);
+                input[PIECE..2 * PIECE].fill(1.0);
+                let inputs = PieceInputs::new(&input);
+                let pieces = pieces_dot_portable(&codes, &scales, &inputs);
+                // Six copies of the row, one after another.
+                let rows = row.repeat(6);
+                let mut out = [0.0f32; 6];
+                kernel(&rows, row.len(), &inputs, &mut out);
+                for blocks in out {
+                    assert!(
+                        (blocks - pieces).abs() < 1e-4 * pieces.abs().max(1.0),
+                        "{kind}: {blocks} vs {pieces}"
+                    );
+                }
+            }
+            assert_eq!(served, 5, "Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0");
+        }
+    }
 
     /// Every kernel family this CPU has gives the portable kernel's sums (up to float
     /// summation order), extreme codes (-128 against -127 inputs) included.

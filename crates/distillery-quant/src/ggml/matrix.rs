@@ -2,7 +2,7 @@
 //! per output channel. Rows decode on the fly; the float matrix never exists whole.
 
 use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
-use super::kernels::{PieceInputs, pieces_dot};
+use super::kernels::{PieceInputs, blocks_dot, pieces_dot};
 use super::types::GgmlType;
 use crate::QuantError;
 use crate::products::{channel_major, dot, in_tiles, together, transposed};
@@ -196,9 +196,10 @@ impl BlockMatrix {
         })
     }
 
-    /// Channels `rows`, each against every input: `outs[channel * inputs + input]`. Each
-    /// channel's pieces are decoded once into small signed codes and their scales, which every
-    /// input then meets in integer dot products: one kernel for every block format.
+    /// Channels `rows`, each against every input: `outs[channel * inputs + input]`. The 32-value
+    /// block types are read as stored where the kernel family has kernels for them; otherwise
+    /// each channel's pieces are decoded once into small signed codes and their scales, which
+    /// every input then meets in integer dot products: one kernel for every block format.
     fn channels_int8(
         &self,
         rows: std::ops::Range<usize>,
@@ -206,6 +207,20 @@ impl BlockMatrix {
         outs: &mut [f32],
     ) {
         let count = inputs.len();
+        if let Some(dot) = blocks_dot(self.kind) {
+            let bytes = &self.bytes[rows.start * self.row_bytes..rows.end * self.row_bytes];
+            if count == 1 {
+                return dot(bytes, self.row_bytes, &inputs[0], outs);
+            }
+            let mut by_input = vec![0.0; rows.len()];
+            for (index, input) in inputs.iter().enumerate() {
+                dot(bytes, self.row_bytes, input, &mut by_input);
+                for (channel, &value) in by_input.iter().enumerate() {
+                    outs[channel * count + index] = value;
+                }
+            }
+            return;
+        }
         let dot = pieces_dot();
         let mut codes = vec![0i8; self.cols];
         let mut scales = vec![PieceScales::default(); self.cols / PIECE];
