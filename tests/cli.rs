@@ -518,14 +518,15 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     }
 
     // Loaded back from its folder, the model evaluates to what `quantize` reported.
+    let float_run = workspace
+        .checkpoints
+        .join("quantized")
+        .display()
+        .to_string();
     let mut eval = with_config("eval", &[]);
     eval.extend([
         "--checkpoint".into(),
-        workspace
-            .checkpoints
-            .join("quantized")
-            .display()
-            .to_string(),
+        float_run.clone(),
         output.display().to_string(),
         "--json".into(),
     ]);
@@ -544,6 +545,40 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         "8".into(),
     ]);
     assert!(workspace.run_ok(&generate).starts_with("ROMEO:"));
+
+    // Decoding speed: the quantized model against the float model it was quantized from, which
+    // is named by its run directory.
+    let mut bench = vec![
+        "bench".to_string(),
+        "generate".into(),
+        repo_path("configs/tiny-test.toml"),
+    ];
+    bench.extend(workspace.common_settings("quantized"));
+    bench.extend([
+        "--checkpoint".into(),
+        float_run,
+        output.display().to_string(),
+        "--prompt-tokens".into(),
+        "4".into(),
+        "--new-tokens".into(),
+        "6".into(),
+        "--runs".into(),
+        "1".into(),
+        "--json".into(),
+    ]);
+    let speeds: serde_json::Value = serde_json::from_str(&workspace.run_ok(&bench)).unwrap();
+    let [float, quantized] = speeds.as_array().unwrap().as_slice() else {
+        panic!("two models timed: {speeds}");
+    };
+    assert_eq!(float["decode_vs_float"], 1.0);
+    let ratio = quantized["decode_vs_float"].as_f64().unwrap();
+    let rates = |model: &serde_json::Value| model["decode_tokens_per_sec"].as_f64().unwrap();
+    assert!(
+        (ratio - rates(quantized) / rates(float)).abs() < 1e-9 * ratio,
+        "{speeds}"
+    );
+    assert!(["portable", "avx2", "avx512"].contains(&quantized["kernels"].as_str().unwrap()));
+    assert_eq!(quantized["prompt_tokens"], 4);
 
     // The config form of export writes every listed format, and rewrites them when run again.
     let mut export = with_config(

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use distillery_model::{GenerationConfig, Llama, SamplingConfig, generate_streaming};
 
-use crate::models::LoadedModel;
+use crate::models::{LoadedModel, ModelKind};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeReport {
@@ -23,6 +23,9 @@ pub struct DecodeReport {
     pub new_tokens: usize,
     /// Tokens per second after the first one (median over the runs).
     pub decode_tokens_per_sec: f64,
+    /// The decode speed over that of the float model this one was quantized from, when that
+    /// model was measured alongside (a float model's own is 1).
+    pub decode_vs_float: Option<f64>,
     pub runs: usize,
 }
 
@@ -102,38 +105,54 @@ pub fn bench_decode(
             decode[index].push((new_tokens - 1) as f64 / rest);
         }
     }
+    let speeds: Vec<f64> = decode.into_iter().map(median).collect();
     Ok(models
         .iter()
+        .enumerate()
         .zip(load_seconds)
-        .zip(prefill.into_iter().zip(decode))
-        .map(
-            |((loaded, &load_seconds), (prefill, decode))| DecodeReport {
-                model: loaded.describe(),
-                load_seconds,
-                kernels: distillery_quant::cpu::kernel_family().name(),
-                bits_per_weight: loaded.bits_per_weight,
-                weight_bytes: weight_bytes(&loaded.model),
-                prompt_tokens: prompt.len(),
-                prefill_ms: median(prefill),
-                new_tokens,
-                decode_tokens_per_sec: median(decode),
-                runs: runs.max(1),
-            },
-        )
+        .zip(prefill)
+        .map(|(((index, loaded), &load_seconds), prefill)| DecodeReport {
+            model: loaded.describe(),
+            load_seconds,
+            kernels: distillery_quant::cpu::kernel_family().name(),
+            bits_per_weight: loaded.bits_per_weight,
+            weight_bytes: weight_bytes(&loaded.model),
+            prompt_tokens: prompt.len(),
+            prefill_ms: median(prefill),
+            new_tokens,
+            decode_tokens_per_sec: speeds[index],
+            decode_vs_float: float_source(models, index).map(|float| speeds[index] / speeds[float]),
+            runs: runs.max(1),
+        })
         .collect())
+}
+
+/// The index of the float model `models[index]` is, or was quantized from, among `models`.
+fn float_source(models: &[LoadedModel], index: usize) -> Option<usize> {
+    let loaded = &models[index];
+    if loaded.is_float() {
+        return Some(index);
+    }
+    let ModelKind::Quantized { record, .. } = &loaded.kind else {
+        return None;
+    };
+    let source = std::fs::canonicalize(record["source_checkpoint"].as_str()?).ok()?;
+    models.iter().position(|model| {
+        model.is_float() && std::fs::canonicalize(&model.path).is_ok_and(|path| path == source)
+    })
 }
 
 pub fn markdown_table(reports: &[DecodeReport]) -> String {
     let mut table = String::from(
-        "| model | load | bits/weight | weights in memory | prefill | decode | decode vs first |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+        "| model | load | bits/weight | weights in memory | prefill | decode | decode vs its float \
+         model |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    let first = reports
-        .first()
-        .map_or(1.0, |report| report.decode_tokens_per_sec);
     for report in reports {
+        let versus_float = report
+            .decode_vs_float
+            .map_or("–".to_string(), |ratio| format!("{ratio:.2}x"));
         table.push_str(&format!(
-            "| {} | {:.2} s | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s | {:.2}x |\n",
+            "| {} | {:.2} s | {:.2} | {:.2} MB | {:.1} ms ({} tokens) | {:.0} tokens/s | {} |\n",
             report.model,
             report.load_seconds,
             report.bits_per_weight,
@@ -141,7 +160,7 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
             report.prefill_ms,
             report.prompt_tokens,
             report.decode_tokens_per_sec,
-            report.decode_tokens_per_sec / first,
+            versus_float,
         ));
     }
     table.push_str(&format!(

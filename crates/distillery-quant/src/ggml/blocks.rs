@@ -124,7 +124,7 @@ fn five_bit_codes(low: &[u8], high: u32) -> impl Iterator<Item = u8> + '_ {
 }
 
 /// The 6-bit scale and minimum of sub-block `index` (0..8) of a Q4_K or Q5_K super-block.
-fn scale_min_k4(scales: &[u8], index: usize) -> (u8, u8) {
+pub(crate) fn scale_min_k4(scales: &[u8], index: usize) -> (u8, u8) {
     if index < 4 {
         (scales[index] & 63, scales[index + 4] & 63)
     } else {

@@ -61,8 +61,8 @@ pub(crate) fn pieces_dot() -> PiecesDot {
     pieces_dot_portable
 }
 
-/// What the piece kernel computes over channels' rows of stored 32-value blocks (Q4_0, Q4_1,
-/// Q5_0, Q5_1, Q8_0), reading the blocks as they are: a decode step meets every weight once,
+/// What the piece kernel computes over channels' rows of stored blocks (Q4_0, Q4_1, Q5_0,
+/// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), reading the blocks as they are: a decode step meets every weight once,
 /// so decoding pieces into memory first would cost as much as the products. The rows are
 /// consecutive, `row_bytes` each; `out[i]` is row `i`'s product.
 pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &PieceInputs, out: &mut [f32]);
@@ -107,14 +107,19 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{BlocksDot, GgmlType, PIECE, PieceInputs, PieceScales};
+    use crate::ggml::blocks::scale_min_k4;
     use crate::int8_inputs::x86::horizontal_sum;
 
-    /// The 32-value block types, as the const parameter of [`row_of_blocks`].
+    /// The block types, as the const parameter of [`row_of_blocks`] and
+    /// [`row_of_super_blocks`].
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
     const Q5_0: u8 = 2;
     const Q5_1: u8 = 3;
     const Q8_0: u8 = 4;
+    const Q4_K: u8 = 5;
+    const Q5_K: u8 = 6;
+    const Q6_K: u8 = 7;
 
     /// Only called once the CPU is known to have AVX2, FMA and F16C.
     pub(super) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
@@ -124,6 +129,9 @@ mod x86 {
             GgmlType::Q5_0 => checked::<Q5_0>,
             GgmlType::Q5_1 => checked::<Q5_1>,
             GgmlType::Q8_0 => checked::<Q8_0>,
+            GgmlType::Q4K => checked::<Q4_K>,
+            GgmlType::Q5K => checked::<Q5_K>,
+            GgmlType::Q6K => checked::<Q6_K>,
             _ => return None,
         })
     }
@@ -134,8 +142,16 @@ mod x86 {
             Q4_1 => 20,
             Q5_0 => 22,
             Q5_1 => 24,
-            _ => 34,
+            Q8_0 => 34,
+            Q4_K => 144,
+            Q5_K => 176,
+            _ => 210,
         }
+    }
+
+    /// Pieces of 32 values in a block.
+    const fn block_pieces(kind: u8) -> usize {
+        if kind >= Q4_K { 8 } else { 1 }
     }
 
     /// One row after another: consecutive rows continue one run of bytes, a single stream
@@ -148,16 +164,23 @@ mod x86 {
         out: &mut [f32],
     ) {
         let blocks = row_bytes / block_bytes(KIND);
+        let pieces = blocks * block_pieces(KIND);
         assert!(
             row_bytes == blocks * block_bytes(KIND)
                 && rows.len() == out.len() * row_bytes
-                && inputs.values.len() >= blocks * PIECE
-                && inputs.scales.len() >= blocks
-                && inputs.half_sums.len() >= 2 * blocks
+                && inputs.values.len() >= pieces * PIECE
+                && inputs.scales.len() >= pieces
+                && inputs.half_sums.len() >= 2 * pieces
         );
         for (row, out) in rows.chunks_exact(row_bytes).zip(out) {
             // SAFETY: the kernel family was checked; the lengths were checked above.
-            *out = unsafe { row_of_blocks::<KIND>(row, inputs) };
+            *out = unsafe {
+                if KIND >= Q4_K {
+                    row_of_super_blocks::<KIND>(row, inputs)
+                } else {
+                    row_of_blocks::<KIND>(row, inputs)
+                }
+            };
         }
     }
 
@@ -183,6 +206,106 @@ mod x86 {
             }
         }
         horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + (minima[0] + minima[1])
+    }
+
+    /// The K-quant super-blocks of 256 values: per super-block the eight sub-block scales (and
+    /// minima) are unpacked once, then each 32-value piece's codes are cut from the stored
+    /// bits in registers and meet their inputs as in [`row_of_blocks`]. Q6_K scales each 16
+    /// values, so its pieces' two halves take two scales.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_of_super_blocks<const KIND: u8>(row: &[u8], inputs: &PieceInputs) -> f32 {
+        let low_nibbles = _mm256_set1_epi8(0xF);
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [_mm256_setzero_ps(); 2];
+        let mut minima = 0.0f32;
+        for (index, block) in row.chunks_exact(block_bytes(KIND)).enumerate() {
+            let first = index * 8;
+            // SAFETY: `checked` made sure the super-block's 256 inputs exist.
+            let values = |piece: usize| unsafe {
+                _mm256_loadu_si256(inputs.values.as_ptr().add((first + piece) * PIECE).cast())
+            };
+            let inputs_sum = |piece: usize| {
+                inputs.half_sums[2 * (first + piece)] + inputs.half_sums[2 * (first + piece) + 1]
+            };
+            if KIND == Q6_K {
+                let d = half(block, 208);
+                let (low, high, scales) = (&block[..128], &block[128..192], &block[192..208]);
+                for part in 0..2 {
+                    // SAFETY: 64 bytes of low nibbles and 32 of high pairs per 128 values.
+                    let (a, b, pairs) = unsafe {
+                        (
+                            _mm256_loadu_si256(low[64 * part..].as_ptr().cast()),
+                            _mm256_loadu_si256(low[64 * part + 32..].as_ptr().cast()),
+                            _mm256_loadu_si256(high[32 * part..].as_ptr().cast()),
+                        )
+                    };
+                    let nibbles = [
+                        _mm256_and_si256(a, low_nibbles),
+                        _mm256_and_si256(b, low_nibbles),
+                        _mm256_and_si256(_mm256_srli_epi16(a, 4), low_nibbles),
+                        _mm256_and_si256(_mm256_srli_epi16(b, 4), low_nibbles),
+                    ];
+                    let mut pairs = pairs;
+                    for (quarter, nibbles) in nibbles.into_iter().enumerate() {
+                        let piece = 4 * part + quarter;
+                        let top =
+                            _mm256_slli_epi16(_mm256_and_si256(pairs, _mm256_set1_epi8(3)), 4);
+                        pairs = _mm256_srli_epi16(pairs, 2);
+                        let codes =
+                            _mm256_sub_epi8(_mm256_or_si256(nibbles, top), _mm256_set1_epi8(32));
+                        let values = values(piece);
+                        let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                            _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(codes, codes),
+                                _mm256_sign_epi8(values, codes),
+                            ),
+                            ones,
+                        ));
+                        let scale = d * inputs.scales[first + piece];
+                        let halves = _mm256_set_m128(
+                            _mm_set1_ps(scale * f32::from(scales[2 * piece + 1] as i8)),
+                            _mm_set1_ps(scale * f32::from(scales[2 * piece] as i8)),
+                        );
+                        sums[piece % 2] = _mm256_fmadd_ps(products, halves, sums[piece % 2]);
+                    }
+                }
+                continue;
+            }
+            let (d, dmin) = (half(block, 0), half(block, 2));
+            let (codes, fifth) = match KIND {
+                Q5_K => (&block[48..176], Some(&block[16..48])),
+                _ => (&block[16..144], None),
+            };
+            // SAFETY: a Q5_K super-block holds 32 bytes of fifth bits.
+            let mut fifth_bits =
+                fifth.map(|bits| unsafe { _mm256_loadu_si256(bits.as_ptr().cast()) });
+            for pair in 0..4 {
+                // SAFETY: 32 bytes of nibbles per 64 values.
+                let packed = unsafe { _mm256_loadu_si256(codes[32 * pair..].as_ptr().cast()) };
+                let nibbles = [
+                    _mm256_and_si256(packed, low_nibbles),
+                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles),
+                ];
+                for (side, mut codes) in nibbles.into_iter().enumerate() {
+                    let piece = 2 * pair + side;
+                    if let Some(bits) = fifth_bits.as_mut() {
+                        let bit = _mm256_and_si256(*bits, _mm256_set1_epi8(1));
+                        codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
+                        *bits = _mm256_srli_epi16(*bits, 1);
+                    }
+                    let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                        _mm256_maddubs_epi16(codes, values(piece)),
+                        ones,
+                    ));
+                    let (scale, minimum) = scale_min_k4(&block[4..16], piece);
+                    let scale = d * f32::from(scale) * inputs.scales[first + piece];
+                    sums[piece % 2] =
+                        _mm256_fmadd_ps(products, _mm256_set1_ps(scale), sums[piece % 2]);
+                    minima -= dmin * f32::from(minimum) * inputs_sum(piece);
+                }
+            }
+        }
+        horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + minima
     }
 
     /// A block's integer products with its inputs `values`, in eight float lanes.
@@ -343,7 +466,10 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(served, 5, "Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0");
+            assert_eq!(
+                served, 8,
+                "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"
+            );
         }
     }
 
