@@ -63,6 +63,19 @@ def prepare():
             distillery("export", SMOLLM2_CONFIG, "--checkpoint", SMOLLM2, "--format", "gguf",
                        "--type", kind.lower(), "--out", path)
     smollm2["Q4_1"] = SMOLLM2
+    # The most common download, made by llama.cpp's own quantizer (rows of 576 values are no
+    # whole K-quant super-blocks, so most matrices fall back to Q5_0; ffn_down is Q4_K/Q6_K).
+    smollm2["Q4_K_M"] = BENCH / "smollm2-q4_k_m.gguf"
+    if not smollm2["Q4_K_M"].is_file():
+        import ctypes
+        import llama_cpp
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.nthread = 2
+        failed = llama_cpp.llama_model_quantize(str(smollm2["F32"]).encode(),
+                                                str(smollm2["Q4_K_M"]).encode(), ctypes.byref(params))
+        if failed:
+            sys.exit("llama.cpp could not quantize SmolLM2 to Q4_K_M")
     if not (SMALL_RUN / "best").is_dir():
         distillery("train", SMALL_CONFIG)
     small = {"float": SMALL_RUN / "best"}

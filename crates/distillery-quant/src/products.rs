@@ -101,7 +101,9 @@ pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f
 /// `x Wᵀ` for `count` input rows `x` (`count x cols`) and a `rows x cols` matrix `W` whose
 /// channels `decode_row(channel, out)` writes as floats: each task decodes a tile of channels
 /// and multiplies every input row with it while the tile is in cache, so the float matrix
-/// never exists whole and each decoded weight serves all rows. `count x rows`.
+/// never exists whole and each decoded weight serves all rows. The tiles are as many as a
+/// multiple of the threads, so none waits on another's last tile, and each writes its columns
+/// of the `count x rows` result in place.
 pub(crate) fn in_tiles(
     rows: usize,
     cols: usize,
@@ -110,33 +112,32 @@ pub(crate) fn in_tiles(
     decode_row: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     assert!(x.len() >= count * cols);
-    // Smaller tiles when a matrix has too few channels to give every thread one.
+    let mut out = vec![0.0f32; count * rows];
     let threads = rayon::current_num_threads();
-    let tile_channels = TILE_CHANNELS.min(rows.div_ceil(threads).next_multiple_of(16));
-    let mut by_channel = vec![0.0f32; rows * count];
-    by_channel
-        .par_chunks_mut(tile_channels * count)
-        .enumerate()
-        .for_each_init(Vec::new, |tile, (index, outs)| {
-            let channels = outs.len() / count;
+    let tiles = rows.div_ceil(TILE_CHANNELS).next_multiple_of(threads);
+    let tile_channels = rows.div_ceil(tiles).next_multiple_of(16);
+    let destination = SharedOutput(out.as_mut_ptr());
+    (0..rows.div_ceil(tile_channels))
+        .into_par_iter()
+        .for_each_init(Vec::new, |tile, index| {
+            let first = index * tile_channels;
+            let channels = tile_channels.min(rows - first);
             tile.resize(channels * cols, 0.0);
             for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
-                decode_row(index * tile_channels + offset, weights);
+                decode_row(first + offset, weights);
             }
-            // `outs` (`channels x count`, row-major) is written as the `count x channels`
-            // product `x tileᵀ` stored by columns: for prompt-sized `count` gemm then reads
-            // the tile in place, as broadcast operands, instead of repacking it, and packs
-            // only `x`.
-            // SAFETY: `outs` and `tile` are this task's own, `channels x count` and
-            // `channels x cols`; `x` holds `count` rows of `cols`.
+            // SAFETY: the task writes only columns `first..first + channels` of the
+            // `count x rows` result, which no other task writes; `tile` is
+            // `channels x cols` and `x` holds `count` rows of `cols`. gemm reads the tile in
+            // place, as broadcast operands, and packs only `x`.
             unsafe {
                 gemm::gemm(
                     count,
                     channels,
                     cols,
-                    outs.as_mut_ptr(),
-                    count as isize,
+                    destination.at(first),
                     1,
+                    rows as isize,
                     false,
                     x.as_ptr(),
                     1,
@@ -153,7 +154,21 @@ pub(crate) fn in_tiles(
                 );
             }
         });
-    transposed(&by_channel, rows, count)
+    out
+}
+
+/// The result buffer tasks of [`in_tiles`] write disjoint columns of.
+struct SharedOutput(*mut f32);
+
+// SAFETY: every task writes its own columns only, and the buffer outlives the tasks.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
 }
 
 /// The dot product of two equally long slices.

@@ -26,7 +26,9 @@
 //!   of the half at bits `2 s` of byte `j`), the 4-bit codes take 32 bytes per 64 values (low
 //!   nibbles first), and high bits sit at bit `i` of byte `j` for value `32 i + j`.
 
-use super::types::GgmlType;
+use multiversion::multiversion;
+
+use super::types::{GgmlType, QK_K};
 use crate::f16::{f16_to_f32, f32_to_f16};
 
 /// Values in one piece: the unit the integer products work in, one input scale each.
@@ -61,52 +63,163 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let per_block = kind.block_values();
     let blocks = bytes.chunks_exact(kind.block_bytes());
     debug_assert_eq!(blocks.len() * per_block, out.len());
-    for (block, values) in blocks.zip(out.chunks_exact_mut(per_block)) {
-        match kind {
-            GgmlType::F32 => values[0] = f32::from_le_bytes(block.try_into().expect("4 bytes")),
-            GgmlType::F16 => values[0] = half(block, 0),
-            GgmlType::Bf16 => {
-                values[0] =
-                    f32::from_bits(u32::from(u16::from_le_bytes([block[0], block[1]])) << 16)
+    // One loop per type, each simple enough to vectorize (prompts decode whole matrices).
+    match kind {
+        GgmlType::F32 => {
+            for (block, value) in blocks.zip(out) {
+                *value = f32::from_le_bytes(block.try_into().expect("4 bytes"));
             }
-            GgmlType::Q4_0 => {
-                let d = half(block, 0);
-                for (j, &byte) in block[2..18].iter().enumerate() {
-                    values[j] = d * f32::from((byte & 0xf) as i8 - 8);
-                    values[j + 16] = d * f32::from((byte >> 4) as i8 - 8);
-                }
+        }
+        GgmlType::F16 => {
+            for (block, value) in blocks.zip(out) {
+                *value = half(block, 0);
             }
-            GgmlType::Q4_1 => {
-                let (d, m) = (half(block, 0), half(block, 2));
-                for (j, &byte) in block[4..20].iter().enumerate() {
-                    values[j] = d * f32::from(byte & 0xf) + m;
-                    values[j + 16] = d * f32::from(byte >> 4) + m;
-                }
+        }
+        GgmlType::Bf16 => {
+            for (block, value) in blocks.zip(out) {
+                *value = f32::from_bits(u32::from(u16::from_le_bytes([block[0], block[1]])) << 16);
             }
-            GgmlType::Q5_0 => {
-                let d = half(block, 0);
-                let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                for (value, code) in values.iter_mut().zip(five_bit_codes(&block[6..22], high)) {
-                    *value = d * f32::from(code as i8 - 16);
-                }
-            }
-            GgmlType::Q5_1 => {
-                let (d, m) = (half(block, 0), half(block, 2));
-                let high = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
-                for (value, code) in values.iter_mut().zip(five_bit_codes(&block[8..24], high)) {
-                    *value = d * f32::from(code) + m;
-                }
-            }
-            GgmlType::Q8_0 => {
-                let d = half(block, 0);
-                for (value, &code) in values.iter_mut().zip(&block[2..34]) {
-                    *value = f32::from(code as i8) * d;
-                }
-            }
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => nibble_blocks(kind, bytes, out),
+        GgmlType::Q5_0 | GgmlType::Q5_1 => five_bit_blocks(kind, bytes, out),
+        GgmlType::Q8_0 => byte_blocks(bytes, out),
+        GgmlType::Q4K | GgmlType::Q5K => nibble_super_blocks(kind, bytes, out),
+        GgmlType::Q6K => six_bit_super_blocks(bytes, out),
+        GgmlType::Q2K | GgmlType::Q3K => {
+            for (block, values) in blocks.zip(out.chunks_exact_mut(per_block)) {
                 super_block(kind, block, values)
             }
-            other => unreachable!("{other} is not a readable type"),
+        }
+        other => unreachable!("{other} is not a readable type"),
+    }
+}
+
+/// Q4_0 (`d (q - 8)`) and Q4_1 (`d q + m`) blocks.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn nibble_blocks(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let codes_at = if kind == GgmlType::Q4_0 { 2 } else { 4 };
+    for (block, values) in bytes
+        .chunks_exact(kind.block_bytes())
+        .zip(out.chunks_exact_mut(PIECE))
+    {
+        let (first, second) = values.split_at_mut(PIECE / 2);
+        let codes = first
+            .iter_mut()
+            .zip(second)
+            .zip(&block[codes_at..codes_at + PIECE / 2]);
+        let d = half(block, 0);
+        if kind == GgmlType::Q4_0 {
+            for ((low, high), &byte) in codes {
+                *low = d * f32::from((byte & 0xf) as i8 - 8);
+                *high = d * f32::from((byte >> 4) as i8 - 8);
+            }
+        } else {
+            let m = half(block, 2);
+            for ((low, high), &byte) in codes {
+                *low = d * f32::from(byte & 0xf) + m;
+                *high = d * f32::from(byte >> 4) + m;
+            }
+        }
+    }
+}
+
+/// Q5_0 (`d (q - 16)`) and Q5_1 (`d q + m`) blocks.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn five_bit_blocks(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let (bits_at, codes_at) = if kind == GgmlType::Q5_0 {
+        (2, 6)
+    } else {
+        (4, 8)
+    };
+    for (block, values) in bytes
+        .chunks_exact(kind.block_bytes())
+        .zip(out.chunks_exact_mut(PIECE))
+    {
+        let high = u32::from_le_bytes(block[bits_at..bits_at + 4].try_into().expect("4 bytes"));
+        let codes = five_bit_codes(&block[codes_at..codes_at + PIECE / 2], high);
+        let d = half(block, 0);
+        if kind == GgmlType::Q5_0 {
+            for (value, code) in values.iter_mut().zip(codes) {
+                *value = d * f32::from(code as i8 - 16);
+            }
+        } else {
+            let m = half(block, 2);
+            for (value, code) in values.iter_mut().zip(codes) {
+                *value = d * f32::from(code) + m;
+            }
+        }
+    }
+}
+
+/// Q8_0 blocks: `q d`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn byte_blocks(bytes: &[u8], out: &mut [f32]) {
+    let size = GgmlType::Q8_0.block_bytes();
+    for (block, values) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(PIECE)) {
+        let d = half(block, 0);
+        for (value, &code) in values.iter_mut().zip(&block[2..34]) {
+            *value = f32::from(code as i8) * d;
+        }
+    }
+}
+
+/// Q4_K and Q5_K super-blocks: each 32-value sub-block's `(d sc) q - dmin m`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn nibble_super_blocks(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    for (block, values) in bytes
+        .chunks_exact(kind.block_bytes())
+        .zip(out.chunks_exact_mut(QK_K))
+    {
+        let (d, dmin) = (half(block, 0), half(block, 2));
+        let (high, codes) = match kind {
+            GgmlType::Q5K => (Some(&block[16..48]), &block[48..176]),
+            _ => (None, &block[16..144]),
+        };
+        for (sub, values) in values.chunks_exact_mut(PIECE).enumerate() {
+            let (sc, m) = scale_min_k4(&block[4..16], sub);
+            let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+            let bytes = &codes[PIECE * (sub / 2)..PIECE * (sub / 2 + 1)];
+            let shift = 4 * (sub % 2);
+            match high {
+                Some(high) => {
+                    for ((value, &byte), &bits) in values.iter_mut().zip(bytes).zip(high) {
+                        let code = (byte >> shift) & 0xf | ((bits >> sub) & 1) << 4;
+                        *value = dl * f32::from(code) - ml;
+                    }
+                }
+                None => {
+                    for (value, &byte) in values.iter_mut().zip(bytes) {
+                        *value = dl * f32::from((byte >> shift) & 0xf) - ml;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Q6_K super-blocks: each 16 values' `(d sc) (q - 32)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn six_bit_super_blocks(bytes: &[u8], out: &mut [f32]) {
+    let size = GgmlType::Q6K.block_bytes();
+    for (block, values) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(QK_K)) {
+        let (low, high, scales) = (&block[..128], &block[128..192], &block[192..208]);
+        let d = half(block, 208);
+        for (quarter, values) in values.chunks_exact_mut(PIECE).enumerate() {
+            let (part, position) = (quarter / 4, quarter % 4);
+            let nibbles = &low[64 * part + PIECE * (position % 2)..][..PIECE];
+            let pairs = &high[PIECE * part..][..PIECE];
+            let (nibble_shift, pair_shift) = (4 * (position / 2), 2 * position);
+            for (half_index, values) in values.chunks_exact_mut(PIECE / 2).enumerate() {
+                let dl = d * f32::from(scales[2 * quarter + half_index] as i8);
+                let at = half_index * PIECE / 2;
+                let codes = nibbles[at..at + PIECE / 2]
+                    .iter()
+                    .zip(&pairs[at..at + PIECE / 2]);
+                for (value, (&nibble, &pair)) in values.iter_mut().zip(codes) {
+                    let code = ((nibble >> nibble_shift) & 0xf) | ((pair >> pair_shift) & 3) << 4;
+                    *value = dl * f32::from(code as i8 - 32);
+                }
+            }
         }
     }
 }
@@ -166,31 +279,7 @@ fn super_block(kind: GgmlType, block: &[u8], values: &mut [f32]) {
                 *value = dl * f32::from(q3k_code(high, codes, index));
             }
         }
-        GgmlType::Q4K | GgmlType::Q5K => {
-            let (d, dmin) = (half(block, 0), half(block, 2));
-            let scales = &block[4..16];
-            let (high, codes) = match kind {
-                GgmlType::Q5K => (Some(&block[16..48]), &block[48..176]),
-                _ => (None, &block[16..144]),
-            };
-            for (index, value) in values.iter_mut().enumerate() {
-                let (sc, m) = scale_min_k4(scales, index / 32);
-                let dl = d * f32::from(sc);
-                let ml = dmin * f32::from(m);
-                let code = nibble_code(codes, index)
-                    | high.map_or(0, |high| ((high[index % 32] >> (index / 32)) & 1) << 4);
-                *value = dl * f32::from(code) - ml;
-            }
-        }
-        GgmlType::Q6K => {
-            let (low, high, scales) = (&block[..128], &block[128..192], &block[192..208]);
-            let d = half(block, 208);
-            for (index, value) in values.iter_mut().enumerate() {
-                let dl = d * f32::from(scales[index / 16] as i8);
-                *value = dl * f32::from(q6k_code(low, high, index));
-            }
-        }
-        _ => unreachable!("not a K-quant"),
+        _ => unreachable!("Q2_K and Q3_K only"),
     }
 }
 
