@@ -263,21 +263,101 @@ pub(crate) mod x86 {
                     let groups = blocks.div_ceil(channel.blocks_per_group);
                     assert!(channel.scales.len() >= groups && channel.zeros.len() >= groups);
                     assert!(inputs.group_lane_sums.len() >= groups);
-                    let sums = if channel.bits == 8 {
-                        byte_codes(channel, inputs, blocks)
-                    } else {
-                        nibble_codes(channel, inputs, blocks)
+                    let sums = match (channel.bits, channel.blocks_per_group) {
+                        (8, 1) => groups_of_one_block::<8>(channel, inputs, blocks),
+                        (_, 1) => groups_of_one_block::<4>(channel, inputs, blocks),
+                        (8, _) => byte_codes(channel, inputs, blocks, 0),
+                        _ => nibble_codes(channel, inputs, blocks, 0),
                     };
                     *value = horizontal_sum(sums);
                 }
             }
 
-            /// 8-bit codes: one block of 32 codes a step. [`dots`] checked every bound.
+            /// Groups of one block (32 columns, the usual group size): a group's scale and
+            /// zero point would cost more than its codes' products, so eight blocks go
+            /// together, as the GGUF blocks do: their integer sums meet in one register and
+            /// meet the eight scales, zero points and inputs' sums in a few vector
+            /// instructions. The blocks after the last eight go as in any group size.
+            /// [`dots`] checked every bound.
             #[target_feature(enable = $features)]
-            fn byte_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+            fn groups_of_one_block<const BITS: u32>(
+                channel: &ChannelCodes,
+                inputs: &Int8Inputs,
+                blocks: usize,
+            ) -> __m256 {
+                const RUN: usize = 8;
+                let ordered = inputs.kernel_order();
+                let offset = if BITS == 8 { $byte_offset } else { 0.0 };
+                let mut total = _mm256_setzero_ps();
+                for first in (0..blocks / RUN).map(|run| run * RUN) {
+                    let sums: [__m256i; RUN] = std::array::from_fn(|index| {
+                        let block = first + index;
+                        // SAFETY: `dots` checked that every block's codes and inputs exist.
+                        unsafe {
+                            let values =
+                                _mm256_loadu_si256(ordered.as_ptr().add(block * BLOCK).cast());
+                            let codes = channel
+                                .bytes
+                                .as_ptr()
+                                .add(block * BLOCK * BITS as usize / 8);
+                            if BITS == 8 {
+                                byte_sums(_mm256_loadu_si256(codes.cast()), values)
+                            } else {
+                                let packed = _mm_loadu_si128(codes.cast());
+                                let nibbles = _mm256_and_si256(
+                                    _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                                    _mm256_set1_epi8(0xF),
+                                );
+                                $quad_sums(nibbles, values)
+                            }
+                        }
+                    });
+                    // SAFETY: `dots` checked that every block's scale, zero point, input scale
+                    // and input sum exist.
+                    let (scales, zeros, input_scales, input_sums) = unsafe {
+                        (
+                            _mm256_loadu_ps(channel.scales.as_ptr().add(first)),
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                channel.zeros.as_ptr().add(first).cast(),
+                            ))),
+                            _mm256_loadu_ps(inputs.scales.as_ptr().add(first)),
+                            _mm256_loadu_ps(inputs.group_lane_sums.as_ptr().add(first)),
+                        )
+                    };
+                    total = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(lane_per_vector(sums)),
+                        _mm256_mul_ps(scales, input_scales),
+                        total,
+                    );
+                    // A group's lane sum is an eighth of its inputs' sum.
+                    let zero_parts = _mm256_mul_ps(
+                        _mm256_mul_ps(scales, _mm256_set1_ps(8.0)),
+                        _mm256_sub_ps(zeros, _mm256_set1_ps(offset)),
+                    );
+                    total = _mm256_fnmadd_ps(zero_parts, input_sums, total);
+                }
+                let rest = blocks / RUN * RUN;
+                let rest = if BITS == 8 {
+                    byte_codes(channel, inputs, blocks, rest)
+                } else {
+                    nibble_codes(channel, inputs, blocks, rest)
+                };
+                _mm256_add_ps(total, rest)
+            }
+
+            /// 8-bit codes from block `start` on (the start of a group): one block of 32 codes
+            /// a step. [`dots`] checked every bound.
+            #[target_feature(enable = $features)]
+            fn byte_codes(
+                channel: &ChannelCodes,
+                inputs: &Int8Inputs,
+                blocks: usize,
+                start: usize,
+            ) -> __m256 {
                 let ordered = inputs.kernel_order();
                 let mut total = _mm256_setzero_ps();
-                for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
+                for first in (start..blocks).step_by(channel.blocks_per_group) {
+                    let group = first / channel.blocks_per_group;
                     let mut group_sum = _mm256_setzero_ps();
                     for block in first..(first + channel.blocks_per_group).min(blocks) {
                         // SAFETY: `dots` checked that every block's 32 codes and inputs exist.
@@ -301,15 +381,21 @@ pub(crate) mod x86 {
                 total
             }
 
-            /// 4-bit codes: two blocks' 32 code bytes a step, low nibbles against the blocks'
-            /// even columns and high nibbles against their odd ones. [`dots`] checked every
-            /// bound.
+            /// 4-bit codes from block `start` on (the start of a group): two blocks' 32 code
+            /// bytes a step, low nibbles against the blocks' even columns and high nibbles
+            /// against their odd ones. [`dots`] checked every bound.
             #[target_feature(enable = $features)]
-            fn nibble_codes(channel: &ChannelCodes, inputs: &Int8Inputs, blocks: usize) -> __m256 {
+            fn nibble_codes(
+                channel: &ChannelCodes,
+                inputs: &Int8Inputs,
+                blocks: usize,
+                start: usize,
+            ) -> __m256 {
                 let ordered = inputs.kernel_order();
                 let nibbles = _mm256_set1_epi8(0xF);
                 let mut total = _mm256_setzero_ps();
-                for (group, first) in (0..blocks).step_by(channel.blocks_per_group).enumerate() {
+                for first in (start..blocks).step_by(channel.blocks_per_group) {
+                    let group = first / channel.blocks_per_group;
                     let end = (first + channel.blocks_per_group).min(blocks);
                     let mut group_sum = _mm256_setzero_ps();
                     let mut block = first;
@@ -474,6 +560,20 @@ pub(crate) mod x86 {
         _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total)
     }
 
+    /// Eight vectors' lane sums as the eight lanes of one.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn lane_per_vector(vectors: [__m256i; 8]) -> __m256i {
+        let [a, b, c, d, e, f, g, h] = vectors;
+        // Each addition of pairs halves the lanes per vector, within 128-bit halves.
+        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+        let efgh = _mm256_hadd_epi32(_mm256_hadd_epi32(e, f), _mm256_hadd_epi32(g, h));
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(abcd, efgh),
+            _mm256_permute2x128_si256::<0x31>(abcd, efgh),
+        )
+    }
+
     #[target_feature(enable = "avx2")]
     pub(crate) fn horizontal_sum(sums: __m256) -> f32 {
         let halves = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
@@ -511,7 +611,9 @@ mod tests {
 
     #[test]
     fn every_kernel_sums_codes_times_rounded_inputs() {
-        let input = random_matrix(1, 128, 22);
+        // Eleven blocks: groups of one block go eight at a time, then three one by one.
+        const COLUMNS: usize = 11 * BLOCK;
+        let input = random_matrix(1, COLUMNS, 22);
         let all_scales = [0.5f32, -1.25, 0.75, 2.0];
         // Six channels, codes and zero points from a fixed pattern per channel, in groups of
         // one to four blocks: paired blocks, a group's last unpaired block and a short last
@@ -519,8 +621,8 @@ mod tests {
         let channel_count = 6;
         for bits in [3u32, 4, 8] {
             for blocks_per_group in 1..=4 {
-                let groups = 4usize.div_ceil(blocks_per_group);
-                let row_bytes = 128 * bits as usize / 8;
+                let groups = (COLUMNS / BLOCK).div_ceil(blocks_per_group);
+                let row_bytes = COLUMNS * bits as usize / 8;
                 let bytes: Vec<u8> = (0..channel_count)
                     .flat_map(|channel| {
                         (0..row_bytes).map(move |index| (index * 73 + 11 + 29 * channel) as u8)
@@ -563,7 +665,7 @@ mod tests {
                 }
                 for index in 0..channel_count {
                     let channel = run.channel(index);
-                    let terms: Vec<f32> = (0..128)
+                    let terms: Vec<f32> = (0..COLUMNS)
                         .map(|column| {
                             let start = column * bits as usize;
                             let bytes = channel.bytes;

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
 pub(crate) const PARALLEL_WORK: usize = 1 << 16;
 
-/// Output channels one parallel task computes: enough work to outweigh handing it out.
+/// The fewest output channels one parallel task computes: enough work to outweigh handing
+/// it out.
 const CHANNELS_PER_TASK: usize = 128;
 
 /// The most output channels [`in_tiles`] decodes at a time: 256 channels of 1,024 inputs are
@@ -18,7 +19,10 @@ const CHANNELS_PER_TASK: usize = 128;
 pub(crate) const TILE_CHANNELS: usize = 256;
 
 /// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
-/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it.
+/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it. The
+/// runs are equal and as many as a multiple of the threads, so that no thread is left with a
+/// last run while the others wait (576 channels in runs of 128 kept one of two threads busy
+/// a third longer than the other).
 pub(crate) fn channel_major(
     rows: usize,
     work: usize,
@@ -29,11 +33,14 @@ pub(crate) fn channel_major(
     if work < PARALLEL_WORK {
         channel_outputs(0..rows, &mut Vec::new(), &mut by_channel);
     } else {
+        let threads = rayon::current_num_threads();
+        let tasks = (rows / CHANNELS_PER_TASK).max(1).next_multiple_of(threads);
+        let task_channels = rows.div_ceil(tasks);
         by_channel
-            .par_chunks_mut(count * CHANNELS_PER_TASK)
+            .par_chunks_mut(count * task_channels)
             .enumerate()
             .for_each_init(Vec::new, |scratch, (task, outs)| {
-                let first = task * CHANNELS_PER_TASK;
+                let first = task * task_channels;
                 channel_outputs(first..first + outs.len() / count, scratch, outs);
             });
     }
