@@ -546,6 +546,58 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     ]);
     assert!(workspace.run_ok(&generate).starts_with("ROMEO:"));
 
+    // The quantized model drafts for the float one (speculative decoding): greedy output is the
+    // float model's own, token for token, and the JSON says what the draft did.
+    let greedy = |draft: Option<&str>| {
+        let mut generate = with_config("generate", &[]);
+        generate.extend(
+            [
+                "--checkpoint",
+                &float_run,
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--json",
+            ]
+            .map(String::from),
+        );
+        if let Some(draft) = draft {
+            generate.extend(["--draft", draft, "--draft-tokens", "3"].map(String::from));
+        }
+        serde_json::from_str::<serde_json::Value>(&workspace.run_ok(&generate)).unwrap()
+    };
+    let (plain, drafted) = (greedy(None), greedy(Some(&output.display().to_string())));
+    assert_eq!(drafted["tokens"], plain["tokens"]);
+    assert_eq!(drafted["text"], plain["text"]);
+    let draft = &drafted["draft"];
+    let proposed: u64 = draft["proposed_by_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    let accepted: u64 = draft["accepted_by_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert!(proposed > 0 && accepted <= proposed, "{draft}");
+    // Every pass of the float model emits the accepted drafts and one token of its own; the
+    // prompt's pass emits the first.
+    // (A stop token can end the last pass early.)
+    let passes = draft["model_passes"].as_u64().unwrap();
+    let emitted = drafted["tokens"].as_array().unwrap().len() as u64;
+    if drafted["stop"] == "max_new_tokens" {
+        assert_eq!(emitted, 1 + passes + accepted, "{draft}");
+    } else {
+        assert!(emitted <= 1 + passes + accepted, "{draft}");
+    }
+    assert!(plain.get("draft").is_none());
+
     // Decoding speed: the quantized model against the float model it was quantized from, which
     // is named by its run directory.
     let mut bench = vec![
@@ -579,6 +631,31 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     );
     assert!(["portable", "avx2", "avx512"].contains(&quantized["kernels"].as_str().unwrap()));
     assert_eq!(quantized["prompt_tokens"], 4);
+
+    // With the quantized model as the float model's draft: both speeds, their ratio and the
+    // draft's acceptance (the bench itself checks that the output did not change).
+    let draft_path = output.display().to_string();
+    let float_index = bench.iter().position(|arg| arg == "--checkpoint").unwrap() + 1;
+    bench.remove(float_index + 1);
+    bench.extend([
+        "--draft".into(),
+        draft_path,
+        "--draft-tokens".into(),
+        "2".into(),
+    ]);
+    let drafted: serde_json::Value = serde_json::from_str(&workspace.run_ok(&bench)).unwrap();
+    let [drafted] = drafted.as_array().unwrap().as_slice() else {
+        panic!("one model timed with the draft: {drafted}");
+    };
+    let speed = |key: &str| drafted[key].as_f64().unwrap();
+    assert!(
+        (speed("speedup") - speed("drafted_tokens_per_sec") / speed("alone_tokens_per_sec")).abs()
+            < 1e-9,
+        "{drafted}"
+    );
+    assert!((0.0..=1.0).contains(&speed("acceptance_rate")), "{drafted}");
+    assert_eq!(drafted["draft_tokens"], 2);
+    assert!(drafted["acceptance_by_position"].as_array().unwrap().len() <= 2);
 
     // The config form of export writes every listed format, and rewrites them when run again.
     let mut export = with_config(

@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use distillery_model::{GenerationConfig, Llama, SamplingConfig, generate_streaming};
+use distillery_model::{
+    DraftStats, GenerationConfig, Llama, SamplingConfig, generate_streaming, generate_with_draft,
+};
 
 use crate::models::{LoadedModel, ModelKind};
 
@@ -168,6 +170,141 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
          lower family)\n",
         distillery_quant::cpu::kernel_family().name(),
         distillery_quant::cpu::KernelFamily::detected().name()
+    ));
+    table
+}
+
+/// One model decoding alone and with a draft (speculative decoding), greedy, in the same
+/// rounds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DraftReport {
+    pub model: String,
+    pub draft: String,
+    pub draft_tokens: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// New tokens over the whole generation's time, prompt included (median over the runs),
+    /// for the model alone and with the draft.
+    pub alone_tokens_per_sec: f64,
+    pub drafted_tokens_per_sec: f64,
+    pub speedup: f64,
+    pub acceptance_rate: f64,
+    /// Accepted over proposed, at each position of a draft.
+    pub acceptance_by_position: Vec<f64>,
+    /// New tokens per pass of the model after the prompt's.
+    pub tokens_per_pass: f64,
+    pub runs: usize,
+}
+
+/// Greedy generation of `new_tokens` after `prompt` by `model` alone and with `draft`
+/// proposing `draft_tokens` tokens per pass, `runs` rounds after a warm-up of each, the two
+/// alternating. The drafted output must equal the model's own, token for token.
+pub fn bench_draft(
+    model: &LoadedModel,
+    draft: &LoadedModel,
+    prompt: &[u32],
+    new_tokens: usize,
+    runs: usize,
+    draft_tokens: usize,
+    vocab: usize,
+) -> anyhow::Result<DraftReport> {
+    let config = GenerationConfig {
+        max_new_tokens: new_tokens,
+        sampling: SamplingConfig::default(),
+        stop_tokens: Vec::new(),
+    };
+    let alone = || -> anyhow::Result<(f64, Vec<u32>)> {
+        let started = Instant::now();
+        let generation = generate_streaming(&model.model, prompt, &config, |_| {})?;
+        Ok((started.elapsed().as_secs_f64(), generation.tokens))
+    };
+    let drafted = || -> anyhow::Result<(f64, Vec<u32>, DraftStats)> {
+        let started = Instant::now();
+        let (generation, stats) = generate_with_draft(
+            &model.model,
+            &draft.model,
+            prompt,
+            &config,
+            draft_tokens,
+            vocab,
+            |_| {},
+        )?;
+        Ok((started.elapsed().as_secs_f64(), generation.tokens, stats))
+    };
+    let (_, reference) = alone()?;
+    anyhow::ensure!(
+        reference.len() == new_tokens,
+        "generation stopped early: {} prompt tokens and {new_tokens} new tokens must fit {}'s \
+         context",
+        prompt.len(),
+        model.describe()
+    );
+    drafted()?;
+    let (mut alone_speeds, mut drafted_speeds) = (Vec::new(), Vec::new());
+    let mut last_stats = DraftStats::default();
+    for _ in 0..runs.max(1) {
+        let (seconds, _) = alone()?;
+        alone_speeds.push(new_tokens as f64 / seconds);
+        let (seconds, tokens, stats) = drafted()?;
+        anyhow::ensure!(
+            tokens == reference,
+            "with the draft {} the model's greedy output changed",
+            draft.describe()
+        );
+        drafted_speeds.push(new_tokens as f64 / seconds);
+        last_stats = stats;
+    }
+    let (alone, with_draft) = (median(alone_speeds), median(drafted_speeds));
+    Ok(DraftReport {
+        model: model.describe(),
+        draft: draft.describe(),
+        draft_tokens,
+        prompt_tokens: prompt.len(),
+        new_tokens,
+        alone_tokens_per_sec: alone,
+        drafted_tokens_per_sec: with_draft,
+        speedup: with_draft / alone,
+        acceptance_rate: last_stats.acceptance_rate(),
+        acceptance_by_position: last_stats
+            .proposed
+            .iter()
+            .zip(&last_stats.accepted)
+            .map(|(&proposed, &accepted)| accepted as f64 / proposed.max(1) as f64)
+            .collect(),
+        tokens_per_pass: last_stats.tokens_per_pass(new_tokens),
+        runs: runs.max(1),
+    })
+}
+
+pub fn draft_table(reports: &[DraftReport]) -> String {
+    let mut table = String::from(
+        "| model | draft | drafted tokens | alone | with the draft | speed-up | accepted | by \
+         position | tokens per pass |\n|---|---|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for report in reports {
+        let by_position: Vec<String> = report
+            .acceptance_by_position
+            .iter()
+            .map(|rate| format!("{:.0}%", 100.0 * rate))
+            .collect();
+        table.push_str(&format!(
+            "| {} | {} | {} | {:.0} tokens/s | {:.0} tokens/s | {:.2}x | {:.1}% | {} | {:.2} |\n",
+            report.model,
+            report.draft,
+            report.draft_tokens,
+            report.alone_tokens_per_sec,
+            report.drafted_tokens_per_sec,
+            report.speedup,
+            100.0 * report.acceptance_rate,
+            by_position.join(", "),
+            report.tokens_per_pass,
+        ));
+    }
+    table.push_str(&format!(
+        "\ngreedy, {} new tokens after {} prompt tokens; tokens/s over the whole generation, \
+         prompt included; the drafted output equals the model's own in every run\n",
+        reports.first().map_or(0, |report| report.new_tokens),
+        reports.first().map_or(0, |report| report.prompt_tokens),
     ));
     table
 }

@@ -40,6 +40,14 @@ pub struct GenerateArgs {
     /// How quantized matrices treat their activations.
     #[arg(long, value_enum, default_value_t)]
     activations: Activations,
+    /// A smaller model with the same tokenizer (a checkpoint, run directory, quantized folder
+    /// or GGUF file) that drafts tokens for the model to check (speculative decoding): the
+    /// output follows the model's own distribution, and greedy output is the model's own.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// Tokens the draft proposes per pass of the model (1 to 7).
+    #[arg(long, default_value_t = 4, requires = "draft")]
+    draft_tokens: usize,
     /// Print the answer as JSON: the text, every generated token id (the stop token included)
     /// and why generation stopped.
     #[arg(long)]
@@ -49,9 +57,11 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
-    let mut loaded = [models::load_model(&config, &args.checkpoint, &tokenizer)?];
+    let mut loaded = vec![models::load_model(&config, &args.checkpoint, &tokenizer)?];
+    if let Some(draft) = &args.draft {
+        loaded.push(models::load_model(&config, draft, &tokenizer)?);
+    }
     models::apply_activations(&mut loaded, args.activations);
-    let [loaded] = loaded;
     let mut stop_tokens: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(prompt), _) => tokenizer.encode_prompt(prompt)?,
@@ -67,20 +77,36 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --prompt or --chat"),
     };
-    let generation = distillery_model::generate(
-        &loaded.model,
-        &prompt_ids,
-        &GenerationConfig {
-            max_new_tokens: args.max_new_tokens,
-            sampling: SamplingConfig {
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                seed: args.seed,
-            },
-            stop_tokens,
+    let settings = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
         },
-    )?;
+        stop_tokens,
+    };
+    let model = &loaded[0].model;
+    let (generation, draft_stats) = match loaded.get(1) {
+        None => (
+            distillery_model::generate(model, &prompt_ids, &settings)?,
+            None,
+        ),
+        Some(draft) => {
+            let (generation, stats) = distillery_model::generate_with_draft(
+                model,
+                &draft.model,
+                &prompt_ids,
+                &settings,
+                args.draft_tokens,
+                tokenizer.vocab_size(),
+                |_| {},
+            )?;
+            eprintln!("{}", describe_draft(&stats, generation.tokens.len()));
+            (generation, Some(stats))
+        }
+    };
     let mut tokens = generation.tokens.as_slice();
     if generation.stop == StopReason::EndOfSequence {
         tokens = &tokens[..tokens.len() - 1];
@@ -92,12 +118,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             StopReason::TokenLimit => "max_new_tokens",
             StopReason::ContextFull => "context full",
         };
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "text": text,
             "tokens": generation.tokens,
             "prompt_tokens": prompt_ids.len(),
             "stop": stop,
         });
+        if let Some(stats) = &draft_stats {
+            report["draft"] = serde_json::json!({
+                "draft_tokens": args.draft_tokens,
+                "model_passes": stats.model_passes,
+                "proposed_by_position": stats.proposed,
+                "accepted_by_position": stats.accepted,
+                "acceptance_rate": stats.acceptance_rate(),
+                "tokens_per_pass": stats.tokens_per_pass(generation.tokens.len()),
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -106,4 +142,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => println!("{text}"),
     }
     Ok(())
+}
+
+/// One line on what the draft did: acceptance overall and by position, tokens per model pass.
+fn describe_draft(stats: &distillery_model::DraftStats, tokens: usize) -> String {
+    let by_position: Vec<String> = stats
+        .proposed
+        .iter()
+        .zip(&stats.accepted)
+        .map(|(&proposed, &accepted)| format!("{:.0}%", 100.0 * accepted as f64 / proposed as f64))
+        .collect();
+    format!(
+        "draft: {:.1}% of drafted tokens accepted (by position: {}), {:.2} tokens per pass of \
+         the model ({} passes after the prompt)",
+        100.0 * stats.acceptance_rate(),
+        by_position.join(", "),
+        stats.tokens_per_pass(tokens),
+        stats.model_passes
+    )
 }

@@ -211,6 +211,13 @@ enum BenchCommand {
         /// How quantized matrices treat their activations.
         #[arg(long, value_enum, default_value_t)]
         activations: Activations,
+        /// A draft model with the same tokenizer: each checkpoint is also measured decoding
+        /// with it (speculative decoding, greedy), with the draft's acceptance.
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Tokens the draft proposes per pass of the model (1 to 7).
+        #[arg(long, default_value_t = 4, requires = "draft")]
+        draft_tokens: usize,
     },
 }
 
@@ -671,6 +678,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     runs,
                     json,
                     activations,
+                    draft,
+                    draft_tokens,
                 },
         } => {
             let config = config.load()?;
@@ -686,6 +695,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<Vec<_>>>()?
                 .into_iter()
                 .unzip();
+            if let Some(draft) = draft {
+                loaded.push(models::load_model(&config, &draft, &data.tokenizer)?);
+                models::apply_activations(&mut loaded, activations);
+                let (draft, measured) = loaded.split_last().expect("the draft was just added");
+                let reports = measured
+                    .iter()
+                    .map(|model| {
+                        decode_bench::bench_draft(
+                            model,
+                            draft,
+                            prompt,
+                            new_tokens,
+                            runs,
+                            draft_tokens,
+                            data.tokenizer.vocab_size(),
+                        )
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                } else {
+                    print!("{}", decode_bench::draft_table(&reports));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             models::apply_activations(&mut loaded, activations);
             let reports =
                 decode_bench::bench_decode(&loaded, &load_seconds, prompt, new_tokens, runs)?;

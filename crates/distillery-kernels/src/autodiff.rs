@@ -246,11 +246,11 @@ impl FusedKernels for Flex {
 }
 
 impl FusedInferenceOps for Flex {
-    fn fused_row_times_matrix(
+    fn fused_rows_times_matrix(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        flex::row_times_matrix(&x, &weight)
+        flex::rows_times_matrix(&x, &weight)
     }
 }
 

@@ -277,53 +277,83 @@ pub fn dropout(x: &FlexTensor, probability: f32, seed: u64) -> FlexTensor {
     tensor(output, shape_of(x))
 }
 
-/// Weight rows per parallel task of [`row_times_matrix`].
+/// Weight rows per parallel task of [`rows_times_matrix`].
 const PRODUCT_ROWS: usize = 32;
-/// Outputs per parallel task of [`row_times_matrix`] on a transposed weight.
+/// Outputs per parallel task of [`rows_times_matrix`] on a transposed weight.
 const PRODUCT_DOTS: usize = 256;
+/// Floats of a transposed weight that [`rows_times_matrix`] has every input row meet at once.
+const CACHED_FLOATS: usize = 16 * 1024;
 
-/// `x W` for one row `x` (`[1, in]`) and `W` (`[in, out]`, or a transposed `[out, in]`
-/// table): fixed runs of weight rows in parallel, each read front to back into partial sums, which are then added in run order. The
-/// weight streams from memory in one pass and is never packed; the runs do not depend on the
-/// thread count, so neither do the sums.
-pub fn row_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
+/// `x W` for a few rows `x` (`[rows, in]`) and `W` (`[in, out]`, or a transposed `[out, in]`
+/// table): fixed runs of weight rows in parallel, each read front to back into partial sums
+/// of every row of `x` while it is in cache, the partial sums then added in run order. The
+/// weight streams from memory in one pass and is never packed; the runs depend neither on the
+/// thread count nor on the number of rows, so each row's sums are the bits it gets alone.
+pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
     let shape = weight.layout().shape();
     let (inputs, outputs) = (shape[0], shape[1]);
-    assert_eq!(
-        x.layout().num_elements(),
-        inputs,
-        "one row of the weight's inputs"
-    );
     let x = contiguous_f32(x);
+    assert!(
+        !x.is_empty() && x.len().is_multiple_of(inputs),
+        "rows of the weight's inputs"
+    );
+    let rows = x.len() / inputs;
     // A transposed view of an `[out, in]` table (a tied output head): one dot product an
     // output, each over a contiguous row.
     if weight.layout().strides() == [1, inputs as isize] {
         let start = weight.layout().start_offset();
         let table = &weight.storage::<f32>()[start..start + inputs * outputs];
-        let mut out = vec![0.0f32; outputs];
-        out.par_chunks_mut(PRODUCT_DOTS)
-            .zip(table.par_chunks(PRODUCT_DOTS * inputs))
-            .for_each(|(out, rows)| rows::rows_dot(&x, rows, out));
-        return tensor(out, Shape::new([1, outputs]));
+        // Every row of `x` meets a few table rows while they are in the core's first-level
+        // cache (64 KiB of them), so the table streams from memory once for all of them.
+        let cached_rows = (CACHED_FLOATS / inputs).clamp(1, PRODUCT_DOTS);
+        let runs: Vec<Vec<f32>> = table
+            .par_chunks(PRODUCT_DOTS * inputs)
+            .map(|table_rows| {
+                let width = table_rows.len() / inputs;
+                let mut out = vec![0.0f32; rows * width];
+                for (first, cached) in table_rows.chunks(cached_rows * inputs).enumerate() {
+                    let columns = first * cached_rows..first * cached_rows + cached.len() / inputs;
+                    for (x, out) in x.chunks_exact(inputs).zip(out.chunks_exact_mut(width)) {
+                        rows::rows_dot(x, cached, &mut out[columns.clone()]);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = Vec::with_capacity(rows * outputs);
+        for row in 0..rows {
+            for run in &runs {
+                let width = run.len() / rows;
+                out.extend_from_slice(&run[row * width..(row + 1) * width]);
+            }
+        }
+        return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
-    let mut partials = vec![0.0f32; inputs.div_ceil(PRODUCT_ROWS) * outputs];
+    let runs = inputs.div_ceil(PRODUCT_ROWS);
+    // Run by run, each row's partial sums.
+    let mut partials = vec![0.0f32; runs * rows * outputs];
     partials
-        .par_chunks_mut(outputs)
-        .zip(x.par_chunks(PRODUCT_ROWS))
+        .par_chunks_mut(rows * outputs)
         .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
-        .for_each(|((partial, x), weight)| rows::row_times_rows(x, weight, partial));
-    let mut chunks = partials.chunks_exact(outputs);
-    let mut out = chunks
-        .next()
-        .map(<[f32]>::to_vec)
-        .unwrap_or(vec![0.0; outputs]);
-    for partial in chunks {
+        .enumerate()
+        .for_each(|(run, (partial, weight))| {
+            let length = weight.len() / outputs;
+            let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + length;
+            let x: Vec<f32> = x
+                .chunks_exact(inputs)
+                .flat_map(|row| &row[columns.clone()])
+                .copied()
+                .collect();
+            rows::rows_times_rows(&x, length, weight, partial);
+        });
+    let mut out = partials[..rows * outputs].to_vec();
+    for partial in partials.chunks_exact(rows * outputs).skip(1) {
         for (sum, &value) in out.iter_mut().zip(partial) {
             *sum += value;
         }
     }
-    tensor(out, Shape::new([1, outputs]))
+    tensor(out, Shape::new([rows, outputs]))
 }
 
 /// `tensor` as the sole view of its own contiguous storage, so `storage_mut` is exactly its
@@ -492,6 +522,61 @@ impl SendPtr {
     }
 }
 
+/// Query counts up to which [`causal_attention`] takes each query on its own.
+const FEW_QUERIES: usize = 8;
+
+/// A strided matrix: its first element and its row and column strides.
+type StridedMatrix = (*const f32, isize, isize);
+
+/// One head's causal attention of `queries` queries over the first `keys` keys and values,
+/// the queries aligned to the last keys: the scores and then probabilities into `p`
+/// (`queries x keys`), the weighted values into `out` (`queries x head_dim`).
+///
+/// # Safety
+/// The matrices must address `queries` (query) and `keys` (key, value) rows of `head_dim`
+/// values inside live storage.
+unsafe fn attend(
+    (q_ptr, q_rs, q_cs): StridedMatrix,
+    ((k_ptr, k_rs, k_cs), (v_ptr, v_rs, v_cs)): (StridedMatrix, StridedMatrix),
+    (queries, keys): (usize, usize),
+    head_dim: usize,
+    scale: f32,
+    p: &mut [f32],
+    out: &mut [f32],
+) {
+    // SAFETY: p and out are the caller's own buffers of the right size; q, k, v are
+    // read-only views the caller vouches for.
+    unsafe {
+        // scores = q k^T
+        gemm(
+            (queries, keys, head_dim),
+            p.as_mut_ptr(),
+            (keys as isize, 1),
+            q_ptr,
+            (q_rs, q_cs),
+            k_ptr,
+            (k_cs, k_rs),
+            1.0,
+            false,
+        );
+    }
+    rows::causal_softmax(p, keys, 0, keys - queries, scale);
+    // SAFETY: as above.
+    unsafe {
+        gemm(
+            (queries, head_dim, keys),
+            out.as_mut_ptr(),
+            (head_dim as isize, 1),
+            p.as_ptr(),
+            (keys as isize, 1),
+            v_ptr,
+            (v_rs, v_cs),
+            1.0,
+            false,
+        );
+    }
+}
+
 /// Causal attention `softmax(q k^T / sqrt(d)) v` over `[batch, heads, queries, head_dim]`
 /// queries and `[batch, kv_heads, keys, head_dim]` keys and values (each key/value head serving
 /// `heads / kv_heads` consecutive query heads; queries aligned to the last keys). Returns the
@@ -523,38 +608,43 @@ pub fn causal_attention(
             let (b, h) = (index / heads, index % heads);
             let kv_head = h / shape.groups();
             let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
-            let (k_ptr, k_rs, k_cs) = k.matrix(b, kv_head);
-            let (v_ptr, v_rs, v_cs) = v.matrix(b, kv_head);
-            // SAFETY: p and out are this task's own buffers; q, k, v are read-only views whose
-            // strides come from their layouts.
-            unsafe {
-                // scores = q k^T
-                gemm(
-                    (queries, keys, head_dim),
-                    p.as_mut_ptr(),
-                    (keys as isize, 1),
-                    q_ptr,
-                    (q_rs, q_cs),
-                    k_ptr,
-                    (k_cs, k_rs),
-                    1.0,
-                    false,
-                );
+            let keys_values = (k.matrix(b, kv_head), v.matrix(b, kv_head));
+            if queries == 1 || queries > FEW_QUERIES {
+                // SAFETY: the views address `queries` and `keys` rows inside their tensors.
+                unsafe {
+                    attend(
+                        (q_ptr, q_rs, q_cs),
+                        keys_values,
+                        (queries, keys),
+                        head_dim,
+                        scale,
+                        p,
+                        out,
+                    )
+                };
+                return;
             }
-            rows::causal_softmax(p, keys, 0, offset, scale);
-            // SAFETY: as above.
-            unsafe {
-                gemm(
-                    (queries, head_dim, keys),
-                    out.as_mut_ptr(),
-                    (head_dim as isize, 1),
-                    p.as_ptr(),
-                    (keys as isize, 1),
-                    v_ptr,
-                    (v_rs, v_cs),
-                    1.0,
-                    false,
-                );
+            // A few queries (a speculative decoding check, a short prompt): each on its own,
+            // over the keys it sees, exactly as a decode step at its position computes it.
+            for (row, (p, out)) in p
+                .chunks_exact_mut(keys)
+                .zip(out.chunks_exact_mut(head_dim))
+                .enumerate()
+            {
+                let visible = offset + row + 1;
+                // SAFETY: row `row` of the queries and the first `visible` keys lie inside
+                // their tensors.
+                unsafe {
+                    attend(
+                        (q_ptr.offset(row as isize * q_rs), q_rs, q_cs),
+                        keys_values,
+                        (1, visible),
+                        head_dim,
+                        scale,
+                        &mut p[..visible],
+                        out,
+                    )
+                };
             }
         });
     (

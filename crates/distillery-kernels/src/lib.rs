@@ -86,9 +86,11 @@ pub trait FusedOptimizerOps: Backend {
 /// Inference-only operations: they run outside autodiff, on plain tensors.
 #[backend_extension(Flex)]
 pub trait FusedInferenceOps: Backend {
-    /// `x W` for one row `x` `[1, in]` and a weight `[in, out]`.
-    fn fused_row_times_matrix(x: FloatTensor<Self>, weight: FloatTensor<Self>)
-    -> FloatTensor<Self>;
+    /// `x W` for a few rows `x` `[rows, in]` and a weight `[in, out]`.
+    fn fused_rows_times_matrix(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// Whether `device` computes on burn-flex, directly or under autodiff.
@@ -239,15 +241,20 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin_signed: Tensor<2>, start: usize)
     composed::rotary(x, cos, sin_signed, start)
 }
 
-/// `x W` for one row `x` `[1, in]` and a weight `W` `[in, out]`, outside autodiff (a decode
-/// step's product). On burn-flex one threaded pass streams the weight from memory (a general
-/// matrix product would pack it first, which for a single row costs more than the product);
-/// elsewhere burn's product.
-pub fn row_times_matrix(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
-    assert_eq!(x.dims()[0], 1, "one row");
+/// Input rows up to which [`rows_times_matrix`] streams the weight once for all of them; a
+/// decode step has one, a speculative decoding check a few.
+pub const FEW_ROWS: usize = 8;
+
+/// `x W` for a few rows `x` `[rows, in]` (at most [`FEW_ROWS`]) and a weight `W` `[in, out]`,
+/// outside autodiff (a decode step's product, or the check of a few drafted tokens). On
+/// burn-flex one threaded pass streams the weight from memory (a general matrix product would
+/// pack it first, which for a few rows costs more than the product), and each row's result has
+/// the bits it has alone; elsewhere burn's product.
+pub fn rows_times_matrix(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    assert!(x.dims()[0] <= FEW_ROWS, "a few rows");
     if fused(&x) && !x.is_autodiff() && !weight.is_autodiff() && weight.dtype() == DType::F32 {
         return Tensor::from_dispatch(
-            <burn::backend::Dispatch as FusedInferenceOps>::fused_row_times_matrix(
+            <burn::backend::Dispatch as FusedInferenceOps>::fused_rows_times_matrix(
                 x.into_dispatch(),
                 weight.into_dispatch(),
             ),

@@ -710,16 +710,77 @@ mod tests {
     }
 }
 
-/// `x W` for one row `x` and the rows of a row-major `W` it meets (`x.len()` rows of
-/// `out.len()` columns), added into `out`: the weight is read once, front to back. Plain
-/// multiplies and adds (no fused multiply-add) give the same bits on every instruction set.
+/// Output columns [`rows_times_rows`] keeps in registers for each input row at once.
+const COLUMN_BLOCK: usize = 16;
+
+/// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
+/// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
+/// once, front to back, which streams it from memory; the others then meet it in cache, a
+/// block of columns at a time whose sums for every row stay in registers. Each sum adds its
+/// products in weight-row order, with plain multiplies and adds (no fused multiply-add): the
+/// same bits on every instruction set, for any number of rows.
+pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], out: &mut [f32]) {
+    let width = weight.len() / run.max(1);
+    let (first, others) = x.split_at(run.min(x.len()));
+    let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
+    row_times_rows(first, weight, first_out);
+    match others.len() / run.max(1) {
+        0 => {}
+        1 => rows_times_rows_of::<1>(others, run, weight, others_out),
+        2 => rows_times_rows_of::<2>(others, run, weight, others_out),
+        3 => rows_times_rows_of::<3>(others, run, weight, others_out),
+        4 => rows_times_rows_of::<4>(others, run, weight, others_out),
+        5 => rows_times_rows_of::<5>(others, run, weight, others_out),
+        6 => rows_times_rows_of::<6>(others, run, weight, others_out),
+        7 => rows_times_rows_of::<7>(others, run, weight, others_out),
+        rows => panic!("{} rows: rows_times_rows takes 1 to 8", rows + 1),
+    }
+}
+
+/// `x W` for one row, front to back through the weight.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
+fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
     let width = out.len();
     assert_eq!(weight.len(), x.len() * width);
     for (&value, row) in x.iter().zip(weight.chunks_exact(width)) {
         for (sum, &weight) in out.iter_mut().zip(row) {
             *sum += value * weight;
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn rows_times_rows_of<const ROWS: usize>(x: &[f32], run: usize, weight: &[f32], out: &mut [f32]) {
+    let width = out.len() / ROWS;
+    assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
+    let blocks = width / COLUMN_BLOCK * COLUMN_BLOCK;
+    for start in (0..blocks).step_by(COLUMN_BLOCK) {
+        let mut sums = [[0.0f32; COLUMN_BLOCK]; ROWS];
+        for (index, row) in weight.chunks_exact(width).enumerate() {
+            let weights: &[f32; COLUMN_BLOCK] = row[start..start + COLUMN_BLOCK]
+                .try_into()
+                .expect("a whole block");
+            for (sums, x) in sums.iter_mut().zip(x.chunks_exact(run)) {
+                let value = x[index];
+                for (sum, &weight) in sums.iter_mut().zip(weights) {
+                    *sum += value * weight;
+                }
+            }
+        }
+        for (row, sums) in sums.iter().enumerate() {
+            let out = &mut out[row * width + start..row * width + start + COLUMN_BLOCK];
+            for (out, &sum) in out.iter_mut().zip(sums) {
+                *out += sum;
+            }
+        }
+    }
+    for column in blocks..width {
+        for (row, x) in x.chunks_exact(run).enumerate() {
+            let mut sum = 0.0f32;
+            for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
+                sum += value * weights[column];
+            }
+            out[row * width + column] += sum;
         }
     }
 }

@@ -86,6 +86,49 @@ fn attention_matches_composed_attention_with_grouped_heads_and_a_cache_offset() 
 }
 
 #[test]
+fn many_queries_at_once_match_composed_attention() {
+    let device = Device::flex();
+    // 12 queries after 3 cached positions: more than are taken one by one.
+    let query = random([1, 4, 12, 8], 11, &device);
+    let key = random([1, 2, 15, 8], 12, &device);
+    let value = random([1, 2, 15, 8], 13, &device);
+    compare(
+        "attention of many queries",
+        [query, key, value],
+        |x| causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+        |x| composed::causal_attention(x[0].clone(), x[1].clone(), x[2].clone()),
+    );
+}
+
+/// A few queries at once give each query the bits it gets as a decode step of its own, over
+/// the keys up to its position: what lets speculative decoding check drafted tokens in one pass
+/// and still give the model's own greedy tokens.
+#[test]
+fn a_few_queries_attend_as_their_own_decode_steps() {
+    let device = Device::flex();
+    let query = random([1, 4, 5, 8], 14, &device);
+    let key = random([1, 2, 9, 8], 15, &device);
+    let value = random([1, 2, 9, 8], 16, &device);
+    let together = values(causal_attention(query.clone(), key.clone(), value.clone()));
+    for row in 0..5 {
+        let visible = 9 - 5 + row + 1;
+        let alone = values(causal_attention(
+            query.clone().narrow(2, row, 1),
+            key.clone().narrow(2, 0, visible),
+            value.clone().narrow(2, 0, visible),
+        ));
+        for head in 0..4 {
+            let at = (head * 5 + row) * 8;
+            assert_eq!(
+                together[at..at + 8],
+                alone[head * 8..head * 8 + 8],
+                "row {row}"
+            );
+        }
+    }
+}
+
+#[test]
 fn attention_reads_strided_inputs() {
     let device = Device::flex();
     // [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]: not contiguous.
@@ -322,28 +365,34 @@ fn dropout_gradient_uses_the_forward_mask() {
     assert_ne!(values(dropout(x, 0.3, 6)), output);
 }
 
-/// One row times a weight, and times a transposed table (a tied output head), equals burn's
-/// product, with bits that do not depend on the thread count (1 or 3 workers).
+/// A few rows times a weight, and times a transposed table (a tied output head), equal burn's
+/// product, with bits that depend neither on the thread count (1 or 3 workers) nor on the
+/// other rows: each row of five gets what it gets alone.
 #[test]
-fn a_row_times_a_matrix_matches_the_product_on_any_thread_count() {
+fn a_few_rows_times_a_matrix_match_the_product_on_any_thread_count() {
     let device = Device::flex();
-    let x = random([1, 300], 31, &device);
+    let x = random([5, 300], 31, &device);
     let weight = random([300, 1100], 32, &device);
     let table = random([1100, 300], 33, &device);
-    let on_threads = |threads: usize| {
+    let on_threads = |threads: usize, x: &Tensor<2>| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
             (
-                values(row_times_matrix(x.clone(), weight.clone())),
-                values(row_times_matrix(x.clone(), table.clone().transpose())),
+                values(rows_times_matrix(x.clone(), weight.clone())),
+                values(rows_times_matrix(x.clone(), table.clone().transpose())),
             )
         })
     };
-    let (product, head) = on_threads(1);
-    assert_eq!(on_threads(3), (product.clone(), head.clone()));
+    let (product, head) = on_threads(1, &x);
+    assert_eq!(on_threads(3, &x), (product.clone(), head.clone()));
+    for row in 0..5 {
+        let (alone, alone_head) = on_threads(2, &x.clone().narrow(0, row, 1));
+        assert_eq!(alone, product[row * 1100..(row + 1) * 1100], "row {row}");
+        assert_eq!(alone_head, head[row * 1100..(row + 1) * 1100], "row {row}");
+    }
     // The sums run over 300 products of up to 4 in size.
     let close = |name: &str, got: Vec<f32>, want: Vec<f32>| {
         for (index, (a, b)) in got.iter().zip(&want).enumerate() {

@@ -51,6 +51,16 @@ impl KvCache {
         &mut self.layers[index]
     }
 
+    /// Forgets every position from `len` on, in place: the next positions overwrite them
+    /// (speculative decoding drops the drafted tokens the model rejected).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        assert!(len <= self.len, "a cache only rolls back");
+        self.len = len;
+        for layer in &mut self.layers {
+            layer.len = layer.len.min(len);
+        }
+    }
+
     pub(crate) fn advance(&mut self, positions: usize) {
         self.len += positions;
     }

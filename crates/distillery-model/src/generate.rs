@@ -92,6 +92,16 @@ pub fn generate_streaming(
     on_token: impl FnMut(u32) + Send,
 ) -> Result<Generation, ModelError> {
     config.sampling.validate()?;
+    check_prompt(model, prompt)?;
+
+    // Quantized layers split each product over rayon's threads. Decoding on one of them makes
+    // every split a work-stealing fork instead of a hand-over that puts this thread to sleep
+    // and wakes it again, which at one token's matrices costs as much as the arithmetic.
+    rayon::scope(|_| decode(model, prompt, config, on_token))
+}
+
+/// A prompt `model` can continue: not empty, within its context, every id in its vocabulary.
+pub(crate) fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<(), ModelError> {
     let context = model.config().max_position_embeddings;
     if prompt.is_empty() {
         return Err(ModelError::EmptyPrompt);
@@ -106,11 +116,7 @@ pub fn generate_streaming(
     if let Some(&token) = prompt.iter().find(|&&token| token as usize >= vocab) {
         return Err(ModelError::TokenOutOfRange { token, vocab });
     }
-
-    // Quantized layers split each product over rayon's threads. Decoding on one of them makes
-    // every split a work-stealing fork instead of a hand-over that puts this thread to sleep
-    // and wakes it again, which at one token's matrices costs as much as the arithmetic.
-    rayon::scope(|_| decode(model, prompt, config, on_token))
+    Ok(())
 }
 
 fn decode(
@@ -155,49 +161,120 @@ fn decode(
 
 /// Picks a token from one position's logits.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl rand::Rng) -> u32 {
-    if config.temperature == 0.0 {
-        return argmax(logits);
-    }
-    let mut candidates: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(id, &logit)| (id as u32, logit / config.temperature))
-        .collect();
-    // Descending by logit, ties by id, so the candidate order never depends on the sort's
-    // stability.
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if let Some(k) = config.top_k {
-        candidates.truncate(k);
-    }
-    let max = candidates[0].1;
-    let mut probabilities: Vec<f64> = candidates
-        .iter()
-        .map(|&(_, logit)| ((logit - max) as f64).exp())
-        .collect();
-    let total: f64 = probabilities.iter().sum();
-    probabilities.iter_mut().for_each(|p| *p /= total);
-    if let Some(top_p) = config.top_p {
-        let mut cumulative = 0.0;
-        let keep = probabilities
+    Distribution::of(logits, config).draw(rng)
+}
+
+/// One position's next-token distribution after temperature, top-k and top-p: the tokens it
+/// can pick, most likely first, with their probabilities. Greedy decoding puts all the mass
+/// on the first maximum and draws nothing from the generator.
+pub(crate) struct Distribution {
+    candidates: Vec<u32>,
+    probabilities: Vec<f64>,
+    greedy: bool,
+}
+
+impl Distribution {
+    pub(crate) fn of(logits: &[f32], config: &SamplingConfig) -> Self {
+        if config.temperature == 0.0 {
+            return Self {
+                candidates: vec![argmax(logits)],
+                probabilities: vec![1.0],
+                greedy: true,
+            };
+        }
+        let mut candidates: Vec<(u32, f32)> = logits
             .iter()
-            .position(|p| {
-                cumulative += p;
-                cumulative >= top_p as f64
-            })
-            .map_or(probabilities.len(), |last| last + 1);
-        probabilities.truncate(keep);
-        let kept: f64 = probabilities.iter().sum();
-        probabilities.iter_mut().for_each(|p| *p /= kept);
-    }
-    let draw: f64 = rng.random();
-    let mut cumulative = 0.0;
-    for (index, p) in probabilities.iter().enumerate() {
-        cumulative += p;
-        if draw < cumulative {
-            return candidates[index].0;
+            .enumerate()
+            .map(|(id, &logit)| (id as u32, logit / config.temperature))
+            .collect();
+        // Descending by logit, ties by id, so the candidate order never depends on the sort's
+        // stability.
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = config.top_k {
+            candidates.truncate(k);
+        }
+        let max = candidates[0].1;
+        let mut probabilities: Vec<f64> = candidates
+            .iter()
+            .map(|&(_, logit)| ((logit - max) as f64).exp())
+            .collect();
+        let total: f64 = probabilities.iter().sum();
+        probabilities.iter_mut().for_each(|p| *p /= total);
+        if let Some(top_p) = config.top_p {
+            let mut cumulative = 0.0;
+            let keep = probabilities
+                .iter()
+                .position(|p| {
+                    cumulative += p;
+                    cumulative >= top_p as f64
+                })
+                .map_or(probabilities.len(), |last| last + 1);
+            probabilities.truncate(keep);
+            let kept: f64 = probabilities.iter().sum();
+            probabilities.iter_mut().for_each(|p| *p /= kept);
+        }
+        candidates.truncate(probabilities.len());
+        Self {
+            candidates: candidates.into_iter().map(|(id, _)| id).collect(),
+            probabilities,
+            greedy: false,
         }
     }
-    candidates[probabilities.len() - 1].0
+
+    /// A token drawn from the distribution: one uniform draw, walked through the cumulative
+    /// probabilities.
+    pub(crate) fn draw(&self, rng: &mut impl rand::Rng) -> u32 {
+        if self.greedy {
+            return self.candidates[0];
+        }
+        let draw: f64 = rng.random();
+        let mut cumulative = 0.0;
+        for (index, p) in self.probabilities.iter().enumerate() {
+            cumulative += p;
+            if draw < cumulative {
+                return self.candidates[index];
+            }
+        }
+        self.candidates[self.candidates.len() - 1]
+    }
+
+    /// The probability of `token`; 0 outside the candidates.
+    pub(crate) fn probability(&self, token: u32) -> f64 {
+        self.candidates
+            .iter()
+            .position(|&candidate| candidate == token)
+            .map_or(0.0, |index| self.probabilities[index])
+    }
+
+    /// `max(0, self − other)`, normalized: what speculative decoding draws from when it rejects
+    /// a token of `other`'s. Only called after such a rejection, where `self` is below `other`
+    /// at the rejected token and so above it somewhere else.
+    pub(crate) fn residual(&self, other: &Distribution) -> Distribution {
+        let size = self
+            .candidates
+            .iter()
+            .chain(&other.candidates)
+            .max()
+            .map_or(0, |&id| id as usize + 1);
+        let mut subtracted = vec![0.0f64; size];
+        for (&id, &p) in other.candidates.iter().zip(&other.probabilities) {
+            subtracted[id as usize] = p;
+        }
+        let (candidates, mut probabilities): (Vec<u32>, Vec<f64>) = self
+            .candidates
+            .iter()
+            .zip(&self.probabilities)
+            .map(|(&id, &p)| (id, (p - subtracted[id as usize]).max(0.0)))
+            .filter(|&(_, p)| p > 0.0)
+            .unzip();
+        let total: f64 = probabilities.iter().sum();
+        probabilities.iter_mut().for_each(|p| *p /= total);
+        Distribution {
+            candidates,
+            probabilities,
+            greedy: self.greedy,
+        }
+    }
 }
 
 fn argmax(logits: &[f32]) -> u32 {

@@ -8,15 +8,19 @@ pub mod generate;
 mod llama;
 mod matrices;
 pub mod rope;
+mod speculative;
 
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
-pub use generate::{GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming};
+pub use generate::{
+    Generation, GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming,
+};
 pub use llama::{
     Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,
     Weight, in_out_weight,
 };
 pub use matrices::LayerMatrix;
+pub use speculative::{DraftStats, generate_with_draft};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -11,7 +11,9 @@ use burn::tensor::module::{embedding, linear};
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use distillery_kernels::{causal_attention, dropout, is_flex, rms_norm, row_times_matrix, swiglu};
+use distillery_kernels::{
+    FEW_ROWS, causal_attention, dropout, is_flex, rms_norm, rows_times_matrix, swiglu,
+};
 use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -120,7 +122,9 @@ impl Linear {
         let y = match (&self.weight, &self.quantized) {
             // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
             // per batch entry, and its weight gradient would be a sum of per-batch products.
-            (Some(weight), _) if rows == 1 && !x.is_autodiff() => row_times_matrix(x, weight.val()),
+            (Some(weight), _) if rows <= FEW_ROWS && !x.is_autodiff() => {
+                rows_times_matrix(x, weight.val())
+            }
             (Some(weight), _) => linear(x, weight.val(), None),
             (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),
             (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
@@ -739,8 +743,8 @@ impl Llama {
         let [batch, seq, hidden] = x.dims();
         let x = x.reshape([batch * seq, hidden]);
         let logits = match (&self.embed_tokens, &self.embed_quantized) {
-            (Some(table), _) if batch * seq == 1 && !x.is_autodiff() => {
-                row_times_matrix(x, table.val().transpose())
+            (Some(table), _) if batch * seq <= FEW_ROWS && !x.is_autodiff() => {
+                rows_times_matrix(x, table.val().transpose())
             }
             (Some(table), _) => x.matmul(table.val().transpose()),
             (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),

@@ -1,0 +1,407 @@
+//! Speculative decoding (Leviathan et al. 2023, Chen et al. 2023): a small draft model that
+//! shares the model's vocabulary proposes a few tokens one at a time, and the model checks them
+//! all in one forward pass. Each drafted token is accepted with probability `min(1, p/q)` (`p`
+//! the model's probability of it, `q` the draft's, both after the same temperature, top-k and
+//! top-p as plain sampling); the first rejected one is replaced by a draw from the normalized
+//! `max(0, p − q)`, and when every draft is accepted the pass's last position gives one more
+//! token. The tokens then follow the model's own distribution; greedy decoding (temperature 0,
+//! where both distributions put all their mass on one token) gives exactly the model's greedy
+//! tokens. Both KV caches roll back in place to the accepted length.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::generate::{Distribution, GenerationConfig, check_prompt};
+use crate::{Generation, KvCache, Llama, ModelError, StopReason};
+
+/// What the draft did, by position in the draft: how often a token was proposed there and
+/// how often it was accepted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DraftStats {
+    /// Forward passes of the model after the prompt's, each checking one draft.
+    pub model_passes: usize,
+    pub proposed: Vec<usize>,
+    pub accepted: Vec<usize>,
+}
+
+impl DraftStats {
+    /// Accepted drafted tokens over proposed ones.
+    pub fn acceptance_rate(&self) -> f64 {
+        let proposed: usize = self.proposed.iter().sum();
+        let accepted: usize = self.accepted.iter().sum();
+        accepted as f64 / proposed.max(1) as f64
+    }
+
+    /// Tokens emitted per model pass after the prompt's: what one pass of the model buys.
+    pub fn tokens_per_pass(&self, tokens: usize) -> f64 {
+        tokens as f64 / self.model_passes.max(1) as f64
+    }
+
+    fn record(&mut self, position: usize, accepted: bool) {
+        if self.proposed.len() <= position {
+            self.proposed.resize(position + 1, 0);
+            self.accepted.resize(position + 1, 0);
+        }
+        self.proposed[position] += 1;
+        self.accepted[position] += usize::from(accepted);
+    }
+}
+
+/// The last `rows` positions' logits of one forward pass over `input` that continues `cache`,
+/// each cut to the first `vocab` entries.
+fn forward_rows(
+    model: &Llama,
+    input: &[u32],
+    cache: &mut KvCache,
+    rows: usize,
+    vocab: usize,
+) -> Vec<Vec<f32>> {
+    let device = model.device();
+    let ids: Vec<i64> = input.iter().map(|&id| i64::from(id)).collect();
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, input.len()]), &device);
+    let logits = model.forward_with(tokens, Some(cache), false).logits;
+    let width = model.config().vocab_size;
+    let values: Vec<f32> = logits
+        .narrow(1, input.len() - rows, rows)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float logits convert to f32");
+    values
+        .chunks_exact(width)
+        .map(|row| row[..vocab].to_vec())
+        .collect()
+}
+
+/// Continues `prompt` with `model`, `draft` proposing up to `draft_tokens` tokens per pass of
+/// the model. The two must share a tokenizer; their vocabularies may differ by padding rows
+/// past `vocab`, the tokenizer's size, which neither samples. Returns the tokens and what the
+/// draft did.
+pub fn generate_with_draft(
+    model: &Llama,
+    draft: &Llama,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    draft_tokens: usize,
+    vocab: usize,
+    on_token: impl FnMut(u32) + Send,
+) -> Result<(Generation, DraftStats), ModelError> {
+    config.sampling.validate()?;
+    // A checking pass covers the drafts and the token before them; up to FEW_ROWS positions
+    // it computes each one as a single-token step does.
+    let most = distillery_kernels::FEW_ROWS - 1;
+    if !(1..=most).contains(&draft_tokens) {
+        return Err(ModelError::InvalidSampling {
+            field: "draft_tokens",
+            reason: format!("must be between 1 and {most}, got {draft_tokens}"),
+        });
+    }
+    for (which, checked) in [("model", model), ("draft", draft)] {
+        let rows = checked.config().vocab_size;
+        if rows < vocab {
+            return Err(ModelError::InvalidConfig {
+                field: "vocab_size",
+                reason: format!("of the {which} is {rows}, fewer than the tokenizer's {vocab}"),
+            });
+        }
+    }
+    check_prompt(model, prompt)?;
+    check_prompt(draft, prompt)?;
+    // As in plain generation: on a rayon worker every product's split is a fork.
+    rayon::scope(|_| decode(model, draft, prompt, config, draft_tokens, vocab, on_token))
+}
+
+fn decode(
+    model: &Llama,
+    draft: &Llama,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    draft_tokens: usize,
+    vocab: usize,
+    mut on_token: impl FnMut(u32),
+) -> Result<(Generation, DraftStats), ModelError> {
+    let sampling = &config.sampling;
+    let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
+    let model_context = model.config().max_position_embeddings;
+    let draft_context = draft.config().max_position_embeddings;
+    let reserve =
+        |context: usize| (prompt.len() + config.max_new_tokens + draft_tokens).min(context);
+    let mut model_cache = KvCache::with_capacity(model.layers.len(), reserve(model_context));
+    let mut draft_cache = KvCache::with_capacity(draft.layers.len(), reserve(draft_context));
+    let mut stats = DraftStats::default();
+    let finished = |tokens, stop| Ok((Generation { tokens, stop }, DraftStats::default()));
+    if config.max_new_tokens == 0 {
+        return finished(Vec::new(), StopReason::TokenLimit);
+    }
+    // The prompt's pass alone, as plain generation makes it, so that every later pass of the
+    // model is a few rows long and computes as its single-token steps do.
+    let [first] = forward_rows(model, prompt, &mut model_cache, 1, vocab)
+        .try_into()
+        .expect("one row asked for");
+    let first = Distribution::of(&first, sampling).draw(&mut rng);
+    on_token(first);
+    let mut tokens = vec![first];
+    if config.stop_tokens.contains(&first) {
+        return finished(tokens, StopReason::EndOfSequence);
+    }
+    // Tokens chosen but not yet fed to each model.
+    let mut model_pending = vec![first];
+    let mut draft_pending = [prompt, &[first]].concat();
+    let stop = 'decoding: loop {
+        let remaining = config.max_new_tokens - tokens.len();
+        if remaining == 0 {
+            break StopReason::TokenLimit;
+        }
+        let model_start = model_cache.len() + model_pending.len();
+        if model_start > model_context {
+            break StopReason::ContextFull;
+        }
+        // Drafting k tokens feeds the draft its pending tokens and k - 1 drafts; the model
+        // checks them after its own pending ones. Near either context's end, or the token
+        // limit, the draft proposes fewer (none: a plain step of the model).
+        let draft_room =
+            (draft_context + 1).saturating_sub(draft_cache.len() + draft_pending.len());
+        let drafted = draft_tokens
+            .min(remaining - 1)
+            .min(model_context - model_start)
+            .min(draft_room);
+
+        let mut proposals = Vec::with_capacity(drafted);
+        let mut draft_distributions = Vec::with_capacity(drafted);
+        let draft_start = draft_cache.len();
+        let mut input = std::mem::take(&mut draft_pending);
+        let fed_before = input.len();
+        for index in 0..drafted {
+            let [logits] = forward_rows(draft, &input, &mut draft_cache, 1, vocab)
+                .try_into()
+                .expect("one row asked for");
+            let distribution = Distribution::of(&logits, sampling);
+            let token = distribution.draw(&mut rng);
+            proposals.push(token);
+            draft_distributions.push(distribution);
+            if index + 1 < drafted {
+                input = vec![token];
+            }
+        }
+        if drafted == 0 {
+            draft_pending = input;
+        }
+
+        let model_before = model_cache.len();
+        let mut checked = std::mem::take(&mut model_pending);
+        let model_fed = checked.len();
+        checked.extend(&proposals);
+        let rows = forward_rows(model, &checked, &mut model_cache, drafted + 1, vocab);
+        stats.model_passes += 1;
+
+        let mut emitted = Vec::with_capacity(drafted + 1);
+        let mut accepted = 0;
+        for (position, ((&token, guess), logits)) in proposals
+            .iter()
+            .zip(&draft_distributions)
+            .zip(&rows)
+            .enumerate()
+        {
+            let target = Distribution::of(logits, sampling);
+            let (p, q) = (target.probability(token), guess.probability(token));
+            let keep = rng.random::<f64>() * q < p;
+            stats.record(position, keep);
+            if keep {
+                emitted.push(token);
+                accepted += 1;
+            } else {
+                emitted.push(target.residual(guess).draw(&mut rng));
+                break;
+            }
+        }
+        if accepted == drafted {
+            emitted.push(Distribution::of(&rows[drafted], sampling).draw(&mut rng));
+        }
+
+        // The model keeps its pending tokens and the accepted drafts; the draft keeps what it
+        // was fed of those.
+        model_cache.truncate(model_before + model_fed + accepted);
+        model_pending = vec![*emitted.last().expect("a pass emits a token")];
+        if drafted > 0 {
+            let kept = accepted.min(drafted - 1);
+            draft_cache.truncate(draft_start + fed_before + kept);
+            draft_pending = emitted[kept..].to_vec();
+        } else {
+            draft_pending.extend(&emitted);
+        }
+        for token in emitted {
+            tokens.push(token);
+            on_token(token);
+            if config.stop_tokens.contains(&token) {
+                break 'decoding StopReason::EndOfSequence;
+            }
+        }
+    };
+    Ok((Generation { tokens, stop }, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::{LlamaConfig, SamplingConfig, generate};
+
+    fn config(vocab_size: usize, layers: usize, hidden_size: usize, context: usize) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: 2 * hidden_size,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: context,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            rope_scaling: None,
+        }
+    }
+
+    fn settings(max_new_tokens: usize, temperature: f32, seed: u64) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens,
+            sampling: SamplingConfig {
+                temperature,
+                seed,
+                ..SamplingConfig::default()
+            },
+            stop_tokens: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn greedy_drafts_give_the_models_own_greedy_tokens() {
+        let device = Device::flex();
+        let model = Llama::new(&config(40, 2, 32, 24), 0.0, 5, &device).unwrap();
+        let other = Llama::new(&config(40, 1, 16, 24), 0.0, 9, &device).unwrap();
+        for (name, draft) in [("itself", &model), ("another model", &other)] {
+            for case in 0..6u32 {
+                let prompt: Vec<u32> = (0..1 + case % 5).map(|i| (7 * i + 3 * case) % 40).collect();
+                // The longest runs reach the end of the context.
+                let new_tokens = if case % 2 == 0 { 12 } else { 30 };
+                let plain = generate(&model, &prompt, &settings(new_tokens, 0.0, 0)).unwrap();
+                for draft_tokens in [1, 2, 3, 5] {
+                    let (drafted, stats) = generate_with_draft(
+                        &model,
+                        draft,
+                        &prompt,
+                        &settings(new_tokens, 0.0, 0),
+                        draft_tokens,
+                        40,
+                        |_| {},
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        drafted, plain,
+                        "draft {name}, prompt {prompt:?}, {draft_tokens} drafted tokens"
+                    );
+                    if name == "itself" {
+                        assert_eq!(stats.acceptance_rate(), 1.0);
+                        assert!(stats.tokens_per_pass(drafted.tokens.len()) > 1.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each position's token frequencies over `runs` seeded generations of three tokens (the
+    /// first comes from the prompt's pass, the others from drafts).
+    fn frequencies(runs: u64, vocab: usize, generate: impl Fn(u64) -> Vec<u32>) -> Vec<Vec<f64>> {
+        let mut counts = vec![vec![0.0; vocab]; 3];
+        for seed in 0..runs {
+            for (position, token) in generate(seed).into_iter().enumerate() {
+                counts[position][token as usize] += 1.0 / runs as f64;
+            }
+        }
+        counts
+    }
+
+    fn total_variation(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0
+    }
+
+    /// Freshly initialized models' logits are nearly flat; a low temperature makes their
+    /// distributions peaked, and different.
+    const TEMPERATURE: f32 = 0.05;
+
+    #[test]
+    fn sampled_drafts_follow_the_models_distribution() {
+        let device = Device::flex();
+        let vocab = 8;
+        let model = Llama::new(&config(vocab, 2, 32, 16), 0.0, 3, &device).unwrap();
+        let draft = Llama::new(&config(vocab, 1, 16, 16), 0.0, 11, &device).unwrap();
+        let prompt = [1, 5, 2];
+        let runs = 6000;
+        let plain = frequencies(runs, vocab, |seed| {
+            generate(&model, &prompt, &settings(3, TEMPERATURE, seed))
+                .unwrap()
+                .tokens
+        });
+        let drafts_own = frequencies(runs, vocab, |seed| {
+            generate(&draft, &prompt, &settings(3, TEMPERATURE, seed))
+                .unwrap()
+                .tokens
+        });
+        let speculative = frequencies(runs, vocab, |seed| {
+            let settings = settings(3, TEMPERATURE, seed + runs);
+            generate_with_draft(&model, &draft, &prompt, &settings, 2, vocab, |_| {})
+                .unwrap()
+                .0
+                .tokens
+        });
+        for position in 0..3 {
+            // Two samples of 6,000 from one distribution over 8 tokens differ by about 0.02;
+            // drawing a rejected token's replacement from the model's distribution instead of
+            // the residual one puts the second position 0.065 away.
+            let apart = total_variation(&plain[position], &speculative[position]);
+            assert!(apart < 0.045, "position {position}: {apart}");
+        }
+        // The test can tell: the draft's own distribution is far from the model's.
+        let draft_apart = total_variation(&plain[0], &drafts_own[0]);
+        assert!(
+            draft_apart > 0.15,
+            "the draft is too close to tell: {draft_apart}"
+        );
+    }
+
+    #[test]
+    fn unusable_settings_are_errors() {
+        let device = Device::flex();
+        let model = Llama::new(&config(40, 1, 16, 24), 0.0, 1, &device).unwrap();
+        let narrow = Llama::new(&config(30, 1, 16, 24), 0.0, 1, &device).unwrap();
+        let run = |draft: &Llama, draft_tokens| {
+            generate_with_draft(
+                &model,
+                draft,
+                &[1, 2],
+                &settings(4, 0.0, 0),
+                draft_tokens,
+                40,
+                |_| {},
+            )
+            .map(|_| ())
+        };
+        for draft_tokens in [0, 8] {
+            assert!(matches!(
+                run(&model, draft_tokens),
+                Err(ModelError::InvalidSampling {
+                    field: "draft_tokens",
+                    ..
+                })
+            ));
+        }
+        assert!(matches!(
+            run(&narrow, 2),
+            Err(ModelError::InvalidConfig {
+                field: "vocab_size",
+                ..
+            })
+        ));
+    }
+}
