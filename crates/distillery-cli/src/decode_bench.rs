@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use distillery_model::{
-    DraftStats, GenerationConfig, Llama, SamplingConfig, generate_streaming, generate_with_draft,
+    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_streaming,
+    generate_with_draft,
 };
 
 use crate::models::{LoadedModel, ModelKind};
@@ -180,7 +181,9 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
 pub struct DraftReport {
     pub model: String,
     pub draft: String,
+    /// Tokens drafted per pass (the most, when adaptive).
     pub draft_tokens: usize,
+    pub adaptive: bool,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     /// New tokens over the whole generation's time, prompt included (median over the runs),
@@ -197,7 +200,7 @@ pub struct DraftReport {
 }
 
 /// Greedy generation of `new_tokens` after `prompt` by `model` alone and with `draft`
-/// proposing `draft_tokens` tokens per pass, `runs` rounds after a warm-up of each, the two
+/// proposing `length` tokens per pass, `runs` rounds after a warm-up of each, the two
 /// alternating. The drafted output must equal the model's own, token for token.
 pub fn bench_draft(
     model: &LoadedModel,
@@ -205,7 +208,7 @@ pub fn bench_draft(
     prompt: &[u32],
     new_tokens: usize,
     runs: usize,
-    draft_tokens: usize,
+    length: DraftLength,
     vocab: usize,
 ) -> anyhow::Result<DraftReport> {
     let config = GenerationConfig {
@@ -225,7 +228,7 @@ pub fn bench_draft(
             &draft.model,
             prompt,
             &config,
-            draft_tokens,
+            length,
             vocab,
             |_| {},
         )?;
@@ -258,7 +261,8 @@ pub fn bench_draft(
     Ok(DraftReport {
         model: model.describe(),
         draft: draft.describe(),
-        draft_tokens,
+        draft_tokens: length.most(),
+        adaptive: matches!(length, DraftLength::Adaptive(_)),
         prompt_tokens: prompt.len(),
         new_tokens,
         alone_tokens_per_sec: alone,
@@ -278,7 +282,7 @@ pub fn bench_draft(
 
 pub fn draft_table(reports: &[DraftReport]) -> String {
     let mut table = String::from(
-        "| model | draft | drafted tokens | alone | with the draft | speed-up | accepted | by \
+        "| model | draft | drafted tokens (most) | alone | with the draft | speed-up | accepted | by \
          position | tokens per pass |\n|---|---|---:|---:|---:|---:|---:|---|---:|\n",
     );
     for report in reports {
@@ -288,10 +292,11 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
             .map(|rate| format!("{:.0}%", 100.0 * rate))
             .collect();
         table.push_str(&format!(
-            "| {} | {} | {} | {:.0} tokens/s | {:.0} tokens/s | {:.2}x | {:.1}% | {} | {:.2} |\n",
+            "| {} | {} | {}{} | {:.0} tokens/s | {:.0} tokens/s | {:.2}x | {:.1}% | {} | {:.2} |\n",
             report.model,
             report.draft,
             report.draft_tokens,
+            if report.adaptive { ", adaptive" } else { "" },
             report.alone_tokens_per_sec,
             report.drafted_tokens_per_sec,
             report.speedup,

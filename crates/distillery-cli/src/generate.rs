@@ -45,9 +45,13 @@ pub struct GenerateArgs {
     /// output follows the model's own distribution, and greedy output is the model's own.
     #[arg(long)]
     draft: Option<PathBuf>,
-    /// Tokens the draft proposes per pass of the model (1 to 7).
+    /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft, the
+    /// most).
     #[arg(long, default_value_t = 4, requires = "draft")]
     draft_tokens: usize,
+    /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
+    #[arg(long, requires = "draft")]
+    adaptive_draft: bool,
     /// Print the answer as JSON: the text, every generated token id (the stop token included)
     /// and why generation stopped.
     #[arg(long)]
@@ -99,7 +103,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 &draft.model,
                 &prompt_ids,
                 &settings,
-                args.draft_tokens,
+                models::draft_length(args.draft_tokens, args.adaptive_draft),
                 tokenizer.vocab_size(),
                 |_| {},
             )?;
@@ -127,6 +131,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if let Some(stats) = &draft_stats {
             report["draft"] = serde_json::json!({
                 "draft_tokens": args.draft_tokens,
+                "adaptive": args.adaptive_draft,
                 "model_passes": stats.model_passes,
                 "proposed_by_position": stats.proposed,
                 "accepted_by_position": stats.accepted,

@@ -215,9 +215,14 @@ enum BenchCommand {
         /// with it (speculative decoding, greedy), with the draft's acceptance.
         #[arg(long)]
         draft: Option<PathBuf>,
-        /// Tokens the draft proposes per pass of the model (1 to 7).
+        /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft,
+        /// the most).
         #[arg(long, default_value_t = 4, requires = "draft")]
         draft_tokens: usize,
+        /// Draft two more tokens after a pass that keeps them all, one fewer after a
+        /// rejection.
+        #[arg(long, requires = "draft")]
+        adaptive_draft: bool,
     },
 }
 
@@ -680,6 +685,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     activations,
                     draft,
                     draft_tokens,
+                    adaptive_draft,
                 },
         } => {
             let config = config.load()?;
@@ -708,7 +714,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             prompt,
                             new_tokens,
                             runs,
-                            draft_tokens,
+                            models::draft_length(draft_tokens, adaptive_draft),
                             data.tokenizer.vocab_size(),
                         )
                     })

@@ -132,6 +132,15 @@ pub fn load_model(
     })
 }
 
+/// The draft length `--draft-tokens` and `--adaptive-draft` ask for.
+pub fn draft_length(tokens: usize, adaptive: bool) -> distillery_model::DraftLength {
+    if adaptive {
+        distillery_model::DraftLength::Adaptive(tokens)
+    } else {
+        distillery_model::DraftLength::Fixed(tokens)
+    }
+}
+
 /// How quantized matrices treat their activations, as a command-line flag names it.
 #[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Activations {

@@ -20,7 +20,7 @@ pub use llama::{
     Weight, in_out_weight,
 };
 pub use matrices::LayerMatrix;
-pub use speculative::{DraftStats, generate_with_draft};
+pub use speculative::{DraftLength, DraftStats, generate_with_draft};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

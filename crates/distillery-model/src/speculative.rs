@@ -15,8 +15,38 @@ use rand_chacha::ChaCha8Rng;
 use crate::generate::{Distribution, GenerationConfig, check_prompt};
 use crate::{Generation, KvCache, Llama, ModelError, StopReason};
 
-/// What the draft did, by position in the draft: how often a token was proposed there and
-/// how often it was accepted.
+/// How many tokens the draft proposes per pass of the model (fewer near the token limit or
+/// the end of either context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DraftLength {
+    /// Always this many.
+    Fixed(usize),
+    /// Between 1 and this many: two more after a pass that keeps every draft, one fewer after
+    /// a rejection (the schedule of transformers' assisted generation), so an unsure draft
+    /// wastes fewer tokens and a sure one runs ahead.
+    Adaptive(usize),
+}
+
+impl DraftLength {
+    /// The most tokens a pass drafts.
+    pub fn most(self) -> usize {
+        match self {
+            Self::Fixed(tokens) | Self::Adaptive(tokens) => tokens,
+        }
+    }
+
+    /// The next pass's length after `accepted` of `drafted` tokens were kept.
+    fn next(self, current: usize, drafted: usize, accepted: usize) -> usize {
+        match self {
+            Self::Fixed(tokens) => tokens,
+            Self::Adaptive(most) if accepted == drafted => (current + 2).min(most),
+            Self::Adaptive(_) => current.saturating_sub(1).max(1),
+        }
+    }
+}
+
+/// What the draft did, by position in the draft: how often a token was drafted there and how
+/// often it was kept (a token after a rejected one counts as drafted, not kept).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DraftStats {
     /// Forward passes of the model after the prompt's, each checking one draft.
@@ -73,8 +103,7 @@ fn forward_rows(
         .collect()
 }
 
-/// Continues `prompt` with `model`, `draft` proposing up to `draft_tokens` tokens per pass of
-/// the model. The two must share a tokenizer; their vocabularies may differ by padding rows
+/// Continues `prompt` with `model`, `draft` proposing `length` tokens per pass of the model. The two must share a tokenizer; their vocabularies may differ by padding rows
 /// past `vocab`, the tokenizer's size, which neither samples. Returns the tokens and what the
 /// draft did.
 pub fn generate_with_draft(
@@ -82,7 +111,7 @@ pub fn generate_with_draft(
     draft: &Llama,
     prompt: &[u32],
     config: &GenerationConfig,
-    draft_tokens: usize,
+    length: DraftLength,
     vocab: usize,
     on_token: impl FnMut(u32) + Send,
 ) -> Result<(Generation, DraftStats), ModelError> {
@@ -90,10 +119,10 @@ pub fn generate_with_draft(
     // A checking pass covers the drafts and the token before them; up to FEW_ROWS positions
     // it computes each one as a single-token step does.
     let most = distillery_kernels::FEW_ROWS - 1;
-    if !(1..=most).contains(&draft_tokens) {
+    if !(1..=most).contains(&length.most()) {
         return Err(ModelError::InvalidSampling {
             field: "draft_tokens",
-            reason: format!("must be between 1 and {most}, got {draft_tokens}"),
+            reason: format!("must be between 1 and {most}, got {}", length.most()),
         });
     }
     for (which, checked) in [("model", model), ("draft", draft)] {
@@ -108,7 +137,7 @@ pub fn generate_with_draft(
     check_prompt(model, prompt)?;
     check_prompt(draft, prompt)?;
     // As in plain generation: on a rayon worker every product's split is a fork.
-    rayon::scope(|_| decode(model, draft, prompt, config, draft_tokens, vocab, on_token))
+    rayon::scope(|_| decode(model, draft, prompt, config, length, vocab, on_token))
 }
 
 fn decode(
@@ -116,7 +145,7 @@ fn decode(
     draft: &Llama,
     prompt: &[u32],
     config: &GenerationConfig,
-    draft_tokens: usize,
+    length: DraftLength,
     vocab: usize,
     mut on_token: impl FnMut(u32),
 ) -> Result<(Generation, DraftStats), ModelError> {
@@ -125,7 +154,7 @@ fn decode(
     let model_context = model.config().max_position_embeddings;
     let draft_context = draft.config().max_position_embeddings;
     let reserve =
-        |context: usize| (prompt.len() + config.max_new_tokens + draft_tokens).min(context);
+        |context: usize| (prompt.len() + config.max_new_tokens + length.most()).min(context);
     let mut model_cache = KvCache::with_capacity(model.layers.len(), reserve(model_context));
     let mut draft_cache = KvCache::with_capacity(draft.layers.len(), reserve(draft_context));
     let mut stats = DraftStats::default();
@@ -147,6 +176,7 @@ fn decode(
     // Tokens chosen but not yet fed to each model.
     let mut model_pending = vec![first];
     let mut draft_pending = [prompt, &[first]].concat();
+    let mut draft_length = length.most();
     let stop = 'decoding: loop {
         let remaining = config.max_new_tokens - tokens.len();
         if remaining == 0 {
@@ -161,7 +191,7 @@ fn decode(
         // limit, the draft proposes fewer (none: a plain step of the model).
         let draft_room =
             (draft_context + 1).saturating_sub(draft_cache.len() + draft_pending.len());
-        let drafted = draft_tokens
+        let drafted = draft_length
             .min(remaining - 1)
             .min(model_context - model_start)
             .min(draft_room);
@@ -196,17 +226,10 @@ fn decode(
 
         let mut emitted = Vec::with_capacity(drafted + 1);
         let mut accepted = 0;
-        for (position, ((&token, guess), logits)) in proposals
-            .iter()
-            .zip(&draft_distributions)
-            .zip(&rows)
-            .enumerate()
-        {
+        for ((&token, guess), logits) in proposals.iter().zip(&draft_distributions).zip(&rows) {
             let target = Distribution::of(logits, sampling);
             let (p, q) = (target.probability(token), guess.probability(token));
-            let keep = rng.random::<f64>() * q < p;
-            stats.record(position, keep);
-            if keep {
+            if rng.random::<f64>() * q < p {
                 emitted.push(token);
                 accepted += 1;
             } else {
@@ -216,6 +239,12 @@ fn decode(
         }
         if accepted == drafted {
             emitted.push(Distribution::of(&rows[drafted], sampling).draw(&mut rng));
+        }
+        for position in 0..drafted {
+            stats.record(position, position < accepted);
+        }
+        if drafted > 0 {
+            draft_length = length.next(draft_length, drafted, accepted);
         }
 
         // The model keeps its pending tokens and the accepted drafts; the draft keeps what it
@@ -286,20 +315,24 @@ mod tests {
                 // The longest runs reach the end of the context.
                 let new_tokens = if case % 2 == 0 { 12 } else { 30 };
                 let plain = generate(&model, &prompt, &settings(new_tokens, 0.0, 0)).unwrap();
-                for draft_tokens in [1, 2, 3, 5] {
+                let lengths = [1, 2, 3, 5]
+                    .map(DraftLength::Fixed)
+                    .into_iter()
+                    .chain([DraftLength::Adaptive(7)]);
+                for length in lengths {
                     let (drafted, stats) = generate_with_draft(
                         &model,
                         draft,
                         &prompt,
                         &settings(new_tokens, 0.0, 0),
-                        draft_tokens,
+                        length,
                         40,
                         |_| {},
                     )
                     .unwrap();
                     assert_eq!(
                         drafted, plain,
-                        "draft {name}, prompt {prompt:?}, {draft_tokens} drafted tokens"
+                        "draft {name}, prompt {prompt:?}, {length:?} drafted tokens"
                     );
                     if name == "itself" {
                         assert_eq!(stats.acceptance_rate(), 1.0);
@@ -308,6 +341,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_adaptive_draft_shrinks_after_rejections_and_grows_after_acceptance() {
+        let device = Device::flex();
+        let model = Llama::new(&config(40, 2, 32, 64), 0.0, 5, &device).unwrap();
+        let other = Llama::new(&config(40, 1, 16, 64), 0.0, 9, &device).unwrap();
+        let run = |draft: &Llama, length| {
+            generate_with_draft(
+                &model,
+                draft,
+                &[3, 1, 4],
+                &settings(40, 0.0, 0),
+                length,
+                40,
+                |_| {},
+            )
+            .unwrap()
+            .1
+        };
+        // An unrelated draft is mostly rejected: adaptive passes draft fewer tokens.
+        let (fixed, adaptive) = (
+            run(&other, DraftLength::Fixed(5)),
+            run(&other, DraftLength::Adaptive(5)),
+        );
+        let drafted = |stats: &DraftStats| stats.proposed.iter().sum::<usize>();
+        assert!(
+            drafted(&adaptive) * fixed.model_passes < drafted(&fixed) * adaptive.model_passes,
+            "fixed {fixed:?}, adaptive {adaptive:?}"
+        );
+        // The model as its own draft keeps every token: the length stays at its most.
+        let own = run(&model, DraftLength::Adaptive(5));
+        assert_eq!(own.proposed.len(), 5);
+        assert_eq!(own.acceptance_rate(), 1.0);
     }
 
     /// Each position's token frequencies over `runs` seeded generations of three tokens (the
@@ -350,15 +417,23 @@ mod tests {
         });
         let speculative = frequencies(runs, vocab, |seed| {
             let settings = settings(3, TEMPERATURE, seed + runs);
-            generate_with_draft(&model, &draft, &prompt, &settings, 2, vocab, |_| {})
-                .unwrap()
-                .0
-                .tokens
+            generate_with_draft(
+                &model,
+                &draft,
+                &prompt,
+                &settings,
+                DraftLength::Fixed(2),
+                vocab,
+                |_| {},
+            )
+            .unwrap()
+            .0
+            .tokens
         });
         for position in 0..3 {
             // Two samples of 6,000 from one distribution over 8 tokens differ by about 0.02;
             // drawing a rejected token's replacement from the model's distribution instead of
-            // the residual one puts the second position 0.065 away.
+            // the residual one puts the second position 0.08 away.
             let apart = total_variation(&plain[position], &speculative[position]);
             assert!(apart < 0.045, "position {position}: {apart}");
         }
@@ -376,6 +451,7 @@ mod tests {
         let model = Llama::new(&config(40, 1, 16, 24), 0.0, 1, &device).unwrap();
         let narrow = Llama::new(&config(30, 1, 16, 24), 0.0, 1, &device).unwrap();
         let run = |draft: &Llama, draft_tokens| {
+            let draft_tokens = DraftLength::Fixed(draft_tokens);
             generate_with_draft(
                 &model,
                 draft,
