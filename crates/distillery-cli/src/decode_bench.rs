@@ -251,7 +251,9 @@ pub fn bench_draft(
         let (seconds, tokens, stats) = drafted()?;
         anyhow::ensure!(
             tokens == reference,
-            "with the draft {} the model's greedy output changed",
+            "with the draft {} the model's greedy output changed (on the CPU backend a checking \
+             pass computes each position as a single step does; other backends' batched \
+             products may round differently)",
             draft.describe()
         );
         drafted_speeds.push(new_tokens as f64 / seconds);
@@ -269,12 +271,7 @@ pub fn bench_draft(
         drafted_tokens_per_sec: with_draft,
         speedup: with_draft / alone,
         acceptance_rate: last_stats.acceptance_rate(),
-        acceptance_by_position: last_stats
-            .proposed
-            .iter()
-            .zip(&last_stats.accepted)
-            .map(|(&proposed, &accepted)| accepted as f64 / proposed.max(1) as f64)
-            .collect(),
+        acceptance_by_position: last_stats.acceptance_by_position(),
         tokens_per_pass: last_stats.tokens_per_pass(new_tokens),
         runs: runs.max(1),
     })

@@ -152,10 +152,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 /// One line on what the draft did: acceptance overall and by position, tokens per model pass.
 fn describe_draft(stats: &distillery_model::DraftStats, tokens: usize) -> String {
     let by_position: Vec<String> = stats
-        .proposed
+        .acceptance_by_position()
         .iter()
-        .zip(&stats.accepted)
-        .map(|(&proposed, &accepted)| format!("{:.0}%", 100.0 * accepted as f64 / proposed as f64))
+        .map(|rate| format!("{:.0}%", 100.0 * rate))
         .collect();
     format!(
         "draft: {:.1}% of drafted tokens accepted (by position: {}), {:.2} tokens per pass of \

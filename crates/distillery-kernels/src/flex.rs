@@ -303,8 +303,8 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
     if weight.layout().strides() == [1, inputs as isize] {
         let start = weight.layout().start_offset();
         let table = &weight.storage::<f32>()[start..start + inputs * outputs];
-        // Every row of `x` meets a few table rows while they are in the core's first-level
-        // cache (64 KiB of them), so the table streams from memory once for all of them.
+        // Every row of `x` meets a few table rows (64 KiB) while they sit in the core's own
+        // cache, so the table streams from memory once for all of them.
         let cached_rows = (CACHED_FLOATS / inputs).clamp(1, PRODUCT_DOTS);
         let runs: Vec<Vec<f32>> = table
             .par_chunks(PRODUCT_DOTS * inputs)
@@ -523,7 +523,7 @@ impl SendPtr {
 }
 
 /// Query counts up to which [`causal_attention`] takes each query on its own.
-const FEW_QUERIES: usize = 8;
+const FEW_QUERIES: usize = crate::FEW_ROWS;
 
 /// A strided matrix: its first element and its row and column strides.
 type StridedMatrix = (*const f32, isize, isize);
@@ -544,8 +544,9 @@ unsafe fn attend(
     p: &mut [f32],
     out: &mut [f32],
 ) {
-    // SAFETY: p and out are the caller's own buffers of the right size; q, k, v are
-    // read-only views the caller vouches for.
+    assert!(p.len() >= queries * keys && out.len() >= queries * head_dim);
+    // SAFETY: p and out are the caller's own buffers, checked above; q, k, v are read-only
+    // views the caller vouches for.
     unsafe {
         // scores = q k^T
         gemm(

@@ -710,6 +710,9 @@ mod tests {
     }
 }
 
+// `rows_times_rows` has a kernel for each count of rows up to eight.
+const _: () = assert!(crate::FEW_ROWS <= 8);
+
 /// Output columns [`rows_times_rows`] keeps in registers for each input row at once.
 const COLUMN_BLOCK: usize = 16;
 

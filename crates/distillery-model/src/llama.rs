@@ -42,7 +42,7 @@ pub struct Linear {
 /// Up to this many input rows (a decoding step) a quantized layer multiplies its codes
 /// directly, with inputs rounded to int8 where the layout allows integer dot products and the
 /// [`ActivationRounding`] says so ([`QuantizedWeight::matmul_int8_inputs`]).
-const DECODE_ROWS: usize = 8;
+const DECODE_ROWS: usize = FEW_ROWS;
 
 /// Up to this many input rows (a prompt) on the CPU backend a quantized layer decodes its
 /// weights a tile at a time ([`QuantizedWeight::matmul_in_tiles`]); above it (evaluation and

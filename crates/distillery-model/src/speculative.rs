@@ -6,7 +6,9 @@
 //! `max(0, p − q)`, and when every draft is accepted the pass's last position gives one more
 //! token. The tokens then follow the model's own distribution; greedy decoding (temperature 0,
 //! where both distributions put all their mass on one token) gives exactly the model's greedy
-//! tokens. Both KV caches roll back in place to the accepted length.
+//! tokens (on the CPU backend, where a checking pass computes each of its few positions with
+//! the bits a single-token step gives it). Both KV caches roll back in place to the accepted
+//! length.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{RngExt, SeedableRng};
@@ -63,9 +65,19 @@ impl DraftStats {
         accepted as f64 / proposed.max(1) as f64
     }
 
-    /// Tokens emitted per model pass after the prompt's: what one pass of the model buys.
+    /// Tokens per pass of the model after the prompt's, for a generation of `tokens` tokens
+    /// (the prompt's pass gives the first): what one pass of the model buys.
     pub fn tokens_per_pass(&self, tokens: usize) -> f64 {
-        tokens as f64 / self.model_passes.max(1) as f64
+        tokens.saturating_sub(1) as f64 / self.model_passes.max(1) as f64
+    }
+
+    /// Kept over drafted tokens at each position of a draft.
+    pub fn acceptance_by_position(&self) -> Vec<f64> {
+        self.proposed
+            .iter()
+            .zip(&self.accepted)
+            .map(|(&proposed, &accepted)| accepted as f64 / proposed.max(1) as f64)
+            .collect()
     }
 
     fn record(&mut self, position: usize, accepted: bool) {
@@ -153,8 +165,9 @@ fn decode(
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
     let model_context = model.config().max_position_embeddings;
     let draft_context = draft.config().max_position_embeddings;
-    let reserve =
-        |context: usize| (prompt.len() + config.max_new_tokens + length.most()).min(context);
+    // A pass's rejected drafts are written past the kept positions and then overwritten, never
+    // past the last position the generation can reach.
+    let reserve = |context: usize| (prompt.len() + config.max_new_tokens).min(context);
     let mut model_cache = KvCache::with_capacity(model.layers.len(), reserve(model_context));
     let mut draft_cache = KvCache::with_capacity(draft.layers.len(), reserve(draft_context));
     let mut stats = DraftStats::default();

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
 pub(crate) const PARALLEL_WORK: usize = 1 << 16;
 
-/// The fewest output channels one parallel task computes: enough work to outweigh handing
-/// it out.
+/// About the output channels one parallel task computes: enough work to outweigh handing it
+/// out.
 const CHANNELS_PER_TASK: usize = 128;
 
 /// The most output channels [`in_tiles`] decodes at a time: 256 channels of 1,024 inputs are
@@ -108,9 +108,9 @@ pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f
 /// `x Wᵀ` for `count` input rows `x` (`count x cols`) and a `rows x cols` matrix `W` whose
 /// channels `decode_row(channel, out)` writes as floats: each task decodes a tile of channels
 /// and multiplies every input row with it while the tile is in cache, so the float matrix
-/// never exists whole and each decoded weight serves all rows. The tiles are as many as a
-/// multiple of the threads, so none waits on another's last tile, and each writes its columns
-/// of the `count x rows` result in place.
+/// never exists whole and each decoded weight serves all rows. The tiles are sized for a
+/// multiple of the threads (then rounded up to whole 16-channel blocks), so few wait on
+/// another's last tile, and each writes its columns of the `count x rows` result in place.
 pub(crate) fn in_tiles(
     rows: usize,
     cols: usize,

@@ -310,9 +310,7 @@ mod x86 {
             let values = |piece: usize| unsafe {
                 _mm256_loadu_si256(inputs.values.as_ptr().add((first + piece) * PIECE).cast())
             };
-            let inputs_sum = |piece: usize| {
-                inputs.half_sums[2 * (first + piece)] + inputs.half_sums[2 * (first + piece) + 1]
-            };
+            let inputs_sum = |piece: usize| inputs.sums[first + piece];
             if KIND == Q6_K {
                 let d = half(block, 208);
                 let (low, high, scales) = (&block[..128], &block[128..192], &block[192..208]);
