@@ -7,7 +7,7 @@ use distillery_data::chat::{ChatTemplate, Message};
 use distillery_model::{GenerationConfig, SamplingConfig, StopReason};
 
 use crate::ConfigArgs;
-use crate::models::{self, Activations};
+use crate::models::{self, Activations, DraftArgs};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -40,18 +40,8 @@ pub struct GenerateArgs {
     /// How quantized matrices treat their activations.
     #[arg(long, value_enum, default_value_t)]
     activations: Activations,
-    /// A smaller model with the same tokenizer (a checkpoint, run directory, quantized folder
-    /// or GGUF file) that drafts tokens for the model to check (speculative decoding): the
-    /// output follows the model's own distribution, and greedy output is the model's own.
-    #[arg(long)]
-    draft: Option<PathBuf>,
-    /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft, the
-    /// most).
-    #[arg(long, default_value_t = 4, requires = "draft")]
-    draft_tokens: usize,
-    /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
-    #[arg(long, requires = "draft")]
-    adaptive_draft: bool,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// Print the answer as JSON: the text, every generated token id (the stop token included)
     /// and why generation stopped.
     #[arg(long)]
@@ -62,7 +52,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
     let mut loaded = vec![models::load_model(&config, &args.checkpoint, &tokenizer)?];
-    if let Some(draft) = &args.draft {
+    if let Some(draft) = &args.draft.draft {
         loaded.push(models::load_model(&config, draft, &tokenizer)?);
     }
     models::apply_activations(&mut loaded, args.activations);
@@ -103,7 +93,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 &draft.model,
                 &prompt_ids,
                 &settings,
-                models::draft_length(args.draft_tokens, args.adaptive_draft),
+                args.draft.length(),
                 tokenizer.vocab_size(),
                 |_| {},
             )?;
@@ -130,8 +120,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         });
         if let Some(stats) = &draft_stats {
             report["draft"] = serde_json::json!({
-                "draft_tokens": args.draft_tokens,
-                "adaptive": args.adaptive_draft,
+                "draft_tokens": args.draft.draft_tokens,
+                "adaptive": args.draft.adaptive_draft,
                 "model_passes": stats.model_passes,
                 "proposed_by_position": stats.proposed,
                 "accepted_by_position": stats.accepted,

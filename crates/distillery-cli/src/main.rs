@@ -211,18 +211,10 @@ enum BenchCommand {
         /// How quantized matrices treat their activations.
         #[arg(long, value_enum, default_value_t)]
         activations: Activations,
-        /// A draft model with the same tokenizer: each checkpoint is also measured decoding
-        /// with it (speculative decoding, greedy), with the draft's acceptance.
-        #[arg(long)]
-        draft: Option<PathBuf>,
-        /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft,
-        /// the most).
-        #[arg(long, default_value_t = 4, requires = "draft")]
-        draft_tokens: usize,
-        /// Draft two more tokens after a pass that keeps them all, one fewer after a
-        /// rejection.
-        #[arg(long, requires = "draft")]
-        adaptive_draft: bool,
+        // With a draft, each checkpoint is measured alone and decoding with it (greedy), with
+        // the draft's acceptance.
+        #[command(flatten)]
+        draft: models::DraftArgs,
     },
 }
 
@@ -684,8 +676,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json,
                     activations,
                     draft,
-                    draft_tokens,
-                    adaptive_draft,
                 },
         } => {
             let config = config.load()?;
@@ -701,20 +691,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<Vec<_>>>()?
                 .into_iter()
                 .unzip();
-            if let Some(draft) = draft {
-                loaded.push(models::load_model(&config, &draft, &data.tokenizer)?);
+            if let Some(path) = &draft.draft {
+                loaded.push(models::load_model(&config, path, &data.tokenizer)?);
                 models::apply_activations(&mut loaded, activations);
-                let (draft, measured) = loaded.split_last().expect("the draft was just added");
+                let (draft_model, measured) =
+                    loaded.split_last().expect("the draft was just added");
                 let reports = measured
                     .iter()
                     .map(|model| {
                         decode_bench::bench_draft(
                             model,
-                            draft,
+                            draft_model,
                             prompt,
                             new_tokens,
                             runs,
-                            models::draft_length(draft_tokens, adaptive_draft),
+                            draft.length(),
                             data.tokenizer.vocab_size(),
                         )
                     })

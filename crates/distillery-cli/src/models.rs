@@ -132,12 +132,30 @@ pub fn load_model(
     })
 }
 
-/// The draft length `--draft-tokens` and `--adaptive-draft` ask for.
-pub fn draft_length(tokens: usize, adaptive: bool) -> distillery_model::DraftLength {
-    if adaptive {
-        distillery_model::DraftLength::Adaptive(tokens)
-    } else {
-        distillery_model::DraftLength::Fixed(tokens)
+/// A draft model for speculative decoding, as `generate` and `bench generate` take it.
+#[derive(clap::Args)]
+pub struct DraftArgs {
+    /// A smaller model with the same tokenizer (a checkpoint, run directory, quantized folder
+    /// or GGUF file) that drafts tokens for the model to check (speculative decoding): the
+    /// output follows the model's own distribution, and greedy output is the model's own.
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+    /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft, the
+    /// most).
+    #[arg(long, default_value_t = 4, requires = "draft")]
+    pub draft_tokens: usize,
+    /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
+    #[arg(long, requires = "draft")]
+    pub adaptive_draft: bool,
+}
+
+impl DraftArgs {
+    pub fn length(&self) -> distillery_model::DraftLength {
+        if self.adaptive_draft {
+            distillery_model::DraftLength::Adaptive(self.draft_tokens)
+        } else {
+            distillery_model::DraftLength::Fixed(self.draft_tokens)
+        }
     }
 }
 
