@@ -340,11 +340,16 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         .for_each(|(run, (partial, weight))| {
             let length = weight.len() / outputs;
             let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + length;
-            let x: Vec<f32> = x
-                .chunks_exact(inputs)
-                .flat_map(|row| &row[columns.clone()])
-                .copied()
-                .collect();
+            // Each row's columns of this run, side by side; a decode step's single row is
+            // already that.
+            let x: std::borrow::Cow<[f32]> = if rows == 1 {
+                std::borrow::Cow::Borrowed(&x[columns])
+            } else {
+                x.chunks_exact(inputs)
+                    .flat_map(|row| &row[columns.clone()])
+                    .copied()
+                    .collect()
+            };
             rows::rows_times_rows(&x, length, weight, partial);
         });
     let mut out = partials[..rows * outputs].to_vec();

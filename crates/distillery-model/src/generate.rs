@@ -126,7 +126,6 @@ fn decode(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ModelError> {
     let context = model.config().max_position_embeddings;
-    let device = model.device();
     let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
     let positions = (prompt.len() + config.max_new_tokens).min(context);
     let mut cache = KvCache::with_capacity(model.layers.len(), positions);
@@ -139,15 +138,7 @@ fn decode(
         if cache.len() + next_input.len() > context {
             break StopReason::ContextFull;
         }
-        let ids: Vec<i64> = next_input.iter().map(|&id| id as i64).collect();
-        let input =
-            Tensor::<2, Int>::from_data(TensorData::new(ids, [1, next_input.len()]), &device);
-        let logits = model.forward_with(input, Some(&mut cache), false).logits;
-        let last: Vec<f32> = logits
-            .narrow(1, next_input.len() - 1, 1)
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .expect("float logits convert to f32");
+        let last = last_logits(model, &next_input, &mut cache, 1);
         let token = sample_token(&last, &config.sampling, &mut rng);
         tokens.push(token);
         on_token(token);
@@ -157,6 +148,26 @@ fn decode(
         next_input = vec![token];
     };
     Ok(Generation { tokens, stop })
+}
+
+/// The logits of the last `rows` positions of one forward pass over `input` that continues
+/// `cache`, one row of the model's vocabulary after another.
+pub(crate) fn last_logits(
+    model: &Llama,
+    input: &[u32],
+    cache: &mut KvCache,
+    rows: usize,
+) -> Vec<f32> {
+    let ids: Vec<i64> = input.iter().map(|&id| i64::from(id)).collect();
+    let tokens =
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, input.len()]), &model.device());
+    model
+        .forward_with(tokens, Some(cache), false)
+        .logits
+        .narrow(1, input.len() - rows, rows)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float logits convert to f32")
 }
 
 /// Picks a token from one position's logits.

@@ -10,11 +10,10 @@
 //! the bits a single-token step gives it). Both KV caches roll back in place to the accepted
 //! length.
 
-use burn::tensor::{Int, Tensor, TensorData};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::generate::{Distribution, GenerationConfig, check_prompt};
+use crate::generate::{Distribution, GenerationConfig, check_prompt, last_logits};
 use crate::{Generation, KvCache, Llama, ModelError, StopReason};
 
 /// How many tokens the draft proposes per pass of the model (fewer near the token limit or
@@ -90,33 +89,9 @@ impl DraftStats {
     }
 }
 
-/// The last `rows` positions' logits of one forward pass over `input` that continues `cache`,
-/// each cut to the first `vocab` entries.
-fn forward_rows(
-    model: &Llama,
-    input: &[u32],
-    cache: &mut KvCache,
-    rows: usize,
-    vocab: usize,
-) -> Vec<Vec<f32>> {
-    let device = model.device();
-    let ids: Vec<i64> = input.iter().map(|&id| i64::from(id)).collect();
-    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, input.len()]), &device);
-    let logits = model.forward_with(tokens, Some(cache), false).logits;
-    let width = model.config().vocab_size;
-    let values: Vec<f32> = logits
-        .narrow(1, input.len() - rows, rows)
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("float logits convert to f32");
-    values
-        .chunks_exact(width)
-        .map(|row| row[..vocab].to_vec())
-        .collect()
-}
-
-/// Continues `prompt` with `model`, `draft` proposing `length` tokens per pass of the model. The two must share a tokenizer; their vocabularies may differ by padding rows
-/// past `vocab`, the tokenizer's size, which neither samples. Returns the tokens and what the
+/// Continues `prompt` with `model`, `draft` proposing `length` tokens per pass of the model.
+/// The two must share a tokenizer; their vocabularies may differ by padding rows past `vocab`,
+/// the tokenizer's size, which neither samples. Returns the tokens and what the
 /// draft did.
 pub fn generate_with_draft(
     model: &Llama,
@@ -177,10 +152,8 @@ fn decode(
     }
     // The prompt's pass alone, as plain generation makes it, so that every later pass of the
     // model is a few rows long and computes as its single-token steps do.
-    let [first] = forward_rows(model, prompt, &mut model_cache, 1, vocab)
-        .try_into()
-        .expect("one row asked for");
-    let first = Distribution::of(&first, sampling).draw(&mut rng);
+    let first = last_logits(model, prompt, &mut model_cache, 1);
+    let first = Distribution::of(&first[..vocab], sampling).draw(&mut rng);
     on_token(first);
     let mut tokens = vec![first];
     if config.stop_tokens.contains(&first) {
@@ -215,10 +188,8 @@ fn decode(
         let mut input = std::mem::take(&mut draft_pending);
         let fed_before = input.len();
         for index in 0..drafted {
-            let [logits] = forward_rows(draft, &input, &mut draft_cache, 1, vocab)
-                .try_into()
-                .expect("one row asked for");
-            let distribution = Distribution::of(&logits, sampling);
+            let logits = last_logits(draft, &input, &mut draft_cache, 1);
+            let distribution = Distribution::of(&logits[..vocab], sampling);
             let token = distribution.draw(&mut rng);
             proposals.push(token);
             draft_distributions.push(distribution);
@@ -234,12 +205,16 @@ fn decode(
         let mut checked = std::mem::take(&mut model_pending);
         let model_fed = checked.len();
         checked.extend(&proposals);
-        let rows = forward_rows(model, &checked, &mut model_cache, drafted + 1, vocab);
+        let logits = last_logits(model, &checked, &mut model_cache, drafted + 1);
+        let rows: Vec<&[f32]> = logits
+            .chunks_exact(model.config().vocab_size)
+            .map(|row| &row[..vocab])
+            .collect();
         stats.model_passes += 1;
 
         let mut emitted = Vec::with_capacity(drafted + 1);
         let mut accepted = 0;
-        for ((&token, guess), logits) in proposals.iter().zip(&draft_distributions).zip(&rows) {
+        for ((&token, guess), &logits) in proposals.iter().zip(&draft_distributions).zip(&rows) {
             let target = Distribution::of(logits, sampling);
             let (p, q) = (target.probability(token), guess.probability(token));
             if rng.random::<f64>() * q < p {
@@ -251,7 +226,7 @@ fn decode(
             }
         }
         if accepted == drafted {
-            emitted.push(Distribution::of(&rows[drafted], sampling).draw(&mut rng));
+            emitted.push(Distribution::of(rows[drafted], sampling).draw(&mut rng));
         }
         for position in 0..drafted {
             stats.record(position, position < accepted);
