@@ -1,5 +1,6 @@
 //! `distillery`: train, distill, quantize and export Llama-architecture language models.
 
+mod backends;
 mod cost;
 mod decode_bench;
 mod export;
@@ -117,6 +118,11 @@ enum Command {
     /// checkpoint (step 0 of the config's run), for eval, generate, export, a [teacher] or
     /// further training with --resume.
     Import(import::ImportArgs),
+    /// List the backends this build has and the devices each finds on this machine.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a GGUF file's metadata and tensors.
     Inspect {
         /// The GGUF file.
@@ -191,6 +197,16 @@ enum BenchCommand {
     /// Distillation throughput with a live and a cached teacher, against plain training of
     /// the same student.
     Distill(BenchArgs),
+    /// The config's run.backend against the cpu backend: the logits of one forward pass and
+    /// one training step (losses and every weight), within fixed tolerances; exits non-zero
+    /// when they disagree.
+    Backend {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Decoding speed (greedy, KV cache) of one or more models: checkpoints, quantized folders
     /// or GGUF files.
     Generate {
@@ -535,6 +551,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             import::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Devices { json } => {
+            backends::devices(json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { file } => {
             inspect::run(&file)?;
             Ok(ExitCode::SUCCESS)
@@ -665,6 +685,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            what: BenchCommand::Backend { config, json },
+        } => backends::check(&config, json),
         Command::Bench {
             what:
                 BenchCommand::Generate {

@@ -80,6 +80,14 @@ pub enum Backend {
 }
 
 impl Backend {
+    pub const ALL: [Backend; 5] = [
+        Backend::Cpu,
+        Backend::Wgpu,
+        Backend::TchCpu,
+        Backend::TchCuda,
+        Backend::Cuda,
+    ];
+
     /// The name a config spells it with.
     pub fn name(self) -> &'static str {
         match self {

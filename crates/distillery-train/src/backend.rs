@@ -7,6 +7,7 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{Device, FloatDType};
 use distillery_config::{Backend, Precision, RunConfig};
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -110,64 +111,89 @@ fn device_name(_: &Device) -> Option<String> {
 }
 
 fn open(backend: Backend, index: usize) -> Result<Device, BackendError> {
-    let only_device_zero = |needs: &'static str| {
-        if index == 0 {
-            Ok(())
-        } else {
-            Err(BackendError::NoDevice {
-                backend: backend.name(),
-                index,
-                found: 1,
-                needs,
-            })
-        }
-    };
-    match backend {
-        Backend::Cpu => {
-            only_device_zero("the cpu backend has one device, 0").map(|()| Device::flex())
-        }
-        Backend::Wgpu => wgpu(index),
-        Backend::TchCpu => {
-            only_device_zero("the tch-cpu backend has one device, 0")?;
-            tch_cpu()
-        }
-        Backend::TchCuda => tch_cuda(index),
-        Backend::Cuda => cuda(index),
-    }
-}
-
-/// The `index`-th of the devices a backend found, or an error saying what it needs.
-#[cfg(any(feature = "wgpu", feature = "tch", feature = "cuda"))]
-fn nth_device(
-    found: burn::tensor::Devices,
-    backend: Backend,
-    index: usize,
-    needs: &'static str,
-) -> Result<Device, BackendError> {
+    let found = devices_of(backend)?;
     let count = found.len();
     found.into_iter().nth(index).ok_or(BackendError::NoDevice {
         backend: backend.name(),
         index,
         found: count,
-        needs,
+        needs: what_it_needs(backend),
     })
 }
 
-/// The N-th adapter wgpu finds, of any kind: a discrete GPU, an integrated one, or a software
-/// rasterizer such as Mesa's lavapipe.
+/// Every device of `backend` this machine has, in `run.device` order; an error when the
+/// backend is not compiled in.
+fn devices_of(backend: Backend) -> Result<Vec<Device>, BackendError> {
+    match backend {
+        Backend::Cpu => Ok(vec![Device::flex()]),
+        Backend::Wgpu => wgpu(),
+        Backend::TchCpu => tch_cpu(),
+        Backend::TchCuda => tch_cuda(),
+        Backend::Cuda => cuda(),
+    }
+}
+
+fn what_it_needs(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Cpu => "the cpu backend has one device, 0",
+        Backend::TchCpu => "the tch-cpu backend has one device, 0",
+        Backend::Wgpu => {
+            "wgpu needs a Vulkan, Metal or DX12 driver (on Debian without a GPU: apt-get install \
+             mesa-vulkan-drivers libvulkan1)"
+        }
+        Backend::TchCuda => {
+            "tch-cuda needs an NVIDIA GPU, its driver and a CUDA build of libtorch (LIBTORCH \
+             pointing at one)"
+        }
+        Backend::Cuda => "the cuda backend needs an NVIDIA GPU and its driver (libcuda.so.1)",
+    }
+}
+
+/// What one backend offers on this machine, for `distillery devices`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendDevices {
+    pub backend: &'static str,
+    /// The devices by `run.device` index; empty when the backend finds none.
+    pub devices: Vec<String>,
+    /// Why the backend cannot run here: not compiled in, or no device found.
+    pub unavailable: Option<String>,
+}
+
+/// Every backend distillery knows, with the devices each finds on this machine.
+pub fn list_devices() -> Vec<BackendDevices> {
+    Backend::ALL
+        .into_iter()
+        .map(|backend| match devices_of(backend) {
+            Ok(devices) => BackendDevices {
+                backend: backend.name(),
+                unavailable: devices
+                    .is_empty()
+                    .then(|| what_it_needs(backend).to_string()),
+                devices: devices
+                    .iter()
+                    .map(|device| device_name(device).unwrap_or_else(|| format!("{device:?}")))
+                    .collect(),
+            },
+            Err(error) => BackendDevices {
+                backend: backend.name(),
+                devices: Vec::new(),
+                unavailable: Some(error.to_string()),
+            },
+        })
+        .collect()
+}
+
+/// wgpu's adapters of every kind: discrete GPUs, integrated ones, and software rasterizers
+/// such as Mesa's lavapipe.
 #[cfg(feature = "wgpu")]
-fn wgpu(index: usize) -> Result<Device, BackendError> {
-    nth_device(
-        Device::enumerate(burn::tensor::DeviceType::Wgpu),
-        Backend::Wgpu,
-        index,
-        "wgpu needs a Vulkan, Metal or DX12 driver (on Debian without a GPU: apt-get install \
-         mesa-vulkan-drivers libvulkan1)",
-    )
+fn wgpu() -> Result<Vec<Device>, BackendError> {
+    Ok(Device::enumerate(burn::tensor::DeviceType::Wgpu)
+        .into_iter()
+        .collect())
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu(_: usize) -> Result<Device, BackendError> {
+fn wgpu() -> Result<Vec<Device>, BackendError> {
     Err(not_compiled(Backend::Wgpu, "wgpu", ""))
 }
 
@@ -185,44 +211,37 @@ const LIBTORCH_NEEDS: &str = " and libtorch 2.9.0 (scripts/setup-libtorch.sh)";
 
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn 0.22 deprecates LibTorch in favour of CubeCL; the issue asks for it.
-fn tch_cpu() -> Result<Device, BackendError> {
-    Ok(Device::libtorch())
+fn tch_cpu() -> Result<Vec<Device>, BackendError> {
+    Ok(vec![Device::libtorch()])
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch_cpu() -> Result<Device, BackendError> {
+fn tch_cpu() -> Result<Vec<Device>, BackendError> {
     Err(not_compiled(Backend::TchCpu, "tch", LIBTORCH_NEEDS))
 }
 
 /// LibTorch enumerates its CUDA devices.
 #[cfg(feature = "tch")]
-fn tch_cuda(index: usize) -> Result<Device, BackendError> {
-    nth_device(
-        Device::enumerate(burn::tensor::DeviceType::LibTorch),
-        Backend::TchCuda,
-        index,
-        "tch-cuda needs an NVIDIA GPU, its driver and a CUDA build of libtorch (LIBTORCH \
-         pointing at one)",
-    )
+fn tch_cuda() -> Result<Vec<Device>, BackendError> {
+    Ok(Device::enumerate(burn::tensor::DeviceType::LibTorch)
+        .into_iter()
+        .collect())
 }
 
 #[cfg(not(feature = "tch"))]
-fn tch_cuda(_: usize) -> Result<Device, BackendError> {
+fn tch_cuda() -> Result<Vec<Device>, BackendError> {
     Err(not_compiled(Backend::TchCuda, "tch", LIBTORCH_NEEDS))
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(index: usize) -> Result<Device, BackendError> {
-    nth_device(
-        Device::enumerate(burn::tensor::DeviceType::Cuda),
-        Backend::Cuda,
-        index,
-        "the cuda backend needs an NVIDIA GPU and its driver (libcuda.so.1)",
-    )
+fn cuda() -> Result<Vec<Device>, BackendError> {
+    Ok(Device::enumerate(burn::tensor::DeviceType::Cuda)
+        .into_iter()
+        .collect())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: usize) -> Result<Device, BackendError> {
+fn cuda() -> Result<Vec<Device>, BackendError> {
     Err(not_compiled(Backend::Cuda, "cuda", ""))
 }
 

@@ -77,6 +77,11 @@ pub fn bench_objective(
         let started = Instant::now();
         let (updated, stats) = runner.run(model, &mut optimizer, &mut sampler, step)?;
         model = updated;
+        // A GPU may still be applying the update; the step ends when the device has finished.
+        device.sync().map_err(|error| TrainError::Device {
+            backend: config.run.backend.name(),
+            message: format!("the device failed during the step: {error}"),
+        })?;
         durations.push(started.elapsed().as_secs_f64());
         tokens_per_step = stats.tokens;
     }

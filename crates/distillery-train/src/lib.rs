@@ -2,6 +2,7 @@
 //! metrics and the throughput bench.
 
 mod backend;
+mod backend_check;
 mod bench;
 pub mod checkpoint;
 mod eval;
@@ -19,7 +20,10 @@ use distillery_config::ExperimentConfig;
 use distillery_data::{CacheStatus, DataError, TextTokenizer, TokenSplits};
 use distillery_model::{LlamaConfig, ModelError};
 
-pub use backend::{BackendError, backend_description, device_for};
+pub use backend::{BackendDevices, BackendError, backend_description, device_for, list_devices};
+pub use backend_check::{
+    BackendCheck, Comparison, LOGIT_TOLERANCE, LOSS_TOLERANCE, WEIGHT_TOLERANCE, check_against_cpu,
+};
 pub use bench::{BenchReport, bench_objective, bench_train};
 pub use checkpoint::{BestValidation, CheckpointError};
 pub use eval::{EvalMetrics, batch_tensors, evaluate, evaluate_with_predictions};
@@ -36,6 +40,12 @@ pub enum TrainError {
     Config { origin: String, message: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The device failed while computing.
+    #[error("run.backend = \"{backend}\": {message}")]
+    Device {
+        backend: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
