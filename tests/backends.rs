@@ -61,7 +61,7 @@ fn devices_lists_every_backend_with_its_devices_or_why_it_has_none() {
 }
 
 #[test]
-fn the_backend_check_refuses_to_compare_cpu_with_itself() {
+fn the_backend_check_refuses_what_its_tolerances_do_not_cover() {
     let workspace = Workspace::new();
     let (code, message) = workspace.run_err(&check_args(&workspace, "cpu"));
     // A config error.
@@ -70,6 +70,11 @@ fn the_backend_check_refuses_to_compare_cpu_with_itself() {
         message.contains("run.backend") && message.contains("another one"),
         "{message}"
     );
+    let mut half_precision = check_args(&workspace, "wgpu");
+    half_precision.extend(["--set".into(), "run.dtype=\"bf16\"".into()]);
+    let (code, message) = workspace.run_err(&half_precision);
+    assert_eq!(code, 2, "{message}");
+    assert!(message.contains("run.dtype"), "{message}");
 }
 
 fn check_args(workspace: &Workspace, backend: &str) -> Vec<String> {

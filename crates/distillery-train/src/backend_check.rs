@@ -52,7 +52,7 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    fn difference(self) -> f64 {
+    pub fn difference(self) -> f64 {
         (self.cpu - self.backend).abs()
     }
 }
@@ -67,6 +67,14 @@ pub fn check_against_cpu(
         return Err(TrainError::Config {
             origin: "run.backend".into(),
             message: "the check compares a backend with cpu: set run.backend to another one".into(),
+        });
+    }
+    if config.run.dtype != Precision::F32 {
+        return Err(TrainError::Config {
+            origin: "run.dtype".into(),
+            message: "the check compares with cpu in f32, where its tolerances hold: leave \
+                      run.dtype at f32"
+                .into(),
         });
     }
     let cpu = one_step_config(config, Backend::Cpu, scratch);
@@ -122,7 +130,7 @@ pub fn check_against_cpu(
     })
 }
 
-/// `config` on `backend` in f32, cut to one step that is validated and saved, with its run's
+/// `config` on `backend`, cut to one step that is validated and saved, with its run's
 /// directories under `scratch`.
 fn one_step_config(
     config: &ExperimentConfig,
@@ -131,7 +139,6 @@ fn one_step_config(
 ) -> ExperimentConfig {
     let mut config = config.clone();
     config.run.backend = backend;
-    config.run.dtype = Precision::F32;
     config.run.name = format!("{}-{}", config.run.name, backend.name());
     config.run.checkpoint_dir = scratch.join("checkpoints");
     config.run.experiment_dir = scratch.join("experiments");
