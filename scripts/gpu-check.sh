@@ -8,8 +8,8 @@
 # and wgpu against the cpu backend (the tiny model's logits, then one training step's losses
 # and weights); `distillery bench train` at the quickstart teacher's shape and at a ~102M
 # shape (configs/bench-100m.toml) in f32 and bf16, with scripts/pytorch_train_bench.py on the
-# same shapes where PyTorch sees the GPU; `distillery bench generate` of SmolLM2-135M where
-# its GGUF file is present (SMOLLM2=path, or models/ beside this script).
+# same shapes where PyTorch sees the GPU; `distillery bench generate` of SmolLM2-135M as a float
+# model where its GGUF file is present (SMOLLM2=path, or models/ beside this script).
 #
 # --cpu-only runs the steps a machine without a GPU can: the devices, wgpu on whatever adapter
 # it has (Mesa's lavapipe on a CPU) against cpu, `bench train` on cpu and `bench generate` on
@@ -177,9 +177,13 @@ smollm2="${SMOLLM2:-$(compgen -G "$bundle/models/SmolLM2-135M-Instruct*.gguf" | 
 generate_backend=cuda
 $cpu_only && generate_backend=cpu
 if [[ -n "$smollm2" && -f "$smollm2" ]]; then
+    # The float model: the GGUF's blocks dequantized into a checkpoint, on the cpu.
+    smollm2_settings=("$cache" --set "model.from=\"$smollm2\"")
+    step import-smollm2 60 text "$distillery" import configs/smollm2.toml --gguf "$smollm2" \
+        --out "$scratch/smollm2-f32" "${smollm2_settings[@]}"
     step "generate-smollm2-$generate_backend" 90 json "$distillery" bench generate \
-        configs/smollm2.toml --checkpoint "$smollm2" --json --runs 2 --new-tokens 64 "$cache" \
-        --set "model.from=\"$smollm2\"" --set "run.backend=\"$generate_backend\""
+        configs/smollm2.toml --checkpoint "$scratch/smollm2-f32" --json --runs 2 \
+        --new-tokens 64 "${smollm2_settings[@]}" --set "run.backend=\"$generate_backend\""
 else
     skip "generate-smollm2-$generate_backend" "no SmolLM2 GGUF (set SMOLLM2=path or put it in $bundle/models/)"
 fi
