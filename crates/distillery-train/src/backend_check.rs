@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distillery_config::{Backend, ExperimentConfig, Precision};
-use distillery_model::Llama;
+use distillery_model::{Llama, LlamaConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{MODEL_FILE, step_dir_name};
@@ -82,7 +82,9 @@ pub fn check_against_cpu(
     let device = device_for(&other.run)?;
     let description = backend_description(&other.run, &device);
 
-    let logit_difference = max_difference(&logits(&cpu)?, &logits(&other)?);
+    // Both runs share the data and so the architecture; it is read once.
+    let llama = prepare_data(&cpu)?.llama;
+    let logit_difference = max_difference(&logits(&cpu, &llama)?, &logits(&other, &llama)?);
     let cpu_step = train_one_step(&cpu)?;
     let other_step = train_one_step(&other)?;
     let cpu_weights = f32_tensors(&cpu_step.model_file)?;
@@ -150,11 +152,10 @@ fn one_step_config(
     config
 }
 
-fn logits(config: &ExperimentConfig) -> Result<Vec<f32>, TrainError> {
+fn logits(config: &ExperimentConfig, llama: &LlamaConfig) -> Result<Vec<f32>, TrainError> {
     let device = device_for(&config.run)?;
-    let data = prepare_data(config)?;
-    let model = Llama::new(&data.llama, 0.0, config.run.seed, &device)?;
-    let vocab = data.llama.vocab_size as i64;
+    let model = Llama::new(llama, 0.0, config.run.seed, &device)?;
+    let vocab = llama.vocab_size as i64;
     let sequence = config.data.seq_len;
     let tokens: Vec<i64> = (0..2 * sequence as i64)
         .map(|i| (i * 131 + 7) % vocab)
