@@ -945,3 +945,101 @@ fn model_from_a_gguf_file_gives_the_architecture_and_refuses_contradictions() {
             .is_file()
     );
 }
+
+#[test]
+fn a_chat_corpus_counts_only_the_assistant_turns() {
+    let workspace = Workspace::new();
+    // The shipped tokenizer with ChatML's two special tokens, and a ChatML template beside it.
+    let tokenizer_dir = workspace.root.join("chat-tokenizer");
+    std::fs::create_dir_all(&tokenizer_dir).unwrap();
+    let mut tokenizer: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("datasets/shakespeare-bpe-2048.json")).unwrap(),
+    )
+    .unwrap();
+    for (id, content) in [(2048, "<|im_start|>"), (2049, "<|im_end|>")] {
+        tokenizer["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}));
+    }
+    let tokenizer_path = tokenizer_dir.join("tokenizer.json");
+    std::fs::write(&tokenizer_path, tokenizer.to_string()).unwrap();
+    let template = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
+                    message['content'] + '<|im_end|>\\n' }}{% endfor %}\
+                    {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    std::fs::write(
+        tokenizer_dir.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|im_end|>", "chat_template": template}).to_string(),
+    )
+    .unwrap();
+
+    // Each conversation: a line of Shakespeare from the user, the next line from the assistant.
+    let text = std::fs::read_to_string(repo_path("datasets/tinyshakespeare.txt")).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let corpus = workspace.root.join("chat.jsonl");
+    let conversations: String = lines[..1200]
+        .chunks(2)
+        .map(|pair| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": pair[0]},
+                {"role": "assistant", "content": pair[1]},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&corpus, &conversations).unwrap();
+    let cache_dir = workspace.root.join("cache");
+    let chat_settings = [
+        format!("data.corpus={}", corpus.display()),
+        "data.format=\"chat\"".to_string(),
+        format!("data.tokenizer={}", tokenizer_path.display()),
+        format!("data.cache_dir={}", cache_dir.display()),
+    ];
+    let settings: Vec<&str> = chat_settings
+        .iter()
+        .map(String::as_str)
+        .chain(["train.steps=5", "eval.every=5", "checkpoint.every=5"])
+        .collect();
+    workspace.run_ok(&workspace.train_args("chat", &settings));
+
+    // eval counts exactly the targets the token cache marks as counted in its validation
+    // windows: the tail's first 32 windows of 32 targets.
+    let mut eval = vec!["eval".to_string(), repo_path("configs/tiny-test.toml")];
+    eval.extend(workspace.common_settings("chat"));
+    for setting in &chat_settings {
+        eval.extend(["--set".to_string(), setting.clone()]);
+    }
+    eval.extend([
+        "--checkpoint".into(),
+        workspace.checkpoints.join("chat").display().to_string(),
+        "--json".into(),
+    ]);
+    let evaluation: serde_json::Value = serde_json::from_str(&workspace.run_ok(&eval)).unwrap();
+    let counted_file = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.to_string_lossy().ends_with(".counted"))
+        .expect("the token cache keeps which tokens count");
+    let counted = std::fs::read(counted_file).unwrap();
+    let validation_start = counted.len() - (counted.len() as f64 * 0.1).round() as usize;
+    let expected: usize = (0..32)
+        .flat_map(|window| (1..=32).map(move |offset| validation_start + window * 32 + offset))
+        .filter(|&position| counted[position] == 1)
+        .count();
+    assert!(expected > 100 && expected < 32 * 32 - 100, "{expected}");
+    assert_eq!(evaluation["tokens"].as_u64().unwrap() as usize, expected);
+    assert!(evaluation["loss"].as_f64().unwrap().is_finite());
+
+    // A malformed line is named with its file and line number.
+    std::fs::write(&corpus, conversations + "{\"messages\": \"hello\"}\n").unwrap();
+    let (code, stderr) = workspace.run_err(&workspace.train_args("broken", &settings));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("chat.jsonl, line 601"), "{stderr}");
+    assert!(stderr.contains("\"messages\""), "{stderr}");
+}

@@ -325,6 +325,15 @@ fn cached_teacher_with_every_logit_trains_like_the_live_teacher() {
             "{loss}: {kd:?}"
         );
     }
+    // The rest's mass depends on the temperature the cache was written at.
+    let hotter = [
+        top_16.as_slice(),
+        &["distill.teacher=cached", "distill.temperature=4"],
+    ]
+    .concat();
+    let (code, stderr) = workspace.run_err(&distill_args(&workspace, "hotter", &hotter));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("temperature: 2.0 -> 4.0"), "{stderr}");
 }
 
 #[test]

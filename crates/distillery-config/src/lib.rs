@@ -11,6 +11,7 @@ mod schema;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use distillery_data::{Corpus, CorpusFormat};
 use distillery_model::LlamaConfig;
 use sha2::{Digest, Sha256};
 
@@ -356,6 +357,12 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
         return fail(
             "data.tokenizer",
             "is required (a tokenizer.json), unless model.from names a model that has one".into(),
+        );
+    }
+    if data.text_field.is_some() && data.format != CorpusFormat::Jsonl {
+        return fail(
+            "data.text_field",
+            "only applies with data.format = \"jsonl\"".into(),
         );
     }
     if !(data.validation_fraction > 0.0 && data.validation_fraction < 1.0) {
@@ -735,6 +742,19 @@ impl ExperimentConfig {
 
     pub fn run_experiment_dir(&self) -> PathBuf {
         self.run.experiment_dir.join(&self.run.name)
+    }
+
+    /// The corpus and how to read it.
+    pub fn corpus(&self) -> Corpus {
+        Corpus {
+            path: self.data.corpus.clone(),
+            format: self.data.format,
+            text_field: self
+                .data
+                .text_field
+                .clone()
+                .unwrap_or_else(|| "text".into()),
+        }
     }
 
     pub fn token_cache_dir(&self) -> PathBuf {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use distillery_data::CorpusFormat;
 use distillery_model::RopeScaling;
 use serde::{Deserialize, Serialize};
 
@@ -131,8 +132,17 @@ impl Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// UTF-8 text file; relative paths are relative to the working directory.
+    /// A file, or a folder of files read in the order of their paths; relative paths are
+    /// relative to the working directory.
     pub corpus: PathBuf,
+    /// How the corpus's files are read: `text` (each file a document), `jsonl` (each line's
+    /// `text_field` a document) or `chat` (each line's `messages` a conversation, rendered with
+    /// the tokenizer's chat template, the loss counted on the assistant's turns only).
+    #[serde(default, skip_serializing_if = "is_plain_text")]
+    pub format: CorpusFormat,
+    /// The field holding each line's text with `format = "jsonl"` (default `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_field: Option<String>,
     /// A Hugging Face `tokenizer.json`; with `model.from`, the model's own tokenizer, which
     /// this may name but not contradict.
     #[serde(default)]
@@ -341,7 +351,8 @@ pub struct DistillConfig {
 pub enum TeacherSource {
     #[default]
     Live,
-    /// Top-k logits from the teacher cache, renormalized over those k tokens.
+    /// The teacher cache: each position's top-k logits and the mass of the rest of the
+    /// vocabulary, a distribution over k + 1 outcomes.
     Cached,
 }
 
@@ -631,6 +642,11 @@ fn default_gptq_block_size() -> usize {
 
 fn default_nsamples() -> usize {
     128
+}
+
+/// Text configs serialize as they did before corpora had formats, so their runs still resume.
+fn is_plain_text(format: &CorpusFormat) -> bool {
+    *format == CorpusFormat::Text
 }
 
 fn default_temperature() -> f64 {

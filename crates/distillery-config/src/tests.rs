@@ -184,6 +184,32 @@ fn run_name_must_be_a_directory_name() {
 }
 
 #[test]
+fn corpus_formats_parse_and_a_text_field_needs_json_lines() {
+    let jsonl = parse(
+        MINIMAL,
+        "test.toml",
+        &[
+            "data.format=\"jsonl\"".into(),
+            "data.text_field=\"body\"".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(jsonl.corpus().format, distillery_data::CorpusFormat::Jsonl);
+    assert_eq!(jsonl.corpus().text_field, "body");
+    let base = parse(MINIMAL, "test.toml", &[]).unwrap();
+    assert_eq!(base.corpus().format, distillery_data::CorpusFormat::Text);
+    // A text corpus's saved config is unchanged, so runs from before formats still resume.
+    assert!(!base.to_toml().contains("format"));
+    let chat = parse(MINIMAL, "test.toml", &["data.format=\"chat\"".into()]).unwrap();
+    assert_ne!(base.trajectory_sha256(), chat.trajectory_sha256());
+    let message = error(MINIMAL, &["data.text_field=\"body\""]);
+    assert!(message.contains("data.text_field"), "{message}");
+    assert!(message.contains("jsonl"), "{message}");
+    let message = error(MINIMAL, &["data.format=\"csv\""]);
+    assert!(message.contains("chat"), "{message}");
+}
+
+#[test]
 fn trajectory_ignores_cadence_but_not_optimization() {
     let base = parse(MINIMAL, "test.toml", &[]).unwrap();
     let cadence = parse(

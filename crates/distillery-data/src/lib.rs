@@ -2,6 +2,9 @@
 
 mod cache;
 pub mod chat;
+mod corpus;
+#[cfg(test)]
+mod testing;
 mod tokenizer;
 mod windows;
 
@@ -11,11 +14,14 @@ use std::path::{Path, PathBuf};
 pub use cache::{
     CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build, read_token_cache,
 };
+pub use corpus::{Corpus, CorpusFiles, CorpusFormat, EncodedCorpus};
 pub use tokenizer::{
     END_OF_TEXT, TOKENIZER_CONFIG_FILE, TextTokenizer, TokenizerSettings, default_tokenizer_path,
     hex_sha256,
 };
-pub use windows::{TokenBatch, TokenSplits, TokenWindow, ValidationWindows, WindowSampler};
+pub use windows::{
+    TokenBatch, TokenSpan, TokenSplits, TokenWindow, ValidationWindows, WindowSampler,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -42,6 +48,18 @@ pub enum DataError {
     WindowOutOfRange { index: usize, windows: usize },
     #[error("corpus {} is not UTF-8 text", .0.display())]
     NotUtf8(PathBuf),
+    #[error("corpus {}: {message}", path.display())]
+    Corpus { path: PathBuf, message: String },
+    #[error("{}, line {line}: {message}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error(
+        "the {split} split has no token that counts as a target (chat corpora count only the          assistant's turns)"
+    )]
+    NothingCounted { split: &'static str },
     #[error(
         "the corpus has {tokens} tokens: {train} for training and {validation} for validation, but each split needs at least one window of {needed}"
     )]

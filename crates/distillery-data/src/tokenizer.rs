@@ -266,6 +266,20 @@ impl TextTokenizer {
             .map_err(|error| DataError::Encode(error.to_string()))
     }
 
+    /// The ids of `text` and the byte offset in `text` where each token starts.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>), DataError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|error| DataError::Encode(error.to_string()))?;
+        let starts = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(start, _)| start)
+            .collect();
+        Ok((encoding.get_ids().to_vec(), starts))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
         self.inner
             .decode(ids, false)

@@ -13,6 +13,8 @@ use crate::DataError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenWindow {
     pub tokens: Vec<u32>,
+    /// Whether each token counts as a target; `None` when all do.
+    pub counted: Option<Vec<bool>>,
 }
 
 /// A batch of windows, row-major `[batch, seq_len]`.
@@ -20,6 +22,8 @@ pub struct TokenWindow {
 pub struct TokenBatch {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+    /// Whether each target counts in the loss; `None` when all do.
+    pub counted: Option<Vec<bool>>,
     pub batch_size: usize,
     pub seq_len: usize,
 }
@@ -33,27 +37,72 @@ impl TokenBatch {
             inputs.extend_from_slice(&window.tokens[..seq_len]);
             targets.extend_from_slice(&window.tokens[1..]);
         }
+        let counted = windows
+            .iter()
+            .map(|window| window.counted.as_ref().map(|counted| &counted[1..]))
+            .collect::<Option<Vec<_>>>()
+            .map(|rows| rows.concat());
         Self {
             inputs,
             targets,
+            counted,
             batch_size: windows.len(),
             seq_len,
         }
     }
 }
 
+/// A stretch of the corpus's tokens and, for corpora that count only some targets (chat), which
+/// of them count. Reads as its tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpan {
+    pub tokens: Arc<[u32]>,
+    pub counted: Option<Arc<[bool]>>,
+}
+
+impl TokenSpan {
+    /// Tokens that all count.
+    pub fn new(tokens: &[u32]) -> Self {
+        Self {
+            tokens: tokens.into(),
+            counted: None,
+        }
+    }
+
+    /// `len` tokens from `start`, with their counts.
+    fn window(&self, start: usize, len: usize) -> TokenWindow {
+        TokenWindow {
+            tokens: self.tokens[start..start + len].to_vec(),
+            counted: self
+                .counted
+                .as_ref()
+                .map(|counted| counted[start..start + len].to_vec()),
+        }
+    }
+}
+
+impl std::ops::Deref for TokenSpan {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
 /// The corpus's tokens split into a training head and a validation tail.
 #[derive(Debug, Clone)]
 pub struct TokenSplits {
-    pub train: Arc<[u32]>,
-    pub validation: Arc<[u32]>,
+    pub train: TokenSpan,
+    pub validation: TokenSpan,
 }
 
 impl TokenSplits {
     /// Keeps the last `validation_fraction` of the tokens for validation; both parts must hold
-    /// at least one window of `seq_len + 1` tokens.
+    /// at least one window of `seq_len + 1` tokens, and, when only some tokens count, at least
+    /// one counted target.
     pub fn new(
         tokens: &[u32],
+        counted: Option<&[bool]>,
         validation_fraction: f64,
         seq_len: usize,
     ) -> Result<Self, DataError> {
@@ -68,9 +117,23 @@ impl TokenSplits {
                 needed,
             });
         }
+        let span = |range: std::ops::Range<usize>, split| {
+            let counted: Option<Arc<[bool]>> = counted.map(|counted| counted[range.clone()].into());
+            // The first token of a split is never a target.
+            if counted
+                .as_ref()
+                .is_some_and(|counted| !counted[1..].contains(&true))
+            {
+                return Err(DataError::NothingCounted { split });
+            }
+            Ok(TokenSpan {
+                tokens: tokens[range].into(),
+                counted,
+            })
+        };
         Ok(Self {
-            train: tokens[..train_len].into(),
-            validation: tokens[train_len..].into(),
+            train: span(0..train_len, "training")?,
+            validation: span(train_len..tokens.len(), "validation")?,
         })
     }
 }
@@ -95,14 +158,12 @@ impl WindowSampler {
         self.seq_len
     }
 
-    pub fn next_batch(&mut self, tokens: &[u32], batch_size: usize) -> TokenBatch {
-        let last_start = tokens.len() - (self.seq_len + 1);
+    pub fn next_batch(&mut self, span: &TokenSpan, batch_size: usize) -> TokenBatch {
+        let last_start = span.len() - (self.seq_len + 1);
         let windows: Vec<TokenWindow> = (0..batch_size)
             .map(|_| {
                 let start = self.rng.random_range(0..=last_start);
-                TokenWindow {
-                    tokens: tokens[start..start + self.seq_len + 1].to_vec(),
-                }
+                span.window(start, self.seq_len + 1)
             })
             .collect();
         TokenBatch::from_windows(&windows)
@@ -112,14 +173,14 @@ impl WindowSampler {
 /// Non-overlapping consecutive windows over the validation tail: the same pass every time.
 #[derive(Debug, Clone)]
 pub struct ValidationWindows {
-    tokens: Arc<[u32]>,
+    tokens: TokenSpan,
     seq_len: usize,
     limit: Option<usize>,
 }
 
 impl ValidationWindows {
     /// `limit` caps the number of windows (the first ones are kept).
-    pub fn new(tokens: Arc<[u32]>, seq_len: usize, limit: Option<usize>) -> Self {
+    pub fn new(tokens: TokenSpan, seq_len: usize, limit: Option<usize>) -> Self {
         Self {
             tokens,
             seq_len,
@@ -139,10 +200,7 @@ impl ValidationWindows {
 
     /// Window `index`, which must be below `len()`.
     fn window(&self, index: usize) -> TokenWindow {
-        let start = index * self.seq_len;
-        TokenWindow {
-            tokens: self.tokens[start..start + self.seq_len + 1].to_vec(),
-        }
+        self.tokens.window(index * self.seq_len, self.seq_len + 1)
     }
 }
 
@@ -168,8 +226,8 @@ impl Dataset<TokenWindow> for ValidationWindows {
 mod tests {
     use super::*;
 
-    fn tokens(count: u32) -> Vec<u32> {
-        (0..count).collect()
+    fn tokens(count: u32) -> TokenSpan {
+        TokenSpan::new(&(0..count).collect::<Vec<_>>())
     }
 
     #[test]
@@ -220,7 +278,7 @@ mod tests {
 
     #[test]
     fn validation_windows_are_consecutive_and_fixed() {
-        let windows = ValidationWindows::new(tokens(30).into(), 7, None);
+        let windows = ValidationWindows::new(tokens(30), 7, None);
         assert_eq!(windows.len(), 4);
         assert_eq!(windows.get(1).unwrap().tokens, (7..15).collect::<Vec<_>>());
         assert!(
@@ -234,16 +292,39 @@ mod tests {
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1].batch_size, 1);
         assert_eq!(batches[1].inputs[0], 21);
-        let limited = ValidationWindows::new(tokens(30).into(), 7, Some(2));
+        let limited = ValidationWindows::new(tokens(30), 7, Some(2));
         assert_eq!(limited.len(), 2);
     }
 
     #[test]
     fn splits_keep_the_tail_for_validation() {
-        let splits = TokenSplits::new(&tokens(100), 0.1, 8).unwrap();
+        let splits = TokenSplits::new(&tokens(100), None, 0.1, 8).unwrap();
         assert_eq!(splits.train.len(), 90);
         assert_eq!(splits.validation[0], 90);
-        let error = TokenSplits::new(&tokens(50), 0.1, 8).unwrap_err();
+        let error = TokenSplits::new(&tokens(50), None, 0.1, 8).unwrap_err();
         assert!(error.to_string().contains("validation"), "{error}");
+    }
+
+    #[test]
+    fn counted_targets_follow_their_tokens_into_windows_and_batches() {
+        // Every third token counts.
+        let counted: Vec<bool> = (0..100).map(|index| index % 3 == 0).collect();
+        let splits = TokenSplits::new(&tokens(100), Some(&counted), 0.2, 8).unwrap();
+        let mut sampler = WindowSampler::new(5, 8);
+        let batch = sampler.next_batch(&splits.train, 4);
+        let batch_counted = batch.counted.clone().unwrap();
+        assert_eq!(batch_counted.len(), 32);
+        for (target, counts) in batch.targets.iter().zip(&batch_counted) {
+            assert_eq!(*counts, target % 3 == 0, "target {target}");
+        }
+        let validation = ValidationWindows::new(splits.validation.clone(), 8, None);
+        let first = validation.batches(2).next().unwrap();
+        assert_eq!(first.targets[0], 81);
+        assert_eq!(first.counted.unwrap()[..4], [true, false, false, true]);
+        assert!(sampler.next_batch(&tokens(100), 1).counted.is_none());
+
+        let only_training: Vec<bool> = (0..100).map(|index| index < 50).collect();
+        let error = TokenSplits::new(&tokens(100), Some(&only_training), 0.2, 8).unwrap_err();
+        assert!(error.to_string().contains("validation split"), "{error}");
     }
 }

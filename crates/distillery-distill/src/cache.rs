@@ -4,8 +4,11 @@
 //! File layout: the 8-byte magic `DSTLTOPK`, the header's length (u64, little-endian), the
 //! header as JSON, then one record per micro-batch of the run's window schedule, in order. A
 //! record holds `batch_size * seq_len` rows (window-major); a row holds `top_k` token ids
-//! (`id_bytes` each, little-endian) followed by their `top_k` logits (f32, little-endian),
-//! largest first. The logits are the teacher's raw logits, before any temperature.
+//! (`id_bytes` each, little-endian), their `top_k` logits (f32, little-endian), largest first,
+//! then one f32: the log-sum-exp at the header's temperature of the logits of every other token
+//! (the rest), [`EMPTY_REST`] when there is none. The logits are the teacher's raw logits,
+//! before any temperature; with the rest they give the teacher's distribution over `top_k + 1`
+//! outcomes, so a student learns how much mass the teacher leaves outside its top k.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -21,12 +24,12 @@ use distillery_train::{RunData, batch_tensors};
 use crate::DistillError;
 use crate::teacher::Teacher;
 
-pub const TEACHER_CACHE_FORMAT: u32 = 1;
+pub const TEACHER_CACHE_FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"DSTLTOPK";
 
-/// Logit given to the tokens a cached row leaves out: softmax gives them exactly zero mass at
-/// any temperature, while staying finite keeps `0 * log 0` terms at zero instead of NaN.
-pub const LEFT_OUT_LOGIT: f32 = -1e9;
+/// The rest's log-sum-exp when the top k cover the vocabulary: softmax gives it zero mass,
+/// while staying finite keeps `0 * log 0` terms at zero instead of NaN.
+pub const EMPTY_REST: f32 = -1e9;
 
 /// What a teacher cache was computed from. A cache is used only when every field matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +48,8 @@ pub struct TeacherCacheHeader {
     pub batch_size: usize,
     pub micro_batches: u64,
     pub top_k: usize,
+    /// The temperature of each row's rest (the run's `distill.temperature`).
+    pub temperature: f64,
     /// Width of the rows the ids index (the student's vocabulary).
     pub vocab_size: usize,
     pub id_bytes: usize,
@@ -54,7 +59,7 @@ impl TeacherCacheHeader {
     /// The header of the cache `config` trains from, taught by `teacher`.
     pub fn for_run(config: &ExperimentConfig, data: &RunData, teacher: &Teacher) -> Self {
         let vocab_size = data.llama.vocab_size;
-        let top_k = config.distill.clone().unwrap_or_default().top_k;
+        let settings = config.distill.clone().unwrap_or_default();
         Self {
             format_version: TEACHER_CACHE_FORMAT,
             teacher_checkpoint: teacher.directory().to_path_buf(),
@@ -66,14 +71,15 @@ impl TeacherCacheHeader {
             seq_len: config.data.seq_len,
             batch_size: config.train.batch_size,
             micro_batches: (config.train.steps * config.train.grad_accum) as u64,
-            top_k: top_k.min(vocab_size),
+            top_k: settings.top_k.min(vocab_size),
+            temperature: settings.temperature,
             vocab_size,
             id_bytes: if vocab_size <= 1 << 16 { 2 } else { 4 },
         }
     }
 
     fn row_bytes(&self) -> u64 {
-        (self.top_k * (self.id_bytes + 4)) as u64
+        (self.top_k * (self.id_bytes + 4) + 4) as u64
     }
 
     fn record_bytes(&self) -> u64 {
@@ -121,17 +127,54 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     order.into_iter().map(|id| (id, row[id as usize])).collect()
 }
 
-/// Dense `[rows, vocab]` logits from cached rows: each row's `k` ids get their logits, every
-/// other token [`LEFT_OUT_LOGIT`].
-pub fn dense_logits(ids: &[u32], logits: &[f32], k: usize, vocab: usize) -> Vec<f32> {
-    let rows = ids.len() / k;
-    let mut dense = vec![LEFT_OUT_LOGIT; rows * vocab];
-    for (row, (row_ids, row_logits)) in ids.chunks(k).zip(logits.chunks(k)).enumerate() {
-        for (&id, &logit) in row_ids.iter().zip(row_logits) {
-            dense[row * vocab + id as usize] = logit;
-        }
+/// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest), in
+/// f64 so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers
+/// the row.
+pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f32 {
+    let mut in_top = vec![false; row.len()];
+    for &(id, _) in top {
+        in_top[id as usize] = true;
     }
-    dense
+    let rest = || {
+        row.iter()
+            .zip(&in_top)
+            .filter(|(_, in_top)| !**in_top)
+            .map(|(&logit, _)| f64::from(logit) / temperature)
+    };
+    let max = rest().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return EMPTY_REST;
+    }
+    (max + rest().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
+}
+
+/// The teacher's rows of a cached micro-batch, `rows` of them.
+pub struct CachedRows {
+    /// `rows * k` token ids, largest logit first.
+    pub ids: Vec<u32>,
+    /// Their `rows * k` raw logits.
+    pub logits: Vec<f32>,
+    /// Each row's log-sum-exp of the rest at the cache's temperature.
+    pub rest: Vec<f32>,
+}
+
+impl CachedRows {
+    /// The teacher's log-probabilities at `temperature` (the cache's) of the `k + 1` outcomes
+    /// of each row, the rest last: `rows * (k + 1)` values.
+    pub fn log_probs(&self, temperature: f64) -> Vec<f32> {
+        let k = self.logits.len() / self.rest.len().max(1);
+        let mut out = Vec::with_capacity(self.rest.len() * (k + 1));
+        for (logits, &rest) in self.logits.chunks(k).zip(&self.rest) {
+            let scaled = logits
+                .iter()
+                .map(|&logit| f64::from(logit) / temperature)
+                .chain(std::iter::once(f64::from(rest)));
+            let max = scaled.clone().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + scaled.clone().map(|x| (x - max).exp()).sum::<f64>().ln();
+            out.extend(scaled.map(|x| (x - lse) as f32));
+        }
+        out
+    }
 }
 
 /// Runs `teacher` over every window of `header`'s schedule and writes the cache to `path`
@@ -162,7 +205,7 @@ pub fn build(
         header.seq_len,
     );
     let mut row_ids = Vec::with_capacity(header.top_k * header.id_bytes);
-    let mut row_logits = Vec::with_capacity(header.top_k * 4);
+    let mut row_logits = Vec::with_capacity((header.top_k + 1) * 4);
     for micro_batch in 0..header.micro_batches {
         let batch = sampler.next_batch(&data.splits.train, header.batch_size);
         let (inputs, _) = batch_tensors(&batch, teacher.device());
@@ -174,10 +217,13 @@ pub fn build(
         for row in logits.chunks(header.vocab_size) {
             row_ids.clear();
             row_logits.clear();
-            for (id, logit) in top_k(row, header.top_k) {
+            let top = top_k(row, header.top_k);
+            for &(id, logit) in &top {
                 row_ids.extend_from_slice(&id.to_le_bytes()[..header.id_bytes]);
                 row_logits.extend_from_slice(&logit.to_le_bytes());
             }
+            row_logits
+                .extend_from_slice(&rest_log_sum_exp(row, &top, header.temperature).to_le_bytes());
             out.write_all(&row_ids).map_err(io_error)?;
             out.write_all(&row_logits).map_err(io_error)?;
         }
@@ -276,8 +322,8 @@ impl TeacherCacheReader {
         &self.header
     }
 
-    /// The ids and logits of micro-batch `index`, `batch_size * seq_len * top_k` of each.
-    pub fn read(&mut self, index: u64) -> Result<(Vec<u32>, Vec<f32>), DistillError> {
+    /// The rows of micro-batch `index`, `batch_size * seq_len` of them.
+    pub fn read(&mut self, index: u64) -> Result<CachedRows, DistillError> {
         let header = &self.header;
         if index >= header.micro_batches {
             return Err(DistillError::Cache {
@@ -300,22 +346,23 @@ impl TeacherCacheReader {
             })?;
         let k = header.top_k;
         let id_width = header.id_bytes;
-        let mut ids = Vec::with_capacity(record.len() / header.row_bytes() as usize * k);
-        let mut logits = Vec::with_capacity(ids.capacity());
+        let rows = record.len() / header.row_bytes() as usize;
+        let mut ids = Vec::with_capacity(rows * k);
+        let mut logits = Vec::with_capacity(rows * k);
+        let mut rest = Vec::with_capacity(rows);
+        let f32_of = |bytes: &[u8]| f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
         for row in record.chunks(header.row_bytes() as usize) {
             let (id_bytes, logit_bytes) = row.split_at(k * id_width);
+            let (logit_bytes, rest_bytes) = logit_bytes.split_at(k * 4);
             ids.extend(id_bytes.chunks(id_width).map(|bytes| {
                 let mut id = [0u8; 4];
                 id[..id_width].copy_from_slice(bytes);
                 u32::from_le_bytes(id)
             }));
-            logits.extend(
-                logit_bytes
-                    .chunks(4)
-                    .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("4 bytes"))),
-            );
+            logits.extend(logit_bytes.chunks(4).map(f32_of));
+            rest.push(f32_of(rest_bytes));
         }
-        Ok((ids, logits))
+        Ok(CachedRows { ids, logits, rest })
     }
 }
 
@@ -332,9 +379,38 @@ mod tests {
     }
 
     #[test]
-    fn dense_rows_put_cached_logits_in_place_and_leave_out_the_rest() {
-        let dense = dense_logits(&[2, 0, 1, 3], &[5.0, 4.0, 7.0, 6.0], 2, 4);
-        let out = LEFT_OUT_LOGIT;
-        assert_eq!(dense, vec![4.0, out, 5.0, out, out, 7.0, out, 6.0]);
+    fn the_rest_is_the_log_sum_exp_of_the_tokens_outside_the_top_k() {
+        let row = [0.5f32, 3.0, -1.0, 3.0, 2.0];
+        let top = top_k(&row, 3);
+        let by_hand = ((0.5f64 / 2.0).exp() + (-1.0f64 / 2.0).exp()).ln();
+        assert!((f64::from(rest_log_sum_exp(&row, &top, 2.0)) - by_hand).abs() < 1e-6);
+        assert_eq!(rest_log_sum_exp(&row, &top_k(&row, 5), 2.0), EMPTY_REST);
+    }
+
+    #[test]
+    fn cached_rows_give_the_teachers_probabilities_of_the_top_k_and_the_rest() {
+        let row = [0.5f32, 3.0, -1.0, 3.0, 2.0];
+        let temperature = 2.0;
+        let top = top_k(&row, 2);
+        let rows = CachedRows {
+            ids: top.iter().map(|&(id, _)| id).collect(),
+            logits: top.iter().map(|&(_, logit)| logit).collect(),
+            rest: vec![rest_log_sum_exp(&row, &top, temperature)],
+        };
+        let total: f64 = row
+            .iter()
+            .map(|&x| (f64::from(x) / temperature).exp())
+            .sum();
+        let p = |x: f32| (f64::from(x) / temperature).exp() / total;
+        let expected = [p(3.0), p(3.0), p(0.5) + p(-1.0) + p(2.0)];
+        let log_probs = rows.log_probs(temperature);
+        assert_eq!(log_probs.len(), 3);
+        for (got, want) in log_probs.iter().zip(expected) {
+            assert!(
+                (f64::from(*got) - want.ln()).abs() < 1e-6,
+                "{got} vs {}",
+                want.ln()
+            );
+        }
     }
 }

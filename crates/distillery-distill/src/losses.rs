@@ -10,7 +10,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor};
 use distillery_config::{DistillConfig, DistillLoss};
-use distillery_train::loss::token_cross_entropy;
+use distillery_train::loss::{cross_entropy, masked_mean};
 
 /// KL(teacher_T ‖ student_T) · T² (Hinton et al. 2015). The T² factor keeps the gradient's
 /// scale independent of the temperature.
@@ -54,14 +54,8 @@ pub fn jsd(
 ) -> Tensor<1> {
     let student = softened_log_probs(student, temperature);
     let teacher = softened_log_probs(teacher.detach(), temperature);
-    let mixture = log_add_exp(
-        teacher.clone().add_scalar(beta.ln()),
-        student.clone().add_scalar((1.0 - beta).ln()),
-    );
-    let per_position = kl_per_position(teacher, mixture.clone())
-        .mul_scalar(beta)
-        .add(kl_per_position(student, mixture).mul_scalar(1.0 - beta));
-    masked_mean(per_position, mask).mul_scalar(temperature * temperature)
+    masked_mean(jsd_per_position(student, teacher, beta), mask)
+        .mul_scalar(temperature * temperature)
 }
 
 /// The configured divergence between student and teacher.
@@ -76,6 +70,24 @@ pub fn distillation_divergence(
         DistillLoss::ReverseKl => reverse_kl(student, teacher, settings.temperature, mask),
         DistillLoss::Jsd => jsd(student, teacher, settings.temperature, settings.beta, mask),
     }
+}
+
+/// The configured divergence between distributions the student and the teacher give as
+/// log-probabilities at the temperature (`[batch, seq, outcomes]`, such as the `k + 1`
+/// outcomes of a cached teacher), times T².
+pub fn divergence_of_log_probs(
+    student: Tensor<3>,
+    teacher: Tensor<3>,
+    settings: &DistillConfig,
+    mask: Option<Tensor<2>>,
+) -> Tensor<1> {
+    let teacher = teacher.detach();
+    let per_position = match settings.loss {
+        DistillLoss::ForwardKl => kl_per_position(teacher, student),
+        DistillLoss::ReverseKl => kl_per_position(student, teacher),
+        DistillLoss::Jsd => jsd_per_position(student, teacher, settings.beta),
+    };
+    masked_mean(per_position, mask).mul_scalar(settings.temperature * settings.temperature)
 }
 
 /// A distillation loss and its two terms.
@@ -109,15 +121,6 @@ pub fn mix(ce: Tensor<1>, kd: Tensor<1>, alpha: f64) -> DistillTerms {
     DistillTerms { total, ce, kd }
 }
 
-/// Mean cross-entropy of `logits` on `targets` over the counted positions.
-pub fn cross_entropy(
-    logits: Tensor<3>,
-    targets: Tensor<2, Int>,
-    mask: Option<Tensor<2>>,
-) -> Tensor<1> {
-    masked_mean(token_cross_entropy(logits, targets), mask)
-}
-
 fn softened_log_probs(logits: Tensor<3>, temperature: f64) -> Tensor<3> {
     log_softmax(logits.div_scalar(temperature), 2)
 }
@@ -132,22 +135,22 @@ fn kl_per_position(log_p: Tensor<3>, log_q: Tensor<3>) -> Tensor<2> {
         .squeeze_dim(2)
 }
 
+/// `beta · KL(t ‖ m) + (1 - beta) · KL(s ‖ m)` per position, from log-probabilities.
+fn jsd_per_position(student: Tensor<3>, teacher: Tensor<3>, beta: f64) -> Tensor<2> {
+    let mixture = log_add_exp(
+        teacher.clone().add_scalar(beta.ln()),
+        student.clone().add_scalar((1.0 - beta).ln()),
+    );
+    kl_per_position(teacher, mixture.clone())
+        .mul_scalar(beta)
+        .add(kl_per_position(student, mixture).mul_scalar(1.0 - beta))
+}
+
 /// `log(exp(a) + exp(b))` without overflow or underflow.
 fn log_add_exp(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
     let larger = a.clone().max_pair(b.clone());
     let smaller = a.min_pair(b);
     larger.clone().add(smaller.sub(larger).exp().log1p())
-}
-
-/// The mean over counted positions; an all-padding batch gives 0, not NaN.
-fn masked_mean(per_position: Tensor<2>, mask: Option<Tensor<2>>) -> Tensor<1> {
-    match mask {
-        None => per_position.mean(),
-        Some(mask) => per_position
-            .mul(mask.clone())
-            .sum()
-            .div(mask.sum().clamp_min(1.0)),
-    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,18 @@
 //! Distillation as an objective of the shared training loop.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{DistillConfig, DistillLoss};
 use distillery_data::ValidationWindows;
 use distillery_model::Llama;
-use distillery_train::{ObjectiveLoss, TrainError, batch_tensors, evaluate};
+use distillery_train::loss::{cross_entropy, masked_mean};
+use distillery_train::{
+    MicroBatch, ObjectiveLoss, TrainError, batch_mask, batch_tensors, evaluate,
+};
 
 use crate::DistillError;
-use crate::cache::{LEFT_OUT_LOGIT, TeacherCacheReader, dense_logits};
+use crate::cache::TeacherCacheReader;
 use crate::init::student_from_teacher;
-use crate::losses::{cross_entropy, distillation_divergence, distillation_loss, mix, reverse_kl};
+use crate::losses::{distillation_divergence, distillation_loss, divergence_of_log_probs, mix};
 use crate::teacher::Teacher;
 
 pub struct DistillObjective {
@@ -37,64 +40,52 @@ impl DistillObjective {
         }
     }
 
-    /// The loss from the cached top-k teacher logits. The teacher is renormalized over its k
-    /// tokens. The forward KL reads them directly; the other divergences spread them over the
-    /// vocabulary (the rest at [`LEFT_OUT_LOGIT`]), and the reverse KL renormalizes the
-    /// student over the k tokens too, since outside the teacher's support it is unbounded.
+    /// The loss from the cached teacher: its distribution over `k + 1` outcomes (its top k
+    /// tokens and the rest of the vocabulary), against the student's softmax summed the same
+    /// way. The forward KL runs as one fused pass over the student's logits.
     fn cached_loss(
         &mut self,
         student: Tensor<3>,
         targets: Tensor<2, Int>,
+        mask: Option<Tensor<2>>,
         micro_batch: u64,
     ) -> Result<ObjectiveLoss, DistillError> {
         let cache = self.cache.as_mut().expect("called with a cache");
-        let (ids, logits) = cache.read(micro_batch)?;
+        let cached = cache.read(micro_batch)?;
         let k = cache.header().top_k;
         let [batch, seq, vocab] = student.dims();
+        let rows = batch * seq;
         let device = self.teacher.device();
         let settings = &self.settings;
-        let terms = match settings.loss {
-            DistillLoss::ForwardKl => {
-                let rows = batch * seq;
-                let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), device);
-                let teacher = Tensor::<2>::from_data(TensorData::new(logits, [rows, k]), device);
-                let ce = cross_entropy(student.clone(), targets, None);
-                let kd = distillery_kernels::sparse_forward_kl_rows(
-                    student.reshape([rows, vocab]),
-                    ids,
-                    teacher,
-                    settings.temperature,
-                )
-                .mean();
-                mix(ce, kd, settings.alpha)
-            }
-            DistillLoss::ReverseKl if k < vocab => {
-                let dense = dense_logits(&ids, &logits, k, vocab);
-                let left_out: Vec<bool> =
-                    dense.iter().map(|&logit| logit == LEFT_OUT_LOGIT).collect();
-                let left_out = Tensor::<3, Bool>::from_data(
-                    TensorData::new(left_out, [batch, seq, vocab]),
-                    &student.device(),
-                );
-                let teacher =
-                    Tensor::<3>::from_data(TensorData::new(dense, [batch, seq, vocab]), device);
-                let ce = cross_entropy(student.clone(), targets, None);
-                let kd = reverse_kl(
-                    student.mask_fill(left_out, LEFT_OUT_LOGIT),
-                    teacher,
-                    settings.temperature,
-                    None,
-                );
-                mix(ce, kd, settings.alpha)
-            }
-            DistillLoss::ReverseKl | DistillLoss::Jsd => {
-                let dense = dense_logits(&ids, &logits, k, vocab);
-                let teacher =
-                    Tensor::<3>::from_data(TensorData::new(dense, [batch, seq, vocab]), device);
-                distillation_loss(student, teacher, targets, settings, None)
-            }
-        };
+        let ids: Vec<i64> = cached.ids.iter().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), device);
+        let teacher = Tensor::<2>::from_data(
+            TensorData::new(cached.log_probs(settings.temperature), [rows, k + 1]),
+            device,
+        );
+        let ce = cross_entropy(student.clone(), targets, mask.clone());
+        let student = student.reshape([rows, vocab]);
+        let kd =
+            match settings.loss {
+                DistillLoss::ForwardKl => masked_mean(
+                    distillery_kernels::sparse_forward_kl_rows(
+                        student,
+                        ids,
+                        teacher,
+                        settings.temperature,
+                    )
+                    .reshape([batch, seq]),
+                    mask,
+                ),
+                DistillLoss::ReverseKl | DistillLoss::Jsd => divergence_of_log_probs(
+                    distillery_kernels::coarse_log_probs(student, ids, settings.temperature)
+                        .reshape([batch, seq, k + 1]),
+                    teacher.reshape([batch, seq, k + 1]),
+                    settings,
+                    mask,
+                ),
+            };
+        let terms = mix(ce, kd, settings.alpha);
         Ok(ObjectiveLoss {
             total: terms.total,
             terms: vec![("train/ce", terms.ce), ("train/kd", terms.kd)],
@@ -103,16 +94,16 @@ impl DistillObjective {
 }
 
 impl distillery_train::Objective for DistillObjective {
-    fn loss(
-        &mut self,
-        model: &Llama,
-        inputs: Tensor<2, Int>,
-        targets: Tensor<2, Int>,
-        micro_batch: u64,
-    ) -> Result<ObjectiveLoss, TrainError> {
+    fn loss(&mut self, model: &Llama, batch: MicroBatch) -> Result<ObjectiveLoss, TrainError> {
+        let MicroBatch {
+            inputs,
+            targets,
+            mask,
+            index,
+        } = batch;
         if self.cache.is_some() {
             return self
-                .cached_loss(model.forward(inputs), targets, micro_batch)
+                .cached_loss(model.forward(inputs), targets, mask, index)
                 .map_err(|error| match error {
                     DistillError::Cache { path, message } => TrainError::Run { path, message },
                     other => TrainError::Run {
@@ -127,7 +118,7 @@ impl distillery_train::Objective for DistillObjective {
             teacher,
             targets,
             &self.settings,
-            None,
+            mask,
         );
         Ok(ObjectiveLoss {
             total: terms.total,
@@ -202,24 +193,36 @@ impl distillery_train::Objective for DistillObjective {
         batch_size: usize,
     ) -> Vec<(&'static str, f64)> {
         let mut divergence_sum = 0.0;
-        let mut agreeing = 0i64;
+        let mut agreeing = 0usize;
         let mut positions = 0usize;
         for batch in validation.batches(batch_size) {
-            let (inputs, _) = batch_tensors(&batch, self.teacher.device());
+            let device = self.teacher.device();
+            let (inputs, _) = batch_tensors(&batch, device);
+            let mask = batch_mask(&batch, device);
             let student = model.forward(inputs.clone());
             let teacher = self.teacher.logits(inputs);
-            let count = batch.batch_size * batch.seq_len;
-            let divergence: f32 =
-                distillation_divergence(student.clone(), teacher.clone(), &self.settings, None)
-                    .into_scalar();
-            divergence_sum += f64::from(divergence) * count as f64;
-            agreeing += student
+            let divergence: f32 = distillation_divergence(
+                student.clone(),
+                teacher.clone(),
+                &self.settings,
+                mask.clone(),
+            )
+            .into_scalar();
+            let agrees = student
                 .argmax(2)
                 .equal(teacher.argmax(2))
-                .int()
-                .sum()
-                .into_scalar::<i64>();
-            positions += count;
+                .float()
+                .squeeze_dim(2);
+            let (agreeing_here, counted) = match mask {
+                None => (agrees.sum(), batch.batch_size * batch.seq_len),
+                Some(mask) => {
+                    let counted = mask.clone().sum().into_scalar::<f32>() as usize;
+                    ((agrees * mask).sum(), counted)
+                }
+            };
+            divergence_sum += f64::from(divergence) * counted as f64;
+            agreeing += agreeing_here.into_scalar::<f32>() as usize;
+            positions += counted;
         }
         vec![
             ("val/kd", divergence_sum / positions as f64),

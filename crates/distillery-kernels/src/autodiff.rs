@@ -39,7 +39,7 @@ pub trait FusedKernels: Backend {
         gradient: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self>;
-    /// Losses and log-sum-exps of the student's rows and of the teacher's cached logits.
+    /// Losses and the student's log-sum-exps over its rows and over the uncached rest.
     fn sparse_forward_kl_forward(
         student: FloatTensor<Self>,
         ids: IntTensor<Self>,
@@ -52,7 +52,7 @@ pub trait FusedKernels: Backend {
         ids: IntTensor<Self>,
         teacher: FloatTensor<Self>,
         student_lse: FloatTensor<Self>,
-        teacher_lse: FloatTensor<Self>,
+        student_rest_lse: FloatTensor<Self>,
         gradient: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self>;
@@ -160,7 +160,7 @@ impl FusedKernels for Flex {
         ids: IntTensor<Self>,
         teacher: FloatTensor<Self>,
         student_lse: FloatTensor<Self>,
-        teacher_lse: FloatTensor<Self>,
+        student_rest_lse: FloatTensor<Self>,
         gradient: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self> {
@@ -169,7 +169,7 @@ impl FusedKernels for Flex {
             &ids,
             &teacher,
             &student_lse,
-            &teacher_lse,
+            &student_rest_lse,
             &gradient,
             inverse_temperature,
         )
@@ -472,9 +472,10 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let (student, ids, teacher, student_lse, teacher_lse) = ops.state;
+                let (student, ids, teacher, student_lse, student_rest_lse) = ops.state;
                 let gradient = grads.consume::<B>(&ops.node);
-                // The teacher's logits are targets: only the student receives a gradient.
+                // The teacher's log-probabilities are targets: only the student receives a
+                // gradient.
                 let [student_parent, _] = ops.parents;
                 if let Some(node) = student_parent {
                     let student_gradient = B::sparse_forward_kl_backward(
@@ -482,7 +483,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                         ids,
                         teacher,
                         student_lse,
-                        teacher_lse,
+                        student_rest_lse,
                         gradient,
                         self.0,
                     );
@@ -498,13 +499,16 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (student, teacher) = (student.into_primitive(), teacher.into_primitive());
-                let (losses, student_lse, teacher_lse) = B::sparse_forward_kl_forward(
+                let (losses, student_lse, student_rest_lse) = B::sparse_forward_kl_forward(
                     student.clone(),
                     ids.clone(),
                     teacher.clone(),
                     inverse_temperature,
                 );
-                prep.finish((student, ids, teacher, student_lse, teacher_lse), losses)
+                prep.finish(
+                    (student, ids, teacher, student_lse, student_rest_lse),
+                    losses,
+                )
             }
             OpsKind::UnTracked(prep) => prep.finish(
                 B::sparse_forward_kl_forward(

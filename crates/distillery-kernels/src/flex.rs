@@ -854,9 +854,9 @@ pub fn forward_kl_backward(
     tensor(output, shape_of(student))
 }
 
-/// Per-row `T^2 * KL(teacher_T || student_T)` where the teacher is known only on `ids`
-/// (`[rows, k]`, with `teacher` logits `[rows, k]`) and renormalized over them; returns the
-/// losses and the student's and teacher's log-sum-exps at temperature T.
+/// Per-row `T^2 * KL` over the `k + 1` outcomes of [`rows::sparse_forward_kl`]: `ids`
+/// `[rows, k]`, `teacher` log-probabilities `[rows, k + 1]`; returns the losses and the
+/// student's log-sum-exps over its row and over the rest.
 pub fn sparse_forward_kl(
     student: &FlexTensor,
     ids: &FlexTensor,
@@ -864,40 +864,42 @@ pub fn sparse_forward_kl(
     inverse_temperature: f32,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let vocab = last_dim(student);
-    let k = last_dim(teacher);
+    let k = last_dim(ids);
     let student_values = contiguous_f32(student);
     let teacher_values = contiguous_f32(teacher);
     let ids = indices(ids, vocab);
     let rows = student_values.len() / vocab;
-    assert_eq!(teacher_values.len(), rows * k, "teacher rows");
+    assert_eq!(teacher_values.len(), rows * (k + 1), "teacher rows");
     let mut losses = vec![0.0; rows];
     let mut student_lse = vec![0.0; rows];
-    let mut teacher_lse = vec![0.0; rows];
+    let mut student_rest_lse = vec![0.0; rows];
     student_values
         .par_chunks(ROW_BLOCK * vocab)
         .zip(ids.par_chunks(ROW_BLOCK * k))
-        .zip(teacher_values.par_chunks(ROW_BLOCK * k))
+        .zip(teacher_values.par_chunks(ROW_BLOCK * (k + 1)))
         .zip(losses.par_chunks_mut(ROW_BLOCK))
         .zip(student_lse.par_chunks_mut(ROW_BLOCK))
-        .zip(teacher_lse.par_chunks_mut(ROW_BLOCK))
+        .zip(student_rest_lse.par_chunks_mut(ROW_BLOCK))
         .for_each(
-            |(((((student, ids), teacher), losses), student_lse), teacher_lse)| {
+            |(((((student, ids), teacher), losses), student_lse), student_rest_lse)| {
                 rows::sparse_forward_kl(
-                    student,
-                    ids,
-                    teacher,
-                    vocab,
-                    inverse_temperature,
+                    rows::SparseRows {
+                        student,
+                        ids,
+                        teacher,
+                        vocab,
+                        inverse_temperature,
+                    },
                     losses,
                     student_lse,
-                    teacher_lse,
+                    student_rest_lse,
                 )
             },
         );
     (
         tensor(losses, Shape::new([rows])),
         tensor(student_lse, Shape::new([rows])),
-        tensor(teacher_lse, Shape::new([rows])),
+        tensor(student_rest_lse, Shape::new([rows])),
     )
 }
 
@@ -906,29 +908,29 @@ pub fn sparse_forward_kl_backward(
     ids: &FlexTensor,
     teacher: &FlexTensor,
     student_lse: &FlexTensor,
-    teacher_lse: &FlexTensor,
+    student_rest_lse: &FlexTensor,
     gradient: &FlexTensor,
     inverse_temperature: f32,
 ) -> FlexTensor {
     let vocab = last_dim(student);
-    let k = last_dim(teacher);
+    let k = last_dim(ids);
     let student_values = contiguous_f32(student);
     let teacher_values = contiguous_f32(teacher);
     let ids = indices(ids, vocab);
     let student_lse = contiguous_f32(student_lse);
-    let teacher_lse = contiguous_f32(teacher_lse);
+    let student_rest_lse = contiguous_f32(student_rest_lse);
     let gradient = contiguous_f32(gradient);
     let mut output = vec![0.0; student_values.len()];
     output
         .par_chunks_mut(ROW_BLOCK * vocab)
         .zip(student_values.par_chunks(ROW_BLOCK * vocab))
         .zip(ids.par_chunks(ROW_BLOCK * k))
-        .zip(teacher_values.par_chunks(ROW_BLOCK * k))
+        .zip(teacher_values.par_chunks(ROW_BLOCK * (k + 1)))
         .zip(student_lse.par_chunks(ROW_BLOCK))
-        .zip(teacher_lse.par_chunks(ROW_BLOCK))
+        .zip(student_rest_lse.par_chunks(ROW_BLOCK))
         .zip(gradient.par_chunks(ROW_BLOCK))
         .for_each(
-            |((((((output, student), ids), teacher), student_lse), teacher_lse), gradient)| {
+            |((((((output, student), ids), teacher), student_lse), student_rest_lse), gradient)| {
                 rows::sparse_forward_kl_backward(
                     rows::SparseRows {
                         student,
@@ -938,7 +940,7 @@ pub fn sparse_forward_kl_backward(
                         inverse_temperature,
                     },
                     student_lse,
-                    teacher_lse,
+                    student_rest_lse,
                     gradient,
                     output,
                 )

@@ -35,8 +35,8 @@ pub trait FusedOps: Backend {
         teacher: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self>;
-    /// As `fused_forward_kl` with the teacher known on `ids` `[rows, k]` only (logits
-    /// `[rows, k]`), renormalized over them.
+    /// As `fused_forward_kl` over `k + 1` outcomes: the tokens `ids` `[rows, k]` and the rest
+    /// of the vocabulary, the teacher given as log-probabilities `[rows, k + 1]`.
     fn fused_sparse_forward_kl(
         student: FloatTensor<Self>,
         ids: IntTensor<Self>,
@@ -139,9 +139,11 @@ pub fn forward_kl_rows(student: Tensor<2>, teacher: Tensor<2>, temperature: f64)
     composed::forward_kl_rows(student, teacher, temperature)
 }
 
-/// [`forward_kl_rows`] against a teacher known only on its top-k tokens: `ids` `[rows, k]` and
-/// their logits `teacher` `[rows, k]`; the teacher's distribution is renormalized over those k
-/// tokens, the student's is not. Returns `[rows]`.
+/// [`forward_kl_rows`] against a teacher known on its top-k tokens and on the mass of the rest:
+/// the divergence over `k + 1` outcomes, each of the `ids` (`[rows, k]`) and the rest of the
+/// vocabulary together. `teacher` holds the teacher's log-probabilities of those outcomes at
+/// `temperature` (`[rows, k + 1]`, the rest last); the student's are its softmax at the same
+/// temperature summed the same way ([`coarse_log_probs`]). Returns `[rows]`, times `T^2`.
 pub fn sparse_forward_kl_rows(
     student: Tensor<2>,
     ids: Tensor<2, Int>,
@@ -164,6 +166,34 @@ pub fn sparse_forward_kl_rows(
         );
     }
     composed::sparse_forward_kl_rows(student, ids, teacher, temperature)
+}
+
+/// The student's log-probabilities at `temperature` of the `k + 1` outcomes of
+/// [`sparse_forward_kl_rows`]: each of `ids` (`[rows, k]`), then the rest of the vocabulary
+/// (about -1e9 when the ids cover it). Returns `[rows, k + 1]`, differentiable.
+pub fn coarse_log_probs(student: Tensor<2>, ids: Tensor<2, Int>, temperature: f64) -> Tensor<2> {
+    let [rows, vocab] = student.dims();
+    let k = ids.dims()[1];
+    let device = student.device();
+    let ids = if student.is_autodiff() {
+        ids.autodiff()
+    } else {
+        ids.inner()
+    };
+    let log_q = log_softmax(student.div_scalar(temperature), 1);
+    let cached = Tensor::<2>::zeros([rows, vocab], &device)
+        .scatter(
+            1,
+            ids.clone(),
+            Tensor::ones([rows, k], &device),
+            IndexingUpdateOp::Assign,
+        )
+        .equal_elem(1.0);
+    // A finite fill keeps a row whose ids cover the vocabulary free of NaN.
+    let rest = log_q.clone().mask_fill(cached, -1e9);
+    let max = rest.clone().max_dim(1).detach();
+    let rest = max.clone() + (rest - max).exp().sum_dim(1).log();
+    Tensor::cat(vec![log_q.gather(1, ids), rest], 1)
 }
 
 /// `silu(gate) * up`, the gated activation of a SwiGLU feed-forward block.
@@ -313,21 +343,17 @@ pub mod composed {
         kl.reshape([rows]).mul_scalar(temperature * temperature)
     }
 
-    /// Spreads the cached logits over the vocabulary, every other token at a logit of -1e9
-    /// (zero probability at any temperature), and takes the dense divergence.
     pub fn sparse_forward_kl_rows(
         student: Tensor<2>,
         ids: Tensor<2, Int>,
         teacher: Tensor<2>,
         temperature: f64,
     ) -> Tensor<1> {
-        let dense = Tensor::<2>::full(student.dims(), -1e9, &student.device()).scatter(
-            1,
-            ids,
-            teacher.detach(),
-            IndexingUpdateOp::Assign,
-        );
-        forward_kl_rows(student, dense, temperature)
+        let rows = student.dims()[0];
+        let student = coarse_log_probs(student, ids, temperature);
+        let teacher = teacher.detach();
+        let kl = teacher.clone().exp().mul(teacher.sub(student)).sum_dim(1);
+        kl.reshape([rows]).mul_scalar(temperature * temperature)
     }
 
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {

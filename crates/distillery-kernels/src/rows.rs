@@ -189,47 +189,9 @@ pub fn forward_kl_backward(
     }
 }
 
-/// Per row: `T^2 * KL(q || softmax(s / T))` where `q` is the teacher's softmax at temperature
-/// T over its `k` cached tokens `ids` only (logits `teacher`, `rows x k`), and the log-sum-exps
-/// of the student's row and of the teacher's `k` logits at T.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-#[allow(clippy::too_many_arguments)]
-pub fn sparse_forward_kl(
-    student: &[f32],
-    ids: &[usize],
-    teacher: &[f32],
-    vocab: usize,
-    inverse_temperature: f32,
-    losses: &mut [f32],
-    student_lse: &mut [f32],
-    teacher_lse: &mut [f32],
-) {
-    let k = ids.len() / losses.len().max(1);
-    let t_squared = 1.0 / (inverse_temperature * inverse_temperature);
-    for (((((s_row, row_ids), t_row), loss), s_lse), t_lse) in student
-        .chunks_exact(vocab)
-        .zip(ids.chunks_exact(k))
-        .zip(teacher.chunks_exact(k))
-        .zip(losses.iter_mut())
-        .zip(student_lse.iter_mut())
-        .zip(teacher_lse.iter_mut())
-    {
-        *s_lse = scaled_log_sum_exp(s_row, inverse_temperature);
-        *t_lse = scaled_log_sum_exp(t_row, inverse_temperature);
-        let kl: f32 = row_ids
-            .iter()
-            .zip(t_row)
-            .map(|(&id, &t)| {
-                let log_teacher = t * inverse_temperature - *t_lse;
-                let log_student = s_row[id] * inverse_temperature - *s_lse;
-                exp(log_teacher) * (log_teacher - log_student)
-            })
-            .sum();
-        *loss = kl * t_squared;
-    }
-}
-
-/// The rows [`sparse_forward_kl`] reads.
+/// The rows [`sparse_forward_kl`] reads: `student` logits (`rows x vocab`), the cached token
+/// `ids` (`rows x k`), and `teacher`, the teacher's log-probabilities at temperature T of
+/// `k + 1` outcomes (`rows x (k + 1)`): each cached token, then the rest of the vocabulary.
 pub struct SparseRows<'a> {
     pub student: &'a [f32],
     pub ids: &'a [usize],
@@ -238,13 +200,75 @@ pub struct SparseRows<'a> {
     pub inverse_temperature: f32,
 }
 
-/// The gradient of [`sparse_forward_kl`] with respect to the student's logits:
-/// `g * T * (softmax(s / T) - q)`, `q` zero outside the cached ids.
+/// Per row: `T^2 * KL(p || q)` over the `k + 1` outcomes, `p` the teacher's and `q` the
+/// student's softmax at T summed the same way (each cached token, and the rest together), so
+/// the student's tail is held to the teacher's tail mass instead of being pushed to zero. Also
+/// the student's log-sum-exps at T over its whole row and over the rest, for the backward pass
+/// (the latter `-inf` when the ids cover the vocabulary).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn sparse_forward_kl(
+    rows: SparseRows<'_>,
+    losses: &mut [f32],
+    student_lse: &mut [f32],
+    student_rest_lse: &mut [f32],
+) {
+    let SparseRows {
+        student,
+        ids,
+        teacher,
+        vocab,
+        inverse_temperature,
+    } = rows;
+    let k = ids.len() / losses.len().max(1);
+    let t_squared = 1.0 / (inverse_temperature * inverse_temperature);
+    // 1 for the tokens of the rest, 0 for the cached ones: a product instead of a branch keeps
+    // the pass over the vocabulary vectorized.
+    let mut in_rest = vec![1.0f32; vocab];
+    for (((((s_row, row_ids), t_row), loss), s_lse), s_rest) in student
+        .chunks_exact(vocab)
+        .zip(ids.chunks_exact(k))
+        .zip(teacher.chunks_exact(k + 1))
+        .zip(losses.iter_mut())
+        .zip(student_lse.iter_mut())
+        .zip(student_rest_lse.iter_mut())
+    {
+        let max = s_row.iter().fold(f32::NEG_INFINITY, |max, &x| {
+            max.max(x * inverse_temperature)
+        });
+        for &id in row_ids {
+            in_rest[id] = 0.0;
+        }
+        let (mut total, mut rest) = (0.0f32, 0.0f32);
+        for (&s, &weight) in s_row.iter().zip(&in_rest) {
+            let e = exp(s * inverse_temperature - max);
+            total += e;
+            rest += e * weight;
+        }
+        for &id in row_ids {
+            in_rest[id] = 1.0;
+        }
+        *s_lse = max + total.ln();
+        *s_rest = max + rest.ln();
+        let (t_tokens, t_rest) = t_row.split_at(k);
+        let mut kl: f32 = row_ids
+            .iter()
+            .zip(t_tokens)
+            .map(|(&id, &log_p)| exp(log_p) * (log_p - (s_row[id] * inverse_temperature - *s_lse)))
+            .sum();
+        if rest > 0.0 {
+            kl += exp(t_rest[0]) * (t_rest[0] - (*s_rest - *s_lse));
+        }
+        *loss = kl * t_squared;
+    }
+}
+
+/// The gradient of [`sparse_forward_kl`] with respect to the student's logits: `g * T` times
+/// `q_j - p_j` for a cached token and `q_j * (1 - p_rest / q_rest)` for a token of the rest.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn sparse_forward_kl_backward(
     rows: SparseRows<'_>,
     student_lse: &[f32],
-    teacher_lse: &[f32],
+    student_rest_lse: &[f32],
     gradient: &[f32],
     output: &mut [f32],
 ) {
@@ -256,20 +280,28 @@ pub fn sparse_forward_kl_backward(
         inverse_temperature,
     } = rows;
     let k = ids.len() / gradient.len().max(1);
-    for (((((s_row, row_ids), t_row), out), (&s_lse, &t_lse)), &g) in student
+    for (((((s_row, row_ids), t_row), out), (&s_lse, &s_rest)), &g) in student
         .chunks_exact(vocab)
         .zip(ids.chunks_exact(k))
-        .zip(teacher.chunks_exact(k))
+        .zip(teacher.chunks_exact(k + 1))
         .zip(output.chunks_exact_mut(vocab))
-        .zip(student_lse.iter().zip(teacher_lse))
+        .zip(student_lse.iter().zip(student_rest_lse))
         .zip(gradient)
     {
         let scale = g / inverse_temperature;
+        // With no rest there is no token it applies to; the guard keeps exp(+inf) out.
+        let p_rest = if s_rest.is_finite() {
+            exp(t_row[k])
+        } else {
+            0.0
+        };
+        // q_j / q_rest = exp(u_j - rest_lse), at most 1 for a token of the rest.
         for (out, &s) in out.iter_mut().zip(s_row) {
-            *out = scale * exp(s * inverse_temperature - s_lse);
+            let u = s * inverse_temperature;
+            *out = scale * (exp(u - s_lse) - p_rest * exp(u - s_rest));
         }
-        for (&id, &t) in row_ids.iter().zip(t_row) {
-            out[id] -= scale * exp(t * inverse_temperature - t_lse);
+        for (&id, &log_p) in row_ids.iter().zip(t_row) {
+            out[id] = scale * (exp(s_row[id] * inverse_temperature - s_lse) - exp(log_p));
         }
     }
 }

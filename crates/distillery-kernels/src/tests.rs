@@ -224,31 +224,141 @@ fn forward_kl_matches_composed_log_softmaxes_with_a_constant_teacher() {
     }
 }
 
+type SparseOp = dyn Fn(Tensor<2>, Tensor<2, Int>, Tensor<2>, f64) -> Tensor<1>;
+
+/// The losses of `op` and the gradient of `sum(losses * weights)` for the student.
+fn sparse_losses_and_gradient(
+    op: &SparseOp,
+    student: &Tensor<2>,
+    ids: &Tensor<2, Int>,
+    teacher: &Tensor<2>,
+    temperature: f64,
+    weights: &Tensor<1>,
+) -> (Vec<f32>, Vec<f32>) {
+    let student = student.clone().detach().require_grad();
+    let losses = op(student.clone(), ids.clone(), teacher.clone(), temperature);
+    let gradients = (losses.clone() * weights.clone()).sum().backward();
+    (values(losses), values(student.grad(&gradients).unwrap()))
+}
+
+fn int_ids(ids: Vec<i64>, shape: [usize; 2]) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids, shape), &Device::flex())
+}
+
 #[test]
-fn sparse_forward_kl_matches_the_dense_divergence_over_the_cached_tokens() {
+fn sparse_forward_kl_fused_matches_composed() {
     let device = Device::flex().autodiff();
     let student = random([5, 13], 31, &device);
-    let ids: Vec<i64> = vec![
-        0, 4, 12, 7, //
-        3, 2, 1, 0, //
-        12, 11, 10, 9, //
-        5, 6, 8, 1, //
-        9, 3, 7, 2,
-    ];
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [5, 4]), &Device::flex());
-    let teacher = random([5, 4], 32, &Device::flex());
+    let ids = int_ids(
+        vec![
+            0, 4, 12, 7, //
+            3, 2, 1, 0, //
+            12, 11, 10, 9, //
+            5, 6, 8, 1, //
+            9, 3, 7, 2,
+        ],
+        [5, 4],
+    );
+    let teacher = log_softmax(random([5, 5], 32, &Device::flex()), 1);
     let weights = random([5], 33, &device);
     for temperature in [1.0, 2.0] {
-        let run = |op: &dyn Fn(Tensor<2>, Tensor<2, Int>, Tensor<2>, f64) -> Tensor<1>| {
-            let student = student.clone().detach().require_grad();
-            let losses = op(student.clone(), ids.clone(), teacher.clone(), temperature);
-            let gradients = (losses.clone() * weights.clone()).sum().backward();
-            (values(losses), values(student.grad(&gradients).unwrap()))
+        let run = |op: &SparseOp| {
+            sparse_losses_and_gradient(op, &student, &ids, &teacher, temperature, &weights)
         };
         let fused = run(&sparse_forward_kl_rows);
         let composed = run(&composed::sparse_forward_kl_rows);
         assert_close("sparse forward KL", fused.0, composed.0);
         assert_close("sparse forward KL gradient", fused.1, composed.1);
+    }
+}
+
+#[test]
+fn sparse_forward_kl_counts_the_cached_tokens_and_the_rest_as_outcomes() {
+    let device = Device::flex().autodiff();
+    let student_logits = [1.0f64, 2.0, 0.5, -1.0];
+    let teacher_probabilities = [0.5f64, 0.2, 0.3];
+    let temperature = 2.0;
+    // By hand: the student's softmax at T = 2, grouped as token 1, token 3, and the rest {0, 2}.
+    let exps: Vec<f64> = student_logits
+        .iter()
+        .map(|logit| (logit / temperature).exp())
+        .collect();
+    let total: f64 = exps.iter().sum();
+    let student_grouped = [
+        exps[1] / total,
+        exps[3] / total,
+        (exps[0] + exps[2]) / total,
+    ];
+    let expected: f64 = temperature
+        * temperature
+        * teacher_probabilities
+            .iter()
+            .zip(&student_grouped)
+            .map(|(p, q)| p * (p / q).ln())
+            .sum::<f64>();
+    let student = Tensor::<2>::from_data(
+        TensorData::new(student_logits.map(|x| x as f32).to_vec(), [1, 4]),
+        &device,
+    );
+    let teacher = Tensor::<2>::from_data(
+        TensorData::new(
+            teacher_probabilities.map(|p| p.ln() as f32).to_vec(),
+            [1, 3],
+        ),
+        &Device::flex(),
+    );
+    let ids = int_ids(vec![1, 3], [1, 2]);
+    for op in [
+        &sparse_forward_kl_rows as &SparseOp,
+        &composed::sparse_forward_kl_rows,
+    ] {
+        let loss = values(op(
+            student.clone(),
+            ids.clone(),
+            teacher.clone(),
+            temperature,
+        ))[0];
+        assert!(
+            (f64::from(loss) - expected).abs() < 1e-5,
+            "{loss} vs by hand {expected}"
+        );
+    }
+}
+
+#[test]
+fn sparse_forward_kl_over_every_token_is_the_dense_divergence() {
+    let device = Device::flex().autodiff();
+    let student = random([3, 6], 34, &device);
+    let teacher_logits = random([3, 6], 35, &Device::flex());
+    let weights = random([3], 36, &device);
+    let temperature = 1.5;
+    // The ids list every token, out of order; the rest is empty and has no mass.
+    let order = [4i64, 0, 5, 2, 1, 3];
+    let ids = int_ids(order.repeat(3), [3, 6]);
+    let log_p = log_softmax(teacher_logits.clone().div_scalar(temperature), 1);
+    let teacher = Tensor::cat(
+        vec![
+            log_p.gather(1, ids.clone()),
+            Tensor::full([3, 1], -1e9, &Device::flex()),
+        ],
+        1,
+    );
+    let dense = sparse_losses_and_gradient(
+        &|student, _, teacher, temperature| forward_kl_rows(student, teacher, temperature),
+        &student,
+        &ids,
+        &teacher_logits,
+        temperature,
+        &weights,
+    );
+    for op in [
+        &sparse_forward_kl_rows as &SparseOp,
+        &composed::sparse_forward_kl_rows,
+    ] {
+        let sparse =
+            sparse_losses_and_gradient(op, &student, &ids, &teacher, temperature, &weights);
+        assert_close("covering sparse forward KL", sparse.0, dense.0.clone());
+        assert_close("covering sparse gradient", sparse.1, dense.1.clone());
     }
 }
 

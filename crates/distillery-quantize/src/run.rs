@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use distillery_config::{ExperimentConfig, QuantizeMethod};
-use distillery_data::WindowSampler;
+use distillery_data::{TokenSpan, WindowSampler};
 use distillery_model::Llama;
 use distillery_train::seeds::{Stream, derive_seed};
 
@@ -26,7 +26,7 @@ pub struct QuantizeOutcome {
 /// `count` windows of `seq_len` tokens at offsets drawn from the run's calibration stream.
 pub fn calibration_windows(tokens: &[u32], count: usize, seq_len: usize, seed: u64) -> Vec<u32> {
     let mut sampler = WindowSampler::new(derive_seed(seed, Stream::Calibration, 0), seq_len);
-    sampler.next_batch(tokens, count).inputs
+    sampler.next_batch(&TokenSpan::new(tokens), count).inputs
 }
 
 /// The float model to quantize: a run's checkpoint, or a pretrained model's file (a GGUF file,
@@ -104,7 +104,7 @@ pub fn quantize_run(
                 }
                 Some(path) => {
                     distillery_data::load_or_build(
-                        path,
+                        &distillery_data::Corpus::text(path),
                         &data.tokenizer,
                         &config.token_cache_dir(),
                     )?

@@ -5,13 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::loss::{cross_entropy, next_token_hits};
 
-/// Validation metrics over every predicted token of the validation windows.
+/// Validation metrics over every counted target of the validation windows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
     /// Mean next-token cross-entropy (nats).
     pub loss: f64,
     pub perplexity: f64,
-    /// Share of positions whose most likely token is the target.
+    /// Share of counted positions whose most likely token is the target.
     pub accuracy: f64,
     pub tokens: usize,
 }
@@ -24,6 +24,21 @@ pub fn batch_tensors(batch: &TokenBatch, device: &Device) -> (Tensor<2, Int>, Te
         Tensor::<2, Int>::from_data(TensorData::new(ids, shape), device)
     };
     (tensor(&batch.inputs), tensor(&batch.targets))
+}
+
+/// A batch's mask, `[batch, seq]`: 1 where the target counts, 0 where not; `None` when all
+/// count.
+pub fn batch_mask(batch: &TokenBatch, device: &Device) -> Option<Tensor<2>> {
+    batch.counted.as_ref().map(|counted| {
+        let values: Vec<f32> = counted
+            .iter()
+            .map(|&counts| f32::from(u8::from(counts)))
+            .collect();
+        Tensor::from_data(
+            TensorData::new(values, [batch.batch_size, batch.seq_len]),
+            device,
+        )
+    })
 }
 
 /// One fixed pass over the validation windows. `model` should be in evaluation mode
@@ -61,10 +76,9 @@ fn evaluate_windows(
     let mut tokens = 0;
     for batch in windows.batches(batch_size) {
         let (inputs, targets) = batch_tensors(&batch, device);
+        let mask = batch_mask(&batch, device);
         let logits = model.forward(inputs);
-        let positions = batch.batch_size * batch.seq_len;
-        let loss: f32 = cross_entropy(logits.clone(), targets.clone()).into_scalar();
-        loss_sum += loss as f64 * positions as f64;
+        let loss: f32 = cross_entropy(logits.clone(), targets.clone(), mask.clone()).into_scalar();
         if let Some(predictions) = predictions.as_deref_mut() {
             let predicted: Vec<i64> = logits
                 .clone()
@@ -75,8 +89,10 @@ fn evaluate_windows(
                 .expect("token ids are integers");
             predictions.extend(predicted.into_iter().map(|id| id as u32));
         }
-        correct += next_token_hits(logits, targets).0;
-        tokens += positions;
+        let (hits, counted) = next_token_hits(logits, targets, mask);
+        loss_sum += loss as f64 * counted as f64;
+        correct += hits;
+        tokens += counted;
     }
     let loss = loss_sum / tokens as f64;
     EvalMetrics {

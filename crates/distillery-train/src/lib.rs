@@ -26,11 +26,11 @@ pub use backend_check::{
 };
 pub use bench::{BenchReport, bench_objective, bench_train};
 pub use checkpoint::{BestValidation, CheckpointError};
-pub use eval::{EvalMetrics, batch_tensors, evaluate, evaluate_with_predictions};
+pub use eval::{EvalMetrics, batch_mask, batch_tensors, evaluate, evaluate_with_predictions};
 pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
 pub use trainer::{
-    NextTokenObjective, Objective, ObjectiveLoss, Resume, TrainOptions, TrainOutcome, TrainSummary,
-    train, write_initial_checkpoint,
+    MicroBatch, NextTokenObjective, Objective, ObjectiveLoss, Resume, TrainOptions, TrainOutcome,
+    TrainSummary, train, write_initial_checkpoint,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub struct RunData {
 pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
     let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
     let cache =
-        distillery_data::load_or_build(&config.data.corpus, &tokenizer, &config.token_cache_dir())?;
+        distillery_data::load_or_build(&config.corpus(), &tokenizer, &config.token_cache_dir())?;
     let cache_note = match &cache.status {
         CacheStatus::Reused => format!("token cache {}", cache.path.display()),
         CacheStatus::Built => format!("built token cache {}", cache.path.display()),
@@ -87,6 +87,7 @@ pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
     };
     let splits = TokenSplits::new(
         &cache.tokens,
+        cache.counted.as_deref(),
         config.data.validation_fraction,
         config.data.seq_len,
     )?;

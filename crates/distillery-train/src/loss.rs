@@ -2,12 +2,28 @@
 
 use burn::tensor::{Int, Tensor};
 
-/// Mean next-token cross-entropy.
+/// Mean next-token cross-entropy over the counted positions.
 ///
-/// `logits`: `[batch, seq, vocab]`; `targets`: `[batch, seq]` token ids. Returns a one-element
-/// tensor, differentiable with respect to `logits`.
-pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-    token_cross_entropy(logits, targets).mean()
+/// `logits`: `[batch, seq, vocab]`; `targets`: `[batch, seq]` token ids; `mask`: `[batch, seq]`,
+/// 1 where a position counts and 0 where not (`None`: all count). Returns a one-element tensor,
+/// differentiable with respect to `logits`.
+pub fn cross_entropy(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    mask: Option<Tensor<2>>,
+) -> Tensor<1> {
+    masked_mean(token_cross_entropy(logits, targets), mask)
+}
+
+/// The mean of `[batch, seq]` values over the counted positions; none counted gives 0, not NaN.
+pub fn masked_mean(per_position: Tensor<2>, mask: Option<Tensor<2>>) -> Tensor<1> {
+    match mask {
+        None => per_position.mean(),
+        Some(mask) => per_position
+            .mul(mask.clone())
+            .sum()
+            .div(mask.sum().clamp_min(1.0)),
+    }
 }
 
 /// Next-token cross-entropy of each position, `[batch, seq]`.
@@ -20,12 +36,22 @@ pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor
     .reshape([batch, seq])
 }
 
-/// How many positions' most likely token is the target: `(correct, positions)`.
-pub fn next_token_hits(logits: Tensor<3>, targets: Tensor<2, Int>) -> (usize, usize) {
+/// How many counted positions' most likely token is the target: `(correct, counted)`.
+pub fn next_token_hits(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    mask: Option<Tensor<2>>,
+) -> (usize, usize) {
     let [batch, seq, _] = logits.dims();
     let predicted: Tensor<2, Int> = logits.argmax(2).squeeze_dim(2);
-    let correct: i64 = predicted.equal(targets).int().sum().into_scalar();
-    (correct as usize, batch * seq)
+    let hits = predicted.equal(targets).float();
+    match mask {
+        None => (hits.sum().into_scalar::<f32>() as usize, batch * seq),
+        Some(mask) => (
+            (hits * mask.clone()).sum().into_scalar::<f32>() as usize,
+            mask.sum().into_scalar::<f32>() as usize,
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -47,7 +73,7 @@ mod tests {
         // Position 1: logits (0, ln 2, 0), target 1: p = 2/4, loss ln 2.
         // Position 2: logits (ln 3, 0, 0), target 2: p = 1/5, loss ln 5.
         let logits = logits(vec![0.0, 2f32.ln(), 0.0, 3f32.ln(), 0.0, 0.0], [1, 2, 3]);
-        let loss: f32 = cross_entropy(logits, targets(vec![1, 2], [1, 2])).into_scalar();
+        let loss: f32 = cross_entropy(logits, targets(vec![1, 2], [1, 2]), None).into_scalar();
         let expected = (2f32.ln() + 5f32.ln()) / 2.0;
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
     }
@@ -57,6 +83,7 @@ mod tests {
         let loss: f32 = cross_entropy(
             logits(vec![0.25; 2 * 3 * 7], [2, 3, 7]),
             targets(vec![0, 1, 2, 3, 4, 5], [2, 3]),
+            None,
         )
         .into_scalar();
         assert!((loss - 7f32.ln()).abs() < 1e-6);
@@ -69,7 +96,7 @@ mod tests {
         let logits =
             Tensor::<3>::from_data(TensorData::new(values, [1, 2, 3]), &device).require_grad();
         let targets = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2], [1, 2]), &device);
-        let grads = cross_entropy(logits.clone(), targets).backward();
+        let grads = cross_entropy(logits.clone(), targets, None).backward();
         let gradient: Vec<f32> = logits
             .grad(&grads)
             .unwrap()
@@ -90,12 +117,35 @@ mod tests {
     }
 
     #[test]
+    fn a_mask_counts_only_its_positions() {
+        // The same two positions as above: ln 2 and ln 5; only the second counts.
+        let logits = logits(vec![0.0, 2f32.ln(), 0.0, 3f32.ln(), 0.0, 0.0], [1, 2, 3]);
+        let mask =
+            Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 1.0], [1, 2]), &Device::flex());
+        let loss: f32 = cross_entropy(
+            logits.clone(),
+            targets(vec![1, 2], [1, 2]),
+            Some(mask.clone()),
+        )
+        .into_scalar();
+        assert!((loss - 5f32.ln()).abs() < 1e-6, "{loss}");
+        // Position 1's argmax (1) is its target, position 2's (0) is not.
+        assert_eq!(
+            next_token_hits(logits, targets(vec![1, 2], [1, 2]), Some(mask)),
+            (0, 1)
+        );
+    }
+
+    #[test]
     fn hits_count_argmax_matches() {
         let logits = logits(vec![0.0, 1.0, 0.5, 2.0, 0.0, 0.0], [1, 2, 3]);
         assert_eq!(
-            next_token_hits(logits.clone(), targets(vec![1, 0], [1, 2])),
+            next_token_hits(logits.clone(), targets(vec![1, 0], [1, 2]), None),
             (2, 2)
         );
-        assert_eq!(next_token_hits(logits, targets(vec![2, 0], [1, 2])), (1, 2));
+        assert_eq!(
+            next_token_hits(logits.clone(), targets(vec![2, 0], [1, 2]), None),
+            (1, 2)
+        );
     }
 }

@@ -14,7 +14,7 @@ use distillery_data::{TokenSplits, ValidationWindows, WindowSampler};
 use distillery_model::Llama;
 
 use crate::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
-use crate::eval::{EvalMetrics, batch_tensors, evaluate};
+use crate::eval::{EvalMetrics, batch_mask, batch_tensors, evaluate};
 use crate::loss::cross_entropy;
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWSettings};
@@ -31,17 +31,22 @@ pub struct ObjectiveLoss {
     pub terms: Vec<(&'static str, Tensor<1>)>,
 }
 
+/// One micro-batch of a run's window schedule, as tensors on the training device.
+pub struct MicroBatch {
+    /// `[batch, seq]` token ids.
+    pub inputs: Tensor<2, Int>,
+    /// `[batch, seq]`: the inputs shifted by one.
+    pub targets: Tensor<2, Int>,
+    /// `[batch, seq]`: 1 where a target counts in the loss, 0 where not; `None` when all count.
+    pub mask: Option<Tensor<2>>,
+    /// 0-based index in the schedule: `step * grad_accum + micro`.
+    pub index: u64,
+}
+
 /// What a run trains its model to do. One training loop serves every objective.
 pub trait Objective {
-    /// The loss on the micro-batch with 0-based index `micro_batch` in the run's window
-    /// schedule (`step * grad_accum + micro`).
-    fn loss(
-        &mut self,
-        model: &Llama,
-        inputs: Tensor<2, Int>,
-        targets: Tensor<2, Int>,
-        micro_batch: u64,
-    ) -> Result<ObjectiveLoss, TrainError>;
+    /// The loss on one micro-batch of the run's window schedule.
+    fn loss(&mut self, model: &Llama, batch: MicroBatch) -> Result<ObjectiveLoss, TrainError>;
 
     /// Identifies what the objective learns from beyond the config (a teacher's weights), so
     /// that a resumed run is refused when that changed.
@@ -83,15 +88,9 @@ pub trait Objective {
 pub struct NextTokenObjective;
 
 impl Objective for NextTokenObjective {
-    fn loss(
-        &mut self,
-        model: &Llama,
-        inputs: Tensor<2, Int>,
-        targets: Tensor<2, Int>,
-        _micro_batch: u64,
-    ) -> Result<ObjectiveLoss, TrainError> {
+    fn loss(&mut self, model: &Llama, batch: MicroBatch) -> Result<ObjectiveLoss, TrainError> {
         Ok(ObjectiveLoss {
-            total: cross_entropy(model.forward(inputs), targets),
+            total: cross_entropy(model.forward(batch.inputs), batch.targets, batch.mask),
             terms: Vec::new(),
         })
     }
@@ -168,13 +167,22 @@ impl StepRunner<'_> {
         for micro in 0..train.grad_accum {
             let batch = sampler.next_batch(&self.splits.train, train.batch_size);
             let (inputs, targets) = batch_tensors(&batch, &self.autodiff_device);
+            let mask = batch_mask(&batch, &self.autodiff_device);
             let micro_batch = (step * train.grad_accum + micro) as u64;
             model.set_dropout_seed(derive_seed(
                 self.config.run.seed,
                 Stream::Dropout,
                 micro_batch,
             ));
-            let loss = self.objective.loss(&model, inputs, targets, micro_batch)?;
+            let loss = self.objective.loss(
+                &model,
+                MicroBatch {
+                    inputs,
+                    targets,
+                    mask,
+                    index: micro_batch,
+                },
+            )?;
             let scaled = loss.total.clone().div_scalar(train.grad_accum as f64);
             let grads = GradientsParams::from_grads(scaled.backward(), &model);
             accumulator.accumulate(&model, grads);
