@@ -272,6 +272,30 @@ fn train_and_distill_refuse_each_others_configs() {
 }
 
 #[test]
+fn alpha_zero_trains_on_the_labels_alone_like_train() {
+    let workspace = Workspace::new();
+    train_teacher(&workspace);
+    let settings = ["train.steps=10", "distill.alpha=0"];
+    workspace.run_ok(&distill_args(&workspace, "labels", &settings));
+    // The same student, trained without a teacher.
+    let plain = workspace.train_args(
+        "plain",
+        &[
+            "model.hidden_size=16",
+            "model.intermediate_size=32",
+            "model.num_hidden_layers=1",
+            "train.steps=10",
+        ],
+    );
+    workspace.run_ok(&plain);
+    for tag in ["train/loss", "val/loss"] {
+        let labels = common::metric_series(&workspace.experiments.join("labels"), tag);
+        let trained = common::metric_series(&workspace.experiments.join("plain"), tag);
+        assert_eq!(labels, trained, "{tag}");
+    }
+}
+
+#[test]
 fn cached_teacher_with_every_logit_trains_like_the_live_teacher() {
     let workspace = Workspace::new();
     train_teacher(&workspace);

@@ -24,9 +24,11 @@ fn pipeline_toml(workspace: &Workspace, gptq_bits: u32) -> String {
     };
     let config = repo_path("configs/tiny-test.toml");
     let teacher = workspace.checkpoints.join("teacher");
+    // The student learns from the teacher's cached logits, which the `cache` stage writes.
     let student = [
         "train.steps=20".to_string(),
         format!("teacher.checkpoint={}", teacher.display()),
+        "distill.teacher=\"cached\"".to_string(),
     ];
     let quantized = |method: &str, extra: &[&str]| -> Vec<String> {
         let mut all = student.to_vec();
@@ -56,6 +58,12 @@ name = "teacher"
 kind = "train"
 config = {config:?}
 set = {teacher}
+
+[[stage]]
+name = "cache"
+kind = "teacher_cache"
+config = {config:?}
+set = {student}
 
 [[stage]]
 name = "student"
@@ -124,6 +132,10 @@ fn pipeline_runs_every_stage_then_skips_what_is_complete() {
     let (ok, stderr) = run_pipeline(&workspace, &pipeline_toml(&workspace, 4));
     assert!(ok, "{stderr}");
     assert!(stage_lines(&stderr, "skipped").is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("stage cache (teacher_cache): wrote ") && stderr.contains("MiB) in "),
+        "{stderr}"
+    );
     let tables = workspace.experiments.join("tiny");
     let table = std::fs::read_to_string(tables.join("table.md")).unwrap();
     assert!(
@@ -174,14 +186,18 @@ fn pipeline_runs_every_stage_then_skips_what_is_complete() {
     // Again: every stage is complete and unchanged.
     let (ok, stderr) = run_pipeline(&workspace, &pipeline_toml(&workspace, 4));
     assert!(ok, "{stderr}");
-    assert_eq!(stage_lines(&stderr, "skipped").len(), 6, "{stderr}");
+    assert_eq!(stage_lines(&stderr, "skipped").len(), 7, "{stderr}");
+    assert!(
+        stage_lines(&stderr, "skipped")[1].starts_with("stage cache (teacher_cache): skipped"),
+        "{stderr}"
+    );
 
     // A changed stage reruns, with the stages after it; the ones before stay skipped.
     let (ok, stderr) = run_pipeline(&workspace, &pipeline_toml(&workspace, 8));
     assert!(ok, "{stderr}");
     let skipped = stage_lines(&stderr, "skipped");
-    assert_eq!(skipped.len(), 3, "{stderr}");
-    assert!(skipped[2].starts_with("stage int8"), "{stderr}");
+    assert_eq!(skipped.len(), 4, "{stderr}");
+    assert!(skipped[3].starts_with("stage int8"), "{stderr}");
     assert!(
         stderr.contains("stage gptq (quantize): gptq-8bit-g16"),
         "{stderr}"

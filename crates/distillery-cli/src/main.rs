@@ -439,27 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::TeacherCache { config } => {
             let origin = config.config.display().to_string();
             let config = config.load()?;
-            let started = std::time::Instant::now();
-            let mut reported = 0;
-            let (path, header) =
-                distillery_distill::write_teacher_cache(&config, &origin, &mut |done, total| {
-                    let percent = done * 100 / total.max(1);
-                    if percent >= reported + 10 || done == total {
-                        reported = percent;
-                        eprintln!("teacher cache: {done}/{total} micro-batches ({percent}%)");
-                    }
-                })?;
-            let bytes = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
-            println!(
-                "wrote {} ({} micro-batches x {} windows x {} tokens, top-{} logits, {:.1} MiB) in {:.0} s",
-                path.display(),
-                header.micro_batches,
-                header.batch_size,
-                header.seq_len,
-                header.top_k,
-                bytes as f64 / (1 << 20) as f64,
-                started.elapsed().as_secs_f64()
-            );
+            let written = write_teacher_cache(&config, &origin)?;
+            println!("{}", written.summary);
             Ok(ExitCode::SUCCESS)
         }
         Command::Quantize { config, json } => {
@@ -864,6 +845,46 @@ fn is_other_format(path: &Path) -> bool {
 
 /// One training checkpoint's validation metrics, and its agreement with the config's teacher
 /// when there is one.
+/// A teacher cache just written, and the line that says so.
+struct WrittenTeacherCache {
+    path: PathBuf,
+    bytes: u64,
+    summary: String,
+}
+
+/// Writes `config`'s teacher cache, reporting progress on stderr every 10%.
+fn write_teacher_cache(
+    config: &ExperimentConfig,
+    origin: &str,
+) -> anyhow::Result<WrittenTeacherCache> {
+    let started = std::time::Instant::now();
+    let mut reported = 0;
+    let (path, header) =
+        distillery_distill::write_teacher_cache(config, origin, &mut |done, total| {
+            let percent = done * 100 / total.max(1);
+            if percent >= reported + 10 || done == total {
+                reported = percent;
+                eprintln!("teacher cache: {done}/{total} micro-batches ({percent}%)");
+            }
+        })?;
+    let bytes = std::fs::metadata(&path)?.len();
+    let summary = format!(
+        "wrote {} ({} micro-batches x {} windows x {} tokens, top-{} logits and the rest, {:.1} MiB) in {:.0} s",
+        path.display(),
+        header.micro_batches,
+        header.batch_size,
+        header.seq_len,
+        header.top_k,
+        bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(WrittenTeacherCache {
+        path,
+        bytes,
+        summary,
+    })
+}
+
 fn evaluate_training_checkpoint(
     config: &ExperimentConfig,
     origin: &str,

@@ -59,7 +59,7 @@ pub fn run(
     let mut model_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
     for settings in &pipeline.stages {
         let origin = format!("{} (stage {})", settings.config.display(), settings.name);
-        let label = format!("stage {} ({:?})", settings.name, settings.kind).to_lowercase();
+        let label = format!("stage {} ({})", settings.name, settings.kind.name());
         let config =
             load_stage_config(settings, &origin).with_context(|| format!("{label} failed"))?;
         // A stage's fingerprint covers its settings and every stage before it, so a change
@@ -119,6 +119,13 @@ fn load_stage_config(stage: &StageConfig, origin: &str) -> Result<ExperimentConf
     Ok(config)
 }
 
+/// Where a teacher-cache stage wrote its cache, and its size.
+#[derive(Serialize, Deserialize)]
+struct TeacherCacheRecord {
+    path: PathBuf,
+    bytes: u64,
+}
+
 enum StageResult {
     Skipped {
         reason: String,
@@ -141,6 +148,36 @@ fn run_stage(
     let config = &stage.config;
     match stage.settings.kind {
         StageKind::Train | StageKind::Distill => train_stage(stage, interrupt),
+        StageKind::TeacherCache => {
+            // The cache's path depends on the teacher's weights; the record names it, so an
+            // unchanged stage is skipped without loading the teacher.
+            let record_path = dir.join(format!("{}.json", stage.settings.name));
+            let record: Option<TeacherCacheRecord> = std::fs::read_to_string(&record_path)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            if recorded
+                && let Some(record) = record
+                && std::fs::metadata(&record.path).is_ok_and(|meta| meta.len() == record.bytes)
+            {
+                return Ok(StageResult::Skipped {
+                    reason: format!("{} is up to date", record.path.display()),
+                    model: None,
+                });
+            }
+            let written = crate::write_teacher_cache(config, &stage.origin)?;
+            let record = TeacherCacheRecord {
+                path: written.path,
+                bytes: written.bytes,
+            };
+            distillery_data::write_atomically(
+                &record_path,
+                serde_json::to_string_pretty(&record)?.as_bytes(),
+            )?;
+            Ok(StageResult::Done {
+                summary: written.summary,
+                model: None,
+            })
+        }
         StageKind::Quantize => {
             let settings = config.quantize.as_ref().ok_or_else(|| {
                 anyhow::anyhow!("{}: the config has no [quantize] section", stage.origin)

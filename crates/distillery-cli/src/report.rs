@@ -39,7 +39,7 @@ pub fn write_report(pipeline: &PipelineConfig, out_root: &Path) -> anyhow::Resul
                 }
             }
             StageKind::Eval => evals.push(tables.join(format!("{}.json", stage.name))),
-            StageKind::Quantize => {}
+            StageKind::Quantize | StageKind::TeacherCache => {}
         }
     }
     let Some(eval_path) = evals.last() else {

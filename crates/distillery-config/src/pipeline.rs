@@ -48,10 +48,27 @@ pub struct StageConfig {
 pub enum StageKind {
     Train,
     Distill,
+    /// Runs a distillation config's teacher over its training windows once and stores its
+    /// top-k logits, for stages that distill from `distill.teacher = "cached"`.
+    TeacherCache,
     Quantize,
     Export,
     /// One table of the listed stages' models, with their decoding speed.
     Eval,
+}
+
+impl StageKind {
+    /// The name a pipeline config gives the kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Distill => "distill",
+            Self::TeacherCache => "teacher_cache",
+            Self::Quantize => "quantize",
+            Self::Export => "export",
+            Self::Eval => "eval",
+        }
+    }
 }
 
 fn default_experiment_dir() -> PathBuf {
@@ -192,6 +209,25 @@ models = ["teacher", "int8"]
             [StageKind::Train, StageKind::Quantize, StageKind::Eval]
         );
         assert_eq!(config.stages[1].set, ["quantize.method=int8"]);
+    }
+
+    #[test]
+    fn each_kind_is_named_as_configs_spell_it() {
+        for kind in [
+            StageKind::Train,
+            StageKind::Distill,
+            StageKind::TeacherCache,
+            StageKind::Quantize,
+            StageKind::Export,
+            StageKind::Eval,
+        ] {
+            let text = format!(
+                "name = \"s\"\nkind = {:?}\nconfig = \"a.toml\"",
+                kind.name()
+            );
+            let stage: StageConfig = toml::from_str(&text).unwrap();
+            assert_eq!(stage.kind, kind);
+        }
     }
 
     #[test]

@@ -101,6 +101,15 @@ impl distillery_train::Objective for DistillObjective {
             mask,
             index,
         } = batch;
+        if self.settings.alpha == 0.0 {
+            // Labels only (a baseline that starts where the distilled student does): the
+            // teacher does not enter the loss, so it is not run.
+            let ce = cross_entropy(model.forward(inputs), targets, mask);
+            return Ok(ObjectiveLoss {
+                total: ce.clone(),
+                terms: vec![("train/ce", ce)],
+            });
+        }
         if self.cache.is_some() {
             return self
                 .cached_loss(model.forward(inputs), targets, mask, index)
@@ -150,6 +159,7 @@ impl distillery_train::Objective for DistillObjective {
         };
         let origin = match self.teacher.step() {
             Some(step) => format!("step {step}"),
+            None if self.teacher.directory().is_file() => "GGUF file".into(),
             None => "Hugging Face folder".into(),
         };
         Some(format!(
