@@ -133,11 +133,7 @@ impl CorpusFiles {
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        crate::tokenizer::hex_digest(hasher)
     }
 
     pub fn bytes(&self) -> u64 {

@@ -293,7 +293,13 @@ impl TextTokenizer {
 
 /// The sha256 of `bytes` as lowercase hex.
 pub fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
+    hex_digest(Sha256::new().chain_update(bytes))
+}
+
+/// The lowercase hex of what `hasher` has been fed.
+pub fn hex_digest(hasher: Sha256) -> String {
+    hasher
+        .finalize()
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()

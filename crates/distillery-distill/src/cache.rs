@@ -128,24 +128,33 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest), in
-/// f64 so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers
-/// the row.
-pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f32 {
-    let mut in_top = vec![false; row.len()];
+/// f64 so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers the
+/// row. `in_top` is scratch of `row.len()` falses, left as it was found.
+pub fn rest_log_sum_exp(
+    row: &[f32],
+    top: &[(u32, f32)],
+    temperature: f64,
+    in_top: &mut [bool],
+) -> f32 {
     for &(id, _) in top {
         in_top[id as usize] = true;
     }
     let rest = || {
         row.iter()
-            .zip(&in_top)
+            .zip(in_top.iter())
             .filter(|(_, in_top)| !**in_top)
             .map(|(&logit, _)| f64::from(logit) / temperature)
     };
     let max = rest().fold(f64::NEG_INFINITY, f64::max);
-    if max == f64::NEG_INFINITY {
-        return EMPTY_REST;
+    let lse = if max == f64::NEG_INFINITY {
+        EMPTY_REST
+    } else {
+        (max + rest().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
+    };
+    for &(id, _) in top {
+        in_top[id as usize] = false;
     }
-    (max + rest().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
+    lse
 }
 
 /// The teacher's rows of a cached micro-batch, `rows` of them.
@@ -206,6 +215,7 @@ pub fn build(
     );
     let mut row_ids = Vec::with_capacity(header.top_k * header.id_bytes);
     let mut row_logits = Vec::with_capacity((header.top_k + 1) * 4);
+    let mut in_top = vec![false; header.vocab_size];
     for micro_batch in 0..header.micro_batches {
         let batch = sampler.next_batch(&data.splits.train, header.batch_size);
         let (inputs, _) = batch_tensors(&batch, teacher.device());
@@ -222,8 +232,9 @@ pub fn build(
                 row_ids.extend_from_slice(&id.to_le_bytes()[..header.id_bytes]);
                 row_logits.extend_from_slice(&logit.to_le_bytes());
             }
-            row_logits
-                .extend_from_slice(&rest_log_sum_exp(row, &top, header.temperature).to_le_bytes());
+            row_logits.extend_from_slice(
+                &rest_log_sum_exp(row, &top, header.temperature, &mut in_top).to_le_bytes(),
+            );
             out.write_all(&row_ids).map_err(io_error)?;
             out.write_all(&row_logits).map_err(io_error)?;
         }
@@ -383,8 +394,14 @@ mod tests {
         let row = [0.5f32, 3.0, -1.0, 3.0, 2.0];
         let top = top_k(&row, 3);
         let by_hand = ((0.5f64 / 2.0).exp() + (-1.0f64 / 2.0).exp()).ln();
-        assert!((f64::from(rest_log_sum_exp(&row, &top, 2.0)) - by_hand).abs() < 1e-6);
-        assert_eq!(rest_log_sum_exp(&row, &top_k(&row, 5), 2.0), EMPTY_REST);
+        let mut in_top = [false; 5];
+        let rest = rest_log_sum_exp(&row, &top, 2.0, &mut in_top);
+        assert!((f64::from(rest) - by_hand).abs() < 1e-6);
+        assert_eq!(in_top, [false; 5]);
+        assert_eq!(
+            rest_log_sum_exp(&row, &top_k(&row, 5), 2.0, &mut in_top),
+            EMPTY_REST
+        );
     }
 
     #[test]
@@ -395,7 +412,7 @@ mod tests {
         let rows = CachedRows {
             ids: top.iter().map(|&(id, _)| id).collect(),
             logits: top.iter().map(|&(_, logit)| logit).collect(),
-            rest: vec![rest_log_sum_exp(&row, &top, temperature)],
+            rest: vec![rest_log_sum_exp(&row, &top, temperature, &mut [false; 5])],
         };
         let total: f64 = row
             .iter()

@@ -4,7 +4,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{DistillConfig, DistillLoss};
 use distillery_data::ValidationWindows;
 use distillery_model::Llama;
-use distillery_train::loss::{cross_entropy, masked_mean};
+use distillery_train::loss::{cross_entropy, masked_mean, next_token_hits};
 use distillery_train::{
     MicroBatch, ObjectiveLoss, TrainError, batch_mask, batch_tensors, evaluate,
 };
@@ -218,20 +218,11 @@ impl distillery_train::Objective for DistillObjective {
                 mask.clone(),
             )
             .into_scalar();
-            let agrees = student
-                .argmax(2)
-                .equal(teacher.argmax(2))
-                .float()
-                .squeeze_dim(2);
-            let (agreeing_here, counted) = match mask {
-                None => (agrees.sum(), batch.batch_size * batch.seq_len),
-                Some(mask) => {
-                    let counted = mask.clone().sum().into_scalar::<f32>() as usize;
-                    ((agrees * mask).sum(), counted)
-                }
-            };
+            // Agreement is next-token accuracy against the teacher's top-1 tokens.
+            let teacher_top: Tensor<2, Int> = teacher.argmax(2).squeeze_dim(2);
+            let (agreeing_here, counted) = next_token_hits(student, teacher_top, mask);
             divergence_sum += f64::from(divergence) * counted as f64;
-            agreeing += agreeing_here.into_scalar::<f32>() as usize;
+            agreeing += agreeing_here;
             positions += counted;
         }
         vec![
