@@ -608,7 +608,7 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     bench.extend(workspace.common_settings("quantized"));
     bench.extend([
         "--checkpoint".into(),
-        float_run,
+        float_run.clone(),
         output.display().to_string(),
         "--prompt-tokens".into(),
         "4".into(),
@@ -639,7 +639,7 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     bench.remove(float_index + 1);
     bench.extend([
         "--draft".into(),
-        draft_path,
+        draft_path.clone(),
         "--draft-tokens".into(),
         "2".into(),
     ]);
@@ -656,6 +656,100 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     assert!((0.0..=1.0).contains(&speed("acceptance_rate")), "{drafted}");
     assert_eq!(drafted["draft_tokens"], 2);
     assert!(drafted["acceptance_by_position"].as_array().unwrap().len() <= 2);
+
+    // Prompts of different lengths decoded as one batch, by the float and the quantized model:
+    // each continuation is the one `--prompt` gives alone.
+    let prompts = [
+        "ROMEO:",
+        "JULIET: O Romeo,",
+        "First Citizen:\tBefore we proceed any",
+    ];
+    let prompts_file = workspace.root.join("prompts.txt");
+    std::fs::write(&prompts_file, prompts.join("\n\n")).unwrap();
+    for checkpoint in [&float_run, &draft_path] {
+        let generate = |input: [&str; 2]| {
+            let mut generate = with_config("generate", &[]);
+            generate.extend(
+                [
+                    "--checkpoint",
+                    checkpoint,
+                    input[0],
+                    input[1],
+                    "--max-new-tokens",
+                    "10",
+                    "--temperature",
+                    "0",
+                    "--json",
+                ]
+                .map(String::from),
+            );
+            serde_json::from_str::<serde_json::Value>(&workspace.run_ok(&generate)).unwrap()
+        };
+        let batched = generate(["--prompts", &prompts_file.display().to_string()]);
+        let batched = batched.as_array().unwrap();
+        assert_eq!(batched.len(), prompts.len(), "empty lines are skipped");
+        for (prompt, batched) in prompts.iter().zip(batched) {
+            assert_eq!(
+                batched,
+                &generate(["--prompt", prompt]),
+                "{checkpoint}: {prompt}"
+            );
+        }
+    }
+    let draft_flag = bench.iter().position(|arg| arg == "--draft").unwrap();
+    bench.truncate(draft_flag);
+    bench.extend(["--batch".into(), "3".into()]);
+    let batched: serde_json::Value = serde_json::from_str(&workspace.run_ok(&bench)).unwrap();
+    let [batched] = batched.as_array().unwrap().as_slice() else {
+        panic!("one model timed in a batch: {batched}");
+    };
+    let speed = |key: &str| batched[key].as_f64().unwrap();
+    assert!(
+        (speed("speedup") - speed("batched_tokens_per_sec") / speed("alone_tokens_per_sec")).abs()
+            < 1e-9,
+        "{batched}"
+    );
+    assert!(
+        (speed("per_sequence_tokens_per_sec") * 3.0 - speed("batched_tokens_per_sec")).abs()
+            < 1e-6 * speed("batched_tokens_per_sec"),
+        "{batched}"
+    );
+    // Prompt lengths 4, 3, 4: a token shorter each, down to half of --prompt-tokens.
+    assert_eq!(batched["prompt_tokens"], serde_json::json!([4, 3, 4]));
+
+    // The cost estimate measures the model alone, with its draft, or over a batch.
+    let cost = |extra: &[&str]| {
+        let mut cost = vec![
+            "cost".to_string(),
+            repo_path("configs/tiny-test.toml"),
+            "--measure".into(),
+            float_run.clone(),
+        ];
+        cost.extend(workspace.common_settings("quantized"));
+        cost.extend(
+            [
+                "--hardware-per-hour",
+                "1",
+                "--tokens-per-day",
+                "1e6",
+                "--api-per-million",
+                "1",
+                "--json",
+            ]
+            .map(String::from),
+        );
+        cost.extend(extra.iter().map(|arg| arg.to_string()));
+        let report: serde_json::Value = serde_json::from_str(&workspace.run_ok(&cost)).unwrap();
+        report["throughput_source"].as_str().unwrap().to_string()
+    };
+    assert!(cost(&[]).starts_with("measured: greedy decoding of"));
+    let drafted = cost(&["--draft", &draft_path]);
+    assert!(
+        drafted.contains("speculative") && drafted.contains("accepted"),
+        "{drafted}"
+    );
+    let batched = cost(&["--batch", "2"]);
+    assert!(batched.contains("of 2 prompts together"), "{batched}");
 
     // The config form of export writes every listed format, and rewrites them when run again.
     let mut export = with_config(

@@ -132,6 +132,14 @@ fn pipeline_runs_every_stage_then_skips_what_is_complete() {
     let (ok, stderr) = run_pipeline(&workspace, &pipeline_toml(&workspace, 4));
     assert!(ok, "{stderr}");
     assert!(stage_lines(&stderr, "skipped").is_empty(), "{stderr}");
+    // Each stage that ran says how long it took.
+    let timed = stderr
+        .lines()
+        .filter(|line| {
+            line.starts_with("stage ") && line.contains(" (stage: ") && line.ends_with(" s)")
+        })
+        .count();
+    assert_eq!(timed, 7, "{stderr}");
     assert!(
         stderr.contains("stage cache (teacher_cache): wrote ") && stderr.contains("MiB) in "),
         "{stderr}"

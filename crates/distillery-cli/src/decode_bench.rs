@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use distillery_model::{
-    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_streaming,
-    generate_with_draft,
+    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch,
+    generate_streaming, generate_with_draft,
 };
 
 use crate::models::{LoadedModel, ModelKind};
@@ -46,6 +46,15 @@ pub fn weight_bytes(model: &Llama) -> usize {
     4 * model.num_params() + quantized
 }
 
+/// Greedy decoding of exactly `new_tokens` tokens: what every measurement here times.
+fn greedy(new_tokens: usize) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: new_tokens,
+        sampling: SamplingConfig::default(),
+        stop_tokens: Vec::new(),
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -73,11 +82,7 @@ pub fn bench_decode(
             loaded.describe()
         );
     }
-    let config = GenerationConfig {
-        max_new_tokens: new_tokens,
-        sampling: SamplingConfig::default(),
-        stop_tokens: Vec::new(),
-    };
+    let config = greedy(new_tokens);
     // Seconds to the first token and from it to the last.
     let run = |model: &Llama| -> anyhow::Result<(f64, f64)> {
         let started = Instant::now();
@@ -211,11 +216,7 @@ pub fn bench_draft(
     length: DraftLength,
     vocab: usize,
 ) -> anyhow::Result<DraftReport> {
-    let config = GenerationConfig {
-        max_new_tokens: new_tokens,
-        sampling: SamplingConfig::default(),
-        stop_tokens: Vec::new(),
-    };
+    let config = greedy(new_tokens);
     let alone = || -> anyhow::Result<(f64, Vec<u32>)> {
         let started = Instant::now();
         let generation = generate_streaming(&model.model, prompt, &config, |_| {})?;
@@ -309,4 +310,203 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
         reports.first().map_or(0, |report| report.prompt_tokens),
     ));
     table
+}
+
+/// One model decoding several prompts one after another and as one batch, greedy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchReport {
+    pub model: String,
+    pub batch: usize,
+    /// The prompts' lengths, different so the batch holds sequences at different positions.
+    pub prompt_tokens: Vec<usize>,
+    /// New tokens per prompt.
+    pub new_tokens: usize,
+    /// New tokens of all prompts over the whole time, prompts included (median over the
+    /// runs), decoded one prompt after another and together.
+    pub alone_tokens_per_sec: f64,
+    pub batched_tokens_per_sec: f64,
+    /// Each sequence's own rate in the batch: the batch's over the batch size.
+    pub per_sequence_tokens_per_sec: f64,
+    pub speedup: f64,
+    pub runs: usize,
+}
+
+/// `batch` consecutive pieces of `validation`, each a token shorter than the one before (down
+/// to half of `prompt_tokens`, then again from the top), so a batch's sequences sit at
+/// different positions.
+pub fn batch_prompts(
+    validation: &[u32],
+    batch: usize,
+    prompt_tokens: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    anyhow::ensure!(
+        batch >= 1 && prompt_tokens >= 1 && batch * prompt_tokens <= validation.len(),
+        "a batch of {batch} prompts of up to {prompt_tokens} tokens must fit the validation \
+         split's {} tokens",
+        validation.len()
+    );
+    Ok((0..batch)
+        .map(|index| {
+            let length = prompt_tokens - index % prompt_tokens.div_ceil(2);
+            let start = index * prompt_tokens;
+            validation[start..start + length].to_vec()
+        })
+        .collect())
+}
+
+/// Greedy generation of `new_tokens` after each of `prompts` by `model`, one prompt after
+/// another and as one batch, `runs` rounds after a warm-up of each, the two alternating. Each
+/// batched output must equal the prompt's own, token for token.
+pub fn bench_batch(
+    model: &LoadedModel,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    runs: usize,
+) -> anyhow::Result<BatchReport> {
+    let config = greedy(new_tokens);
+    let alone = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
+        let started = Instant::now();
+        let outputs = prompts
+            .iter()
+            .map(|prompt| Ok(generate_streaming(&model.model, prompt, &config, |_| {})?.tokens))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((started.elapsed().as_secs_f64(), outputs))
+    };
+    let batched = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
+        let started = Instant::now();
+        let outputs = generate_batch(&model.model, prompts, &config)?
+            .into_iter()
+            .map(|generation| generation.tokens)
+            .collect();
+        Ok((started.elapsed().as_secs_f64(), outputs))
+    };
+    let (_, reference) = alone()?;
+    anyhow::ensure!(
+        reference.iter().all(|tokens| tokens.len() == new_tokens),
+        "generation stopped early: the prompts and {new_tokens} new tokens must fit {}'s context",
+        model.describe()
+    );
+    batched()?;
+    let total = (new_tokens * prompts.len()) as f64;
+    let (mut alone_speeds, mut batched_speeds) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let (seconds, _) = alone()?;
+        alone_speeds.push(total / seconds);
+        let (seconds, outputs) = batched()?;
+        anyhow::ensure!(
+            outputs == reference,
+            "decoded in a batch, {}'s greedy output changed",
+            model.describe()
+        );
+        batched_speeds.push(total / seconds);
+    }
+    let (alone, together) = (median(alone_speeds), median(batched_speeds));
+    Ok(BatchReport {
+        model: model.describe(),
+        batch: prompts.len(),
+        prompt_tokens: prompts.iter().map(Vec::len).collect(),
+        new_tokens,
+        alone_tokens_per_sec: alone,
+        batched_tokens_per_sec: together,
+        per_sequence_tokens_per_sec: together / prompts.len() as f64,
+        speedup: together / alone,
+        runs: runs.max(1),
+    })
+}
+
+pub fn batch_table(reports: &[BatchReport]) -> String {
+    let mut table = String::from(
+        "| model | batch | one prompt at a time | batched | per sequence | speed-up |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for report in reports {
+        table.push_str(&format!(
+            "| {} | {} | {:.0} tokens/s | {:.0} tokens/s | {:.1} tokens/s | {:.2}x |\n",
+            report.model,
+            report.batch,
+            report.alone_tokens_per_sec,
+            report.batched_tokens_per_sec,
+            report.per_sequence_tokens_per_sec,
+            report.speedup,
+        ));
+    }
+    if let Some(first) = reports.first() {
+        table.push_str(&format!(
+            "\ngreedy, {} new tokens after each of {} prompts of {:?} tokens; tokens/s of all \
+             prompts over the whole generation, prompts included; each batched output equals the \
+             prompt's own in every run\n",
+            first.new_tokens, first.batch, first.prompt_tokens,
+        ));
+    }
+    table
+}
+
+/// The prompt and new tokens of a standard decoding measurement: 32 and 128, or what a shorter
+/// context holds.
+pub fn standard_lengths(context: usize) -> (usize, usize) {
+    let prompt_tokens = (context / 4).clamp(1, 32);
+    (prompt_tokens, (context - prompt_tokens).min(128))
+}
+
+/// An instance's generated tokens per second for `distillery cost --measure`, and a sentence
+/// saying how they were measured: greedy decoding after the start of the validation split
+/// ([`standard_lengths`]), by the model alone, with a draft, or over a batch of prompts.
+pub fn measure_throughput(
+    config: &distillery_config::ExperimentConfig,
+    model: &std::path::Path,
+    draft: &crate::models::DraftArgs,
+    batch: Option<usize>,
+) -> anyhow::Result<(f64, String)> {
+    const RUNS: usize = 3;
+    let data = distillery_train::prepare_data(config)?;
+    let validation = &data.splits.validation;
+    let (loaded, load_seconds) = crate::models::load_model_timed(config, model, &data.tokenizer)?;
+    let (prompt_tokens, new_tokens) =
+        standard_lengths(loaded.model.config().max_position_embeddings);
+    let machine = distillery_train::backend_description(
+        &config.run,
+        &distillery_train::device_for(&config.run)?,
+    );
+    let prompt = &validation[..prompt_tokens.min(validation.len())];
+    if let Some(path) = &draft.draft {
+        let draft_model = crate::models::load_model(config, path, &data.tokenizer)?;
+        let report = bench_draft(
+            &loaded,
+            &draft_model,
+            prompt,
+            new_tokens,
+            RUNS,
+            draft.length(),
+            data.tokenizer.vocab_size(),
+        )?;
+        let how = format!(
+            "measured: greedy speculative decoding of {} with the draft {} ({:.1}% of drafted \
+             tokens accepted) on {machine}",
+            report.model,
+            report.draft,
+            100.0 * report.acceptance_rate
+        );
+        return Ok((report.drafted_tokens_per_sec, how));
+    }
+    if let Some(batch) = batch {
+        let prompts = batch_prompts(validation, batch, prompt_tokens)?;
+        let report = bench_batch(&loaded, &prompts, new_tokens, RUNS)?;
+        let how = format!(
+            "measured: greedy decoding of {} prompts together by {} on {machine}",
+            report.batch, report.model
+        );
+        return Ok((report.batched_tokens_per_sec, how));
+    }
+    let reports = bench_decode(
+        std::slice::from_ref(&loaded),
+        &[load_seconds],
+        prompt,
+        new_tokens,
+        RUNS,
+    )?;
+    let how = format!(
+        "measured: greedy decoding of {} on {machine}",
+        loaded.describe()
+    );
+    Ok((reports[0].decode_tokens_per_sec, how))
 }

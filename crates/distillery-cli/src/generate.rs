@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use distillery_data::chat::{ChatTemplate, Message};
-use distillery_model::{GenerationConfig, SamplingConfig, StopReason};
+use distillery_model::{Generation, GenerationConfig, SamplingConfig, StopReason};
 
 use crate::ConfigArgs;
 use crate::models::{self, Activations, DraftArgs};
@@ -17,8 +18,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text to continue.
-    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    #[arg(long, required_unless_present_any = ["chat", "prompts"], conflicts_with_all = ["chat", "prompts"])]
     prompt: Option<String>,
+    /// A file of prompts, one per line (empty lines skipped), continued together in one batch;
+    /// each continuation is the one `--prompt` gives it alone.
+    #[arg(long, conflicts_with_all = ["chat", "draft"])]
+    prompts: Option<PathBuf>,
     /// A user message, answered through the model's chat template; generation stops at the
     /// template's end-of-turn token.
     #[arg(long)]
@@ -57,6 +62,44 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     models::apply_activations(&mut loaded, args.activations);
     let mut stop_tokens: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
+    let settings = |stop_tokens: Vec<u32>| GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_tokens,
+    };
+    if let Some(path) = &args.prompts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the prompts in {}", path.display()))?;
+        let prompts: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        anyhow::ensure!(!prompts.is_empty(), "{} holds no prompt", path.display());
+        let ids = prompts
+            .iter()
+            .map(|prompt| tokenizer.encode_prompt(prompt))
+            .collect::<Result<Vec<_>, _>>()?;
+        let generations =
+            distillery_model::generate_batch(&loaded[0].model, &ids, &settings(stop_tokens))?;
+        let mut reports = Vec::new();
+        for ((prompt, ids), generation) in prompts.iter().zip(&ids).zip(&generations) {
+            let text = tokenizer.decode(generation.tokens_without_stop())?;
+            if args.json {
+                reports.push(report(&text, generation, ids.len()));
+            } else {
+                println!("{prompt}{text}\n");
+            }
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        }
+        return Ok(());
+    }
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(prompt), _) => tokenizer.encode_prompt(prompt)?,
         (None, Some(chat)) => {
@@ -69,18 +112,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             stop_tokens.extend(template.end_of_turn()?);
             tokenizer.encode(&template.render(&messages, true)?)?
         }
-        (None, None) => unreachable!("clap requires --prompt or --chat"),
+        (None, None) => unreachable!("clap requires --prompt, --prompts or --chat"),
     };
-    let settings = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        stop_tokens,
-    };
+    let settings = settings(stop_tokens);
     let model = &loaded[0].model;
     let (generation, draft_stats) = match loaded.get(1) {
         None => (
@@ -101,23 +135,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             (generation, Some(stats))
         }
     };
-    let mut tokens = generation.tokens.as_slice();
-    if generation.stop == StopReason::EndOfSequence {
-        tokens = &tokens[..tokens.len() - 1];
-    }
-    let text = tokenizer.decode(tokens)?;
+    let text = tokenizer.decode(generation.tokens_without_stop())?;
     if args.json {
-        let stop = match generation.stop {
-            StopReason::EndOfSequence => "stop token",
-            StopReason::TokenLimit => "max_new_tokens",
-            StopReason::ContextFull => "context full",
-        };
-        let mut report = serde_json::json!({
-            "text": text,
-            "tokens": generation.tokens,
-            "prompt_tokens": prompt_ids.len(),
-            "stop": stop,
-        });
+        let mut report = report(&text, &generation, prompt_ids.len());
         if let Some(stats) = &draft_stats {
             report["draft"] = serde_json::json!({
                 "draft_tokens": args.draft.draft_tokens,
@@ -137,6 +157,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => println!("{text}"),
     }
     Ok(())
+}
+
+/// A generation as `--json` prints it: the text, every generated token id (the stop token
+/// included) and why generation stopped.
+fn report(text: &str, generation: &Generation, prompt_tokens: usize) -> serde_json::Value {
+    let stop = match generation.stop {
+        StopReason::EndOfSequence => "stop token",
+        StopReason::TokenLimit => "max_new_tokens",
+        StopReason::ContextFull => "context full",
+    };
+    serde_json::json!({
+        "text": text,
+        "tokens": generation.tokens,
+        "prompt_tokens": prompt_tokens,
+        "stop": stop,
+    })
 }
 
 /// One line on what the draft did: acceptance overall and by position, tokens per model pass.

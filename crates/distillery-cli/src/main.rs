@@ -161,6 +161,13 @@ enum Command {
         /// Measure the decode throughput of this model (as `bench generate` does).
         #[arg(long, value_name = "MODEL", conflicts_with = "tokens_per_sec")]
         measure: Option<PathBuf>,
+        /// Measure the model decoding with this draft (speculative decoding).
+        #[command(flatten)]
+        draft: models::DraftArgs,
+        /// Measure the model decoding this many prompts as one batch: an instance's total
+        /// throughput.
+        #[arg(long, requires = "measure", conflicts_with = "draft")]
+        batch: Option<usize>,
         /// Generated tokens per second of one instance, when not measured.
         #[arg(long)]
         tokens_per_sec: Option<f64>,
@@ -231,6 +238,10 @@ enum BenchCommand {
         // the draft's acceptance.
         #[command(flatten)]
         draft: models::DraftArgs,
+        /// Decode this many prompts of different lengths (from the validation split) as one
+        /// batch, against one after another.
+        #[arg(long, conflicts_with = "draft")]
+        batch: Option<usize>,
     },
 }
 
@@ -608,6 +619,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             overrides,
             measure,
+            draft,
+            batch,
             tokens_per_sec,
             hardware_per_hour,
             utilization,
@@ -621,29 +634,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         anyhow::bail!("--measure needs the experiment config");
                     };
                     let config = ConfigArgs { config, overrides }.load()?;
-                    let data = distillery_train::prepare_data(&config)?;
-                    let (loaded, load_seconds) =
-                        models::load_model_timed(&config, &model, &data.tokenizer)?;
-                    let reports = decode_bench::bench_decode(
-                        std::slice::from_ref(&loaded),
-                        &[load_seconds],
-                        &data.splits.validation[..32],
-                        128,
-                        3,
-                    )?;
-                    (
-                        reports[0].decode_tokens_per_sec,
-                        format!(
-                            "measured: greedy decoding of {} on {}",
-                            loaded.describe(),
-                            distillery_train::backend_description(
-                                &config.run,
-                                &distillery_train::device_for(&config.run)?
-                            )
-                        ),
-                    )
+                    decode_bench::measure_throughput(&config, &model, &draft, batch)?
                 }
-                (None, Some(tokens_per_sec)) => (tokens_per_sec, "given".to_string()),
+                (None, Some(tokens_per_sec)) => {
+                    anyhow::ensure!(
+                        draft.draft.is_none(),
+                        "--draft is measured: give --measure MODEL instead of --tokens-per-sec"
+                    );
+                    (tokens_per_sec, "given".to_string())
+                }
                 (None, None) => anyhow::bail!("give --tokens-per-sec, or --measure MODEL"),
             };
             let inputs = cost::CostInputs {
@@ -680,6 +679,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json,
                     activations,
                     draft,
+                    batch,
                 },
         } => {
             let config = config.load()?;
@@ -695,6 +695,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect::<anyhow::Result<Vec<_>>>()?
                 .into_iter()
                 .unzip();
+            if let Some(batch) = batch {
+                let prompts =
+                    decode_bench::batch_prompts(&data.splits.validation, batch, prompt_tokens)?;
+                models::apply_activations(&mut loaded, activations);
+                let reports = loaded
+                    .iter()
+                    .map(|model| decode_bench::bench_batch(model, &prompts, new_tokens, runs))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                } else {
+                    print!("{}", decode_bench::batch_table(&reports));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             if let Some(path) = &draft.draft {
                 loaded.push(models::load_model(&config, path, &data.tokenizer)?);
                 models::apply_activations(&mut loaded, activations);

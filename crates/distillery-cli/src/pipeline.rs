@@ -81,6 +81,7 @@ pub fn run(
             fingerprint,
         };
         let recorded = state.completed.get(&settings.name) == Some(&stage.fingerprint);
+        let started = std::time::Instant::now();
         let result = run_stage(&stage, recorded, &dir, &model_dirs, &interrupt)
             .with_context(|| format!("{label} failed"))?;
         match result {
@@ -89,7 +90,10 @@ pub fn run(
                 model_dirs.extend(model.map(|path| (settings.name.clone(), path)));
             }
             StageResult::Done { summary, model } => {
-                eprintln!("{label}: {summary}");
+                eprintln!(
+                    "{label}: {summary} (stage: {:.0} s)",
+                    started.elapsed().as_secs_f64()
+                );
                 model_dirs.extend(model.map(|path| (settings.name.clone(), path)));
             }
             StageResult::Interrupted => {
@@ -238,20 +242,21 @@ fn run_stage(
             let mut loaded = Vec::new();
             let mut load_seconds = Vec::new();
             for name in &stage.settings.models {
-                let (model, seconds) =
-                    models::load_model_timed(config, &model_dirs[name], &data.tokenizer)?;
+                let path = model_dirs
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| PathBuf::from(name));
+                let (model, seconds) = models::load_model_timed(config, &path, &data.tokenizer)?;
                 loaded.push(model);
                 load_seconds.push(seconds);
             }
             let rows = models::evaluation_rows(config, &loaded, None)?;
-            // 32 prompt tokens and 128 new ones, or what a shorter context holds.
             let context = loaded
                 .iter()
                 .map(|model| model.model.config().max_position_embeddings)
                 .min()
                 .unwrap_or(0);
-            let prompt_tokens = (context / 4).clamp(1, 32);
-            let new_tokens = (context - prompt_tokens).min(128);
+            let (prompt_tokens, new_tokens) = decode_bench::standard_lengths(context);
             let prompt = &data.splits.validation[..prompt_tokens];
             let decoding =
                 decode_bench::bench_decode(&loaded, &load_seconds, prompt, new_tokens, 3)?;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use distillery_config::{PipelineConfig, StageKind};
+use distillery_config::{ExperimentConfig, PipelineConfig, StageConfig, StageKind};
 use distillery_report::{ModelSummary, Report, RunCurves};
 
 use crate::cost;
@@ -22,12 +22,14 @@ pub fn write_report(pipeline: &PipelineConfig, out_root: &Path) -> anyhow::Resul
     let mut runs = Vec::new();
     let mut exports = Vec::new();
     let mut evals = Vec::new();
+    let mut configs = Vec::new();
     for stage in &pipeline.stages {
         let config = distillery_config::load_reading(
             &stage.config,
             &stage.set,
             Some(&crate::read_model_source),
         )?;
+        configs.push((stage, config.clone()));
         match stage.kind {
             StageKind::Train | StageKind::Distill => {
                 runs.push(run_curves(&stage.name, &config.run_experiment_dir())?);
@@ -76,6 +78,13 @@ pub fn write_report(pipeline: &PipelineConfig, out_root: &Path) -> anyhow::Resul
     let table = std::fs::read_to_string(eval_path.with_extension("md")).unwrap_or_default();
 
     let mut sections = vec![("Models".to_string(), model_section(&labels, &table))];
+    let margins: Vec<String> = distillations(&configs)
+        .iter()
+        .filter_map(|distilled| distilled.describe(&labels, &rows))
+        .collect();
+    if !margins.is_empty() {
+        sections.push(("What distillation gained".into(), margins.join("\n")));
+    }
     if let Some(fastest_small) = models.last() {
         sections.push((
             "Production metrics and cost".into(),
@@ -121,6 +130,113 @@ fn run_curves(label: &str, experiment_dir: &Path) -> anyhow::Result<RunCurves> {
         train: series(&["train/ce", "train/loss"]),
         validation: series(&["val/loss"]),
     })
+}
+
+/// A distillation stage with the stage that trained its teacher (or the teacher's file) and
+/// the label-only stage of the same student architecture it is judged against.
+struct Distillation {
+    student: String,
+    teacher: String,
+    baseline: String,
+}
+
+fn distillations(stages: &[(&StageConfig, ExperimentConfig)]) -> Vec<Distillation> {
+    let labels_only = |config: &ExperimentConfig| {
+        config.distill.as_ref().map(|distill| distill.alpha) == Some(0.0)
+    };
+    let architecture = |config: &ExperimentConfig| config.llama_config(0).ok();
+    let mut found = Vec::new();
+    for (stage, config) in stages {
+        let Some(teacher) = &config.teacher else {
+            continue;
+        };
+        if stage.kind != StageKind::Distill || labels_only(config) {
+            continue;
+        }
+        let trained_teacher = stages.iter().find(|(other, other_config)| {
+            other.kind == StageKind::Train
+                && teacher
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(|path| same_path(path, &other_config.run_checkpoint_dir()))
+        });
+        let teacher = match (trained_teacher, &teacher.from) {
+            (Some((other, _)), _) => other.name.clone(),
+            (None, Some(file)) => file.display().to_string(),
+            (None, None) => continue,
+        };
+        let baseline = stages.iter().find(|(other, other_config)| {
+            let label_only = other.kind == StageKind::Train
+                || (other.kind == StageKind::Distill && labels_only(other_config));
+            label_only
+                && other.name != teacher
+                && architecture(other_config) == architecture(config)
+                && other_config.data == config.data
+        });
+        if let Some((baseline, _)) = baseline {
+            found.push(Distillation {
+                student: stage.name.clone(),
+                teacher,
+                baseline: baseline.name.clone(),
+            });
+        }
+    }
+    found
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+impl Distillation {
+    /// The teacher's margin over the baseline and the share of it the student closed, from
+    /// the eval table's rows; `None` when the table lacks one of the three models.
+    fn describe(&self, labels: &[String], rows: &[serde_json::Value]) -> Option<String> {
+        let row = |name: &str| {
+            let index = labels.iter().position(|label| label == name)?;
+            let row = rows.get(index)?;
+            Some((
+                row["loss"].as_f64()?,
+                row["perplexity"].as_f64()?,
+                row["accuracy"].as_f64()?,
+            ))
+        };
+        let (teacher, baseline, student) = (
+            row(&self.teacher)?,
+            row(&self.baseline)?,
+            row(&self.student)?,
+        );
+        let margin = 100.0 * (1.0 - teacher.1 / baseline.1);
+        let gap = baseline.0 - teacher.0;
+        let closed = if gap > 0.0 {
+            format!(
+                "closing {:.0}% of the gap in validation loss",
+                100.0 * (baseline.0 - student.0) / gap
+            )
+        } else {
+            "with no gap to close".to_string()
+        };
+        Some(format!(
+            "- `{}` from `{}`: the teacher's perplexity {:.2} is {:.1}% {} the label-only \
+             baseline's (`{}`, {:.2}); the student reaches {:.2}, {closed}, and {:.1}% of the \
+             teacher's top-1 accuracy ({:.4} against {:.4}; baseline {:.4}).",
+            self.student,
+            self.teacher,
+            teacher.1,
+            margin.abs(),
+            if margin >= 0.0 { "below" } else { "above" },
+            self.baseline,
+            baseline.1,
+            student.1,
+            100.0 * student.2 / teacher.2,
+            student.2,
+            teacher.2,
+            baseline.2,
+        ))
+    }
 }
 
 fn model_section(labels: &[String], table: &str) -> String {
@@ -175,4 +291,79 @@ fn directory_bytes(path: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(name: &str, kind: StageKind, settings: &[&str]) -> (StageConfig, ExperimentConfig) {
+        let config_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny-test.toml");
+        let settings: Vec<String> = settings.iter().map(|setting| setting.to_string()).collect();
+        let config = distillery_config::load(Path::new(config_path), &settings).unwrap();
+        let stage = StageConfig {
+            name: name.into(),
+            kind,
+            config: config_path.into(),
+            set: settings,
+            models: Vec::new(),
+        };
+        (stage, config)
+    }
+
+    /// The student's teacher is the stage whose run its `teacher.checkpoint` names; its
+    /// baseline the label-only stage of its architecture and data, never the teacher.
+    #[test]
+    fn a_distillation_finds_its_teacher_and_baseline_stages() {
+        let student = [
+            "run.name=student",
+            "teacher.checkpoint=\"checkpoints/teacher\"",
+            "distill.alpha=0.5",
+        ];
+        let stages = [
+            stage(
+                "teacher",
+                StageKind::Train,
+                &["run.name=teacher", "model.num_hidden_layers=3"],
+            ),
+            stage("wider", StageKind::Train, &["model.hidden_size=64"]),
+            stage("baseline", StageKind::Train, &["run.name=baseline"]),
+            stage("student", StageKind::Distill, &student),
+        ];
+        let borrowed: Vec<(&StageConfig, ExperimentConfig)> = stages
+            .iter()
+            .map(|(stage, config)| (stage, config.clone()))
+            .collect();
+        let found = distillations(&borrowed);
+        let [found] = found.as_slice() else {
+            panic!("one distillation");
+        };
+        assert_eq!(
+            (&*found.student, &*found.teacher, &*found.baseline),
+            ("student", "teacher", "baseline")
+        );
+    }
+
+    #[test]
+    fn the_teachers_margin_and_the_closed_gap_come_from_the_eval_rows() {
+        let distillation = Distillation {
+            student: "student".into(),
+            teacher: "teacher".into(),
+            baseline: "baseline".into(),
+        };
+        let row = |loss: f64, accuracy: f64| serde_json::json!({"loss": loss, "perplexity": loss.exp(), "accuracy": accuracy});
+        let labels = ["baseline", "teacher", "student"].map(String::from);
+        let rows = [row(4.2, 0.25), row(4.0, 0.3), row(4.05, 0.29)];
+        let text = distillation.describe(&labels, &rows).unwrap();
+        // 1 - e^-0.2 = 18.13%; (4.2 - 4.05) / (4.2 - 4.0) = 75%; 0.29 / 0.3 = 96.7%.
+        for part in [
+            "perplexity 54.60 is 18.1% below",
+            "(`baseline`, 66.69)",
+            "closing 75% of the gap",
+            "96.7% of the teacher's top-1",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(distillation.describe(&labels[..2], &rows[..2]).is_none());
+    }
 }

@@ -180,7 +180,7 @@ fn resolve_source(
     reader: Option<ModelSourceReader>,
 ) -> Result<(), (String, String)> {
     let Some(from) = config.model.from.clone() else {
-        return Ok(());
+        return resolve_teacher_tokenizer(config, reader);
     };
     let fail = |key: &str, message: String| Err((key.to_string(), message));
     if config.model.preset.is_some() {
@@ -250,6 +250,28 @@ fn resolve_source(
             ),
         );
     }
+    Ok(())
+}
+
+/// A student of a pretrained teacher (`teacher.from`) speaks the teacher's tokenizer: without a
+/// `data.tokenizer` of its own it takes the teacher file's, so a student config needs no path
+/// that only exists once the teacher has been read.
+fn resolve_teacher_tokenizer(
+    config: &mut ExperimentConfig,
+    reader: Option<ModelSourceReader>,
+) -> Result<(), (String, String)> {
+    let teacher_file = config
+        .teacher
+        .as_ref()
+        .and_then(|teacher| teacher.from.clone());
+    let (Some(from), Some(reader)) = (teacher_file, reader) else {
+        return Ok(());
+    };
+    if !config.data.tokenizer.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let source = reader(&from).map_err(|message| ("teacher.from".to_string(), message))?;
+    config.data.tokenizer = source.tokenizer;
     Ok(())
 }
 
@@ -356,7 +378,9 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
     if data.tokenizer.as_os_str().is_empty() {
         return fail(
             "data.tokenizer",
-            "is required (a tokenizer.json), unless model.from names a model that has one".into(),
+            "is required (a tokenizer.json), unless model.from or teacher.from names a model that \
+             has one"
+                .into(),
         );
     }
     if data.text_field.is_some() && data.format != CorpusFormat::Jsonl {

@@ -38,7 +38,8 @@ pub struct StageConfig {
     /// `--set` overrides of that config.
     #[serde(default)]
     pub set: Vec<String>,
-    /// `eval`: the stages whose models are compared (train, distill or quantize stages).
+    /// `eval`: the models compared: train, distill or quantize stages, or paths (with a slash)
+    /// of checkpoints, GGUF files or Hugging Face folders.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
 }
@@ -76,7 +77,8 @@ fn default_experiment_dir() -> PathBuf {
 }
 
 /// Reads and checks a pipeline config: stage names are unique plain names, and an `eval`
-/// stage's models are earlier train, distill or quantize stages.
+/// stage's models are earlier train, distill or quantize stages, or paths (with a slash) of
+/// model files made elsewhere, such as a pretrained teacher's GGUF file.
 pub fn load_pipeline(path: &Path) -> Result<PipelineConfig, ConfigError> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -137,6 +139,11 @@ pub fn load_pipeline(path: &Path) -> Result<PipelineConfig, ConfigError> {
             }
             StageKind::Eval => {
                 for model in &stage.models {
+                    // A path is checked when the stage loads it, as a model file made by an
+                    // earlier step of the user's (scripts/fetch-smollm2.sh) may come later.
+                    if model.contains(['/', '\\']) {
+                        continue;
+                    }
                     let source = earlier.iter().find(|other| &other.name == model);
                     let ok = source.is_some_and(|other| {
                         matches!(
@@ -209,6 +216,20 @@ models = ["teacher", "int8"]
             [StageKind::Train, StageKind::Quantize, StageKind::Eval]
         );
         assert_eq!(config.stages[1].set, ["quantize.method=int8"]);
+    }
+
+    #[test]
+    fn an_eval_stage_compares_a_model_file_made_elsewhere() {
+        let text = GOOD.replacen(
+            "models = [\"teacher\", \"int8\"]",
+            "models = [\"models/teacher.gguf\", \"int8\"]",
+            1,
+        );
+        let config = load_text(&text).unwrap();
+        assert_eq!(config.stages[2].models[0], "models/teacher.gguf");
+        // Without a slash, a name must be an earlier stage.
+        let error = load_text(&text.replacen("models/teacher.gguf", "teacher.gguf", 1));
+        assert!(error.is_err_and(|error| error.contains("\"teacher.gguf\" is not an earlier")),);
     }
 
     #[test]

@@ -412,7 +412,7 @@ pub struct QuantizeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits: Option<u32>,
     /// Input columns sharing one scale and zero per output channel; -1 for whole rows
-    /// (default 128, or -1 for `int8`).
+    /// (default 128, or 32 for `int8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_size: Option<i64>,
     /// Grids centred on zero (AutoGPTQ's default); otherwise each grid spans its group's range.
@@ -484,10 +484,12 @@ impl QuantizeConfig {
         }
     }
 
-    /// Columns per group; `None` for one group per output channel.
+    /// Columns per group; `None` for one group per output channel. int8 defaults to groups of
+    /// 32, llama.cpp's Q8_0 layout, which a GGUF export keeps unchanged and which loses less
+    /// than one scale per row.
     pub fn group_size(&self) -> Option<usize> {
         let default = match self.method {
-            QuantizeMethod::Int8 => -1,
+            QuantizeMethod::Int8 => 32,
             _ => 128,
         };
         usize::try_from(self.group_size.unwrap_or(default)).ok()

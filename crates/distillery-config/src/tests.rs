@@ -260,7 +260,8 @@ fn every_shipped_config_parses() {
             let pipeline = load_pipeline(&path).unwrap_or_else(|error| panic!("{error}"));
             for stage in pipeline.stages {
                 let stage_path = directory.join("..").join(&stage.config);
-                load(&stage_path, &stage.set).unwrap_or_else(|error| panic!("{error}"));
+                load_reading(&stage_path, &stage.set, Some(&smollm2_source))
+                    .unwrap_or_else(|error| panic!("{error}"));
             }
         } else {
             load_reading(&path, &[], Some(&smollm2_source))
@@ -295,6 +296,18 @@ fn quantize_section_gets_autogptq_defaults_per_method() {
     assert_eq!(quantize.label(), "gptq-4bit-g128");
     let int8 = parse(MINIMAL, "test.toml", &["quantize.method=\"int8\"".into()]).unwrap();
     let quantize = int8.quantize.unwrap();
+    assert_eq!((quantize.bits(), quantize.group_size()), (8, Some(32)));
+    assert_eq!(quantize.label(), "int8-g32");
+    let rows = parse(
+        MINIMAL,
+        "test.toml",
+        &[
+            "quantize.method=\"int8\"".into(),
+            "quantize.group_size=-1".into(),
+        ],
+    )
+    .unwrap();
+    let quantize = rows.quantize.unwrap();
     assert_eq!((quantize.bits(), quantize.group_size()), (8, None));
     assert_eq!(quantize.label(), "int8");
 }
@@ -473,6 +486,37 @@ fn a_field_that_contradicts_model_from_is_an_error_naming_it() {
     .to_string();
     assert!(
         error.contains("= 4 contradicts models/smollm2.gguf's 30"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_student_of_a_pretrained_teacher_takes_the_teachers_tokenizer() {
+    let student = FROM_FILE.replace(
+        "[model]\nfrom = \"models/smollm2.gguf\"",
+        "[model]\npreset = \"llama-tiny\"\nvocab_size = 49152\n[teacher]\nfrom = \"models/smollm2.gguf\"",
+    );
+    let config = parse_reading(&student, "student.toml", &[], Some(&smollm2_source)).unwrap();
+    assert_eq!(
+        config.data.tokenizer,
+        PathBuf::from("models/smollm2.tokenizer/tokenizer.json")
+    );
+    // A tokenizer the config names stays its own: whether it fits the teacher is the
+    // distillation's check, which compares the vocabularies.
+    let named = parse_reading(
+        &student,
+        "student.toml",
+        &["data.tokenizer=\"datasets/other.json\"".into()],
+        Some(&smollm2_source),
+    )
+    .unwrap();
+    assert_eq!(config.model, named.model);
+    assert_eq!(named.data.tokenizer, PathBuf::from("datasets/other.json"));
+    let error = parse(&student, "student.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("`data.tokenizer`") && error.contains("teacher.from"),
         "{error}"
     );
 }

@@ -19,6 +19,17 @@ pub struct LayerCache {
     reserved: usize,
 }
 
+/// Where one layer's new keys and values go, and so at which positions its rows' queries sit.
+pub(crate) enum LayerKv<'a> {
+    /// Sequences from position 0 that nothing keeps (training, evaluation).
+    Fresh,
+    /// Every row continues one cache, from its length on.
+    Shared(&'a mut LayerCache),
+    /// Row `i` continues cache `i`, each from its own length: sequences of different lengths
+    /// decoded together.
+    PerRow(Vec<&'a mut LayerCache>),
+}
+
 impl KvCache {
     /// A cache that grows as positions arrive.
     pub fn new(num_layers: usize) -> Self {
@@ -67,6 +78,11 @@ impl KvCache {
 }
 
 impl LayerCache {
+    /// Positions cached: where the next one goes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Appends the new positions and returns every cached key and value, views of the buffers.
     /// The views must be dropped before the next append for it to write in place; otherwise
     /// the write copies the buffer first, which is slower but still correct.

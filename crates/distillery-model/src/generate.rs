@@ -5,6 +5,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use distillery_kernels::FEW_ROWS;
+
 use crate::{KvCache, Llama, ModelError};
 
 /// How the next token is chosen from the logits.
@@ -75,6 +77,16 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
+impl Generation {
+    /// The new tokens without the stop token that ended them: the text to show.
+    pub fn tokens_without_stop(&self) -> &[u32] {
+        match self.stop {
+            StopReason::EndOfSequence => &self.tokens[..self.tokens.len() - 1],
+            _ => &self.tokens,
+        }
+    }
+}
+
 /// Continues `prompt`: one forward pass over the prompt, then one position per new token.
 pub fn generate(
     model: &Llama,
@@ -98,6 +110,111 @@ pub fn generate_streaming(
     // every split a work-stealing fork instead of a hand-over that puts this thread to sleep
     // and wakes it again, which at one token's matrices costs as much as the arithmetic.
     rayon::scope(|_| decode(model, prompt, config, on_token))
+}
+
+/// Several prompts continued together, each exactly as [`generate`] continues it alone (its
+/// own cache, positions and seeded sampler): each prompt is read on its own, then every
+/// decoding step runs the unfinished sequences through the model together, up to
+/// [`FEW_ROWS`] at a time, so one pass over the weights serves several tokens. A sequence that
+/// stops leaves the batch. The generations come back in the prompts' order.
+pub fn generate_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Result<Vec<Generation>, ModelError> {
+    config.sampling.validate()?;
+    for prompt in prompts {
+        check_prompt(model, prompt)?;
+    }
+    Ok(rayon::scope(|_| decode_batch(model, prompts, config)))
+}
+
+/// One sequence of a batch: its cache, its sampler and what it has generated.
+struct Sequence {
+    cache: KvCache,
+    rng: ChaCha8Rng,
+    tokens: Vec<u32>,
+    stop: Option<StopReason>,
+}
+
+impl Sequence {
+    /// Takes `token` and stops where [`decode`] would: at a stop token, at the token limit,
+    /// or when the next position would not fit the context.
+    fn push(&mut self, token: u32, config: &GenerationConfig, context: usize) {
+        self.tokens.push(token);
+        self.stop = if config.stop_tokens.contains(&token) {
+            Some(StopReason::EndOfSequence)
+        } else if self.tokens.len() == config.max_new_tokens {
+            Some(StopReason::TokenLimit)
+        } else if self.cache.len() + 1 > context {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+    }
+}
+
+fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) -> Vec<Generation> {
+    let context = model.config().max_position_embeddings;
+    let vocab = model.config().vocab_size;
+    let mut sequences: Vec<Sequence> = prompts
+        .iter()
+        .map(|prompt| {
+            let positions = (prompt.len() + config.max_new_tokens).min(context);
+            let mut sequence = Sequence {
+                cache: KvCache::with_capacity(model.layers.len(), positions),
+                rng: ChaCha8Rng::seed_from_u64(config.sampling.seed),
+                tokens: Vec::new(),
+                stop: (config.max_new_tokens == 0).then_some(StopReason::TokenLimit),
+            };
+            if sequence.stop.is_none() {
+                let last = last_logits(model, prompt, &mut sequence.cache, 1);
+                let token = sample_token(&last, &config.sampling, &mut sequence.rng);
+                sequence.push(token, config, context);
+            }
+            sequence
+        })
+        .collect();
+    loop {
+        let running: Vec<usize> = (0..sequences.len())
+            .filter(|&index| sequences[index].stop.is_none())
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        for group in running.chunks(FEW_ROWS) {
+            let ids: Vec<i64> = group
+                .iter()
+                .map(|&index| i64::from(*sequences[index].tokens.last().expect("a first token")))
+                .collect();
+            let tokens = Tensor::<2, Int>::from_data(
+                TensorData::new(ids, [group.len(), 1]),
+                &model.device(),
+            );
+            let mut caches: Vec<KvCache> = group
+                .iter()
+                .map(|&index| std::mem::take(&mut sequences[index].cache))
+                .collect();
+            let logits = model
+                .forward_rows(tokens, &mut caches)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("float logits convert to f32");
+            for ((&index, cache), row) in group.iter().zip(caches).zip(logits.chunks(vocab)) {
+                let sequence = &mut sequences[index];
+                sequence.cache = cache;
+                let token = sample_token(row, &config.sampling, &mut sequence.rng);
+                sequence.push(token, config, context);
+            }
+        }
+    }
+    sequences
+        .into_iter()
+        .map(|sequence| Generation {
+            tokens: sequence.tokens,
+            stop: sequence.stop.expect("every sequence stopped"),
+        })
+        .collect()
 }
 
 /// A prompt `model` can continue: not empty, within its context, every id in its vocabulary.
@@ -371,6 +488,114 @@ mod tests {
         let logits = [0.3, 0.2, 0.1, 0.0, -0.1];
         let config = sampling(1.0, None, None);
         assert_eq!(counts(&logits, &config, 50), counts(&logits, &config, 50));
+    }
+
+    fn batch_model(seed: u64) -> Llama {
+        let config = crate::LlamaConfig {
+            vocab_size: 40,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 20,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+            rope_scaling: None,
+        };
+        Llama::new(&config, 0.0, seed, &burn::tensor::Device::flex()).unwrap()
+    }
+
+    /// Every matrix and the tied embedding as int8 in groups of 32, computing with int8
+    /// activations on decoding steps.
+    fn quantized(mut model: Llama) -> Llama {
+        let paths: Vec<String> = model.linears().into_iter().map(|(path, _)| path).collect();
+        for path in &paths {
+            let linear = model.linear_mut(path).unwrap();
+            let (rows, cols) = (linear.d_output(), linear.d_input());
+            let matrix =
+                distillery_quant::int8_absmax(&linear.weight_out_in(), rows, cols, Some(32))
+                    .unwrap();
+            *linear =
+                crate::Linear::quantized(distillery_quant::PackedMatrix::from_quantized(&matrix));
+        }
+        let table = model.embedding_values();
+        let matrix = distillery_quant::int8_absmax(&table, 40, 32, Some(32)).unwrap();
+        model.set_packed_embedding(distillery_quant::PackedMatrix::from_quantized(&matrix));
+        model.set_activation_rounding(distillery_quant::ActivationRounding::DecodeSteps);
+        model
+    }
+
+    /// Eleven prompts of different lengths (more than one step's group of rows), some reaching
+    /// the end of the context, one stopping at a stop token: each sequence of the batch is
+    /// token for token what it is alone, greedy and sampled, float and quantized.
+    #[test]
+    fn a_batch_decodes_each_prompt_as_it_decodes_alone() {
+        let prompts: Vec<Vec<u32>> = (0..11u32)
+            .map(|case| (0..1 + case % 6).map(|i| (7 * i + 5 * case) % 40).collect())
+            .collect();
+        for model in [batch_model(4), quantized(batch_model(4))] {
+            for temperature in [0.0, 0.8] {
+                let mut config = GenerationConfig {
+                    max_new_tokens: 16,
+                    sampling: sampling(temperature, None, None),
+                    stop_tokens: Vec::new(),
+                };
+                let alone = |config: &GenerationConfig| -> Vec<Generation> {
+                    prompts
+                        .iter()
+                        .map(|prompt| generate(&model, prompt, config).unwrap())
+                        .collect()
+                };
+                let plain = alone(&config);
+                // The last new token of sequence 3's first two distinct ones becomes a stop
+                // token: sequence 3 stops there.
+                let generated = &plain[3].tokens;
+                let first_change = generated
+                    .iter()
+                    .position(|&token| token != generated[0])
+                    .unwrap_or(0);
+                config.stop_tokens = vec![generated[first_change]];
+                let expected = alone(&config);
+                assert_eq!(expected[3].stop, StopReason::EndOfSequence);
+                assert_eq!(expected[3].tokens.len(), first_change + 1);
+                assert!(
+                    expected
+                        .iter()
+                        .any(|generation| generation.stop == StopReason::ContextFull)
+                );
+                assert!(
+                    expected
+                        .iter()
+                        .any(|generation| generation.stop == StopReason::TokenLimit)
+                );
+                let batched = generate_batch(&model, &prompts, &config).unwrap();
+                assert_eq!(
+                    batched,
+                    expected,
+                    "quantized {}, temperature {temperature}",
+                    model.is_quantized()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_refuses_a_prompt_it_cannot_continue() {
+        let model = batch_model(1);
+        let config = GenerationConfig {
+            max_new_tokens: 4,
+            sampling: SamplingConfig::default(),
+            stop_tokens: Vec::new(),
+        };
+        let error = generate_batch(&model, &[vec![1, 2], vec![]], &config).unwrap_err();
+        assert!(matches!(error, ModelError::EmptyPrompt), "{error}");
+        let error = generate_batch(&model, &[vec![1, 41]], &config).unwrap_err();
+        assert!(
+            matches!(error, ModelError::TokenOutOfRange { token: 41, .. }),
+            "{error}"
+        );
     }
 
     #[test]

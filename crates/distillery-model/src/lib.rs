@@ -13,7 +13,8 @@ mod speculative;
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{
-    Generation, GenerationConfig, SamplingConfig, StopReason, generate, generate_streaming,
+    Generation, GenerationConfig, SamplingConfig, StopReason, generate, generate_batch,
+    generate_streaming,
 };
 pub use llama::{
     Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,

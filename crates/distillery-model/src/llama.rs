@@ -18,6 +18,7 @@ use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::cache::{LayerCache, LayerKv};
 use crate::rope::RotaryTables;
 use crate::{KvCache, LayerMatrix, LlamaConfig, ModelError};
 
@@ -287,6 +288,12 @@ struct DropoutSites {
 }
 
 impl DropoutSites {
+    /// Inference: nothing dropped.
+    const NONE: Self = Self {
+        probability: 0.0,
+        seed: 0,
+    };
+
     fn apply(self, x: Tensor<3>, site: u64) -> Tensor<3> {
         if self.probability == 0.0 || !x.device().is_autodiff() {
             return x;
@@ -826,9 +833,12 @@ impl Llama {
         let mut x = dropout.apply(self.embed(tokens), 0);
         let mut hidden_states = output_hidden_states.then(|| vec![x.clone()]);
         for (index, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|cache| cache.layer_mut(index));
+            let kv = match cache.as_deref_mut() {
+                Some(cache) => LayerKv::Shared(cache.layer_mut(index)),
+                None => LayerKv::Fresh,
+            };
             let sites = (2 * index as u64 + 1, 2 * index as u64 + 2);
-            x = layer.forward(x, &self.rope, start, layer_cache, dropout, sites);
+            x = layer.forward(x, &self.rope, kv, dropout, sites);
             if let Some(states) = hidden_states.as_mut() {
                 states.push(x.clone());
             }
@@ -842,6 +852,38 @@ impl Llama {
             logits,
             hidden_states,
         }
+    }
+
+    /// Logits `[rows, seq, vocab]` of several sequences continued together: row `i` of
+    /// `tokens` `[rows, seq]` continues `caches[i]` from that cache's length, so sequences of
+    /// different lengths share every matrix product while each attends to its own history.
+    /// Up to [`FEW_ROWS`] rows, each row's logits have the bits a pass over it alone gives.
+    pub fn forward_rows(&self, tokens: Tensor<2, Int>, caches: &mut [KvCache]) -> Tensor<3> {
+        let [rows, seq] = tokens.dims();
+        assert_eq!(rows, caches.len(), "one cache per row");
+        for cache in caches.iter() {
+            assert!(
+                cache.len() + seq <= self.rope.max_positions(),
+                "sequence of {} positions exceeds max_position_embeddings = {}",
+                cache.len() + seq,
+                self.rope.max_positions()
+            );
+        }
+        // [rows, seq, hidden]
+        let mut x = self.embed(tokens);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let kv = LayerKv::PerRow(
+                caches
+                    .iter_mut()
+                    .map(|cache| cache.layer_mut(index))
+                    .collect(),
+            );
+            x = layer.forward(x, &self.rope, kv, DropoutSites::NONE, (0, 0));
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(seq);
+        }
+        self.project(self.final_norm(x))
     }
 }
 
@@ -894,14 +936,13 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         rope: &RotaryTables,
-        start: usize,
-        cache: Option<&mut crate::cache::LayerCache>,
+        kv: LayerKv,
         dropout: DropoutSites,
         (attention_site, mlp_site): (u64, u64),
     ) -> Tensor<3> {
         let attended = self
             .self_attn
-            .forward(self.attention_input(x.clone()), rope, start, cache);
+            .forward(self.attention_input(x.clone()), rope, kv);
         let x = x + dropout.apply(attended, attention_site);
         let transformed = self.mlp.forward(self.mlp_input(x.clone()));
         x + dropout.apply(transformed, mlp_site)
@@ -909,31 +950,19 @@ impl DecoderLayer {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &RotaryTables,
-        start: usize,
-        cache: Option<&mut crate::cache::LayerCache>,
-    ) -> Tensor<3> {
-        self.o_proj
-            .forward(self.context_with(x, rope, start, cache))
+    fn forward(&self, x: Tensor<3>, rope: &RotaryTables, kv: LayerKv) -> Tensor<3> {
+        self.o_proj.forward(self.context_with(x, rope, kv))
     }
 
     /// The heads' outputs for a whole sequence from position 0, concatenated
     /// `[batch, seq, heads * head_dim]`: the input of `o_proj`.
     pub fn context(&self, x: Tensor<3>, rope: &RotaryTables) -> Tensor<3> {
-        self.context_with(x, rope, 0, None)
+        self.context_with(x, rope, LayerKv::Fresh)
     }
 
-    fn context_with(
-        &self,
-        x: Tensor<3>,
-        rope: &RotaryTables,
-        start: usize,
-        cache: Option<&mut crate::cache::LayerCache>,
-    ) -> Tensor<3> {
+    fn context_with(&self, x: Tensor<3>, rope: &RotaryTables, kv: LayerKv) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
+        // [batch, seq, count * head_dim] -> [batch, count, seq, head_dim]
         let heads = |projected: Tensor<3>, count: usize| {
             projected
                 .reshape([batch, seq, count, self.head_dim])
@@ -941,17 +970,43 @@ impl Attention {
         };
         let [query, key, value] =
             Linear::forward_together([&self.q_proj, &self.k_proj, &self.v_proj], x);
-        let query = rope.apply(heads(query, self.num_heads), start);
-        let key = rope.apply(heads(key, self.num_kv_heads), start);
+        let query = heads(query, self.num_heads);
+        let key = heads(key, self.num_kv_heads);
         let value = heads(value, self.num_kv_heads);
-        let (key, value) = match cache {
-            Some(cache) => cache.append(key, value),
-            None => (key, value),
+        // [batch, heads, seq, head_dim]
+        let attended = match kv {
+            LayerKv::Fresh => causal_attention(rope.apply(query, 0), rope.apply(key, 0), value),
+            LayerKv::Shared(cache) => attend_after(cache, rope, query, key, value),
+            LayerKv::PerRow(caches) => {
+                let rows = caches
+                    .into_iter()
+                    .enumerate()
+                    .map(|(row, cache)| {
+                        let of_row = |tensor: &Tensor<4>| tensor.clone().narrow(0, row, 1);
+                        attend_after(cache, rope, of_row(&query), of_row(&key), of_row(&value))
+                    })
+                    .collect();
+                Tensor::cat(rows, 0)
+            }
         };
-        causal_attention(query, key, value)
+        attended
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim])
     }
+}
+
+/// Attention of new positions that continue `cache`: rotated to the positions from the
+/// cache's length on, their keys and values appended to it.
+fn attend_after(
+    cache: &mut LayerCache,
+    rope: &RotaryTables,
+    query: Tensor<4>,
+    key: Tensor<4>,
+    value: Tensor<4>,
+) -> Tensor<4> {
+    let start = cache.len();
+    let (key, value) = cache.append(rope.apply(key, start), value);
+    causal_attention(rope.apply(query, start), key, value)
 }
 
 impl Mlp {
