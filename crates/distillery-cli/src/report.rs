@@ -155,10 +155,9 @@ fn distillations(stages: &[(&StageConfig, ExperimentConfig)]) -> Vec<Distillatio
         }
         let trained_teacher = stages.iter().find(|(other, other_config)| {
             other.kind == StageKind::Train
-                && teacher
-                    .checkpoint
-                    .as_ref()
-                    .is_some_and(|path| same_path(path, &other_config.run_checkpoint_dir()))
+                && teacher.checkpoint.as_ref().is_some_and(|path| {
+                    distillery_config::same_file(path, &other_config.run_checkpoint_dir())
+                })
         });
         let teacher = match (trained_teacher, &teacher.from) {
             (Some((other, _)), _) => other.name.clone(),
@@ -182,13 +181,6 @@ fn distillations(stages: &[(&StageConfig, ExperimentConfig)]) -> Vec<Distillatio
         }
     }
     found
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
 }
 
 impl Distillation {

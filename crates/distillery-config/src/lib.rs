@@ -275,7 +275,9 @@ fn resolve_teacher_tokenizer(
     Ok(())
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether two paths name the same file or folder: compared as resolved when both exist, as
+/// written otherwise.
+pub fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
