@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use distillery_config::{ExperimentConfig, PipelineConfig, StageConfig, StageKind};
+use distillery_config::{DistillConfig, ExperimentConfig, PipelineConfig, StageConfig, StageKind};
 use distillery_report::{ModelSummary, Report, RunCurves};
 
 use crate::cost;
@@ -142,7 +142,10 @@ struct Distillation {
 
 fn distillations(stages: &[(&StageConfig, ExperimentConfig)]) -> Vec<Distillation> {
     let labels_only = |config: &ExperimentConfig| {
-        config.distill.as_ref().map(|distill| distill.alpha) == Some(0.0)
+        config
+            .distill
+            .as_ref()
+            .is_some_and(DistillConfig::labels_only)
     };
     let architecture = |config: &ExperimentConfig| config.llama_config(0).ok();
     let mut found = Vec::new();

@@ -356,6 +356,14 @@ pub enum TeacherSource {
     Cached,
 }
 
+impl DistillConfig {
+    /// `alpha = 0`: the student learns from the labels alone (a baseline that starts where the
+    /// distilled student does) and the teacher never enters the loss.
+    pub fn labels_only(&self) -> bool {
+        self.alpha == 0.0
+    }
+}
+
 impl Default for DistillConfig {
     fn default() -> Self {
         Self {

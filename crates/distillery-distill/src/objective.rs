@@ -101,9 +101,8 @@ impl distillery_train::Objective for DistillObjective {
             mask,
             index,
         } = batch;
-        if self.settings.alpha == 0.0 {
-            // Labels only (a baseline that starts where the distilled student does): the
-            // teacher does not enter the loss, so it is not run.
+        if self.settings.labels_only() {
+            // The teacher does not enter the loss, so it is not run.
             let ce = cross_entropy(model.forward(inputs), targets, mask);
             return Ok(ObjectiveLoss {
                 total: ce.clone(),

@@ -129,7 +129,8 @@ pub fn generate_batch(
     Ok(rayon::scope(|_| decode_batch(model, prompts, config)))
 }
 
-/// One sequence of a batch: its cache, its sampler and what it has generated.
+/// A sequence being decoded, alone or in a batch: its cache, its sampler and what it has
+/// generated.
 struct Sequence {
     cache: KvCache,
     rng: ChaCha8Rng,
@@ -138,8 +139,20 @@ struct Sequence {
 }
 
 impl Sequence {
-    /// Takes `token` and stops where [`decode`] would: at a stop token, at the token limit,
-    /// or when the next position would not fit the context.
+    /// A sequence about to read a prompt of `prompt_tokens` tokens (which fits the context).
+    fn new(model: &Llama, prompt_tokens: usize, config: &GenerationConfig) -> Self {
+        let context = model.config().max_position_embeddings;
+        let positions = (prompt_tokens + config.max_new_tokens).min(context);
+        Self {
+            cache: KvCache::with_capacity(model.layers.len(), positions),
+            rng: ChaCha8Rng::seed_from_u64(config.sampling.seed),
+            tokens: Vec::new(),
+            stop: (config.max_new_tokens == 0).then_some(StopReason::TokenLimit),
+        }
+    }
+
+    /// Takes `token` and stops at a stop token, at the token limit, or when the next position
+    /// would not fit the context.
     fn push(&mut self, token: u32, config: &GenerationConfig, context: usize) {
         self.tokens.push(token);
         self.stop = if config.stop_tokens.contains(&token) {
@@ -152,6 +165,13 @@ impl Sequence {
             None
         };
     }
+
+    fn finish(self) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            stop: self.stop.expect("a finished sequence has stopped"),
+        }
+    }
 }
 
 fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) -> Vec<Generation> {
@@ -160,13 +180,7 @@ fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) 
     let mut sequences: Vec<Sequence> = prompts
         .iter()
         .map(|prompt| {
-            let positions = (prompt.len() + config.max_new_tokens).min(context);
-            let mut sequence = Sequence {
-                cache: KvCache::with_capacity(model.layers.len(), positions),
-                rng: ChaCha8Rng::seed_from_u64(config.sampling.seed),
-                tokens: Vec::new(),
-                stop: (config.max_new_tokens == 0).then_some(StopReason::TokenLimit),
-            };
+            let mut sequence = Sequence::new(model, prompt.len(), config);
             if sequence.stop.is_none() {
                 let last = last_logits(model, prompt, &mut sequence.cache, 1);
                 let token = sample_token(&last, &config.sampling, &mut sequence.rng);
@@ -208,13 +222,7 @@ fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) 
             }
         }
     }
-    sequences
-        .into_iter()
-        .map(|sequence| Generation {
-            tokens: sequence.tokens,
-            stop: sequence.stop.expect("every sequence stopped"),
-        })
-        .collect()
+    sequences.into_iter().map(Sequence::finish).collect()
 }
 
 /// A prompt `model` can continue: not empty, within its context, every id in its vocabulary.
@@ -243,28 +251,16 @@ fn decode(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ModelError> {
     let context = model.config().max_position_embeddings;
-    let mut rng = ChaCha8Rng::seed_from_u64(config.sampling.seed);
-    let positions = (prompt.len() + config.max_new_tokens).min(context);
-    let mut cache = KvCache::with_capacity(model.layers.len(), positions);
-    let mut tokens = Vec::new();
+    let mut sequence = Sequence::new(model, prompt.len(), config);
     let mut next_input = prompt.to_vec();
-    let stop = loop {
-        if tokens.len() == config.max_new_tokens {
-            break StopReason::TokenLimit;
-        }
-        if cache.len() + next_input.len() > context {
-            break StopReason::ContextFull;
-        }
-        let last = last_logits(model, &next_input, &mut cache, 1);
-        let token = sample_token(&last, &config.sampling, &mut rng);
-        tokens.push(token);
+    while sequence.stop.is_none() {
+        let last = last_logits(model, &next_input, &mut sequence.cache, 1);
+        let token = sample_token(&last, &config.sampling, &mut sequence.rng);
         on_token(token);
-        if config.stop_tokens.contains(&token) {
-            break StopReason::EndOfSequence;
-        }
+        sequence.push(token, config, context);
         next_input = vec![token];
-    };
-    Ok(Generation { tokens, stop })
+    }
+    Ok(sequence.finish())
 }
 
 /// The logits of the last `rows` positions of one forward pass over `input` that continues
