@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--intermediate-size", type=int, default=704)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tie-word-embeddings", action="store_true")
@@ -46,7 +47,7 @@ def main():
         intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=256,
         tie_word_embeddings=args.tie_word_embeddings,
         attn_implementation="sdpa",

@@ -948,13 +948,18 @@ fn quantize_with_progress(
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
-                .expect("the template is valid"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} {msg} ({elapsed}, about {eta} left)",
+            )
+            .expect("the template is valid"),
         );
         bar
     });
     let mut last_block = None;
+    // Loading and data preparation are over when the first matrix is announced.
+    let mut started = None;
     let outcome = distillery_quantize::quantize_run(config, &mut |progress| {
+        let started = *started.get_or_insert_with(std::time::Instant::now);
         let block = progress
             .name
             .split('.')
@@ -968,8 +973,16 @@ fn quantize_with_progress(
                 bar.set_message(progress.name.to_string());
             }
             None if last_block.as_ref() != Some(&block) => {
+                let elapsed = started.elapsed().as_secs_f64();
+                let left = match progress.done {
+                    0 => String::new(),
+                    done => format!(
+                        ", about {:.0} s left",
+                        elapsed / done as f64 * (progress.total - done) as f64
+                    ),
+                };
                 eprintln!(
-                    "quantizing {block} ({}/{} matrices done)",
+                    "quantizing {block} ({}/{} matrices done, {elapsed:.0} s{left})",
                     progress.done, progress.total
                 );
                 last_block = Some(block);

@@ -4,11 +4,12 @@
 //! input feature, the layout GPTQ's error propagation runs along (burn's `[in, out]` linear
 //! weights are transposed at the call site).
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::QuantError;
 use crate::grid::Grid;
-use crate::linalg::{cholesky_upper, spd_inverse};
+use crate::linalg::inverse_cholesky_upper;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantSettings {
@@ -241,179 +242,258 @@ impl Hessian {
     }
 }
 
-/// What GPTQ returns: the quantized matrix and the dampening that made the Hessian invertible.
+/// A Hessian made ready for GPTQ: the order columns are quantized in, the dampening that
+/// made it invertible and the upper Cholesky factor of its inverse. It depends on the layer's
+/// inputs only, so the matrices that read one input (q, k and v; gate and up) share it.
 #[derive(Debug, Clone)]
-pub struct GptqOutcome {
-    pub matrix: QuantizedMatrix,
-    /// The share of the mean diagonal added; larger than asked when the Hessian needed more.
-    pub damp_percent: f64,
+pub struct PreparedHessian {
+    cols: usize,
+    /// `order[position]` is the column quantized at `position`.
+    order: Vec<usize>,
+    /// Columns whose input never fired, by original index.
+    dead: Vec<bool>,
+    /// `cols x cols` in quantization order.
+    inverse_factor: Vec<f64>,
+    damp_percent: f64,
 }
 
 /// Dampening retries: each multiplies the dampening by ten.
 const DAMP_RETRIES: usize = 4;
 
+impl PreparedHessian {
+    /// Orders the columns (by decreasing diagonal under act-order), dampens the diagonal and
+    /// factors the inverse, raising the dampening tenfold while the Hessian stays singular.
+    pub fn new(hessian: &Hessian, settings: &GptqSettings) -> Result<Self, QuantError> {
+        let cols = hessian.size;
+        let mut h = hessian.values().to_vec();
+        // Inputs that never fire carry no information: their weights become exact zeros.
+        let dead: Vec<bool> = (0..cols).map(|i| h[i * cols + i] == 0.0).collect();
+        for i in (0..cols).filter(|&i| dead[i]) {
+            h[i * cols + i] = 1.0;
+        }
+        let mut order: Vec<usize> = (0..cols).collect();
+        if settings.act_order {
+            order.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]).then(a.cmp(&b)));
+        }
+        let ordered: Vec<f64> = (0..cols * cols)
+            .map(|index| h[order[index / cols] * cols + order[index % cols]])
+            .collect();
+        let mean_diagonal = (0..cols).map(|i| ordered[i * cols + i]).sum::<f64>() / cols as f64;
+        let mut damp_percent = settings.damp_percent;
+        for _ in 0..=DAMP_RETRIES {
+            let mut dampened = ordered.clone();
+            for i in 0..cols {
+                dampened[i * cols + i] += damp_percent * mean_diagonal;
+            }
+            if let Some(inverse_factor) = inverse_cholesky_upper(&dampened, cols) {
+                return Ok(Self {
+                    cols,
+                    order,
+                    dead,
+                    inverse_factor,
+                    damp_percent,
+                });
+            }
+            damp_percent *= 10.0;
+        }
+        Err(QuantError::NotPositiveDefinite {
+            damp_percent: damp_percent / 10.0,
+        })
+    }
+
+    /// The share of the mean diagonal added; larger than asked when the Hessian needed more.
+    pub fn damp_percent(&self) -> f64 {
+        self.damp_percent
+    }
+}
+
+/// Output channels quantized together: each row of the inverse factor, read once from memory,
+/// serves this many rows of weights.
+const ROW_TILE: usize = 8;
+
 /// GPTQ: columns quantized one at a time, each one's rounding error spread over the columns not
 /// yet quantized through the inverse Hessian of the layer's inputs, so the layer's output on the
-/// calibration inputs changes as little as possible.
+/// calibration inputs changes as little as possible. Output channels are independent given the
+/// Hessian, so tiles of them run in parallel.
 pub fn gptq(
     weights: &[f32],
     rows: usize,
     cols: usize,
-    hessian: &Hessian,
+    hessian: &PreparedHessian,
     settings: &GptqSettings,
-) -> Result<GptqOutcome, QuantError> {
+) -> Result<QuantizedMatrix, QuantError> {
     settings.quant.validate(cols)?;
-    if hessian.size != cols {
+    if hessian.cols != cols {
         return Err(QuantError::Settings(format!(
             "the Hessian is {0}x{0} for a matrix of {cols} input columns",
-            hessian.size
+            hessian.cols
         )));
     }
-    let mut damp_percent = settings.damp_percent;
-    for _ in 0..=DAMP_RETRIES {
-        if let Some(matrix) =
-            gptq_with_damping(weights, rows, cols, hessian, settings, damp_percent)
-        {
-            return Ok(GptqOutcome {
-                matrix,
-                damp_percent,
-            });
+    let quant = &settings.quant;
+    let group_size = quant.group_size.unwrap_or(cols);
+    let groups = group_count(quant.group_size, cols);
+    // Static groups (and ungrouped rows) have their grids fitted on the incoming weights in
+    // column order; dynamic groups are fitted when quantization reaches them.
+    let fit_upfront = quant.group_size.is_none() || settings.static_groups;
+    let group_of_position: Vec<u32> = (0..cols)
+        .map(|position| {
+            if quant.group_size.is_none() {
+                0
+            } else if settings.static_groups {
+                (hessian.order[position] / group_size) as u32
+            } else {
+                (position / group_size) as u32
+            }
+        })
+        .collect();
+    let tiles: Vec<(Vec<u8>, Vec<Grid>)> = (0..rows)
+        .step_by(ROW_TILE)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|first| {
+            let tile_rows = ROW_TILE.min(rows - first);
+            let incoming: Vec<f64> = (0..tile_rows * cols)
+                .map(|index| {
+                    let col = index % cols;
+                    if hessian.dead[col] {
+                        0.0
+                    } else {
+                        f64::from(weights[(first + index / cols) * cols + col])
+                    }
+                })
+                .collect();
+            let mut grids: Vec<Option<Grid>> = vec![None; groups * tile_rows];
+            if fit_upfront {
+                for group in 0..groups {
+                    for row in 0..tile_rows {
+                        let values: Vec<f32> = group_columns(group, group_size, cols)
+                            .map(|col| incoming[row * cols + col] as f32)
+                            .collect();
+                        grids[group * tile_rows + row] = Some(quant.fit(&values));
+                    }
+                }
+            }
+            let mut w: Vec<f64> = (0..tile_rows * cols)
+                .map(|index| incoming[(index / cols) * cols + hessian.order[index % cols]])
+                .collect();
+            let codes = quantize_tile(
+                &mut w,
+                tile_rows,
+                cols,
+                hessian,
+                settings,
+                &group_of_position,
+                &mut grids,
+            );
+            let grids = grids
+                .into_iter()
+                .map(|grid| grid.expect("every group is fitted"))
+                .collect();
+            (codes, grids)
+        })
+        .collect();
+
+    let mut codes = vec![0u8; rows * cols];
+    for (tile, (tile_codes, _)) in tiles.iter().enumerate() {
+        for (offset, tile_row) in tile_codes.chunks_exact(cols).enumerate() {
+            let row = tile * ROW_TILE + offset;
+            for (position, &col) in hessian.order.iter().enumerate() {
+                codes[row * cols + col] = tile_row[position];
+            }
         }
-        damp_percent *= 10.0;
     }
-    Err(QuantError::NotPositiveDefinite {
-        damp_percent: damp_percent / 10.0,
+    let grids = (0..groups * rows)
+        .map(|index| {
+            let (group, row) = (index / rows, index % rows);
+            let (tile_codes, tile_grids) = &tiles[row / ROW_TILE];
+            tile_grids[group * (tile_codes.len() / cols) + row % ROW_TILE]
+        })
+        .collect();
+    let mut group_index = vec![0u32; cols];
+    for (position, &col) in hessian.order.iter().enumerate() {
+        group_index[col] = group_of_position[position];
+    }
+    Ok(QuantizedMatrix {
+        rows,
+        cols,
+        bits: quant.bits,
+        codes,
+        grids,
+        group_index,
     })
 }
 
-fn gptq_with_damping(
-    weights: &[f32],
-    rows: usize,
+/// GPTQ on `tile_rows` rows of weights already in quantization order; returns their codes in
+/// that order. Inside a block of columns each rounding error reaches the block's later columns
+/// at once; the columns after the block get the block's errors in one lazy pass.
+fn quantize_tile(
+    w: &mut [f64],
+    tile_rows: usize,
     cols: usize,
-    hessian: &Hessian,
+    hessian: &PreparedHessian,
     settings: &GptqSettings,
-    damp_percent: f64,
-) -> Option<QuantizedMatrix> {
+    group_of_position: &[u32],
+    grids: &mut [Option<Grid>],
+) -> Vec<u8> {
     let quant = &settings.quant;
-    let mut w: Vec<f64> = weights.iter().map(|&x| f64::from(x)).collect();
-    let mut h = hessian.values().to_vec();
-    // Inputs that never fire carry no information: their weights become exact zeros.
-    for i in 0..cols {
-        if h[i * cols + i] == 0.0 {
-            h[i * cols + i] = 1.0;
-            for row in 0..rows {
-                w[row * cols + i] = 0.0;
-            }
-        }
-    }
-    let group_size = quant.group_size.unwrap_or(cols);
-    let groups = group_count(quant.group_size, cols);
-    // Every row's grid of one group, rows in parallel: a clipping search makes fitting cost
-    // as much as the quantization itself.
-    let fit_group = |w: &[f64], group: usize, grids: &mut [Option<Grid>]| {
-        grids[group * rows..(group + 1) * rows]
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(row, grid)| {
-                let values: Vec<f32> = group_columns(group, group_size, cols)
-                    .map(|col| w[row * cols + col] as f32)
-                    .collect();
-                *grid = Some(quant.fit(&values));
-            });
-    };
-    // Static groups (and ungrouped rows) are fitted on the weights as they come in.
-    let mut grids: Vec<Option<Grid>> = vec![None; groups * rows];
-    if quant.group_size.is_none() || settings.static_groups {
-        for group in 0..groups {
-            fit_group(&w, group, &mut grids);
-        }
-    }
-
-    let mut order: Vec<usize> = (0..cols).collect();
-    if settings.act_order {
-        order.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]).then(a.cmp(&b)));
-    }
-    let permuted_w: Vec<f64> = (0..rows * cols)
-        .map(|index| w[(index / cols) * cols + order[index % cols]])
-        .collect();
-    let mut w = permuted_w;
-    let mut h: Vec<f64> = (0..cols * cols)
-        .map(|index| h[order[index / cols] * cols + order[index % cols]])
-        .collect();
-    let mean_diagonal = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
-    for i in 0..cols {
-        h[i * cols + i] += damp_percent * mean_diagonal;
-    }
-    let inverse_factor = cholesky_upper(&spd_inverse(&h, cols)?, cols)?;
-
-    let mut codes = vec![0u8; rows * cols];
-    let mut group_of_position = vec![0u32; cols];
-    let mut errors = vec![0.0f64; rows * settings.block_size.max(1)];
+    let dynamic_groups = quant.group_size.filter(|_| !settings.static_groups);
     let block_size = settings.block_size.max(1);
+    let factor = &hessian.inverse_factor;
+    let mut codes = vec![0u8; tile_rows * cols];
+    let mut errors = vec![0.0f64; tile_rows * block_size];
     for block_start in (0..cols).step_by(block_size) {
         let block_end = (block_start + block_size).min(cols);
         for position in block_start..block_end {
-            let group = if quant.group_size.is_none() {
-                0
-            } else if settings.static_groups {
-                order[position] / group_size
-            } else {
-                position / group_size
-            };
-            if quant.group_size.is_some()
-                && !settings.static_groups
-                && position.is_multiple_of(group_size)
+            let group = group_of_position[position] as usize;
+            if let Some(size) = dynamic_groups
+                && position.is_multiple_of(size)
             {
-                fit_group(&w, group, &mut grids);
+                for row in 0..tile_rows {
+                    let values: Vec<f32> = group_columns(group, size, cols)
+                        .map(|col| w[row * cols + col] as f32)
+                        .collect();
+                    grids[group * tile_rows + row] = Some(quant.fit(&values));
+                }
             }
-            group_of_position[position] = group as u32;
-            let diagonal = inverse_factor[position * cols + position];
+            let factor_row = &factor[position * cols..(position + 1) * cols];
+            let diagonal = factor_row[position];
             let local = position - block_start;
-            for row in 0..rows {
-                let grid = grids[group * rows + row].expect("grids are fitted before use");
-                let value = w[row * cols + position];
+            for row in 0..tile_rows {
+                let grid = grids[group * tile_rows + row].expect("grids are fitted before use");
+                let w_row = &mut w[row * cols..(row + 1) * cols];
+                let value = w_row[position];
                 let code = grid.encode(value as f32);
                 codes[row * cols + position] = code as u8;
                 let error = (value - f64::from(grid.decode(code))) / diagonal;
                 errors[row * block_size + local] = error;
-                let factor_row = &inverse_factor[position * cols..(position + 1) * cols];
-                for col in position + 1..block_end {
-                    w[row * cols + col] -= error * factor_row[col];
-                }
+                subtract_scaled(
+                    &mut w_row[position + 1..block_end],
+                    error,
+                    &factor_row[position + 1..block_end],
+                );
             }
         }
-        // The block's errors reach the columns after it in one pass.
-        for row in 0..rows {
-            for local in 0..block_end - block_start {
-                let error = errors[row * block_size + local];
-                let factor_row =
-                    &inverse_factor[(block_start + local) * cols..(block_start + local + 1) * cols];
-                for col in block_end..cols {
-                    w[row * cols + col] -= error * factor_row[col];
-                }
+        for local in 0..block_end - block_start {
+            let factor_row =
+                &factor[(block_start + local) * cols..(block_start + local + 1) * cols];
+            for row in 0..tile_rows {
+                subtract_scaled(
+                    &mut w[row * cols + block_end..(row + 1) * cols],
+                    errors[row * block_size + local],
+                    &factor_row[block_end..],
+                );
             }
         }
     }
+    codes
+}
 
-    let mut original_codes = vec![0u8; rows * cols];
-    let mut group_index = vec![0u32; cols];
-    for (position, &col) in order.iter().enumerate() {
-        group_index[col] = group_of_position[position];
-        for row in 0..rows {
-            original_codes[row * cols + col] = codes[row * cols + position];
-        }
+/// `target -= scale * source`, element by element.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn subtract_scaled(target: &mut [f64], scale: f64, source: &[f64]) {
+    for (value, &step) in target.iter_mut().zip(source) {
+        *value -= scale * step;
     }
-    Some(QuantizedMatrix {
-        rows,
-        cols,
-        bits: quant.bits,
-        codes: original_codes,
-        grids: grids
-            .into_iter()
-            .map(|grid| grid.expect("every group is fitted"))
-            .collect(),
-        group_index,
-    })
 }
 
 #[cfg(test)]
@@ -469,6 +549,17 @@ mod tests {
         }
     }
 
+    fn run_gptq(
+        weights: &[f32],
+        rows: usize,
+        cols: usize,
+        hessian: &Hessian,
+        settings: &GptqSettings,
+    ) -> Result<QuantizedMatrix, QuantError> {
+        let prepared = PreparedHessian::new(hessian, settings)?;
+        gptq(weights, rows, cols, &prepared, settings)
+    }
+
     fn identity_hessian(size: usize) -> Hessian {
         let mut hessian = Hessian::new(size);
         let mut inputs = vec![0.0f32; size * size];
@@ -505,11 +596,9 @@ mod tests {
                 let mut settings = settings(3, group_size);
                 settings.quant.clip_search = clip_search;
                 let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
-                let gptq = gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
-                assert_eq!(
-                    gptq.matrix, rtn,
-                    "group size {group_size:?}, clip {clip_search}"
-                );
+                let gptq =
+                    run_gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
+                assert_eq!(gptq, rtn, "group size {group_size:?}, clip {clip_search}");
             }
         }
     }
@@ -524,13 +613,46 @@ mod tests {
         for (bits, group_size) in [(3, None), (4, Some(8)), (2, Some(16))] {
             let settings = settings(bits, group_size);
             let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
-            let quantized = gptq(&weights, rows, cols, &hessian, &settings).unwrap();
+            let quantized = run_gptq(&weights, rows, cols, &hessian, &settings).unwrap();
             let rtn_error = output_error(&weights, &rtn.dequantize(), &inputs, cols);
-            let gptq_error = output_error(&weights, &quantized.matrix.dequantize(), &inputs, cols);
+            let gptq_error = output_error(&weights, &quantized.dequantize(), &inputs, cols);
             assert!(
                 gptq_error < 0.5 * rtn_error,
                 "{bits} bits, groups {group_size:?}: GPTQ {gptq_error} vs RTN {rtn_error}"
             );
+        }
+    }
+
+    #[test]
+    fn each_row_quantizes_as_it_would_alone() {
+        // Two full tiles and a short one: every row's codes and grids must land where a
+        // one-row matrix puts them, whatever tile computed them.
+        let (rows, cols) = (2 * ROW_TILE + 3, 24);
+        let weights = random_matrix(rows, cols, 11);
+        let inputs = correlated_inputs(128, cols, 12);
+        let mut hessian = Hessian::new(cols);
+        hessian.add(&inputs);
+        for (act_order, static_groups) in [(false, false), (true, false), (true, true)] {
+            let mut settings = settings(3, Some(8));
+            settings.act_order = act_order;
+            settings.static_groups = static_groups;
+            let prepared = PreparedHessian::new(&hessian, &settings).unwrap();
+            let whole = gptq(&weights, rows, cols, &prepared, &settings).unwrap();
+            for row in 0..rows {
+                let alone = gptq(
+                    &weights[row * cols..(row + 1) * cols],
+                    1,
+                    cols,
+                    &prepared,
+                    &settings,
+                )
+                .unwrap();
+                assert_eq!(alone.codes[..], whole.codes[row * cols..(row + 1) * cols]);
+                assert_eq!(alone.group_index, whole.group_index);
+                for group in 0..whole.groups() {
+                    assert_eq!(alone.grids[group], whole.grids[group * rows + row]);
+                }
+            }
         }
     }
 
@@ -549,9 +671,7 @@ mod tests {
         let mut settings = settings(4, Some(4));
         settings.act_order = true;
         settings.static_groups = true;
-        let quantized = gptq(&weights, rows, cols, &hessian, &settings)
-            .unwrap()
-            .matrix;
+        let quantized = run_gptq(&weights, rows, cols, &hessian, &settings).unwrap();
         let rtn = round_to_nearest(&weights, rows, cols, &settings.quant).unwrap();
         assert_eq!(quantized, rtn);
         assert_eq!(
@@ -572,9 +692,7 @@ mod tests {
         hessian.add(&inputs);
         let mut settings = settings(4, Some(4));
         settings.act_order = true;
-        let quantized = gptq(&weights, rows, cols, &hessian, &settings)
-            .unwrap()
-            .matrix;
+        let quantized = run_gptq(&weights, rows, cols, &hessian, &settings).unwrap();
         // Even columns have the larger diagonal: they come first and form group 0.
         assert_eq!(quantized.group_index, vec![0, 1, 0, 1, 0, 1, 0, 1]);
     }
@@ -589,8 +707,8 @@ mod tests {
         }
         let mut hessian = Hessian::new(cols);
         hessian.add(&inputs);
-        let quantized = gptq(&weights, rows, cols, &hessian, &settings(4, None)).unwrap();
-        let dequantized = quantized.matrix.dequantize();
+        let quantized = run_gptq(&weights, rows, cols, &hessian, &settings(4, None)).unwrap();
+        let dequantized = quantized.dequantize();
         for row in 0..rows {
             assert_eq!(dequantized[row * cols + 5], 0.0);
         }
@@ -600,7 +718,7 @@ mod tests {
     fn a_hessian_beyond_repair_is_an_error_not_nans() {
         let mut hessian = Hessian::new(2);
         hessian.add(&[f32::NAN, 1.0]);
-        let error = gptq(&[0.5, -0.5], 1, 2, &hessian, &settings(4, None)).unwrap_err();
+        let error = run_gptq(&[0.5, -0.5], 1, 2, &hessian, &settings(4, None)).unwrap_err();
         assert!(
             matches!(error, QuantError::NotPositiveDefinite { .. }),
             "{error}"
@@ -640,8 +758,8 @@ mod tests {
         assert_eq!(rtn.group_index, vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2]);
         let tail: Vec<f32> = weights[8..10].to_vec();
         assert_eq!(rtn.grids[2 * rows], Grid::fit(tail, 4, false));
-        let quantized = gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
-        assert_eq!(quantized.matrix, rtn);
+        let quantized = run_gptq(&weights, rows, cols, &identity_hessian(cols), &settings).unwrap();
+        assert_eq!(quantized, rtn);
     }
 
     #[test]

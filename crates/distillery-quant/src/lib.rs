@@ -15,7 +15,7 @@ mod products;
 pub mod weight;
 
 pub use gptq::{
-    GptqOutcome, GptqSettings, Hessian, QuantSettings, QuantizedMatrix, gptq, int8_absmax,
+    GptqSettings, Hessian, PreparedHessian, QuantSettings, QuantizedMatrix, gptq, int8_absmax,
     round_to_nearest,
 };
 pub use grid::Grid;

@@ -7,8 +7,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{QuantizeConfig, QuantizeMethod};
 use distillery_model::{DecoderLayer, LayerMatrix, Linear, Llama};
 use distillery_quant::{
-    GptqSettings, Hessian, PackedMatrix, QuantError, QuantSettings, QuantizedMatrix, gptq,
-    int8_absmax, round_to_nearest,
+    GptqSettings, Hessian, PackedMatrix, PreparedHessian, QuantError, QuantSettings,
+    QuantizedMatrix, gptq, int8_absmax, round_to_nearest,
 };
 
 use crate::QuantizeError;
@@ -234,26 +234,41 @@ impl Quantizer<'_> {
         &mut self,
         linear: &mut Linear,
         path: &str,
-        hessian: &Hessian,
+        hessian: &PreparedHessian,
     ) -> Result<(), QuantizeError> {
         self.announce(path);
         let (rows, cols) = (linear.d_output(), linear.d_input());
-        let settings = GptqSettings {
+        let matrix = gptq(
+            &linear.weight_out_in(),
+            rows,
+            cols,
+            hessian,
+            &self.gptq_settings(),
+        )
+        .map_err(|source| layer_error(path, source))?;
+        *linear = Linear::quantized(PackedMatrix::from_quantized(&matrix));
+        let retried = hessian.damp_percent() != self.options.damp_percent;
+        self.outcomes.push(MatrixOutcome {
+            name: path.into(),
+            damp_percent_used: retried.then_some(hessian.damp_percent()),
+        });
+        Ok(())
+    }
+
+    fn gptq_settings(&self) -> GptqSettings {
+        GptqSettings {
             quant: self.options.settings(),
             damp_percent: self.options.damp_percent,
             block_size: self.options.block_size,
             act_order: self.options.act_order,
             static_groups: self.options.static_groups,
-        };
-        let outcome = gptq(&linear.weight_out_in(), rows, cols, hessian, &settings)
-            .map_err(|source| layer_error(path, source))?;
-        *linear = Linear::quantized(PackedMatrix::from_quantized(&outcome.matrix));
-        let retried = outcome.damp_percent != self.options.damp_percent;
-        self.outcomes.push(MatrixOutcome {
-            name: path.into(),
-            damp_percent_used: retried.then_some(outcome.damp_percent),
-        });
-        Ok(())
+        }
+    }
+
+    /// `hessian` made ready for GPTQ; `first` names the first matrix it serves in an error.
+    fn prepare(&self, hessian: &Hessian, first: &str) -> Result<PreparedHessian, QuantizeError> {
+        PreparedHessian::new(hessian, &self.gptq_settings())
+            .map_err(|source| layer_error(first, source))
     }
 
     fn gptq_blocks(
@@ -285,9 +300,11 @@ impl Quantizer<'_> {
                 let inputs = LayerInputs::of(layer, &rope, &hidden);
                 let hessians = inputs.hessians();
                 for (group, hessian) in LayerMatrix::SEQUENTIAL_GROUPS.iter().zip(&hessians) {
+                    let first = format!("{prefix}.{}", group[0].path());
+                    let prepared = self.prepare(hessian, &first)?;
                     for &matrix in *group {
                         let path = format!("{prefix}.{}", matrix.path());
-                        self.gptq_linear(layer.matrix_mut(matrix), &path, hessian)?;
+                        self.gptq_linear(layer.matrix_mut(matrix), &path, &prepared)?;
                     }
                 }
                 LayerInputs::of(layer, &rope, &hidden).outputs(layer)
@@ -297,7 +314,8 @@ impl Quantizer<'_> {
             let normalized: Vec<Tensor<3>> =
                 hidden.into_iter().map(|x| model.final_norm(x)).collect();
             if let Some(head) = model.lm_head.as_mut() {
-                self.gptq_linear(head, "lm_head", &hessian_of(&normalized))?;
+                let prepared = self.prepare(&hessian_of(&normalized), "lm_head")?;
+                self.gptq_linear(head, "lm_head", &prepared)?;
             }
         }
         Ok(())
@@ -348,10 +366,12 @@ impl Quantizer<'_> {
         group: usize,
         inputs: &[Tensor<3>],
     ) -> Result<(), QuantizeError> {
-        let hessian = hessian_of(inputs);
-        for &matrix in LayerMatrix::SEQUENTIAL_GROUPS[group] {
+        let matrices = LayerMatrix::SEQUENTIAL_GROUPS[group];
+        let first = format!("{prefix}.{}", matrices[0].path());
+        let prepared = self.prepare(&hessian_of(inputs), &first)?;
+        for &matrix in matrices {
             let path = format!("{prefix}.{}", matrix.path());
-            self.gptq_linear(layer.matrix_mut(matrix), &path, &hessian)?;
+            self.gptq_linear(layer.matrix_mut(matrix), &path, &prepared)?;
         }
         Ok(())
     }
