@@ -13,6 +13,7 @@ parameters and activations in bf16, as distillery's `run.dtype = "bf16"` does.
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -85,6 +86,8 @@ def main():
         "tokens_per_step": args.batch_size * args.seq_len,
         "tokens_per_sec": args.batch_size * args.seq_len * args.steps / total,
         "step_ms_mean": 1e3 * total / args.steps,
+        # Linux reports the peak resident set in KiB.
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
 

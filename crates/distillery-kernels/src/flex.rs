@@ -312,10 +312,7 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                 let width = table_rows.len() / inputs;
                 let mut out = vec![0.0f32; rows * width];
                 for (first, cached) in table_rows.chunks(cached_rows * inputs).enumerate() {
-                    let columns = first * cached_rows..first * cached_rows + cached.len() / inputs;
-                    for (x, out) in x.chunks_exact(inputs).zip(out.chunks_exact_mut(width)) {
-                        rows::rows_dot(x, cached, &mut out[columns.clone()]);
-                    }
+                    rows::rows_dot(&x, inputs, cached, &mut out[first * cached_rows..], width);
                 }
                 out
             })

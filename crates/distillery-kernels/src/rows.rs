@@ -717,6 +717,38 @@ mod tests {
     }
 
     #[test]
+    fn dot_products_of_many_rows_are_each_rows_own() {
+        // 37 inputs: two whole chunks of lanes and a tail of 5.
+        let inputs = 37;
+        let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
+        let table: Vec<f32> = (0..11 * inputs).map(|index| value(index + 5000)).collect();
+        let x: Vec<f32> = (0..8 * inputs).map(value).collect();
+        let alone: Vec<Vec<f32>> = x
+            .chunks_exact(inputs)
+            .map(|row| {
+                let mut out = vec![0.0; 11];
+                rows_dot(row, inputs, &table, &mut out, 11);
+                out
+            })
+            .collect();
+        for (row, out) in alone.iter().enumerate() {
+            for (index, &got) in out.iter().enumerate() {
+                let plain: f32 = (0..inputs)
+                    .map(|k| x[row * inputs + k] * table[index * inputs + k])
+                    .sum();
+                assert!((got - plain).abs() < 1e-4, "row {row}, output {index}");
+            }
+        }
+        for rows in 2..=8 {
+            let mut out = vec![f32::NAN; rows * 13];
+            rows_dot(&x[..rows * inputs], inputs, &table, &mut out, 13);
+            for (row, alone) in alone.iter().take(rows).enumerate() {
+                assert_eq!(&out[row * 13..row * 13 + 11], &alone[..], "{rows} rows, row {row}");
+            }
+        }
+    }
+
+    #[test]
     fn dropout_drops_the_requested_share_reproducibly() {
         let x = vec![1.0f32; 100_000];
         let p = 0.25f32;
@@ -823,33 +855,69 @@ fn rows_times_rows_of<const ROWS: usize>(x: &[f32], run: usize, weight: &[f32], 
 /// Partial sums of a dot product: lane `k` takes the products at indices `k mod LANES`.
 const DOT_LANES: usize = 16;
 
-/// `out[o] = x · rows[o]` for consecutive rows of `x.len()` values. Each dot product sums in
-/// [`DOT_LANES`] fixed lanes, then adds the lanes in a fixed order: the same bits on every
-/// instruction set and thread count.
+/// Rows of `x` that [`rows_dot`] takes through the table together: each has its own running
+/// sums, so their additions do not wait on one another, and four rows' sums still fit in
+/// AVX2's registers.
+const DOT_ROWS: usize = 4;
+
+/// `out[r * out_stride + o] = x_r · rows[o]` for the rows `x_r` of `x` (`inputs` values each)
+/// and consecutive table rows of `inputs` values. Each dot product sums in [`DOT_LANES`] fixed
+/// lanes, then adds the lanes in a fixed order: the same bits on every instruction set and
+/// thread count, and for a row of `x` whatever other rows come with it.
+pub fn rows_dot(x: &[f32], inputs: usize, rows: &[f32], out: &mut [f32], out_stride: usize) {
+    assert!(inputs > 0 && x.len().is_multiple_of(inputs) && rows.len().is_multiple_of(inputs));
+    let count = rows.len() / inputs;
+    for (group, x) in x.chunks(DOT_ROWS * inputs).enumerate() {
+        let out = &mut out[group * DOT_ROWS * out_stride..];
+        assert!(out.len() >= (x.len() / inputs - 1) * out_stride + count);
+        match x.len() / inputs {
+            1 => rows_dot_of::<1>(x, rows, out, out_stride),
+            2 => rows_dot_of::<2>(x, rows, out, out_stride),
+            3 => rows_dot_of::<3>(x, rows, out, out_stride),
+            _ => rows_dot_of::<4>(x, rows, out, out_stride),
+        }
+    }
+}
+
+const _: () = assert!(
+    DOT_ROWS == 4,
+    "rows_dot has a kernel for each count of rows up to 4"
+);
+
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub fn rows_dot(x: &[f32], rows: &[f32], out: &mut [f32]) {
-    assert_eq!(rows.len(), out.len() * x.len());
-    for (sum, row) in out.iter_mut().zip(rows.chunks_exact(x.len())) {
-        let mut lanes = [0.0f32; DOT_LANES];
-        let (x_chunks, row_chunks) = (x.chunks_exact(DOT_LANES), row.chunks_exact(DOT_LANES));
-        let tail: f32 = x_chunks
-            .remainder()
-            .iter()
-            .zip(row_chunks.remainder())
-            .map(|(&a, &b)| a * b)
-            .sum();
-        for (x, row) in x_chunks.zip(row_chunks) {
-            for ((lane, &a), &b) in lanes.iter_mut().zip(x).zip(row) {
-                *lane += a * b;
+fn rows_dot_of<const ROWS: usize>(x: &[f32], rows: &[f32], out: &mut [f32], out_stride: usize) {
+    let inputs = x.len() / ROWS;
+    for (index, row) in rows.chunks_exact(inputs).enumerate() {
+        let mut lanes = [[0.0f32; DOT_LANES]; ROWS];
+        let row_chunks = row.chunks_exact(DOT_LANES);
+        let row_tail = row_chunks.remainder();
+        for (chunk, weights) in row_chunks.enumerate() {
+            let weights: &[f32; DOT_LANES] = weights.try_into().expect("a whole chunk");
+            let at = chunk * DOT_LANES;
+            for (row, lanes) in lanes.iter_mut().enumerate() {
+                let start = row * inputs + at;
+                let x: &[f32; DOT_LANES] = x[start..start + DOT_LANES]
+                    .try_into()
+                    .expect("a whole chunk");
+                for k in 0..DOT_LANES {
+                    lanes[k] += x[k] * weights[k];
+                }
             }
         }
-        let mut width = DOT_LANES / 2;
-        while width > 0 {
-            for k in 0..width {
-                lanes[k] += lanes[k + width];
+        for (row, (lanes, x)) in lanes.iter_mut().zip(x.chunks_exact(inputs)).enumerate() {
+            let tail: f32 = x[inputs - row_tail.len()..]
+                .iter()
+                .zip(row_tail)
+                .map(|(&a, &b)| a * b)
+                .sum();
+            let mut width = DOT_LANES / 2;
+            while width > 0 {
+                for k in 0..width {
+                    lanes[k] += lanes[k + width];
+                }
+                width /= 2;
             }
-            width /= 2;
+            out[row * out_stride + index] = lanes[0] + tail;
         }
-        *sum = lanes[0] + tail;
     }
 }
