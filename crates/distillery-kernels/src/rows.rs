@@ -743,7 +743,11 @@ mod tests {
             let mut out = vec![f32::NAN; rows * 13];
             rows_dot(&x[..rows * inputs], inputs, &table, &mut out, 13);
             for (row, alone) in alone.iter().take(rows).enumerate() {
-                assert_eq!(&out[row * 13..row * 13 + 11], &alone[..], "{rows} rows, row {row}");
+                assert_eq!(
+                    &out[row * 13..row * 13 + 11],
+                    &alone[..],
+                    "{rows} rows, row {row}"
+                );
             }
         }
     }

@@ -17,6 +17,7 @@ use distillery_kernels::{
 use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::cache::{LayerCache, LayerKv};
 use crate::rope::RotaryTables;
@@ -977,9 +978,10 @@ impl Attention {
         let attended = match kv {
             LayerKv::Fresh => causal_attention(rope.apply(query, 0), rope.apply(key, 0), value),
             LayerKv::Shared(cache) => attend_after(cache, rope, query, key, value),
+            // Each sequence attends to its own history, so the rows run in parallel.
             LayerKv::PerRow(caches) => {
                 let rows = caches
-                    .into_iter()
+                    .into_par_iter()
                     .enumerate()
                     .map(|(row, cache)| {
                         let of_row = |tensor: &Tensor<4>| tensor.clone().narrow(0, row, 1);
