@@ -39,6 +39,66 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Running maxima and sums of a row reduction: independent accumulators that the compiler keeps
+/// in vector registers (a sum added element by element is one scalar chain of additions),
+/// combined in a fixed order, so the result is the same on every instruction set.
+const REDUCE_LANES: usize = 16;
+
+/// The largest `x * scale` over `values`.
+#[inline(always)]
+fn scaled_max(values: &[f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; REDUCE_LANES];
+    let chunks = values.chunks_exact(REDUCE_LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let chunk: &[f32; REDUCE_LANES] = chunk.try_into().expect("a whole chunk");
+        for k in 0..REDUCE_LANES {
+            lanes[k] = lanes[k].max(chunk[k] * scale);
+        }
+    }
+    let lanes_max = lanes.iter().fold(f32::NEG_INFINITY, |max, &x| max.max(x));
+    tail.iter().fold(lanes_max, |max, &x| max.max(x * scale))
+}
+
+/// `N` sums of `term(a[i], b[i])` over paired elements, each in [`REDUCE_LANES`] lanes.
+#[inline(always)]
+fn paired_sums<const N: usize>(
+    a: &[f32],
+    b: &[f32],
+    term: impl Fn(f32, f32) -> [f32; N],
+) -> [f32; N] {
+    let mut lanes = [[0.0f32; REDUCE_LANES]; N];
+    let (a_chunks, b_chunks) = (a.chunks_exact(REDUCE_LANES), b.chunks_exact(REDUCE_LANES));
+    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
+    for (a, b) in a_chunks.zip(b_chunks) {
+        let a: &[f32; REDUCE_LANES] = a.try_into().expect("a whole chunk");
+        let b: &[f32; REDUCE_LANES] = b.try_into().expect("a whole chunk");
+        for k in 0..REDUCE_LANES {
+            let terms = term(a[k], b[k]);
+            for (lanes, value) in lanes.iter_mut().zip(terms) {
+                lanes[k] += value;
+            }
+        }
+    }
+    let mut sums = [0.0f32; N];
+    for (&a, &b) in a_tail.iter().zip(b_tail) {
+        for (sum, value) in sums.iter_mut().zip(term(a, b)) {
+            *sum += value;
+        }
+    }
+    for (sum, lanes) in sums.iter_mut().zip(lanes.iter_mut()) {
+        let mut width = REDUCE_LANES / 2;
+        while width > 0 {
+            for k in 0..width {
+                lanes[k] += lanes[k + width];
+            }
+            width /= 2;
+        }
+        *sum += lanes[0];
+    }
+    sums
+}
+
 /// Scaled, causally masked softmax of each row of `scores` (`rows x columns`), in place.
 ///
 /// Row `i` keeps columns `0..=i + offset` (queries aligned to the end of the keys, as with a
@@ -103,8 +163,8 @@ pub fn cross_entropy(
         .zip(losses.iter_mut())
         .zip(log_sum_exps.iter_mut())
     {
-        let max = row.iter().fold(f32::NEG_INFINITY, |max, &x| max.max(x));
-        let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+        let max = scaled_max(row, 1.0);
+        let [sum] = paired_sums(row, row, |x, _| [exp(x - max)]);
         *lse = max + sum.ln();
         *loss = *lse - row[target];
     }
@@ -113,13 +173,8 @@ pub fn cross_entropy(
 /// Log-sum-exp of `row * inverse_temperature`.
 #[inline(always)]
 fn scaled_log_sum_exp(row: &[f32], inverse_temperature: f32) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |max, &x| {
-        max.max(x * inverse_temperature)
-    });
-    let sum: f32 = row
-        .iter()
-        .map(|&x| exp(x * inverse_temperature - max))
-        .sum();
+    let max = scaled_max(row, inverse_temperature);
+    let [sum] = paired_sums(row, row, |x, _| [exp(x * inverse_temperature - max)]);
     max + sum.ln()
 }
 
@@ -146,14 +201,11 @@ pub fn forward_kl(
         *s_lse = scaled_log_sum_exp(s_row, inverse_temperature);
         *t_lse = scaled_log_sum_exp(t_row, inverse_temperature);
         let offset = *s_lse - *t_lse;
-        let kl: f32 = s_row
-            .iter()
-            .zip(t_row)
-            .map(|(&s, &t)| {
-                let log_ratio = (t - s) * inverse_temperature + offset;
-                exp(t * inverse_temperature - *t_lse) * log_ratio
-            })
-            .sum();
+        let t_lse = *t_lse;
+        let [kl] = paired_sums(s_row, t_row, |s, t| {
+            let log_ratio = (t - s) * inverse_temperature + offset;
+            [exp(t * inverse_temperature - t_lse) * log_ratio]
+        });
         *loss = kl * t_squared;
     }
 }
@@ -232,18 +284,14 @@ pub fn sparse_forward_kl(
         .zip(student_lse.iter_mut())
         .zip(student_rest_lse.iter_mut())
     {
-        let max = s_row.iter().fold(f32::NEG_INFINITY, |max, &x| {
-            max.max(x * inverse_temperature)
-        });
+        let max = scaled_max(s_row, inverse_temperature);
         for &id in row_ids {
             in_rest[id] = 0.0;
         }
-        let (mut total, mut rest) = (0.0f32, 0.0f32);
-        for (&s, &weight) in s_row.iter().zip(&in_rest) {
+        let [total, rest] = paired_sums(s_row, &in_rest, |s, weight| {
             let e = exp(s * inverse_temperature - max);
-            total += e;
-            rest += e * weight;
-        }
+            [e, e * weight]
+        });
         for &id in row_ids {
             in_rest[id] = 1.0;
         }
