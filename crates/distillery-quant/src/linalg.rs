@@ -8,7 +8,7 @@ use rayon::prelude::*;
 /// `Σ a[k] b[k]` with eight running sums, which the compiler turns into vector lanes; the
 /// summation order is fixed, so every CPU and thread count gives the same bits.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut sums = [0.0f64; 8];
     let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = a_lanes
@@ -27,7 +27,7 @@ pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// The lower-triangular `L` with `L Lᵀ = a`, or `None` when `a` is not positive definite.
 /// Column by column: each column's entries below the diagonal are independent dot products.
-pub fn cholesky_lower(a: &[f64], n: usize) -> Option<Vec<f64>> {
+fn cholesky_lower(a: &[f64], n: usize) -> Option<Vec<f64>> {
     let mut l = vec![0.0; n * n];
     for j in 0..n {
         let (done, below) = l.split_at_mut((j + 1) * n);
