@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from validation_split import evaluate_causal_lm, evaluate_llama_cpp, validation_windows
+from validation_split import evaluate_causal_lm, evaluate_llama_cpp, token_cache, validation_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/smollm2.toml"
@@ -41,11 +41,6 @@ def distillery(binary, *args):
                             cwd=ROOT)
     return result.stdout, time.time() - started
 
-
-def token_cache(vocab_size):
-    caches = [path for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens")
-              if json.loads(Path(str(path) + ".json").read_text())["vocab_size"] == vocab_size]
-    return max(caches, key=lambda path: path.stat().st_mtime)
 
 
 def llama_cpp_windows(gguf, validation, windows, seq_len, **settings):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validation_split import validation_windows  # noqa: E402
+from validation_split import token_cache, validation_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/smollm2.toml"
@@ -41,11 +41,6 @@ def distillery_seconds(binary, gguf, windows):
                    check=True, capture_output=True, cwd=ROOT)
     return time.time() - started
 
-
-def token_cache(vocab_size):
-    caches = [path for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens")
-              if json.loads(Path(str(path) + ".json").read_text())["vocab_size"] == vocab_size]
-    return max(caches, key=lambda path: path.stat().st_mtime)
 
 
 def main():

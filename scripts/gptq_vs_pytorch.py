@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validation_split import evaluate_causal_lm, validation_windows  # noqa: E402
+from validation_split import evaluate_causal_lm, token_cache, validation_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/smollm2.toml"
@@ -41,11 +41,6 @@ def distillery(binary, *args):
                             text=True, cwd=ROOT)
     return result.stdout
 
-
-def token_cache(vocab_size):
-    caches = [path for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens")
-              if json.loads(Path(str(path) + ".json").read_text())["vocab_size"] == vocab_size]
-    return max(caches, key=lambda path: path.stat().st_mtime)
 
 
 class Grid:

@@ -7,6 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def token_cache(vocab_size):
+    """The newest Shakespeare token cache made with a tokenizer of `vocab_size` tokens."""
+    caches = [path for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens")
+              if json.loads(Path(str(path) + ".json").read_text())["vocab_size"] == vocab_size]
+    return max(caches, key=lambda path: path.stat().st_mtime)
+
 
 def validation_windows(tokens_path, validation_fraction, seq_len):
     """The validation tail of a token cache (`.tokens` with its `.tokens.json` header) and how
