@@ -42,7 +42,6 @@ def distillery_seconds(binary, gguf, windows):
     return time.time() - started
 
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", required=True)

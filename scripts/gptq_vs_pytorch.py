@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validation_split import evaluate_causal_lm, token_cache, validation_windows  # noqa: E402
+from validation_split import (  # noqa: E402
+    evaluate_causal_lm, read_tokens, token_cache, validation_windows)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/smollm2.toml"
@@ -198,8 +199,7 @@ def main():
         model.eval()
         cache = token_cache(model.config.vocab_size)
         validation, available = validation_windows(cache, 0.1, args.eval_seq_len)
-        tokens = np.fromfile(cache, dtype={2: "<u2", 4: "<u4"}[
-            json.loads(Path(str(cache) + ".json").read_text())["id_bytes"]]).astype(np.int64)
+        tokens = read_tokens(cache)
         train = tokens[:len(tokens) - len(validation)]
         rng = np.random.default_rng(0)
         starts = rng.integers(0, len(train) - args.window_tokens, size=args.windows)

@@ -17,13 +17,19 @@ def token_cache(vocab_size):
     return max(caches, key=lambda path: path.stat().st_mtime)
 
 
-def validation_windows(tokens_path, validation_fraction, seq_len):
-    """The validation tail of a token cache (`.tokens` with its `.tokens.json` header) and how
-    many non-overlapping windows of `seq_len` predicted tokens it holds."""
+def read_tokens(tokens_path):
+    """Every token of a token cache (`.tokens` with its `.tokens.json` header)."""
     header = json.loads(Path(str(tokens_path) + ".json").read_text())
     dtype = {2: "<u2", 4: "<u4"}[header["id_bytes"]]
     tokens = np.fromfile(tokens_path, dtype=dtype).astype(np.int64)
     assert len(tokens) == header["num_tokens"], "the token cache does not match its header"
+    return tokens
+
+
+def validation_windows(tokens_path, validation_fraction, seq_len):
+    """The validation tail of a token cache and how many non-overlapping windows of `seq_len`
+    predicted tokens it holds."""
+    tokens = read_tokens(tokens_path)
     # Rust's f64::round rounds halves away from zero.
     validation_len = int(math.floor(len(tokens) * validation_fraction + 0.5))
     validation = tokens[len(tokens) - validation_len:]
