@@ -365,12 +365,14 @@ pub fn gptq(
             let mut grids: Vec<Option<Grid>> = vec![None; groups * tile_rows];
             if fit_upfront {
                 for group in 0..groups {
-                    for row in 0..tile_rows {
-                        let values: Vec<f32> = group_columns(group, group_size, cols)
-                            .map(|col| incoming[row * cols + col] as f32)
-                            .collect();
-                        grids[group * tile_rows + row] = Some(quant.fit(&values));
-                    }
+                    let columns = group_columns(group, group_size, cols);
+                    fit_rows(
+                        quant,
+                        &incoming,
+                        cols,
+                        columns,
+                        &mut grids[group * tile_rows..],
+                    );
                 }
             }
             let mut w: Vec<f64> = (0..tile_rows * cols)
@@ -448,12 +450,8 @@ fn quantize_tile(
             if let Some(size) = dynamic_groups
                 && position.is_multiple_of(size)
             {
-                for row in 0..tile_rows {
-                    let values: Vec<f32> = group_columns(group, size, cols)
-                        .map(|col| w[row * cols + col] as f32)
-                        .collect();
-                    grids[group * tile_rows + row] = Some(quant.fit(&values));
-                }
+                let columns = group_columns(group, size, cols);
+                fit_rows(quant, w, cols, columns, &mut grids[group * tile_rows..]);
             }
             let factor_row = &factor[position * cols..(position + 1) * cols];
             let diagonal = factor_row[position];
@@ -486,6 +484,20 @@ fn quantize_tile(
         }
     }
     codes
+}
+
+/// The grid of each of a tile's rows (`cols` weights each) over `columns`, into `grids`.
+fn fit_rows(
+    quant: &QuantSettings,
+    weights: &[f64],
+    cols: usize,
+    columns: std::ops::Range<usize>,
+    grids: &mut [Option<Grid>],
+) {
+    for (row, grid) in weights.chunks_exact(cols).zip(grids) {
+        let values: Vec<f32> = row[columns.clone()].iter().map(|&w| w as f32).collect();
+        *grid = Some(quant.fit(&values));
+    }
 }
 
 /// `target -= scale * source`, element by element.
