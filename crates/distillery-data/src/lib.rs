@@ -1,20 +1,20 @@
 //! Text to token windows: tokenizers, the token cache and the seeded window sampler.
 
-mod cache;
 pub mod chat;
 mod corpus;
 #[cfg(test)]
 mod testing;
+mod token_cache;
 mod tokenizer;
 mod windows;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use cache::{
+pub use corpus::{Corpus, CorpusFiles, CorpusFormat, EncodedCorpus};
+pub use token_cache::{
     CacheStatus, TokenCache, TokenCacheHeader, cache_path, load_or_build, read_token_cache,
 };
-pub use corpus::{Corpus, CorpusFiles, CorpusFormat, EncodedCorpus};
 pub use tokenizer::{
     END_OF_TEXT, TOKENIZER_CONFIG_FILE, TextTokenizer, TokenizerSettings, default_tokenizer_path,
     hex_sha256,

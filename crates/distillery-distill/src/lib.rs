@@ -1,11 +1,11 @@
 //! Knowledge distillation: a frozen teacher's temperature-softened predictions teach a smaller
 //! student inside the shared training loop.
 
-pub mod cache;
 pub mod init;
 pub mod losses;
 mod objective;
 pub mod teacher;
+pub mod teacher_cache;
 
 use std::path::PathBuf;
 
@@ -14,7 +14,7 @@ use distillery_train::{
     CheckpointError, RunData, TrainError, TrainOptions, TrainOutcome, device_for, prepare_data,
 };
 
-use crate::cache::{TeacherCacheHeader, TeacherCacheReader};
+use crate::teacher_cache::{TeacherCacheHeader, TeacherCacheReader};
 
 pub use objective::DistillObjective;
 pub use teacher::Teacher;
@@ -93,7 +93,7 @@ fn objective_with_data(
         TeacherSource::Cached => {
             let header = TeacherCacheHeader::for_run(config, data, &teacher);
             Some(TeacherCacheReader::open(
-                &cache::cache_path(config, data, &teacher),
+                &teacher_cache::cache_path(config, data, &teacher),
                 &header,
             )?)
         }
@@ -125,9 +125,9 @@ pub fn write_teacher_cache(
         &device_for(&config.run).map_err(TrainError::from)?,
     )?;
     let header = TeacherCacheHeader::for_run(config, &data, &teacher);
-    let path = cache::cache_path(config, &data, &teacher);
+    let path = teacher_cache::cache_path(config, &data, &teacher);
     let total = header.micro_batches;
-    cache::build(&path, &header, &data, &teacher, &mut |done| {
+    teacher_cache::build(&path, &header, &data, &teacher, &mut |done| {
         progress(done, total)
     })?;
     Ok((path, header))

@@ -10,10 +10,10 @@ use distillery_train::{
 };
 
 use crate::DistillError;
-use crate::cache::TeacherCacheReader;
 use crate::init::student_from_teacher;
 use crate::losses::{distillation_divergence, distillation_loss, divergence_of_log_probs, mix};
 use crate::teacher::Teacher;
+use crate::teacher_cache::TeacherCacheReader;
 
 pub struct DistillObjective {
     /// Validates, and teaches when no cache is given.

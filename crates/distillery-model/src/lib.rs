@@ -2,20 +2,20 @@
 //!
 //! No file or network I/O lives here; formats and checkpoints map onto these modules elsewhere.
 
-mod cache;
 mod config;
 pub mod generate;
+mod kv_cache;
 mod llama;
 mod matrices;
 pub mod rope;
 mod speculative;
 
-pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{
     Generation, GenerationConfig, SamplingConfig, StopReason, generate, generate_batch,
     generate_streaming,
 };
+pub use kv_cache::KvCache;
 pub use llama::{
     Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,
     Weight, in_out_weight,

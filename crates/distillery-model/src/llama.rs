@@ -19,7 +19,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::cache::{LayerCache, LayerKv};
+use crate::kv_cache::{LayerCache, LayerKv};
 use crate::rope::RotaryTables;
 use crate::{KvCache, LayerMatrix, LlamaConfig, ModelError};
 

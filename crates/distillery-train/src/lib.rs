@@ -9,7 +9,7 @@ mod eval;
 pub mod loss;
 mod metrics;
 pub mod optim;
-mod report;
+mod progress;
 pub mod schedule;
 pub mod seeds;
 mod trainer;

@@ -18,7 +18,7 @@ use crate::eval::{EvalMetrics, batch_mask, batch_tensors, evaluate};
 use crate::loss::cross_entropy;
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWSettings};
-use crate::report::{Reporter, StepReport};
+use crate::progress::{Reporter, StepReport};
 use crate::schedule::LrSchedule;
 use crate::seeds::{Stream, derive_seed};
 use crate::{RunData, TrainError, device_for, prepare_data};
