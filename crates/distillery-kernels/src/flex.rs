@@ -330,6 +330,7 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
     let runs = inputs.div_ceil(PRODUCT_ROWS);
     // Run by run, each row's partial sums.
     let mut partials = vec![0.0f32; runs * rows * outputs];
+    let run_weights: Vec<&[f32]> = weight.chunks(PRODUCT_ROWS * outputs).collect();
     partials
         .par_chunks_mut(rows * outputs)
         .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
@@ -347,7 +348,8 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                     .copied()
                     .collect()
             };
-            rows::rows_times_rows(&x, length, weight, partial);
+            let next = run_weights.get(run + 1).copied().unwrap_or_default();
+            rows::rows_times_rows(&x, length, weight, next, partial);
         });
     let mut out = partials[..rows * outputs].to_vec();
     for partial in partials.chunks_exact(rows * outputs).skip(1) {

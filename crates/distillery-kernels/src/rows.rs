@@ -834,26 +834,49 @@ const COLUMN_BLOCK: usize = 16;
 
 /// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
 /// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
-/// once, front to back, which streams it from memory; the others then meet it in cache, a
-/// block of columns at a time whose sums for every row stay in registers. Each sum adds its
-/// products in weight-row order, with plain multiplies and adds (no fused multiply-add): the
-/// same bits on every instruction set, for any number of rows.
-pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], out: &mut [f32]) {
+/// once, front to back; the others then meet it in cache, a block of columns at a time whose
+/// sums for every row stay in registers, and meanwhile ask for `next` (the weight rows read
+/// after these, or nothing) to be brought into cache: memory keeps streaming while they
+/// compute, and the next first row finds its weights in cache. Each sum adds its products in
+/// weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
+/// every instruction set, for any number of rows.
+pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out: &mut [f32]) {
     let width = weight.len() / run.max(1);
     let (first, others) = x.split_at(run.min(x.len()));
     let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
     row_times_rows(first, weight, first_out);
     match others.len() / run.max(1) {
         0 => {}
-        1 => rows_times_rows_of::<1>(others, run, weight, others_out),
-        2 => rows_times_rows_of::<2>(others, run, weight, others_out),
-        3 => rows_times_rows_of::<3>(others, run, weight, others_out),
-        4 => rows_times_rows_of::<4>(others, run, weight, others_out),
-        5 => rows_times_rows_of::<5>(others, run, weight, others_out),
-        6 => rows_times_rows_of::<6>(others, run, weight, others_out),
-        7 => rows_times_rows_of::<7>(others, run, weight, others_out),
+        1 => rows_times_rows_of::<1>(others, run, weight, next, others_out),
+        2 => rows_times_rows_of::<2>(others, run, weight, next, others_out),
+        3 => rows_times_rows_of::<3>(others, run, weight, next, others_out),
+        4 => rows_times_rows_of::<4>(others, run, weight, next, others_out),
+        5 => rows_times_rows_of::<5>(others, run, weight, next, others_out),
+        6 => rows_times_rows_of::<6>(others, run, weight, next, others_out),
+        7 => rows_times_rows_of::<7>(others, run, weight, next, others_out),
         rows => panic!("{} rows: rows_times_rows takes 1 to 8", rows + 1),
     }
+}
+
+/// Floats in a cache line.
+const LINE_FLOATS: usize = 16;
+
+/// Asks the core to bring the cache line holding `values[at]` into its L2 cache, where a later
+/// read finds it; nothing when `at` is past the end.
+#[inline(always)]
+fn prefetch(values: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(value) = values.get(at) {
+        // SAFETY: a prefetch only hints at an address, here one inside `values`; it reads
+        // nothing into the program and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                (value as *const f32).cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, at);
 }
 
 /// `x W` for one row, front to back through the weight.
@@ -869,13 +892,23 @@ fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn rows_times_rows_of<const ROWS: usize>(x: &[f32], run: usize, weight: &[f32], out: &mut [f32]) {
+fn rows_times_rows_of<const ROWS: usize>(
+    x: &[f32],
+    run: usize,
+    weight: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+) {
     let width = out.len() / ROWS;
     assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
     let blocks = width / COLUMN_BLOCK * COLUMN_BLOCK;
+    // One line of `next` per weight row met: as many lines as the run has, spread over it.
+    let mut line = 0;
     for start in (0..blocks).step_by(COLUMN_BLOCK) {
         let mut sums = [[0.0f32; COLUMN_BLOCK]; ROWS];
         for (index, row) in weight.chunks_exact(width).enumerate() {
+            prefetch(next, line * LINE_FLOATS);
+            line += 1;
             let weights: &[f32; COLUMN_BLOCK] = row[start..start + COLUMN_BLOCK]
                 .try_into()
                 .expect("a whole block");
