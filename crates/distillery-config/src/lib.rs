@@ -48,6 +48,14 @@ pub enum ConfigError {
     },
 }
 
+/// A `model.vocab_size` below the tokenizer's vocabulary: some token ids would have no row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("model.vocab_size = {vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens")]
+pub struct VocabularyTooSmall {
+    pub vocab_size: usize,
+    pub tokenizer_vocab: usize,
+}
+
 /// What a pretrained model's file (`model.from`) says about the run: its architecture and where
 /// its tokenizer lies as a `tokenizer.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -722,12 +730,13 @@ fn model_config(model: &ModelSection, vocab_size: usize) -> Option<LlamaConfig> 
 impl ExperimentConfig {
     /// The model architecture for a tokenizer of `tokenizer_vocab` tokens. An explicit
     /// `model.vocab_size` may pad the vocabulary beyond the tokenizer's, never shrink it.
-    pub fn llama_config(&self, tokenizer_vocab: usize) -> Result<LlamaConfig, String> {
+    pub fn llama_config(&self, tokenizer_vocab: usize) -> Result<LlamaConfig, VocabularyTooSmall> {
         let vocab_size = match self.model.vocab_size {
             Some(size) if size < tokenizer_vocab => {
-                return Err(format!(
-                    "model.vocab_size = {size} is smaller than the tokenizer's {tokenizer_vocab} tokens"
-                ));
+                return Err(VocabularyTooSmall {
+                    vocab_size: size,
+                    tokenizer_vocab,
+                });
             }
             Some(size) => size,
             None => tokenizer_vocab,

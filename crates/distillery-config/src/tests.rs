@@ -174,7 +174,13 @@ fn sequence_must_fit_the_context() {
 #[test]
 fn vocabulary_cannot_be_smaller_than_the_tokenizer() {
     let config = parse(MINIMAL, "test.toml", &["model.vocab_size=100".into()]).unwrap();
-    assert!(config.llama_config(2048).unwrap_err().contains("2048"));
+    assert_eq!(
+        config.llama_config(2048).unwrap_err(),
+        VocabularyTooSmall {
+            vocab_size: 100,
+            tokenizer_vocab: 2048
+        }
+    );
 }
 
 #[test]

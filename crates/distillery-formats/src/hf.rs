@@ -110,11 +110,8 @@ fn read_config_file(dir: &Path, quantized: bool) -> Result<LlamaConfig, HfError>
     parse_config_of(&json, quantized).map_err(|message| error(&path, message))
 }
 
-/// The architecture a `config.json` describes; the message names the key at fault.
-pub fn parse_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
-    parse_config_of(json, false)
-}
-
+/// The architecture a `config.json` describes (of a quantized model when `quantized`); the
+/// message names the key at fault.
 fn parse_config_of(json: &serde_json::Value, quantized: bool) -> Result<LlamaConfig, String> {
     let Some(fields) = json.as_object() else {
         return Err("is not a JSON object".into());
@@ -707,6 +704,11 @@ mod tests {
     use burn::tensor::{Int, TensorData};
 
     use super::*;
+
+    /// The architecture of an unquantized model's `config.json`.
+    fn parse_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
+        parse_config_of(json, false)
+    }
 
     fn shape(tied: bool) -> LlamaConfig {
         LlamaConfig {

@@ -83,7 +83,7 @@ pub fn read_source(path: &Path) -> Result<PretrainedSource, SourceError> {
 }
 
 /// Writes the tokenizer of a GGUF file into `dir`, unless the same files are already there.
-pub fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<(), String> {
+fn write_tokenizer(file: &GgufFile, dir: &Path) -> Result<(), String> {
     let files = gguf::tokenizer_from_gguf(file).map_err(|e| e.to_string())?;
     let pretty = |json: &serde_json::Value| {
         serde_json::to_string_pretty(json)

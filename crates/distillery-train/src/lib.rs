@@ -93,9 +93,9 @@ pub fn prepare_data(config: &ExperimentConfig) -> Result<RunData, TrainError> {
     )?;
     let llama = config
         .llama_config(tokenizer.vocab_size())
-        .map_err(|message| TrainError::Config {
+        .map_err(|error| TrainError::Config {
             origin: config.data.tokenizer.display().to_string(),
-            message,
+            message: error.to_string(),
         })?;
     Ok(RunData {
         tokenizer,
