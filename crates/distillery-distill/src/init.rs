@@ -15,7 +15,7 @@ pub fn default_teacher_layers(teacher_layers: usize, student_layers: usize) -> V
 
 /// Checks that a student of shape `student` can take `layers` from a teacher of shape
 /// `teacher`; the error names what differs.
-pub fn check_from_teacher(
+pub(crate) fn check_from_teacher(
     student: &LlamaConfig,
     teacher: &LlamaConfig,
     layers: &[usize],
