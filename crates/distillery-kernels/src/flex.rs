@@ -330,13 +330,12 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
     let runs = inputs.div_ceil(PRODUCT_ROWS);
     // Run by run, each row's partial sums.
     let mut partials = vec![0.0f32; runs * rows * outputs];
-    let run_weights: Vec<&[f32]> = weight.chunks(PRODUCT_ROWS * outputs).collect();
     partials
         .par_chunks_mut(rows * outputs)
         .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
         .enumerate()
-        .for_each(|(run, (partial, weight))| {
-            let length = weight.len() / outputs;
+        .for_each(|(run, (partial, run_weight))| {
+            let length = run_weight.len() / outputs;
             let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + length;
             // Each row's columns of this run, side by side; a decode step's single row is
             // already that.
@@ -348,8 +347,12 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                     .copied()
                     .collect()
             };
-            let next = run_weights.get(run + 1).copied().unwrap_or_default();
-            rows::rows_times_rows(&x, length, weight, next, partial);
+            // The weight rows of the next run, which this run's other rows prefetch.
+            let next = weight
+                .get((run + 1) * PRODUCT_ROWS * outputs..)
+                .unwrap_or_default();
+            let next = &next[..next.len().min(PRODUCT_ROWS * outputs)];
+            rows::rows_times_rows(&x, length, run_weight, next, partial);
         });
     let mut out = partials[..rows * outputs].to_vec();
     for partial in partials.chunks_exact(rows * outputs).skip(1) {

@@ -477,7 +477,8 @@ fn dropout_gradient_uses_the_forward_mask() {
 
 /// A few rows times a weight, and times a transposed table (a tied output head), equal burn's
 /// product, with bits that depend neither on the thread count (1 or 3 workers) nor on the
-/// other rows: each of eight rows (the first and two groups after it) gets what it gets alone.
+/// other rows: each of eight rows (the first, which streams the weight, and the seven that meet
+/// it in cache) gets what it gets alone.
 #[test]
 fn a_few_rows_times_a_matrix_match_the_product_on_any_thread_count() {
     let device = Device::flex();
