@@ -24,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from validation_split import token_cache  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "target/release/distillery"
 BENCH = ROOT / "models/bench"
@@ -93,16 +96,6 @@ def prepare():
         ("SmolLM2-135M", SMOLLM2_CONFIG, smollm2, {}),
         ("decode-bench-30m", SMALL_CONFIG, small_gguf, small),
     ]
-
-
-def token_cache(vocab_size, tokenizer_sha256=None):
-    """The corpus's token cache that `distillery bench generate` wrote for a tokenizer: the one
-    of that sha256 (as distillery records it) or, without one, the one of that vocabulary."""
-    for meta in sorted(ROOT.glob("datasets/tinyshakespeare.txt.*.tokens.json")):
-        fields = json.loads(meta.read_text())
-        if fields["vocab_size"] == vocab_size and tokenizer_sha256 in (None, fields["tokenizer_sha256"]):
-            return meta.with_suffix("")
-    sys.exit(f"no token cache of a {vocab_size}-token vocabulary; run `distillery bench generate` once")
 
 
 def distillery_speeds(config, models, family, prompt_tokens, new_tokens, runs):

@@ -42,7 +42,6 @@ def distillery(binary, *args):
     return result.stdout, time.time() - started
 
 
-
 def llama_cpp_windows(gguf, validation, windows, seq_len, **settings):
     from llama_cpp import Llama
     llm = Llama(model_path=str(gguf), n_ctx=seq_len + 1, n_batch=seq_len + 1, logits_all=True,

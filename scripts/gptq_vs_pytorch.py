@@ -43,7 +43,6 @@ def distillery(binary, *args):
     return result.stdout
 
 
-
 class Grid:
     """Per-row grids of `bits` bits over a block of columns: symmetric around zero, or spanning
     each row's range; zero is always a grid point."""

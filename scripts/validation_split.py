@@ -3,6 +3,7 @@ files against `distillery eval`."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def token_cache(vocab_size):
-    """The newest Shakespeare token cache made with a tokenizer of `vocab_size` tokens."""
-    caches = [path for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens")
-              if json.loads(Path(str(path) + ".json").read_text())["vocab_size"] == vocab_size]
+def token_cache(vocab_size, tokenizer_sha256=None):
+    """The newest Shakespeare token cache that distillery wrote for a tokenizer of `vocab_size`
+    tokens (and of that sha256, as distillery records it, when one is given)."""
+    caches = []
+    for path in ROOT.glob("datasets/tinyshakespeare.txt.*.tokens"):
+        header = json.loads(Path(str(path) + ".json").read_text())
+        if header["vocab_size"] == vocab_size and tokenizer_sha256 in (None, header["tokenizer_sha256"]):
+            caches.append(path)
+    if not caches:
+        sys.exit(f"no token cache of a {vocab_size}-token vocabulary; run `distillery bench generate` once")
     return max(caches, key=lambda path: path.stat().st_mtime)
 
 
