@@ -1,5 +1,84 @@
 //! `distillery cost`: what serving a model costs on hardware rented by the hour, against an API
-//! priced per token. Pure arithmetic on stated assumptions, each printed with the result.
+//! priced per token. Pure arithmetic on stated assumptions, each printed with the result; the
+//! throughput is given or measured here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::{ConfigArgs, decode_bench, models};
+
+#[derive(clap::Args)]
+pub struct CostArgs {
+    /// The experiment config; needed with --measure.
+    config: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Measure the decode throughput of this model (as `bench generate` does).
+    #[arg(long, value_name = "MODEL", conflicts_with = "tokens_per_sec")]
+    measure: Option<PathBuf>,
+    /// Measure the model decoding with this draft (speculative decoding).
+    #[command(flatten)]
+    draft: models::DraftArgs,
+    /// Measure the model decoding this many prompts as one batch: an instance's total
+    /// throughput.
+    #[arg(long, requires = "measure", conflicts_with = "draft")]
+    batch: Option<usize>,
+    /// Generated tokens per second of one instance, when not measured.
+    #[arg(long)]
+    tokens_per_sec: Option<f64>,
+    /// Rent of one instance per hour.
+    #[arg(long)]
+    hardware_per_hour: f64,
+    /// Share of the time an instance spends generating.
+    #[arg(long, default_value_t = 0.5)]
+    utilization: f64,
+    #[arg(long)]
+    tokens_per_day: f64,
+    /// The API's price per million generated tokens.
+    #[arg(long)]
+    api_per_million: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: CostArgs) -> anyhow::Result<ExitCode> {
+    let (tokens_per_sec, source) = match (args.measure, args.tokens_per_sec) {
+        (Some(model), _) => {
+            let Some(config) = args.config else {
+                anyhow::bail!("--measure needs the experiment config");
+            };
+            let config = ConfigArgs::new(config, args.overrides).load()?;
+            decode_bench::measure_throughput(&config, &model, &args.draft, args.batch)?
+        }
+        (None, Some(tokens_per_sec)) => {
+            anyhow::ensure!(
+                args.draft.draft.is_none(),
+                "--draft is measured: give --measure MODEL instead of --tokens-per-sec"
+            );
+            (tokens_per_sec, "given".to_string())
+        }
+        (None, None) => anyhow::bail!("give --tokens-per-sec, or --measure MODEL"),
+    };
+    let inputs = CostInputs {
+        tokens_per_sec,
+        hardware_per_hour: args.hardware_per_hour,
+        utilization: args.utilization,
+        tokens_per_day: args.tokens_per_day,
+        api_per_million: args.api_per_million,
+    };
+    let estimate = estimate(&inputs).map_err(|message| anyhow::anyhow!(message))?;
+    if args.json {
+        let report = serde_json::json!({
+            "assumptions": inputs,
+            "throughput_source": source,
+            "estimate": estimate,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", describe(&inputs, &estimate, &source));
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// The assumptions of a cost estimate.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

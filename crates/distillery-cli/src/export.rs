@@ -2,14 +2,77 @@
 //! section lists.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use distillery_config::{ExperimentConfig, ExportFormatName, GgufTypeName};
 use distillery_data::TextTokenizer;
+use distillery_formats::gguf;
 use distillery_formats::quantized::{QuantizedFolder, save};
-use distillery_quant::{GgmlType, QuantizedWeight};
+use distillery_quant::GgmlType;
 
-use crate::models::{LoadedModel, ModelKind};
+use crate::models::{self, LoadedModel, ModelKind};
+use crate::{ConfigArgs, parse_export_format, parse_gguf_type};
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The experiment config (TOML); without it, the config the checkpoint was trained with
+    /// (its run.toml, or for a quantized folder, its source checkpoint's).
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set export.gguf_types='["q4_0"]' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// A checkpoint directory, a run directory (its best checkpoint), a quantized model
+    /// folder or a GGUF file.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// hf (a Hugging Face Llama folder), gguf (a file for llama.cpp, the tokenizer
+    /// embedded) or gptq (a GPTQ folder of a model `distillery quantize` made).
+    #[arg(long, value_parser = parse_export_format)]
+    format: Option<ExportFormatName>,
+    /// How GGUF stores the weight matrices: f32, f16, q8_0 or q4_0.
+    #[arg(long = "type", value_parser = parse_gguf_type, default_value = "f32")]
+    gguf_type: GgufTypeName,
+    /// The folder (hf, gptq) or file (gguf) to create.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let config_path = match (args.config, &args.checkpoint) {
+        (Some(config), _) => config,
+        (None, Some(checkpoint)) => recorded_config(checkpoint)?,
+        (None, None) => {
+            anyhow::bail!("give the experiment config, or --checkpoint with --format and --out")
+        }
+    };
+    let config = ConfigArgs::new(config_path, args.overrides).load()?;
+    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+    let jobs = match (args.format, args.checkpoint, args.out) {
+        (Some(format), Some(checkpoint), Some(out)) => vec![ExportJob {
+            source: checkpoint,
+            format,
+            gguf_type: args.gguf_type,
+            out,
+            replace: false,
+        }],
+        (None, None, None) => configured_jobs(&config)?,
+        _ => anyhow::bail!(
+            "give --checkpoint, --format and --out together, or none of them to export as the \
+             config's [export] section says"
+        ),
+    };
+    for job in &jobs {
+        let loaded = models::load_model(&config, &job.source, &tokenizer)?;
+        let description = export(&config, &tokenizer, &loaded, job)?;
+        println!(
+            "wrote {} ({description}) from {}",
+            job.out.display(),
+            loaded.describe()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 pub struct ExportJob {
     pub source: PathBuf,
@@ -175,51 +238,11 @@ pub fn export(
                 GgufTypeName::Q8_0 => (GgmlType::Q8_0, "GGUF, Q8_0 weight matrices"),
                 GgufTypeName::Q4_0 => (GgmlType::Q4_0, "GGUF, Q4_0 weight matrices"),
             };
-            if let Some(note) = requantization_note(model, kind) {
+            if let Some(note) = gguf::requantization_note(model, kind) {
                 eprintln!("{note}");
             }
-            if out.exists() && !job.replace {
-                anyhow::bail!("{}: already exists; choose another file", out.display());
-            }
-            let (metadata, tensors) = distillery_formats::gguf::llama_contents(
-                model,
-                &config.run.name,
-                &vocabulary,
-                kind,
-            )?;
-            distillery_data::write_atomically(
-                out,
-                &distillery_formats::gguf::write(&metadata, &tensors)?,
-            )?;
+            gguf::export(model, &config.run.name, &vocabulary, kind, out, job.replace)?;
             description
         }
-    })
-}
-
-/// What happens to a quantized model's matrices in a GGUF file of `kind` blocks.
-fn requantization_note(model: &distillery_model::Llama, kind: GgmlType) -> Option<String> {
-    let quantized: Vec<&QuantizedWeight> = model
-        .linears()
-        .into_iter()
-        .filter_map(|(_, linear)| linear.quantized_weight())
-        .chain(model.quantized_embedding())
-        .collect();
-    if quantized.is_empty() || kind == GgmlType::F32 {
-        return None;
-    }
-    let unchanged = quantized.iter().all(|matrix| match matrix {
-        QuantizedWeight::Blocks(blocks) => blocks.kind() == kind,
-        QuantizedWeight::Packed(packed) => {
-            kind == GgmlType::Q8_0 && packed.is_int8_in_groups_of(GgmlType::Q8_0.block_values())
-        }
-    });
-    Some(if unchanged {
-        format!("the quantized matrices map onto {kind} blocks unchanged")
-    } else {
-        format!(
-            "the quantized matrices are requantized to {kind} from their dequantized weights \
-             (matrices already in {kind} blocks, and int8 with group_size = 32 for Q8_0, keep \
-             their codes)"
-        )
     })
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -14,7 +15,7 @@ use distillery_train::checkpoint::{latest_checkpoint, read_progress};
 use distillery_train::{NextTokenObjective, Resume, TrainOptions, TrainOutcome};
 use serde::{Deserialize, Serialize};
 
-use crate::{decode_bench, export, models};
+use crate::{EXIT_INTERRUPTED, decode_bench, export, interrupt_flag, models, report};
 
 const STATE_FILE: &str = "pipeline.json";
 
@@ -24,7 +25,7 @@ struct PipelineState {
     completed: BTreeMap<String, String>,
 }
 
-pub enum PipelineOutcome {
+enum PipelineOutcome {
     Completed,
     /// A training stage saved a checkpoint and stopped on Ctrl-C.
     Interrupted {
@@ -39,11 +40,60 @@ struct Stage<'a> {
     fingerprint: String,
 }
 
+#[derive(clap::Args)]
+pub struct PipelineArgs {
+    /// The pipeline config (TOML).
+    config: PathBuf,
+    /// Override a key of every stage's experiment config, after the stage's own `set`, e.g.
+    /// --set run.backend=wgpu (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl PipelineArgs {
+    pub fn load(&self) -> Result<PipelineConfig, ConfigError> {
+        let mut pipeline = distillery_config::load_pipeline(&self.config)?;
+        for stage in &mut pipeline.stages {
+            stage.set.extend(self.overrides.iter().cloned());
+        }
+        Ok(pipeline)
+    }
+}
+
+/// `distillery pipeline`: the stages, then the report when the config asks for one.
+pub fn run_command(args: PipelineArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = args.load()?;
+    let started = std::time::Instant::now();
+    match run(&pipeline, interrupt_flag()?)? {
+        PipelineOutcome::Completed => {
+            if let Some(report_dir) = &pipeline.pipeline.report_dir {
+                let dir = report::write_report(&pipeline, report_dir)?;
+                eprintln!("report: {}", dir.join("report.ipynb").display());
+            }
+            println!(
+                "pipeline {} complete in {:.0} s; tables in {}",
+                pipeline.pipeline.name,
+                started.elapsed().as_secs_f64(),
+                pipeline
+                    .pipeline
+                    .experiment_dir
+                    .join(&pipeline.pipeline.name)
+                    .display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PipelineOutcome::Interrupted { stage } => {
+            eprintln!(
+                "interrupted in stage {stage}: its checkpoint is saved; run the pipeline again to \
+                 continue"
+            );
+            Ok(ExitCode::from(EXIT_INTERRUPTED))
+        }
+    }
+}
+
 /// Runs every stage of `pipeline` in order.
-pub fn run(
-    pipeline: &PipelineConfig,
-    interrupt: Arc<AtomicBool>,
-) -> anyhow::Result<PipelineOutcome> {
+fn run(pipeline: &PipelineConfig, interrupt: Arc<AtomicBool>) -> anyhow::Result<PipelineOutcome> {
     let dir = pipeline
         .pipeline
         .experiment_dir
@@ -168,7 +218,7 @@ fn run_stage(
                     model: None,
                 });
             }
-            let written = crate::write_teacher_cache(config, &stage.origin)?;
+            let written = crate::training::write_teacher_cache(config, &stage.origin)?;
             let record = TeacherCacheRecord {
                 path: written.path,
                 bytes: written.bytes,

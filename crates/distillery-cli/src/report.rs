@@ -3,18 +3,38 @@
 //! export stage's files, and a cost estimate from the measured speed.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use distillery_config::{DistillConfig, ExperimentConfig, PipelineConfig, StageConfig, StageKind};
 use distillery_report::{ModelSummary, Report, RunCurves};
 
 use crate::cost;
+use crate::pipeline::PipelineArgs;
 
 /// Assumptions of the report's cost section: a small cloud CPU instance against a budget API.
 const HARDWARE_PER_HOUR: f64 = 0.05;
 const UTILIZATION: f64 = 0.5;
 const TOKENS_PER_DAY: f64 = 5e7;
 const API_PER_MILLION: f64 = 0.15;
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    config: PipelineArgs,
+    #[arg(long, default_value = "notebooks-export")]
+    out: PathBuf,
+}
+
+pub fn run_command(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = args.config.load()?;
+    let dir = write_report(&pipeline, &args.out)?;
+    println!(
+        "wrote {} (report.md, report.ipynb and the figures)",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
 
 pub fn write_report(pipeline: &PipelineConfig, out_root: &Path) -> anyhow::Result<PathBuf> {
     let name = &pipeline.pipeline.name;

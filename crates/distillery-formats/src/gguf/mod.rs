@@ -2,6 +2,7 @@
 //! distillery's model, and the tokenizer the file carries.
 
 mod container;
+mod export;
 mod llama;
 mod vocab;
 
@@ -9,6 +10,7 @@ pub use container::{
     ALIGNMENT, Array, GgufError, GgufFile, GgufTensor, TensorData, TensorInfo, Value, read,
     read_metadata, write,
 };
+pub use export::{GgufExportError, export, requantization_note};
 pub use llama::{
     GgufContents, GgufModelError, architecture, gguf_name, hf_name_of, import, llama_contents,
 };
