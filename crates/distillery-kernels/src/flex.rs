@@ -85,6 +85,8 @@ pub fn cross_entropy(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, 
     )
 }
 
+/// The gradient `[rows, vocab]` of [`cross_entropy`]'s losses with respect to the logits, from
+/// the losses' gradient `[rows]` and the log-sum-exps `[rows]` the forward pass returned.
 pub fn cross_entropy_backward(
     logits: &FlexTensor,
     targets: &FlexTensor,
@@ -817,6 +819,8 @@ pub fn forward_kl(
     )
 }
 
+/// The gradient `[rows, vocab]` of [`forward_kl`]'s losses with respect to the student's
+/// logits, from the losses' gradient `[rows]` and both log-sum-exps `[rows]`.
 pub fn forward_kl_backward(
     student: &FlexTensor,
     teacher: &FlexTensor,
@@ -905,6 +909,8 @@ pub fn sparse_forward_kl(
     )
 }
 
+/// The gradient `[rows, vocab]` of [`sparse_forward_kl`]'s losses with respect to the student's
+/// logits, from the losses' gradient `[rows]` and the two log-sum-exps `[rows]` it returned.
 pub fn sparse_forward_kl_backward(
     student: &FlexTensor,
     ids: &FlexTensor,

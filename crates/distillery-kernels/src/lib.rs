@@ -180,7 +180,9 @@ pub fn coarse_log_probs(student: Tensor<2>, ids: Tensor<2, Int>, temperature: f6
     } else {
         ids.inner()
     };
+    // [rows, vocab]
     let log_q = log_softmax(student.div_scalar(temperature), 1);
+    // [rows, vocab], true at the cached ids
     let cached = Tensor::<2>::zeros([rows, vocab], &device)
         .scatter(
             1,
@@ -191,8 +193,11 @@ pub fn coarse_log_probs(student: Tensor<2>, ids: Tensor<2, Int>, temperature: f6
         .equal_elem(1.0);
     // A finite fill keeps a row whose ids cover the vocabulary free of NaN.
     let rest = log_q.clone().mask_fill(cached, -1e9);
+    // [rows, 1]
     let max = rest.clone().max_dim(1).detach();
+    // [rows, 1]
     let rest = max.clone() + (rest - max).exp().sum_dim(1).log();
+    // [rows, k] and [rows, 1] -> [rows, k + 1]
     Tensor::cat(vec![log_q.gather(1, ids), rest], 1)
 }
 
@@ -331,15 +336,21 @@ pub mod composed {
 
     pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
         let rows = targets.dims()[0];
+        // [rows, vocab] -> [rows, 1]
         let picked = log_softmax(logits, 1).gather(1, targets.reshape([rows, 1]));
+        // [rows]
         picked.reshape([rows]).neg()
     }
 
     pub fn forward_kl_rows(student: Tensor<2>, teacher: Tensor<2>, temperature: f64) -> Tensor<1> {
         let rows = student.dims()[0];
+        // [rows, vocab]
         let student = log_softmax(student.div_scalar(temperature), 1);
+        // [rows, vocab]
         let teacher = log_softmax(teacher.detach().div_scalar(temperature), 1);
+        // [rows, 1]
         let kl = teacher.clone().exp().mul(teacher.sub(student)).sum_dim(1);
+        // [rows]
         kl.reshape([rows]).mul_scalar(temperature * temperature)
     }
 
@@ -350,9 +361,13 @@ pub mod composed {
         temperature: f64,
     ) -> Tensor<1> {
         let rows = student.dims()[0];
+        // [rows, k + 1]
         let student = coarse_log_probs(student, ids, temperature);
+        // [rows, k + 1]
         let teacher = teacher.detach();
+        // [rows, 1]
         let kl = teacher.clone().exp().mul(teacher.sub(student)).sum_dim(1);
+        // [rows]
         kl.reshape([rows]).mul_scalar(temperature * temperature)
     }
 
@@ -373,11 +388,14 @@ pub mod composed {
     }
 
     pub fn causal_attention(query: Tensor<4>, key: Tensor<4>, value: Tensor<4>) -> Tensor<4> {
+        // query [batch, heads, queries, head_dim]; key, value [batch, kv_heads, keys, head_dim]
         let groups = query.dims()[1] / key.dims()[1];
         let options = AttentionModuleOptions {
             is_causal: true,
             ..Default::default()
         };
+        // key, value repeated to [batch, heads, keys, head_dim]; the result
+        // [batch, heads, queries, head_dim]
         attention(
             query,
             repeat_kv(key, groups),
@@ -392,8 +410,11 @@ pub mod composed {
         let [_, _, seq, head_dim] = x.dims();
         let half = head_dim / 2;
         let positions = start..start + seq;
+        // [1, 1, seq, head_dim]
         let cos = cos.slice([positions.clone()]).unsqueeze::<4>();
+        // [1, 1, seq, head_dim]
         let sin = sin_signed.slice([positions]).unsqueeze::<4>();
+        // [batch, heads, seq, head_dim], the two halves exchanged
         let swapped = Tensor::cat(
             vec![
                 x.clone().narrow(3, half, half),

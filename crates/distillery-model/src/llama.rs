@@ -969,10 +969,15 @@ impl Attention {
                 .reshape([batch, seq, count, self.head_dim])
                 .swap_dims(1, 2)
         };
+        // [batch, seq, hidden] -> [batch, seq, heads * head_dim] and twice
+        // [batch, seq, kv_heads * head_dim]
         let [query, key, value] =
             Linear::forward_together([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        // [batch, heads, seq, head_dim]
         let query = heads(query, self.num_heads);
+        // [batch, kv_heads, seq, head_dim]
         let key = heads(key, self.num_kv_heads);
+        // [batch, kv_heads, seq, head_dim]
         let value = heads(value, self.num_kv_heads);
         // [batch, heads, seq, head_dim]
         let attended = match kv {
@@ -991,6 +996,7 @@ impl Attention {
                 Tensor::cat(rows, 0)
             }
         };
+        // [batch, seq, heads * head_dim]
         attended
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim])
@@ -1007,7 +1013,9 @@ fn attend_after(
     value: Tensor<4>,
 ) -> Tensor<4> {
     let start = cache.len();
+    // [batch, kv_heads, start + seq, head_dim] each: the history and the new positions
     let (key, value) = cache.append(rope.apply(key, start), value);
+    // [batch, heads, seq, head_dim]
     causal_attention(rope.apply(query, start), key, value)
 }
 
@@ -1018,7 +1026,9 @@ impl Mlp {
 
     /// `silu(gate(x)) * up(x)`: the input of `down_proj`.
     pub fn gated(&self, x: Tensor<3>) -> Tensor<3> {
+        // [batch, seq, hidden] -> [batch, seq, intermediate] twice
         let [gate, up] = Linear::forward_together([&self.gate_proj, &self.up_proj], x);
+        // [batch, seq, intermediate]
         swiglu(gate, up)
     }
 }
