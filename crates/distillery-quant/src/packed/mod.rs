@@ -1,0 +1,333 @@
+//! Quantized weight matrices in the form layers compute with: their storage here, their
+//! products with float inputs and their GPTQ file layout in the submodules.
+//!
+//! In memory each output channel's codes form one little-endian bit stream along the input
+//! dimension (see [`crate::pack`]), kept as bytes, so a channel decodes from contiguous bytes.
+//! GPTQ files hold the same streams transposed: `qweight[word, out]`, zeros packed along the
+//! output dimension, f16 scales, and the group of every input column.
+
+mod gptq_layout;
+mod products;
+#[cfg(test)]
+mod tests;
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use crate::gptq::QuantizedMatrix;
+use crate::pack::{code_at, pack_bits};
+
+pub use gptq_layout::GptqTensors;
+
+/// A `rows x cols` (output x input) quantized matrix: `w = scale * (code - zero)` with one
+/// scale and zero per output channel and group of input columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMatrix {
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    groups: usize,
+    /// Whole 32-bit words' worth of bytes per channel, as GPTQ files pack them.
+    bytes_per_row: usize,
+    /// `rows x bytes_per_row`.
+    stream: Vec<u8>,
+    /// `rows x groups`.
+    scales: Vec<f32>,
+    /// `rows x groups`.
+    zeros: Vec<u8>,
+    /// The group of each input column.
+    group_index: Vec<u32>,
+    /// When the columns' groups are scattered (act-order), the codes are stored with columns
+    /// sorted by group, so each group is again one run of consecutive codes and the fast
+    /// products apply: stored position `k` holds column `order[k]`. Products permute their
+    /// inputs the same way; rows and files come back in column order.
+    order: Option<Vec<u32>>,
+    /// When every group is one run of consecutive stored codes of one length (the last may be
+    /// shorter), the run's length: found once, used by every product.
+    run_size: Option<usize>,
+}
+
+impl PackedMatrix {
+    pub fn from_quantized(matrix: &QuantizedMatrix) -> Self {
+        let (rows, cols, bits) = (matrix.rows, matrix.cols, matrix.bits);
+        let groups = matrix.groups();
+        let bytes_per_row = 4 * (cols * bits as usize).div_ceil(32);
+        let mut stream = Vec::with_capacity(rows * bytes_per_row);
+        let mut scales = vec![0.0; rows * groups];
+        let mut zeros = vec![0; rows * groups];
+        for row in 0..rows {
+            let codes: Vec<u32> = matrix.codes[row * cols..(row + 1) * cols]
+                .iter()
+                .map(|&code| u32::from(code))
+                .collect();
+            stream.extend(
+                pack_bits(&codes, bits)
+                    .into_iter()
+                    .flat_map(u32::to_le_bytes),
+            );
+            for group in 0..groups {
+                let grid = matrix.grids[group * rows + row];
+                scales[row * groups + group] = grid.scale;
+                zeros[row * groups + group] = grid.zero as u8;
+            }
+        }
+        Self {
+            rows,
+            cols,
+            bits,
+            groups,
+            bytes_per_row,
+            stream,
+            scales,
+            zeros,
+            group_index: matrix.group_index.clone(),
+            order: None,
+            run_size: None,
+        }
+        .with_groups_in_runs()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn group_index(&self) -> &[u32] {
+        &self.group_index
+    }
+
+    /// Whether this is symmetric absmax int8 (zero 128) in consecutive groups of `size` columns:
+    /// then ggml's Q8_0 blocks of 32 (absmax / 127 scales) hold exactly these codes.
+    pub fn is_int8_in_groups_of(&self, size: usize) -> bool {
+        self.bits == 8
+            && self.zeros.iter().all(|&zero| zero == 128)
+            && self.cols.is_multiple_of(size)
+            && self
+                .group_index
+                .iter()
+                .enumerate()
+                .all(|(col, &group)| group as usize == col / size)
+    }
+
+    /// Bytes this matrix takes in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.stream.len()
+            + 4 * self.scales.len()
+            + self.zeros.len()
+            + 4 * self.group_index.len()
+            + self.order.as_ref().map_or(0, |order| 4 * order.len())
+    }
+
+    /// Bytes the GPTQ tensors of this matrix take in a file.
+    pub fn stored_bytes(&self) -> usize {
+        let bits = self.bits as usize;
+        4 * (self.cols * bits).div_ceil(32) * self.rows
+            + 4 * self.groups * (self.rows * bits).div_ceil(32)
+            + 2 * self.groups * self.rows
+            + 4 * self.cols
+    }
+
+    /// Output channel `row`'s weights, one per input column; `aligned` is the matrix's
+    /// [`Self::word_aligned_group_size`].
+    /// `scratch` holds the stored order of an act-order row.
+    fn dequantize_row(
+        &self,
+        row: usize,
+        out: &mut [f32],
+        aligned: Option<usize>,
+        scratch: &mut Vec<f32>,
+    ) {
+        let Some(order) = &self.order else {
+            return self.decode_stored_row(row, out, aligned);
+        };
+        scratch.resize(self.cols, 0.0);
+        self.decode_stored_row(row, scratch, aligned);
+        for (&col, &value) in order.iter().zip(scratch.iter()) {
+            out[col as usize] = value;
+        }
+    }
+
+    /// Output channel `row`'s weights in stored order.
+    fn decode_stored_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
+        let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
+        let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
+        if let Some(size) = aligned {
+            let bytes = self.channel_bytes(row);
+            let bits = self.bits as usize;
+            for (group, values) in out.chunks_mut(size).enumerate() {
+                let start = group * size * bits / 8;
+                let zero = f32::from(zeros[group]);
+                decode_byte_aligned(&bytes[start..], self.bits, scales[group], zero, values);
+            }
+            return;
+        }
+        if let Some(size) = self.run_size.filter(|size| self.bits == 3 && size % 8 == 0) {
+            let bytes = self.channel_bytes(row);
+            for (group, values) in out.chunks_mut(size).enumerate() {
+                let zero = f32::from(zeros[group]);
+                decode_triples(&bytes[group * size * 3 / 8..], scales[group], zero, values);
+            }
+            return;
+        }
+        for (position, value) in out.iter_mut().enumerate() {
+            let code = self.stored_code(row, position) as f32;
+            let group = self.group_index[self.column(position)] as usize;
+            *value = scales[group] * (code - f32::from(zeros[group]));
+        }
+    }
+
+    /// The code at stored position `position` of channel `row`.
+    fn stored_code(&self, row: usize, position: usize) -> u32 {
+        code_at(self.channel_bytes(row), self.bits, position)
+    }
+
+    /// The input column at stored position `position`.
+    fn column(&self, position: usize) -> usize {
+        self.order
+            .as_ref()
+            .map_or(position, |order| order[position] as usize)
+    }
+
+    /// Stores the codes with columns sorted by group when the groups are scattered.
+    fn with_groups_in_runs(mut self) -> Self {
+        if !self.group_index.is_sorted() {
+            self.sort_groups_into_runs();
+        }
+        self.run_size = self.scan_group_runs();
+        self
+    }
+
+    fn sort_groups_into_runs(&mut self) {
+        let mut order: Vec<u32> = (0..self.cols as u32).collect();
+        order.sort_by_key(|&col| self.group_index[col as usize]);
+        let mut stream = Vec::with_capacity(self.stream.len());
+        for row in 0..self.rows {
+            let codes: Vec<u32> = order
+                .iter()
+                .map(|&col| self.stored_code(row, col as usize))
+                .collect();
+            stream.extend(
+                pack_bits(&codes, self.bits)
+                    .into_iter()
+                    .flat_map(u32::to_le_bytes),
+            );
+        }
+        self.stream = stream;
+        self.order = Some(order);
+    }
+
+    /// `x` (`count` rows of `cols` inputs) in stored column order.
+    fn inputs_in_stored_order<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.order {
+            None => std::borrow::Cow::Borrowed(x),
+            Some(order) => x
+                .chunks_exact(self.cols)
+                .flat_map(|input| order.iter().map(|&col| input[col as usize]))
+                .collect(),
+        }
+    }
+
+    /// All weights, `rows x cols` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let aligned = self.word_aligned_group_size();
+        let mut weights = vec![0.0; self.rows * self.cols];
+        weights
+            .par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (row, out)| {
+                self.dequantize_row(row, out, aligned, scratch)
+            });
+        weights
+    }
+
+    /// The rows named by `ids`, concatenated: an embedding lookup.
+    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let aligned = self.word_aligned_group_size();
+        let mut scratch = Vec::new();
+        let mut out = vec![0.0; ids.len() * self.cols];
+        for (&id, values) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            self.dequantize_row(id, values, aligned, &mut scratch);
+        }
+        out
+    }
+
+    /// When every group is one run of consecutive stored codes of one length (the last may be
+    /// shorter) that starts on a word boundary, the run's length.
+    fn word_aligned_group_size(&self) -> Option<usize> {
+        let size = self.run_size?;
+        let bits = self.bits as usize;
+        (32 % bits == 0 && (size * bits).is_multiple_of(32)).then_some(size)
+    }
+
+    fn scan_group_runs(&self) -> Option<usize> {
+        let group_at = |position: usize| self.group_index[self.column(position)] as usize;
+        let size = (0..self.cols)
+            .take_while(|&position| group_at(position) == 0)
+            .count();
+        (size > 0 && (0..self.cols).all(|position| group_at(position) == position / size))
+            .then_some(size)
+    }
+
+    fn channel_bytes(&self, row: usize) -> &[u8] {
+        &self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row]
+    }
+}
+
+/// `scale * (code - zero)` for the 2-, 4- or 8-bit codes of a byte-aligned stream.
+fn decode_byte_aligned(bytes: &[u8], bits: u32, scale: f32, zero: f32, out: &mut [f32]) {
+    match bits {
+        8 => decode_codes::<1>(bytes, scale, zero, out),
+        4 => decode_codes::<2>(bytes, scale, zero, out),
+        _ => decode_codes::<4>(bytes, scale, zero, out),
+    }
+}
+
+/// [`decode_byte_aligned`] with `PER_BYTE` codes a byte known when compiling, so the byte loop
+/// unrolls into shifts and masks that vectorize.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn decode_codes<const PER_BYTE: usize>(bytes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+    let bits = 8 / PER_BYTE as u32;
+    let mask = ((1u16 << bits) - 1) as u8;
+    let (whole, tail) = out.split_at_mut(out.len() / PER_BYTE * PER_BYTE);
+    for (values, &byte) in whole.chunks_exact_mut(PER_BYTE).zip(bytes) {
+        for (position, value) in values.iter_mut().enumerate() {
+            let code = (byte >> (position as u32 * bits)) & mask;
+            *value = scale * (f32::from(code) - zero);
+        }
+    }
+    if let Some(&byte) = bytes.get(whole.len() / PER_BYTE) {
+        for (position, value) in tail.iter_mut().enumerate() {
+            let code = (byte >> (position as u32 * bits)) & mask;
+            *value = scale * (f32::from(code) - zero);
+        }
+    }
+}
+
+/// `scale * (code - zero)` for 3-bit codes starting on a byte boundary: each 3 bytes hold 8
+/// codes, cut out of one 24-bit word.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
+fn decode_triples(bytes: &[u8], scale: f32, zero: f32, out: &mut [f32]) {
+    let (whole, tail) = out.split_at_mut(out.len() / 8 * 8);
+    for (values, triple) in whole.chunks_exact_mut(8).zip(bytes.chunks_exact(3)) {
+        let word = u32::from_le_bytes([triple[0], triple[1], triple[2], 0]);
+        for (position, value) in values.iter_mut().enumerate() {
+            let code = (word >> (3 * position)) & 7;
+            *value = scale * (code as f32 - zero);
+        }
+    }
+    for (position, value) in tail.iter_mut().enumerate() {
+        let code = code_at(&bytes[whole.len() * 3 / 8..], 3, position);
+        *value = scale * (code as f32 - zero);
+    }
+}
