@@ -131,8 +131,10 @@ impl ConfigArgs {
 
 /// What `model.from` names: a GGUF file (its tokenizer written beside it) or a Hugging Face
 /// folder.
-pub fn read_model_source(path: &Path) -> Result<distillery_config::ModelSource, String> {
-    let source = distillery_formats::source::read_source(path).map_err(|e| e.message)?;
+pub fn read_model_source(
+    path: &Path,
+) -> Result<distillery_config::ModelSource, distillery_config::ModelSourceError> {
+    let source = distillery_formats::source::read_source(path)?;
     Ok(distillery_config::ModelSource {
         architecture: source.architecture,
         tokenizer: source.tokenizer,

@@ -46,6 +46,14 @@ pub enum ConfigError {
         line: Option<usize>,
         message: String,
     },
+    /// The file `model.from` or `teacher.from` names could not be read as a model.
+    #[error("{origin}{}: `{key}`: {source}", line.map(|line| format!(", line {line}")).unwrap_or_default())]
+    Source {
+        origin: String,
+        key: String,
+        line: Option<usize>,
+        source: ModelSourceError,
+    },
 }
 
 /// A `model.vocab_size` below the tokenizer's vocabulary: some token ids would have no row.
@@ -64,8 +72,18 @@ pub struct ModelSource {
     pub tokenizer: PathBuf,
 }
 
-/// Reads a `model.from` path; the message of an error names what is wrong with the file.
-pub type ModelSourceReader<'a> = &'a dyn Fn(&Path) -> Result<ModelSource, String>;
+/// The error of a [`ModelSourceReader`], kept whole as the [`ConfigError::Source`] of the key
+/// that names the file.
+pub type ModelSourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Reads a `model.from` path.
+pub type ModelSourceReader<'a> = &'a dyn Fn(&Path) -> Result<ModelSource, ModelSourceError>;
+
+/// Why a key naming a model file is refused: what is wrong with the key, or the reader's error.
+enum SourceFault {
+    Invalid(String, String),
+    Unreadable(&'static str, ModelSourceError),
+}
 
 /// Calls the macro `$callback` with every architecture field of `[model]` that a preset and a
 /// model file both give.
@@ -175,7 +193,18 @@ pub fn parse_reading(
         }
     };
     resolve_preset(&mut config.model).map_err(invalid)?;
-    resolve_source(&mut config, reader).map_err(invalid)?;
+    resolve_source(&mut config, reader).map_err(|fault| match fault {
+        SourceFault::Invalid(key, message) => invalid((key, message)),
+        SourceFault::Unreadable(key, source) => {
+            let (origin, line) = locate(key);
+            ConfigError::Source {
+                origin,
+                key: key.to_string(),
+                line,
+                source,
+            }
+        }
+    })?;
     validate(&config).map_err(invalid)?;
     Ok(config)
 }
@@ -186,11 +215,11 @@ pub fn parse_reading(
 fn resolve_source(
     config: &mut ExperimentConfig,
     reader: Option<ModelSourceReader>,
-) -> Result<(), (String, String)> {
+) -> Result<(), SourceFault> {
     let Some(from) = config.model.from.clone() else {
         return resolve_teacher_tokenizer(config, reader);
     };
-    let fail = |key: &str, message: String| Err((key.to_string(), message));
+    let fail = |key: &str, message: String| Err(SourceFault::Invalid(key.to_string(), message));
     if config.model.preset.is_some() {
         return fail(
             "model.preset",
@@ -212,7 +241,7 @@ fn resolve_source(
             format!("{} must be read to resolve the config", from.display()),
         );
     };
-    let source = reader(&from).map_err(|message| ("model.from".to_string(), message))?;
+    let source = reader(&from).map_err(|source| SourceFault::Unreadable("model.from", source))?;
     let file = source.architecture;
     let model = &mut config.model;
     macro_rules! agree {
@@ -267,7 +296,7 @@ fn resolve_source(
 fn resolve_teacher_tokenizer(
     config: &mut ExperimentConfig,
     reader: Option<ModelSourceReader>,
-) -> Result<(), (String, String)> {
+) -> Result<(), SourceFault> {
     let teacher_file = config
         .teacher
         .as_ref()
@@ -278,7 +307,7 @@ fn resolve_teacher_tokenizer(
     if !config.data.tokenizer.as_os_str().is_empty() {
         return Ok(());
     }
-    let source = reader(&from).map_err(|message| ("teacher.from".to_string(), message))?;
+    let source = reader(&from).map_err(|source| SourceFault::Unreadable("teacher.from", source))?;
     config.data.tokenizer = source.tokenizer;
     Ok(())
 }

@@ -395,7 +395,7 @@ fn three_bit_storage_needs_widths_in_whole_words() {
 }
 
 /// What reading SmolLM2-135M-Instruct's file gives `model.from`.
-fn smollm2_source(_: &Path) -> Result<ModelSource, String> {
+fn smollm2_source(_: &Path) -> Result<ModelSource, ModelSourceError> {
     Ok(ModelSource {
         architecture: distillery_model::LlamaConfig {
             vocab_size: 49152,
@@ -450,6 +450,29 @@ fn model_from_fills_the_architecture_and_the_tokenizer() {
     assert!(
         error.contains("`model.from`") && error.contains("must be read"),
         "{error}"
+    );
+}
+
+#[test]
+fn an_unreadable_model_from_keeps_the_readers_error_under_its_key_and_line() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}: not a GGUF file")]
+    struct NotGguf(PathBuf);
+    let reader = |path: &Path| -> Result<ModelSource, ModelSourceError> {
+        Err(Box::new(NotGguf(path.to_path_buf())))
+    };
+    let error = parse_reading(FROM_FILE, "from.toml", &[], Some(&reader)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "from.toml, line 8: `model.from`: models/smollm2.gguf: not a GGUF file"
+    );
+    let ConfigError::Source { key, source, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(key, "model.from");
+    assert_eq!(
+        source.downcast_ref::<NotGguf>().map(|e| e.0.as_path()),
+        Some(Path::new("models/smollm2.gguf"))
     );
 }
 
