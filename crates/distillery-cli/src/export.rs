@@ -11,8 +11,8 @@ use distillery_formats::gguf;
 use distillery_formats::quantized::{QuantizedFolder, save};
 use distillery_quant::GgmlType;
 
+use crate::ConfigArgs;
 use crate::models::{self, LoadedModel, ModelKind};
-use crate::{ConfigArgs, parse_export_format, parse_gguf_type};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -28,10 +28,10 @@ pub struct ExportArgs {
     checkpoint: Option<PathBuf>,
     /// hf (a Hugging Face Llama folder), gguf (a file for llama.cpp, the tokenizer
     /// embedded) or gptq (a GPTQ folder of a model `distillery quantize` made).
-    #[arg(long, value_parser = parse_export_format)]
+    #[arg(long)]
     format: Option<ExportFormatName>,
     /// How GGUF stores the weight matrices: f32, f16, q8_0 or q4_0.
-    #[arg(long = "type", value_parser = parse_gguf_type, default_value = "f32")]
+    #[arg(long = "type", default_value = "f32")]
     gguf_type: GgufTypeName,
     /// The folder (hf, gptq) or file (gguf) to create.
     #[arg(long)]

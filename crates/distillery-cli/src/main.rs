@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distillery_config::{ConfigError, ExperimentConfig};
-use distillery_config::{ExportFormatName, GgufTypeName};
 use distillery_distill::DistillError;
 use distillery_train::TrainError;
 
@@ -139,14 +138,6 @@ pub fn read_model_source(
         architecture: source.architecture,
         tokenizer: source.tokenizer,
     })
-}
-
-fn parse_export_format(name: &str) -> Result<ExportFormatName, String> {
-    name.parse()
-}
-
-fn parse_gguf_type(name: &str) -> Result<GgufTypeName, String> {
-    name.parse()
 }
 
 fn main() -> ExitCode {

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use distillery_data::{Corpus, CorpusFormat};
-use distillery_model::LlamaConfig;
+use distillery_model::{LayerMatrix, LlamaConfig};
+use distillery_quant::settings::{self, SettingsError};
 use sha2::{Digest, Sha256};
 
 pub use pipeline::{PipelineConfig, PipelineSection, StageConfig, StageKind, load_pipeline};
@@ -21,7 +22,7 @@ pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
     ExperimentConfig, ExportConfig, ExportFormatName, GgufTypeName, LogConfig, ModelSection,
     Precision, QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit,
-    TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig,
+    TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig, UnknownName,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -549,15 +550,14 @@ fn validate_quantize(
     seq_len: usize,
 ) -> Result<(), (String, String)> {
     let fail = |key: &str, message: String| Err((key.to_string(), message));
+    if let (QuantizeMethod::Int8, Some(bits)) = (quantize.method, quantize.bits)
+        && bits != 8
+    {
+        return fail("quantize.bits", format!("is always 8 for int8, got {bits}"));
+    }
     let bits = quantize.bits();
-    match (quantize.method, quantize.bits) {
-        (QuantizeMethod::Int8, Some(bits)) if bits != 8 => {
-            return fail("quantize.bits", format!("is always 8 for int8, got {bits}"));
-        }
-        (_, Some(bits)) if ![2, 3, 4, 8].contains(&bits) => {
-            return fail("quantize.bits", format!("must be 2, 3, 4 or 8, got {bits}"));
-        }
-        _ => {}
+    if let Err(error) = settings::check_bits(bits) {
+        return fail("quantize.bits", error.to_string());
     }
     if let Some(size) = quantize.group_size
         && (size == 0 || size < -1)
@@ -625,42 +625,23 @@ fn validate_quantize(
             format!("\"{name}\" must be a plain directory name (no slashes)"),
         );
     }
-    // GPTQ files pack codes along the inputs and zeros along the outputs into 32-bit words.
-    let word = 32 / gcd(32, bits as usize);
-    let kv_width = shape.num_key_value_heads * shape.head_dim();
     // The vocabulary's width is checked when the model is quantized: it comes from the
     // tokenizer.
-    let matrices = [
-        ("self_attn.q_proj", shape.hidden_size, shape.hidden_size),
-        ("self_attn.k_proj", shape.hidden_size, kv_width),
-        ("self_attn.o_proj", shape.hidden_size, shape.hidden_size),
-        ("mlp.gate_proj", shape.hidden_size, shape.intermediate_size),
-        ("mlp.down_proj", shape.intermediate_size, shape.hidden_size),
-    ];
-    for (layer, inputs, outputs) in matrices {
-        if !inputs.is_multiple_of(word) || !outputs.is_multiple_of(word) {
-            return fail(
-                "quantize.bits",
-                format!(
-                    "{layer} is {inputs} inputs x {outputs} outputs; {bits}-bit GPTQ storage \
-                     needs both to be multiples of {word}"
-                ),
-            );
-        }
-        if let Some(size) = quantize.group_size()
-            && size > inputs
-        {
-            return fail(
-                "quantize.group_size",
-                format!("{size} is wider than {layer}'s {inputs} input columns"),
-            );
+    for matrix in LayerMatrix::ALL {
+        let (inputs, outputs) = matrix.shape(shape);
+        if let Err(error) = settings::check_storable(bits, quantize.group_size(), inputs, outputs) {
+            let key = match error {
+                SettingsError::EmptyGroup | SettingsError::GroupWiderThanInputs { .. } => {
+                    "quantize.group_size"
+                }
+                SettingsError::UnsupportedBits(_) | SettingsError::NotWholeWords { .. } => {
+                    "quantize.bits"
+                }
+            };
+            return fail(key, format!("{}: {error}", matrix.path()));
         }
     }
     Ok(())
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn validate_distillation(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use distillery_data::CorpusFormat;
 use distillery_model::RopeScaling;
+use distillery_quant::{GptqSettings, QuantSettings};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -503,6 +504,23 @@ impl QuantizeConfig {
         usize::try_from(self.group_size.unwrap_or(default)).ok()
     }
 
+    /// How every matrix is quantized, the section's defaults resolved; the GPTQ-only fields
+    /// serve `method = "gptq"`.
+    pub fn gptq_settings(&self) -> GptqSettings {
+        GptqSettings {
+            quant: QuantSettings {
+                bits: self.bits(),
+                group_size: self.group_size(),
+                symmetric: self.sym,
+                clip_search: self.clip_search,
+            },
+            damp_percent: self.damp_percent,
+            block_size: self.block_size,
+            act_order: self.act_order,
+            static_groups: self.static_groups,
+        }
+    }
+
     /// A directory name that tells the settings apart: `int8`, `rtn-4bit-g128`,
     /// `gptq-3bit-g128-act`.
     pub fn label(&self) -> String {
@@ -611,29 +629,41 @@ impl GgufTypeName {
     }
 }
 
-/// Parses a name from a fixed list, naming the choices when it is none of them.
-fn by_name<T: Copy>(name: &str, all: &[T], name_of: fn(T) -> &'static str) -> Result<T, String> {
+/// A name that is none of a fixed list's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{name}\" is not one of {}", choices.join(", "))]
+pub struct UnknownName {
+    pub name: String,
+    pub choices: Vec<&'static str>,
+}
+
+/// Parses a name from a fixed list.
+fn by_name<T: Copy>(
+    name: &str,
+    all: &[T],
+    name_of: fn(T) -> &'static str,
+) -> Result<T, UnknownName> {
     all.iter()
         .copied()
         .find(|&item| name_of(item) == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = all.iter().map(|&item| name_of(item)).collect();
-            format!("\"{name}\" is not one of {}", names.join(", "))
+        .ok_or_else(|| UnknownName {
+            name: name.to_string(),
+            choices: all.iter().map(|&item| name_of(item)).collect(),
         })
 }
 
 impl std::str::FromStr for ExportFormatName {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(name: &str) -> Result<Self, String> {
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
         by_name(name, &Self::ALL, Self::name)
     }
 }
 
 impl std::str::FromStr for GgufTypeName {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(name: &str) -> Result<Self, String> {
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
         by_name(name, &Self::ALL, Self::name)
     }
 }

@@ -325,7 +325,7 @@ fn bad_quantize_settings_name_their_key() {
         (
             "method = \"gptq\"\nbits = 5",
             "quantize.bits",
-            "must be 2, 3, 4 or 8, got 5",
+            "5 bits are not supported (2, 3, 4 or 8)",
         ),
         (
             "method = \"int8\"\nbits = 4",
@@ -340,7 +340,7 @@ fn bad_quantize_settings_name_their_key() {
         (
             "method = \"rtn\"\ngroup_size = 48",
             "quantize.group_size",
-            "48 is wider than self_attn.q_proj's 32 input columns",
+            "self_attn.q_proj: group_size = 48 is wider than the 32 input columns",
         ),
         (
             "method = \"rtn\"\nact_order = true",
@@ -388,7 +388,7 @@ fn three_bit_storage_needs_widths_in_whole_words() {
         ],
     );
     assert!(
-        message.contains("self_attn.k_proj is 32 inputs x 16 outputs")
+        message.contains("self_attn.k_proj: 32 inputs x 16 outputs")
             && message.contains("multiples of 32"),
         "{message}"
     );
@@ -547,5 +547,27 @@ fn a_student_of_a_pretrained_teacher_takes_the_teachers_tokenizer() {
     assert!(
         error.contains("`data.tokenizer`") && error.contains("teacher.from"),
         "{error}"
+    );
+}
+
+#[test]
+fn export_names_parse_as_configs_spell_them_and_others_name_the_choices() {
+    for kind in GgufTypeName::ALL {
+        assert_eq!(kind.name().parse::<GgufTypeName>(), Ok(kind));
+    }
+    for format in ExportFormatName::ALL {
+        assert_eq!(format.name().parse::<ExportFormatName>(), Ok(format));
+    }
+    let error = "q5_k".parse::<GgufTypeName>().unwrap_err();
+    assert_eq!(
+        error,
+        UnknownName {
+            name: "q5_k".into(),
+            choices: vec!["f32", "f16", "q8_0", "q4_0"],
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "\"q5_k\" is not one of f32, f16, q8_0, q4_0"
     );
 }

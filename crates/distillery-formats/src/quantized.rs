@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use distillery_model::Llama;
-use distillery_quant::{GptqTensors, PackedMatrix};
+use distillery_quant::{GptqSettings, GptqTensors, PackedMatrix};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -47,22 +47,17 @@ pub struct GptqConfig {
 }
 
 impl GptqConfig {
-    pub fn new(
-        bits: u32,
-        group_size: Option<usize>,
-        damp_percent: f64,
-        desc_act: bool,
-        static_groups: bool,
-        sym: bool,
-        true_sequential: bool,
-    ) -> Self {
+    /// The `quantize_config.json` of a model quantized with `settings`, its layers' groups of
+    /// matrices calibrated one after another when `true_sequential`.
+    pub fn new(settings: &GptqSettings, true_sequential: bool) -> Self {
+        let quant = &settings.quant;
         Self {
-            bits,
-            group_size: group_size.map_or(-1, |size| size as i64),
-            damp_percent,
-            desc_act,
-            static_groups,
-            sym,
+            bits: quant.bits,
+            group_size: quant.group_size.map_or(-1, |size| size as i64),
+            damp_percent: settings.damp_percent,
+            desc_act: settings.act_order,
+            static_groups: settings.static_groups,
+            sym: quant.symmetric,
             true_sequential,
             model_name_or_path: None,
             model_file_base_name: "model".into(),
@@ -231,12 +226,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<QuantizedModel, HfError> {
         .map_err(|e| error(&quantize_path, e.to_string()))?;
     let gptq: GptqConfig = serde_json::from_str(&text)
         .map_err(|e| error(&quantize_path, format!("not a GPTQ quantize config: {e}")))?;
-    if ![2, 3, 4, 8].contains(&gptq.bits) {
-        return Err(error(
-            &quantize_path,
-            format!("bits = {} is not supported (2, 3, 4 or 8)", gptq.bits),
-        ));
-    }
+    distillery_quant::settings::check_bits(gptq.bits)
+        .map_err(|message| error(&quantize_path, message.to_string()))?;
     let record_path = dir.join(RECORD_FILE);
     let record = match std::fs::read_to_string(&record_path) {
         Ok(text) => serde_json::from_str(&text)
@@ -419,7 +410,19 @@ mod tests {
     fn save_to(model: &Llama, dir: &Path) {
         let tokenizer = dir.with_file_name("tokenizer.json");
         std::fs::write(&tokenizer, "{}").unwrap();
-        let config = GptqConfig::new(4, Some(16), 0.01, false, false, false, true);
+        let settings = GptqSettings {
+            quant: QuantSettings {
+                bits: 4,
+                group_size: Some(16),
+                symmetric: false,
+                clip_search: false,
+            },
+            damp_percent: 0.01,
+            block_size: 128,
+            act_order: false,
+            static_groups: false,
+        };
+        let config = GptqConfig::new(&settings, true);
         let folder = QuantizedFolder {
             model,
             tokenizer: &tokenizer,

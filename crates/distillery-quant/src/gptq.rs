@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::QuantError;
 use crate::grid::Grid;
 use crate::linalg::inverse_cholesky_upper;
+use crate::settings::{check_bits, check_group_size};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantSettings {
@@ -33,27 +34,8 @@ impl QuantSettings {
     }
 
     pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
-        if ![2, 3, 4, 8].contains(&self.bits) {
-            return Err(QuantError::Settings(format!(
-                "bits = {} is not supported (2, 3, 4 or 8)",
-                self.bits
-            )));
-        }
-        validate_group_size(self.group_size, cols)
-    }
-}
-
-/// Groups of `group_size` consecutive columns; like AutoGPTQ, the last one may be shorter
-/// when the size does not divide the width.
-fn validate_group_size(group_size: Option<usize>, cols: usize) -> Result<(), QuantError> {
-    match group_size {
-        Some(0) => Err(QuantError::Settings(
-            "group_size = 0 is not a group; use -1 for one group per row".into(),
-        )),
-        Some(size) if size > cols => Err(QuantError::Settings(format!(
-            "group_size = {size} is wider than the {cols} input columns"
-        ))),
-        _ => Ok(()),
+        check_bits(self.bits)?;
+        Ok(check_group_size(self.group_size, cols)?)
     }
 }
 
@@ -137,7 +119,7 @@ pub fn int8_absmax(
     cols: usize,
     group_size: Option<usize>,
 ) -> Result<QuantizedMatrix, QuantError> {
-    validate_group_size(group_size, cols)?;
+    check_group_size(group_size, cols)?;
     Ok(quantize_on_grids(
         weights,
         rows,
@@ -324,10 +306,10 @@ pub fn gptq(
 ) -> Result<QuantizedMatrix, QuantError> {
     settings.quant.validate(cols)?;
     if hessian.cols != cols {
-        return Err(QuantError::Settings(format!(
-            "the Hessian is {0}x{0} for a matrix of {cols} input columns",
-            hessian.cols
-        )));
+        return Err(QuantError::HessianSize {
+            hessian: hessian.cols,
+            cols,
+        });
     }
     let quant = &settings.quant;
     let group_size = quant.group_size.unwrap_or(cols);
@@ -511,6 +493,7 @@ fn subtract_scaled(target: &mut [f64], scale: f64, source: &[f64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::SettingsError;
     use crate::test_support::random_matrix;
 
     /// `count` inputs of `size` features with strong correlations: mixtures of a few sources.
@@ -747,8 +730,18 @@ mod tests {
             clip_search: false,
         };
         let error = round_to_nearest(&weights, 2, 12, &five_bits).unwrap_err();
-        assert!(error.to_string().contains("bits = 5"), "{error}");
-        for (group_size, message) in [(0, "group_size = 0"), (13, "wider than the 12")] {
+        assert!(
+            matches!(
+                error,
+                QuantError::Settings(SettingsError::UnsupportedBits(5))
+            ),
+            "{error}"
+        );
+        let wider = SettingsError::GroupWiderThanInputs {
+            size: 13,
+            inputs: 12,
+        };
+        for (group_size, expected) in [(0, SettingsError::EmptyGroup), (13, wider)] {
             let bad_group = QuantSettings {
                 bits: 4,
                 group_size: Some(group_size),
@@ -756,7 +749,10 @@ mod tests {
                 clip_search: false,
             };
             let error = round_to_nearest(&weights, 2, 12, &bad_group).unwrap_err();
-            assert!(error.to_string().contains(message), "{error}");
+            assert!(
+                matches!(&error, QuantError::Settings(found) if *found == expected),
+                "{error}"
+            );
         }
     }
 

@@ -12,6 +12,7 @@ mod linalg;
 pub mod pack;
 pub mod packed;
 mod products;
+pub mod settings;
 pub mod weight;
 
 pub use gptq::{
@@ -39,8 +40,10 @@ pub use weight::{ActivationRounding, QuantizedWeight};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    #[error("{0}")]
-    Settings(String),
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error("the Hessian is {hessian}x{hessian} for a matrix of {cols} input columns")]
+    HessianSize { hessian: usize, cols: usize },
     #[error(
         "the layer's Hessian is not positive definite even with damp_percent = {damp_percent}; \
          its calibration inputs are degenerate"

@@ -6,6 +6,7 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{QuantizeConfig, QuantizeMethod};
 use distillery_model::{DecoderLayer, LayerMatrix, Linear, Llama};
+use distillery_quant::settings;
 use distillery_quant::{
     GptqSettings, Hessian, PackedMatrix, PreparedHessian, QuantError, QuantSettings,
     QuantizedMatrix, gptq, int8_absmax, round_to_nearest,
@@ -20,15 +21,9 @@ const CALIBRATION_BATCH: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizeOptions {
     pub method: QuantizeMethod,
-    pub bits: u32,
-    pub group_size: Option<usize>,
-    pub sym: bool,
-    pub clip_search: bool,
-    pub act_order: bool,
-    pub static_groups: bool,
+    /// Every matrix's grids, and how GPTQ runs when it is the method.
+    pub gptq: GptqSettings,
     pub true_sequential: bool,
-    pub damp_percent: f64,
-    pub block_size: usize,
     pub quantize_embeddings: bool,
     pub quantize_lm_head: bool,
 }
@@ -37,15 +32,8 @@ impl From<&QuantizeConfig> for QuantizeOptions {
     fn from(config: &QuantizeConfig) -> Self {
         Self {
             method: config.method,
-            bits: config.bits(),
-            group_size: config.group_size(),
-            sym: config.sym,
-            clip_search: config.clip_search,
-            act_order: config.act_order,
-            static_groups: config.static_groups,
+            gptq: config.gptq_settings(),
             true_sequential: config.true_sequential,
-            damp_percent: config.damp_percent,
-            block_size: config.block_size,
             quantize_embeddings: config.quantize_embeddings,
             quantize_lm_head: config.quantize_lm_head,
         }
@@ -53,13 +41,8 @@ impl From<&QuantizeConfig> for QuantizeOptions {
 }
 
 impl QuantizeOptions {
-    fn settings(&self) -> QuantSettings {
-        QuantSettings {
-            bits: self.bits,
-            group_size: self.group_size,
-            symmetric: self.sym,
-            clip_search: self.clip_search,
-        }
+    fn settings(&self) -> &QuantSettings {
+        &self.gptq.quant
     }
 
     /// Round-to-nearest (or absmax int8) of one `rows x cols` matrix.
@@ -70,9 +53,9 @@ impl QuantizeOptions {
         cols: usize,
     ) -> Result<QuantizedMatrix, QuantError> {
         match self.method {
-            QuantizeMethod::Int8 => int8_absmax(weights, rows, cols, self.group_size),
+            QuantizeMethod::Int8 => int8_absmax(weights, rows, cols, self.settings().group_size),
             QuantizeMethod::Rtn | QuantizeMethod::Gptq => {
-                round_to_nearest(weights, rows, cols, &self.settings())
+                round_to_nearest(weights, rows, cols, self.settings())
             }
         }
     }
@@ -157,27 +140,14 @@ fn check_storable(model: &Llama, options: &QuantizeOptions) -> Result<(), Quanti
     if options.quantize_embeddings {
         shapes.push(("embed_tokens".into(), config.hidden_size, config.vocab_size));
     }
+    let quant = options.settings();
     for (name, inputs, outputs) in shapes {
-        let bits = options.bits as usize;
-        if !(inputs * bits).is_multiple_of(32) || !(outputs * bits).is_multiple_of(32) {
-            return Err(QuantizeError::Layer {
+        settings::check_storable(quant.bits, quant.group_size, inputs, outputs).map_err(
+            |source| QuantizeError::Layer {
                 layer: name,
-                source: QuantError::Settings(format!(
-                    "{inputs} inputs x {outputs} outputs at {bits} bits do not fill whole \
-                     32-bit words"
-                )),
-            });
-        }
-        if let Some(size) = options.group_size
-            && size > inputs
-        {
-            return Err(QuantizeError::Layer {
-                layer: name,
-                source: QuantError::Settings(format!(
-                    "group_size = {size} is wider than its {inputs} input columns"
-                )),
-            });
-        }
+                source: source.into(),
+            },
+        )?;
     }
     Ok(())
 }
@@ -243,11 +213,11 @@ impl Quantizer<'_> {
             rows,
             cols,
             hessian,
-            &self.gptq_settings(),
+            &self.options.gptq,
         )
         .map_err(|source| layer_error(path, source))?;
         *linear = Linear::quantized(PackedMatrix::from_quantized(&matrix));
-        let retried = hessian.damp_percent() != self.options.damp_percent;
+        let retried = hessian.damp_percent() != self.options.gptq.damp_percent;
         self.outcomes.push(MatrixOutcome {
             name: path.into(),
             damp_percent_used: retried.then_some(hessian.damp_percent()),
@@ -255,19 +225,9 @@ impl Quantizer<'_> {
         Ok(())
     }
 
-    fn gptq_settings(&self) -> GptqSettings {
-        GptqSettings {
-            quant: self.options.settings(),
-            damp_percent: self.options.damp_percent,
-            block_size: self.options.block_size,
-            act_order: self.options.act_order,
-            static_groups: self.options.static_groups,
-        }
-    }
-
     /// `hessian` made ready for GPTQ; `first` names the first matrix it serves in an error.
     fn prepare(&self, hessian: &Hessian, first: &str) -> Result<PreparedHessian, QuantizeError> {
-        PreparedHessian::new(hessian, &self.gptq_settings())
+        PreparedHessian::new(hessian, &self.options.gptq)
             .map_err(|source| layer_error(first, source))
     }
 
@@ -490,18 +450,27 @@ mod tests {
     fn options(method: QuantizeMethod, bits: u32) -> QuantizeOptions {
         QuantizeOptions {
             method,
-            bits,
-            group_size: Some(16),
-            sym: false,
-            clip_search: false,
-            act_order: false,
-            static_groups: false,
+            gptq: GptqSettings {
+                quant: QuantSettings {
+                    bits,
+                    group_size: Some(16),
+                    symmetric: false,
+                    clip_search: false,
+                },
+                damp_percent: 0.01,
+                block_size: 8,
+                act_order: false,
+                static_groups: false,
+            },
             true_sequential: true,
-            damp_percent: 0.01,
-            block_size: 8,
             quantize_embeddings: false,
             quantize_lm_head: true,
         }
+    }
+
+    fn with_group_size(mut options: QuantizeOptions, group_size: Option<usize>) -> QuantizeOptions {
+        options.gptq.quant.group_size = group_size;
+        options
     }
 
     /// Token streams with structure (a repeating random walk), so layer inputs are correlated.
@@ -589,10 +558,7 @@ mod tests {
         // products with int8 inputs, so only close).
         let device = Device::flex();
         let model = Llama::new(&shape(false), 0.0, 6, &device).unwrap();
-        let rtn = QuantizeOptions {
-            group_size: Some(32),
-            ..options(QuantizeMethod::Rtn, 4)
-        };
+        let rtn = with_group_size(options(QuantizeMethod::Rtn, 4), Some(32));
         let (quantized_model, _) = quantized(&model, &rtn, None);
         let calibration = calibration(40, 16, 3);
         let ids: Vec<i64> = calibration.tokens.iter().map(|&id| i64::from(id)).collect();
@@ -636,10 +602,9 @@ mod tests {
         let device = Device::flex();
         let model = Llama::new(&shape(true), 0.0, 4, &device).unwrap();
         let int8 = QuantizeOptions {
-            group_size: None,
             quantize_embeddings: true,
             quantize_lm_head: false,
-            ..options(QuantizeMethod::Int8, 8)
+            ..with_group_size(options(QuantizeMethod::Int8, 8), None)
         };
         let (quantized_model, outcomes) = quantized(&model, &int8, None);
         assert_eq!(outcomes.len(), 1 + 2 * 7);
@@ -688,13 +653,10 @@ mod tests {
                 .starts_with("layers.0.self_attn.k_proj: 32 inputs x 16 outputs"),
             "{error}"
         );
-        let wide_groups = QuantizeOptions {
-            group_size: Some(48),
-            ..options(QuantizeMethod::Rtn, 4)
-        };
+        let wide_groups = with_group_size(options(QuantizeMethod::Rtn, 4), Some(48));
         let error = quantize_model(&mut model, &wide_groups, None, &mut |_| {}).unwrap_err();
         assert!(
-            error.to_string().contains("wider than its 32 input"),
+            error.to_string().contains("wider than the 32 input"),
             "{error}"
         );
         assert!(

@@ -152,15 +152,8 @@ pub fn quantize_run(
         "seconds": seconds,
         "matrices": matrices,
     });
-    let gptq_config = distillery_formats::quantized::GptqConfig::new(
-        options.bits,
-        options.group_size,
-        options.damp_percent,
-        options.act_order,
-        options.static_groups,
-        options.sym,
-        options.true_sequential,
-    );
+    let gptq_config =
+        distillery_formats::quantized::GptqConfig::new(&options.gptq, options.true_sequential);
     let eos = data.tokenizer.eos_token_id();
     let folder = distillery_formats::quantized::QuantizedFolder {
         model: &model,

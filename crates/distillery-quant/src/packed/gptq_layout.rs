@@ -5,6 +5,7 @@ use super::PackedMatrix;
 use crate::QuantError;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::pack::{pack_bits, unpack_bits};
+use crate::settings::{check_bits, check_whole_words};
 
 /// A quantized matrix as GPTQ (AutoGPTQ's v1 format) stores it; `rows` are output channels.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,16 +39,10 @@ impl GptqTensors {
 
 impl PackedMatrix {
     /// The GPTQ tensors: whole 32-bit words of codes along the inputs and of zeros along the
-    /// outputs, which needs both widths to be multiples of `32 / gcd(32, bits)`.
+    /// outputs ([`check_whole_words`]).
     pub fn to_gptq(&self) -> Result<GptqTensors, QuantError> {
+        check_whole_words(self.bits, self.cols, self.rows)?;
         let bits = self.bits as usize;
-        for (what, width) in [("input", self.cols), ("output", self.rows)] {
-            if !(width * bits).is_multiple_of(32) {
-                return Err(QuantError::Settings(format!(
-                    "{width} {what} channels of {bits} bits do not fill whole 32-bit words"
-                )));
-            }
-        }
         let packed_rows = self.cols * bits / 32;
         let mut qweight = vec![0u32; packed_rows * self.rows];
         for row in 0..self.rows {
@@ -103,18 +98,13 @@ impl PackedMatrix {
             ..
         } = *tensors;
         let invalid = |message: String| Err(QuantError::Layout(message));
-        if ![2, 3, 4, 8].contains(&bits) {
-            return invalid(format!("bits = {bits} (2, 3, 4 or 8)"));
-        }
+        check_bits(bits).map_err(|error| QuantError::Layout(error.to_string()))?;
         let width = bits as usize;
         if rows == 0 || cols == 0 || groups == 0 || groups > cols {
             return invalid(format!("{rows} outputs, {cols} inputs and {groups} groups"));
         }
-        if !(cols * width).is_multiple_of(32) || !(rows * width).is_multiple_of(32) {
-            return invalid(format!(
-                "{rows} x {cols} of {bits} bits do not fill whole 32-bit words"
-            ));
-        }
+        check_whole_words(bits, cols, rows)
+            .map_err(|error| QuantError::Layout(error.to_string()))?;
         let expected = [
             cols * width / 32 * rows,
             groups * rows * width / 32,

@@ -258,7 +258,7 @@ fn malformed_gptq_tensors_are_errors() {
                 bits: 5,
                 ..good.clone()
             },
-            "bits = 5",
+            "5 bits are not supported",
         ),
         (
             GptqTensors {
