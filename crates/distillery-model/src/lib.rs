@@ -17,8 +17,8 @@ pub use generate::{
 };
 pub use kv_cache::KvCache;
 pub use llama::{
-    Attention, DecoderLayer, INIT_STD, LayerWeights, Linear, Llama, LlamaOutput, LlamaWeights, Mlp,
-    Weight, in_out_weight,
+    Attention, DecoderLayer, INIT_STD, LayerProgress, LayerWeights, Linear, Llama, LlamaOutput,
+    LlamaWeights, Mlp, Weight, in_out_weight,
 };
 pub use matrices::LayerMatrix;
 pub use speculative::{DraftLength, DraftStats, generate_with_draft};
@@ -112,6 +112,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn layers_advanced_group_by_group_compute_the_forward_pass_bit_for_bit() {
+        let device = Device::flex();
+        let model = Llama::new(&config(false), 0.0, 4, &device).unwrap();
+        let ids: Vec<i64> = (0..10).map(|i| (i * 11 + 5) % 50).collect();
+        let mut x = model.embed(tokens(&ids, &device));
+        for layer in &model.layers {
+            let mut progress = layer.begin(x);
+            let mut widths = Vec::new();
+            for group in LayerMatrix::SEQUENTIAL_GROUPS {
+                assert_eq!(progress.input().dims()[2], group[0].shape(model.config()).0);
+                widths.push(progress.input().dims()[2]);
+                progress = layer.advance(progress, model.rotary_tables());
+            }
+            assert_eq!(widths, [32, 32, 32, 48], "q/k/v, o, gate/up, down inputs");
+            x = progress.output();
+        }
+        let stepped = flat(model.project(model.final_norm(x)));
+        assert_eq!(stepped, flat(model.forward(tokens(&ids, &device))));
     }
 
     #[test]

@@ -923,14 +923,61 @@ impl DecoderLayer {
         LayerMatrix::from_path(name).map(|matrix| self.matrix_mut(matrix))
     }
 
-    /// The attention block's input: the residual stream, normalized.
-    pub fn attention_input(&self, x: Tensor<3>) -> Tensor<3> {
-        normalize(&self.input_layernorm, x)
+    /// The layer's forward pass before its first group of matrices: the attention block's
+    /// input, the residual stream normalized.
+    pub fn begin(&self, x: Tensor<3>) -> LayerProgress {
+        LayerProgress {
+            group: 0,
+            input: normalize(&self.input_layernorm, x.clone()),
+            residual: x,
+        }
     }
 
-    /// The MLP block's input: the residual stream after attention, normalized.
-    pub fn mlp_input(&self, x: Tensor<3>) -> Tensor<3> {
-        normalize(&self.post_attention_layernorm, x)
+    /// Runs the next group of matrices, and what follows it up to the next group's input, over
+    /// whole sequences from position 0 and without dropout, as GPTQ calibration does between
+    /// quantizing one group and reading the next one's input.
+    pub fn advance(&self, progress: LayerProgress, rope: &RotaryTables) -> LayerProgress {
+        self.step(progress, rope, LayerKv::Fresh, DropoutSites::NONE, (0, 0))
+    }
+
+    /// One step of the forward pass; `kv` serves the attention group, the first.
+    fn step(
+        &self,
+        progress: LayerProgress,
+        rope: &RotaryTables,
+        kv: LayerKv,
+        dropout: DropoutSites,
+        (attention_site, mlp_site): (u64, u64),
+    ) -> LayerProgress {
+        let LayerProgress {
+            group,
+            residual,
+            input,
+        } = progress;
+        let (residual, input) = match group {
+            // q, k, v: the heads' context, o_proj's input.
+            0 => (residual, self.self_attn.context_with(input, rope, kv)),
+            // o: the residual stream after attention, and its normalization, the MLP's input.
+            1 => {
+                let attended = self.self_attn.o_proj.forward(input);
+                let x = residual + dropout.apply(attended, attention_site);
+                (x.clone(), normalize(&self.post_attention_layernorm, x))
+            }
+            // gate, up: the gated activation, down_proj's input.
+            2 => (residual, self.mlp.gated(input)),
+            // down: the layer's output.
+            3 => {
+                let transformed = self.mlp.down_proj.forward(input);
+                let x = residual + dropout.apply(transformed, mlp_site);
+                (x.clone(), x)
+            }
+            _ => panic!("every group of the layer has run"),
+        };
+        LayerProgress {
+            group: group + 1,
+            residual,
+            input,
+        }
     }
 
     fn forward(
@@ -939,28 +986,53 @@ impl DecoderLayer {
         rope: &RotaryTables,
         kv: LayerKv,
         dropout: DropoutSites,
-        (attention_site, mlp_site): (u64, u64),
+        sites: (u64, u64),
     ) -> Tensor<3> {
-        let attended = self
-            .self_attn
-            .forward(self.attention_input(x.clone()), rope, kv);
-        let x = x + dropout.apply(attended, attention_site);
-        let transformed = self.mlp.forward(self.mlp_input(x.clone()));
-        x + dropout.apply(transformed, mlp_site)
+        let attended = self.step(self.begin(x), rope, kv, dropout, sites);
+        let done = (1..LayerMatrix::SEQUENTIAL_GROUPS.len()).fold(attended, |progress, _| {
+            self.step(progress, rope, LayerKv::Fresh, dropout, sites)
+        });
+        done.output()
+    }
+}
+
+/// A decoder layer's forward pass stopped where one group of its matrices
+/// ([`LayerMatrix::SEQUENTIAL_GROUPS`]) reads its input. The forward pass and GPTQ calibration
+/// both advance it, so calibration sees exactly the inputs inference computes.
+#[derive(Debug, Clone)]
+pub struct LayerProgress {
+    /// The group about to run, an index into [`LayerMatrix::SEQUENTIAL_GROUPS`].
+    group: usize,
+    /// The residual stream the running block adds to, `[batch, seq, hidden]`.
+    residual: Tensor<3>,
+    /// What the group reads, `[batch, seq, features]`; the layer's output once every group
+    /// has run.
+    input: Tensor<3>,
+}
+
+impl LayerProgress {
+    /// The group about to run, an index into [`LayerMatrix::SEQUENTIAL_GROUPS`].
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    pub fn input(&self) -> &Tensor<3> {
+        &self.input
+    }
+
+    /// The layer's output, `[batch, seq, hidden]`.
+    pub fn output(self) -> Tensor<3> {
+        assert_eq!(
+            self.group,
+            LayerMatrix::SEQUENTIAL_GROUPS.len(),
+            "the layer's output once every group has run"
+        );
+        self.input
     }
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, rope: &RotaryTables, kv: LayerKv) -> Tensor<3> {
-        self.o_proj.forward(self.context_with(x, rope, kv))
-    }
-
-    /// The heads' outputs for a whole sequence from position 0, concatenated
-    /// `[batch, seq, heads * head_dim]`: the input of `o_proj`.
-    pub fn context(&self, x: Tensor<3>, rope: &RotaryTables) -> Tensor<3> {
-        self.context_with(x, rope, LayerKv::Fresh)
-    }
-
+    /// The heads' outputs, concatenated `[batch, seq, heads * head_dim]`: the input of `o_proj`.
     fn context_with(&self, x: Tensor<3>, rope: &RotaryTables, kv: LayerKv) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         // [batch, seq, count * head_dim] -> [batch, count, seq, head_dim]
@@ -1020,12 +1092,8 @@ fn attend_after(
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(self.gated(x))
-    }
-
     /// `silu(gate(x)) * up(x)`: the input of `down_proj`.
-    pub fn gated(&self, x: Tensor<3>) -> Tensor<3> {
+    fn gated(&self, x: Tensor<3>) -> Tensor<3> {
         // [batch, seq, hidden] -> [batch, seq, intermediate] twice
         let [gate, up] = Linear::forward_together([&self.gate_proj, &self.up_proj], x);
         // [batch, seq, intermediate]

@@ -5,7 +5,8 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{QuantizeConfig, QuantizeMethod};
-use distillery_model::{DecoderLayer, LayerMatrix, Linear, Llama};
+use distillery_model::rope::RotaryTables;
+use distillery_model::{DecoderLayer, LayerMatrix, LayerProgress, Linear, Llama};
 use distillery_quant::settings;
 use distillery_quant::{
     GptqSettings, Hessian, PackedMatrix, PreparedHessian, QuantError, QuantSettings,
@@ -252,23 +253,8 @@ impl Quantizer<'_> {
             .collect();
         let rope = model.rotary_tables().clone();
         for index in 0..model.layers.len() {
-            let layer = &mut model.layers[index];
             let prefix = format!("layers.{index}");
-            hidden = if self.options.true_sequential {
-                self.sequential_layer(layer, &prefix, &rope, hidden)?
-            } else {
-                let inputs = LayerInputs::of(layer, &rope, &hidden);
-                let hessians = inputs.hessians();
-                for (group, hessian) in LayerMatrix::SEQUENTIAL_GROUPS.iter().zip(&hessians) {
-                    let first = format!("{prefix}.{}", group[0].path());
-                    let prepared = self.prepare(hessian, &first)?;
-                    for &matrix in *group {
-                        let path = format!("{prefix}.{}", matrix.path());
-                        self.gptq_linear(layer.matrix_mut(matrix), &path, &prepared)?;
-                    }
-                }
-                LayerInputs::of(layer, &rope, &hidden).outputs(layer)
-            };
+            hidden = self.gptq_layer(&mut model.layers[index], &prefix, &rope, hidden)?;
         }
         if self.options.quantize_lm_head {
             let normalized: Vec<Tensor<3>> =
@@ -281,122 +267,69 @@ impl Quantizer<'_> {
         Ok(())
     }
 
-    /// One decoder layer, each group of sublayers calibrated on the outputs of the groups
-    /// quantized before it; returns the quantized layer's outputs.
-    fn sequential_layer(
+    /// One decoder layer, each group of its matrices calibrated on its inputs as the layer's
+    /// own forward pass computes them on the calibration windows: true-sequential quantizes a
+    /// group before the next group's inputs are computed, otherwise every input comes from the
+    /// float layer. Returns the quantized layer's outputs, the next layer's inputs.
+    fn gptq_layer(
         &mut self,
         layer: &mut DecoderLayer,
         prefix: &str,
-        rope: &distillery_model::rope::RotaryTables,
+        rope: &RotaryTables,
         hidden: Vec<Tensor<3>>,
     ) -> Result<Vec<Tensor<3>>, QuantizeError> {
-        let attention_inputs: Vec<Tensor<3>> = hidden
-            .iter()
-            .map(|x| layer.attention_input(x.clone()))
-            .collect();
-        self.gptq_group(layer, prefix, 0, &attention_inputs)?;
-        let contexts: Vec<Tensor<3>> = attention_inputs
-            .into_iter()
-            .map(|x| layer.self_attn.context(x, rope))
-            .collect();
-        self.gptq_group(layer, prefix, 1, &contexts)?;
-        let residuals: Vec<Tensor<3>> = hidden
-            .into_iter()
-            .zip(contexts)
-            .map(|(x, context)| x + layer.self_attn.o_proj.forward(context))
-            .collect();
-        let mlp_inputs: Vec<Tensor<3>> = residuals
-            .iter()
-            .map(|x| layer.mlp_input(x.clone()))
-            .collect();
-        self.gptq_group(layer, prefix, 2, &mlp_inputs)?;
-        let gated: Vec<Tensor<3>> = mlp_inputs.into_iter().map(|x| layer.mlp.gated(x)).collect();
-        self.gptq_group(layer, prefix, 3, &gated)?;
-        Ok(residuals
-            .into_iter()
-            .zip(gated)
-            .map(|(x, gated)| x + layer.mlp.down_proj.forward(gated))
-            .collect())
+        let sequential = self.options.true_sequential;
+        let mut progress: Vec<LayerProgress> =
+            hidden.iter().map(|x| layer.begin(x.clone())).collect();
+        let mut hessians = Vec::new();
+        for group in LayerMatrix::SEQUENTIAL_GROUPS {
+            let inputs: Vec<Tensor<3>> = progress.iter().map(|p| p.input().clone()).collect();
+            let hessian = hessian_of(&inputs);
+            if sequential {
+                self.gptq_group(layer, prefix, group, &hessian)?;
+            } else {
+                hessians.push(hessian);
+            }
+            if sequential || hessians.len() < LayerMatrix::SEQUENTIAL_GROUPS.len() {
+                progress = progress
+                    .into_iter()
+                    .map(|p| layer.advance(p, rope))
+                    .collect();
+            }
+        }
+        if !sequential {
+            for (group, hessian) in LayerMatrix::SEQUENTIAL_GROUPS.into_iter().zip(&hessians) {
+                self.gptq_group(layer, prefix, group, hessian)?;
+            }
+            // The next layer reads the quantized layer's outputs.
+            progress = hidden
+                .into_iter()
+                .map(|x| {
+                    let start = layer.begin(x);
+                    LayerMatrix::SEQUENTIAL_GROUPS
+                        .iter()
+                        .fold(start, |p, _| layer.advance(p, rope))
+                })
+                .collect();
+        }
+        Ok(progress.into_iter().map(LayerProgress::output).collect())
     }
 
+    /// Quantizes one group of a layer's matrices, which share their inputs' `hessian`.
     fn gptq_group(
         &mut self,
         layer: &mut DecoderLayer,
         prefix: &str,
-        group: usize,
-        inputs: &[Tensor<3>],
+        matrices: &[LayerMatrix],
+        hessian: &Hessian,
     ) -> Result<(), QuantizeError> {
-        let matrices = LayerMatrix::SEQUENTIAL_GROUPS[group];
         let first = format!("{prefix}.{}", matrices[0].path());
-        let prepared = self.prepare(&hessian_of(inputs), &first)?;
+        let prepared = self.prepare(hessian, &first)?;
         for &matrix in matrices {
             let path = format!("{prefix}.{}", matrix.path());
             self.gptq_linear(layer.matrix_mut(matrix), &path, &prepared)?;
         }
         Ok(())
-    }
-}
-
-/// The inputs of a layer's four sublayer groups on the calibration windows, all computed with
-/// the layer's current weights.
-struct LayerInputs {
-    attention: Vec<Tensor<3>>,
-    context: Vec<Tensor<3>>,
-    /// The residual stream after attention.
-    residual: Vec<Tensor<3>>,
-    mlp: Vec<Tensor<3>>,
-    gated: Vec<Tensor<3>>,
-}
-
-impl LayerInputs {
-    fn of(
-        layer: &DecoderLayer,
-        rope: &distillery_model::rope::RotaryTables,
-        hidden: &[Tensor<3>],
-    ) -> Self {
-        let attention: Vec<Tensor<3>> = hidden
-            .iter()
-            .map(|x| layer.attention_input(x.clone()))
-            .collect();
-        let context: Vec<Tensor<3>> = attention
-            .iter()
-            .map(|x| layer.self_attn.context(x.clone(), rope))
-            .collect();
-        let residual: Vec<Tensor<3>> = hidden
-            .iter()
-            .zip(&context)
-            .map(|(x, context)| x.clone() + layer.self_attn.o_proj.forward(context.clone()))
-            .collect();
-        let mlp: Vec<Tensor<3>> = residual
-            .iter()
-            .map(|x| layer.mlp_input(x.clone()))
-            .collect();
-        let gated = mlp.iter().map(|x| layer.mlp.gated(x.clone())).collect();
-        Self {
-            attention,
-            context,
-            residual,
-            mlp,
-            gated,
-        }
-    }
-
-    /// One Hessian per group of [`LayerMatrix::SEQUENTIAL_GROUPS`].
-    fn hessians(&self) -> [Hessian; 4] {
-        [
-            hessian_of(&self.attention),
-            hessian_of(&self.context),
-            hessian_of(&self.mlp),
-            hessian_of(&self.gated),
-        ]
-    }
-
-    fn outputs(self, layer: &DecoderLayer) -> Vec<Tensor<3>> {
-        self.residual
-            .into_iter()
-            .zip(self.gated)
-            .map(|(x, gated)| x + layer.mlp.down_proj.forward(gated))
-            .collect()
     }
 }
 
