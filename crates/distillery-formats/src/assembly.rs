@@ -91,10 +91,10 @@ impl ModelAssembly {
                 TensorData::new(values, [length]),
                 &self.device,
             )),
-            [rows, cols] if name == "model.embed_tokens.weight" => Slot::Matrix(Weight::Float(
+            [rows, cols] if name == "model.embed_tokens.weight" => Slot::Matrix(Weight::float(
                 Tensor::from_data(TensorData::new(values, [rows, cols]), &self.device),
             )),
-            [outputs, inputs] => Slot::Matrix(Weight::Float(distillery_model::in_out_weight(
+            [outputs, inputs] => Slot::Matrix(Weight::float(distillery_model::in_out_weight(
                 &values,
                 outputs,
                 inputs,
@@ -135,7 +135,7 @@ impl ModelAssembly {
             return Err(format!("`{name}` is not a matrix that can be quantized"));
         }
         self.slots
-            .insert(name.to_string(), Slot::Matrix(Weight::Quantized(weight)));
+            .insert(name.to_string(), Slot::Matrix(Weight::quantized(weight)));
         Ok(())
     }
 

@@ -315,6 +315,66 @@ mod tests {
         assert!(worst < 1e-4, "logits differ by {worst}");
     }
 
+    /// The parameter paths checkpoints and optimizer moments are keyed by, and the float
+    /// parameters counted: a quantized weight is none of them.
+    #[test]
+    fn float_weights_are_parameters_under_their_field_names_and_quantized_ones_are_not() {
+        #[derive(Default)]
+        struct Paths {
+            path: Vec<String>,
+            found: Vec<(String, usize)>,
+        }
+        impl burn::module::ModuleVisitor for Paths {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                self.found
+                    .push((self.path.join("."), param.shape().num_elements()));
+            }
+        }
+        let paths = |model: &Llama| {
+            let mut visitor = Paths::default();
+            model.visit(&mut visitor);
+            visitor.found
+        };
+        let device = Device::flex();
+        let mut model = Llama::new(&config(false), 0.0, 2, &device).unwrap();
+        let float = paths(&model);
+        assert_eq!(float[0], ("embed_tokens".to_string(), 50 * 32));
+        assert_eq!(
+            float[2],
+            ("layers.0.self_attn.q_proj.weight".to_string(), 32 * 32)
+        );
+        assert_eq!(float.last().unwrap().0, "lm_head.weight");
+        assert_eq!(
+            model.num_params(),
+            float.iter().map(|(_, n)| n).sum::<usize>()
+        );
+
+        let table = model.embedding_values();
+        let matrix = distillery_quant::int8_absmax(&table, 50, 32, None).unwrap();
+        model.set_packed_embedding(distillery_quant::PackedMatrix::from_quantized(&matrix));
+        let q_proj = &mut model.layers[0].self_attn.q_proj;
+        let matrix = distillery_quant::int8_absmax(&q_proj.weight_out_in(), 32, 32, None).unwrap();
+        *q_proj = Linear::quantized(distillery_quant::PackedMatrix::from_quantized(&matrix));
+        let quantized = paths(&model);
+        let gone: Vec<&str> = float
+            .iter()
+            .filter(|entry| !quantized.contains(entry))
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert_eq!(gone, ["embed_tokens", "layers.0.self_attn.q_proj.weight"]);
+        assert_eq!(quantized.len(), float.len() - 2);
+        assert_eq!(
+            model.num_params(),
+            quantized.iter().map(|(_, n)| n).sum::<usize>()
+        );
+    }
+
     /// A model's weights handed back to [`Llama::from_weights`] make the same model; a shape
     /// the config does not imply is refused naming the weight.
     #[test]
@@ -324,7 +384,7 @@ mod tests {
             let config = config(tie);
             let model = Llama::new(&config, 0.0, 6, &device).unwrap();
             let weights = |model: &Llama| LlamaWeights {
-                embed_tokens: Weight::Float(model.embedding().unwrap().val()),
+                embed_tokens: Weight::float(model.embedding().unwrap().val()),
                 layers: model
                     .layers
                     .iter()
@@ -332,7 +392,7 @@ mod tests {
                         input_layernorm: layer.input_layernorm.gamma.val(),
                         post_attention_layernorm: layer.post_attention_layernorm.gamma.val(),
                         matrices: LayerMatrix::ALL.map(|matrix| {
-                            Weight::Float(layer.matrix(matrix).float_weight().unwrap().val())
+                            Weight::float(layer.matrix(matrix).float_weight().unwrap().val())
                         }),
                     })
                     .collect(),
@@ -340,7 +400,7 @@ mod tests {
                 lm_head: model
                     .lm_head
                     .as_ref()
-                    .map(|head| Weight::Float(head.float_weight().unwrap().val())),
+                    .map(|head| Weight::float(head.float_weight().unwrap().val())),
             };
             let assembled = Llama::from_weights(&config, weights(&model), &device).unwrap();
             let ids: Vec<i64> = (0..9).map(|i| (i * 13 + 5) % 50).collect();
@@ -349,7 +409,7 @@ mod tests {
                 flat(model.forward(tokens(&ids, &device)))
             );
             let mut wrong = weights(&model);
-            wrong.layers[1].matrices[6] = Weight::Float(Tensor::zeros([3, 32], &device));
+            wrong.layers[1].matrices[6] = Weight::float(Tensor::zeros([3, 32], &device));
             let error = Llama::from_weights(&config, wrong, &device)
                 .unwrap_err()
                 .to_string();

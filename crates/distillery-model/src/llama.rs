@@ -5,7 +5,9 @@
 //! Linear weights are stored `[in, out]` (burn's layout); Hugging Face's `[out, in]` is a
 //! transpose at the file boundary.
 
-use burn::module::{Module, Param};
+use burn::module::{
+    Content, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param,
+};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::{embedding, linear};
 use std::sync::Arc;
@@ -27,15 +29,121 @@ use crate::{KvCache, LayerMatrix, LlamaConfig, ModelError};
 /// `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
-/// A linear map without bias, `y = x W` with `W: [in, out]`, whose weight is either a float
-/// parameter or a quantized matrix.
+/// A weight matrix: float values, the parameter training updates and files hold, or a
+/// quantized matrix to compute with.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// burn's layout: `[in, out]` for a linear map, `[vocab, hidden]` for the token embedding.
+    Float(Param<Tensor<2>>),
+    /// Output channels (or tokens) as rows.
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl Weight {
+    pub fn float(values: Tensor<2>) -> Self {
+        Self::Float(Param::from_tensor(values))
+    }
+
+    pub fn quantized(weight: impl Into<QuantizedWeight>) -> Self {
+        Self::Quantized(Arc::new(weight.into()))
+    }
+
+    pub fn as_float(&self) -> Option<&Param<Tensor<2>>> {
+        match self {
+            Self::Float(values) => Some(values),
+            Self::Quantized(_) => None,
+        }
+    }
+
+    pub fn as_quantized(&self) -> Option<&QuantizedWeight> {
+        match self {
+            Self::Float(_) => None,
+            Self::Quantized(quantized) => Some(quantized),
+        }
+    }
+}
+
+/// The float variant is a parameter under the field's own name, as an `Option<Param>` would
+/// be (burn's derive for an enum would add the variant's name to the path); a quantized matrix
+/// is no parameter: optimizers and stores pass it by.
+impl Module for Weight {
+    fn collect_devices(&self, devices: Vec<Device>) -> Vec<Device> {
+        match self {
+            Self::Float(values) => Module::collect_devices(values, devices),
+            Self::Quantized(_) => devices,
+        }
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::fork(values, device)),
+            quantized => quantized,
+        }
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::to_device(values, device)),
+            quantized => quantized,
+        }
+    }
+
+    fn train(self) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::train(values)),
+            quantized => quantized,
+        }
+    }
+
+    fn valid(&self) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::valid(values)),
+            quantized => quantized.clone(),
+        }
+    }
+
+    fn materialize(self) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::materialize(values)),
+            quantized => quantized,
+        }
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        if let Self::Float(values) = self {
+            Module::visit(values, visitor);
+        }
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(Module::map(values, mapper)),
+            quantized => quantized,
+        }
+    }
+}
+
+impl ModuleDisplayDefault for Weight {
+    fn content(&self, content: Content) -> Option<Content> {
+        match self {
+            Self::Float(values) => ModuleDisplayDefault::content(values, content),
+            Self::Quantized(quantized) => content
+                .add_formatted(&format!(
+                    "Quantized {{rows: {}, cols: {}}}",
+                    quantized.rows(),
+                    quantized.cols()
+                ))
+                .optional(),
+        }
+    }
+}
+
+impl ModuleDisplay for Weight {}
+
+/// A linear map without bias, `y = x W` with `W: [in, out]`.
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[in, out]`; `None` once the layer is quantized.
-    weight: Option<Param<Tensor<2>>>,
-    /// The quantized weight, output channels as rows.
-    #[module(skip)]
-    quantized: Option<Arc<QuantizedWeight>>,
+    weight: Weight,
     /// How a quantized weight's products treat their inputs.
     #[module(skip)]
     rounding: ActivationRounding,
@@ -55,27 +163,25 @@ const PROMPT_ROWS: usize = 512;
 impl Linear {
     pub fn new(weight: Param<Tensor<2>>) -> Self {
         Self {
-            weight: Some(weight),
-            quantized: None,
+            weight: Weight::Float(weight),
             rounding: ActivationRounding::default(),
         }
     }
 
     pub fn quantized(weight: impl Into<QuantizedWeight>) -> Self {
         Self {
-            weight: None,
-            quantized: Some(Arc::new(weight.into())),
+            weight: Weight::quantized(weight),
             rounding: ActivationRounding::default(),
         }
     }
 
     /// The float weight `[in, out]`, unless the layer is quantized.
     pub fn float_weight(&self) -> Option<&Param<Tensor<2>>> {
-        self.weight.as_ref()
+        self.weight.as_float()
     }
 
     pub fn quantized_weight(&self) -> Option<&QuantizedWeight> {
-        self.quantized.as_deref()
+        self.weight.as_quantized()
     }
 
     /// The quantized weight when it is in distillery's packed layout.
@@ -89,7 +195,7 @@ impl Linear {
 
     /// The same map with a float weight: a quantized weight's dequantized values.
     pub fn to_float(&self, device: &Device) -> Linear {
-        let Some(quantized) = &self.quantized else {
+        let Weight::Quantized(quantized) = &self.weight else {
             return self.clone();
         };
         let weight = in_out_weight(
@@ -104,16 +210,15 @@ impl Linear {
     /// The weight as `[out, in]` row-major values (Hugging Face's layout), dequantized when the
     /// layer is quantized.
     pub fn weight_out_in(&self) -> Vec<f32> {
-        match (&self.weight, &self.quantized) {
-            (Some(weight), _) => weight
+        match &self.weight {
+            Weight::Float(weight) => weight
                 .val()
                 .transpose()
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec()
                 .expect("weights are f32"),
-            (None, Some(quantized)) => quantized.dequantize(),
-            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+            Weight::Quantized(quantized) => quantized.dequantize(),
         }
     }
 
@@ -121,15 +226,14 @@ impl Linear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product();
         let x = x.reshape([rows, dims[D - 1]]);
-        let y = match (&self.weight, &self.quantized) {
+        let y = match &self.weight {
             // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
             // per batch entry, and its weight gradient would be a sum of per-batch products.
-            (Some(weight), _) if rows <= FEW_ROWS && !x.is_autodiff() => {
+            Weight::Float(weight) if rows <= FEW_ROWS && !x.is_autodiff() => {
                 rows_times_matrix(x, weight.val())
             }
-            (Some(weight), _) => linear(x, weight.val(), None),
-            (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),
-            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+            Weight::Float(weight) => linear(x, weight.val(), None),
+            Weight::Quantized(quantized) => quantized_product(quantized, x, self.rounding),
         };
         dims[D - 1] = self.d_output();
         y.reshape(dims)
@@ -147,8 +251,9 @@ impl Linear {
         let quantized: Option<Vec<&QuantizedWeight>> = linears
             .iter()
             .map(|linear| {
-                let rounds = linear.weight.is_none() && linear.rounds_inputs(rows);
-                rounds.then(|| linear.quantized_weight()).flatten()
+                linear
+                    .quantized_weight()
+                    .filter(|_| linear.rounds_inputs(rows))
             })
             .collect();
         let Some(quantized) = quantized else {
@@ -172,18 +277,16 @@ impl Linear {
     }
 
     pub fn d_input(&self) -> usize {
-        match (&self.weight, &self.quantized) {
-            (Some(weight), _) => weight.dims()[0],
-            (None, Some(quantized)) => quantized.cols(),
-            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        match &self.weight {
+            Weight::Float(weight) => weight.dims()[0],
+            Weight::Quantized(quantized) => quantized.cols(),
         }
     }
 
     pub fn d_output(&self) -> usize {
-        match (&self.weight, &self.quantized) {
-            (Some(weight), _) => weight.dims()[1],
-            (None, Some(quantized)) => quantized.rows(),
-            (None, None) => unreachable!("a linear layer has a float or a quantized weight"),
+        match &self.weight {
+            Weight::Float(weight) => weight.dims()[1],
+            Weight::Quantized(quantized) => quantized.rows(),
         }
     }
 }
@@ -259,11 +362,8 @@ pub struct DecoderLayer {
 
 #[derive(Module, Debug)]
 pub struct Llama {
-    /// `[vocab, hidden]`; `None` once the table is quantized.
-    embed_tokens: Option<Param<Tensor<2>>>,
-    /// The quantized table, one row per token.
-    #[module(skip)]
-    embed_quantized: Option<Arc<QuantizedWeight>>,
+    /// `[vocab, hidden]` floats, or a quantized table of one row per token.
+    embed_tokens: Weight,
     /// How the tied output projection of a quantized table treats its inputs.
     #[module(skip)]
     rounding: ActivationRounding,
@@ -356,16 +456,6 @@ pub fn in_out_weight(out_in: &[f32], outputs: usize, inputs: usize, device: &Dev
     Tensor::from_data(TensorData::new(in_out, [inputs, outputs]), device)
 }
 
-/// A weight matrix handed to [`Llama::from_weights`].
-#[derive(Debug)]
-pub enum Weight {
-    /// Float values in burn's layout: `[in, out]` for a linear map, `[vocab, hidden]` for the
-    /// token embedding.
-    Float(Tensor<2>),
-    /// Output channels (or tokens) as rows.
-    Quantized(QuantizedWeight),
-}
-
 /// A decoder layer's weights.
 #[derive(Debug)]
 pub struct LayerWeights {
@@ -403,21 +493,16 @@ fn linear_from(
     inputs: usize,
     outputs: usize,
 ) -> Result<Linear, ModelError> {
-    match weight {
-        Weight::Float(values) => {
-            check_shape(&path, values.dims().to_vec(), vec![inputs, outputs])?;
-            Ok(Linear::new(Param::from_tensor(values)))
-        }
-        Weight::Quantized(quantized) => {
-            // Quantized matrices keep output channels as rows.
-            check_shape(
-                &path,
-                vec![quantized.cols(), quantized.rows()],
-                vec![inputs, outputs],
-            )?;
-            Ok(Linear::quantized(quantized))
-        }
-    }
+    let shape = match &weight {
+        Weight::Float(values) => values.dims().to_vec(),
+        // Quantized matrices keep output channels as rows.
+        Weight::Quantized(quantized) => vec![quantized.cols(), quantized.rows()],
+    };
+    check_shape(&path, shape, vec![inputs, outputs])?;
+    Ok(Linear {
+        weight,
+        rounding: ActivationRounding::default(),
+    })
 }
 
 impl Llama {
@@ -472,8 +557,7 @@ impl Llama {
             (!config.tie_word_embeddings).then(|| init.linear(hidden, config.vocab_size, INIT_STD));
 
         Ok(Self {
-            embed_tokens: Some(embed_tokens),
-            embed_quantized: None,
+            embed_tokens: Weight::Float(embed_tokens),
             rounding: ActivationRounding::default(),
             layers,
             norm: norm(),
@@ -586,23 +670,13 @@ impl Llama {
             .map(|head| linear_from("lm_head".into(), head, hidden, config.vocab_size))
             .transpose()?;
         let table = [config.vocab_size, hidden];
-        let (embed_tokens, embed_quantized) = match weights.embed_tokens {
-            Weight::Float(values) => {
-                check_shape("embed_tokens", values.dims().to_vec(), table.to_vec())?;
-                (Some(Param::from_tensor(values)), None)
-            }
-            Weight::Quantized(quantized) => {
-                check_shape(
-                    "embed_tokens",
-                    vec![quantized.rows(), quantized.cols()],
-                    table.to_vec(),
-                )?;
-                (None, Some(Arc::new(quantized)))
-            }
+        let shape = match &weights.embed_tokens {
+            Weight::Float(values) => values.dims().to_vec(),
+            Weight::Quantized(quantized) => vec![quantized.rows(), quantized.cols()],
         };
+        check_shape("embed_tokens", shape, table.to_vec())?;
         Ok(Self {
-            embed_tokens,
-            embed_quantized,
+            embed_tokens: weights.embed_tokens,
             rounding: ActivationRounding::default(),
             layers,
             norm: norm("norm".into(), weights.norm)?,
@@ -631,16 +705,15 @@ impl Llama {
 
     /// The float token embedding `[vocab, hidden]`, unless it is quantized.
     pub fn embedding(&self) -> Option<&Param<Tensor<2>>> {
-        self.embed_tokens.as_ref()
+        self.embed_tokens.as_float()
     }
 
     pub fn set_embedding(&mut self, table: Param<Tensor<2>>) {
-        self.embed_tokens = Some(table);
-        self.embed_quantized = None;
+        self.embed_tokens = Weight::Float(table);
     }
 
     pub fn quantized_embedding(&self) -> Option<&QuantizedWeight> {
-        self.embed_quantized.as_deref()
+        self.embed_tokens.as_quantized()
     }
 
     /// The quantized table when it is in distillery's packed layout.
@@ -652,7 +725,7 @@ impl Llama {
     pub fn with_float_embedding_and_head(&self) -> Llama {
         let mut model = self.clone();
         let device = model.device();
-        if model.embed_quantized.is_some() {
+        if model.quantized_embedding().is_some() {
             let [vocab, hidden] = [self.config.vocab_size, self.config.hidden_size];
             model.set_embedding(Param::from_data(
                 TensorData::new(model.embedding_values(), [vocab, hidden]),
@@ -697,7 +770,7 @@ impl Llama {
 
     /// Whether any weight is quantized (so the activation rounding matters).
     pub fn is_quantized(&self) -> bool {
-        self.embed_quantized.is_some()
+        self.quantized_embedding().is_some()
             || self
                 .linears()
                 .iter()
@@ -707,24 +780,22 @@ impl Llama {
     /// Replaces the token embedding (and, when tied, the output projection) by a quantized
     /// table with one row per token.
     pub fn set_packed_embedding(&mut self, table: impl Into<QuantizedWeight>) {
-        self.embed_tokens = None;
-        self.embed_quantized = Some(Arc::new(table.into()));
+        self.embed_tokens = Weight::quantized(table);
     }
 
     /// The token embedding as `[vocab, hidden]` row-major values, dequantized when quantized.
     pub fn embedding_values(&self) -> Vec<f32> {
-        match (&self.embed_tokens, &self.embed_quantized) {
-            (Some(table), _) => host_values(table.val()),
-            (None, Some(quantized)) => quantized.dequantize(),
-            (None, None) => unreachable!("the model has a float or a quantized embedding"),
+        match &self.embed_tokens {
+            Weight::Float(table) => host_values(table.val()),
+            Weight::Quantized(quantized) => quantized.dequantize(),
         }
     }
 
     /// `[batch, seq, hidden]` embeddings of `tokens`.
     pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        match (&self.embed_tokens, &self.embed_quantized) {
-            (Some(table), _) => embedding(table.val(), tokens),
-            (None, Some(quantized)) => {
+        match &self.embed_tokens {
+            Weight::Float(table) => embedding(table.val(), tokens),
+            Weight::Quantized(quantized) => {
                 let [batch, seq] = tokens.dims();
                 let ids: Vec<usize> = tokens
                     .into_data()
@@ -739,7 +810,6 @@ impl Llama {
                     &self.device(),
                 )
             }
-            (None, None) => unreachable!("the model has a float or a quantized embedding"),
         }
     }
 
@@ -750,13 +820,12 @@ impl Llama {
         }
         let [batch, seq, hidden] = x.dims();
         let x = x.reshape([batch * seq, hidden]);
-        let logits = match (&self.embed_tokens, &self.embed_quantized) {
-            (Some(table), _) if batch * seq <= FEW_ROWS && !x.is_autodiff() => {
+        let logits = match &self.embed_tokens {
+            Weight::Float(table) if batch * seq <= FEW_ROWS && !x.is_autodiff() => {
                 rows_times_matrix(x, table.val().transpose())
             }
-            (Some(table), _) => x.matmul(table.val().transpose()),
-            (None, Some(quantized)) => quantized_product(quantized, x, self.rounding),
-            (None, None) => unreachable!("the model has a float or a quantized embedding"),
+            Weight::Float(table) => x.matmul(table.val().transpose()),
+            Weight::Quantized(quantized) => quantized_product(quantized, x, self.rounding),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
     }
