@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 
-use distillery_train::{BackendCheck, check_against_cpu, list_devices};
+use distillery_run::list_devices;
+use distillery_train::{BackendCheck, check_against_cpu};
 
 use crate::ConfigArgs;
 

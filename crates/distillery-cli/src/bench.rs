@@ -170,7 +170,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         batch,
     } = args;
     let config = config.load()?;
-    let data = distillery_train::prepare_data(&config)?;
+    let data = distillery_run::prepare_data(&config)?;
     anyhow::ensure!(
         prompt_tokens >= 1 && prompt_tokens < data.splits.validation.len(),
         "--prompt-tokens must be between 1 and the validation split's length"

@@ -458,15 +458,13 @@ pub fn measure_throughput(
     batch: Option<usize>,
 ) -> anyhow::Result<(f64, String)> {
     const RUNS: usize = 3;
-    let data = distillery_train::prepare_data(config)?;
+    let data = distillery_run::prepare_data(config)?;
     let validation = &data.splits.validation;
     let (loaded, load_seconds) = crate::models::load_model_timed(config, model, &data.tokenizer)?;
     let (prompt_tokens, new_tokens) =
         standard_lengths(loaded.model.config().max_position_embeddings);
-    let machine = distillery_train::backend_description(
-        &config.run,
-        &distillery_train::device_for(&config.run)?,
-    );
+    let machine =
+        distillery_run::backend_description(&config.run, &distillery_run::device_for(&config.run)?);
     let prompt = &validation[..prompt_tokens.min(validation.len())];
     if let Some(path) = &draft.draft {
         let draft_model = crate::models::load_model(config, path, &data.tokenizer)?;

@@ -103,9 +103,9 @@ pub fn recorded_config(model: &std::path::Path) -> anyhow::Result<PathBuf> {
     } else {
         model.to_path_buf()
     };
-    let directory = distillery_train::checkpoint::resolve_checkpoint(&checkpoint)
+    let directory = distillery_run::checkpoint::resolve_checkpoint(&checkpoint)
         .with_context(|| format!("{}: give the experiment config", model.display()))?;
-    Ok(directory.join(distillery_train::checkpoint::RUN_CONFIG_FILE))
+    Ok(directory.join(distillery_run::checkpoint::RUN_CONFIG_FILE))
 }
 
 /// The exports of the config's `[export]` section, into `out_dir`: `<run>-hf/`, `<run>-gptq/`

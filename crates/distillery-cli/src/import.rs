@@ -33,7 +33,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let device = distillery_train::device_for(&config.run)?;
+    let device = distillery_run::device_for(&config.run)?;
     let (source_path, model) = match (&args.hf_dir, &args.gguf) {
         (Some(dir), _) => {
             let theirs_path = dir.join(source::TOKENIZER_FILE);

@@ -25,6 +25,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distillery_config::{ConfigError, ExperimentConfig};
 use distillery_distill::DistillError;
+use distillery_quantize::QuantizeError;
+use distillery_run::RunError;
 use distillery_train::TrainError;
 
 /// Exit status for configuration errors (a wrong key, type or value), as for usage errors.
@@ -173,12 +175,15 @@ fn keep_freed_memory() {
 }
 
 fn is_config_error(error: &anyhow::Error) -> bool {
+    let late = |error: &RunError| matches!(error, RunError::Config { .. });
     error.chain().any(|cause| {
         cause.is::<ConfigError>()
-            || matches!(cause.downcast_ref(), Some(TrainError::Config { .. }))
+            || matches!(cause.downcast_ref(), Some(TrainError::Run(error)) if late(error))
+            || matches!(cause.downcast_ref(), Some(QuantizeError::Run(error)) if late(error))
+            || matches!(cause.downcast_ref(), Some(DistillError::Config { .. }))
             || matches!(
                 cause.downcast_ref(),
-                Some(DistillError::Config { .. } | DistillError::Train(TrainError::Config { .. }))
+                Some(DistillError::Train(TrainError::Run(error))) if late(error)
             )
     })
 }

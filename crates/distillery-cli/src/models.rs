@@ -10,8 +10,9 @@ use distillery_data::TextTokenizer;
 use distillery_formats::{quantized, source};
 use distillery_model::Llama;
 use distillery_quant::ActivationRounding;
-use distillery_train::checkpoint::MODEL_FILE;
-use distillery_train::{EvalMetrics, load_for_inference};
+use distillery_run::checkpoint::MODEL_FILE;
+use distillery_run::load_for_inference;
+use distillery_train::EvalMetrics;
 
 pub enum ModelKind {
     Checkpoint {
@@ -68,7 +69,7 @@ pub fn load_model(
     path: &Path,
     tokenizer: &TextTokenizer,
 ) -> anyhow::Result<LoadedModel> {
-    let device = distillery_train::device_for(&config.run)?;
+    let device = distillery_run::device_for(&config.run)?;
     if source::is_gguf(path) {
         let vocabulary =
             source::tokenizer_vocabulary(&config.data.tokenizer, tokenizer.eos_token_id())?;
@@ -227,7 +228,7 @@ pub fn evaluation_rows(
     models: &[LoadedModel],
     mut predictions: Option<&mut Vec<Vec<u32>>>,
 ) -> anyhow::Result<Vec<EvalRow>> {
-    let data = distillery_train::prepare_data(config)?;
+    let data = distillery_run::prepare_data(config)?;
     let metrics: Vec<EvalMetrics> = models
         .iter()
         .map(|loaded| {

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use distillery_config::{ConfigError, ExperimentConfig, PipelineConfig, StageConfig, StageKind};
-use distillery_train::checkpoint::{latest_checkpoint, read_progress};
+use distillery_run::checkpoint::{latest_checkpoint, read_progress};
 use distillery_train::{NextTokenObjective, Resume, TrainOptions, TrainOutcome};
 use serde::{Deserialize, Serialize};
 
@@ -288,7 +288,7 @@ fn run_stage(
                     model: None,
                 });
             }
-            let data = distillery_train::prepare_data(config)?;
+            let data = distillery_run::prepare_data(config)?;
             let mut loaded = Vec::new();
             let mut load_seconds = Vec::new();
             for name in &stage.settings.models {

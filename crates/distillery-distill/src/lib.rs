@@ -10,9 +10,8 @@ pub mod teacher_cache;
 use std::path::PathBuf;
 
 use distillery_config::{ExperimentConfig, StudentInit, TeacherSource};
-use distillery_train::{
-    CheckpointError, RunData, TrainError, TrainOptions, TrainOutcome, device_for, prepare_data,
-};
+use distillery_run::{CheckpointError, RunData, RunError, device_for, prepare_data};
+use distillery_train::{TrainError, TrainOptions, TrainOutcome};
 
 use crate::teacher_cache::{TeacherCacheHeader, TeacherCacheReader};
 
@@ -36,6 +35,13 @@ pub enum DistillError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Train(#[from] TrainError),
+}
+
+/// The run's shared errors reach a distillation as they reach training.
+impl From<RunError> for DistillError {
+    fn from(error: RunError) -> Self {
+        Self::Train(TrainError::Run(error))
+    }
 }
 
 /// The teacher and distillation settings of `config`, checked against the student;
@@ -159,7 +165,7 @@ pub fn compare_with_teacher(
 ) -> Result<TeacherComparison, DistillError> {
     let data = prepare_data(config)?;
     let mut objective = objective_with_data(config, origin, &data)?;
-    let (_, _, model) = distillery_train::load_for_inference(config, checkpoint, &data.tokenizer)?;
+    let (_, _, model) = distillery_run::load_for_inference(config, checkpoint, &data.tokenizer)?;
     let windows = distillery_data::ValidationWindows::new(
         data.splits.validation.clone(),
         config.data.seq_len,

@@ -113,8 +113,8 @@ impl distillery_train::Objective for DistillObjective {
             return self
                 .cached_loss(model.forward(inputs), targets, mask, index)
                 .map_err(|error| match error {
-                    DistillError::Cache { path, message } => TrainError::Run { path, message },
-                    other => TrainError::Run {
+                    DistillError::Cache { path, message } => TrainError::Path { path, message },
+                    other => TrainError::Path {
                         path: self.teacher.directory().to_path_buf(),
                         message: other.to_string(),
                     },

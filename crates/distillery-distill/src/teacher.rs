@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor};
 use distillery_config::{TeacherCheckpoint, TeacherConfig};
 use distillery_data::TextTokenizer;
 use distillery_model::{Llama, LlamaConfig};
-use distillery_train::checkpoint;
+use distillery_run::checkpoint;
 
 use crate::DistillError;
 

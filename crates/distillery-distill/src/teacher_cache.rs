@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use distillery_config::ExperimentConfig;
 use distillery_data::WindowSampler;
-use distillery_train::seeds::{Stream, derive_seed};
-use distillery_train::{RunData, batch_tensors};
+use distillery_run::RunData;
+use distillery_run::seeds::{Stream, derive_seed};
+use distillery_train::batch_tensors;
 
 use crate::DistillError;
 use crate::teacher::Teacher;

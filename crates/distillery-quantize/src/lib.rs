@@ -18,7 +18,7 @@ pub enum QuantizeError {
     #[error("{0}")]
     Settings(String),
     #[error(transparent)]
-    Train(#[from] distillery_train::TrainError),
+    Run(#[from] distillery_run::RunError),
     #[error(transparent)]
     Data(#[from] distillery_data::DataError),
     #[error(transparent)]

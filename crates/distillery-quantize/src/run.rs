@@ -6,7 +6,7 @@ use std::time::Instant;
 use distillery_config::{ExperimentConfig, QuantizeMethod};
 use distillery_data::{TokenSpan, WindowSampler};
 use distillery_model::Llama;
-use distillery_train::seeds::{Stream, derive_seed};
+use distillery_run::seeds::{Stream, derive_seed};
 
 use crate::QuantizeError;
 use crate::model::{Calibration, MatrixOutcome, Progress, QuantizeOptions, quantize_model};
@@ -36,8 +36,7 @@ fn load_source(
     source: &Path,
     tokenizer: &distillery_data::TextTokenizer,
 ) -> Result<(PathBuf, usize, Llama), QuantizeError> {
-    let device =
-        distillery_train::device_for(&config.run).map_err(distillery_train::TrainError::from)?;
+    let device = distillery_run::device_for(&config.run).map_err(distillery_run::RunError::from)?;
     if distillery_formats::source::is_gguf(source) {
         let vocabulary = distillery_formats::source::tokenizer_vocabulary(
             &config.data.tokenizer,
@@ -60,7 +59,7 @@ fn load_source(
         let model = distillery_formats::hf::import(source, &device)?;
         return Ok((source.to_path_buf(), 0, model));
     }
-    Ok(distillery_train::load_for_inference(
+    Ok(distillery_run::load_for_inference(
         config, source, tokenizer,
     )?)
 }
@@ -75,7 +74,7 @@ pub fn quantize_run(
         .quantize
         .as_ref()
         .ok_or_else(|| QuantizeError::Settings("the config has no [quantize] section".into()))?;
-    let data = distillery_train::prepare_data(config)?;
+    let data = distillery_run::prepare_data(config)?;
     // A run that has not trained yet is its pretrained model.
     let source = match (&settings.checkpoint, &config.model.from) {
         (Some(checkpoint), _) => checkpoint.clone(),

@@ -19,11 +19,12 @@ use distillery_config::{Backend, ExperimentConfig, Precision};
 use distillery_model::{Llama, LlamaConfig};
 use serde::Serialize;
 
-use crate::checkpoint::{MODEL_FILE, step_dir_name};
 use crate::{
-    METRICS_FILE, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome,
-    backend_description, device_for, prepare_data, read_records, train,
+    METRICS_FILE, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome, read_records,
+    train,
 };
+use distillery_run::checkpoint::{MODEL_FILE, step_dir_name};
+use distillery_run::{RunError, backend_description, device_for, prepare_data};
 
 pub const LOGIT_TOLERANCE: f64 = 1e-4;
 pub const LOSS_TOLERANCE: f64 = 1e-4;
@@ -64,18 +65,20 @@ pub fn check_against_cpu(
     scratch: &Path,
 ) -> Result<BackendCheck, TrainError> {
     if config.run.backend == Backend::Cpu {
-        return Err(TrainError::Config {
+        return Err(RunError::Config {
             origin: "run.backend".into(),
             message: "the check compares a backend with cpu: set run.backend to another one".into(),
-        });
+        }
+        .into());
     }
     if config.run.dtype != Precision::F32 {
-        return Err(TrainError::Config {
+        return Err(RunError::Config {
             origin: "run.dtype".into(),
             message: "the check compares with cpu in f32, where its tolerances hold: leave \
                       run.dtype at f32"
                 .into(),
-        });
+        }
+        .into());
     }
     let cpu = one_step_config(config, Backend::Cpu, scratch);
     let other = one_step_config(config, config.run.backend, scratch);
@@ -185,7 +188,7 @@ fn train_one_step(config: &ExperimentConfig) -> Result<OneStep, TrainError> {
     let summary = match train(config, &options, &mut NextTokenObjective)? {
         TrainOutcome::Completed(summary) => summary,
         TrainOutcome::Interrupted { checkpoint, .. } => {
-            return Err(TrainError::Run {
+            return Err(TrainError::Path {
                 path: checkpoint,
                 message: "interrupted".into(),
             });
@@ -195,7 +198,7 @@ fn train_one_step(config: &ExperimentConfig) -> Result<OneStep, TrainError> {
     let train_loss = read_records(&metrics_file)?
         .iter()
         .find_map(|record| record.values.get("train/loss").copied())
-        .ok_or_else(|| TrainError::Run {
+        .ok_or_else(|| TrainError::Path {
             path: metrics_file.clone(),
             message: "has no train/loss".into(),
         })?;
@@ -212,7 +215,7 @@ fn train_one_step(config: &ExperimentConfig) -> Result<OneStep, TrainError> {
 /// Every tensor of an f32 burnpack file by name, read by burn-pack's own reader rather than
 /// through the model, so that a loading bug cannot hide a difference.
 fn f32_tensors(path: &Path) -> Result<BTreeMap<String, Vec<f32>>, TrainError> {
-    let fail = |message: String| TrainError::Run {
+    let fail = |message: String| TrainError::Path {
         path: path.to_path_buf(),
         message,
     };
@@ -248,7 +251,7 @@ fn largest_weight_difference(
         let actual = other
             .get(name)
             .filter(|actual| actual.len() == expected.len())
-            .ok_or_else(|| TrainError::Run {
+            .ok_or_else(|| TrainError::Path {
                 path: other_path.to_path_buf(),
                 message: format!("has no tensor `{name}` of the cpu run's size"),
             })?;

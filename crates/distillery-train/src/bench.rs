@@ -8,10 +8,11 @@ use distillery_data::WindowSampler;
 use distillery_model::Llama;
 use serde::{Deserialize, Serialize};
 
+use crate::TrainError;
 use crate::optim::AdamW;
-use crate::seeds::{Stream, derive_seed};
 use crate::trainer::{NextTokenObjective, Objective, StepRunner, adamw_settings, schedule};
-use crate::{TrainError, device_for, prepare_data};
+use distillery_run::seeds::{Stream, derive_seed};
+use distillery_run::{device_for, prepare_data};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
@@ -90,7 +91,7 @@ pub fn bench_objective(
     let variance =
         durations.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / durations.len().max(1) as f64;
     Ok(BenchReport {
-        backend: crate::backend_description(&config.run, &device),
+        backend: distillery_run::backend_description(&config.run, &device),
         parameters,
         tokens_per_step,
         warmup_steps,

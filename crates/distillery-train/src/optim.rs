@@ -13,7 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use distillery_kernels::AdamWStep;
 
-use crate::CheckpointError;
+use distillery_run::CheckpointError;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWSettings {

@@ -13,15 +13,16 @@ use distillery_config::ExperimentConfig;
 use distillery_data::{TokenSplits, ValidationWindows, WindowSampler};
 use distillery_model::Llama;
 
-use crate::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
+use crate::TrainError;
 use crate::eval::{EvalMetrics, batch_mask, batch_tensors, evaluate};
 use crate::loss::cross_entropy;
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWSettings};
 use crate::progress::{Reporter, StepReport};
 use crate::schedule::LrSchedule;
-use crate::seeds::{Stream, derive_seed};
-use crate::{RunData, TrainError, device_for, prepare_data};
+use distillery_run::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
+use distillery_run::seeds::{Stream, derive_seed};
+use distillery_run::{RunData, device_for, prepare_data};
 
 /// What the model is trained to minimize on one micro-batch.
 pub struct ObjectiveLoss {
@@ -231,7 +232,13 @@ pub fn write_initial_checkpoint(
         None,
     );
     let optimizer = AdamW::new(adamw_settings(config));
-    checkpoint::write_checkpoint(destination, model, &optimizer, config, progress)?;
+    checkpoint::write_checkpoint(
+        destination,
+        model,
+        &|path| optimizer.save(path),
+        config,
+        progress,
+    )?;
     Ok(())
 }
 
@@ -275,7 +282,7 @@ fn start_state(
     let source = match resume {
         Resume::Fresh => {
             if checkpoint::latest_checkpoint(&run_dir)?.is_some() {
-                return Err(TrainError::Run {
+                return Err(TrainError::Path {
                     path: run_dir,
                     message: "already holds checkpoints of this run; pass --resume to \
                               continue it, or choose another run.name"
@@ -302,7 +309,7 @@ fn start_state(
             });
         }
         Resume::Latest => {
-            checkpoint::latest_checkpoint(&run_dir)?.ok_or_else(|| TrainError::Run {
+            checkpoint::latest_checkpoint(&run_dir)?.ok_or_else(|| TrainError::Path {
                 path: run_dir.clone(),
                 message: "holds no checkpoint to resume from".into(),
             })?
@@ -316,7 +323,7 @@ fn start_state(
         let differences = distillery_config::load(&saved_path, &[])
             .map(|saved| saved.trajectory_differences(config).join("; "))
             .unwrap_or_else(|error| format!("(cannot read the saved config: {error})"));
-        return Err(TrainError::Run {
+        return Err(TrainError::Path {
             path: source,
             message: format!(
                 "was written with different settings, so resuming would not continue the same \
@@ -325,7 +332,7 @@ fn start_state(
         });
     }
     if progress.tokenizer_sha256 != data.tokenizer.sha256() {
-        return Err(TrainError::Run {
+        return Err(TrainError::Path {
             path: source,
             message: format!(
                 "was trained with another tokenizer than {}",
@@ -334,7 +341,7 @@ fn start_state(
         });
     }
     if progress.objective_fingerprint != objective.fingerprint() {
-        return Err(TrainError::Run {
+        return Err(TrainError::Path {
             path: source,
             message: format!(
                 "was trained against {}, this run against {}: resuming would not continue \
@@ -345,7 +352,12 @@ fn start_state(
         });
     }
     let model = checkpoint::load_model(&source, Some(&data.llama), config.model.dropout, device)?;
-    let optimizer = checkpoint::load_optimizer(&source, adamw_settings(config), &model, device)?;
+    let optimizer = AdamW::load(
+        adamw_settings(config),
+        &source.join(checkpoint::OPTIMIZER_FILE),
+        &model,
+        device,
+    )?;
     Ok(StartState {
         model,
         optimizer,
@@ -374,7 +386,7 @@ pub fn train(
         &experiment_dir.join("config.toml"),
         config.to_toml().as_bytes(),
     )?;
-    std::fs::create_dir_all(&run_dir).map_err(|error| TrainError::Run {
+    std::fs::create_dir_all(&run_dir).map_err(|error| TrainError::Path {
         path: run_dir.clone(),
         message: error.to_string(),
     })?;
@@ -523,7 +535,13 @@ pub fn train(
             );
             let step_dir = run_dir.join(checkpoint::step_dir_name(step));
             if checkpoint_due {
-                checkpoint::write_checkpoint(&step_dir, &model, &optimizer, config, progress)?;
+                checkpoint::write_checkpoint(
+                    &step_dir,
+                    &model,
+                    &|path| optimizer.save(path),
+                    config,
+                    progress,
+                )?;
                 checkpoint::prune(&run_dir, config.checkpoint.keep)?;
                 if improved {
                     checkpoint::copy_checkpoint(&step_dir, &run_dir.join(BEST_DIR))?;
@@ -532,7 +550,7 @@ pub fn train(
                 checkpoint::write_checkpoint(
                     &run_dir.join(BEST_DIR),
                     &model,
-                    &optimizer,
+                    &|path| optimizer.save(path),
                     config,
                     progress,
                 )?;

@@ -17,8 +17,6 @@ use distillery_model::{Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::optim::{AdamW, AdamWSettings};
-
 pub const MODEL_FILE: &str = "model.bpk";
 pub const MODEL_CONFIG_FILE: &str = "config.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
@@ -73,7 +71,7 @@ pub struct Progress {
     pub trajectory_sha256: String,
     pub tokenizer_sha256: String,
     /// What the objective learns from besides the config (a distillation teacher's weights);
-    /// see [`crate::Objective::fingerprint`].
+    /// see the training objective's fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objective_fingerprint: Option<String>,
     /// Size and hash of every other file in the directory.
@@ -113,11 +111,12 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ 
     move |error| CheckpointError::file(path, error.to_string())
 }
 
-/// Writes a complete checkpoint to `destination`, replacing an older one there.
+/// Writes a complete checkpoint to `destination`, replacing an older one there;
+/// `save_optimizer` writes the optimizer's moments to the path it is given.
 pub fn write_checkpoint(
     destination: &Path,
     model: &Llama,
-    optimizer: &AdamW,
+    save_optimizer: &dyn Fn(&Path) -> Result<(), CheckpointError>,
     run_config: &ExperimentConfig,
     mut progress: Progress,
 ) -> Result<(), CheckpointError> {
@@ -126,7 +125,7 @@ pub fn write_checkpoint(
         .clone()
         .save_file(staging.join(MODEL_FILE))
         .map_err(|error| CheckpointError::file(&staging.join(MODEL_FILE), error.to_string()))?;
-    optimizer.save(&staging.join(OPTIMIZER_FILE))?;
+    save_optimizer(&staging.join(OPTIMIZER_FILE))?;
     let model_config =
         serde_json::to_string_pretty(model.config()).expect("model configs serialize");
     write_file(&staging.join(MODEL_CONFIG_FILE), model_config.as_bytes())?;
@@ -309,15 +308,6 @@ pub fn load_model(
     model
         .try_load_file(&path)
         .map_err(|error| CheckpointError::file(&path, error.to_string()))
-}
-
-pub fn load_optimizer(
-    dir: &Path,
-    settings: AdamWSettings,
-    model: &Llama,
-    device: &Device,
-) -> Result<AdamW, CheckpointError> {
-    AdamW::load(settings, &dir.join(OPTIMIZER_FILE), model, device)
 }
 
 fn shape_differences(stored: &LlamaConfig, expected: &LlamaConfig) -> Vec<String> {
