@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use distillery_config::TeacherSource;
+use distillery_formats::load;
 use distillery_train::{BenchReport, bench_objective, bench_train};
 
 use crate::models::{self, Activations};
@@ -178,8 +179,8 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
     let prompt = &data.splits.validation[..prompt_tokens];
     let (mut loaded, load_seconds): (Vec<_>, Vec<_>) = checkpoint
         .iter()
-        .map(|path| models::load_model_timed(&config, path, &data.tokenizer))
-        .collect::<anyhow::Result<Vec<_>>>()?
+        .map(|path| load::load_model_timed(&config, path, &data.tokenizer))
+        .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .unzip();
     if let Some(batch) = batch {
@@ -197,7 +198,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(path) = &draft.draft {
-        loaded.push(models::load_model(&config, path, &data.tokenizer)?);
+        loaded.push(load::load_model(&config, path, &data.tokenizer)?);
         models::apply_activations(&mut loaded, activations);
         let (draft_model, measured) = loaded.split_last().expect("the draft was just added");
         let reports = measured

@@ -3,12 +3,11 @@
 
 use std::time::Instant;
 
+use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_model::{
     DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch,
     generate_streaming, generate_with_draft,
 };
-
-use crate::models::{LoadedModel, ModelKind};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeReport {
@@ -460,14 +459,14 @@ pub fn measure_throughput(
     const RUNS: usize = 3;
     let data = distillery_run::prepare_data(config)?;
     let validation = &data.splits.validation;
-    let (loaded, load_seconds) = crate::models::load_model_timed(config, model, &data.tokenizer)?;
+    let (loaded, load_seconds) = load::load_model_timed(config, model, &data.tokenizer)?;
     let (prompt_tokens, new_tokens) =
         standard_lengths(loaded.model.config().max_position_embeddings);
     let machine =
         distillery_run::backend_description(&config.run, &distillery_run::device_for(&config.run)?);
     let prompt = &validation[..prompt_tokens.min(validation.len())];
     if let Some(path) = &draft.draft {
-        let draft_model = crate::models::load_model(config, path, &data.tokenizer)?;
+        let draft_model = load::load_model(config, path, &data.tokenizer)?;
         let report = bench_draft(
             &loaded,
             &draft_model,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use distillery_config::ExperimentConfig;
 use distillery_data::TextTokenizer;
+use distillery_formats::load;
 use distillery_train::evaluate_checkpoint;
 
 use crate::ConfigArgs;
@@ -45,8 +46,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut models = args
         .checkpoint
         .iter()
-        .map(|path| models::load_model(&config, path, &tokenizer))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|path| load::load_model(&config, path, &tokenizer))
+        .collect::<Result<Vec<_>, _>>()?;
     models::apply_activations(&mut models, args.activations);
     let mut predicted = Vec::new();
     let rows = models::evaluation_rows(

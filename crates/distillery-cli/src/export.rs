@@ -8,11 +8,11 @@ use anyhow::Context;
 use distillery_config::{ExperimentConfig, ExportFormatName, GgufTypeName};
 use distillery_data::TextTokenizer;
 use distillery_formats::gguf;
+use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_formats::quantized::{QuantizedFolder, save};
 use distillery_quant::GgmlType;
 
 use crate::ConfigArgs;
-use crate::models::{self, LoadedModel, ModelKind};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -63,7 +63,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     for job in &jobs {
-        let loaded = models::load_model(&config, &job.source, &tokenizer)?;
+        let loaded = load::load_model(&config, &job.source, &tokenizer)?;
         let description = export(&config, &tokenizer, &loaded, job)?;
         println!(
             "wrote {} ({description}) from {}",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use distillery_data::chat::{ChatTemplate, Message};
+use distillery_formats::load;
 use distillery_model::{Generation, GenerationConfig, SamplingConfig, StopReason};
 
 use crate::ConfigArgs;
@@ -56,9 +57,9 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
-    let mut loaded = vec![models::load_model(&config, &args.checkpoint, &tokenizer)?];
+    let mut loaded = vec![load::load_model(&config, &args.checkpoint, &tokenizer)?];
     if let Some(draft) = &args.draft.draft {
-        loaded.push(models::load_model(&config, draft, &tokenizer)?);
+        loaded.push(load::load_model(&config, draft, &tokenizer)?);
     }
     models::apply_activations(&mut loaded, args.activations);
     let mut stop_tokens: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();

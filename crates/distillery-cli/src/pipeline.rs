@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use distillery_config::{ConfigError, ExperimentConfig, PipelineConfig, StageConfig, StageKind};
+use distillery_formats::load;
 use distillery_run::checkpoint::{latest_checkpoint, read_progress};
 use distillery_train::{NextTokenObjective, Resume, TrainOptions, TrainOutcome};
 use serde::{Deserialize, Serialize};
@@ -267,7 +268,7 @@ fn run_stage(
             }
             let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
             for job in &jobs {
-                let loaded = models::load_model(config, &job.source, &tokenizer)?;
+                let loaded = load::load_model(config, &job.source, &tokenizer)?;
                 export::export(config, &tokenizer, &loaded, job)?;
             }
             let outputs: Vec<String> = jobs
@@ -296,7 +297,7 @@ fn run_stage(
                     .get(name)
                     .cloned()
                     .unwrap_or_else(|| PathBuf::from(name));
-                let (model, seconds) = models::load_model_timed(config, &path, &data.tokenizer)?;
+                let (model, seconds) = load::load_model_timed(config, &path, &data.tokenizer)?;
                 loaded.push(model);
                 load_seconds.push(seconds);
             }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use distillery_config::ExperimentConfig;
 use distillery_data::TextTokenizer;
+use distillery_formats::load;
 
 use crate::{ConfigArgs, models};
 
@@ -22,8 +23,8 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let outcome = quantize_with_progress(&config)?;
     let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
     let models = [
-        models::load_model(&config, &outcome.source, &tokenizer)?,
-        models::load_model(&config, &outcome.output, &tokenizer)?,
+        load::load_model(&config, &outcome.source, &tokenizer)?,
+        load::load_model(&config, &outcome.output, &tokenizer)?,
     ];
     let rows = models::evaluation_rows(&config, &models, None)?;
     if args.json {
