@@ -61,6 +61,14 @@ impl Weight {
             Self::Quantized(quantized) => Some(quantized),
         }
     }
+
+    /// The same weight with `f` applied to the float parameter; a quantized matrix stays.
+    fn map_float(self, f: impl FnOnce(Param<Tensor<2>>) -> Param<Tensor<2>>) -> Self {
+        match self {
+            Self::Float(values) => Self::Float(f(values)),
+            quantized => quantized,
+        }
+    }
 }
 
 /// The float variant is a parameter under the field's own name, as an `Option<Param>` would
@@ -75,38 +83,23 @@ impl Module for Weight {
     }
 
     fn fork(self, device: &Device) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::fork(values, device)),
-            quantized => quantized,
-        }
+        self.map_float(|values| Module::fork(values, device))
     }
 
     fn to_device(self, device: &Device) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::to_device(values, device)),
-            quantized => quantized,
-        }
+        self.map_float(|values| Module::to_device(values, device))
     }
 
     fn train(self) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::train(values)),
-            quantized => quantized,
-        }
+        self.map_float(Module::train)
     }
 
     fn valid(&self) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::valid(values)),
-            quantized => quantized.clone(),
-        }
+        self.clone().map_float(|values| Module::valid(&values))
     }
 
     fn materialize(self) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::materialize(values)),
-            quantized => quantized,
-        }
+        self.map_float(Module::materialize)
     }
 
     fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
@@ -116,10 +109,7 @@ impl Module for Weight {
     }
 
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
-        match self {
-            Self::Float(values) => Self::Float(Module::map(values, mapper)),
-            quantized => quantized,
-        }
+        self.map_float(|values| Module::map(values, mapper))
     }
 }
 

@@ -282,7 +282,7 @@ impl Quantizer<'_> {
         let mut progress: Vec<LayerProgress> =
             hidden.iter().map(|x| layer.begin(x.clone())).collect();
         let mut hessians = Vec::new();
-        for group in LayerMatrix::SEQUENTIAL_GROUPS {
+        for (index, group) in LayerMatrix::SEQUENTIAL_GROUPS.into_iter().enumerate() {
             let inputs: Vec<Tensor<3>> = progress.iter().map(|p| p.input().clone()).collect();
             let hessian = hessian_of(&inputs);
             if sequential {
@@ -290,7 +290,10 @@ impl Quantizer<'_> {
             } else {
                 hessians.push(hessian);
             }
-            if sequential || hessians.len() < LayerMatrix::SEQUENTIAL_GROUPS.len() {
+            // Without true-sequential, the float layer's own output is of no use: the next
+            // layer reads the quantized one's, computed below.
+            let last = index + 1 == LayerMatrix::SEQUENTIAL_GROUPS.len();
+            if sequential || !last {
                 progress = progress
                     .into_iter()
                     .map(|p| layer.advance(p, rope))
