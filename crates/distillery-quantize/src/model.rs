@@ -383,25 +383,19 @@ mod tests {
         }
     }
 
+    /// The options of a `[quantize]` section as a user writes it, in groups of 16 columns.
     fn options(method: QuantizeMethod, bits: u32) -> QuantizeOptions {
-        QuantizeOptions {
-            method,
-            gptq: GptqSettings {
-                quant: QuantSettings {
-                    bits,
-                    group_size: Some(16),
-                    symmetric: false,
-                    clip_search: false,
-                },
-                damp_percent: 0.01,
-                block_size: 8,
-                act_order: false,
-                static_groups: false,
-            },
-            true_sequential: true,
-            quantize_embeddings: false,
-            quantize_lm_head: true,
-        }
+        let method = match method {
+            QuantizeMethod::Int8 => "int8",
+            QuantizeMethod::Rtn => "rtn",
+            QuantizeMethod::Gptq => "gptq",
+        };
+        let section: QuantizeConfig = toml::from_str(&format!(
+            "method = \"{method}\"\nbits = {bits}\ngroup_size = 16\nsym = false\n\
+             block_size = 8\nquantize_lm_head = true"
+        ))
+        .unwrap();
+        QuantizeOptions::from(&section)
     }
 
     fn with_group_size(mut options: QuantizeOptions, group_size: Option<usize>) -> QuantizeOptions {

@@ -17,14 +17,14 @@ use std::sync::atomic::AtomicBool;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distillery_config::{Backend, ExperimentConfig, Precision};
 use distillery_model::{Llama, LlamaConfig};
+use distillery_run::checkpoint::{MODEL_FILE, step_dir_name};
+use distillery_run::{RunError, backend_description, device_for, prepare_data};
 use serde::Serialize;
 
 use crate::{
     METRICS_FILE, NextTokenObjective, Resume, TrainError, TrainOptions, TrainOutcome, read_records,
     train,
 };
-use distillery_run::checkpoint::{MODEL_FILE, step_dir_name};
-use distillery_run::{RunError, backend_description, device_for, prepare_data};
 
 pub const LOGIT_TOLERANCE: f64 = 1e-4;
 pub const LOSS_TOLERANCE: f64 = 1e-4;

@@ -6,13 +6,13 @@ use burn::module::Module;
 use distillery_config::ExperimentConfig;
 use distillery_data::WindowSampler;
 use distillery_model::Llama;
+use distillery_run::seeds::{Stream, derive_seed};
+use distillery_run::{device_for, prepare_data};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::optim::AdamW;
 use crate::trainer::{NextTokenObjective, Objective, StepRunner, adamw_settings, schedule};
-use distillery_run::seeds::{Stream, derive_seed};
-use distillery_run::{device_for, prepare_data};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {

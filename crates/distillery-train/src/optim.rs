@@ -12,7 +12,6 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use distillery_kernels::AdamWStep;
-
 use distillery_run::CheckpointError;
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,6 +12,9 @@ use burn::tensor::{Device, Int, Tensor};
 use distillery_config::ExperimentConfig;
 use distillery_data::{TokenSplits, ValidationWindows, WindowSampler};
 use distillery_model::Llama;
+use distillery_run::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
+use distillery_run::seeds::{Stream, derive_seed};
+use distillery_run::{RunData, device_for, prepare_data};
 
 use crate::TrainError;
 use crate::eval::{EvalMetrics, batch_mask, batch_tensors, evaluate};
@@ -20,9 +23,6 @@ use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWSettings};
 use crate::progress::{Reporter, StepReport};
 use crate::schedule::LrSchedule;
-use distillery_run::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
-use distillery_run::seeds::{Stream, derive_seed};
-use distillery_run::{RunData, device_for, prepare_data};
 
 /// What the model is trained to minimize on one micro-batch.
 pub struct ObjectiveLoss {

@@ -164,19 +164,12 @@ impl PackedMatrix {
                 zeros[row * groups + group] = ((stored[row] + 1) & max_code) as u8;
             }
         }
-        Ok(Self {
-            rows,
-            cols,
-            bits,
-            groups,
-            bytes_per_row,
+        Ok(Self::from_channels(
+            (rows, cols, bits),
             stream,
             scales,
             zeros,
-            group_index: tensors.g_idx.clone(),
-            order: None,
-            run_size: None,
-        }
-        .with_groups_in_runs())
+            tensors.g_idx.clone(),
+        ))
     }
 }

@@ -71,16 +71,36 @@ impl PackedMatrix {
                 zeros[row * groups + group] = grid.zero as u8;
             }
         }
+        Self::from_channels(
+            (rows, cols, bits),
+            stream,
+            scales,
+            zeros,
+            matrix.group_index.clone(),
+        )
+    }
+
+    /// A `rows x cols` matrix of `bits`-bit codes from each channel's packed bytes (`stream`,
+    /// the same count per channel), a scale and a zero per channel and group (`scales`, `zeros`,
+    /// channel-major) and the group of every input column; scattered groups are sorted into
+    /// runs.
+    fn from_channels(
+        (rows, cols, bits): (usize, usize, u32),
+        stream: Vec<u8>,
+        scales: Vec<f32>,
+        zeros: Vec<u8>,
+        group_index: Vec<u32>,
+    ) -> Self {
         Self {
             rows,
             cols,
             bits,
-            groups,
-            bytes_per_row,
+            groups: scales.len() / rows,
+            bytes_per_row: stream.len() / rows,
             stream,
             scales,
             zeros,
-            group_index: matrix.group_index.clone(),
+            group_index,
             order: None,
             run_size: None,
         }
