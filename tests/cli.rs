@@ -245,6 +245,22 @@ fn wrong_type_from_the_command_line_is_a_config_error() {
 }
 
 #[test]
+fn a_config_error_found_once_the_tokenizer_is_read_exits_2_from_every_stage() {
+    let workspace = Workspace::new();
+    for command in ["train", "quantize"] {
+        let mut args = workspace.train_args("small-vocabulary", &["model.vocab_size=100"]);
+        args[0] = command.into();
+        args.extend(["--set".into(), "quantize.method=\"int8\"".into()]);
+        let (code, stderr) = workspace.run_err(&args);
+        assert_eq!(code, 2, "{command}: {stderr}");
+        assert!(
+            stderr.contains("model.vocab_size = 100 is smaller than the tokenizer's 2048 tokens"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn missing_corpus_file_is_named() {
     let workspace = Workspace::new();
     let (code, stderr) = workspace
