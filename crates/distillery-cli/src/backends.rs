@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use distillery_run::list_devices;
 use distillery_train::{BackendCheck, check_against_cpu};
 
-use crate::ConfigArgs;
+use crate::{ConfigArgs, print_report};
 
 pub fn devices(json: bool) -> anyhow::Result<()> {
     let backends = list_devices();
@@ -32,11 +32,7 @@ pub fn check(config: &ConfigArgs, json: bool) -> anyhow::Result<ExitCode> {
     let config = config.load()?;
     let scratch = tempfile::tempdir()?;
     let check = check_against_cpu(&config, scratch.path())?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&check)?);
-    } else {
-        println!("{}", describe(&check));
-    }
+    print_report(json, &check, |check| format!("{}\n", describe(check)))?;
     if check.failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }

@@ -10,7 +10,7 @@ use distillery_formats::load;
 use distillery_train::{BenchReport, bench_objective, bench_train};
 
 use crate::models::{self, Activations};
-use crate::{ConfigArgs, backends, decode_bench};
+use crate::{ConfigArgs, backends, decode_bench, print_report};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -91,11 +91,9 @@ fn train(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let config = args.config.load()?;
     let report = bench_train(&config, args.warmup, args.steps)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", describe_bench(&report));
-    }
+    print_report(args.json, &report, |report| {
+        format!("{}\n", describe_bench(report))
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -190,11 +188,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|model| decode_bench::bench_batch(model, &prompts, new_tokens, runs))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&reports)?);
-        } else {
-            print!("{}", decode_bench::batch_table(&reports));
-        }
+        print_report(json, &reports, |reports| decode_bench::batch_table(reports))?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(path) = &draft.draft {
@@ -215,20 +209,14 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
                 )
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&reports)?);
-        } else {
-            print!("{}", decode_bench::draft_table(&reports));
-        }
+        print_report(json, &reports, |reports| decode_bench::draft_table(reports))?;
         return Ok(ExitCode::SUCCESS);
     }
     models::apply_activations(&mut loaded, activations);
     let reports = decode_bench::bench_decode(&loaded, &load_seconds, prompt, new_tokens, runs)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-    } else {
-        print!("{}", decode_bench::markdown_table(&reports));
-    }
+    print_report(json, &reports, |reports| {
+        decode_bench::markdown_table(reports)
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

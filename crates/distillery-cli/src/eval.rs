@@ -9,8 +9,8 @@ use distillery_data::TextTokenizer;
 use distillery_formats::load;
 use distillery_train::evaluate_checkpoint;
 
-use crate::ConfigArgs;
 use crate::models::{self, Activations};
+use crate::{ConfigArgs, print_report};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -58,11 +58,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.predictions {
         distillery_data::write_atomically(path, serde_json::to_string(&predicted)?.as_bytes())?;
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", models::markdown_table(&rows));
-    }
+    print_report(args.json, &rows, |rows| models::markdown_table(rows))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -125,7 +125,7 @@ impl ConfigArgs {
             &self.overrides,
             Some(&read_model_source),
         )?;
-        config.check_inputs(&self.config.display().to_string())?;
+        config.check_inputs(&self.origin())?;
         Ok(config)
     }
 }
@@ -218,6 +218,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { what } => bench::run(what),
         Command::Tokenizer { what } => tokenizer::run(what),
     }
+}
+
+/// Prints `report` as pretty JSON with `--json`, otherwise the text `describe` makes of it.
+pub fn print_report<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    describe: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", describe(report));
+    }
+    Ok(())
 }
 
 /// The first Ctrl-C asks the loop to save a checkpoint and stop; a second one exits at once.
