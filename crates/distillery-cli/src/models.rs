@@ -38,8 +38,9 @@ impl DraftArgs {
 /// How quantized matrices treat their activations, as a command-line flag names it.
 #[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Activations {
-    /// int8-rounded activations (llama.cpp's arithmetic) on single-token decoding steps, exact
-    /// f32 activations on prompts and evaluation batches.
+    /// int8-rounded activations (llama.cpp's arithmetic) on single-token decoding steps and the
+    /// head's product for a prompt's last position, exact f32 activations on prompts and
+    /// evaluation batches.
     #[default]
     Auto,
     /// Exact f32 activations everywhere: the stored weights' own arithmetic.

@@ -275,9 +275,7 @@ pub(crate) fn last_logits(
     let tokens =
         Tensor::<2, Int>::from_data(TensorData::new(ids, [1, input.len()]), &model.device());
     model
-        .forward_with(tokens, Some(cache), false)
-        .logits
-        .narrow(1, input.len() - rows, rows)
+        .forward_last(tokens, Some(cache), rows)
         .into_data()
         .try_into_vec_as::<f32>()
         .expect("float logits convert to f32")

@@ -114,6 +114,32 @@ mod tests {
         }
     }
 
+    /// A pass that projects only its last rows gives those rows' logits of the full pass, and
+    /// still caches every position: the next step continues as after a full pass.
+    #[test]
+    fn passes_over_the_last_rows_give_the_full_passes_logits_and_cache_every_position() {
+        let device = Device::flex();
+        let vocab = config(false).vocab_size;
+        for tie in [false, true] {
+            let model = Llama::new(&config(tie), 0.0, 5, &device).unwrap();
+            let ids: Vec<i64> = (0..13).map(|i| (i * 5 + 2) % 50).collect();
+            let full = flat(model.forward(tokens(&ids, &device)));
+            for rows in [1, 3, 12] {
+                let mut cache = KvCache::new(2);
+                let last = model.forward_last(tokens(&ids[..12], &device), Some(&mut cache), rows);
+                assert_eq!(last.dims(), [1, rows, vocab]);
+                assert_eq!(cache.len(), 12);
+                let step = model.forward_last(tokens(&ids[12..], &device), Some(&mut cache), 1);
+                let got = [flat(last), flat(step)].concat();
+                let want = &full[(12 - rows) * vocab..];
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() < 1e-4, "tied={tie}, rows={rows}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn layers_advanced_group_by_group_compute_the_forward_pass_bit_for_bit() {
         let device = Device::flex();

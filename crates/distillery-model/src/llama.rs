@@ -874,9 +874,45 @@ impl Llama {
     pub fn forward_with(
         &self,
         tokens: Tensor<2, Int>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         output_hidden_states: bool,
     ) -> LlamaOutput {
+        let (x, hidden_states) = self.decoder(tokens, cache, output_hidden_states);
+        LlamaOutput {
+            logits: self.project(self.final_norm(x)),
+            hidden_states,
+        }
+    }
+
+    /// Logits `[batch, rows, vocab]` of the last `rows` positions of a pass that continues
+    /// `cache` (all positions' keys and values enter it). Only those rows meet the head, as in
+    /// llama.cpp: over a long prompt the head's product for every position is most of the
+    /// work the caller throws away (a fifth of SmolLM2's 254-token prompt pass). A product
+    /// over at most [`FEW_ROWS`] rows is a decoding step's, so a quantized head then takes the
+    /// step's activation rounding.
+    pub fn forward_last(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+        rows: usize,
+    ) -> Tensor<3> {
+        let (x, _) = self.decoder(tokens, cache, false);
+        let [_, seq, _] = x.dims();
+        assert!(
+            (1..=seq).contains(&rows),
+            "{rows} rows of a {seq}-position pass"
+        );
+        self.project(self.final_norm(x.narrow(1, seq - rows, rows)))
+    }
+
+    /// The embedding and every layer: the last layer's output `[batch, seq, hidden]`, and on
+    /// request the embedding's and each layer's.
+    fn decoder(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+        output_hidden_states: bool,
+    ) -> (Tensor<3>, Option<Vec<Tensor<3>>>) {
         let start = cache.as_ref().map_or(0, |cache| cache.len());
         let [_, seq] = tokens.dims();
         assert!(
@@ -906,12 +942,7 @@ impl Llama {
         if let Some(cache) = cache {
             cache.advance(seq);
         }
-
-        let logits = self.project(self.final_norm(x));
-        LlamaOutput {
-            logits,
-            hidden_states,
-        }
+        (x, hidden_states)
     }
 
     /// Logits `[rows, seq, vocab]` of several sequences continued together: row `i` of

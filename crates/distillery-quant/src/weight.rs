@@ -26,8 +26,9 @@ impl From<BlockMatrix> for QuantizedWeight {
 /// How quantized products treat their inputs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ActivationRounding {
-    /// Single-token steps (decoding) round inputs to int8 per 32 columns, as llama.cpp does;
-    /// prompts and batches take exact f32 inputs.
+    /// Products over a few rows (decoding steps, and the head over a prompt's last position)
+    /// round inputs to int8 per 32 columns, as llama.cpp does; prompts and batches take exact
+    /// f32 inputs.
     #[default]
     DecodeSteps,
     /// Exact f32 inputs everywhere: the stored weights' own arithmetic.
