@@ -886,8 +886,8 @@ impl Llama {
 
     /// Logits `[batch, rows, vocab]` of the last `rows` positions of a pass that continues
     /// `cache` (all positions' keys and values enter it). Only those rows meet the head, as in
-    /// llama.cpp: over a long prompt the head's product for every position is most of the
-    /// work the caller throws away (a fifth of SmolLM2's 254-token prompt pass). A product
+    /// llama.cpp: the head's product for a prompt's other positions is work nobody reads (a
+    /// fifth of SmolLM2's 254-token prompt pass). A product
     /// over at most [`FEW_ROWS`] rows is a decoding step's, so a quantized head then takes the
     /// step's activation rounding.
     pub fn forward_last(
