@@ -27,8 +27,8 @@ pub enum RunError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// A checkpoint trained with another tokenizer than the config's.
-    #[error("{}: {message}", path.display())]
-    Tokenizer { path: PathBuf, message: String },
+    #[error("{}: was trained with another tokenizer than {}", path.display(), tokenizer.display())]
+    Tokenizer { path: PathBuf, tokenizer: PathBuf },
 }
 
 /// The tokenizer, the token splits and the model architecture of a run.
@@ -86,16 +86,26 @@ pub fn load_for_inference(
 ) -> Result<(PathBuf, usize, distillery_model::Llama), RunError> {
     let directory = checkpoint::resolve_checkpoint(checkpoint_path)?;
     let progress = checkpoint::read_progress(&directory)?;
-    if progress.tokenizer_sha256 != tokenizer.sha256() {
-        return Err(RunError::Tokenizer {
-            path: directory,
-            message: format!(
-                "was trained with another tokenizer than {}",
-                config.data.tokenizer.display()
-            ),
-        });
-    }
+    check_trained_tokenizer(config, &directory, &progress, tokenizer)?;
     let device = device_for(&config.run)?;
     let model = checkpoint::load_model(&directory, None, 0.0, &device)?;
     Ok((directory, progress.step, model))
+}
+
+/// Refuses the checkpoint at `directory` (with its `progress`) when it was trained with
+/// another tokenizer than `config`'s, loaded as `tokenizer`: a model read against other token
+/// ids would be silently wrong.
+pub fn check_trained_tokenizer(
+    config: &ExperimentConfig,
+    directory: &std::path::Path,
+    progress: &checkpoint::Progress,
+    tokenizer: &TextTokenizer,
+) -> Result<(), RunError> {
+    if progress.tokenizer_sha256 == tokenizer.sha256() {
+        return Ok(());
+    }
+    Err(RunError::Tokenizer {
+        path: directory.to_path_buf(),
+        tokenizer: config.data.tokenizer.clone(),
+    })
 }

@@ -331,15 +331,7 @@ fn start_state(
             ),
         });
     }
-    if progress.tokenizer_sha256 != data.tokenizer.sha256() {
-        return Err(TrainError::Path {
-            path: source,
-            message: format!(
-                "was trained with another tokenizer than {}",
-                config.data.tokenizer.display()
-            ),
-        });
-    }
+    distillery_run::check_trained_tokenizer(config, &source, &progress, &data.tokenizer)?;
     if progress.objective_fingerprint != objective.fingerprint() {
         return Err(TrainError::Path {
             path: source,
