@@ -647,6 +647,25 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     );
     assert!(["portable", "avx2", "avx512"].contains(&quantized["kernels"].as_str().unwrap()));
     assert_eq!(quantized["prompt_tokens"], 4);
+    // The binary restarts itself so that glibc asks for 2 MiB pages, which Linux's usual
+    // setting (`madvise`) gives only on request; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps
+    // 4 KiB pages.
+    let settings = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if cfg!(all(target_os = "linux", target_env = "gnu"))
+        && settings.is_ok_and(|settings| settings.contains("[madvise]"))
+    {
+        let in_huge_pages =
+            |speeds: &serde_json::Value| speeds[1]["resident"]["in_huge_pages"].as_u64();
+        assert!(in_huge_pages(&speeds).unwrap() > 0, "{speeds}");
+        let output = workspace
+            .command(&bench)
+            .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let small_pages: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(in_huge_pages(&small_pages), Some(0), "{small_pages}");
+    }
 
     // With the quantized model as the float model's draft: both speeds, their ratio and the
     // draft's acceptance (the bench itself checks that the output did not change).

@@ -29,6 +29,35 @@ pub struct DecodeReport {
     /// model was measured alongside (a float model's own is 1).
     pub decode_vs_float: Option<f64>,
     pub runs: usize,
+    /// The process's resident memory after the runs, and how much of it lay in 2 MiB pages
+    /// (Linux only).
+    pub resident: Option<ResidentMemory>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ResidentMemory {
+    pub bytes: u64,
+    pub in_huge_pages: u64,
+}
+
+impl ResidentMemory {
+    /// This process's, from `/proc/self/smaps_rollup`; `None` where the kernel does not say.
+    pub fn of_this_process() -> Option<Self> {
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+        let kilobytes = |field: &str| -> Option<u64> {
+            let line = rollup.lines().find(|line| line.starts_with(field))?;
+            line[field.len()..]
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Self {
+            bytes: kilobytes("Rss:")? * 1024,
+            in_huge_pages: kilobytes("AnonHugePages:")? * 1024,
+        })
+    }
 }
 
 /// Bytes of `model`'s weights: f32 parameters plus the quantized matrices as they sit in
@@ -113,6 +142,7 @@ pub fn bench_decode(
         }
     }
     let speeds: Vec<f64> = decode.into_iter().map(median).collect();
+    let resident = ResidentMemory::of_this_process();
     Ok(models
         .iter()
         .enumerate()
@@ -130,6 +160,7 @@ pub fn bench_decode(
             decode_tokens_per_sec: speeds[index],
             decode_vs_float: float_source(models, index).map(|float| speeds[index] / speeds[float]),
             runs: runs.max(1),
+            resident,
         })
         .collect())
 }
@@ -176,6 +207,14 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
         distillery_quant::cpu::kernel_family().name(),
         distillery_quant::cpu::KernelFamily::detected().name()
     ));
+    if let Some(resident) = reports.last().and_then(|report| report.resident) {
+        table.push_str(&format!(
+            "memory: {:.0} of {:.0} MB resident in 2 MiB pages \
+             (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages)\n",
+            resident.in_huge_pages as f64 / 1e6,
+            resident.bytes as f64 / 1e6
+        ));
+    }
     table
 }
 
