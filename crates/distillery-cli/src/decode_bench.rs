@@ -44,18 +44,9 @@ impl ResidentMemory {
     /// This process's, from `/proc/self/smaps_rollup`; `None` where the kernel does not say.
     pub fn of_this_process() -> Option<Self> {
         let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-        let kilobytes = |field: &str| -> Option<u64> {
-            let line = rollup.lines().find(|line| line.starts_with(field))?;
-            line[field.len()..]
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        };
         Some(Self {
-            bytes: kilobytes("Rss:")? * 1024,
-            in_huge_pages: kilobytes("AnonHugePages:")? * 1024,
+            bytes: distillery_train::kibibytes(&rollup, "Rss:")? * 1024,
+            in_huge_pages: distillery_train::kibibytes(&rollup, "AnonHugePages:")? * 1024,
         })
     }
 }

@@ -887,9 +887,8 @@ impl Llama {
     /// Logits `[batch, rows, vocab]` of the last `rows` positions of a pass that continues
     /// `cache` (all positions' keys and values enter it). Only those rows meet the head, as in
     /// llama.cpp: the head's product for a prompt's other positions is work nobody reads (a
-    /// fifth of SmolLM2's 254-token prompt pass). A product
-    /// over at most [`FEW_ROWS`] rows is a decoding step's, so a quantized head then takes the
-    /// step's activation rounding.
+    /// fifth of SmolLM2's 254-token prompt pass). A product over at most [`FEW_ROWS`] rows is a
+    /// decoding step's, so a quantized head then takes the step's activation rounding.
     pub fn forward_last(
         &self,
         tokens: Tensor<2, Int>,
