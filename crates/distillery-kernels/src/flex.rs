@@ -554,6 +554,28 @@ unsafe fn attend(
     out: &mut [f32],
 ) {
     assert!(p.len() >= queries * keys && out.len() >= queries * head_dim);
+    if queries == 1 && q_cs == 1 && k_cs == 1 && v_cs == 1 && k_rs >= 0 && v_rs >= 0 {
+        let rows_span = |stride: isize| (keys - 1) * stride as usize + head_dim;
+        // SAFETY: the caller vouches that the query row and the `keys` key and value rows lie
+        // in live storage; with unit column strides each row is `head_dim` consecutive values,
+        // and non-negative row strides put every row within the span from the first.
+        let (query, key_rows, value_rows) = unsafe {
+            (
+                std::slice::from_raw_parts(q_ptr, head_dim),
+                std::slice::from_raw_parts(k_ptr, rows_span(k_rs)),
+                std::slice::from_raw_parts(v_ptr, rows_span(v_rs)),
+            )
+        };
+        rows::single_query_attention(
+            query,
+            (key_rows, k_rs as usize),
+            (value_rows, v_rs as usize),
+            scale,
+            &mut p[..keys],
+            &mut out[..head_dim],
+        );
+        return;
+    }
     // SAFETY: p and out are the caller's own buffers, checked above; q, k, v are read-only
     // views the caller vouches for.
     unsafe {

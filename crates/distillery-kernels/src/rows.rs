@@ -132,6 +132,39 @@ pub fn causal_softmax(
     }
 }
 
+/// One query's attention over `keys` key and value rows (row `j` of each at `j * stride`,
+/// `query.len()` values): the softmax of the scaled scores `q · k_j` into `probabilities`, their
+/// weighted sum of the value rows into `out`. A decode step's attention is a few thousand
+/// multiply-adds a head, less than the setup of a general matrix product.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn single_query_attention(
+    query: &[f32],
+    (keys, key_stride): (&[f32], usize),
+    (values, value_stride): (&[f32], usize),
+    scale: f32,
+    probabilities: &mut [f32],
+    out: &mut [f32],
+) {
+    let head_dim = query.len();
+    let count = probabilities.len();
+    assert!(count > 0 && out.len() == head_dim);
+    assert!(keys.len() >= (count - 1) * key_stride + head_dim);
+    assert!(values.len() >= (count - 1) * value_stride + head_dim);
+    for (index, score) in probabilities.iter_mut().enumerate() {
+        let key = &keys[index * key_stride..index * key_stride + head_dim];
+        let [dot] = paired_sums(query, key, |q, k| [q * k]);
+        *score = dot;
+    }
+    causal_softmax(probabilities, count, 0, count - 1, scale);
+    out.fill(0.0);
+    for (index, &probability) in probabilities.iter().enumerate() {
+        let value = &values[index * value_stride..index * value_stride + head_dim];
+        for (sum, &value) in out.iter_mut().zip(value) {
+            *sum += probability * value;
+        }
+    }
+}
+
 /// The gradient through a softmax (then through the score scale), row by row, in place:
 /// `ds = p * (dp - sum(p * dp)) * scale`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
@@ -596,6 +629,39 @@ mod tests {
         ];
         for (got, want) in scores.iter().zip(expected) {
             assert!((got - want).abs() < 1e-6, "{scores:?}");
+        }
+    }
+
+    #[test]
+    fn single_query_attention_matches_the_formula_over_strided_rows() {
+        // Three keys and values of 2 values each, rows 3 apart (the rows of one head of a
+        // cache that interleaves heads), the other values never read.
+        let query = [1.0, -2.0];
+        let keys = [0.5, 1.0, 9.0, -1.0, 0.25, 9.0, 2.0, 0.0];
+        let values = [1.0, 2.0, 9.0, 3.0, -1.0, 9.0, 0.0, 4.0];
+        let mut probabilities = [f32::NAN; 3];
+        let mut out = [f32::NAN; 2];
+        single_query_attention(
+            &query,
+            (&keys, 3),
+            (&values, 3),
+            0.5,
+            &mut probabilities,
+            &mut out,
+        );
+        // Scores q·k: -1.5, -1.5, 2; halved, then exponentiated and normalized.
+        let weights = [(-0.75f32).exp(), (-0.75f32).exp(), 1.0f32.exp()];
+        let total: f32 = weights.iter().sum();
+        let expected_p = weights.map(|weight| weight / total);
+        let expected_out = [
+            expected_p[0] + 3.0 * expected_p[1],
+            2.0 * expected_p[0] - expected_p[1] + 4.0 * expected_p[2],
+        ];
+        for (got, want) in probabilities.iter().zip(expected_p) {
+            assert!((got - want).abs() < 1e-6, "{probabilities:?}");
+        }
+        for (got, want) in out.iter().zip(expected_out) {
+            assert!((got - want).abs() < 1e-6, "{out:?}");
         }
     }
 
