@@ -5,6 +5,7 @@
 
 use multiversion::multiversion;
 
+use crate::f16::f16_to_f32;
 use crate::pack::code_at;
 
 /// Columns sharing one input scale; a weight group of a multiple of this size holds whole
@@ -119,13 +120,15 @@ fn nibble_order(values: &[i8], blocks: usize, blocks_per_group: usize) -> Vec<i8
 }
 
 /// Consecutive output channels of one matrix, as the matrix stores them: each channel's packed
-/// codes (`bits * BLOCK / 8` bytes a block) in `row_bytes` bytes, and `groups` scales and zero
-/// points a channel, a group being `blocks_per_group` blocks.
+/// codes (`bits * BLOCK / 8` bytes a block) in `row_bytes` bytes, and `groups` scales (their
+/// half-precision bits) and zero points a channel, a group being `blocks_per_group` blocks.
 pub struct ChannelRun<'a> {
     pub bytes: &'a [u8],
     pub row_bytes: usize,
-    pub scales: &'a [f32],
+    pub scales: &'a [u16],
+    /// Each channel's `groups` zero points, `zero_stride` apart (0: all channels share one row).
     pub zeros: &'a [u8],
+    pub zero_stride: usize,
     pub groups: usize,
     pub bits: u32,
     pub blocks_per_group: usize,
@@ -138,8 +141,8 @@ impl<'a> ChannelRun<'a> {
             bytes: &self.bytes[index * self.row_bytes..(index + 1) * self.row_bytes],
             bits: self.bits,
             blocks_per_group: self.blocks_per_group,
-            scales: &self.scales[groups.clone()],
-            zeros: &self.zeros[groups],
+            scales: &self.scales[groups],
+            zeros: &self.zeros[index * self.zero_stride..][..self.groups],
         }
     }
 }
@@ -149,7 +152,7 @@ struct ChannelCodes<'a> {
     bytes: &'a [u8],
     bits: u32,
     blocks_per_group: usize,
-    scales: &'a [f32],
+    scales: &'a [u16],
     zeros: &'a [u8],
 }
 
@@ -203,7 +206,7 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
             group_sum += inputs.scales[block] * products as f32;
         }
         let zero_part = 8.0 * f32::from(channel.zeros[group]) * inputs.group_lane_sums[group];
-        total += scale * (group_sum - zero_part);
+        total += f16_to_f32(scale) * (group_sum - zero_part);
     }
     total
 }
@@ -216,11 +219,12 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, ChannelCodes, ChannelRun, Int8Inputs};
+    use crate::f16::f16_to_f32;
 
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
     pub(super) fn vnni_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA,
-        // AVX-512 VNNI and VL.
+        // F16C, AVX-512 VNNI and VL.
         unsafe { vnni::dots(run, inputs, out) }
     }
 
@@ -234,10 +238,10 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Only handed out by [`super::channel_dots`] once the CPU has AVX2 and FMA.
+    /// Only handed out by [`super::channel_dots`] once the CPU has AVX2, FMA and F16C.
     pub(super) fn avx2_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
-        // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2 and
-        // FMA.
+        // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA
+        // and F16C.
         unsafe { avx2::dots(run, inputs, out) }
     }
 
@@ -316,7 +320,9 @@ pub(crate) mod x86 {
                     // and input sum exist.
                     let (scales, zeros, input_scales, input_sums) = unsafe {
                         (
-                            _mm256_loadu_ps(channel.scales.as_ptr().add(first)),
+                            _mm256_cvtph_ps(_mm_loadu_si128(
+                                channel.scales.as_ptr().add(first).cast(),
+                            )),
                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
                                 channel.zeros.as_ptr().add(first).cast(),
                             ))),
@@ -446,7 +452,7 @@ pub(crate) mod x86 {
 
     /// With AVX-512 VNNI: one `vpdpbusd` a step, codes as stored.
     mod vnni {
-        integer_kernels!("avx2,fma,avx512vnni,avx512vl", quad_sums, 0.0);
+        integer_kernels!("avx2,fma,f16c,avx512vnni,avx512vl", quad_sums, 0.0);
 
         #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
         fn quad_sums(codes: __m256i, values: __m256i) -> __m256i {
@@ -464,7 +470,7 @@ pub(crate) mod x86 {
     /// `code - 128` through the sign trick, since a pair of 8-bit codes times inputs could
     /// exceed 16 bits.
     mod avx2 {
-        integer_kernels!("avx2,fma", quad_sums, 128.0);
+        integer_kernels!("avx2,fma,f16c", quad_sums, 128.0);
 
         #[target_feature(enable = "avx2,fma")]
         fn quad_sums(codes: __m256i, values: __m256i) -> __m256i {
@@ -557,7 +563,8 @@ pub(crate) mod x86 {
     ) -> __m256 {
         let zero_part = (f32::from(channel.zeros[group]) - offset) * inputs.group_lane_sums[group];
         let group_sum = _mm256_sub_ps(group_sum, _mm256_set1_ps(zero_part));
-        _mm256_fmadd_ps(_mm256_set1_ps(channel.scales[group]), group_sum, total)
+        let scale = f16_to_f32(channel.scales[group]);
+        _mm256_fmadd_ps(_mm256_set1_ps(scale), group_sum, total)
     }
 
     /// Eight vectors' lane sums as the eight lanes of one.
@@ -585,6 +592,7 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::f16::f32_to_f16;
     use crate::test_support::random_matrix;
 
     #[test]
@@ -628,9 +636,9 @@ mod tests {
                         (0..row_bytes).map(move |index| (index * 73 + 11 + 29 * channel) as u8)
                     })
                     .collect();
-                let scales: Vec<f32> = (0..channel_count)
+                let scales: Vec<u16> = (0..channel_count)
                     .flat_map(|channel| {
-                        (0..groups).map(move |group| all_scales[(group + channel) % 4])
+                        (0..groups).map(move |group| f32_to_f16(all_scales[(group + channel) % 4]))
                     })
                     .collect();
                 let zeros: Vec<u8> = (0..channel_count)
@@ -639,57 +647,63 @@ mod tests {
                             .map(move |group| ((5 * group + 3 * channel) % (1 << bits)) as u8)
                     })
                     .collect();
-                let run = ChannelRun {
-                    bytes: &bytes,
-                    row_bytes,
-                    scales: &scales,
-                    zeros: &zeros,
-                    groups,
-                    bits,
-                    blocks_per_group,
-                };
-                let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
-                let restored = rounded.dequantize();
-                let mask = (1u32 << bits) - 1;
-                let mut portable = vec![0.0; channel_count];
-                channel_dots_portable(&run, &rounded, &mut portable);
-                let mut selected = vec![0.0; channel_count];
-                channel_dots(bits)(&run, &rounded, &mut selected);
-                // The AVX2 kernel too, where it is not the one selected.
-                let mut avx2 = selected.clone();
-                #[cfg(target_arch = "x86_64")]
-                if bits != 3
-                    && crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2
-                {
-                    x86::avx2_channel_dots(&run, &rounded, &mut avx2);
-                }
-                for index in 0..channel_count {
-                    let channel = run.channel(index);
-                    let terms: Vec<f32> = (0..COLUMNS)
-                        .map(|column| {
-                            let start = column * bits as usize;
-                            let bytes = channel.bytes;
-                            let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
-                            let window = u32::from(u16::from_le_bytes([bytes[start / 8], next]));
-                            let code = (window >> (start % 8)) & mask;
-                            let group = column / (blocks_per_group * BLOCK);
-                            let weight = channel.scales[group]
-                                * (code as f32 - f32::from(channel.zeros[group]));
-                            weight * restored[column]
-                        })
-                        .collect();
-                    let expected: f32 = terms.iter().sum();
-                    let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
-                    for (kernel, got) in [
-                        ("portable", portable[index]),
-                        ("selected", selected[index]),
-                        ("avx2", avx2[index]),
-                    ] {
-                        assert!(
-                            (got - expected).abs() < bound,
-                            "{kernel}, {bits} bits, {blocks_per_group} blocks a group, channel \
-                             {index}: {got} vs {expected}"
-                        );
+                // Each channel its own zero points, then every channel the first one's.
+                for shared_zeros in [false, true] {
+                    let run = ChannelRun {
+                        bytes: &bytes,
+                        row_bytes,
+                        scales: &scales,
+                        zeros: &zeros,
+                        zero_stride: if shared_zeros { 0 } else { groups },
+                        groups,
+                        bits,
+                        blocks_per_group,
+                    };
+                    let rounded = Int8Inputs::new(&input, bits, blocks_per_group);
+                    let restored = rounded.dequantize();
+                    let mask = (1u32 << bits) - 1;
+                    let mut portable = vec![0.0; channel_count];
+                    channel_dots_portable(&run, &rounded, &mut portable);
+                    let mut selected = vec![0.0; channel_count];
+                    channel_dots(bits)(&run, &rounded, &mut selected);
+                    // The AVX2 kernel too, where it is not the one selected.
+                    let mut avx2 = selected.clone();
+                    #[cfg(target_arch = "x86_64")]
+                    if bits != 3
+                        && crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2
+                    {
+                        x86::avx2_channel_dots(&run, &rounded, &mut avx2);
+                    }
+                    for index in 0..channel_count {
+                        let channel = run.channel(index);
+                        let terms: Vec<f32> = (0..COLUMNS)
+                            .map(|column| {
+                                let start = column * bits as usize;
+                                let bytes = channel.bytes;
+                                let next = bytes.get(start / 8 + 1).copied().unwrap_or(0);
+                                let window =
+                                    u32::from(u16::from_le_bytes([bytes[start / 8], next]));
+                                let code = (window >> (start % 8)) & mask;
+                                let group = column / (blocks_per_group * BLOCK);
+                                let zero_row = if shared_zeros { 0 } else { index * groups };
+                                let weight = f16_to_f32(channel.scales[group])
+                                    * (code as f32 - f32::from(zeros[zero_row + group]));
+                                weight * restored[column]
+                            })
+                            .collect();
+                        let expected: f32 = terms.iter().sum();
+                        let bound = 1e-6 * terms.iter().map(|term| term.abs()).sum::<f32>();
+                        for (kernel, got) in [
+                            ("portable", portable[index]),
+                            ("selected", selected[index]),
+                            ("avx2", avx2[index]),
+                        ] {
+                            assert!(
+                                (got - expected).abs() < bound,
+                                "{kernel}, {bits} bits, {blocks_per_group} blocks a group, channel \
+                             {index}, zeros shared {shared_zeros}: {got} vs {expected}"
+                            );
+                        }
                     }
                 }
             }

@@ -3,7 +3,7 @@
 
 use super::PackedMatrix;
 use crate::QuantError;
-use crate::f16::{f16_to_f32, f32_to_f16};
+use crate::f16::f16_to_f32;
 use crate::pack::{pack_bits, unpack_bits};
 use crate::settings::{check_bits, check_whole_words};
 
@@ -69,12 +69,10 @@ impl PackedMatrix {
         let mut scales = Vec::with_capacity(self.groups * self.rows);
         for group in 0..self.groups {
             let stored: Vec<u32> = (0..self.rows)
-                .map(|row| (u32::from(self.zeros[row * self.groups + group]) - 1) & max_code)
+                .map(|row| (u32::from(self.channel_zeros(row)[group]) - 1) & max_code)
                 .collect();
             qzeros.extend(pack_bits(&stored, self.bits));
-            scales.extend(
-                (0..self.rows).map(|row| f32_to_f16(self.scales[row * self.groups + group])),
-            );
+            scales.extend((0..self.rows).map(|row| self.scales[row * self.groups + group]));
         }
         Ok(GptqTensors {
             bits: self.bits,
@@ -144,7 +142,7 @@ impl PackedMatrix {
             let at = row * bytes_per_row + 4 * packed_row;
             stream[at..at + 4].copy_from_slice(&word.to_le_bytes());
         }
-        let mut scales = vec![0.0; rows * groups];
+        let mut scales = vec![0; rows * groups];
         let mut zeros = vec![0; rows * groups];
         let zero_words = rows * width / 32;
         for group in 0..groups {
@@ -160,7 +158,7 @@ impl PackedMatrix {
                         "scale {scale} of output {row} in group {group} is not a positive number"
                     ));
                 }
-                scales[row * groups + group] = scale;
+                scales[row * groups + group] = tensors.scales[group * rows + row];
                 zeros[row * groups + group] = ((stored[row] + 1) & max_code) as u8;
             }
         }

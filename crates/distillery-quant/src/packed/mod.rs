@@ -14,6 +14,7 @@ mod tests;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
 use crate::pack::{code_at, pack_bits};
 
@@ -31,9 +32,12 @@ pub struct PackedMatrix {
     bytes_per_row: usize,
     /// `rows x bytes_per_row`.
     stream: Vec<u8>,
-    /// `rows x groups`.
-    scales: Vec<f32>,
-    /// `rows x groups`.
+    /// `rows x groups` half-precision bits: every scale is a half-precision number (see
+    /// [`crate::grid`]), as GPTQ files store it, so keeping the bits loses nothing and halves
+    /// the scales' share of what a decoding step reads.
+    scales: Vec<u16>,
+    /// `rows x groups`, or one row of `groups` that every channel shares (symmetric grids put
+    /// every zero at the middle code): then the zero points cost a decoding step no reads.
     zeros: Vec<u8>,
     /// The group of each input column.
     group_index: Vec<u32>,
@@ -53,7 +57,7 @@ impl PackedMatrix {
         let groups = matrix.groups();
         let bytes_per_row = 4 * (cols * bits as usize).div_ceil(32);
         let mut stream = Vec::with_capacity(rows * bytes_per_row);
-        let mut scales = vec![0.0; rows * groups];
+        let mut scales = vec![0; rows * groups];
         let mut zeros = vec![0; rows * groups];
         for row in 0..rows {
             let codes: Vec<u32> = matrix.codes[row * cols..(row + 1) * cols]
@@ -67,7 +71,7 @@ impl PackedMatrix {
             );
             for group in 0..groups {
                 let grid = matrix.grids[group * rows + row];
-                scales[row * groups + group] = grid.scale;
+                scales[row * groups + group] = f32_to_f16(grid.scale);
                 zeros[row * groups + group] = grid.zero as u8;
             }
         }
@@ -87,15 +91,24 @@ impl PackedMatrix {
     fn from_channels(
         (rows, cols, bits): (usize, usize, u32),
         stream: Vec<u8>,
-        scales: Vec<f32>,
+        scales: Vec<u16>,
         zeros: Vec<u8>,
         group_index: Vec<u32>,
     ) -> Self {
+        let groups = scales.len() / rows;
+        let shared = zeros
+            .chunks_exact(groups.max(1))
+            .all(|row| row == &zeros[..groups]);
+        let zeros = if shared {
+            zeros[..groups].to_vec()
+        } else {
+            zeros
+        };
         Self {
             rows,
             cols,
             bits,
-            groups: scales.len() / rows,
+            groups,
             bytes_per_row: stream.len() / rows,
             stream,
             scales,
@@ -143,7 +156,7 @@ impl PackedMatrix {
     /// Bytes this matrix takes in memory.
     pub fn memory_bytes(&self) -> usize {
         self.stream.len()
-            + 4 * self.scales.len()
+            + 2 * self.scales.len()
             + self.zeros.len()
             + 4 * self.group_index.len()
             + self.order.as_ref().map_or(0, |order| 4 * order.len())
@@ -181,14 +194,15 @@ impl PackedMatrix {
     /// Output channel `row`'s weights in stored order.
     fn decode_stored_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
         let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
-        let zeros = &self.zeros[row * self.groups..(row + 1) * self.groups];
+        let zeros = self.channel_zeros(row);
         if let Some(size) = aligned {
             let bytes = self.channel_bytes(row);
             let bits = self.bits as usize;
             for (group, values) in out.chunks_mut(size).enumerate() {
                 let start = group * size * bits / 8;
                 let zero = f32::from(zeros[group]);
-                decode_byte_aligned(&bytes[start..], self.bits, scales[group], zero, values);
+                let scale = f16_to_f32(scales[group]);
+                decode_byte_aligned(&bytes[start..], self.bits, scale, zero, values);
             }
             return;
         }
@@ -196,14 +210,15 @@ impl PackedMatrix {
             let bytes = self.channel_bytes(row);
             for (group, values) in out.chunks_mut(size).enumerate() {
                 let zero = f32::from(zeros[group]);
-                decode_triples(&bytes[group * size * 3 / 8..], scales[group], zero, values);
+                let scale = f16_to_f32(scales[group]);
+                decode_triples(&bytes[group * size * 3 / 8..], scale, zero, values);
             }
             return;
         }
         for (position, value) in out.iter_mut().enumerate() {
             let code = self.stored_code(row, position) as f32;
             let group = self.group_index[self.column(position)] as usize;
-            *value = scales[group] * (code - f32::from(zeros[group]));
+            *value = f16_to_f32(scales[group]) * (code - f32::from(zeros[group]));
         }
     }
 
@@ -297,6 +312,21 @@ impl PackedMatrix {
             .count();
         (size > 0 && (0..self.cols).all(|position| group_at(position) == position / size))
             .then_some(size)
+    }
+
+    /// How far apart consecutive channels' zero points lie: 0 when every channel shares them.
+    fn zero_stride(&self) -> usize {
+        if self.zeros.len() == self.groups {
+            0
+        } else {
+            self.groups
+        }
+    }
+
+    /// Output channel `row`'s zero point in each group.
+    fn channel_zeros(&self, row: usize) -> &[u8] {
+        let start = row * self.zero_stride();
+        &self.zeros[start..start + self.groups]
     }
 
     fn channel_bytes(&self, row: usize) -> &[u8] {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use multiversion::multiversion;
 
 use super::PackedMatrix;
+use crate::f16::f16_to_f32;
 use crate::int8_inputs::{self, ChannelDots, ChannelRun, Int8Inputs};
 use crate::products::{channel_major, dot, in_tiles, together, transposed};
 
@@ -53,7 +54,7 @@ impl PackedMatrix {
                 group_bytes: size * bits / 8,
                 scales: &self.scales[row * groups..(row + 1) * groups],
             };
-            let zeros = &self.zeros[row * groups..(row + 1) * groups];
+            let zeros = self.channel_zeros(row);
             for (index, value) in out.iter_mut().enumerate() {
                 let phases = &phases[index * phases_per_input..(index + 1) * phases_per_input];
                 let sums = &group_sums[index * groups..(index + 1) * groups];
@@ -197,7 +198,8 @@ impl IntegerProduct<'_> {
                 [rows.start * matrix.bytes_per_row..rows.end * matrix.bytes_per_row],
             row_bytes: matrix.bytes_per_row,
             scales: &matrix.scales[rows.start * groups..rows.end * groups],
-            zeros: &matrix.zeros[rows.start * groups..rows.end * groups],
+            zeros: &matrix.zeros[rows.start * matrix.zero_stride()..],
+            zero_stride: matrix.zero_stride(),
             groups,
             bits: matrix.bits,
             blocks_per_group: self.blocks_per_group,
@@ -216,12 +218,12 @@ impl IntegerProduct<'_> {
 }
 
 /// `Σ_group scale · zero · Σ inputs`: what the zero points take off a channel's code products.
-fn zero_terms(scales: &[f32], zeros: &[u8], input_sums: &[f32]) -> f32 {
+fn zero_terms(scales: &[u16], zeros: &[u8], input_sums: &[f32]) -> f32 {
     scales
         .iter()
         .zip(zeros)
         .zip(input_sums)
-        .map(|((&scale, &zero), &sum)| scale * f32::from(zero) * sum)
+        .map(|((&scale, &zero), &sum)| f16_to_f32(scale) * f32::from(zero) * sum)
         .sum()
 }
 
@@ -241,7 +243,8 @@ struct RowGroups<'a> {
     bytes: &'a [u8],
     bits: u32,
     group_bytes: usize,
-    scales: &'a [f32],
+    /// Half-precision bits.
+    scales: &'a [u16],
 }
 
 /// Lanes of independent partial sums: two AVX-512 registers of f32, enough to hide the adds'
@@ -270,6 +273,7 @@ fn scaled_code_dot_portable(row: &RowGroups, phases: &[f32], stride: usize) -> f
     let codes_per_byte = 8 / row.bits as usize;
     let mask = ((1u16 << row.bits) - 1) as u8;
     for (group, &scale) in row.scales.iter().enumerate() {
+        let scale = f16_to_f32(scale);
         let first = group * row.group_bytes;
         let last = (first + row.group_bytes).min(row.bytes.len());
         let bytes = &row.bytes[first..last];
@@ -307,6 +311,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::RowGroups;
+    use crate::f16::f16_to_f32;
     use crate::int8_inputs::x86::horizontal_sum;
 
     /// Only handed out by [`super::scaled_code_dot`] once the CPU's features have been checked.
@@ -323,6 +328,7 @@ mod x86 {
         let mut total = _mm256_setzero_ps();
         let mut tails = 0.0f32;
         for (group, &scale) in row.scales.iter().enumerate() {
+            let scale = f16_to_f32(scale);
             let first = group * row.group_bytes;
             let last = (first + row.group_bytes).min(row.bytes.len());
             let bytes = &row.bytes[first..last];

@@ -89,6 +89,37 @@ fn check_matmul(packed: &PackedMatrix) {
     );
 }
 
+/// `packed`'s int8-input products equal its weights times the rounded inputs, within half an
+/// input step per column of its exact products.
+fn check_int8_inputs(packed: &PackedMatrix, group_size: Option<usize>) {
+    let (rows, cols, count, bits) = (packed.rows(), packed.cols(), 3, packed.bits());
+    assert!(packed.integer_group_size().is_some());
+    let weights = packed.dequantize();
+    let x = random_matrix(count, cols, 98);
+    let y = packed.matmul_int8_inputs(&x, count);
+    let exact = packed.matmul(&x, count);
+    for (sample, input) in x.chunks_exact(cols).enumerate() {
+        let blocks_per_group = group_size.unwrap_or(cols) / int8_inputs::BLOCK;
+        let rounded = Int8Inputs::new(input, bits, blocks_per_group).dequantize();
+        for row in 0..rows {
+            let expected: f32 = (0..cols)
+                .map(|col| rounded[col] * weights[row * cols + col])
+                .sum();
+            let got = y[sample * rows + row];
+            assert!(
+                (got - expected).abs() < 1e-4,
+                "{bits} bits: {got} vs {expected}"
+            );
+            // Rounding the inputs moves each product by at most half an input step per
+            // column: a bound, and a check that the inputs were rounded at all.
+            let step_bound: f32 = (0..cols)
+                .map(|col| weights[row * cols + col].abs() * (1.0 / 254.0))
+                .sum();
+            assert!((got - exact[sample * rows + row]).abs() <= step_bound);
+        }
+    }
+}
+
 #[test]
 fn int8_input_products_are_the_rounded_inputs_times_the_weights() {
     let count = 3;
@@ -100,32 +131,10 @@ fn int8_input_products_are_the_rounded_inputs_times_the_weights() {
         (8, Some(32)),
         (8, None),
     ] {
-        let packed = PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size));
-        assert!(packed.integer_group_size().is_some());
-        let weights = packed.dequantize();
-        let x = random_matrix(count, 128, 98);
-        let y = packed.matmul_int8_inputs(&x, count);
-        let exact = packed.matmul(&x, count);
-        for (sample, input) in x.chunks_exact(128).enumerate() {
-            let blocks_per_group = group_size.unwrap_or(128) / int8_inputs::BLOCK;
-            let rounded = Int8Inputs::new(input, bits, blocks_per_group).dequantize();
-            for row in 0..40 {
-                let expected: f32 = (0..128)
-                    .map(|col| rounded[col] * weights[row * 128 + col])
-                    .sum();
-                let got = y[sample * 40 + row];
-                assert!(
-                    (got - expected).abs() < 1e-4,
-                    "{bits} bits: {got} vs {expected}"
-                );
-                // Rounding the inputs moves each product by at most half an input step per
-                // column: a bound, and a check that the inputs were rounded at all.
-                let step_bound: f32 = (0..128)
-                    .map(|col| weights[row * 128 + col].abs() * (1.0 / 254.0))
-                    .sum();
-                assert!((got - exact[sample * 40 + row]).abs() <= step_bound);
-            }
-        }
+        check_int8_inputs(
+            &PackedMatrix::from_quantized(&quantized(40, 128, bits, group_size)),
+            group_size,
+        );
     }
     // 2-bit codes and groups of 16 columns have no integer kernel: exact products.
     for (bits, group_size) in [(2, Some(32)), (4, Some(16))] {
@@ -293,6 +302,29 @@ fn malformed_gptq_tensors_are_errors() {
         let error = PackedMatrix::from_gptq(&tensors).unwrap_err().to_string();
         assert!(error.contains(message), "{error}");
     }
+}
+
+#[test]
+fn symmetric_matrices_keep_one_row_of_zero_points() {
+    for bits in [3, 4, 8] {
+        let settings = QuantSettings {
+            bits,
+            group_size: Some(32),
+            symmetric: true,
+            clip_search: false,
+        };
+        // 32 channels: 3-bit zero points fill whole words only in multiples of 32.
+        let matrix = round_to_nearest(&random_matrix(32, 128, 7), 32, 128, &settings).unwrap();
+        let packed = PackedMatrix::from_quantized(&matrix);
+        assert_eq!(packed.zeros, vec![1 << (bits - 1); 4], "{bits} bits");
+        assert_eq!(packed.dequantize(), matrix.dequantize(), "{bits} bits");
+        check_matmul(&packed);
+        check_int8_inputs(&packed, Some(32));
+        let tensors = packed.to_gptq().unwrap();
+        assert_eq!(PackedMatrix::from_gptq(&tensors).unwrap(), packed);
+    }
+    let asymmetric = PackedMatrix::from_quantized(&quantized(32, 128, 4, Some(32)));
+    assert_eq!(asymmetric.zeros.len(), 32 * 4);
 }
 
 #[test]
