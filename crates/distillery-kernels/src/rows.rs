@@ -134,8 +134,9 @@ pub fn causal_softmax(
 
 /// One query's attention over `keys` key and value rows (row `j` of each at `j * stride`,
 /// `query.len()` values): the softmax of the scaled scores `q · k_j` into `probabilities`, their
-/// weighted sum of the value rows into `out`. A decode step's attention is a few thousand
-/// multiply-adds a head, less than the setup of a general matrix product.
+/// weighted sum of the value rows into `out`. A decode step's query is one row: plain loops
+/// over the cached rows, where a general matrix product would first choose blockings and
+/// dispatch for a single row, twice a head and layer.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn single_query_attention(
     query: &[f32],
