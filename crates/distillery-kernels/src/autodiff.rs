@@ -56,6 +56,8 @@ pub trait FusedKernels: Backend {
         gradient: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self>;
+    /// The product of two matrices, strided views included.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
     fn swiglu_backward(
         gate: FloatTensor<Self>,
@@ -175,6 +177,10 @@ impl FusedKernels for Flex {
         )
     }
 
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex::matmul(&lhs, &rhs)
+    }
+
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         flex::swiglu(&gate, &up)
     }
@@ -261,7 +267,7 @@ impl FusedOptimizerOps for Flex {
         step: AdamWStep,
     ) -> AdamWTensors<Self> {
         let (parameter, first, second) = flex::adamw(
-            &tensors.parameter,
+            tensors.parameter,
             &gradient,
             tensors.first,
             tensors.second,
@@ -322,6 +328,10 @@ impl FusedOps for Flex {
 
     fn fused_dropout(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self> {
         Self::dropout_forward(x, probability, seed)
+    }
+
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::matmul(x, weight)
     }
 
     fn fused_rotary(
@@ -556,6 +566,51 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 gate.into_primitive(),
                 up.into_primitive(),
             )),
+        }
+    }
+
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Linear;
+
+        impl<B: FusedKernels> Backward<B, 2> for Linear {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, weight) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                // Each product only for a parent that wants its gradient: a frozen weight's
+                // would cost as much as the forward product.
+                let [x_parent, weight_parent] = ops.parents;
+                if let Some(node) = x_parent {
+                    let x_gradient = B::matmul(gradient.clone(), B::float_swap_dims(weight, 0, 1));
+                    grads.register::<B>(node.id, x_gradient);
+                }
+                if let Some(node) = weight_parent {
+                    let weight_gradient = B::matmul(B::float_swap_dims(x, 0, 1), gradient);
+                    grads.register::<B>(node.id, weight_gradient);
+                }
+            }
+        }
+
+        match Linear
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                let output = B::matmul(x.clone(), weight.clone());
+                prep.finish((x, weight), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::matmul(x.into_primitive(), weight.into_primitive()))
+            }
         }
     }
 

@@ -378,16 +378,16 @@ fn standalone(input: FlexTensor) -> FlexTensor {
     }
 }
 
-/// One AdamW update; returns the new parameter and moments. Moments owned only by the caller
-/// are updated in place.
+/// One AdamW update; returns the new parameter and moments. A parameter or moment owned only by
+/// the caller is updated in place (a shared one is copied first).
 pub fn adamw(
-    parameter: &FlexTensor,
+    parameter: FlexTensor,
     gradient: &FlexTensor,
     first: FlexTensor,
     second: FlexTensor,
     step: &rows::AdamWStep,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let mut parameter = standalone(parameter.clone());
+    let mut parameter = standalone(parameter);
     let gradient = contiguous_f32(gradient);
     let mut first = standalone(first);
     let mut second = standalone(second);
@@ -472,8 +472,62 @@ impl AttentionShape {
     }
 }
 
+/// Products of at least this many multiply-adds split their output over the threads: burn-flex's
+/// own threshold and split, so that a product has the same bits by either path.
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+
+/// `lhs rhs` of two matrices, strided views included (a transposed weight or input), written by
+/// gemm straight into the tensor returned.
+pub fn matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+    let ((m, k), (inner, n)) = (matrix_dims(lhs), matrix_dims(rhs));
+    assert_eq!(k, inner, "a [{m}, {k}] matrix times a [{inner}, {n}] one");
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_PRODUCT {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: both operands lie in their tensors' storage as their layouts say; gemm writes
+    // every one of the `m x n` outputs without reading them, so `out` is initialized after it.
+    unsafe {
+        gemm(
+            (m, n, k),
+            out.as_mut_ptr(),
+            (n as isize, 1),
+            matrix_start(lhs),
+            matrix_strides(lhs),
+            matrix_start(rhs),
+            matrix_strides(rhs),
+            1.0,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    tensor(out, Shape::new([m, n]))
+}
+
+fn matrix_dims(matrix: &FlexTensor) -> (usize, usize) {
+    let shape = matrix.layout().shape();
+    assert_eq!(shape.num_dims(), 2, "a matrix");
+    (shape[0], shape[1])
+}
+
+fn matrix_strides(matrix: &FlexTensor) -> (isize, isize) {
+    let strides = matrix.layout().strides();
+    (strides[0], strides[1])
+}
+
+fn matrix_start(matrix: &FlexTensor) -> *const f32 {
+    let storage = matrix.storage::<f32>();
+    assert!(matrix.layout().start_offset() <= storage.len());
+    // SAFETY: the offset was checked to lie within the storage.
+    unsafe { storage.as_ptr().add(matrix.layout().start_offset()) }
+}
+
 /// `dst = beta * lhs x rhs (+ dst when accumulate)`, all matrices given by pointer and
-/// (row, column) strides.
+/// (row, column) strides. Without `accumulate`, `dst` is only written, so it may be
+/// uninitialized.
 ///
 /// # Safety
 /// Every pointer must address a matrix of the given size and strides inside live storage, and
@@ -489,6 +543,7 @@ unsafe fn gemm(
     rhs_strides: (isize, isize),
     beta: f32,
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     unsafe {
         gemm::gemm(
@@ -510,7 +565,7 @@ unsafe fn gemm(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -590,6 +645,7 @@ unsafe fn attend(
             (k_cs, k_rs),
             1.0,
             false,
+            gemm::Parallelism::None,
         );
     }
     rows::causal_softmax(p, keys, 0, keys - queries, scale);
@@ -605,6 +661,7 @@ unsafe fn attend(
             (v_rs, v_cs),
             1.0,
             false,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -744,6 +801,7 @@ pub fn causal_attention_backward(
                         (head_dim as isize, 1),
                         1.0,
                         accumulate,
+                        gemm::Parallelism::None,
                     );
                     // dp = grad v^T
                     gemm(
@@ -756,6 +814,7 @@ pub fn causal_attention_backward(
                         (v_cs, v_rs),
                         1.0,
                         false,
+                        gemm::Parallelism::None,
                     );
                 }
                 rows::softmax_backward(p, &mut dp, keys, scale);
@@ -772,6 +831,7 @@ pub fn causal_attention_backward(
                         (k_rs, k_cs),
                         1.0,
                         false,
+                        gemm::Parallelism::None,
                     );
                     // dk += ds^T q
                     gemm(
@@ -784,6 +844,7 @@ pub fn causal_attention_backward(
                         (q_rs, q_cs),
                         1.0,
                         accumulate,
+                        gemm::Parallelism::None,
                     );
                 }
             }

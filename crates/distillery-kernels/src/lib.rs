@@ -56,6 +56,9 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Inverted dropout with a mask that is a pure function of `seed` and the element index.
     fn fused_dropout(x: FloatTensor<Self>, probability: f32, seed: u64) -> FloatTensor<Self>;
+    /// `x W` of `[rows, in]` inputs and an `[in, out]` weight (a transposed view of an
+    /// `[out, in]` table too): a linear layer's product, differentiable with respect to both.
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Rotary embedding (rotate-half layout) at positions `start..`.
     fn fused_rotary(
         x: FloatTensor<Self>,
@@ -210,6 +213,20 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         ));
     }
     composed::swiglu(gate, up)
+}
+
+/// `x W` for `[rows, in]` inputs and an `[in, out]` weight: a linear layer's product. burn-flex
+/// 0.22's own matmul fills a byte buffer with zeros and then copies it into an aligned one, two
+/// passes over every product on one thread while the others wait; here gemm writes the result
+/// in place, with the same call and thread split, so the bits are the same.
+pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    if fused(&x) && weight.dtype() == DType::F32 {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+        ));
+    }
+    composed::linear(x, weight)
 }
 
 /// `x / sqrt(mean(x^2) + eps) * gain` over the last dimension.
@@ -373,6 +390,10 @@ pub mod composed {
 
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         silu(gate) * up
+    }
+
+    pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+        x.matmul(weight)
     }
 
     pub fn dropout<const D: usize>(x: Tensor<D>, probability: f64, seed: u64) -> Tensor<D> {

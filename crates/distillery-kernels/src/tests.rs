@@ -39,23 +39,8 @@ fn compare<const D: usize, const O: usize>(
     fused_op: impl Fn(&[Tensor<D>]) -> Tensor<D>,
     composed_op: impl Fn(&[Tensor<D>]) -> Tensor<D>,
 ) {
-    let device = Device::flex().autodiff();
-    let run = |op: &dyn Fn(&[Tensor<D>]) -> Tensor<D>| {
-        let leaves: Vec<Tensor<D>> = inputs
-            .iter()
-            .map(|input| input.clone().autodiff().require_grad())
-            .collect();
-        let output = op(&leaves);
-        let weights = random(output.dims(), 99, &device);
-        let gradients = (output.clone() * weights).sum().backward();
-        let input_gradients: Vec<Vec<f32>> = leaves
-            .iter()
-            .map(|leaf| values(leaf.grad(&gradients).expect("every input gets a gradient")))
-            .collect();
-        (values(output), input_gradients)
-    };
-    let (fused_output, fused_gradients) = run(&fused_op);
-    let (composed_output, composed_gradients) = run(&composed_op);
+    let (fused_output, fused_gradients) = output_and_gradients(&inputs, &fused_op);
+    let (composed_output, composed_gradients) = output_and_gradients(&inputs, &composed_op);
     assert_close(&format!("{name} output"), fused_output, composed_output);
     for (index, (fused, composed)) in fused_gradients
         .into_iter()
@@ -68,6 +53,26 @@ fn compare<const D: usize, const O: usize>(
             composed,
         );
     }
+}
+
+/// `op`'s output on fresh leaves made of `inputs`, and the gradients of
+/// `sum(output * weights)` for every input.
+fn output_and_gradients<const D: usize>(
+    inputs: &[Tensor<D>],
+    op: &dyn Fn(&[Tensor<D>]) -> Tensor<D>,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let leaves: Vec<Tensor<D>> = inputs
+        .iter()
+        .map(|input| input.clone().autodiff().require_grad())
+        .collect();
+    let output = op(&leaves);
+    let weights = random(output.dims(), 99, &Device::flex().autodiff());
+    let gradients = (output.clone() * weights).sum().backward();
+    let input_gradients: Vec<Vec<f32>> = leaves
+        .iter()
+        .map(|leaf| values(leaf.grad(&gradients).expect("every input gets a gradient")))
+        .collect();
+    (values(output), input_gradients)
 }
 
 #[test]
@@ -512,4 +517,41 @@ fn a_few_rows_times_a_matrix_match_the_product_on_any_thread_count() {
     };
     close("product", product, values(x.clone().matmul(weight)));
     close("head", head, values(x.matmul(table.transpose())));
+}
+
+/// The linear layers' product replaces burn's matmul on burn-flex with the same gemm call,
+/// written in place: outputs and both gradients keep their bits, for a weight and for the
+/// transposed view of a table (a tied output head), below and above the size where the
+/// product splits over threads.
+#[test]
+fn linear_keeps_the_bits_of_the_matmul_it_replaces() {
+    let device = Device::flex();
+    for (rows, inputs, outputs) in [(5, 30, 7), (64, 300, 400)] {
+        let x = random([rows, inputs], 51, &device);
+        let weight = random([inputs, outputs], 52, &device);
+        let table = random([outputs, inputs], 53, &device);
+        for (name, transposed) in [("weight", false), ("table", true)] {
+            let product = |operands: &[Tensor<2>], op: fn(Tensor<2>, Tensor<2>) -> Tensor<2>| {
+                let weight = if transposed {
+                    operands[1].clone().transpose()
+                } else {
+                    operands[1].clone()
+                };
+                op(operands[0].clone(), weight)
+            };
+            let operands = [
+                x.clone(),
+                if transposed {
+                    table.clone()
+                } else {
+                    weight.clone()
+                },
+            ];
+            assert_eq!(
+                output_and_gradients(&operands, &|operands| product(operands, linear)),
+                output_and_gradients(&operands, &|operands| product(operands, composed::linear)),
+                "{name}, {rows} x {inputs} x {outputs}"
+            );
+        }
+    }
 }

@@ -9,12 +9,12 @@ use burn::module::{
     Content, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param,
 };
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use distillery_kernels::{
-    FEW_ROWS, causal_attention, dropout, is_flex, rms_norm, rows_times_matrix, swiglu,
+    FEW_ROWS, causal_attention, dropout, is_flex, linear, rms_norm, rows_times_matrix, swiglu,
 };
 use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
@@ -222,7 +222,7 @@ impl Linear {
             Weight::Float(weight) if rows <= FEW_ROWS && !x.is_autodiff() => {
                 rows_times_matrix(x, weight.val())
             }
-            Weight::Float(weight) => linear(x, weight.val(), None),
+            Weight::Float(weight) => linear(x, weight.val()),
             Weight::Quantized(quantized) => quantized_product(quantized, x, self.rounding),
         };
         dims[D - 1] = self.d_output();
@@ -306,7 +306,7 @@ fn quantized_product(
     } else {
         // `[out, in]` as decoded, used through a transposed view, with no host-side transpose.
         let matrix = device_matrix(weight.dequantize(), [weight.rows(), cols], &device);
-        return x.matmul(matrix.transpose());
+        return linear(x, matrix.transpose());
     };
     device_matrix(outputs, [rows, weight.rows()], &device)
 }
@@ -814,7 +814,7 @@ impl Llama {
             Weight::Float(table) if batch * seq <= FEW_ROWS && !x.is_autodiff() => {
                 rows_times_matrix(x, table.val().transpose())
             }
-            Weight::Float(table) => x.matmul(table.val().transpose()),
+            Weight::Float(table) => linear(x, table.val().transpose()),
             Weight::Quantized(quantized) => quantized_product(quantized, x, self.rounding),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
