@@ -589,6 +589,10 @@ impl SendPtr {
 /// Query counts up to which [`causal_attention`] takes each query on its own.
 const FEW_QUERIES: usize = crate::FEW_ROWS;
 
+/// Queries [`attend`] takes through the keys together: each tile stops at the keys its last
+/// query sees.
+const QUERY_TILE: usize = 32;
+
 /// A strided matrix: its first element and its row and column strides.
 type StridedMatrix = (*const f32, isize, isize);
 
@@ -631,38 +635,49 @@ unsafe fn attend(
         );
         return;
     }
-    // SAFETY: p and out are the caller's own buffers, checked above; q, k, v are read-only
-    // views the caller vouches for.
-    unsafe {
-        // scores = q k^T
-        gemm(
-            (queries, keys, head_dim),
-            p.as_mut_ptr(),
-            (keys as isize, 1),
-            q_ptr,
-            (q_rs, q_cs),
-            k_ptr,
-            (k_cs, k_rs),
-            1.0,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    rows::causal_softmax(p, keys, 0, keys - queries, scale);
-    // SAFETY: as above.
-    unsafe {
-        gemm(
-            (queries, head_dim, keys),
-            out.as_mut_ptr(),
-            (head_dim as isize, 1),
-            p.as_ptr(),
-            (keys as isize, 1),
-            v_ptr,
-            (v_rs, v_cs),
-            1.0,
-            false,
-            gemm::Parallelism::None,
-        );
+    // Tiles of queries, each over the keys its last query sees: the scores and weighted sums
+    // the mask would zero are never computed (nearly half of them for a prompt without a
+    // cache). Each row's softmax and sums cover the same keys in the same order as over all
+    // keys, whose masked probabilities are exact zeros.
+    let offset = keys - queries;
+    for first in (0..queries).step_by(QUERY_TILE) {
+        let rows = QUERY_TILE.min(queries - first);
+        let visible = offset + first + rows;
+        let tile = &mut p[first * keys..(first + rows) * keys];
+        // SAFETY: p and out are the caller's own buffers, checked above; the tile's `rows`
+        // query rows and the first `visible` key and value rows lie in the views the caller
+        // vouches for.
+        unsafe {
+            // scores = q k^T
+            gemm(
+                (rows, visible, head_dim),
+                tile.as_mut_ptr(),
+                (keys as isize, 1),
+                q_ptr.offset(first as isize * q_rs),
+                (q_rs, q_cs),
+                k_ptr,
+                (k_cs, k_rs),
+                1.0,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        rows::causal_softmax(tile, keys, first, offset, scale);
+        // SAFETY: as above.
+        unsafe {
+            gemm(
+                (rows, head_dim, visible),
+                out[first * head_dim..].as_mut_ptr(),
+                (head_dim as isize, 1),
+                tile.as_ptr(),
+                (keys as isize, 1),
+                v_ptr,
+                (v_rs, v_cs),
+                1.0,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     }
 }
 

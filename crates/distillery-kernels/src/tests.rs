@@ -93,10 +93,11 @@ fn attention_matches_composed_attention_with_grouped_heads_and_a_cache_offset() 
 #[test]
 fn many_queries_at_once_match_composed_attention() {
     let device = Device::flex();
-    // 12 queries after 3 cached positions: more than are taken one by one.
-    let query = random([1, 4, 12, 8], 11, &device);
-    let key = random([1, 2, 15, 8], 12, &device);
-    let value = random([1, 2, 15, 8], 13, &device);
+    // 70 queries after 3 cached positions: more than are taken one by one, in three tiles of
+    // queries, the last one partial.
+    let query = random([1, 4, 70, 8], 11, &device);
+    let key = random([1, 2, 73, 8], 12, &device);
+    let value = random([1, 2, 73, 8], 13, &device);
     compare(
         "attention of many queries",
         [query, key, value],
