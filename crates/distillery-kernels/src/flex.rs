@@ -285,6 +285,10 @@ const PRODUCT_ROWS: usize = 32;
 const PRODUCT_DOTS: usize = 256;
 /// Floats of a transposed weight that [`rows_times_matrix`] has every input row meet at once.
 const CACHED_FLOATS: usize = 16 * 1024;
+/// Partial sums from which [`rows_times_matrix`] adds its runs' results in parallel.
+const PARALLEL_SUMS: usize = 1 << 16;
+/// Outputs per parallel task adding the runs' partial sums.
+const SUM_BLOCK: usize = 1024;
 
 /// `x W` for a few rows `x` (`[rows, in]`) and `W` (`[in, out]`, or a transposed `[out, in]`
 /// table): fixed runs of weight rows in parallel, each read front to back into partial sums
@@ -319,24 +323,27 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                 out
             })
             .collect();
-        let mut out = Vec::with_capacity(rows * outputs);
-        for row in 0..rows {
-            for run in &runs {
-                let width = run.len() / rows;
-                out.extend_from_slice(&run[row * width..(row + 1) * width]);
-            }
-        }
+        let mut out = vec![0.0f32; rows * outputs];
+        out.par_chunks_mut(outputs)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let mut out = out;
+                for run in &runs {
+                    let width = run.len() / rows;
+                    let (this, rest) = out.split_at_mut(width);
+                    this.copy_from_slice(&run[row * width..(row + 1) * width]);
+                    out = rest;
+                }
+            });
         return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
-    let runs = inputs.div_ceil(PRODUCT_ROWS);
-    // Run by run, each row's partial sums.
-    let mut partials = vec![0.0f32; runs * rows * outputs];
-    partials
-        .par_chunks_mut(rows * outputs)
-        .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
+    // Run by run, each row's partial sums, each zeroed by the task that fills it.
+    let partials: Vec<Vec<f32>> = weight
+        .par_chunks(PRODUCT_ROWS * outputs)
         .enumerate()
-        .for_each(|(run, (partial, run_weight))| {
+        .map(|(run, run_weight)| {
+            let mut partial = vec![0.0f32; rows * outputs];
             let length = run_weight.len() / outputs;
             let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + length;
             // Each row's columns of this run, side by side; a decode step's single row is
@@ -354,13 +361,27 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                 .get((run + 1) * PRODUCT_ROWS * outputs..)
                 .unwrap_or_default();
             let next = &next[..next.len().min(PRODUCT_ROWS * outputs)];
-            rows::rows_times_rows(&x, length, run_weight, next, partial);
-        });
-    let mut out = partials[..rows * outputs].to_vec();
-    for partial in partials.chunks_exact(rows * outputs).skip(1) {
-        for (sum, &value) in out.iter_mut().zip(partial) {
-            *sum += value;
+            rows::rows_times_rows(&x, length, run_weight, next, &mut partial);
+            partial
+        })
+        .collect();
+    // The partial sums added in run order; over many rows in parallel blocks of outputs (a
+    // decode step's one row would spend more handing the blocks out than adding).
+    let add_runs = |first: usize, out: &mut [f32]| {
+        out.copy_from_slice(&partials[0][first..first + out.len()]);
+        for partial in &partials[1..] {
+            for (sum, &value) in out.iter_mut().zip(&partial[first..]) {
+                *sum += value;
+            }
         }
+    };
+    let mut out = vec![0.0f32; rows * outputs];
+    if partials.len() * out.len() < PARALLEL_SUMS {
+        add_runs(0, &mut out);
+    } else {
+        out.par_chunks_mut(SUM_BLOCK)
+            .enumerate()
+            .for_each(|(block, out)| add_runs(block * SUM_BLOCK, out));
     }
     tensor(out, Shape::new([rows, outputs]))
 }
