@@ -327,19 +327,18 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         out.par_chunks_mut(outputs)
             .enumerate()
             .for_each(|(row, out)| {
-                let mut out = out;
+                let mut at = 0;
                 for run in &runs {
                     let width = run.len() / rows;
-                    let (this, rest) = out.split_at_mut(width);
-                    this.copy_from_slice(&run[row * width..(row + 1) * width]);
-                    out = rest;
+                    out[at..at + width].copy_from_slice(&run[row * width..(row + 1) * width]);
+                    at += width;
                 }
             });
         return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
     // Run by run, each row's partial sums, each zeroed by the task that fills it.
-    let partials: Vec<Vec<f32>> = weight
+    let mut partials: Vec<Vec<f32>> = weight
         .par_chunks(PRODUCT_ROWS * outputs)
         .enumerate()
         .map(|(run, run_weight)| {
@@ -365,17 +364,18 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
             partial
         })
         .collect();
-    // The partial sums added in run order; over many rows in parallel blocks of outputs (a
-    // decode step's one row would spend more handing the blocks out than adding).
+    // The later runs' partial sums added, in run order, into the first run's; over many rows
+    // in parallel blocks of outputs (a decode step's one row would spend more handing the
+    // blocks out than adding).
+    let mut out = std::mem::take(&mut partials[0]);
+    let later = &partials[1..];
     let add_runs = |first: usize, out: &mut [f32]| {
-        out.copy_from_slice(&partials[0][first..first + out.len()]);
-        for partial in &partials[1..] {
+        for partial in later {
             for (sum, &value) in out.iter_mut().zip(&partial[first..]) {
                 *sum += value;
             }
         }
     };
-    let mut out = vec![0.0f32; rows * outputs];
     if partials.len() * out.len() < PARALLEL_SUMS {
         add_runs(0, &mut out);
     } else {
