@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Workspace, repo_path};
+use common::{Workspace, read_jsonl, repo_path};
 use distillery_formats::gguf::Value;
 
 #[test]
@@ -731,6 +731,93 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
             );
         }
     }
+    // The model's continuations of prompts spread over the training split, as JSON Lines that
+    // distillation reads: the same file whatever the batch, the first prompt the corpus's start
+    // and its continuation what `generate` writes after it.
+    let continuations = |batch: &str| {
+        let out = workspace.root.join(format!("continuations-{batch}.jsonl"));
+        let mut continuations = with_config("continuations", &[]);
+        continuations.extend(
+            [
+                "--checkpoint",
+                &float_run,
+                "--out",
+                &out.display().to_string(),
+                "--prompts",
+                "24",
+                "--prompt-tokens",
+                "6",
+                "--max-new-tokens",
+                "16",
+                "--temperature",
+                "0",
+                "--batch",
+                batch,
+            ]
+            .map(String::from),
+        );
+        workspace.run_ok(&continuations);
+        out
+    };
+    let written = continuations("5");
+    assert_eq!(
+        std::fs::read(&written).unwrap(),
+        std::fs::read(continuations("1")).unwrap()
+    );
+    let lines = read_jsonl(&written);
+    assert_eq!(lines.len(), 24);
+    let corpus = std::fs::read_to_string(repo_path("datasets/tinyshakespeare.txt")).unwrap();
+    let first_prompt = lines[0]["prompt"].as_str().unwrap();
+    assert!(corpus.starts_with(first_prompt), "{first_prompt:?}");
+    let mut generate = with_config("generate", &[]);
+    generate.extend(
+        [
+            "--checkpoint",
+            &float_run,
+            "--prompt",
+            first_prompt,
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let alone: serde_json::Value = serde_json::from_str(&workspace.run_ok(&generate)).unwrap();
+    assert_eq!(alone["prompt_tokens"], 6);
+    assert_eq!(
+        lines[0]["text"].as_str().unwrap(),
+        format!("{first_prompt}{}", alone["text"].as_str().unwrap())
+    );
+    for line in &lines {
+        let text = line["text"].as_str().unwrap();
+        let prompt = line["prompt"].as_str().unwrap();
+        assert!(
+            text.len() > prompt.len() && text.starts_with(prompt),
+            "{line:?}"
+        );
+    }
+    let mut train_on_continuations = workspace.train_args(
+        "on-continuations",
+        &[
+            "train.steps=2",
+            "train.warmup_steps=1",
+            "eval.every=2",
+            "data.format=\"jsonl\"",
+            "data.text_field=\"text\"",
+            "data.seq_len=16",
+        ],
+    );
+    train_on_continuations.extend(["--set".into(), format!("data.corpus={}", written.display())]);
+    let trained = workspace.command(&train_on_continuations).output().unwrap();
+    let log = String::from_utf8_lossy(&trained.stderr);
+    assert!(trained.status.success(), "{log}");
+    assert!(
+        log.contains("token cache") && log.contains("continuations-5.jsonl"),
+        "{log}"
+    );
+
     let draft_flag = bench.iter().position(|arg| arg == "--draft").unwrap();
     bench.truncate(draft_flag);
     bench.extend(["--batch".into(), "3".into()]);

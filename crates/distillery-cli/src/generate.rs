@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use distillery_data::chat::{ChatTemplate, Message};
 use distillery_formats::load;
-use distillery_model::{Generation, GenerationConfig, SamplingConfig, StopReason};
+use distillery_model::{Generation, GenerationConfig, StopReason};
 
 use crate::ConfigArgs;
-use crate::models::{self, Activations, DraftArgs};
+use crate::models::{self, Activations, DraftArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -34,15 +34,8 @@ pub struct GenerateArgs {
     system: Option<String>,
     #[arg(long, default_value_t = 100)]
     max_new_tokens: usize,
-    /// 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    #[arg(long)]
-    top_k: Option<usize>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// How quantized matrices treat their activations.
     #[arg(long, value_enum, default_value_t)]
     activations: Activations,
@@ -65,12 +58,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stop_tokens: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
     let settings = |stop_tokens: Vec<u32>| GenerationConfig {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: args.sampling.config(),
         stop_tokens,
     };
     if let Some(path) = &args.prompts {

@@ -2,6 +2,7 @@
 
 mod backends;
 mod bench;
+mod continuations;
 mod cost;
 mod decode_bench;
 mod eval;
@@ -84,6 +85,10 @@ enum Command {
     /// Continue a prompt with a model (any that `eval` takes), or answer a chat message
     /// through its chat template.
     Generate(generate::GenerateArgs),
+    /// Continue prompts from the config's training split with a model and write prompt and
+    /// continuation as JSON Lines (`[data] format = "jsonl"`): data to distill a speculative
+    /// draft on what its model writes.
+    Continuations(continuations::ContinuationsArgs),
     /// Cost per million tokens self-hosted against an API, the break-even volume and a
     /// recommendation, from a throughput measured here (--measure) or given.
     Cost(cost::CostArgs),
@@ -253,6 +258,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => {
             generate::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Continuations(args) => {
+            continuations::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cost(args) => cost::run(args),

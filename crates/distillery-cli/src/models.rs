@@ -35,6 +35,31 @@ impl DraftArgs {
     }
 }
 
+/// How `generate` and `continuations` pick each token.
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> distillery_model::SamplingConfig {
+        distillery_model::SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 /// How quantized matrices treat their activations, as a command-line flag names it.
 #[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Activations {
