@@ -743,7 +743,7 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
                 &float_run,
                 "--out",
                 &out.display().to_string(),
-                "--prompts",
+                "--num-prompts",
                 "24",
                 "--prompt-tokens",
                 "6",

@@ -27,7 +27,7 @@ pub struct ContinuationsArgs {
     out: PathBuf,
     /// How many prompts, taken at evenly spaced places in the training split.
     #[arg(long, default_value_t = 256)]
-    prompts: usize,
+    num_prompts: usize,
     /// Each prompt's length.
     #[arg(long, default_value_t = 32)]
     prompt_tokens: usize,
@@ -44,7 +44,7 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let config = args.config.load()?;
     let data = distillery_run::prepare_data(&config)?;
-    let prompts = spaced_prompts(&data.splits.train, args.prompts, args.prompt_tokens)?;
+    let prompts = spaced_prompts(&data.splits.train, args.num_prompts, args.prompt_tokens)?;
     let model = load::load_model(&config, &args.checkpoint, &data.tokenizer)?;
     let settings = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
@@ -54,17 +54,20 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut lines = String::new();
     let mut new_tokens = 0;
-    for (batch_index, batch) in prompts.chunks(args.batch).enumerate() {
+    let mut done = 0;
+    for batch in prompts.chunks(args.batch) {
         let generations = distillery_model::generate_batch(&model.model, batch, &settings)?;
         for (prompt, generation) in batch.iter().zip(&generations) {
             let continuation = generation.tokens_without_stop();
             new_tokens += continuation.len();
+            // Decoded as one sequence: a tokenizer that drops a leading space from what it
+            // decodes would otherwise join the prompt's last word to the continuation's first.
+            let text = data.tokenizer.decode(&[prompt, continuation].concat())?;
             let prompt = data.tokenizer.decode(prompt)?;
-            let text = format!("{prompt}{}", data.tokenizer.decode(continuation)?);
             lines.push_str(&serde_json::json!({ "text": text, "prompt": prompt }).to_string());
             lines.push('\n');
         }
-        let done = (batch_index * args.batch + batch.len()).min(prompts.len());
+        done += batch.len();
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "{done}/{} prompts continued, {:.1} new tokens/s, about {:.0} s left",
@@ -92,7 +95,7 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
 fn spaced_prompts(split: &[u32], count: usize, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
     anyhow::ensure!(
         count >= 1 && length >= 1 && length <= split.len(),
-        "--prompts and --prompt-tokens must be at least 1, and a prompt of {length} tokens must \
+        "--num-prompts and --prompt-tokens must be at least 1, and a prompt of {length} tokens must \
          fit the training split's {} tokens",
         split.len()
     );
