@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use distillery_config::ExperimentConfig;
@@ -116,47 +117,69 @@ pub fn cache_path(config: &ExperimentConfig, data: &RunData, teacher: &Teacher) 
 }
 
 /// The `k` largest logits of `row` with their token ids, largest first (ties: smaller id
-/// first).
+/// first). One pass in id order: a logit joins the list only when it beats the smallest one
+/// kept, which after the first few hundred tokens of a 49k row almost none do.
 pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut order: Vec<u32> = (0..row.len() as u32).collect();
-    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-    if k < order.len() {
-        order.select_nth_unstable_by(k, by_logit);
-        order.truncate(k);
+    let k = k.min(row.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return top;
     }
-    order.sort_unstable_by(by_logit);
-    order.into_iter().map(|id| (id, row[id as usize])).collect()
+    for (id, &logit) in row.iter().enumerate() {
+        if top.len() == k && logit.total_cmp(&top[k - 1].1).is_le() {
+            continue;
+        }
+        // Kept logits as large as this one have smaller ids, so they stay ahead of it.
+        let at = top.partition_point(|&(_, kept)| kept.total_cmp(&logit).is_ge());
+        top.insert(at, (id as u32, logit));
+        top.truncate(k);
+    }
+    top
 }
 
-/// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest), in
-/// f64 so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers the
-/// row. `in_top` is scratch of `row.len()` falses, left as it was found.
-pub fn rest_log_sum_exp(
-    row: &[f32],
-    top: &[(u32, f32)],
-    temperature: f64,
-    in_top: &mut [bool],
-) -> f32 {
-    for &(id, _) in top {
-        in_top[id as usize] = true;
+/// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest, which
+/// [`top_k`]'s order puts after its last), summed in f64 from the rest's largest logit down, so
+/// a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers the row.
+pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f32 {
+    if top.len() >= row.len() {
+        return EMPTY_REST;
     }
+    let in_rest = |id: usize, logit: f32| match top.last() {
+        None => true,
+        Some(&(last_id, last)) => match logit.total_cmp(&last) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Equal => id as u32 > last_id,
+            std::cmp::Ordering::Greater => false,
+        },
+    };
     let rest = || {
         row.iter()
-            .zip(in_top.iter())
-            .filter(|(_, in_top)| !**in_top)
-            .map(|(&logit, _)| f64::from(logit) / temperature)
+            .enumerate()
+            .filter(move |&(id, &logit)| in_rest(id, logit))
+            .map(|(_, &logit)| logit)
     };
-    let max = rest().fold(f64::NEG_INFINITY, f64::max);
-    let lse = if max == f64::NEG_INFINITY {
-        EMPTY_REST
-    } else {
-        (max + rest().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
-    };
-    for &(id, _) in top {
-        in_top[id as usize] = false;
-    }
-    lse
+    let max = rest().fold(f32::NEG_INFINITY, f32::max);
+    let scale = (1.0 / temperature) as f32;
+    let sum: f64 = rest()
+        .map(|logit| f64::from(distillery_kernels::rows::exp((logit - max) * scale)))
+        .sum();
+    (f64::from(max) / temperature + sum.ln()) as f32
 }
+
+/// One cache row: `top_k` ids (`id_bytes` each), their logits, then the rest's log-sum-exp.
+fn encode_row(row: &[f32], header: &TeacherCacheHeader, out: &mut Vec<u8>) {
+    let top = top_k(row, header.top_k);
+    for &(id, _) in &top {
+        out.extend_from_slice(&id.to_le_bytes()[..header.id_bytes]);
+    }
+    for &(_, logit) in &top {
+        out.extend_from_slice(&logit.to_le_bytes());
+    }
+    out.extend_from_slice(&rest_log_sum_exp(row, &top, header.temperature).to_le_bytes());
+}
+
+/// Rows of teacher logits that one parallel task of [`build`] encodes.
+const ENCODE_ROWS: usize = 32;
 
 /// The teacher's rows of a cached micro-batch, `rows` of them.
 pub struct CachedRows {
@@ -214,9 +237,6 @@ pub fn build(
         derive_seed(header.seed, Stream::DataOrder, 0),
         header.seq_len,
     );
-    let mut row_ids = Vec::with_capacity(header.top_k * header.id_bytes);
-    let mut row_logits = Vec::with_capacity((header.top_k + 1) * 4);
-    let mut in_top = vec![false; header.vocab_size];
     for micro_batch in 0..header.micro_batches {
         let batch = sampler.next_batch(&data.splits.train, header.batch_size);
         let (inputs, _) = batch_tensors(&batch, teacher.device());
@@ -225,19 +245,18 @@ pub fn build(
             .into_data()
             .try_into_vec()
             .expect("teacher logits are f32");
-        for row in logits.chunks(header.vocab_size) {
-            row_ids.clear();
-            row_logits.clear();
-            let top = top_k(row, header.top_k);
-            for &(id, logit) in &top {
-                row_ids.extend_from_slice(&id.to_le_bytes()[..header.id_bytes]);
-                row_logits.extend_from_slice(&logit.to_le_bytes());
-            }
-            row_logits.extend_from_slice(
-                &rest_log_sum_exp(row, &top, header.temperature, &mut in_top).to_le_bytes(),
-            );
-            out.write_all(&row_ids).map_err(io_error)?;
-            out.write_all(&row_logits).map_err(io_error)?;
+        let records: Vec<Vec<u8>> = logits
+            .par_chunks(ENCODE_ROWS * header.vocab_size)
+            .map(|rows| {
+                let mut bytes = Vec::with_capacity(ENCODE_ROWS * header.row_bytes() as usize);
+                for row in rows.chunks(header.vocab_size) {
+                    encode_row(row, header, &mut bytes);
+                }
+                bytes
+            })
+            .collect();
+        for bytes in &records {
+            out.write_all(bytes).map_err(io_error)?;
         }
         progress(micro_batch + 1);
     }
@@ -390,19 +409,66 @@ mod tests {
         assert_eq!(top_k(&row, 5)[4], (2, -1.0));
     }
 
+    /// Rows of a few distinct values, so that ties cross the k-th place.
+    fn tied_rows() -> Vec<Vec<f32>> {
+        (0..20u32)
+            .map(|seed| {
+                (0..300u32)
+                    .map(|i| {
+                        ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 9) as f32
+                            * 0.75
+                            - 3.0
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn top_k_is_the_head_of_the_row_sorted_by_logit_then_id() {
+        for row in tied_rows() {
+            let mut sorted: Vec<(u32, f32)> = row
+                .iter()
+                .enumerate()
+                .map(|(id, &x)| (id as u32, x))
+                .collect();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for k in [0, 1, 7, 64, 299, 300, 400] {
+                assert_eq!(top_k(&row, k), sorted[..k.min(300)], "k = {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_rest_holds_every_token_after_the_top_k_ties_included() {
+        for row in tied_rows() {
+            for (k, temperature) in [(0, 1.0), (1, 2.0), (64, 1.0), (250, 0.5)] {
+                let top = top_k(&row, k);
+                let kept: Vec<u32> = top.iter().map(|&(id, _)| id).collect();
+                let by_hand: f64 = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(id, _)| !kept.contains(&(*id as u32)))
+                    .map(|(_, &x)| (f64::from(x) / temperature).exp())
+                    .sum::<f64>()
+                    .ln();
+                let rest = f64::from(rest_log_sum_exp(&row, &top, temperature));
+                assert!(
+                    (rest - by_hand).abs() < 1e-5,
+                    "k = {k}: {rest} vs {by_hand}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_rest_is_the_log_sum_exp_of_the_tokens_outside_the_top_k() {
         let row = [0.5f32, 3.0, -1.0, 3.0, 2.0];
         let top = top_k(&row, 3);
         let by_hand = ((0.5f64 / 2.0).exp() + (-1.0f64 / 2.0).exp()).ln();
-        let mut in_top = [false; 5];
-        let rest = rest_log_sum_exp(&row, &top, 2.0, &mut in_top);
+        let rest = rest_log_sum_exp(&row, &top, 2.0);
         assert!((f64::from(rest) - by_hand).abs() < 1e-6);
-        assert_eq!(in_top, [false; 5]);
-        assert_eq!(
-            rest_log_sum_exp(&row, &top_k(&row, 5), 2.0, &mut in_top),
-            EMPTY_REST
-        );
+        assert_eq!(rest_log_sum_exp(&row, &top_k(&row, 5), 2.0), EMPTY_REST);
     }
 
     #[test]
@@ -413,7 +479,7 @@ mod tests {
         let rows = CachedRows {
             ids: top.iter().map(|&(id, _)| id).collect(),
             logits: top.iter().map(|&(_, logit)| logit).collect(),
-            rest: vec![rest_log_sum_exp(&row, &top, temperature, &mut [false; 5])],
+            rest: vec![rest_log_sum_exp(&row, &top, temperature)],
         };
         let total: f64 = row
             .iter()
