@@ -138,8 +138,9 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest, which
-/// [`top_k`]'s order puts after its last), summed in f64 from the rest's largest logit down, so
-/// a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top` covers the row.
+/// [`top_k`]'s order puts after its last), each term taken relative to the rest's largest logit
+/// and summed in f64, so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top`
+/// covers the row or the rest has no finite logit.
 pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f32 {
     if top.len() >= row.len() {
         return EMPTY_REST;
@@ -159,6 +160,9 @@ pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f3
             .map(|(_, &logit)| logit)
     };
     let max = rest().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return EMPTY_REST;
+    }
     let scale = (1.0 / temperature) as f32;
     let sum: f64 = rest()
         .map(|logit| f64::from(distillery_kernels::rows::exp((logit - max) * scale)))
@@ -469,6 +473,11 @@ mod tests {
         let rest = rest_log_sum_exp(&row, &top, 2.0);
         assert!((f64::from(rest) - by_hand).abs() < 1e-6);
         assert_eq!(rest_log_sum_exp(&row, &top_k(&row, 5), 2.0), EMPTY_REST);
+        let masked = [1.0, f32::NEG_INFINITY, f32::NEG_INFINITY];
+        assert_eq!(
+            rest_log_sum_exp(&masked, &top_k(&masked, 1), 1.0),
+            EMPTY_REST
+        );
     }
 
     #[test]
