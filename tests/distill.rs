@@ -324,12 +324,30 @@ fn cached_teacher_with_every_logit_trains_like_the_live_teacher() {
         }
     }
 
-    // A run with another window schedule is refused, naming what differs.
+    // A longer run draws micro-batches the cache does not hold: refused, naming both counts.
     let longer = [cached_settings.as_slice(), &["train.steps=12"]].concat();
     let (code, stderr) = workspace.run_err(&distill_args(&workspace, "longer", &longer));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("teacher cache"), "{stderr}");
-    assert!(stderr.contains("micro_batches: 10 -> 12"), "{stderr}");
+    assert!(
+        stderr.contains("holds the first 10 micro-batches of this run's schedule, which draws 12"),
+        "{stderr}"
+    );
+    // A shorter run reads the first micro-batches of the longer run's cache, and trains as it
+    // does from a cache written for itself (which replaces the longer one at the same path).
+    let shorter = [cached_settings.as_slice(), &["train.steps=8"]].concat();
+    workspace.run_ok(&distill_args(&workspace, "shorter-of-10", &shorter));
+    let mut cache_args = distill_args(&workspace, "shorter", &shorter);
+    cache_args[0] = "teacher-cache".into();
+    let output = workspace.run_ok(&cache_args);
+    assert!(output.contains("8 micro-batches"), "{output}");
+    workspace.run_ok(&distill_args(&workspace, "shorter-of-8", &shorter));
+    for tag in ["train/loss", "train/kd", "val/loss"] {
+        let of_10 = common::metric_series(&workspace.experiments.join("shorter-of-10"), tag);
+        let of_8 = common::metric_series(&workspace.experiments.join("shorter-of-8"), tag);
+        assert!(!of_10.is_empty(), "{tag}");
+        assert_eq!(of_10, of_8, "{tag}");
+    }
 
     // A top-16 cache trains every divergence to finite losses.
     let top_16 = ["train.steps=10", "distill.top_k=16", cache_dir.as_str()];

@@ -9,6 +9,10 @@
 //! (the rest), [`EMPTY_REST`] when there is none. The logits are the teacher's raw logits,
 //! before any temperature; with the rest they give the teacher's distribution over `top_k + 1`
 //! outcomes, so a student learns how much mass the teacher leaves outside its top k.
+//!
+//! The window sampler draws micro-batches one after another whatever the run's length, so a
+//! shorter run's schedule is the start of a longer one's: a run reads any cache of its schedule
+//! that holds at least its micro-batches, and one cache serves students of several lengths.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -48,6 +52,7 @@ pub struct TeacherCacheHeader {
     pub validation_fraction: f64,
     pub seq_len: usize,
     pub batch_size: usize,
+    /// Records the cache holds; a run of fewer reads the first ones.
     pub micro_batches: u64,
     pub top_k: usize,
     /// The temperature of each row's rest (the run's `distill.temperature`).
@@ -300,8 +305,8 @@ pub struct TeacherCacheReader {
 }
 
 impl TeacherCacheReader {
-    /// Opens the cache at `path`, refusing it unless it was made for exactly `expected` and
-    /// holds every record.
+    /// Opens the cache at `path`, refusing it unless it was made for `expected`'s schedule,
+    /// holds at least its micro-batches and every record it promises.
     pub fn open(path: &Path, expected: &TeacherCacheHeader) -> Result<Self, DistillError> {
         let refuse = |message: String| DistillError::Cache {
             path: path.to_path_buf(),
@@ -331,11 +336,22 @@ impl TeacherCacheReader {
             .map_err(|_| refuse("has a damaged header".into()))?;
         let header: TeacherCacheHeader = serde_json::from_slice(&header_json)
             .map_err(|error| refuse(format!("has a damaged header: {error}")))?;
-        if &header != expected {
+        let schedule_start = TeacherCacheHeader {
+            micro_batches: expected.micro_batches,
+            ..header.clone()
+        };
+        if &schedule_start != expected {
             return Err(refuse(format!(
                 "was made for another run, so its logits are not this run's teacher's: {}; \
                  rebuild it with `distillery teacher-cache`",
                 header.differences(expected).join("; ")
+            )));
+        }
+        if header.micro_batches < expected.micro_batches {
+            return Err(refuse(format!(
+                "holds the first {} micro-batches of this run's schedule, which draws {}; \
+                 rebuild it with `distillery teacher-cache`",
+                header.micro_batches, expected.micro_batches
             )));
         }
         let data_offset = 16 + header_len;
