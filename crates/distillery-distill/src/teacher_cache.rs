@@ -344,7 +344,7 @@ impl TeacherCacheReader {
             return Err(refuse(format!(
                 "was made for another run, so its logits are not this run's teacher's: {}; \
                  rebuild it with `distillery teacher-cache`",
-                header.differences(expected).join("; ")
+                schedule_start.differences(expected).join("; ")
             )));
         }
         if header.micro_batches < expected.micro_batches {
