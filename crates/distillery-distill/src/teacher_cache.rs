@@ -121,6 +121,12 @@ pub fn cache_path(config: &ExperimentConfig, data: &RunData, teacher: &Teacher) 
     token_cache.with_file_name(name)
 }
 
+/// The cache's order of a row's tokens, as (id, logit): larger logit first, then smaller id.
+/// [`top_k`] keeps the first k in it and [`rest_log_sum_exp`] sums the ones after them.
+fn rank(a: (u32, f32), b: (u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// The `k` largest logits of `row` with their token ids, largest first (ties: smaller id
 /// first). One pass in id order: a logit joins the list only when it beats the smallest one
 /// kept, which after the first few hundred tokens of a 49k row almost none do.
@@ -131,38 +137,31 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
         return top;
     }
     for (id, &logit) in row.iter().enumerate() {
-        if top.len() == k && logit.total_cmp(&top[k - 1].1).is_le() {
+        let token = (id as u32, logit);
+        if top.len() == k && rank(token, top[k - 1]).is_gt() {
             continue;
         }
-        // Kept logits as large as this one have smaller ids, so they stay ahead of it.
-        let at = top.partition_point(|&(_, kept)| kept.total_cmp(&logit).is_ge());
-        top.insert(at, (id as u32, logit));
+        let at = top.partition_point(|&kept| rank(kept, token).is_lt());
+        top.insert(at, token);
         top.truncate(k);
     }
     top
 }
 
 /// `log sum exp(logit / temperature)` over the tokens of `row` not in `top` (the rest, which
-/// [`top_k`]'s order puts after its last), each term taken relative to the rest's largest logit
-/// and summed in f64, so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top`
+/// [`rank`] puts after `top`'s last), each term taken relative to the rest's largest logit and
+/// summed in f64, so a rest far below the top k keeps its digits; [`EMPTY_REST`] when `top`
 /// covers the row or the rest has no finite logit.
 pub fn rest_log_sum_exp(row: &[f32], top: &[(u32, f32)], temperature: f64) -> f32 {
     if top.len() >= row.len() {
         return EMPTY_REST;
     }
-    let in_rest = |id: usize, logit: f32| match top.last() {
-        None => true,
-        Some(&(last_id, last)) => match logit.total_cmp(&last) {
-            std::cmp::Ordering::Less => true,
-            std::cmp::Ordering::Equal => id as u32 > last_id,
-            std::cmp::Ordering::Greater => false,
-        },
-    };
     let rest = || {
         row.iter()
             .enumerate()
-            .filter(move |&(id, &logit)| in_rest(id, logit))
-            .map(|(_, &logit)| logit)
+            .map(|(id, &logit)| (id as u32, logit))
+            .filter(|&token| top.last().is_none_or(|&last| rank(token, last).is_gt()))
+            .map(|(_, logit)| logit)
     };
     let max = rest().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
