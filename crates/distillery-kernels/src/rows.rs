@@ -114,16 +114,16 @@ pub fn causal_softmax(
     for (index, row) in scores.chunks_exact_mut(columns).enumerate() {
         let visible = (first_row + index + offset + 1).min(columns);
         let (kept, masked) = row.split_at_mut(visible);
-        let mut max = f32::NEG_INFINITY;
+        // Each pass a plain loop or a lane reduction: a running maximum or sum carried from
+        // element to element would be one scalar chain, `exp` included.
         for value in kept.iter_mut() {
             *value *= scale;
-            max = max.max(*value);
         }
-        let mut sum = 0.0;
+        let max = scaled_max(kept, 1.0);
         for value in kept.iter_mut() {
             *value = exp(*value - max);
-            sum += *value;
         }
+        let [sum] = paired_sums(kept, kept, |value, _| [value]);
         let inverse = 1.0 / sum;
         for value in kept.iter_mut() {
             *value *= inverse;
@@ -174,7 +174,7 @@ pub fn softmax_backward(probabilities: &[f32], gradient: &mut [f32], columns: us
         .chunks_exact(columns)
         .zip(gradient.chunks_exact_mut(columns))
     {
-        let dot: f32 = p.iter().zip(g.iter()).map(|(p, g)| p * g).sum();
+        let [dot] = paired_sums(p, g, |p, g| [p * g]);
         for (g, p) in g.iter_mut().zip(p) {
             *g = p * (*g - dot) * scale;
         }
@@ -452,7 +452,8 @@ pub fn rms_norm(x: &[f32], gain: &[f32], eps: f32, output: &mut [f32], inverse_r
         .zip(output.chunks_exact_mut(width))
         .zip(inverse_rms.iter_mut())
     {
-        let mean_square = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
+        let [sum_of_squares] = paired_sums(row, row, |x, _| [x * x]);
+        let mean_square = sum_of_squares / width as f32;
         *inverse = 1.0 / (mean_square + eps).sqrt();
         for ((out, &x), &g) in out.iter_mut().zip(row).zip(gain) {
             *out = x * *inverse * g;
