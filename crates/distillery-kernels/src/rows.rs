@@ -114,14 +114,11 @@ pub fn causal_softmax(
     for (index, row) in scores.chunks_exact_mut(columns).enumerate() {
         let visible = (first_row + index + offset + 1).min(columns);
         let (kept, masked) = row.split_at_mut(visible);
-        // Each pass a plain loop or a lane reduction: a running maximum or sum carried from
-        // element to element would be one scalar chain, `exp` included.
+        // The maximum and the sum in lanes, `exp` in a plain loop: a running maximum or sum
+        // carried from element to element would make the whole row one scalar chain.
+        let max = scaled_max(kept, scale);
         for value in kept.iter_mut() {
-            *value *= scale;
-        }
-        let max = scaled_max(kept, 1.0);
-        for value in kept.iter_mut() {
-            *value = exp(*value - max);
+            *value = exp(*value * scale - max);
         }
         let [sum] = paired_sums(kept, kept, |value, _| [value]);
         let inverse = 1.0 / sum;
