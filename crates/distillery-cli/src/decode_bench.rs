@@ -29,26 +29,49 @@ pub struct DecodeReport {
     /// model was measured alongside (a float model's own is 1).
     pub decode_vs_float: Option<f64>,
     pub runs: usize,
-    /// The process's resident memory after the runs, and how much of it lay in 2 MiB pages
-    /// (Linux only).
+    /// The process's resident memory after the runs, how much of it lay in mappings that asked
+    /// for 2 MiB pages and how much the kernel gave them (Linux only).
     pub resident: Option<ResidentMemory>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ResidentMemory {
     pub bytes: u64,
+    /// Resident bytes of mappings advised for 2 MiB pages (`hg` among their `VmFlags`): what
+    /// the process controls. The kernel grants the pages only where it finds free 2 MiB blocks.
+    pub advised_for_huge_pages: u64,
     pub in_huge_pages: u64,
 }
 
 impl ResidentMemory {
-    /// This process's, from `/proc/self/smaps_rollup`; `None` where the kernel does not say.
+    /// This process's, from `/proc/self/smaps`; `None` where the kernel does not say.
     pub fn of_this_process() -> Option<Self> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
         Some(Self {
             bytes: distillery_train::kibibytes(&rollup, "Rss:")? * 1024,
+            advised_for_huge_pages: advised_resident_kibibytes(&smaps) * 1024,
             in_huge_pages: distillery_train::kibibytes(&rollup, "AnonHugePages:")? * 1024,
         })
     }
+}
+
+/// Resident kibibytes of the mappings of an smaps report whose `VmFlags` hold `hg`; each
+/// mapping's fields come before its `VmFlags` line, which ends it.
+fn advised_resident_kibibytes(smaps: &str) -> u64 {
+    let mut total = 0;
+    let mut resident = 0;
+    for line in smaps.lines() {
+        if line.starts_with("Rss:") {
+            resident = distillery_train::kibibytes(line, "Rss:").unwrap_or(0);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|flag| flag == "hg") {
+                total += resident;
+            }
+            resident = 0;
+        }
+    }
+    total
 }
 
 /// Bytes of `model`'s weights: f32 parameters plus the quantized matrices as they sit in
@@ -200,10 +223,11 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
     ));
     if let Some(resident) = reports.last().and_then(|report| report.resident) {
         table.push_str(&format!(
-            "memory: {:.0} of {:.0} MB resident in 2 MiB pages \
+            "memory: {:.0} of {:.0} MB resident in 2 MiB pages, {:.0} MB asked for them \
              (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages)\n",
             resident.in_huge_pages as f64 / 1e6,
-            resident.bytes as f64 / 1e6
+            resident.bytes as f64 / 1e6,
+            resident.advised_for_huge_pages as f64 / 1e6
         ));
     }
     table
@@ -536,4 +560,31 @@ pub fn measure_throughput(
         loaded.describe()
     );
     Ok((reports[0].decode_tokens_per_sec, how))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advised_resident_kibibytes;
+
+    #[test]
+    fn only_mappings_advised_for_huge_pages_count() {
+        let smaps = "\
+55d0c0000000-55d0c8000000 rw-p 00000000 00:00 0                          [heap]
+Size:             131072 kB
+Rss:              120000 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac hg
+7f0000000000-7f0000100000 r-xp 00000000 08:01 42                         /usr/bin/x
+Rss:                 900 kB
+VmFlags: rd ex mr mw me
+7f0000200000-7f0000400000 rw-p 00000000 00:00 0
+Rss:                2048 kB
+VmFlags: rd wr mr mw me ac sd hg
+";
+        assert_eq!(advised_resident_kibibytes(smaps), 120_000 + 2048);
+        assert_eq!(
+            advised_resident_kibibytes("Rss: 8 kB\nVmFlags: rd wr hgx\n"),
+            0
+        );
+    }
 }
