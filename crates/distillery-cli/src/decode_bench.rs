@@ -44,7 +44,8 @@ pub struct ResidentMemory {
 }
 
 impl ResidentMemory {
-    /// This process's, from `/proc/self/smaps`; `None` where the kernel does not say.
+    /// This process's, from `/proc/self/smaps` and its rollup; `None` where the kernel does not
+    /// say.
     pub fn of_this_process() -> Option<Self> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
