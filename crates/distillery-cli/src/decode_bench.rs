@@ -44,35 +44,37 @@ pub struct ResidentMemory {
 }
 
 impl ResidentMemory {
-    /// This process's, from `/proc/self/smaps` and its rollup; `None` where the kernel does not
-    /// say.
+    /// This process's, from `/proc/self/smaps`; `None` where the kernel does not say.
     pub fn of_this_process() -> Option<Self> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-        Some(Self {
-            bytes: distillery_train::kibibytes(&rollup, "Rss:")? * 1024,
-            advised_for_huge_pages: advised_resident_kibibytes(&smaps) * 1024,
-            in_huge_pages: distillery_train::kibibytes(&rollup, "AnonHugePages:")? * 1024,
-        })
+        Some(Self::from_smaps(
+            &std::fs::read_to_string("/proc/self/smaps").ok()?,
+        ))
     }
-}
 
-/// Resident kibibytes of the mappings of an smaps report whose `VmFlags` hold `hg`; each
-/// mapping's fields come before its `VmFlags` line, which ends it.
-fn advised_resident_kibibytes(smaps: &str) -> u64 {
-    let mut total = 0;
-    let mut resident = 0;
-    for line in smaps.lines() {
-        if line.starts_with("Rss:") {
-            resident = distillery_train::kibibytes(line, "Rss:").unwrap_or(0);
-        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|flag| flag == "hg") {
-                total += resident;
+    /// Sums over the mappings of an smaps report; each mapping's fields come before its
+    /// `VmFlags` line, which ends it.
+    fn from_smaps(smaps: &str) -> Self {
+        let mut memory = Self {
+            bytes: 0,
+            advised_for_huge_pages: 0,
+            in_huge_pages: 0,
+        };
+        let mut resident = 0;
+        for line in smaps.lines() {
+            if let Some(kibibytes) = distillery_train::kibibytes(line, "Rss:") {
+                resident = kibibytes * 1024;
+                memory.bytes += resident;
+            } else if let Some(kibibytes) = distillery_train::kibibytes(line, "AnonHugePages:") {
+                memory.in_huge_pages += kibibytes * 1024;
+            } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if flags.split_whitespace().any(|flag| flag == "hg") {
+                    memory.advised_for_huge_pages += resident;
+                }
+                resident = 0;
             }
-            resident = 0;
         }
+        memory
     }
-    total
 }
 
 /// Bytes of `model`'s weights: f32 parameters plus the quantized matrices as they sit in
@@ -565,7 +567,7 @@ pub fn measure_throughput(
 
 #[cfg(test)]
 mod tests {
-    use super::advised_resident_kibibytes;
+    use super::ResidentMemory;
 
     #[test]
     fn only_mappings_advised_for_huge_pages_count() {
@@ -582,9 +584,12 @@ VmFlags: rd ex mr mw me
 Rss:                2048 kB
 VmFlags: rd wr mr mw me ac sd hg
 ";
-        assert_eq!(advised_resident_kibibytes(smaps), 120_000 + 2048);
         assert_eq!(
-            advised_resident_kibibytes("Rss: 8 kB\nVmFlags: rd wr hgx\n"),
+            ResidentMemory::from_smaps(smaps).advised_for_huge_pages,
+            (120_000 + 2048) * 1024
+        );
+        assert_eq!(
+            ResidentMemory::from_smaps("Rss: 8 kB\nVmFlags: rd wr hgx\n").advised_for_huge_pages,
             0
         );
     }
