@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use distillery_formats::huge_pages::Mapping;
 use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_model::{
     DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch,
@@ -51,29 +52,20 @@ impl ResidentMemory {
         ))
     }
 
-    /// Sums over the mappings of an smaps report; each mapping's fields come before its
-    /// `VmFlags` line, which ends it.
     fn from_smaps(smaps: &str) -> Self {
-        let mut memory = Self {
-            bytes: 0,
-            advised_for_huge_pages: 0,
-            in_huge_pages: 0,
-        };
-        let mut resident = 0;
-        for line in smaps.lines() {
-            if let Some(kibibytes) = distillery_train::kibibytes(line, "Rss:") {
-                resident = kibibytes * 1024;
-                memory.bytes += resident;
-            } else if let Some(kibibytes) = distillery_train::kibibytes(line, "AnonHugePages:") {
-                memory.in_huge_pages += kibibytes * 1024;
-            } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-                if flags.split_whitespace().any(|flag| flag == "hg") {
-                    memory.advised_for_huge_pages += resident;
+        let mappings = distillery_formats::huge_pages::mappings(smaps);
+        let sum = |bytes: fn(&Mapping) -> u64| mappings.iter().map(bytes).sum();
+        Self {
+            bytes: sum(|mapping| mapping.resident_bytes),
+            advised_for_huge_pages: sum(|mapping| {
+                if mapping.advised {
+                    mapping.resident_bytes
+                } else {
+                    0
                 }
-                resident = 0;
-            }
+            }),
+            in_huge_pages: sum(|mapping| mapping.huge_page_bytes),
         }
-        memory
     }
 }
 
@@ -227,10 +219,11 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
     if let Some(resident) = reports.last().and_then(|report| report.resident) {
         table.push_str(&format!(
             "memory: {:.0} of {:.0} MB resident in 2 MiB pages, {:.0} MB asked for them \
-             (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages)\n",
+             ({}=0 keeps 4 KiB pages)\n",
             resident.in_huge_pages as f64 / 1e6,
             resident.bytes as f64 / 1e6,
-            resident.advised_for_huge_pages as f64 / 1e6
+            resident.advised_for_huge_pages as f64 / 1e6,
+            distillery_formats::huge_pages::HUGE_PAGES_VARIABLE
         ));
     }
     table
@@ -563,34 +556,4 @@ pub fn measure_throughput(
         loaded.describe()
     );
     Ok((reports[0].decode_tokens_per_sec, how))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ResidentMemory;
-
-    #[test]
-    fn only_mappings_advised_for_huge_pages_count() {
-        let smaps = "\
-55d0c0000000-55d0c8000000 rw-p 00000000 00:00 0                          [heap]
-Size:             131072 kB
-Rss:              120000 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac hg
-7f0000000000-7f0000100000 r-xp 00000000 08:01 42                         /usr/bin/x
-Rss:                 900 kB
-VmFlags: rd ex mr mw me
-7f0000200000-7f0000400000 rw-p 00000000 00:00 0
-Rss:                2048 kB
-VmFlags: rd wr mr mw me ac sd hg
-";
-        assert_eq!(
-            ResidentMemory::from_smaps(smaps).advised_for_huge_pages,
-            (120_000 + 2048) * 1024
-        );
-        assert_eq!(
-            ResidentMemory::from_smaps("Rss: 8 kB\nVmFlags: rd wr hgx\n").advised_for_huge_pages,
-            0
-        );
-    }
 }

@@ -148,7 +148,6 @@ pub fn read_model_source(
 }
 
 fn main() -> ExitCode {
-    restart_with_huge_pages();
     keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
@@ -177,46 +176,6 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-/// The glibc setting that has malloc ask the kernel for transparent huge pages for the memory
-/// it takes; glibc reads it only when a process starts.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const HUGE_PAGE_TUNABLE: &str = "glibc.malloc.hugetlb";
-
-/// Restarts the process once with [`HUGE_PAGE_TUNABLE`] set, unless the environment already
-/// sets it (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps 4 KiB pages).
-///
-/// A decoding step streams every weight from memory once. In 4 KiB pages that costs a TLB miss
-/// every 4 KiB, and on a virtual machine each miss walks two levels of page tables; in 2 MiB
-/// pages the misses all but vanish. Linux's usual setting ("madvise") backs memory with huge
-/// pages only where a program asks, and glibc asks only when this tunable is set at start. On a
-/// 2-core AVX2 EPYC VM, SmolLM2-135M decoded up to 18% faster in seven of nine alternating
-/// f32, Q8_0 and Q4_0 rounds, and read every prompt faster (`experiments/inference/RESULTS.md`).
-/// If the restart fails, the command runs on in 4 KiB pages.
-fn restart_with_huge_pages() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt;
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if tunables.contains(HUGE_PAGE_TUNABLE) {
-            return;
-        }
-        let Ok(program) = std::env::current_exe() else {
-            return;
-        };
-        let setting = format!("{HUGE_PAGE_TUNABLE}=1");
-        let tunables = if tunables.is_empty() {
-            setting
-        } else {
-            format!("{tunables}:{setting}")
-        };
-        // `exec` returns only if the restart failed.
-        let _ = std::process::Command::new(program)
-            .args(std::env::args_os().skip(1))
-            .env("GLIBC_TUNABLES", tunables)
-            .exec();
     }
 }
 

@@ -5,6 +5,7 @@
 mod assembly;
 pub mod gguf;
 pub mod hf;
+pub mod huge_pages;
 pub mod load;
 pub mod names;
 pub mod quantized;

@@ -81,7 +81,19 @@ pub fn load_model_timed(
     Ok((loaded, started.elapsed().as_secs_f64()))
 }
 
+/// The model at `path` (a GGUF file, a quantized folder or a checkpoint), its weights moved
+/// into 2 MiB pages where the kernel allows ([`crate::huge_pages`]).
 pub fn load_model(
+    config: &ExperimentConfig,
+    path: &Path,
+    tokenizer: &TextTokenizer,
+) -> Result<LoadedModel, LoadError> {
+    let loaded = read_model(config, path, tokenizer)?;
+    crate::huge_pages::move_heap_into_huge_pages();
+    Ok(loaded)
+}
+
+fn read_model(
     config: &ExperimentConfig,
     path: &Path,
     tokenizer: &TextTokenizer,
