@@ -306,6 +306,22 @@ fn cached_teacher_with_every_logit_trains_like_the_live_teacher() {
     cache_args[0] = "teacher-cache".into();
     let output = workspace.run_ok(&cache_args);
     assert!(output.contains("top-2048 logits"), "{output}");
+    // Asked again for the same run, it keeps the cache it wrote instead of running the teacher.
+    let written = |output: &str| {
+        let path = output
+            .split_whitespace()
+            .find(|word| word.ends_with(".topk"))
+            .unwrap();
+        let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+        (path.to_string(), modified)
+    };
+    let first = written(&output);
+    let again = workspace.run_ok(&cache_args);
+    assert!(
+        again.starts_with("kept the cache already written for this run, "),
+        "{again}"
+    );
+    assert_eq!(written(&again), first);
 
     let cached_settings = [settings.as_slice(), &["distill.teacher=cached"]].concat();
     workspace.run_ok(&distill_args(&workspace, "cached", &cached_settings));

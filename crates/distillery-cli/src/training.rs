@@ -49,31 +49,37 @@ pub fn run_teacher_cache(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A teacher cache just written, and the line that says so.
+/// A run's teacher cache, written or found already written, and the line that says so.
 pub struct WrittenTeacherCache {
     pub path: PathBuf,
     pub bytes: u64,
     pub summary: String,
 }
 
-/// Writes `config`'s teacher cache, reporting progress on stderr every 10%.
+/// Writes `config`'s teacher cache unless it is already written, reporting progress on stderr
+/// every 10%.
 pub fn write_teacher_cache(
     config: &ExperimentConfig,
     origin: &str,
 ) -> anyhow::Result<WrittenTeacherCache> {
     let started = std::time::Instant::now();
     let mut reported = 0;
-    let (path, header) =
-        distillery_distill::write_teacher_cache(config, origin, &mut |done, total| {
-            let percent = done * 100 / total.max(1);
-            if percent >= reported + 10 || done == total {
-                reported = percent;
-                eprintln!("teacher cache: {done}/{total} micro-batches ({percent}%)");
-            }
-        })?;
+    let prepared = distillery_distill::write_teacher_cache(config, origin, &mut |done, total| {
+        let percent = done * 100 / total.max(1);
+        if percent >= reported + 10 || done == total {
+            reported = percent;
+            eprintln!("teacher cache: {done}/{total} micro-batches ({percent}%)");
+        }
+    })?;
+    let (path, header) = (prepared.path, prepared.header);
     let bytes = std::fs::metadata(&path)?.len();
     let summary = format!(
-        "wrote {} ({} micro-batches x {} windows x {} tokens, top-{} logits and the rest, {:.1} MiB) in {:.0} s",
+        "{} {} ({} micro-batches x {} windows x {} tokens, top-{} logits and the rest, {:.1} MiB) in {:.0} s",
+        if prepared.reused {
+            "kept the cache already written for this run,"
+        } else {
+            "wrote"
+        },
         path.display(),
         header.micro_batches,
         header.batch_size,

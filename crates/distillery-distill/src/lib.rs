@@ -107,13 +107,22 @@ fn objective_with_data(
     Ok(DistillObjective::new(teacher, cache, settings, init_layers))
 }
 
+/// A run's teacher cache, and whether [`write_teacher_cache`] found it already written.
+pub struct PreparedTeacherCache {
+    pub path: PathBuf,
+    pub header: TeacherCacheHeader,
+    pub reused: bool,
+}
+
 /// Runs `config`'s teacher over every training window of `config`'s run and writes its top-k
-/// logits to the run's teacher cache; `progress` hears `(done, total)` micro-batches.
+/// logits to the run's teacher cache; `progress` hears `(done, total)` micro-batches. A cache
+/// already written for exactly this run is kept: building one for a real teacher takes many
+/// minutes, and the header pins everything its logits depend on.
 pub fn write_teacher_cache(
     config: &ExperimentConfig,
     origin: &str,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(PathBuf, TeacherCacheHeader), DistillError> {
+) -> Result<PreparedTeacherCache, DistillError> {
     let teacher_config = config
         .teacher
         .as_ref()
@@ -132,11 +141,19 @@ pub fn write_teacher_cache(
     )?;
     let header = TeacherCacheHeader::for_run(config, &data, &teacher);
     let path = teacher_cache::cache_path(config, &data, &teacher);
-    let total = header.micro_batches;
-    teacher_cache::build(&path, &header, &data, &teacher, &mut |done| {
-        progress(done, total)
-    })?;
-    Ok((path, header))
+    let reused =
+        TeacherCacheReader::open(&path, &header).is_ok_and(|cache| cache.header() == &header);
+    if !reused {
+        let total = header.micro_batches;
+        teacher_cache::build(&path, &header, &data, &teacher, &mut |done| {
+            progress(done, total)
+        })?;
+    }
+    Ok(PreparedTeacherCache {
+        path,
+        header,
+        reused,
+    })
 }
 
 /// Trains `config`'s student against its teacher in the shared training loop.
