@@ -5,10 +5,11 @@
 //! pages the misses all but vanish (SmolLM2-135M decoded up to 18% faster on a 2-core AVX2
 //! EPYC VM, `experiments/inference/RESULTS.md`). Linux's usual setting ("madvise") backs memory
 //! with 2 MiB pages only where a program asks. glibc's own request
-//! (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) proved unreliable: on a Zen 5 EPYC, in a third to
-//! a half of the runs of one binary, SmolLM2's weights lay in 4 KiB pages with the tunable set.
-//! So once a model is loaded, the anonymous memory that holds it is advised for 2 MiB pages and
-//! collapsed into them (Linux 6.1 or later; older kernels collapse it in the background).
+//! (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) proved unreliable: on a Zen 5 EPYC, SmolLM2's
+//! weights lay in 4 KiB pages in some runs of one binary with the tunable set, for a reason not
+//! found in glibc 2.36. So once a model is loaded, the anonymous memory that holds it is
+//! advised for 2 MiB pages and collapsed into them (Linux 6.1 or later; older kernels collapse
+//! it in the background).
 
 /// The environment variable that, set to `0`, keeps the weights in 4 KiB pages.
 pub const HUGE_PAGES_VARIABLE: &str = "DISTILLERY_HUGE_PAGES";
@@ -98,10 +99,17 @@ pub fn regions_to_collapse(mappings: &[Mapping]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Moves the process's heap memory, where a just-loaded model's weights lie, into 2 MiB pages,
-/// unless [`HUGE_PAGES_VARIABLE`] is `0`. The kernel may decline (no free 2 MiB blocks, THP
-/// turned off); the weights then stay where they are, so every error is ignored.
-pub fn move_heap_into_huge_pages() {
+/// Settles the heap once a model is loaded: the memory the loader freed (a GGUF file's bytes,
+/// conversion buffers) goes back to the kernel, and the rest, the weights, moves into 2 MiB
+/// pages unless [`HUGE_PAGES_VARIABLE`] is `0`. The kernel may decline to collapse a range (no
+/// free 2 MiB block, THP turned off); the weights then stay where they are, so every error is
+/// ignored.
+pub fn settle_heap_after_loading() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free heap memory back to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     #[cfg(target_os = "linux")]
     {
         if std::env::var(HUGE_PAGES_VARIABLE).is_ok_and(|value| value == "0") {

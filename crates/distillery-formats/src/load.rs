@@ -81,15 +81,16 @@ pub fn load_model_timed(
     Ok((loaded, started.elapsed().as_secs_f64()))
 }
 
-/// The model at `path` (a GGUF file, a quantized folder or a checkpoint), its weights moved
-/// into 2 MiB pages where the kernel allows ([`crate::huge_pages`]).
+/// The model at `path` (a GGUF file, a quantized folder or a checkpoint), with the memory its
+/// loading freed handed back and its weights moved into 2 MiB pages where the kernel allows
+/// ([`crate::huge_pages::settle_heap_after_loading`]).
 pub fn load_model(
     config: &ExperimentConfig,
     path: &Path,
     tokenizer: &TextTokenizer,
 ) -> Result<LoadedModel, LoadError> {
     let loaded = read_model(config, path, tokenizer)?;
-    crate::huge_pages::move_heap_into_huge_pages();
+    crate::huge_pages::settle_heap_after_loading();
     Ok(loaded)
 }
 
