@@ -11,6 +11,8 @@
 //! advised for 2 MiB pages and collapsed into them (Linux 6.1 or later; older kernels collapse
 //! it in the background).
 
+use distillery_run::proc_report::kibibytes;
+
 /// The environment variable that, set to `0`, keeps the weights in 4 KiB pages.
 pub const HUGE_PAGES_VARIABLE: &str = "DISTILLERY_HUGE_PAGES";
 
@@ -38,10 +40,10 @@ pub fn mappings(smaps: &str) -> Vec<Mapping> {
         if let Some(mapping) = address_line(line) {
             current = Some(mapping);
         } else if let Some(mapping) = current.as_mut() {
-            if let Some(kibibytes) = field_kibibytes(line, "Rss:") {
-                mapping.resident_bytes = kibibytes * 1024;
-            } else if let Some(kibibytes) = field_kibibytes(line, "AnonHugePages:") {
-                mapping.huge_page_bytes = kibibytes * 1024;
+            if let Some(size) = kibibytes(line, "Rss:") {
+                mapping.resident_bytes = size * 1024;
+            } else if let Some(size) = kibibytes(line, "AnonHugePages:") {
+                mapping.huge_page_bytes = size * 1024;
             } else if let Some(flags) = line.strip_prefix("VmFlags:") {
                 mapping.advised = flags.split_whitespace().any(|flag| flag == "hg");
                 mappings.extend(current.take());
@@ -73,15 +75,6 @@ fn address_line(line: &str) -> Option<Mapping> {
         huge_page_bytes: 0,
         advised: false,
     })
-}
-
-fn field_kibibytes(line: &str, field: &str) -> Option<u64> {
-    line.strip_prefix(field)?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The whole 2 MiB pages inside the anonymous writable mappings that hold at least one page's

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod proc_report;
 pub mod seeds;
 
 use std::path::PathBuf;

@@ -23,7 +23,7 @@ use distillery_run::{
 pub use backend_check::{
     BackendCheck, Comparison, LOGIT_TOLERANCE, LOSS_TOLERANCE, WEIGHT_TOLERANCE, check_against_cpu,
 };
-pub use bench::{BenchReport, bench_objective, bench_train, kibibytes};
+pub use bench::{BenchReport, bench_objective, bench_train};
 pub use eval::{EvalMetrics, batch_mask, batch_tensors, evaluate, evaluate_with_predictions};
 pub use metrics::{METRICS_FILE, MetricRecord, MetricsError, TENSORBOARD_DIR, read_records};
 pub use trainer::{
