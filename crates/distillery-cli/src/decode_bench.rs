@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use distillery_formats::huge_pages::Mapping;
 use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_model::{
     DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch,
@@ -54,17 +53,14 @@ impl ResidentMemory {
 
     fn from_smaps(smaps: &str) -> Self {
         let mappings = distillery_formats::huge_pages::mappings(smaps);
-        let sum = |bytes: fn(&Mapping) -> u64| mappings.iter().map(bytes).sum();
         Self {
-            bytes: sum(|mapping| mapping.resident_bytes),
-            advised_for_huge_pages: sum(|mapping| {
-                if mapping.advised {
-                    mapping.resident_bytes
-                } else {
-                    0
-                }
-            }),
-            in_huge_pages: sum(|mapping| mapping.huge_page_bytes),
+            bytes: mappings.iter().map(|mapping| mapping.resident_bytes).sum(),
+            advised_for_huge_pages: mappings
+                .iter()
+                .filter(|mapping| mapping.advised)
+                .map(|mapping| mapping.resident_bytes)
+                .sum(),
+            in_huge_pages: mappings.iter().map(|mapping| mapping.huge_page_bytes).sum(),
         }
     }
 }

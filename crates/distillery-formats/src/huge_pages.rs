@@ -80,7 +80,7 @@ fn address_line(line: &str) -> Option<Mapping> {
 /// The whole 2 MiB pages inside the anonymous writable mappings that hold at least one page's
 /// worth of resident memory (heaps, not the mostly untouched stacks of threads), as
 /// `(start, length)`.
-pub fn regions_to_collapse(mappings: &[Mapping]) -> Vec<(u64, u64)> {
+fn regions_to_collapse(mappings: &[Mapping]) -> Vec<(u64, u64)> {
     mappings
         .iter()
         .filter(|mapping| mapping.anonymous_writable && mapping.resident_bytes >= HUGE_PAGE)
