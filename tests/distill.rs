@@ -173,9 +173,10 @@ fn distillation_logs_both_loss_terms_teacher_agreement_and_the_teacher_once() {
 }
 
 #[test]
-fn student_from_teacher_with_other_widths_is_a_config_error() {
+fn student_from_teacher_with_other_head_widths_is_a_config_error() {
     let workspace = Workspace::new();
     train_teacher(&workspace);
+    // Half the teacher's width with all four of its heads: heads of 4 against the teacher's 8.
     let (code, stderr) = workspace.run_err(&distill_args(
         &workspace,
         "mismatch",
@@ -184,8 +185,55 @@ fn student_from_teacher_with_other_widths_is_a_config_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("student.init"), "{stderr}");
     assert!(
-        stderr.contains("hidden_size 16 vs the teacher's 32"),
+        stderr.contains("head width 4 (hidden_size / num_attention_heads) vs the teacher's 8"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_narrower_student_from_teacher_keeps_some_of_the_teachers_channels() {
+    let workspace = Workspace::new();
+    train_teacher(&workspace);
+    workspace.run_ok(&distill_args(
+        &workspace,
+        "pruned",
+        &[
+            "model.num_attention_heads=2",
+            "model.num_key_value_heads=1",
+            "student.init=from_teacher",
+            "student.teacher_layers=[1]",
+            "train.steps=1",
+            "train.lr=1e-12",
+            "train.min_lr=0",
+            "train.warmup_steps=0",
+            "train.weight_decay=0",
+        ],
+    ));
+    // Each of the student's 16 embedding columns is one of the teacher's 32, in the teacher's
+    // order: the residual channels it kept.
+    let student =
+        common::model_f32_tensors(&workspace.checkpoints.join("pruned/step-0000001/model.bpk"));
+    let teacher = common::model_f32_tensors(&workspace.checkpoints.join("teacher/best/model.bpk"));
+    let column = |table: &[f32], width: usize, index: usize| -> Vec<f32> {
+        table.iter().skip(index).step_by(width).copied().collect()
+    };
+    let (student_table, teacher_table) = (&student["embed_tokens"], &teacher["embed_tokens"]);
+    let mut channels = Vec::new();
+    for index in 0..16 {
+        let kept = column(student_table, 16, index);
+        let channel = (0..32)
+            .find(|&channel| {
+                column(teacher_table, 32, channel)
+                    .iter()
+                    .zip(&kept)
+                    .all(|(a, b)| (a - b).abs() <= 1e-6)
+            })
+            .unwrap_or_else(|| panic!("student column {index} is none of the teacher's"));
+        channels.push(channel);
+    }
+    assert!(
+        channels.windows(2).all(|pair| pair[0] < pair[1]),
+        "{channels:?}"
     );
 }
 

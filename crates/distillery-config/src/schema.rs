@@ -407,7 +407,8 @@ pub enum StudentInit {
     /// Fresh weights from the run's seed.
     #[default]
     Random,
-    /// Embeddings, norms and a subset of the teacher's layers; widths must match.
+    /// Embeddings, norms and a subset of the teacher's layers, cut to the student's widths
+    /// where it is narrower (the channels, heads and neurons the teacher uses most).
     FromTeacher,
 }
 

@@ -10,7 +10,9 @@ pub mod teacher_cache;
 use std::path::PathBuf;
 
 use distillery_config::{ExperimentConfig, StudentInit, TeacherSource};
-use distillery_run::{CheckpointError, RunData, RunError, device_for, prepare_data};
+use distillery_run::{
+    CheckpointError, RunData, RunError, calibration_windows, device_for, prepare_data,
+};
 use distillery_train::{TrainError, TrainOptions, TrainOutcome};
 
 use crate::teacher_cache::{TeacherCacheHeader, TeacherCacheReader};
@@ -78,7 +80,7 @@ fn objective_with_data(
         &device_for(&config.run).map_err(TrainError::from)?,
     )?;
     let student_settings = config.student.clone().unwrap_or_default();
-    let init_layers = match student_settings.init {
+    let start = match student_settings.init {
         StudentInit::Random => None,
         StudentInit::FromTeacher => {
             let teacher_shape = teacher.model().config();
@@ -90,7 +92,21 @@ fn objective_with_data(
             });
             init::check_from_teacher(student, teacher_shape, &layers)
                 .map_err(|message| config_error("student.init", message))?;
-            Some(layers)
+            let calibration = if init::is_narrower(student, teacher_shape) {
+                calibration_windows(
+                    &data.splits.train,
+                    init::TeacherStart::CALIBRATION_WINDOWS,
+                    config.data.seq_len,
+                    config.run.seed,
+                )
+            } else {
+                Vec::new()
+            };
+            Some(init::TeacherStart {
+                layers,
+                calibration,
+                seq_len: config.data.seq_len,
+            })
         }
     };
     let settings = config.distill.clone().unwrap_or_default();
@@ -104,7 +120,7 @@ fn objective_with_data(
             )?)
         }
     };
-    Ok(DistillObjective::new(teacher, cache, settings, init_layers))
+    Ok(DistillObjective::new(teacher, cache, settings, start))
 }
 
 /// A run's teacher cache, and whether [`write_teacher_cache`] found it already written.

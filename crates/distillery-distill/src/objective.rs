@@ -10,7 +10,7 @@ use distillery_train::{
 };
 
 use crate::DistillError;
-use crate::init::student_from_teacher;
+use crate::init::{TeacherStart, select_from_teacher, student_from_teacher};
 use crate::losses::{distillation_divergence, distillation_loss, divergence_of_log_probs, mix};
 use crate::teacher::Teacher;
 use crate::teacher_cache::TeacherCacheReader;
@@ -21,8 +21,8 @@ pub struct DistillObjective {
     /// The teacher's top-k logits for each training micro-batch.
     cache: Option<TeacherCacheReader>,
     settings: DistillConfig,
-    /// Teacher layers a fresh student starts from; random initialization when `None`.
-    init_layers: Option<Vec<usize>>,
+    /// What a fresh student takes from the teacher; random initialization when `None`.
+    start: Option<TeacherStart>,
 }
 
 impl DistillObjective {
@@ -30,13 +30,13 @@ impl DistillObjective {
         teacher: Teacher,
         cache: Option<TeacherCacheReader>,
         settings: DistillConfig,
-        init_layers: Option<Vec<usize>>,
+        start: Option<TeacherStart>,
     ) -> Self {
         Self {
             teacher,
             cache,
             settings,
-            init_layers,
+            start,
         }
     }
 
@@ -148,8 +148,8 @@ impl distillery_train::Objective for DistillObjective {
             DistillLoss::ReverseKl => "reverse KL".to_string(),
             DistillLoss::Jsd => format!("JSD (beta {})", settings.beta),
         };
-        let init = match &self.init_layers {
-            Some(layers) => format!("; student starts from teacher layers {layers:?}"),
+        let init = match &self.start {
+            Some(start) => start.describe(),
             None => String::new(),
         };
         let source = match &self.cache {
@@ -172,8 +172,12 @@ impl distillery_train::Objective for DistillObjective {
     }
 
     fn initial_model(&self, model: Llama) -> Llama {
-        match &self.init_layers {
-            Some(layers) => student_from_teacher(model, self.teacher.model(), layers),
+        match &self.start {
+            Some(start) => {
+                let teacher = self.teacher.model();
+                let selection = select_from_teacher(model.config(), teacher, start);
+                student_from_teacher(model, teacher, &selection)
+            }
             None => model,
         }
     }

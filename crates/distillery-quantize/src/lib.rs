@@ -6,7 +6,7 @@ mod model;
 mod run;
 
 pub use model::{Calibration, MatrixOutcome, Progress, QuantizeOptions, quantize_model};
-pub use run::{QuantizeOutcome, calibration_windows, quantize_run};
+pub use run::{QuantizeOutcome, quantize_run};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {

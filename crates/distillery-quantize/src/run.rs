@@ -4,9 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use distillery_config::{ExperimentConfig, QuantizeMethod};
-use distillery_data::{TokenSpan, WindowSampler};
 use distillery_model::Llama;
-use distillery_run::seeds::{Stream, derive_seed};
+use distillery_run::calibration_windows;
 
 use crate::QuantizeError;
 use crate::model::{Calibration, MatrixOutcome, Progress, QuantizeOptions, quantize_model};
@@ -21,12 +20,6 @@ pub struct QuantizeOutcome {
     pub seconds: f64,
     pub matrices: Vec<MatrixOutcome>,
     pub label: String,
-}
-
-/// `count` windows of `seq_len` tokens at offsets drawn from the run's calibration stream.
-pub fn calibration_windows(tokens: &[u32], count: usize, seq_len: usize, seed: u64) -> Vec<u32> {
-    let mut sampler = WindowSampler::new(derive_seed(seed, Stream::Calibration, 0), seq_len);
-    sampler.next_batch(&TokenSpan::new(tokens), count).inputs
 }
 
 /// The float model to quantize: a run's checkpoint, or a pretrained model's file (a GGUF file,

@@ -10,11 +10,15 @@ pub mod seeds;
 use std::path::PathBuf;
 
 use distillery_config::ExperimentConfig;
-use distillery_data::{CacheStatus, DataError, TextTokenizer, TokenSplits};
+use distillery_data::{
+    CacheStatus, DataError, TextTokenizer, TokenSpan, TokenSplits, WindowSampler,
+};
 use distillery_model::LlamaConfig;
 
 pub use backend::{BackendDevices, BackendError, backend_description, device_for, list_devices};
 pub use checkpoint::CheckpointError;
+
+use crate::seeds::{Stream, derive_seed};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -109,4 +113,12 @@ pub fn check_trained_tokenizer(
         path: directory.to_path_buf(),
         tokenizer: config.data.tokenizer.clone(),
     })
+}
+
+/// `count` windows of `seq_len` tokens at offsets drawn from the run's calibration stream: the
+/// text post-training quantization calibrates on, and the text that ranks a teacher's units
+/// for a narrower student.
+pub fn calibration_windows(tokens: &[u32], count: usize, seq_len: usize, seed: u64) -> Vec<u32> {
+    let mut sampler = WindowSampler::new(derive_seed(seed, Stream::Calibration, 0), seq_len);
+    sampler.next_batch(&TokenSpan::new(tokens), count).inputs
 }

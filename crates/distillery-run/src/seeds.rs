@@ -8,7 +8,8 @@ pub enum Stream {
     DataOrder,
     /// Dropout masks; the index is `step * grad_accum + micro_batch`.
     Dropout,
-    /// Calibration windows of post-training quantization.
+    /// Calibration windows: post-training quantization, and ranking a teacher's units for a
+    /// narrower student.
     Calibration,
 }
 
