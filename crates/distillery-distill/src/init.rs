@@ -283,7 +283,7 @@ pub struct TeacherStart {
 
 impl TeacherStart {
     /// Calibration windows a narrower student's units are ranked on: at 256 tokens each, 8,192
-    /// positions of the teacher's forward pass, about 10 s for SmolLM2 on two cores.
+    /// positions of the teacher's forward pass, once, before the first step.
     pub const CALIBRATION_WINDOWS: usize = 32;
 
     /// The run log's account of the start.
