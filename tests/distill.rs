@@ -30,6 +30,15 @@ fn distill_args(workspace: &Workspace, run_name: &str, settings: &[&str]) -> Vec
     args
 }
 
+/// One step at a vanishing learning rate: the student's checkpoint still holds its start.
+const ONE_FROZEN_STEP: [&str; 5] = [
+    "train.steps=1",
+    "train.lr=1e-12",
+    "train.min_lr=0",
+    "train.warmup_steps=0",
+    "train.weight_decay=0",
+];
+
 fn train_teacher(workspace: &Workspace) {
     workspace.run_ok(&workspace.train_args("teacher", &["train.steps=30"]));
 }
@@ -198,16 +207,15 @@ fn a_narrower_student_from_teacher_keeps_some_of_the_teachers_channels() {
         &workspace,
         "pruned",
         &[
-            "model.num_attention_heads=2",
-            "model.num_key_value_heads=1",
-            "student.init=from_teacher",
-            "student.teacher_layers=[1]",
-            "train.steps=1",
-            "train.lr=1e-12",
-            "train.min_lr=0",
-            "train.warmup_steps=0",
-            "train.weight_decay=0",
-        ],
+            &[
+                "model.num_attention_heads=2",
+                "model.num_key_value_heads=1",
+                "student.init=from_teacher",
+                "student.teacher_layers=[1]",
+            ][..],
+            &ONE_FROZEN_STEP,
+        ]
+        .concat(),
     ));
     // Each of the student's 16 embedding columns is one of the teacher's 32, in the teacher's
     // order: the residual channels it kept.
@@ -245,16 +253,15 @@ fn student_from_teacher_starts_from_the_chosen_teacher_layer() {
         &workspace,
         "copied",
         &[
-            "model.hidden_size=32",
-            "model.intermediate_size=64",
-            "student.init=from_teacher",
-            "student.teacher_layers=[1]",
-            "train.steps=1",
-            "train.lr=1e-12",
-            "train.min_lr=0",
-            "train.warmup_steps=0",
-            "train.weight_decay=0",
-        ],
+            &[
+                "model.hidden_size=32",
+                "model.intermediate_size=64",
+                "student.init=from_teacher",
+                "student.teacher_layers=[1]",
+            ][..],
+            &ONE_FROZEN_STEP,
+        ]
+        .concat(),
     ));
     assert!(output.contains("trained 1 steps"), "{output}");
     // After one step at a vanishing learning rate the student still holds the teacher's
