@@ -5,7 +5,7 @@
 
 use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use distillery_model::{LayerMatrix, Linear, Llama, LlamaConfig};
+use distillery_model::{LayerMatrix, Linear, Llama, LlamaConfig, token_windows};
 /// The teacher layers a student of `student_layers` layers takes by default: evenly spaced,
 /// starting at the first (every other layer when the student has half as many).
 pub fn default_teacher_layers(teacher_layers: usize, student_layers: usize) -> Vec<usize> {
@@ -186,31 +186,23 @@ fn measure_importance(teacher: &Llama, windows: &[u32], seq_len: usize) -> Impor
     };
     let positions = windows.len();
     for chunk in windows.chunks(WINDOWS_PER_PASS * seq_len) {
-        let rows = chunk.len() / seq_len;
-        let tokens = Tensor::<2, Int>::from_data(
-            TensorData::new(
-                chunk.iter().map(|&token| i64::from(token)).collect(),
-                [rows, seq_len],
-            ),
-            &device,
-        );
-        let mut x = teacher.embed(tokens);
+        let mut x = teacher.embed(token_windows(chunk, seq_len, &device));
         for (index, layer) in teacher.layers.iter().enumerate() {
             let mut progress = layer.begin(x);
             while let Some(group) = LayerMatrix::SEQUENTIAL_GROUPS.get(progress.group()) {
                 let input = progress.input().clone();
                 match group[0] {
                     LayerMatrix::Query | LayerMatrix::Gate => {
-                        accumulate(&mut importance.channels, mean_magnitudes(input), positions)
+                        accumulate(&mut importance.channels, magnitude_sums(input), positions)
                     }
                     LayerMatrix::Output => accumulate(
                         &mut importance.heads[index],
-                        head_norms(input, heads),
+                        head_norm_sums(input, heads),
                         positions,
                     ),
                     LayerMatrix::Down => accumulate(
                         &mut importance.neurons[index],
-                        mean_magnitudes(input),
+                        magnitude_sums(input),
                         positions,
                     ),
                     LayerMatrix::Key | LayerMatrix::Value | LayerMatrix::Up => {
@@ -223,7 +215,7 @@ fn measure_importance(teacher: &Llama, windows: &[u32], seq_len: usize) -> Impor
         }
         accumulate(
             &mut importance.channels,
-            mean_magnitudes(teacher.final_norm(x)),
+            magnitude_sums(teacher.final_norm(x)),
             positions,
         );
     }
@@ -231,13 +223,13 @@ fn measure_importance(teacher: &Llama, windows: &[u32], seq_len: usize) -> Impor
 }
 
 /// Sums of |x| over every position of `[batch, seq, features]`, one per feature.
-fn mean_magnitudes(x: Tensor<3>) -> Vec<f32> {
+fn magnitude_sums(x: Tensor<3>) -> Vec<f32> {
     let [batch, seq, features] = x.dims();
     floats(x.abs().reshape([batch * seq, features]).sum_dim(0))
 }
 
 /// Sums over every position of each head's L2 norm, from `[batch, seq, heads * head_dim]`.
-fn head_norms(x: Tensor<3>, heads: usize) -> Vec<f32> {
+fn head_norm_sums(x: Tensor<3>, heads: usize) -> Vec<f32> {
     let [batch, seq, width] = x.dims();
     floats(
         x.reshape([batch * seq, heads, width / heads])
@@ -357,11 +349,11 @@ pub fn student_from_teacher(
     let vocab = student.config().vocab_size;
     let head_dim = teacher.config().head_dim();
     let channels = indices(&selection.channels, &device);
-    let vocabulary: Vec<usize> = (0..vocab).collect();
     let embedding = float_param(teacher.embedding()).val().to_device(&device);
+    let hidden = embedding.dims()[1];
     student.set_embedding(Param::from_tensor(
         embedding
-            .select(0, indices(&vocabulary, &device))
+            .slice([0..vocab, 0..hidden])
             .select(1, channels.clone()),
     ));
     for (layer, kept) in student.layers.iter_mut().zip(&selection.layers) {
@@ -396,8 +388,8 @@ pub fn student_from_teacher(
             .to_device(&device);
         *head = Linear::new(Param::from_tensor(
             weight
-                .select(0, channels.clone())
-                .select(1, indices(&vocabulary, &device)),
+                .slice([0..hidden, 0..vocab])
+                .select(0, channels.clone()),
         ));
     }
     student

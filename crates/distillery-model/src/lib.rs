@@ -18,7 +18,7 @@ pub use generate::{
 pub use kv_cache::KvCache;
 pub use llama::{
     Attention, DecoderLayer, INIT_STD, LayerProgress, LayerWeights, Linear, Llama, LlamaOutput,
-    LlamaWeights, Mlp, Weight, in_out_weight,
+    LlamaWeights, Mlp, Weight, in_out_weight, token_windows,
 };
 pub use matrices::LayerMatrix;
 pub use speculative::{DraftLength, DraftStats, generate_with_draft};

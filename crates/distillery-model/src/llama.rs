@@ -311,6 +311,16 @@ fn quantized_product(
     device_matrix(outputs, [rows, weight.rows()], &device)
 }
 
+/// Windows of `seq_len` token ids laid end to end in `tokens`, as a `[windows, seq_len]` batch
+/// on `device`: how calibration text reaches a forward pass.
+pub fn token_windows(tokens: &[u32], seq_len: usize, device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = tokens.iter().map(|&id| i64::from(id)).collect();
+    Tensor::from_data(
+        TensorData::new(ids, [tokens.len() / seq_len, seq_len]),
+        device,
+    )
+}
+
 /// Row-major host values as a matrix on `device`.
 fn device_matrix(values: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, shape), device)

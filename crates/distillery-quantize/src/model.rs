@@ -3,10 +3,10 @@
 //! sublayers (q,k,v → o → gate,up → down) sees the outputs of the already-quantized ones, so
 //! memory holds one layer's activations and one Hessian at a time.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use distillery_config::{QuantizeConfig, QuantizeMethod};
 use distillery_model::rope::RotaryTables;
-use distillery_model::{DecoderLayer, LayerMatrix, LayerProgress, Linear, Llama};
+use distillery_model::{DecoderLayer, LayerMatrix, LayerProgress, Linear, Llama, token_windows};
 use distillery_quant::settings;
 use distillery_quant::{
     GptqSettings, Hessian, PackedMatrix, PreparedHessian, QuantError, QuantSettings,
@@ -242,14 +242,7 @@ impl Quantizer<'_> {
         let mut hidden: Vec<Tensor<3>> = calibration
             .tokens
             .chunks(CALIBRATION_BATCH * seq_len)
-            .map(|chunk| {
-                let windows = chunk.len() / seq_len;
-                let ids: Vec<i64> = chunk.iter().map(|&id| i64::from(id)).collect();
-                model.embed(Tensor::<2, Int>::from_data(
-                    TensorData::new(ids, [windows, seq_len]),
-                    &device,
-                ))
-            })
+            .map(|chunk| model.embed(token_windows(chunk, seq_len, &device)))
             .collect();
         let rope = model.rotary_tables().clone();
         for index in 0..model.layers.len() {
@@ -360,7 +353,7 @@ fn layer_error(layer: &str, source: QuantError) -> QuantizeError {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Device;
+    use burn::tensor::{Device, Int, TensorData};
     use distillery_model::LlamaConfig;
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -419,14 +412,7 @@ mod tests {
     /// Mean squared difference of two models' logits on the calibration windows.
     fn logit_error(a: &Llama, b: &Llama, calibration: &Calibration) -> f64 {
         let device = a.device();
-        let windows = calibration.tokens.len() / calibration.seq_len;
-        let ids: Vec<i64> = calibration.tokens.iter().map(|&id| i64::from(id)).collect();
-        let input = || {
-            Tensor::<2, Int>::from_data(
-                TensorData::new(ids.clone(), [windows, calibration.seq_len]),
-                &device,
-            )
-        };
+        let input = || token_windows(&calibration.tokens, calibration.seq_len, &device);
         let difference = a.forward(input()) - b.forward(input());
         f64::from(
             (difference.clone() * difference)
