@@ -314,11 +314,18 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         let cached_rows = (CACHED_FLOATS / inputs).clamp(1, PRODUCT_DOTS);
         let runs: Vec<Vec<f32>> = table
             .par_chunks(PRODUCT_DOTS * inputs)
-            .map(|table_rows| {
+            .enumerate()
+            .map(|(run, table_rows)| {
                 let width = table_rows.len() / inputs;
                 let mut out = vec![0.0f32; rows * width];
-                for (first, cached) in table_rows.chunks(cached_rows * inputs).enumerate() {
-                    rows::rows_dot(&x, inputs, cached, &mut out[first * cached_rows..], width);
+                let start = run * PRODUCT_DOTS * inputs;
+                let step = cached_rows * inputs;
+                for (first, cached) in table_rows.chunks(step).enumerate() {
+                    // The table rows after these, which the task (or the next) reads next.
+                    let next = &table[(start + (first + 1) * step).min(table.len())..];
+                    let next = &next[..next.len().min(step)];
+                    let out = &mut out[first * cached_rows..];
+                    rows::rows_dot(&x, inputs, cached, next, out, width);
                 }
                 out
             })

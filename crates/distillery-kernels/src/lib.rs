@@ -9,6 +9,7 @@
 
 mod autodiff;
 mod flex;
+mod lanes;
 pub mod rows;
 
 pub use rows::AdamWStep;

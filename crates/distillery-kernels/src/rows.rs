@@ -7,6 +7,8 @@
 
 use multiversion::multiversion;
 
+use crate::lanes::{LANES, Lanes, with_lanes};
+
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split into a part exactly representable with few mantissa bits and the remainder
 /// (Cody–Waite reduction), so `x - n ln 2` loses no precision.
@@ -593,6 +595,7 @@ pub fn adamw(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distillery_quant::cpu::KernelFamily;
 
     #[test]
     fn exp_is_within_a_few_ulp_of_libm() {
@@ -829,6 +832,84 @@ mod tests {
         }
     }
 
+    /// The kernel families this CPU runs, lowest first.
+    fn families_here() -> Vec<KernelFamily> {
+        [
+            KernelFamily::Portable,
+            KernelFamily::Avx2,
+            KernelFamily::Avx512Vnni,
+        ]
+        .into_iter()
+        .filter(|&family| family <= KernelFamily::detected())
+        .collect()
+    }
+
+    /// Both few-row products give every kernel family the portable lanes' bits, for each count
+    /// of rows, with whole lane blocks and a tail (37 = 2 x 16 + 5).
+    #[test]
+    fn few_row_products_keep_their_bits_on_every_kernel_family() {
+        let (inputs, count, run) = (37, 11, 5);
+        let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
+        let table: Vec<f32> = (0..count * inputs)
+            .map(|index| value(index + 5000))
+            .collect();
+        let weight: Vec<f32> = (0..run * inputs).map(|index| value(index + 9000)).collect();
+        let next: Vec<f32> = table[inputs..].to_vec();
+        for rows_of_x in 1..=8 {
+            let dots_x: Vec<f32> = (0..rows_of_x * inputs).map(value).collect();
+            let others: Vec<f32> = (0..(rows_of_x - 1) * run).map(value).collect();
+            let results: Vec<(Vec<f32>, Vec<f32>)> = families_here()
+                .into_iter()
+                .map(|family| {
+                    let (x, rows, out_stride) = (&dots_x[..], &table[..], count);
+                    let next = &next[..];
+                    let out = &mut vec![f32::NAN; rows_of_x * count][..];
+                    with_lanes!(@in family, rows_dot_with(
+                        x: &[f32],
+                        inputs: usize,
+                        rows: &[f32],
+                        next: &[f32],
+                        out: &mut [f32],
+                        out_stride: usize,
+                    ));
+                    let dots = out.to_vec();
+                    let (x, weight) = (&others[..], &weight[..]);
+                    let out = &mut vec![0.5f32; (rows_of_x - 1) * inputs][..];
+                    with_lanes!(@in family, others_times_rows(
+                        x: &[f32],
+                        run: usize,
+                        weight: &[f32],
+                        next: &[f32],
+                        out: &mut [f32],
+                    ));
+                    (dots, out.to_vec())
+                })
+                .collect();
+            let (dots, products) = &results[0];
+            for (family, result) in families_here().iter().zip(&results) {
+                assert_eq!(result, &results[0], "{family:?}, {rows_of_x} rows");
+            }
+            for (index, &got) in dots.iter().enumerate() {
+                let (row, table_row) = (index / count, index % count);
+                let plain: f32 = (0..inputs)
+                    .map(|k| dots_x[row * inputs + k] * table[table_row * inputs + k])
+                    .sum();
+                assert!((got - plain).abs() < 1e-4, "dot {index}: {got} vs {plain}");
+            }
+            for (index, &got) in products.iter().enumerate() {
+                let (row, column) = (index / inputs, index % inputs);
+                let plain: f32 = 0.5
+                    + (0..run)
+                        .map(|k| others[row * run + k] * weight[k * inputs + column])
+                        .sum::<f32>();
+                assert!(
+                    (got - plain).abs() < 1e-4,
+                    "product {index}: {got} vs {plain}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn dot_products_of_many_rows_are_each_rows_own() {
         // 37 inputs: two whole chunks of lanes and a tail of 5.
@@ -840,7 +921,7 @@ mod tests {
             .chunks_exact(inputs)
             .map(|row| {
                 let mut out = vec![0.0; 11];
-                rows_dot(row, inputs, &table, &mut out, 11);
+                rows_dot(row, inputs, &table, &[], &mut out, 11);
                 out
             })
             .collect();
@@ -854,7 +935,7 @@ mod tests {
         }
         for rows in 2..=8 {
             let mut out = vec![f32::NAN; rows * 13];
-            rows_dot(&x[..rows * inputs], inputs, &table, &mut out, 13);
+            rows_dot(&x[..rows * inputs], inputs, &table, &[], &mut out, 13);
             for (row, alone) in alone.iter().take(rows).enumerate() {
                 assert_eq!(
                     &out[row * 13..row * 13 + 11],
@@ -891,35 +972,63 @@ mod tests {
     }
 }
 
-// `rows_times_rows` has a kernel for each count of rows up to eight.
+// `rows_times_rows` takes at most eight rows: one streaming the weight, seven meeting it in cache.
 const _: () = assert!(crate::FEW_ROWS <= 8);
-
-/// Output columns [`rows_times_rows`] keeps in registers for each input row at once.
-const COLUMN_BLOCK: usize = 16;
 
 /// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
 /// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
-/// once, front to back; the others then meet it in cache, a block of columns at a time whose
-/// sums for every row stay in registers, and meanwhile ask for `next` (the weight rows read
-/// after these, or nothing) to be brought into cache: memory keeps streaming while they
-/// compute, and the next first row finds its weights in cache. Each sum adds its products in
-/// weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
+/// once, front to back; the others then meet it in cache, a block of [`LANES`] columns at a
+/// time whose sums for every row stay in registers, and meanwhile ask for `next` (the weight
+/// rows read after these, or nothing) to be brought into cache: memory keeps streaming while
+/// they compute, and the next first row finds its weights in cache. Each sum adds its products
+/// in weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
 /// every instruction set, for any number of rows.
 pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out: &mut [f32]) {
     let width = weight.len() / run.max(1);
     let (first, others) = x.split_at(run.min(x.len()));
     let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
     row_times_rows(first, weight, first_out);
-    match others.len() / run.max(1) {
-        0 => {}
-        1 => rows_times_rows_of::<1>(others, run, weight, next, others_out),
-        2 => rows_times_rows_of::<2>(others, run, weight, next, others_out),
-        3 => rows_times_rows_of::<3>(others, run, weight, next, others_out),
-        4 => rows_times_rows_of::<4>(others, run, weight, next, others_out),
-        5 => rows_times_rows_of::<5>(others, run, weight, next, others_out),
-        6 => rows_times_rows_of::<6>(others, run, weight, next, others_out),
-        7 => rows_times_rows_of::<7>(others, run, weight, next, others_out),
-        rows => panic!("{} rows: rows_times_rows takes 1 to 8", rows + 1),
+    assert!(
+        others.len() <= 7 * run,
+        "{} rows: rows_times_rows takes 1 to 8",
+        x.len() / run.max(1)
+    );
+    if !others.is_empty() {
+        with_lanes!(others_times_rows(
+            others: &[f32],
+            run: usize,
+            weight: &[f32],
+            next: &[f32],
+            others_out: &mut [f32],
+        ));
+    }
+}
+
+/// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
+#[inline(always)]
+fn others_times_rows<L: Lanes>(
+    x: &[f32],
+    run: usize,
+    weight: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+) {
+    let width = weight.len() / run;
+    let groups = x
+        .chunks(L::ROWS_AT_ONCE * run)
+        .zip(out.chunks_mut(L::ROWS_AT_ONCE * width));
+    for (group, (x, out)) in groups.enumerate() {
+        // The first group asks for the next weight rows; the others find them asked for.
+        let next = if group == 0 { next } else { &[] };
+        match x.len() / run {
+            1 => rows_times_rows_of::<L, 1>(x, run, weight, next, out),
+            2 => rows_times_rows_of::<L, 2>(x, run, weight, next, out),
+            3 => rows_times_rows_of::<L, 3>(x, run, weight, next, out),
+            4 => rows_times_rows_of::<L, 4>(x, run, weight, next, out),
+            5 => rows_times_rows_of::<L, 5>(x, run, weight, next, out),
+            6 => rows_times_rows_of::<L, 6>(x, run, weight, next, out),
+            _ => rows_times_rows_of::<L, 7>(x, run, weight, next, out),
+        }
     }
 }
 
@@ -956,8 +1065,8 @@ fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn rows_times_rows_of<const ROWS: usize>(
+#[inline(always)]
+fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
     x: &[f32],
     run: usize,
     weight: &[f32],
@@ -966,33 +1075,29 @@ fn rows_times_rows_of<const ROWS: usize>(
 ) {
     let width = out.len() / ROWS;
     assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
-    let blocks = width / COLUMN_BLOCK * COLUMN_BLOCK;
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * run..(row + 1) * run]);
+    let blocks = width / LANES * LANES;
     // One line of `next` per weight row met: as many lines as the run has, spread over it.
     let mut line = 0;
-    for start in (0..blocks).step_by(COLUMN_BLOCK) {
-        let mut sums = [[0.0f32; COLUMN_BLOCK]; ROWS];
+    for start in (0..blocks).step_by(LANES) {
+        let mut sums = [L::zero(); ROWS];
         for (index, row) in weight.chunks_exact(width).enumerate() {
             prefetch(next, line * LINE_FLOATS);
             line += 1;
-            let weights: &[f32; COLUMN_BLOCK] = row[start..start + COLUMN_BLOCK]
-                .try_into()
-                .expect("a whole block");
-            for (sums, x) in sums.iter_mut().zip(x.chunks_exact(run)) {
-                let value = x[index];
-                for (sum, &weight) in sums.iter_mut().zip(weights) {
-                    *sum += value * weight;
-                }
+            let weights = L::load(row[start..start + LANES].try_into().expect("a whole block"));
+            for (sum, x) in sums.iter_mut().zip(x) {
+                *sum = sum.add_product(L::splat(x[index]), weights);
             }
         }
-        for (row, sums) in sums.iter().enumerate() {
-            let out = &mut out[row * width + start..row * width + start + COLUMN_BLOCK];
-            for (out, &sum) in out.iter_mut().zip(sums) {
-                *out += sum;
-            }
+        for (row, sum) in sums.into_iter().enumerate() {
+            let out: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
+                .try_into()
+                .expect("a whole block");
+            L::load(out).add(sum).store(out);
         }
     }
     for column in blocks..width {
-        for (row, x) in x.chunks_exact(run).enumerate() {
+        for (row, x) in x.iter().enumerate() {
             let mut sum = 0.0f32;
             for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
                 sum += value * weights[column];
@@ -1002,29 +1107,56 @@ fn rows_times_rows_of<const ROWS: usize>(
     }
 }
 
-/// Partial sums of a dot product: lane `k` takes the products at indices `k mod LANES`.
-const DOT_LANES: usize = 16;
-
 /// Rows of `x` that [`rows_dot`] takes through the table together: each has its own running
 /// sums, so their additions do not wait on one another, and four rows' sums still fit in
 /// AVX2's registers.
 const DOT_ROWS: usize = 4;
 
 /// `out[r * out_stride + o] = x_r · rows[o]` for the rows `x_r` of `x` (`inputs` values each)
-/// and consecutive table rows of `inputs` values. Each dot product sums in [`DOT_LANES`] fixed
-/// lanes, then adds the lanes in a fixed order: the same bits on every instruction set and
-/// thread count, and for a row of `x` whatever other rows come with it.
-pub fn rows_dot(x: &[f32], inputs: usize, rows: &[f32], out: &mut [f32], out_stride: usize) {
+/// and consecutive table rows of `inputs` values; meanwhile the first rows of `x` ask for
+/// `next` (the table rows read after these, or nothing) to be brought into cache, so memory
+/// keeps streaming while they compute. Each dot product sums in [`LANES`] fixed lanes (lane `k`
+/// takes the products at indices `k mod LANES`), then adds the lanes in a fixed order: the same
+/// bits on every instruction set and thread count, and for a row of `x` whatever other rows
+/// come with it.
+pub fn rows_dot(
+    x: &[f32],
+    inputs: usize,
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
     assert!(inputs > 0 && x.len().is_multiple_of(inputs) && rows.len().is_multiple_of(inputs));
+    with_lanes!(rows_dot_with(
+        x: &[f32],
+        inputs: usize,
+        rows: &[f32],
+        next: &[f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ))
+}
+
+#[inline(always)]
+fn rows_dot_with<L: Lanes>(
+    x: &[f32],
+    inputs: usize,
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let count = rows.len() / inputs;
     for (group, x) in x.chunks(DOT_ROWS * inputs).enumerate() {
         let out = &mut out[group * DOT_ROWS * out_stride..];
         assert!(out.len() >= (x.len() / inputs - 1) * out_stride + count);
+        let next = if group == 0 { next } else { &[] };
         match x.len() / inputs {
-            1 => rows_dot_of::<1>(x, rows, out, out_stride),
-            2 => rows_dot_of::<2>(x, rows, out, out_stride),
-            3 => rows_dot_of::<3>(x, rows, out, out_stride),
-            _ => rows_dot_of::<4>(x, rows, out, out_stride),
+            1 => rows_dot_of::<L, 1>(x, rows, next, out, out_stride),
+            2 => rows_dot_of::<L, 2>(x, rows, next, out, out_stride),
+            3 => rows_dot_of::<L, 3>(x, rows, next, out, out_stride),
+            _ => rows_dot_of::<L, 4>(x, rows, next, out, out_stride),
         }
     }
 }
@@ -1034,40 +1166,36 @@ const _: () = assert!(
     "rows_dot has a kernel for each count of rows up to 4"
 );
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn rows_dot_of<const ROWS: usize>(x: &[f32], rows: &[f32], out: &mut [f32], out_stride: usize) {
+#[inline(always)]
+fn rows_dot_of<L: Lanes, const ROWS: usize>(
+    x: &[f32],
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let inputs = x.len() / ROWS;
+    let whole = inputs / LANES;
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * inputs..(row + 1) * inputs]);
+    // Each row's whole chunks, cut to their count so that the loop indexes them unchecked.
+    let chunks: [&[[f32; LANES]]; ROWS] = std::array::from_fn(|row| &x[row].as_chunks().0[..whole]);
     for (index, row) in rows.chunks_exact(inputs).enumerate() {
-        let mut lanes = [[0.0f32; DOT_LANES]; ROWS];
-        let row_chunks = row.chunks_exact(DOT_LANES);
-        let row_tail = row_chunks.remainder();
-        for (chunk, weights) in row_chunks.enumerate() {
-            let weights: &[f32; DOT_LANES] = weights.try_into().expect("a whole chunk");
-            let at = chunk * DOT_LANES;
-            for (row, lanes) in lanes.iter_mut().enumerate() {
-                let start = row * inputs + at;
-                let x: &[f32; DOT_LANES] = x[start..start + DOT_LANES]
-                    .try_into()
-                    .expect("a whole chunk");
-                for k in 0..DOT_LANES {
-                    lanes[k] += x[k] * weights[k];
-                }
+        let (row_chunks, row_tail) = row.as_chunks::<LANES>();
+        let mut sums = [L::zero(); ROWS];
+        for (chunk, weights) in row_chunks.iter().enumerate() {
+            prefetch(next, index * inputs + chunk * LANES);
+            let weights = L::load(weights);
+            for (sum, x) in sums.iter_mut().zip(&chunks) {
+                *sum = sum.add_product(L::load(&x[chunk]), weights);
             }
         }
-        for (row, (lanes, x)) in lanes.iter_mut().zip(x.chunks_exact(inputs)).enumerate() {
-            let tail: f32 = x[inputs - row_tail.len()..]
+        for (row, (sum, x)) in sums.into_iter().zip(x).enumerate() {
+            let tail: f32 = x[whole * LANES..]
                 .iter()
                 .zip(row_tail)
                 .map(|(&a, &b)| a * b)
                 .sum();
-            let mut width = DOT_LANES / 2;
-            while width > 0 {
-                for k in 0..width {
-                    lanes[k] += lanes[k + width];
-                }
-                width /= 2;
-            }
-            out[row * out_stride + index] = lanes[0] + tail;
+            out[row * out_stride + index] = sum.sum() + tail;
         }
     }
 }
