@@ -651,15 +651,17 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     // (`madvise`) gives only on request; DISTILLERY_HUGE_PAGES=0 keeps 4 KiB pages.
     let settings = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
     if cfg!(target_os = "linux") && settings.is_ok_and(|settings| settings.contains("[madvise]")) {
-        // The kernel grants 2 MiB pages only where it finds free 2 MiB blocks, so the test
-        // asks what the process controls: that its memory asked for them.
+        // The kernel grants 2 MiB pages only where it finds free 2 MiB blocks, and this tiny
+        // model's heap may hold no whole 2 MiB page to ask for (the formats crate's test
+        // checks that a model-sized mapping asks), so here the report must stay within the
+        // resident memory, and ask for nothing with the variable at 0.
         let resident = |speeds: &serde_json::Value, field: &str| {
             speeds[1]["resident"][field]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{field}: {speeds}"))
         };
         let bytes = resident(&speeds, "bytes");
-        assert!(resident(&speeds, "advised_for_huge_pages") > 0, "{speeds}");
+        assert!(bytes > 0, "{speeds}");
         assert!(
             resident(&speeds, "advised_for_huge_pages") <= bytes,
             "{speeds}"

@@ -172,6 +172,39 @@ VmFlags: rd wr mr mw me ac sd hgx
     }
 
     #[test]
+    fn a_loaded_models_memory_asks_for_huge_pages() {
+        // Without transparent huge pages in the kernel, madvise refuses the advice.
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            return;
+        }
+        // 40 MiB lies above glibc's largest mmap threshold (32 MiB), so it is a mapping of
+        // its own, as a model's large tensors are; every page is touched, so it is resident.
+        let weights = vec![1u8; 40 << 20];
+        settle_heap_after_loading();
+        let start = weights.as_ptr() as u64;
+        let end = start + weights.len() as u64;
+        // The advice splits the mapping where its whole 2 MiB pages begin and end.
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let holding: Vec<Mapping> = mappings(&smaps)
+            .into_iter()
+            .filter(|mapping| mapping.start < end && start < mapping.end)
+            .collect();
+        assert!(
+            holding.iter().all(|mapping| mapping.anonymous_writable),
+            "{holding:?}"
+        );
+        let advised: u64 = holding
+            .iter()
+            .filter(|mapping| mapping.advised)
+            .map(|mapping| mapping.resident_bytes)
+            .sum();
+        // All but the partial 2 MiB pages at either end.
+        assert!(advised >= 36 << 20, "{holding:?}");
+        // Moving the pages never changes what they hold.
+        assert!(weights.iter().all(|&byte| byte == 1));
+    }
+
+    #[test]
     fn only_the_whole_huge_pages_of_resident_heaps_are_collapsed() {
         // The heap starts 1 MiB past a 2 MiB boundary, so its first whole page starts at the
         // next one; the thread stack holds 12 KiB and is left alone; the last mapping is
