@@ -10,6 +10,12 @@ step where the twin and a student were both validated on the same windows:
     gap closed = (twin loss - student loss) / (twin loss - teacher loss)
 
 and the student's top-1 accuracy as a share of the teacher's. Prints a Markdown table.
+
+With `--models`, reads a pipeline's evaluation instead (the JSON its `eval` stage writes, every
+model on the same windows) and names the models as the stage lists them:
+
+    python3 scripts/gap_closed.py --models experiments/smollm2-distill/models.json \
+        --teacher models/SmolLM2-135M-Instruct.Q4_1.gguf --baseline baseline live cached
 """
 
 import argparse
@@ -42,11 +48,50 @@ def teacher(run):
     return found[-1]["teacher/val_loss"], found[-1]["teacher/val_accuracy"]
 
 
+def evaluated(path):
+    """name -> (loss, top-1) from an eval stage's JSON, whose `models` name its `validation`."""
+    data = json.loads(Path(path).read_text())
+    return {
+        name: (result["loss"], result["accuracy"])
+        for name, result in zip(data["models"], data["validation"])
+    }
+
+
+def share_row(name, twin_loss, loss, top1, teacher_loss, teacher_top1, step=None):
+    closed = (twin_loss - loss) / (twin_loss - teacher_loss)
+    step = "" if step is None else f" {step} |"
+    return (
+        f"| {name} |{step} {twin_loss:.4f} | {loss:.4f} | {closed:.1%} "
+        f"| {top1:.4f} ({top1 / teacher_top1:.1%}) |"
+    )
+
+
+def from_models(args):
+    results = evaluated(args.models)
+    for name in [args.teacher, args.baseline] + args.students:
+        if name not in results:
+            raise SystemExit(f"{args.models}: no model named `{name}` (it has {list(results)})")
+    teacher_loss, teacher_top1 = results[args.teacher]
+    twin_loss = results[args.baseline][0]
+    print(f"teacher: validation loss {teacher_loss:.4f}, top-1 {teacher_top1:.4f}\n")
+    print("| model | twin's loss | student's loss | gap closed | top-1 (share of the teacher's) |")
+    print("|---|---:|---:|---:|---|")
+    for student in args.students:
+        loss, top1 = results[student]
+        print(share_row(student, twin_loss, loss, top1, teacher_loss, teacher_top1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="the label-only twin's run name")
+    parser.add_argument("--models", help="an eval stage's JSON to read instead of the runs' logs")
+    parser.add_argument("--teacher", help="with --models: the teacher's name there")
     parser.add_argument("students", nargs="+", help="distilled runs of the same schedule")
     args = parser.parse_args()
+    if args.models:
+        if not args.teacher:
+            raise SystemExit("--models needs --teacher")
+        return from_models(args)
 
     teacher_loss, teacher_top1 = teacher(args.students[0])
     for student in args.students[1:] + [args.baseline]:
@@ -64,12 +109,7 @@ def main():
         for step, (loss, top1) in sorted(validations(student).items()):
             if step not in twin:
                 continue
-            twin_loss = twin[step][0]
-            closed = (twin_loss - loss) / (twin_loss - teacher_loss)
-            print(
-                f"| {student} | {step} | {twin_loss:.4f} | {loss:.4f} | {closed:.1%} "
-                f"| {top1:.4f} ({top1 / teacher_top1:.1%}) |"
-            )
+            print(share_row(student, twin[step][0], loss, top1, teacher_loss, teacher_top1, step))
 
 
 if __name__ == "__main__":
