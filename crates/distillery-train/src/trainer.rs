@@ -403,7 +403,10 @@ pub fn train(
             path.display(),
             start.step
         )),
-        None => reporter.note("starting from freshly initialized weights"),
+        None => reporter.note(&format!(
+            "starting at step 0: no checkpoint of this run in {}",
+            run_dir.display()
+        )),
     }
 
     let autodiff_device = device.clone().autodiff();
