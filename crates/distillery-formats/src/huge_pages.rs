@@ -117,7 +117,18 @@ pub fn settle_heap_after_loading() {
             unsafe {
                 let address = start as usize as *mut libc::c_void;
                 libc::madvise(address, length as usize, libc::MADV_HUGEPAGE);
-                libc::madvise(address, length as usize, MADV_COLLAPSE);
+            }
+            // One 2 MiB page at a time: over a whole range the kernel stops at the first page it
+            // cannot collapse (EINVAL), leaving every page after it in 4 KiB pages.
+            for page in (start..start + length).step_by(HUGE_PAGE as usize) {
+                // SAFETY: as above, for one whole 2 MiB page inside the same mapping.
+                unsafe {
+                    libc::madvise(
+                        page as usize as *mut libc::c_void,
+                        HUGE_PAGE as usize,
+                        MADV_COLLAPSE,
+                    );
+                }
             }
         }
     }
