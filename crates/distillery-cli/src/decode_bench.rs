@@ -37,8 +37,7 @@ pub struct DecodeReport {
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ResidentMemory {
     pub bytes: u64,
-    /// Resident bytes of mappings advised for 2 MiB pages (`hg` among their `VmFlags`): what
-    /// the process controls. The kernel grants the pages only where it finds free 2 MiB blocks.
+    /// [`distillery_formats::huge_pages::advised_resident_bytes`] of the whole process.
     pub advised_for_huge_pages: u64,
     pub in_huge_pages: u64,
 }
@@ -55,11 +54,9 @@ impl ResidentMemory {
         let mappings = distillery_formats::huge_pages::mappings(smaps);
         Self {
             bytes: mappings.iter().map(|mapping| mapping.resident_bytes).sum(),
-            advised_for_huge_pages: mappings
-                .iter()
-                .filter(|mapping| mapping.advised)
-                .map(|mapping| mapping.resident_bytes)
-                .sum(),
+            advised_for_huge_pages: distillery_formats::huge_pages::advised_resident_bytes(
+                &mappings,
+            ),
             in_huge_pages: mappings.iter().map(|mapping| mapping.huge_page_bytes).sum(),
         }
     }

@@ -31,6 +31,16 @@ pub struct Mapping {
     pub advised: bool,
 }
 
+/// Resident bytes of the `mappings` that asked for 2 MiB pages: what a process controls; the
+/// kernel grants the pages only where it finds free 2 MiB blocks.
+pub fn advised_resident_bytes<'a>(mappings: impl IntoIterator<Item = &'a Mapping>) -> u64 {
+    mappings
+        .into_iter()
+        .filter(|mapping| mapping.advised)
+        .map(|mapping| mapping.resident_bytes)
+        .sum()
+}
+
 /// The mappings of an smaps report; each one's fields come after its address line and before
 /// its `VmFlags` line, which ends it.
 pub fn mappings(smaps: &str) -> Vec<Mapping> {
@@ -94,7 +104,7 @@ fn regions_to_collapse(mappings: &[Mapping]) -> Vec<(u64, u64)> {
 
 /// Settles the heap once a model is loaded: the memory the loader freed (a GGUF file's bytes,
 /// conversion buffers) goes back to the kernel, and the rest, the weights, moves into 2 MiB
-/// pages unless [`HUGE_PAGES_VARIABLE`] is `0`. The kernel may decline to collapse a range (no
+/// pages unless [`HUGE_PAGES_VARIABLE`] is `0`. The kernel may decline to collapse a page (no
 /// free 2 MiB block, THP turned off); the weights then stay where they are, so every error is
 /// ignored.
 pub fn settle_heap_after_loading() {
@@ -112,25 +122,24 @@ pub fn settle_heap_after_loading() {
             return;
         };
         for (start, length) in regions_to_collapse(&mappings(&smaps)) {
-            // SAFETY: madvise with these advices changes only how the kernel backs memory this
-            // process already maps, never its contents; the ranges lie inside such mappings.
-            unsafe {
-                let address = start as usize as *mut libc::c_void;
-                libc::madvise(address, length as usize, libc::MADV_HUGEPAGE);
-            }
+            back_with_huge_pages(start, length, libc::MADV_HUGEPAGE);
             // One 2 MiB page at a time: over a whole range the kernel stops at the first page it
             // cannot collapse (EINVAL), leaving every page after it in 4 KiB pages.
             for page in (start..start + length).step_by(HUGE_PAGE as usize) {
-                // SAFETY: as above, for one whole 2 MiB page inside the same mapping.
-                unsafe {
-                    libc::madvise(
-                        page as usize as *mut libc::c_void,
-                        HUGE_PAGE as usize,
-                        MADV_COLLAPSE,
-                    );
-                }
+                back_with_huge_pages(page, HUGE_PAGE, MADV_COLLAPSE);
             }
         }
+    }
+}
+
+/// Gives the kernel `advice` (`MADV_HUGEPAGE` or `MADV_COLLAPSE`) about `length` bytes from
+/// `start`; a refusal leaves the memory as it was.
+#[cfg(target_os = "linux")]
+fn back_with_huge_pages(start: u64, length: u64, advice: libc::c_int) {
+    // SAFETY: these two advices change only how the kernel backs memory, never its contents;
+    // on a range that is not mapped, madvise fails and changes nothing.
+    unsafe {
+        libc::madvise(start as usize as *mut libc::c_void, length as usize, advice);
     }
 }
 
@@ -204,13 +213,8 @@ VmFlags: rd wr mr mw me ac sd hgx
             holding.iter().all(|mapping| mapping.anonymous_writable),
             "{holding:?}"
         );
-        let advised: u64 = holding
-            .iter()
-            .filter(|mapping| mapping.advised)
-            .map(|mapping| mapping.resident_bytes)
-            .sum();
         // All but the partial 2 MiB pages at either end.
-        assert!(advised >= 36 << 20, "{holding:?}");
+        assert!(advised_resident_bytes(&holding) >= 36 << 20, "{holding:?}");
         // Moving the pages never changes what they hold.
         assert!(weights.iter().all(|&byte| byte == 1));
     }
