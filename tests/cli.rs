@@ -602,6 +602,8 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         .map(|count| count.as_u64().unwrap())
         .sum();
     assert!(proposed > 0 && accepted <= proposed, "{draft}");
+    assert!(draft["draft_seconds"].as_f64().unwrap() > 0.0, "{draft}");
+    assert!(draft["check_seconds"].as_f64().unwrap() > 0.0, "{draft}");
     // Every pass of the float model emits the accepted drafts and one token of its own; the
     // prompt's pass emits the first.
     // (A stop token can end the last pass early.)
@@ -706,6 +708,15 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     assert!((0.0..=1.0).contains(&speed("acceptance_rate")), "{drafted}");
     assert_eq!(drafted["draft_tokens"], 2);
     assert!(drafted["acceptance_by_position"].as_array().unwrap().len() <= 2);
+    // Where a pass's time goes: the drafts' forward passes and the model's check.
+    assert!(
+        speed("draft_token_ms") > 0.0 && speed("check_ms") > 0.0,
+        "{drafted}"
+    );
+    assert!(
+        (speed("alone_token_ms") * speed("alone_tokens_per_sec") - 1e3).abs() < 1e-6,
+        "{drafted}"
+    );
 
     // Prompts of different lengths decoded as one batch, by the float and the quantized model:
     // each continuation is the one `--prompt` gives alone.

@@ -243,6 +243,13 @@ pub struct DraftReport {
     pub acceptance_by_position: Vec<f64>,
     /// New tokens per pass of the model after the prompt's.
     pub tokens_per_pass: f64,
+    /// Milliseconds of the draft's forward pass for one drafted token, of one checking pass
+    /// of the model (its pending token and the drafts), and of one token of the model alone
+    /// (its whole generation's time over its new tokens): a pass costs the drafts' and the
+    /// check's time, against the tokens per pass times the model's own.
+    pub draft_token_ms: f64,
+    pub check_ms: f64,
+    pub alone_token_ms: f64,
     pub runs: usize,
 }
 
@@ -316,6 +323,9 @@ pub fn bench_draft(
         acceptance_rate: last_stats.acceptance_rate(),
         acceptance_by_position: last_stats.acceptance_by_position(),
         tokens_per_pass: last_stats.tokens_per_pass(new_tokens),
+        draft_token_ms: 1e3 * last_stats.seconds_per_draft_token(),
+        check_ms: 1e3 * last_stats.seconds_per_check(),
+        alone_token_ms: 1e3 / alone,
         runs: runs.max(1),
     })
 }
@@ -323,7 +333,8 @@ pub fn bench_draft(
 pub fn draft_table(reports: &[DraftReport]) -> String {
     let mut table = String::from(
         "| model | draft | drafted tokens (most) | alone | with the draft | speed-up | accepted | by \
-         position | tokens per pass |\n|---|---|---:|---:|---:|---:|---:|---|---:|\n",
+         position | tokens per pass | draft token | checking pass | model token |\n\
+         |---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
     );
     for report in reports {
         let by_position: Vec<String> = report
@@ -332,7 +343,8 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
             .map(|rate| format!("{:.0}%", 100.0 * rate))
             .collect();
         table.push_str(&format!(
-            "| {} | {} | {}{} | {:.0} tokens/s | {:.0} tokens/s | {:.2}x | {:.1}% | {} | {:.2} |\n",
+            "| {} | {} | {}{} | {:.0} tokens/s | {:.0} tokens/s | {:.2}x | {:.1}% | {} | {:.2} | \
+             {:.2} ms | {:.2} ms | {:.2} ms |\n",
             report.model,
             report.draft,
             report.draft_tokens,
@@ -343,11 +355,16 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
             100.0 * report.acceptance_rate,
             by_position.join(", "),
             report.tokens_per_pass,
+            report.draft_token_ms,
+            report.check_ms,
+            report.alone_token_ms,
         ));
     }
     table.push_str(&format!(
         "\ngreedy, {} new tokens after {} prompt tokens; tokens/s over the whole generation, \
-         prompt included; the drafted output equals the model's own in every run\n",
+         prompt included; the drafted output equals the model's own in every run; the last \
+         three columns are the last run's mean times of a drafted token, of a checking pass and \
+         of a token of the model alone\n",
         reports.first().map_or(0, |report| report.new_tokens),
         reports.first().map_or(0, |report| report.prompt_tokens),
     ));

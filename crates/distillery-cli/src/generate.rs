@@ -136,6 +136,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "accepted_by_position": stats.accepted,
                 "acceptance_rate": stats.acceptance_rate(),
                 "tokens_per_pass": stats.tokens_per_pass(generation.tokens.len()),
+                "draft_seconds": stats.draft_seconds,
+                "check_seconds": stats.check_seconds,
             });
         }
         println!("{}", serde_json::to_string_pretty(&report)?);

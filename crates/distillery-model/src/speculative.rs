@@ -54,6 +54,10 @@ pub struct DraftStats {
     pub model_passes: usize,
     pub proposed: Vec<usize>,
     pub accepted: Vec<usize>,
+    /// Seconds the draft spent proposing tokens (a forward pass of it per drafted token).
+    pub draft_seconds: f64,
+    /// Seconds the model spent in its checking passes (those after the prompt's).
+    pub check_seconds: f64,
 }
 
 impl DraftStats {
@@ -77,6 +81,16 @@ impl DraftStats {
             .zip(&self.accepted)
             .map(|(&proposed, &accepted)| accepted as f64 / proposed.max(1) as f64)
             .collect()
+    }
+
+    /// Mean seconds of the draft's forward pass for one drafted token.
+    pub fn seconds_per_draft_token(&self) -> f64 {
+        self.draft_seconds / self.proposed.iter().sum::<usize>().max(1) as f64
+    }
+
+    /// Mean seconds of one checking pass of the model.
+    pub fn seconds_per_check(&self) -> f64 {
+        self.check_seconds / self.model_passes.max(1) as f64
     }
 
     fn record(&mut self, position: usize, accepted: bool) {
@@ -187,6 +201,7 @@ fn decode(
         let draft_start = draft_cache.len();
         let mut input = std::mem::take(&mut draft_pending);
         let fed_before = input.len();
+        let drafting = std::time::Instant::now();
         for index in 0..drafted {
             let logits = last_logits(draft, &input, &mut draft_cache, 1);
             let distribution = Distribution::of(&logits[..vocab], sampling);
@@ -197,6 +212,7 @@ fn decode(
                 input = vec![token];
             }
         }
+        stats.draft_seconds += drafting.elapsed().as_secs_f64();
         if drafted == 0 {
             draft_pending = input;
         }
@@ -205,7 +221,9 @@ fn decode(
         let mut checked = std::mem::take(&mut model_pending);
         let model_fed = checked.len();
         checked.extend(&proposals);
+        let checking = std::time::Instant::now();
         let logits = last_logits(model, &checked, &mut model_cache, drafted + 1);
+        stats.check_seconds += checking.elapsed().as_secs_f64();
         let rows: Vec<&[f32]> = logits
             .chunks_exact(model.config().vocab_size)
             .map(|row| &row[..vocab])
@@ -363,6 +381,43 @@ mod tests {
         let own = run(&model, DraftLength::Adaptive(5));
         assert_eq!(own.proposed.len(), 5);
         assert_eq!(own.acceptance_rate(), 1.0);
+    }
+
+    #[test]
+    fn the_drafts_and_the_checks_time_is_what_the_generation_spent_on_them() {
+        let device = Device::flex();
+        let model = Llama::new(&config(40, 2, 32, 64), 0.0, 5, &device).unwrap();
+        let draft = Llama::new(&config(40, 1, 16, 64), 0.0, 9, &device).unwrap();
+        let started = std::time::Instant::now();
+        let (generation, stats) = generate_with_draft(
+            &model,
+            &draft,
+            &[3, 1, 4],
+            &settings(30, 0.0, 0),
+            DraftLength::Fixed(3),
+            40,
+            |_| {},
+        )
+        .unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(generation.tokens.len(), 30);
+        assert!(
+            stats.draft_seconds > 0.0 && stats.check_seconds > 0.0,
+            "{stats:?}"
+        );
+        assert!(
+            stats.draft_seconds + stats.check_seconds < elapsed,
+            "{stats:?}, {elapsed} s"
+        );
+        let drafted: usize = stats.proposed.iter().sum();
+        assert_eq!(
+            stats.seconds_per_draft_token(),
+            stats.draft_seconds / drafted as f64
+        );
+        assert_eq!(
+            stats.seconds_per_check(),
+            stats.check_seconds / stats.model_passes as f64
+        );
     }
 
     /// Each position's token frequencies over `runs` seeded generations of three tokens (the
