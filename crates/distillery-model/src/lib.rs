@@ -162,6 +162,25 @@ mod tests {
     }
 
     #[test]
+    fn float_layers_applied_together_give_each_layers_own_product() {
+        let device = Device::flex();
+        let model = Llama::new(&config(false), 0.0, 3, &device).unwrap();
+        let linears = model.layers[0].linears().map(|(_, linear)| linear);
+        let [query, key, value] = [linears[0], linears[1], linears[2]];
+        // A decode step's row, a checking pass's few, and a prompt's many.
+        for rows in [1, 4, 12] {
+            let values: Vec<f32> = (0..rows * 32)
+                .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
+                .collect();
+            let x = Tensor::<3>::from_data(TensorData::new(values, [1, rows, 32]), &device);
+            let together = Linear::forward_together([query, key, value], x.clone());
+            for (linear, output) in [query, key, value].into_iter().zip(together) {
+                assert_eq!(flat(output), flat(linear.forward(x.clone())), "{rows} rows");
+            }
+        }
+    }
+
+    #[test]
     fn logits_and_hidden_states_have_documented_shapes() {
         let device = Device::flex();
         let model = Llama::new(&config(false), 0.0, 1, &device).unwrap();

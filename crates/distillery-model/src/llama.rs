@@ -247,7 +247,21 @@ impl Linear {
             })
             .collect();
         let Some(quantized) = quantized else {
-            return linears.map(|linear| linear.forward(x.clone()));
+            // A few rows' float products stream their weights in parallel runs; handed out
+            // together, one product's last runs overlap the next one's first, and the worker
+            // threads meet once for the group instead of once a matrix.
+            let together = rows <= FEW_ROWS
+                && !x.is_autodiff()
+                && linears.iter().all(|linear| linear.float_weight().is_some());
+            if !together {
+                return linears.map(|linear| linear.forward(x.clone()));
+            }
+            let mut outputs: Vec<Tensor<D>> = linears
+                .par_iter()
+                .map(|linear| linear.forward(x.clone()))
+                .collect();
+            outputs.reverse();
+            return std::array::from_fn(|_| outputs.pop().expect("one output per layer"));
         };
         let device = x.device();
         let inputs = host_values(x.reshape([rows, dims[D - 1]]));
