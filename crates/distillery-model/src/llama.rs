@@ -256,12 +256,14 @@ impl Linear {
             if !together {
                 return linears.map(|linear| linear.forward(x.clone()));
             }
-            let mut outputs: Vec<Tensor<D>> = linears
+            let outputs: Vec<Tensor<D>> = linears
                 .par_iter()
                 .map(|linear| linear.forward(x.clone()))
                 .collect();
-            outputs.reverse();
-            return std::array::from_fn(|_| outputs.pop().expect("one output per layer"));
+            return match outputs.try_into() {
+                Ok(outputs) => outputs,
+                Err(_) => unreachable!("one output per layer"),
+            };
         };
         let device = x.device();
         let inputs = host_values(x.reshape([rows, dims[D - 1]]));
