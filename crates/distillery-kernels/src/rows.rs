@@ -592,6 +592,271 @@ pub fn adamw(
     }
 }
 
+// `rows_times_rows` takes at most eight rows: one streaming the weight, seven meeting it in cache.
+const _: () = assert!(crate::FEW_ROWS <= 8);
+
+/// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
+/// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
+/// once, front to back; the others then meet it in cache, a block of [`LANES`] columns at a
+/// time whose sums for every row stay in registers, and meanwhile ask for `next` (the weight
+/// rows read after these, or nothing) to be brought into cache: memory keeps streaming while
+/// they compute, and the next first row finds its weights in cache. Each sum adds its products
+/// in weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
+/// every instruction set, for any number of rows.
+pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out: &mut [f32]) {
+    let width = weight.len() / run.max(1);
+    let (first, others) = x.split_at(run.min(x.len()));
+    let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
+    row_times_rows(first, weight, first_out);
+    assert!(
+        others.len() <= 7 * run,
+        "{} rows: rows_times_rows takes 1 to 8",
+        x.len() / run.max(1)
+    );
+    if !others.is_empty() {
+        with_lanes!(others_times_rows(
+            others: &[f32],
+            run: usize,
+            weight: &[f32],
+            next: &[f32],
+            others_out: &mut [f32],
+        ));
+    }
+}
+
+/// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
+#[inline(always)]
+fn others_times_rows<L: Lanes>(
+    x: &[f32],
+    run: usize,
+    weight: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+) {
+    let width = weight.len() / run;
+    let groups = x
+        .chunks(L::ROWS_AT_ONCE * run)
+        .zip(out.chunks_mut(L::ROWS_AT_ONCE * width));
+    for (group, (x, out)) in groups.enumerate() {
+        // The first group asks for the next weight rows; the others find them asked for.
+        let next = if group == 0 { next } else { &[] };
+        match x.len() / run {
+            1 => rows_times_rows_of::<L, 1>(x, run, weight, next, out),
+            2 => rows_times_rows_of::<L, 2>(x, run, weight, next, out),
+            3 => rows_times_rows_of::<L, 3>(x, run, weight, next, out),
+            4 => rows_times_rows_of::<L, 4>(x, run, weight, next, out),
+            5 => rows_times_rows_of::<L, 5>(x, run, weight, next, out),
+            6 => rows_times_rows_of::<L, 6>(x, run, weight, next, out),
+            _ => rows_times_rows_of::<L, 7>(x, run, weight, next, out),
+        }
+    }
+}
+
+/// Floats in a cache line.
+const LINE_FLOATS: usize = 16;
+
+/// Asks the core to bring the cache line holding `values[at]` into its L2 cache, where a later
+/// read finds it; nothing when `at` is past the end.
+#[inline(always)]
+fn prefetch(values: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(value) = values.get(at) {
+        // SAFETY: a prefetch only hints at an address, here one inside `values`; it reads
+        // nothing into the program and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                (value as *const f32).cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, at);
+}
+
+/// Weight rows whose products [`row_times_rows`] adds into a block of sums at once.
+const ROWS_PER_PASS: usize = 4;
+
+/// `x W` for one row, front to back through the weight, [`ROWS_PER_PASS`] weight rows at a
+/// time: each block of sums is loaded and stored once for them, not once a row. The products
+/// still add in weight-row order, each rounded before its sum.
+fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
+    with_lanes!(row_times_rows_with(x: &[f32], weight: &[f32], out: &mut [f32]))
+}
+
+#[inline(always)]
+fn row_times_rows_with<L: Lanes>(x: &[f32], weight: &[f32], out: &mut [f32]) {
+    let width = out.len();
+    assert_eq!(weight.len(), x.len() * width);
+    let blocks = width / LANES * LANES;
+    let passes = x
+        .chunks(ROWS_PER_PASS)
+        .zip(weight.chunks(ROWS_PER_PASS * width));
+    for (x, rows) in passes {
+        let &[x0, x1, x2, x3] = x else {
+            for (&value, row) in x.iter().zip(rows.chunks_exact(width)) {
+                for (sum, &weight) in out.iter_mut().zip(row) {
+                    *sum += value * weight;
+                }
+            }
+            continue;
+        };
+        let [w0, w1, w2, w3]: [&[f32]; ROWS_PER_PASS] =
+            std::array::from_fn(|row| &rows[row * width..][..width]);
+        for start in (0..blocks).step_by(LANES) {
+            let block =
+                |row: &[f32]| L::load(row[start..start + LANES].try_into().expect("a whole block"));
+            let sums: &mut [f32; LANES] = (&mut out[start..start + LANES])
+                .try_into()
+                .expect("a whole block");
+            L::load(sums)
+                .add_product(L::splat(x0), block(w0))
+                .add_product(L::splat(x1), block(w1))
+                .add_product(L::splat(x2), block(w2))
+                .add_product(L::splat(x3), block(w3))
+                .store(sums);
+        }
+        for column in blocks..width {
+            out[column] =
+                out[column] + x0 * w0[column] + x1 * w1[column] + x2 * w2[column] + x3 * w3[column];
+        }
+    }
+}
+
+#[inline(always)]
+fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
+    x: &[f32],
+    run: usize,
+    weight: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+) {
+    let width = out.len() / ROWS;
+    assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * run..(row + 1) * run]);
+    let blocks = width / LANES * LANES;
+    // One line of `next` per weight row met: as many lines as the run has, spread over it.
+    let mut line = 0;
+    for start in (0..blocks).step_by(LANES) {
+        let mut sums = [L::zero(); ROWS];
+        for (index, row) in weight.chunks_exact(width).enumerate() {
+            prefetch(next, line * LINE_FLOATS);
+            line += 1;
+            let weights = L::load(row[start..start + LANES].try_into().expect("a whole block"));
+            for (sum, x) in sums.iter_mut().zip(x) {
+                *sum = sum.add_product(L::splat(x[index]), weights);
+            }
+        }
+        for (row, sum) in sums.into_iter().enumerate() {
+            let out: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
+                .try_into()
+                .expect("a whole block");
+            L::load(out).add(sum).store(out);
+        }
+    }
+    for column in blocks..width {
+        for (row, x) in x.iter().enumerate() {
+            let mut sum = 0.0f32;
+            for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
+                sum += value * weights[column];
+            }
+            out[row * width + column] += sum;
+        }
+    }
+}
+
+/// Rows of `x` that [`rows_dot`] takes through the table together: each has its own running
+/// sums, so their additions do not wait on one another, and four rows' sums still fit in
+/// AVX2's registers.
+const DOT_ROWS: usize = 4;
+
+/// `out[r * out_stride + o] = x_r · rows[o]` for the rows `x_r` of `x` (`inputs` values each)
+/// and consecutive table rows of `inputs` values; meanwhile the first rows of `x` ask for
+/// `next` (the table rows read after these, or nothing) to be brought into cache, so memory
+/// keeps streaming while they compute. Each dot product sums in [`LANES`] fixed lanes (lane `k`
+/// takes the products at indices `k mod LANES`), then adds the lanes in a fixed order: the same
+/// bits on every instruction set and thread count, and for a row of `x` whatever other rows
+/// come with it.
+pub fn rows_dot(
+    x: &[f32],
+    inputs: usize,
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(inputs > 0 && x.len().is_multiple_of(inputs) && rows.len().is_multiple_of(inputs));
+    with_lanes!(rows_dot_with(
+        x: &[f32],
+        inputs: usize,
+        rows: &[f32],
+        next: &[f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ))
+}
+
+#[inline(always)]
+fn rows_dot_with<L: Lanes>(
+    x: &[f32],
+    inputs: usize,
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let count = rows.len() / inputs;
+    for (group, x) in x.chunks(DOT_ROWS * inputs).enumerate() {
+        let out = &mut out[group * DOT_ROWS * out_stride..];
+        assert!(out.len() >= (x.len() / inputs - 1) * out_stride + count);
+        let next = if group == 0 { next } else { &[] };
+        match x.len() / inputs {
+            1 => rows_dot_of::<L, 1>(x, rows, next, out, out_stride),
+            2 => rows_dot_of::<L, 2>(x, rows, next, out, out_stride),
+            3 => rows_dot_of::<L, 3>(x, rows, next, out, out_stride),
+            _ => rows_dot_of::<L, 4>(x, rows, next, out, out_stride),
+        }
+    }
+}
+
+const _: () = assert!(
+    DOT_ROWS == 4,
+    "rows_dot has a kernel for each count of rows up to 4"
+);
+
+#[inline(always)]
+fn rows_dot_of<L: Lanes, const ROWS: usize>(
+    x: &[f32],
+    rows: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let inputs = x.len() / ROWS;
+    let whole = inputs / LANES;
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * inputs..(row + 1) * inputs]);
+    // Each row's whole chunks, cut to their count so that the loop indexes them unchecked.
+    let chunks: [&[[f32; LANES]]; ROWS] = std::array::from_fn(|row| &x[row].as_chunks().0[..whole]);
+    for (index, row) in rows.chunks_exact(inputs).enumerate() {
+        let (row_chunks, row_tail) = row.as_chunks::<LANES>();
+        let mut sums = [L::zero(); ROWS];
+        for (chunk, weights) in row_chunks.iter().enumerate() {
+            prefetch(next, index * inputs + chunk * LANES);
+            let weights = L::load(weights);
+            for (sum, x) in sums.iter_mut().zip(&chunks) {
+                *sum = sum.add_product(L::load(&x[chunk]), weights);
+            }
+        }
+        for (row, (sum, x)) in sums.into_iter().zip(x).enumerate() {
+            let tail: f32 = x[whole * LANES..]
+                .iter()
+                .zip(row_tail)
+                .map(|(&a, &b)| a * b)
+                .sum();
+            out[row * out_stride + index] = sum.sum() + tail;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,6 +1109,48 @@ mod tests {
         .collect()
     }
 
+    /// A row alone (weight rows four at a time) gets, on every kernel family, the bits the
+    /// same row gets among others (one weight row at a time, sums in registers): runs with and
+    /// without whole passes of four, with whole lane blocks and a tail (37 = 2 x 16 + 5).
+    #[test]
+    fn a_row_alone_has_the_bits_it_has_among_others_on_every_kernel_family() {
+        let inputs = 37;
+        let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
+        for run in [3, 4, 5, 8, 11] {
+            let weight: Vec<f32> = (0..run * inputs).map(|index| value(index + 9000)).collect();
+            let row: Vec<f32> = (0..run).map(value).collect();
+            let among_others = {
+                let (x, weight, next) = (&row[..], &weight[..], &[][..]);
+                let out = &mut vec![0.0f32; inputs][..];
+                with_lanes!(@in KernelFamily::Portable, others_times_rows(
+                    x: &[f32],
+                    run: usize,
+                    weight: &[f32],
+                    next: &[f32],
+                    out: &mut [f32],
+                ));
+                out.to_vec()
+            };
+            for family in families_here() {
+                let (x, weight) = (&row[..], &weight[..]);
+                let out = &mut vec![0.0f32; inputs][..];
+                with_lanes!(@in family, row_times_rows_with(
+                    x: &[f32],
+                    weight: &[f32],
+                    out: &mut [f32],
+                ));
+                assert_eq!(out, &among_others[..], "{family:?}, a run of {run}");
+            }
+            for (column, &got) in among_others.iter().enumerate() {
+                let plain: f32 = (0..run).map(|k| row[k] * weight[k * inputs + column]).sum();
+                assert!(
+                    (got - plain).abs() < 1e-4,
+                    "column {column}: {got} vs {plain}"
+                );
+            }
+        }
+    }
+
     /// Both few-row products give every kernel family the portable lanes' bits, for each count
     /// of rows, with whole lane blocks and a tail (37 = 2 x 16 + 5).
     #[test]
@@ -969,233 +1276,5 @@ mod tests {
         let mut other = vec![0.0; x.len()];
         dropout(&x, 8, 0, threshold, 1.0 / (1.0 - p), &mut other);
         assert_ne!(first, other);
-    }
-}
-
-// `rows_times_rows` takes at most eight rows: one streaming the weight, seven meeting it in cache.
-const _: () = assert!(crate::FEW_ROWS <= 8);
-
-/// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
-/// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
-/// once, front to back; the others then meet it in cache, a block of [`LANES`] columns at a
-/// time whose sums for every row stay in registers, and meanwhile ask for `next` (the weight
-/// rows read after these, or nothing) to be brought into cache: memory keeps streaming while
-/// they compute, and the next first row finds its weights in cache. Each sum adds its products
-/// in weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
-/// every instruction set, for any number of rows.
-pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out: &mut [f32]) {
-    let width = weight.len() / run.max(1);
-    let (first, others) = x.split_at(run.min(x.len()));
-    let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
-    row_times_rows(first, weight, first_out);
-    assert!(
-        others.len() <= 7 * run,
-        "{} rows: rows_times_rows takes 1 to 8",
-        x.len() / run.max(1)
-    );
-    if !others.is_empty() {
-        with_lanes!(others_times_rows(
-            others: &[f32],
-            run: usize,
-            weight: &[f32],
-            next: &[f32],
-            others_out: &mut [f32],
-        ));
-    }
-}
-
-/// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
-#[inline(always)]
-fn others_times_rows<L: Lanes>(
-    x: &[f32],
-    run: usize,
-    weight: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-) {
-    let width = weight.len() / run;
-    let groups = x
-        .chunks(L::ROWS_AT_ONCE * run)
-        .zip(out.chunks_mut(L::ROWS_AT_ONCE * width));
-    for (group, (x, out)) in groups.enumerate() {
-        // The first group asks for the next weight rows; the others find them asked for.
-        let next = if group == 0 { next } else { &[] };
-        match x.len() / run {
-            1 => rows_times_rows_of::<L, 1>(x, run, weight, next, out),
-            2 => rows_times_rows_of::<L, 2>(x, run, weight, next, out),
-            3 => rows_times_rows_of::<L, 3>(x, run, weight, next, out),
-            4 => rows_times_rows_of::<L, 4>(x, run, weight, next, out),
-            5 => rows_times_rows_of::<L, 5>(x, run, weight, next, out),
-            6 => rows_times_rows_of::<L, 6>(x, run, weight, next, out),
-            _ => rows_times_rows_of::<L, 7>(x, run, weight, next, out),
-        }
-    }
-}
-
-/// Floats in a cache line.
-const LINE_FLOATS: usize = 16;
-
-/// Asks the core to bring the cache line holding `values[at]` into its L2 cache, where a later
-/// read finds it; nothing when `at` is past the end.
-#[inline(always)]
-fn prefetch(values: &[f32], at: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(value) = values.get(at) {
-        // SAFETY: a prefetch only hints at an address, here one inside `values`; it reads
-        // nothing into the program and cannot fault.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                (value as *const f32).cast(),
-            )
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (values, at);
-}
-
-/// `x W` for one row, front to back through the weight.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
-    let width = out.len();
-    assert_eq!(weight.len(), x.len() * width);
-    for (&value, row) in x.iter().zip(weight.chunks_exact(width)) {
-        for (sum, &weight) in out.iter_mut().zip(row) {
-            *sum += value * weight;
-        }
-    }
-}
-
-#[inline(always)]
-fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
-    x: &[f32],
-    run: usize,
-    weight: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-) {
-    let width = out.len() / ROWS;
-    assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
-    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * run..(row + 1) * run]);
-    let blocks = width / LANES * LANES;
-    // One line of `next` per weight row met: as many lines as the run has, spread over it.
-    let mut line = 0;
-    for start in (0..blocks).step_by(LANES) {
-        let mut sums = [L::zero(); ROWS];
-        for (index, row) in weight.chunks_exact(width).enumerate() {
-            prefetch(next, line * LINE_FLOATS);
-            line += 1;
-            let weights = L::load(row[start..start + LANES].try_into().expect("a whole block"));
-            for (sum, x) in sums.iter_mut().zip(x) {
-                *sum = sum.add_product(L::splat(x[index]), weights);
-            }
-        }
-        for (row, sum) in sums.into_iter().enumerate() {
-            let out: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
-                .try_into()
-                .expect("a whole block");
-            L::load(out).add(sum).store(out);
-        }
-    }
-    for column in blocks..width {
-        for (row, x) in x.iter().enumerate() {
-            let mut sum = 0.0f32;
-            for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
-                sum += value * weights[column];
-            }
-            out[row * width + column] += sum;
-        }
-    }
-}
-
-/// Rows of `x` that [`rows_dot`] takes through the table together: each has its own running
-/// sums, so their additions do not wait on one another, and four rows' sums still fit in
-/// AVX2's registers.
-const DOT_ROWS: usize = 4;
-
-/// `out[r * out_stride + o] = x_r · rows[o]` for the rows `x_r` of `x` (`inputs` values each)
-/// and consecutive table rows of `inputs` values; meanwhile the first rows of `x` ask for
-/// `next` (the table rows read after these, or nothing) to be brought into cache, so memory
-/// keeps streaming while they compute. Each dot product sums in [`LANES`] fixed lanes (lane `k`
-/// takes the products at indices `k mod LANES`), then adds the lanes in a fixed order: the same
-/// bits on every instruction set and thread count, and for a row of `x` whatever other rows
-/// come with it.
-pub fn rows_dot(
-    x: &[f32],
-    inputs: usize,
-    rows: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    assert!(inputs > 0 && x.len().is_multiple_of(inputs) && rows.len().is_multiple_of(inputs));
-    with_lanes!(rows_dot_with(
-        x: &[f32],
-        inputs: usize,
-        rows: &[f32],
-        next: &[f32],
-        out: &mut [f32],
-        out_stride: usize,
-    ))
-}
-
-#[inline(always)]
-fn rows_dot_with<L: Lanes>(
-    x: &[f32],
-    inputs: usize,
-    rows: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    let count = rows.len() / inputs;
-    for (group, x) in x.chunks(DOT_ROWS * inputs).enumerate() {
-        let out = &mut out[group * DOT_ROWS * out_stride..];
-        assert!(out.len() >= (x.len() / inputs - 1) * out_stride + count);
-        let next = if group == 0 { next } else { &[] };
-        match x.len() / inputs {
-            1 => rows_dot_of::<L, 1>(x, rows, next, out, out_stride),
-            2 => rows_dot_of::<L, 2>(x, rows, next, out, out_stride),
-            3 => rows_dot_of::<L, 3>(x, rows, next, out, out_stride),
-            _ => rows_dot_of::<L, 4>(x, rows, next, out, out_stride),
-        }
-    }
-}
-
-const _: () = assert!(
-    DOT_ROWS == 4,
-    "rows_dot has a kernel for each count of rows up to 4"
-);
-
-#[inline(always)]
-fn rows_dot_of<L: Lanes, const ROWS: usize>(
-    x: &[f32],
-    rows: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    let inputs = x.len() / ROWS;
-    let whole = inputs / LANES;
-    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * inputs..(row + 1) * inputs]);
-    // Each row's whole chunks, cut to their count so that the loop indexes them unchecked.
-    let chunks: [&[[f32; LANES]]; ROWS] = std::array::from_fn(|row| &x[row].as_chunks().0[..whole]);
-    for (index, row) in rows.chunks_exact(inputs).enumerate() {
-        let (row_chunks, row_tail) = row.as_chunks::<LANES>();
-        let mut sums = [L::zero(); ROWS];
-        for (chunk, weights) in row_chunks.iter().enumerate() {
-            prefetch(next, index * inputs + chunk * LANES);
-            let weights = L::load(weights);
-            for (sum, x) in sums.iter_mut().zip(&chunks) {
-                *sum = sum.add_product(L::load(&x[chunk]), weights);
-            }
-        }
-        for (row, (sum, x)) in sums.into_iter().zip(x).enumerate() {
-            let tail: f32 = x[whole * LANES..]
-                .iter()
-                .zip(row_tail)
-                .map(|(&a, &b)| a * b)
-                .sum();
-            out[row * out_stride + index] = sum.sum() + tail;
-        }
     }
 }
