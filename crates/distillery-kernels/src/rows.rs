@@ -676,6 +676,11 @@ fn prefetch(values: &[f32], at: usize) {
 /// Weight rows whose products [`row_times_rows`] adds into a block of sums at once.
 const ROWS_PER_PASS: usize = 4;
 
+const _: () = assert!(
+    ROWS_PER_PASS == 4,
+    "row_times_rows names the four weight rows of a pass"
+);
+
 /// `x W` for one row, front to back through the weight, [`ROWS_PER_PASS`] weight rows at a
 /// time: each block of sums is loaded and stored once for them, not once a row. The products
 /// still add in weight-row order, each rounded before its sum.
