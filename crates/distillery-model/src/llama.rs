@@ -150,6 +150,13 @@ const DECODE_ROWS: usize = FEW_ROWS;
 /// product, a cost those rows repay.
 const PROMPT_ROWS: usize = 512;
 
+/// Whether a float product of `rows` rows streams its weight through the few-row kernel
+/// ([`rows_times_matrix`]) rather than a general matrix product: inference (no gradient to
+/// record) on at most [`FEW_ROWS`] rows.
+fn streams_few_rows<const D: usize>(x: &Tensor<D>, rows: usize) -> bool {
+    rows <= FEW_ROWS && !x.is_autodiff()
+}
+
 impl Linear {
     pub fn new(weight: Param<Tensor<2>>) -> Self {
         Self {
@@ -219,7 +226,7 @@ impl Linear {
         let y = match &self.weight {
             // One `[rows, in] x [in, out]` product: a batched product would pack the weight once
             // per batch entry, and its weight gradient would be a sum of per-batch products.
-            Weight::Float(weight) if rows <= FEW_ROWS && !x.is_autodiff() => {
+            Weight::Float(weight) if streams_few_rows(&x, rows) => {
                 rows_times_matrix(x, weight.val())
             }
             Weight::Float(weight) => linear(x, weight.val()),
@@ -250,8 +257,7 @@ impl Linear {
             // A few rows' float products stream their weights in parallel runs; handed out
             // together, one product's last runs overlap the next one's first, and the worker
             // threads meet once for the group instead of once a matrix.
-            let together = rows <= FEW_ROWS
-                && !x.is_autodiff()
+            let together = streams_few_rows(&x, rows)
                 && linears.iter().all(|linear| linear.float_weight().is_some());
             if !together {
                 return linears.map(|linear| linear.forward(x.clone()));
