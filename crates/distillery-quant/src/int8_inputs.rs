@@ -6,6 +6,7 @@
 use multiversion::multiversion;
 
 use crate::f16::f16_to_f32;
+use crate::interleaved::{KernelInputs, Zeros};
 use crate::pack::code_at;
 
 /// Columns sharing one input scale; a weight group of a multiple of this size holds whole
@@ -61,6 +62,20 @@ impl Int8Inputs {
     #[cfg(target_arch = "x86_64")]
     fn kernel_order(&self) -> &[i8] {
         self.nibble_order.as_deref().unwrap_or(&self.values)
+    }
+
+    /// The inputs as the [interleaved](crate::interleaved) kernel meets 4-bit codes whose
+    /// zero points are `zeros`: inputs made with one block a group, so that each block's even
+    /// columns (a code byte's low nibbles) come before its odd ones.
+    pub(crate) fn for_interleaved<'a>(&'a self, zeros: &'a [u8]) -> KernelInputs<'a> {
+        KernelInputs {
+            values: self.nibble_order.as_deref().unwrap_or(&self.values),
+            scales: &self.scales,
+            sums: &self.group_lane_sums,
+            // A lane sum is an eighth of the inputs' sum.
+            sum_factor: 8.0,
+            zeros: Zeros::Shared(zeros),
+        }
     }
 
     /// The input as these integers stand for it.

@@ -8,6 +8,7 @@ pub mod ggml;
 pub mod gptq;
 pub mod grid;
 pub mod int8_inputs;
+mod interleaved;
 mod linalg;
 pub mod pack;
 pub mod packed;

@@ -468,13 +468,14 @@ pub fn llama_contents(
             .filter(|blocks| blocks.kind() == kind);
         // llama.cpp rotates adjacent pairs: q and k rows move to the interleaved layout.
         let data = match (same_blocks, heads) {
-            (Some(blocks), Some(heads)) => TensorData::Blocks(rotate_half_to_interleaved(
-                blocks.bytes(),
-                heads,
-                head_dim,
-                blocks.bytes().len() / blocks.rows(),
-            )),
-            (Some(blocks), None) => TensorData::Blocks(blocks.bytes().to_vec()),
+            (Some(blocks), Some(heads)) => {
+                let bytes = blocks.bytes();
+                let row_bytes = bytes.len() / blocks.rows();
+                TensorData::Blocks(rotate_half_to_interleaved(
+                    &bytes, heads, head_dim, row_bytes,
+                ))
+            }
+            (Some(blocks), None) => TensorData::Blocks(blocks.bytes().into_owned()),
             (None, Some(heads)) => TensorData::Values(rotate_half_to_interleaved(
                 &tensor.values,
                 heads,

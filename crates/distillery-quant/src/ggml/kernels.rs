@@ -5,6 +5,7 @@
 use super::blocks::{PIECE, PieceScales};
 use super::types::GgmlType;
 use crate::int8_inputs::round_block;
+use crate::interleaved::{KernelInputs, Zeros};
 
 /// One input row rounded to int8 per piece of 32 columns.
 pub(crate) struct PieceInputs {
@@ -41,6 +42,19 @@ impl PieceInputs {
             scales,
             half_sums,
             sums,
+        }
+    }
+
+    /// The inputs as the [interleaved](crate::interleaved) kernel meets Q4_0 codes: a code
+    /// byte's low nibble is value `j` of its block, its high nibble value `j + 16`, and 8 is
+    /// the code for 0.
+    pub(crate) fn for_interleaved(&self) -> KernelInputs<'_> {
+        KernelInputs {
+            values: &self.values,
+            scales: &self.scales,
+            sums: &self.sums,
+            sum_factor: 1.0,
+            zeros: Zeros::All(8.0),
         }
     }
 
@@ -555,6 +569,42 @@ mod tests {
                 served, 8,
                 "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"
             );
+        }
+    }
+
+    /// The kernel of interleaved Q4_0 rows gives the row kernel's sums for each of eight
+    /// different rows, extreme inputs included.
+    #[test]
+    fn interleaved_kernel_equals_the_row_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2 {
+            let mut rng = ChaCha8Rng::seed_from_u64(13);
+            let blocks = 18;
+            let rows = random_blocks(GgmlType::Q4_0, 2 * 8 * blocks, &mut rng);
+            let mut input: Vec<f32> = (0..blocks * PIECE)
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect();
+            input[..PIECE].fill(-1.0);
+            input[PIECE..2 * PIECE].fill(1.0);
+            let inputs = PieceInputs::new(&input);
+            let row_bytes = blocks * GgmlType::Q4_0.block_bytes();
+            let mut by_row = [0.0f32; 16];
+            x86::blocks_dot(GgmlType::Q4_0).unwrap()(&rows, row_bytes, &inputs, &mut by_row);
+            let groups = super::super::matrix::interleave_q4_0(&rows, 16, blocks * PIECE);
+            let mut interleaved = [0.0f32; 16];
+            let kernel = crate::interleaved::kernel(crate::interleaved::Layout::Q4_0).unwrap();
+            kernel(
+                &groups,
+                super::super::matrix::q4_0_shape(blocks * PIECE),
+                &inputs.for_interleaved(),
+                &mut interleaved,
+            );
+            for (got, want) in interleaved.into_iter().zip(by_row) {
+                assert!(
+                    (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{got} vs {want}"
+                );
+            }
         }
     }
 

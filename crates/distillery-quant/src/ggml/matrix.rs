@@ -1,10 +1,15 @@
-//! A weight matrix kept in ggml's blocks, exactly as a GGUF file stores it: one row of blocks
-//! per output channel. Rows decode on the fly; the float matrix never exists whole.
+//! A weight matrix kept in ggml's blocks as a GGUF file stores them: one row of blocks per
+//! output channel, or for Q4_0 where the CPU has a kernel for it, rows interleaved eight at a
+//! time. Rows decode on the fly; the float matrix never exists whole.
+
+use std::borrow::Cow;
+use std::ops::Range;
 
 use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
 use super::kernels::{PieceInputs, blocks_dot, pieces_dot};
 use super::types::GgmlType;
 use crate::QuantError;
+use crate::interleaved::{self, GROUP_ROWS, Layout, Shape};
 use crate::products::{channel_major, dot, in_tiles, together, transposed};
 
 /// A `rows x cols` (output x input) matrix of one ggml type.
@@ -14,8 +19,10 @@ pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    /// `rows x row_bytes`: each channel's blocks, in file order.
+    /// `rows x row_bytes`: each channel's blocks, in file order unless `interleaved`.
     bytes: Vec<u8>,
+    /// Whether the rows are [interleaved](interleaved), for the kernel of [`Layout::Q4_0`].
+    interleaved: bool,
 }
 
 impl BlockMatrix {
@@ -43,12 +50,21 @@ impl BlockMatrix {
                 bytes.len()
             ));
         }
+        let interleaved = kind == GgmlType::Q4_0
+            && rows.is_multiple_of(GROUP_ROWS)
+            && interleaved::kernel(Layout::Q4_0).is_some();
+        let bytes = if interleaved {
+            interleave_q4_0(&bytes, rows, cols)
+        } else {
+            bytes
+        };
         Ok(Self {
             kind,
             rows,
             cols,
             row_bytes,
             bytes,
+            interleaved,
         })
     }
 
@@ -65,21 +81,42 @@ impl BlockMatrix {
     }
 
     /// The blocks, row after row, as a GGUF file stores them.
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        if !self.interleaved {
+            return Cow::Borrowed(&self.bytes);
+        }
+        Cow::Owned(
+            (0..self.rows)
+                .flat_map(|row| self.row(row).into_owned())
+                .collect(),
+        )
     }
 
     pub fn memory_bytes(&self) -> usize {
         self.bytes.len()
     }
 
-    fn row(&self, row: usize) -> &[u8] {
-        &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes]
+    /// Channel `row`'s blocks, in file order.
+    fn row(&self, row: usize) -> Cow<'_, [u8]> {
+        if self.interleaved {
+            let shape = q4_0_shape(self.cols);
+            return Cow::Owned(
+                (0..shape.blocks)
+                    .flat_map(|block| {
+                        let scale = shape.scale(&self.bytes, row, block).to_le_bytes();
+                        scale
+                            .into_iter()
+                            .chain(shape.codes(&self.bytes, row, block))
+                    })
+                    .collect(),
+            );
+        }
+        Cow::Borrowed(&self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes])
     }
 
     /// Channel `row`'s weights, as ggml dequantizes them.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        blocks::dequantize(self.kind, self.row(row), out);
+        blocks::dequantize(self.kind, &self.row(row), out);
     }
 
     /// All weights, `rows x cols` row-major.
@@ -200,13 +237,13 @@ impl BlockMatrix {
     /// block types are read as stored where the kernel family has kernels for them; otherwise
     /// each channel's pieces are decoded once into small signed codes and their scales, which
     /// every input then meets in integer dot products: one kernel for every block format.
-    fn channels_int8(
-        &self,
-        rows: std::ops::Range<usize>,
-        inputs: &[PieceInputs],
-        outs: &mut [f32],
-    ) {
+    fn channels_int8(&self, rows: Range<usize>, inputs: &[PieceInputs], outs: &mut [f32]) {
         let count = inputs.len();
+        if let Some(dot) = interleaved::kernel(Layout::Q4_0).filter(|_| self.interleaved) {
+            let inputs: Vec<_> = inputs.iter().map(PieceInputs::for_interleaved).collect();
+            let shape = q4_0_shape(self.cols);
+            return interleaved::channels(dot, &self.bytes, shape, rows, &inputs, outs);
+        }
         if let Some(dot) = blocks_dot(self.kind) {
             let bytes = &self.bytes[rows.start * self.row_bytes..rows.end * self.row_bytes];
             if count == 1 {
@@ -234,21 +271,45 @@ impl BlockMatrix {
 
     /// Channel `row`'s codes and piece scales.
     fn decode_pieces(&self, row: usize, codes: &mut [i8], scales: &mut [PieceScales]) {
+        let bytes = self.row(row);
         // One loop per type, so each inlines its own piece decoder.
         match self.kind {
-            GgmlType::Q4_0 => decode_row_pieces(GgmlType::Q4_0, self.row(row), codes, scales),
-            GgmlType::Q4_1 => decode_row_pieces(GgmlType::Q4_1, self.row(row), codes, scales),
-            GgmlType::Q5_0 => decode_row_pieces(GgmlType::Q5_0, self.row(row), codes, scales),
-            GgmlType::Q5_1 => decode_row_pieces(GgmlType::Q5_1, self.row(row), codes, scales),
-            GgmlType::Q8_0 => decode_row_pieces(GgmlType::Q8_0, self.row(row), codes, scales),
-            GgmlType::Q2K => decode_row_pieces(GgmlType::Q2K, self.row(row), codes, scales),
-            GgmlType::Q3K => decode_row_pieces(GgmlType::Q3K, self.row(row), codes, scales),
-            GgmlType::Q4K => decode_row_pieces(GgmlType::Q4K, self.row(row), codes, scales),
-            GgmlType::Q5K => decode_row_pieces(GgmlType::Q5K, self.row(row), codes, scales),
-            GgmlType::Q6K => decode_row_pieces(GgmlType::Q6K, self.row(row), codes, scales),
+            GgmlType::Q4_0 => decode_row_pieces(GgmlType::Q4_0, &bytes, codes, scales),
+            GgmlType::Q4_1 => decode_row_pieces(GgmlType::Q4_1, &bytes, codes, scales),
+            GgmlType::Q5_0 => decode_row_pieces(GgmlType::Q5_0, &bytes, codes, scales),
+            GgmlType::Q5_1 => decode_row_pieces(GgmlType::Q5_1, &bytes, codes, scales),
+            GgmlType::Q8_0 => decode_row_pieces(GgmlType::Q8_0, &bytes, codes, scales),
+            GgmlType::Q2K => decode_row_pieces(GgmlType::Q2K, &bytes, codes, scales),
+            GgmlType::Q3K => decode_row_pieces(GgmlType::Q3K, &bytes, codes, scales),
+            GgmlType::Q4K => decode_row_pieces(GgmlType::Q4K, &bytes, codes, scales),
+            GgmlType::Q5K => decode_row_pieces(GgmlType::Q5K, &bytes, codes, scales),
+            GgmlType::Q6K => decode_row_pieces(GgmlType::Q6K, &bytes, codes, scales),
             other => unreachable!("{other} has no integer pieces"),
         }
     }
+}
+
+/// A Q4_0 matrix of `cols` columns as [interleaved](interleaved) rows: a block's scale, then its
+/// 16 bytes of codes.
+pub(super) fn q4_0_shape(cols: usize) -> Shape {
+    Shape {
+        blocks: cols / PIECE,
+        blocks_per_group: 1,
+    }
+}
+
+/// `rows` rows of Q4_0 blocks (`bytes`, file order), interleaved.
+pub(super) fn interleave_q4_0(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let shape = q4_0_shape(cols);
+    let block_bytes = GgmlType::Q4_0.block_bytes();
+    let block = |row: usize, block: usize| {
+        &bytes[(row * shape.blocks + block) * block_bytes..][..block_bytes]
+    };
+    shape.interleave(
+        rows,
+        |row, group| u16::from_le_bytes([block(row, group)[0], block(row, group)[1]]),
+        |row, at| &block(row, at)[2..],
+    )
 }
 
 #[inline(always)]
@@ -322,8 +383,8 @@ mod tests {
 
     #[test]
     fn exact_products_equal_the_dequantized_weights() {
-        for kind in kinds() {
-            let matrix = random_matrix(kind, 37, 512, 1);
+        for (kind, rows) in kinds().flat_map(|kind| [(kind, 37), (kind, 40)]) {
+            let matrix = random_matrix(kind, rows, 512, 1);
             for count in [1, 3, 20] {
                 let x = inputs(count, 512, 2);
                 let want = reference(&matrix, &x, count);
@@ -341,8 +402,8 @@ mod tests {
     /// summation order.
     #[test]
     fn int8_products_equal_the_rounded_inputs_times_the_weights() {
-        for kind in kinds() {
-            let matrix = random_matrix(kind, 19, 512, 3);
+        for (kind, rows) in kinds().flat_map(|kind| [(kind, 19), (kind, 24)]) {
+            let matrix = random_matrix(kind, rows, 512, 3);
             for count in [1, 4] {
                 let x = inputs(count, 512, 4);
                 let rounded: Vec<f32> = if matrix.has_integer_pieces() {
@@ -359,6 +420,30 @@ mod tests {
                     BlockMatrix::matmul_int8_inputs_together(&[&matrix, &matrix], &x, count);
                 assert_eq!(together, vec![got.clone(), got]);
             }
+        }
+    }
+
+    /// Q4_0 rows interleaved for the kernel read back in file order, and a task's channels
+    /// that start inside a group of eight get the products whole groups give.
+    #[test]
+    fn interleaved_rows_read_back_and_split_anywhere() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let file = random_blocks(GgmlType::Q4_0, 24 * 4, &mut rng);
+        let matrix = BlockMatrix::new(GgmlType::Q4_0, 24, 128, file.clone()).unwrap();
+        assert_eq!(
+            matrix.interleaved,
+            interleaved::kernel(Layout::Q4_0).is_some()
+        );
+        assert_eq!(*matrix.bytes(), file[..]);
+        let unaligned = BlockMatrix::new(GgmlType::Q4_0, 12, 128, file[..12 * 72].to_vec());
+        assert!(!unaligned.unwrap().interleaved);
+        let x = inputs(2, 128, 7);
+        let whole = matrix.matmul_int8_inputs(&x, 2);
+        let rounded: Vec<PieceInputs> = x.chunks_exact(128).map(PieceInputs::new).collect();
+        let mut outs = vec![0.0; 13 * 2];
+        matrix.channels_int8(5..18, &rounded, &mut outs);
+        for (channel, pair) in outs.chunks_exact(2).enumerate() {
+            assert_eq!(pair, [whole[5 + channel], whole[24 + 5 + channel]]);
         }
     }
 

@@ -72,7 +72,7 @@ impl PackedMatrix {
                 .map(|row| (u32::from(self.channel_zeros(row)[group]) - 1) & max_code)
                 .collect();
             qzeros.extend(pack_bits(&stored, self.bits));
-            scales.extend((0..self.rows).map(|row| self.scales[row * self.groups + group]));
+            scales.extend((0..self.rows).map(|row| self.scale_bits(row, group)));
         }
         Ok(GptqTensors {
             bits: self.bits,

@@ -11,11 +11,15 @@ mod products;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
+use crate::int8_inputs::BLOCK;
+use crate::interleaved::{self, GROUP_ROWS, Layout, Shape};
 use crate::pack::{code_at, pack_bits};
 
 pub use gptq_layout::GptqTensors;
@@ -49,6 +53,10 @@ pub struct PackedMatrix {
     /// When every group is one run of consecutive stored codes of one length (the last may be
     /// shorter), the run's length: found once, used by every product.
     run_size: Option<usize>,
+    /// When the rows are [interleaved](interleaved) for the kernel of [`Layout::Packed`],
+    /// their shape: then `stream` holds the interleaved rows with their scales, and `scales`
+    /// is empty.
+    interleaved: Option<Shape>,
 }
 
 impl PackedMatrix {
@@ -116,8 +124,10 @@ impl PackedMatrix {
             group_index,
             order: None,
             run_size: None,
+            interleaved: None,
         }
         .with_groups_in_runs()
+        .with_rows_interleaved()
     }
 
     pub fn rows(&self) -> usize {
@@ -193,7 +203,7 @@ impl PackedMatrix {
 
     /// Output channel `row`'s weights in stored order.
     fn decode_stored_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
-        let scales = &self.scales[row * self.groups..(row + 1) * self.groups];
+        let scales = self.channel_scales(row);
         let zeros = self.channel_zeros(row);
         if let Some(size) = aligned {
             let bytes = self.channel_bytes(row);
@@ -224,7 +234,7 @@ impl PackedMatrix {
 
     /// The code at stored position `position` of channel `row`.
     fn stored_code(&self, row: usize, position: usize) -> u32 {
-        code_at(self.channel_bytes(row), self.bits, position)
+        code_at(&self.channel_bytes(row), self.bits, position)
     }
 
     /// The input column at stored position `position`.
@@ -240,6 +250,39 @@ impl PackedMatrix {
             self.sort_groups_into_runs();
         }
         self.run_size = self.scan_group_runs();
+        self
+    }
+
+    /// Interleaves 4-bit rows in groups of whole blocks with zero points every row shares,
+    /// where the CPU has the kernel for them.
+    fn with_rows_interleaved(mut self) -> Self {
+        let Some(size) = self.run_size else {
+            return self;
+        };
+        let fits = self.bits == 4
+            && self.order.is_none()
+            && self.zero_stride() == 0
+            && size.is_multiple_of(BLOCK)
+            && self.cols.is_multiple_of(size)
+            && self.rows.is_multiple_of(GROUP_ROWS)
+            && interleaved::kernel(Layout::Packed).is_some();
+        if !fits {
+            return self;
+        }
+        let shape = Shape {
+            blocks: self.cols / BLOCK,
+            blocks_per_group: size / BLOCK,
+        };
+        let block_bytes = BLOCK / 2;
+        let (stream, scales, groups) = (&self.stream, &self.scales, self.groups);
+        let bytes_per_row = self.bytes_per_row;
+        self.stream = shape.interleave(
+            self.rows,
+            |row, group| scales[row * groups + group],
+            |row, block| &stream[row * bytes_per_row + block * block_bytes..],
+        );
+        self.scales = Vec::new();
+        self.interleaved = Some(shape);
         self
     }
 
@@ -263,9 +306,9 @@ impl PackedMatrix {
     }
 
     /// `x` (`count` rows of `cols` inputs) in stored column order.
-    fn inputs_in_stored_order<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+    fn inputs_in_stored_order<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match &self.order {
-            None => std::borrow::Cow::Borrowed(x),
+            None => Cow::Borrowed(x),
             Some(order) => x
                 .chunks_exact(self.cols)
                 .flat_map(|input| order.iter().map(|&col| input[col as usize]))
@@ -329,8 +372,32 @@ impl PackedMatrix {
         &self.zeros[start..start + self.groups]
     }
 
-    fn channel_bytes(&self, row: usize) -> &[u8] {
-        &self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row]
+    /// Output channel `row`'s codes, one bit stream.
+    fn channel_bytes(&self, row: usize) -> Cow<'_, [u8]> {
+        if let Some(shape) = self.interleaved {
+            return (0..shape.blocks)
+                .flat_map(|block| shape.codes(&self.stream, row, block))
+                .collect();
+        }
+        Cow::Borrowed(&self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row])
+    }
+
+    /// Output channel `row`'s scales, one a group, as half-precision bits.
+    fn channel_scales(&self, row: usize) -> Cow<'_, [u16]> {
+        if self.interleaved.is_some() {
+            return (0..self.groups)
+                .map(|group| self.scale_bits(row, group))
+                .collect();
+        }
+        Cow::Borrowed(&self.scales[row * self.groups..(row + 1) * self.groups])
+    }
+
+    /// Output channel `row`'s scale of group `group`, as half-precision bits.
+    fn scale_bits(&self, row: usize, group: usize) -> u16 {
+        match self.interleaved {
+            Some(shape) => shape.scale(&self.stream, row, group),
+            None => self.scales[row * self.groups + group],
+        }
     }
 }
 

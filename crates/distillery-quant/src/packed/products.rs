@@ -9,6 +9,7 @@ use multiversion::multiversion;
 use super::PackedMatrix;
 use crate::f16::f16_to_f32;
 use crate::int8_inputs::{self, ChannelDots, ChannelRun, Int8Inputs};
+use crate::interleaved::{self, Layout};
 use crate::products::{channel_major, dot, in_tiles, together, transposed};
 
 impl PackedMatrix {
@@ -48,11 +49,12 @@ impl PackedMatrix {
                 }
                 return;
             };
+            let (bytes, scales) = (self.channel_bytes(row), self.channel_scales(row));
             let row_groups = RowGroups {
-                bytes: self.channel_bytes(row),
+                bytes: &bytes,
                 bits: self.bits,
                 group_bytes: size * bits / 8,
-                scales: &self.scales[row * groups..(row + 1) * groups],
+                scales: &scales,
             };
             let zeros = self.channel_zeros(row);
             for (index, value) in out.iter_mut().enumerate() {
@@ -130,9 +132,15 @@ impl PackedMatrix {
     ) -> Option<IntegerProduct<'a>> {
         let size = self.integer_group_size()?;
         let blocks_per_group = size / int8_inputs::BLOCK;
+        // The interleaved kernel meets each block's inputs on their own.
+        let input_grouping = if self.interleaved.is_some() {
+            1
+        } else {
+            blocks_per_group
+        };
         let shared = previous.filter(|previous| {
             let other = previous.matrix;
-            (other.bits, previous.blocks_per_group) == (self.bits, blocks_per_group)
+            (other.bits, previous.input_grouping) == (self.bits, input_grouping)
                 && other.order.is_none()
                 && self.order.is_none()
         });
@@ -142,13 +150,14 @@ impl PackedMatrix {
                 self.inputs_in_stored_order(x)
                     .chunks_exact(self.cols)
                     .take(count)
-                    .map(|input| Int8Inputs::new(input, self.bits, blocks_per_group))
+                    .map(|input| Int8Inputs::new(input, self.bits, input_grouping))
                     .collect(),
             ),
         };
         Some(IntegerProduct {
             matrix: self,
             blocks_per_group,
+            input_grouping,
             inputs,
             channel_dots: int8_inputs::channel_dots(self.bits),
         })
@@ -182,6 +191,8 @@ impl PackedMatrix {
 struct IntegerProduct<'a> {
     matrix: &'a PackedMatrix,
     blocks_per_group: usize,
+    /// The blocks a group the inputs were rounded for (their order and sums).
+    input_grouping: usize,
     /// Shared by the products of one input with matrices that round it alike.
     inputs: Arc<Vec<Int8Inputs>>,
     channel_dots: ChannelDots,
@@ -193,6 +204,15 @@ impl IntegerProduct<'_> {
         let matrix = self.matrix;
         let groups = matrix.groups;
         let count = self.inputs.len();
+        let interleaved_dot = interleaved::kernel(Layout::Packed);
+        if let (Some(shape), Some(dot)) = (matrix.interleaved, interleaved_dot) {
+            let inputs: Vec<_> = self
+                .inputs
+                .iter()
+                .map(|input| input.for_interleaved(&matrix.zeros))
+                .collect();
+            return interleaved::channels(dot, &matrix.stream, shape, rows, &inputs, outs);
+        }
         let run = ChannelRun {
             bytes: &matrix.stream
                 [rows.start * matrix.bytes_per_row..rows.end * matrix.bytes_per_row],

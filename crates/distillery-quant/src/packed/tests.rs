@@ -1,14 +1,25 @@
 use super::*;
 use crate::gptq::{QuantSettings, int8_absmax, round_to_nearest};
 use crate::int8_inputs::{self, Int8Inputs};
+use crate::interleaved::{self, Layout};
 use crate::products::TILE_CHANNELS;
 use crate::test_support::random_matrix;
 
 fn quantized(rows: usize, cols: usize, bits: u32, group_size: Option<usize>) -> QuantizedMatrix {
+    quantized_with(rows, cols, bits, group_size, false)
+}
+
+fn quantized_with(
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group_size: Option<usize>,
+    symmetric: bool,
+) -> QuantizedMatrix {
     let settings = QuantSettings {
         bits,
         group_size,
-        symmetric: false,
+        symmetric,
         clip_search: false,
     };
     round_to_nearest(
@@ -147,6 +158,29 @@ fn int8_input_products_are_the_rounded_inputs_times_the_weights() {
     }
 }
 
+/// Symmetric 4-bit matrices in groups of whole blocks (zero points every row shares) are kept
+/// interleaved where the CPU has the kernel for them; they decode, compute and go to GPTQ
+/// tensors as rows in file order do.
+#[test]
+fn interleaved_matrices_decode_and_compute_like_rows() {
+    for group_size in [Some(32), Some(64), None] {
+        let matrix = quantized_with(40, 128, 4, group_size, true);
+        let packed = PackedMatrix::from_quantized(&matrix);
+        assert_eq!(
+            packed.interleaved.is_some(),
+            interleaved::kernel(Layout::Packed).is_some()
+        );
+        assert_eq!(packed.dequantize(), matrix.dequantize());
+        check_matmul(&packed);
+        check_int8_inputs(&packed, group_size);
+        let from_file = PackedMatrix::from_gptq(&packed.to_gptq().unwrap()).unwrap();
+        assert_eq!(from_file.dequantize(), matrix.dequantize());
+    }
+    // 36 rows are not whole groups of eight.
+    let rows = PackedMatrix::from_quantized(&quantized_with(36, 128, 4, Some(32), true));
+    assert!(rows.interleaved.is_none());
+}
+
 #[test]
 fn products_together_equal_products_one_by_one() {
     let x = random_matrix(2, 128, 95);
@@ -156,6 +190,12 @@ fn products_together_equal_products_one_by_one() {
         PackedMatrix::from_quantized(&quantized(48, 128, 4, Some(32))),
         PackedMatrix::from_quantized(&quantized(40, 128, 4, Some(64))),
         PackedMatrix::from_quantized(&quantized(96, 128, 8, None)),
+        // Interleaved where the CPU has the kernel, which meets the inputs a block at a time:
+        // the second shares the first's rounded inputs though its groups are 64 columns, and
+        // the rows in groups of 64 after it do not.
+        PackedMatrix::from_quantized(&quantized_with(40, 128, 4, Some(32), true)),
+        PackedMatrix::from_quantized(&quantized_with(40, 128, 4, Some(64), true)),
+        PackedMatrix::from_quantized(&quantized(40, 128, 4, Some(64))),
     ];
     // Groups of 16 have no integer kernel: every matrix is then computed on its own.
     let mixed = [

@@ -1,0 +1,348 @@
+//! 4-bit matrices with their rows interleaved eight at a time, and the AVX2 kernel that reads
+//! them: GGUF's Q4_0 (llama.cpp repacks Q4_0 at load time on such CPUs for the same reason)
+//! and distillery's own 4-bit codes in groups of whole blocks. A row-major kernel spends most of its instructions per block on work that does not touch the
+//! codes: a scale to load and convert and a sum across lanes per row. With eight rows side by
+//! side, one broadcast input word meets eight rows' codes, eight scales convert in one
+//! instruction, and the eight rows' sums stay in one register's lanes; the bytes are still one
+//! stream.
+//!
+//! Each block holds 16 bytes of a row's codes for 32 input columns, two codes a byte (which
+//! code goes with which column is the caller's: the inputs come in the matching order). A
+//! group of eight rows stores, weight group after weight group, a tile: the eight rows'
+//! half-precision scales, then for each block of the weight group the eight rows' codes in
+//! words of [`WORD`] bytes: the first word of each row in turn, then the second, and so on.
+
+use std::ops::Range;
+
+use crate::cpu::{KernelFamily, kernel_family};
+
+/// Rows a group interleaves.
+pub(crate) const GROUP_ROWS: usize = 8;
+
+/// Bytes of one row's codes in a block.
+const BLOCK_CODES: usize = 16;
+
+/// Bytes of a row's codes that sit together in a tile.
+const WORD: usize = 4;
+
+/// Where a tile's codes start: after the eight rows' scales.
+const TILE_CODES: usize = GROUP_ROWS * 2;
+
+/// One block of eight rows' codes.
+const BLOCK_TILE: usize = GROUP_ROWS * BLOCK_CODES;
+
+/// The shape of an interleaved matrix's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    /// Blocks a row.
+    pub blocks: usize,
+    /// Blocks a scale covers.
+    pub blocks_per_group: usize,
+}
+
+impl Shape {
+    pub(crate) fn groups(self) -> usize {
+        self.blocks / self.blocks_per_group
+    }
+
+    /// One weight group of eight rows: their scales and codes.
+    pub(crate) fn tile_bytes(self) -> usize {
+        TILE_CODES + self.blocks_per_group * BLOCK_TILE
+    }
+
+    /// Eight rows.
+    pub(crate) fn group_bytes(self) -> usize {
+        self.groups() * self.tile_bytes()
+    }
+
+    fn tile(self, row: usize, group: usize) -> usize {
+        (row / GROUP_ROWS) * self.group_bytes() + group * self.tile_bytes()
+    }
+
+    /// Where the scale of row `row` and weight group `group` starts.
+    fn scale_offset(self, row: usize, group: usize) -> usize {
+        self.tile(row, group) + 2 * (row % GROUP_ROWS)
+    }
+
+    /// Where byte `byte` of row `row`'s codes in block `block` sits.
+    fn code_offset(self, row: usize, block: usize, byte: usize) -> usize {
+        self.tile(row, block / self.blocks_per_group)
+            + TILE_CODES
+            + (block % self.blocks_per_group) * BLOCK_TILE
+            + (byte / WORD) * GROUP_ROWS * WORD
+            + (row % GROUP_ROWS) * WORD
+            + byte % WORD
+    }
+
+    /// `rows` rows (a multiple of eight) interleaved: `scale(row, group)` is a scale's
+    /// half-precision bits, `codes(row, block)` a block's code bytes.
+    pub(crate) fn interleave<'a>(
+        self,
+        rows: usize,
+        scale: impl Fn(usize, usize) -> u16,
+        codes: impl Fn(usize, usize) -> &'a [u8],
+    ) -> Vec<u8> {
+        debug_assert!(rows.is_multiple_of(GROUP_ROWS));
+        let mut out = vec![0; rows / GROUP_ROWS * self.group_bytes()];
+        for row in 0..rows {
+            for group in 0..self.groups() {
+                let at = self.scale_offset(row, group);
+                out[at..at + 2].copy_from_slice(&scale(row, group).to_le_bytes());
+            }
+            for block in 0..self.blocks {
+                for (byte, &value) in codes(row, block)[..BLOCK_CODES].iter().enumerate() {
+                    out[self.code_offset(row, block, byte)] = value;
+                }
+            }
+        }
+        out
+    }
+
+    /// Row `row`'s scale of weight group `group`, as half-precision bits.
+    pub(crate) fn scale(self, bytes: &[u8], row: usize, group: usize) -> u16 {
+        let at = self.scale_offset(row, group);
+        u16::from_le_bytes([bytes[at], bytes[at + 1]])
+    }
+
+    /// Row `row`'s code bytes of block `block`.
+    pub(crate) fn codes(self, bytes: &[u8], row: usize, block: usize) -> [u8; BLOCK_CODES] {
+        std::array::from_fn(|byte| bytes[self.code_offset(row, block, byte)])
+    }
+}
+
+/// Inputs in 32-value blocks rounded to int8, as the kernel meets them.
+pub(crate) struct KernelInputs<'a> {
+    /// Each block's 32 values: those that meet the low nibbles of a block's code bytes
+    /// `0..16` in turn, then those that meet their high nibbles.
+    pub values: &'a [i8],
+    /// Each block's scale.
+    pub scales: &'a [f32],
+    /// Each block's `scale · Σ values`, times `sum_factor`.
+    pub sums: &'a [f32],
+    pub sum_factor: f32,
+    pub zeros: Zeros<'a>,
+}
+
+/// The code that stands for 0 in each weight group.
+#[derive(Clone, Copy)]
+pub(crate) enum Zeros<'a> {
+    /// One for every group (Q4_0's 8).
+    All(f32),
+    /// One a group, the same for every row.
+    Shared(&'a [u8]),
+}
+
+/// Groups of eight interleaved rows of `shape` against one input: `out[i]` is row `i`'s
+/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · values)`; `rows` holds
+/// `out.len() / 8` groups.
+pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &KernelInputs, out: &mut [f32]);
+
+/// The kernel where the kernel family has one for `layout`. Without one, matrices keep
+/// their rows in file order.
+pub(crate) fn kernel(layout: Layout) -> Option<InterleavedDot> {
+    let family = kernel_family();
+    #[cfg(target_arch = "x86_64")]
+    if family == KernelFamily::Avx2 || (family > KernelFamily::Avx2 && layout == Layout::Q4_0) {
+        return Some(x86::dot);
+    }
+    let _ = (family, layout);
+    None
+}
+
+/// Channels `rows` of a matrix of interleaved rows (`bytes`, all of them) against each of
+/// `inputs`: `outs[channel * inputs + input]`. Whole groups of eight run and the channels of
+/// `rows` are kept: a task's channels start at multiples of eight unless a matrix before this
+/// one in a product of several has a row count that is not.
+pub(crate) fn channels(
+    dot: InterleavedDot,
+    bytes: &[u8],
+    shape: Shape,
+    rows: Range<usize>,
+    inputs: &[KernelInputs],
+    outs: &mut [f32],
+) {
+    let count = inputs.len();
+    let groups = rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS);
+    let bytes = &bytes[groups.start * shape.group_bytes()..groups.end * shape.group_bytes()];
+    let skipped = rows.start - groups.start * GROUP_ROWS;
+    let mut by_input = vec![0.0; groups.len() * GROUP_ROWS];
+    for (index, input) in inputs.iter().enumerate() {
+        dot(bytes, shape, input, &mut by_input);
+        for (channel, &value) in by_input[skipped..skipped + rows.len()].iter().enumerate() {
+            outs[channel * count + index] = value;
+        }
+    }
+}
+
+/// Who asks for the kernel: on AVX-512 CPUs distillery's own 4-bit codes keep the VNNI kernel
+/// of their row-major layout (the interleaved kernel has not been measured against it there),
+/// while Q4_0 has no VNNI kernel to lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    Q4_0,
+    Packed,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK_TILE, GROUP_ROWS, KernelInputs, Shape, TILE_CODES, WORD, Zeros};
+
+    const BLOCK: usize = 32;
+
+    /// Only handed out by [`super::kernel`] once the CPU is known to have AVX2, FMA and F16C.
+    pub(super) fn dot(rows: &[u8], shape: Shape, inputs: &KernelInputs, out: &mut [f32]) {
+        let groups = shape.groups();
+        assert!(
+            shape.blocks_per_group > 0
+                && out.len().is_multiple_of(GROUP_ROWS)
+                && rows.len() == out.len() / GROUP_ROWS * shape.group_bytes()
+                && inputs.values.len() >= shape.blocks * BLOCK
+                && inputs.scales.len() >= shape.blocks
+                && inputs.sums.len() >= shape.blocks
+                && match inputs.zeros {
+                    Zeros::All(_) => true,
+                    Zeros::Shared(zeros) => zeros.len() >= groups,
+                }
+        );
+        if groups == 0 {
+            return out.fill(0.0);
+        }
+        for (rows, out) in rows
+            .chunks_exact(shape.group_bytes())
+            .zip(out.chunks_exact_mut(GROUP_ROWS))
+        {
+            // SAFETY: the kernel family was checked; the lengths were checked above.
+            unsafe { eight_rows(rows, shape, inputs, out) };
+        }
+    }
+
+    /// Per block of eight rows: each code word of the eight rows meets its four input values,
+    /// broadcast, in one `vpmaddubsw`; the eight results add up in 16-bit lanes (a pair of
+    /// products is at most 2 · 15 · 128 = 3,840 in magnitude, eight pairs 30,720, so nothing
+    /// overflows) and one `vpmaddwd` leaves row `i`'s integer sum in lane `i`. The codes stay
+    /// unsigned; their zero comes off each group's sum through the inputs' sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn eight_rows(rows: &[u8], shape: Shape, inputs: &KernelInputs, out: &mut [f32]) {
+        let low_nibbles = _mm256_set1_epi8(0xF);
+        let mut total = _mm256_setzero_ps();
+        for (group, tile) in rows.chunks_exact(shape.tile_bytes()).enumerate() {
+            let mut sums = _mm256_setzero_ps();
+            for (offset, codes) in tile[TILE_CODES..].chunks_exact(BLOCK_TILE).enumerate() {
+                let block = group * shape.blocks_per_group + offset;
+                let values = inputs.values[block * BLOCK..(block + 1) * BLOCK].as_ptr();
+                let mut pairs = _mm256_setzero_si256();
+                for word in 0..BLOCK / 2 / WORD {
+                    // SAFETY: a block's tile holds four 32-byte runs of code words, and the
+                    // block's 32 inputs were sliced above.
+                    let (codes, low_values, high_values) = unsafe {
+                        (
+                            _mm256_loadu_si256(codes.as_ptr().add(word * GROUP_ROWS * WORD).cast()),
+                            values.add(word * WORD).cast::<i32>().read_unaligned(),
+                            values
+                                .add(BLOCK / 2 + word * WORD)
+                                .cast::<i32>()
+                                .read_unaligned(),
+                        )
+                    };
+                    let low = _mm256_and_si256(codes, low_nibbles);
+                    let high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low_nibbles);
+                    pairs = _mm256_add_epi16(
+                        pairs,
+                        _mm256_maddubs_epi16(low, _mm256_set1_epi32(low_values)),
+                    );
+                    pairs = _mm256_add_epi16(
+                        pairs,
+                        _mm256_maddubs_epi16(high, _mm256_set1_epi32(high_values)),
+                    );
+                }
+                let products = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                sums = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(products),
+                    _mm256_set1_ps(inputs.scales[block]),
+                    sums,
+                );
+            }
+            let zero = match inputs.zeros {
+                Zeros::All(zero) => zero,
+                Zeros::Shared(zeros) => f32::from(zeros[group]),
+            };
+            let first = group * shape.blocks_per_group;
+            let input_sum: f32 = inputs.sums[first..first + shape.blocks_per_group]
+                .iter()
+                .sum();
+            let zero_part = zero * inputs.sum_factor * input_sum;
+            // SAFETY: a tile starts with the eight rows' half-precision scales.
+            let scales = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tile.as_ptr().cast()) });
+            total = _mm256_fmadd_ps(
+                scales,
+                _mm256_sub_ps(sums, _mm256_set1_ps(zero_part)),
+                total,
+            );
+        }
+        assert!(out.len() == GROUP_ROWS);
+        // SAFETY: checked above.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_byte_has_one_place_and_rows_read_back() {
+        let (rows, shape) = (
+            16,
+            Shape {
+                blocks: 6,
+                blocks_per_group: 2,
+            },
+        );
+        let codes: Vec<u8> = (0..rows * shape.blocks * BLOCK_CODES)
+            .map(|index| (index * 7 % 251) as u8)
+            .collect();
+        let scale = |row: usize, group: usize| (1000 * row + group) as u16;
+        let block_codes =
+            |row: usize, block: usize| &codes[(row * shape.blocks + block) * BLOCK_CODES..];
+        let interleaved = shape.interleave(rows, scale, block_codes);
+        assert_eq!(
+            interleaved.len(),
+            rows * (shape.groups() * 2 + shape.blocks * BLOCK_CODES)
+        );
+        let mut seen = vec![false; interleaved.len()];
+        for row in 0..rows {
+            for group in 0..shape.groups() {
+                assert_eq!(shape.scale(&interleaved, row, group), scale(row, group));
+                let at = shape.scale_offset(row, group);
+                seen[at..at + 2].fill(true);
+            }
+            for block in 0..shape.blocks {
+                assert_eq!(
+                    shape.codes(&interleaved, row, block),
+                    block_codes(row, block)[..BLOCK_CODES]
+                );
+                for byte in 0..BLOCK_CODES {
+                    seen[shape.code_offset(row, block, byte)] = true;
+                }
+            }
+        }
+        assert!(seen.into_iter().all(|seen| seen));
+        // Row 9 (the second group's second row), block 3 (the second of weight group 1): its
+        // group's tile starts after group 0's three tiles of 16 + 2 * 128 bytes; the scale is
+        // the tile's second; its codes follow the scales and block 2's 128 bytes, its first
+        // word after row 8's.
+        let tile = 3 * 272 + 272;
+        assert_eq!(interleaved[tile + 2..tile + 4], 9001u16.to_le_bytes());
+        let first_word = tile + 16 + 128 + 4;
+        assert_eq!(
+            interleaved[first_word..first_word + 4],
+            block_codes(9, 3)[..4]
+        );
+        assert_eq!(
+            interleaved[first_word + 32..first_word + 36],
+            block_codes(9, 3)[4..8]
+        );
+    }
+}
