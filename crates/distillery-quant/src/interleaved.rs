@@ -9,8 +9,9 @@
 //! Each block holds 16 bytes of a row's codes for 32 input columns, two codes a byte (which
 //! code goes with which column is the caller's: the inputs come in the matching order). A
 //! group of eight rows stores, weight group after weight group, a tile: the eight rows'
-//! half-precision scales, then for each block of the weight group the eight rows' codes in
-//! words of [`WORD`] bytes: the first word of each row in turn, then the second, and so on.
+//! half-precision scales, their minima where the layout has them (Q4_1: `x = d q + m`), then
+//! for each block of the weight group the eight rows' codes in words of [`WORD`] bytes: the
+//! first word of each row in turn, then the second, and so on.
 
 use std::ops::Range;
 
@@ -25,8 +26,8 @@ const BLOCK_CODES: usize = 16;
 /// Bytes of a row's codes that sit together in a tile.
 const WORD: usize = 4;
 
-/// Where a tile's codes start: after the eight rows' scales.
-const TILE_CODES: usize = GROUP_ROWS * 2;
+/// Eight rows' half-precision numbers: their scales, or their minima.
+const HALVES: usize = GROUP_ROWS * 2;
 
 /// One block of eight rows' codes.
 const BLOCK_TILE: usize = GROUP_ROWS * BLOCK_CODES;
@@ -38,6 +39,8 @@ pub(crate) struct Shape {
     pub blocks: usize,
     /// Blocks a scale covers.
     pub blocks_per_group: usize,
+    /// Whether each row and group has a minimum besides its scale.
+    pub minima: bool,
 }
 
 impl Shape {
@@ -45,9 +48,14 @@ impl Shape {
         self.blocks / self.blocks_per_group
     }
 
-    /// One weight group of eight rows: their scales and codes.
+    /// Where a tile's codes start: after its scales and minima.
+    fn tile_codes(self) -> usize {
+        HALVES * (1 + usize::from(self.minima))
+    }
+
+    /// One weight group of eight rows: their scales, minima and codes.
     pub(crate) fn tile_bytes(self) -> usize {
-        TILE_CODES + self.blocks_per_group * BLOCK_TILE
+        self.tile_codes() + self.blocks_per_group * BLOCK_TILE
     }
 
     /// Eight rows.
@@ -59,35 +67,40 @@ impl Shape {
         (row / GROUP_ROWS) * self.group_bytes() + group * self.tile_bytes()
     }
 
-    /// Where the scale of row `row` and weight group `group` starts.
-    fn scale_offset(self, row: usize, group: usize) -> usize {
-        self.tile(row, group) + 2 * (row % GROUP_ROWS)
+    /// Where the scale (`which` 0) or minimum (1) of row `row` and weight group `group`
+    /// starts.
+    fn half_offset(self, row: usize, group: usize, which: usize) -> usize {
+        self.tile(row, group) + which * HALVES + 2 * (row % GROUP_ROWS)
     }
 
     /// Where byte `byte` of row `row`'s codes in block `block` sits.
     fn code_offset(self, row: usize, block: usize, byte: usize) -> usize {
         self.tile(row, block / self.blocks_per_group)
-            + TILE_CODES
+            + self.tile_codes()
             + (block % self.blocks_per_group) * BLOCK_TILE
             + (byte / WORD) * GROUP_ROWS * WORD
             + (row % GROUP_ROWS) * WORD
             + byte % WORD
     }
 
-    /// `rows` rows (a multiple of eight) interleaved: `scale(row, group)` is a scale's
-    /// half-precision bits, `codes(row, block)` a block's code bytes.
+    /// `rows` rows (a multiple of eight) interleaved: `halves(row, group)` is a scale's and
+    /// (where the shape has minima) a minimum's half-precision bits, `codes(row, block)` a
+    /// block's code bytes.
     pub(crate) fn interleave<'a>(
         self,
         rows: usize,
-        scale: impl Fn(usize, usize) -> u16,
+        halves: impl Fn(usize, usize) -> [u16; 2],
         codes: impl Fn(usize, usize) -> &'a [u8],
     ) -> Vec<u8> {
         debug_assert!(rows.is_multiple_of(GROUP_ROWS));
         let mut out = vec![0; rows / GROUP_ROWS * self.group_bytes()];
         for row in 0..rows {
             for group in 0..self.groups() {
-                let at = self.scale_offset(row, group);
-                out[at..at + 2].copy_from_slice(&scale(row, group).to_le_bytes());
+                let halves = halves(row, group);
+                for (which, half) in halves.iter().enumerate().take(1 + usize::from(self.minima)) {
+                    let at = self.half_offset(row, group, which);
+                    out[at..at + 2].copy_from_slice(&half.to_le_bytes());
+                }
             }
             for block in 0..self.blocks {
                 for (byte, &value) in codes(row, block)[..BLOCK_CODES].iter().enumerate() {
@@ -98,15 +111,27 @@ impl Shape {
         out
     }
 
-    /// Row `row`'s scale of weight group `group`, as half-precision bits.
-    pub(crate) fn scale(self, bytes: &[u8], row: usize, group: usize) -> u16 {
-        let at = self.scale_offset(row, group);
-        u16::from_le_bytes([bytes[at], bytes[at + 1]])
+    /// Row `row`'s scale of weight group `group` and its minimum (0 without minima), as
+    /// half-precision bits.
+    pub(crate) fn halves(self, bytes: &[u8], row: usize, group: usize) -> [u16; 2] {
+        std::array::from_fn(|which| {
+            if which > usize::from(self.minima) {
+                return 0;
+            }
+            let at = self.half_offset(row, group, which);
+            u16::from_le_bytes([bytes[at], bytes[at + 1]])
+        })
     }
 
     /// Row `row`'s code bytes of block `block`.
     pub(crate) fn codes(self, bytes: &[u8], row: usize, block: usize) -> [u8; BLOCK_CODES] {
-        std::array::from_fn(|byte| bytes[self.code_offset(row, block, byte)])
+        let first = self.code_offset(row, block, 0);
+        let mut codes = [0; BLOCK_CODES];
+        for (word, codes) in codes.chunks_exact_mut(WORD).enumerate() {
+            let at = first + word * GROUP_ROWS * WORD;
+            codes.copy_from_slice(&bytes[at..at + WORD]);
+        }
+        codes
     }
 }
 
@@ -133,8 +158,8 @@ pub(crate) enum Zeros<'a> {
 }
 
 /// Groups of eight interleaved rows of `shape` against one input: `out[i]` is row `i`'s
-/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · values)`; `rows` holds
-/// `out.len() / 8` groups.
+/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · values) + minimum · Σ inputs`;
+/// `rows` holds `out.len() / 8` groups.
 pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &KernelInputs, out: &mut [f32]);
 
 /// The kernel where the kernel family has one for `layout`. Without one, matrices keep
@@ -142,7 +167,7 @@ pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &KernelInputs, out: &mut
 pub(crate) fn kernel(layout: Layout) -> Option<InterleavedDot> {
     let family = kernel_family();
     #[cfg(target_arch = "x86_64")]
-    if family == KernelFamily::Avx2 || (family > KernelFamily::Avx2 && layout == Layout::Q4_0) {
+    if family == KernelFamily::Avx2 || (family > KernelFamily::Avx2 && layout == Layout::Ggml) {
         return Some(x86::dot);
     }
     let _ = (family, layout);
@@ -176,10 +201,12 @@ pub(crate) fn channels(
 
 /// Who asks for the kernel: on AVX-512 CPUs distillery's own 4-bit codes keep the VNNI kernel
 /// of their row-major layout (the interleaved kernel has not been measured against it there),
-/// while Q4_0 has no VNNI kernel to lose.
+/// while GGUF's blocks have no VNNI kernel to lose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Layout {
-    Q4_0,
+    /// GGUF's Q4_0 and Q4_1 blocks.
+    Ggml,
+    /// distillery's own 4-bit codes.
     Packed,
 }
 
@@ -187,7 +214,7 @@ pub(crate) enum Layout {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK_TILE, GROUP_ROWS, KernelInputs, Shape, TILE_CODES, WORD, Zeros};
+    use super::{BLOCK_TILE, GROUP_ROWS, HALVES, KernelInputs, Shape, WORD, Zeros};
 
     const BLOCK: usize = 32;
 
@@ -229,7 +256,8 @@ mod x86 {
         let mut total = _mm256_setzero_ps();
         for (group, tile) in rows.chunks_exact(shape.tile_bytes()).enumerate() {
             let mut sums = _mm256_setzero_ps();
-            for (offset, codes) in tile[TILE_CODES..].chunks_exact(BLOCK_TILE).enumerate() {
+            let codes = &tile[shape.tile_codes()..];
+            for (offset, codes) in codes.chunks_exact(BLOCK_TILE).enumerate() {
                 let block = group * shape.blocks_per_group + offset;
                 let values = inputs.values[block * BLOCK..(block + 1) * BLOCK].as_ptr();
                 let mut pairs = _mm256_setzero_si256();
@@ -272,14 +300,20 @@ mod x86 {
             let input_sum: f32 = inputs.sums[first..first + shape.blocks_per_group]
                 .iter()
                 .sum();
-            let zero_part = zero * inputs.sum_factor * input_sum;
-            // SAFETY: a tile starts with the eight rows' half-precision scales.
+            let input_sum = inputs.sum_factor * input_sum;
+            // SAFETY: a tile starts with the eight rows' half-precision scales, then (with
+            // minima) their minima.
             let scales = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tile.as_ptr().cast()) });
             total = _mm256_fmadd_ps(
                 scales,
-                _mm256_sub_ps(sums, _mm256_set1_ps(zero_part)),
+                _mm256_sub_ps(sums, _mm256_set1_ps(zero * input_sum)),
                 total,
             );
+            if shape.minima {
+                // SAFETY: as above.
+                let minima = unsafe { _mm_loadu_si128(tile.as_ptr().add(HALVES).cast()) };
+                total = _mm256_fmadd_ps(_mm256_cvtph_ps(minima), _mm256_set1_ps(input_sum), total);
+            }
         }
         assert!(out.len() == GROUP_ROWS);
         // SAFETY: checked above.
@@ -293,56 +327,69 @@ mod tests {
 
     #[test]
     fn every_byte_has_one_place_and_rows_read_back() {
-        let (rows, shape) = (
-            16,
-            Shape {
-                blocks: 6,
-                blocks_per_group: 2,
-            },
-        );
-        let codes: Vec<u8> = (0..rows * shape.blocks * BLOCK_CODES)
-            .map(|index| (index * 7 % 251) as u8)
-            .collect();
-        let scale = |row: usize, group: usize| (1000 * row + group) as u16;
-        let block_codes =
-            |row: usize, block: usize| &codes[(row * shape.blocks + block) * BLOCK_CODES..];
-        let interleaved = shape.interleave(rows, scale, block_codes);
-        assert_eq!(
-            interleaved.len(),
-            rows * (shape.groups() * 2 + shape.blocks * BLOCK_CODES)
-        );
-        let mut seen = vec![false; interleaved.len()];
-        for row in 0..rows {
-            for group in 0..shape.groups() {
-                assert_eq!(shape.scale(&interleaved, row, group), scale(row, group));
-                let at = shape.scale_offset(row, group);
-                seen[at..at + 2].fill(true);
-            }
-            for block in 0..shape.blocks {
-                assert_eq!(
-                    shape.codes(&interleaved, row, block),
-                    block_codes(row, block)[..BLOCK_CODES]
-                );
-                for byte in 0..BLOCK_CODES {
-                    seen[shape.code_offset(row, block, byte)] = true;
+        for minima in [false, true] {
+            let (rows, shape) = (
+                16,
+                Shape {
+                    blocks: 6,
+                    blocks_per_group: 2,
+                    minima,
+                },
+            );
+            let codes: Vec<u8> = (0..rows * shape.blocks * BLOCK_CODES)
+                .map(|index| (index * 7 % 251) as u8)
+                .collect();
+            let halves = |row: usize, group: usize| {
+                let scale = (1000 * row + group) as u16;
+                [scale, if minima { scale + 500 } else { 0 }]
+            };
+            let block_codes =
+                |row: usize, block: usize| &codes[(row * shape.blocks + block) * BLOCK_CODES..];
+            let interleaved = shape.interleave(rows, halves, block_codes);
+            let halves_a_row = 1 + usize::from(minima);
+            assert_eq!(
+                interleaved.len(),
+                rows * (shape.groups() * 2 * halves_a_row + shape.blocks * BLOCK_CODES)
+            );
+            let mut seen = vec![false; interleaved.len()];
+            for row in 0..rows {
+                for group in 0..shape.groups() {
+                    assert_eq!(shape.halves(&interleaved, row, group), halves(row, group));
+                    for which in 0..halves_a_row {
+                        let at = shape.half_offset(row, group, which);
+                        seen[at..at + 2].fill(true);
+                    }
+                }
+                for block in 0..shape.blocks {
+                    assert_eq!(
+                        shape.codes(&interleaved, row, block),
+                        block_codes(row, block)[..BLOCK_CODES]
+                    );
+                    for byte in 0..BLOCK_CODES {
+                        seen[shape.code_offset(row, block, byte)] = true;
+                    }
                 }
             }
+            assert!(seen.into_iter().all(|seen| seen));
+            // Row 9 (the second group's second row), block 3 (the second of weight group 1):
+            // its group's tile starts after group 0's three tiles of 16 (or 32, with minima)
+            // + 2 * 128 bytes; the scale is the tile's second; its codes follow the scales
+            // (and minima) and block 2's 128 bytes, its first word after row 8's.
+            let halves_bytes = 16 * halves_a_row;
+            let tile = 4 * (halves_bytes + 256);
+            assert_eq!(interleaved[tile + 2..tile + 4], 9001u16.to_le_bytes());
+            if minima {
+                assert_eq!(interleaved[tile + 18..tile + 20], 9501u16.to_le_bytes());
+            }
+            let first_word = tile + halves_bytes + 128 + 4;
+            assert_eq!(
+                interleaved[first_word..first_word + 4],
+                block_codes(9, 3)[..4]
+            );
+            assert_eq!(
+                interleaved[first_word + 32..first_word + 36],
+                block_codes(9, 3)[4..8]
+            );
         }
-        assert!(seen.into_iter().all(|seen| seen));
-        // Row 9 (the second group's second row), block 3 (the second of weight group 1): its
-        // group's tile starts after group 0's three tiles of 16 + 2 * 128 bytes; the scale is
-        // the tile's second; its codes follow the scales and block 2's 128 bytes, its first
-        // word after row 8's.
-        let tile = 3 * 272 + 272;
-        assert_eq!(interleaved[tile + 2..tile + 4], 9001u16.to_le_bytes());
-        let first_word = tile + 16 + 128 + 4;
-        assert_eq!(
-            interleaved[first_word..first_word + 4],
-            block_codes(9, 3)[..4]
-        );
-        assert_eq!(
-            interleaved[first_word + 32..first_word + 36],
-            block_codes(9, 3)[4..8]
-        );
     }
 }

@@ -45,16 +45,16 @@ impl PieceInputs {
         }
     }
 
-    /// The inputs as the [interleaved](crate::interleaved) kernel meets Q4_0 codes: a code
-    /// byte's low nibble is value `j` of its block, its high nibble value `j + 16`, and 8 is
-    /// the code for 0.
-    pub(crate) fn for_interleaved(&self) -> KernelInputs<'_> {
+    /// The inputs as the [interleaved](crate::interleaved) kernel meets Q4_0 and Q4_1 codes
+    /// (`zero` is the code for 0: Q4_0's 8, Q4_1's 0): a code byte's low nibble is value `j`
+    /// of its block, its high nibble value `j + 16`.
+    pub(crate) fn for_interleaved(&self, zero: f32) -> KernelInputs<'_> {
         KernelInputs {
             values: &self.values,
             scales: &self.scales,
             sums: &self.sums,
             sum_factor: 1.0,
-            zeros: Zeros::All(8.0),
+            zeros: Zeros::All(zero),
         }
     }
 
@@ -572,38 +572,33 @@ mod tests {
         }
     }
 
-    /// The kernel of interleaved Q4_0 rows gives the row kernel's sums for each of eight
-    /// different rows, extreme inputs included.
+    /// Q4_0 and Q4_1 matrices, which keep their rows interleaved on CPUs with this family,
+    /// give the row kernel's sums for each of sixteen different rows, extreme inputs included.
     #[test]
-    fn interleaved_kernel_equals_the_row_kernel() {
+    fn interleaved_matrices_equal_the_row_kernel() {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::KernelFamily::detected() >= crate::cpu::KernelFamily::Avx2 {
             let mut rng = ChaCha8Rng::seed_from_u64(13);
             let blocks = 18;
-            let rows = random_blocks(GgmlType::Q4_0, 2 * 8 * blocks, &mut rng);
-            let mut input: Vec<f32> = (0..blocks * PIECE)
-                .map(|_| rng.random::<f32>() - 0.5)
-                .collect();
-            input[..PIECE].fill(-1.0);
-            input[PIECE..2 * PIECE].fill(1.0);
-            let inputs = PieceInputs::new(&input);
-            let row_bytes = blocks * GgmlType::Q4_0.block_bytes();
-            let mut by_row = [0.0f32; 16];
-            x86::blocks_dot(GgmlType::Q4_0).unwrap()(&rows, row_bytes, &inputs, &mut by_row);
-            let groups = super::super::matrix::interleave_q4_0(&rows, 16, blocks * PIECE);
-            let mut interleaved = [0.0f32; 16];
-            let kernel = crate::interleaved::kernel(crate::interleaved::Layout::Q4_0).unwrap();
-            kernel(
-                &groups,
-                super::super::matrix::q4_0_shape(blocks * PIECE),
-                &inputs.for_interleaved(),
-                &mut interleaved,
-            );
-            for (got, want) in interleaved.into_iter().zip(by_row) {
-                assert!(
-                    (got - want).abs() < 1e-4 * want.abs().max(1.0),
-                    "{got} vs {want}"
-                );
+            for kind in [GgmlType::Q4_0, GgmlType::Q4_1] {
+                let rows = random_blocks(kind, 16 * blocks, &mut rng);
+                let mut input: Vec<f32> = (0..blocks * PIECE)
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect();
+                input[..PIECE].fill(-1.0);
+                input[PIECE..2 * PIECE].fill(1.0);
+                let inputs = PieceInputs::new(&input);
+                let mut by_row = [0.0f32; 16];
+                let row_kernel = x86::blocks_dot(kind).unwrap();
+                row_kernel(&rows, blocks * kind.block_bytes(), &inputs, &mut by_row);
+                let matrix = crate::ggml::BlockMatrix::new(kind, 16, blocks * PIECE, rows);
+                let interleaved = matrix.unwrap().matmul_int8_inputs(&input, 1);
+                for (got, want) in interleaved.into_iter().zip(by_row) {
+                    assert!(
+                        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                        "{kind}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -1,6 +1,6 @@
 //! A weight matrix kept in ggml's blocks as a GGUF file stores them: one row of blocks per
-//! output channel, or for Q4_0 where the CPU has a kernel for it, rows interleaved eight at a
-//! time. Rows decode on the fly; the float matrix never exists whole.
+//! output channel, or for Q4_0 and Q4_1 where the CPU has a kernel for it, rows interleaved
+//! eight at a time. Rows decode on the fly; the float matrix never exists whole.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -21,7 +21,7 @@ pub struct BlockMatrix {
     row_bytes: usize,
     /// `rows x row_bytes`: each channel's blocks, in file order unless `interleaved`.
     bytes: Vec<u8>,
-    /// Whether the rows are [interleaved](interleaved), for the kernel of [`Layout::Q4_0`].
+    /// Whether the rows are [interleaved](interleaved), for the kernel of [`Layout::Ggml`].
     interleaved: bool,
 }
 
@@ -50,11 +50,11 @@ impl BlockMatrix {
                 bytes.len()
             ));
         }
-        let interleaved = kind == GgmlType::Q4_0
-            && rows.is_multiple_of(GROUP_ROWS)
-            && interleaved::kernel(Layout::Q4_0).is_some();
+        let interleaved = rows.is_multiple_of(GROUP_ROWS)
+            && interleaved_shape(kind, cols).is_some()
+            && interleaved::kernel(Layout::Ggml).is_some();
         let bytes = if interleaved {
-            interleave_q4_0(&bytes, rows, cols)
+            interleave_blocks(kind, &bytes, rows, cols)
         } else {
             bytes
         };
@@ -99,24 +99,40 @@ impl BlockMatrix {
     /// Channel `row`'s blocks, in file order.
     fn row(&self, row: usize) -> Cow<'_, [u8]> {
         if self.interleaved {
-            let shape = q4_0_shape(self.cols);
-            return Cow::Owned(
-                (0..shape.blocks)
-                    .flat_map(|block| {
-                        let scale = shape.scale(&self.bytes, row, block).to_le_bytes();
-                        scale
-                            .into_iter()
-                            .chain(shape.codes(&self.bytes, row, block))
-                    })
-                    .collect(),
-            );
+            let mut bytes = vec![0; self.row_bytes];
+            let block_bytes = self.kind.block_bytes();
+            for (block, bytes) in bytes.chunks_exact_mut(block_bytes).enumerate() {
+                self.interleaved_block(row, block, bytes);
+            }
+            return Cow::Owned(bytes);
         }
         Cow::Borrowed(&self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes])
     }
 
+    /// Block `block` of channel `row` of an interleaved matrix into `out`, as a file stores
+    /// it: the scale, the minimum (Q4_1), the codes.
+    fn interleaved_block(&self, row: usize, block: usize, out: &mut [u8]) {
+        let shape = interleaved_shape(self.kind, self.cols).expect("an interleaved type");
+        let halves = shape.halves(&self.bytes, row, block);
+        let (halves_out, codes) = out.split_at_mut(out.len() - 16);
+        for (half, out) in halves.iter().zip(halves_out.chunks_exact_mut(2)) {
+            out.copy_from_slice(&half.to_le_bytes());
+        }
+        codes.copy_from_slice(&shape.codes(&self.bytes, row, block));
+    }
+
     /// Channel `row`'s weights, as ggml dequantizes them.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        blocks::dequantize(self.kind, &self.row(row), out);
+        if !self.interleaved {
+            return blocks::dequantize(self.kind, &self.row(row), out);
+        }
+        // Block by block: prompts decode every row of a matrix.
+        let mut bytes = [0; LARGEST_INTERLEAVED_BLOCK];
+        let bytes = &mut bytes[..self.kind.block_bytes()];
+        for (block, out) in out.chunks_exact_mut(PIECE).enumerate() {
+            self.interleaved_block(row, block, bytes);
+            blocks::dequantize(self.kind, bytes, out);
+        }
     }
 
     /// All weights, `rows x cols` row-major.
@@ -239,9 +255,13 @@ impl BlockMatrix {
     /// every input then meets in integer dot products: one kernel for every block format.
     fn channels_int8(&self, rows: Range<usize>, inputs: &[PieceInputs], outs: &mut [f32]) {
         let count = inputs.len();
-        if let Some(dot) = interleaved::kernel(Layout::Q4_0).filter(|_| self.interleaved) {
-            let inputs: Vec<_> = inputs.iter().map(PieceInputs::for_interleaved).collect();
-            let shape = q4_0_shape(self.cols);
+        let interleaved = interleaved_shape(self.kind, self.cols).filter(|_| self.interleaved);
+        if let (Some(shape), Some(dot)) = (interleaved, interleaved::kernel(Layout::Ggml)) {
+            let zero = if shape.minima { 0.0 } else { 8.0 };
+            let inputs: Vec<_> = inputs
+                .iter()
+                .map(|input| input.for_interleaved(zero))
+                .collect();
             return interleaved::channels(dot, &self.bytes, shape, rows, &inputs, outs);
         }
         if let Some(dot) = blocks_dot(self.kind) {
@@ -289,26 +309,41 @@ impl BlockMatrix {
     }
 }
 
-/// A Q4_0 matrix of `cols` columns as [interleaved](interleaved) rows: a block's scale, then its
-/// 16 bytes of codes.
-pub(super) fn q4_0_shape(cols: usize) -> Shape {
-    Shape {
+/// A `kind` matrix of `cols` columns as [interleaved](interleaved) rows, where the type has
+/// the layout: a block's scale, its minimum (Q4_1), then its 16 bytes of codes, a byte's low
+/// nibble for value `j` and its high one for value `j + 16`.
+fn interleaved_shape(kind: GgmlType, cols: usize) -> Option<Shape> {
+    let minima = match kind {
+        GgmlType::Q4_0 => false,
+        GgmlType::Q4_1 => true,
+        _ => return None,
+    };
+    Some(Shape {
         blocks: cols / PIECE,
         blocks_per_group: 1,
-    }
+        minima,
+    })
 }
 
-/// `rows` rows of Q4_0 blocks (`bytes`, file order), interleaved.
-pub(super) fn interleave_q4_0(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let shape = q4_0_shape(cols);
-    let block_bytes = GgmlType::Q4_0.block_bytes();
-    let block = |row: usize, block: usize| {
-        &bytes[(row * shape.blocks + block) * block_bytes..][..block_bytes]
-    };
+/// The bytes of a Q4_1 block, the larger of the two interleaved types.
+const LARGEST_INTERLEAVED_BLOCK: usize = 20;
+
+/// `rows` rows of `kind` blocks (`bytes`, file order), interleaved.
+pub(super) fn interleave_blocks(kind: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let shape = interleaved_shape(kind, cols).expect("an interleaved type");
+    let block_bytes = kind.block_bytes();
+    let block = |row: usize, block: usize| &bytes[(row * shape.blocks + block) * block_bytes..];
+    let half = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
     shape.interleave(
         rows,
-        |row, group| u16::from_le_bytes([block(row, group)[0], block(row, group)[1]]),
-        |row, at| &block(row, at)[2..],
+        |row, group| {
+            let block = block(row, group);
+            [
+                half(block, 0),
+                if shape.minima { half(block, 2) } else { 0 },
+            ]
+        },
+        |row, at| &block(row, at)[block_bytes - 16..],
     )
 }
 
@@ -423,28 +458,30 @@ mod tests {
         }
     }
 
-    /// Q4_0 rows interleaved for the kernel read back in file order, and a task's channels
-    /// that start inside a group of eight get the products whole groups give.
+    /// Q4_0 and Q4_1 rows interleaved for the kernel read back in file order, and a task's
+    /// channels that start inside a group of eight get the products whole groups give.
     #[test]
     fn interleaved_rows_read_back_and_split_anywhere() {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let file = random_blocks(GgmlType::Q4_0, 24 * 4, &mut rng);
-        let matrix = BlockMatrix::new(GgmlType::Q4_0, 24, 128, file.clone()).unwrap();
-        assert_eq!(
-            matrix.interleaved,
-            interleaved::kernel(Layout::Q4_0).is_some()
-        );
-        assert_eq!(*matrix.bytes(), file[..]);
-        let unaligned = BlockMatrix::new(GgmlType::Q4_0, 12, 128, file[..12 * 72].to_vec());
-        assert!(!unaligned.unwrap().interleaved);
-        let x = inputs(2, 128, 7);
-        let whole = matrix.matmul_int8_inputs(&x, 2);
-        let rounded: Vec<PieceInputs> = x.chunks_exact(128).map(PieceInputs::new).collect();
-        let mut outs = vec![0.0; 13 * 2];
-        matrix.channels_int8(5..18, &rounded, &mut outs);
-        for (channel, pair) in outs.chunks_exact(2).enumerate() {
-            assert_eq!(pair, [whole[5 + channel], whole[24 + 5 + channel]]);
+        for kind in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let file = random_blocks(kind, 24 * 4, &mut rng);
+            let matrix = BlockMatrix::new(kind, 24, 128, file.clone()).unwrap();
+            let has_kernel = interleaved::kernel(Layout::Ggml).is_some();
+            assert_eq!(matrix.interleaved, has_kernel);
+            assert_eq!(*matrix.bytes(), file[..]);
+            let twelve_rows = file[..12 * 4 * kind.block_bytes()].to_vec();
+            let unaligned = BlockMatrix::new(kind, 12, 128, twelve_rows).unwrap();
+            assert!(!unaligned.interleaved);
+            let x = inputs(2, 128, 7);
+            let whole = matrix.matmul_int8_inputs(&x, 2);
+            let rounded: Vec<PieceInputs> = x.chunks_exact(128).map(PieceInputs::new).collect();
+            let mut outs = vec![0.0; 13 * 2];
+            matrix.channels_int8(5..18, &rounded, &mut outs);
+            for (channel, pair) in outs.chunks_exact(2).enumerate() {
+                assert_eq!(pair, [whole[5 + channel], whole[24 + 5 + channel]]);
+            }
         }
+        assert_eq!(LARGEST_INTERLEAVED_BLOCK, GgmlType::Q4_1.block_bytes());
     }
 
     #[test]

@@ -272,13 +272,14 @@ impl PackedMatrix {
         let shape = Shape {
             blocks: self.cols / BLOCK,
             blocks_per_group: size / BLOCK,
+            minima: false,
         };
         let block_bytes = BLOCK / 2;
         let (stream, scales, groups) = (&self.stream, &self.scales, self.groups);
         let bytes_per_row = self.bytes_per_row;
         self.stream = shape.interleave(
             self.rows,
-            |row, group| scales[row * groups + group],
+            |row, group| [scales[row * groups + group], 0],
             |row, block| &stream[row * bytes_per_row + block * block_bytes..],
         );
         self.scales = Vec::new();
@@ -395,7 +396,7 @@ impl PackedMatrix {
     /// Output channel `row`'s scale of group `group`, as half-precision bits.
     fn scale_bits(&self, row: usize, group: usize) -> u16 {
         match self.interleaved {
-            Some(shape) => shape.scale(&self.stream, row, group),
+            Some(shape) => shape.halves(&self.stream, row, group)[0],
             None => self.scales[row * self.groups + group],
         }
     }
