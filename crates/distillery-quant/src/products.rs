@@ -7,6 +7,8 @@ use std::ops::Range;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use crate::interleaved::GROUP_ROWS;
+
 /// Inputs below this many multiply-adds run on one thread: spawning costs more.
 pub(crate) const PARALLEL_WORK: usize = 1 << 16;
 
@@ -18,13 +20,10 @@ const CHANNELS_PER_TASK: usize = 128;
 /// 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
 pub(crate) const TILE_CHANNELS: usize = 256;
 
-/// A run's channels are a multiple of this: whole groups of interleaved rows.
-const RUN_ALIGNMENT: usize = 8;
-
 /// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
 /// runs of rows spread over threads when `work` multiply-adds are enough to pay for it. The
-/// runs are equal (up to a multiple of [`RUN_ALIGNMENT`]) and as many as a multiple of the
-/// threads, so that no thread is left with a last run while the others wait (576 channels in
+/// runs are equal (whole groups of [interleaved](crate::interleaved) rows) and as many as a
+/// multiple of the threads, so that no thread is left with a last run while the others wait (576 channels in
 /// runs of 128 kept one of two threads busy a third longer than the other).
 pub(crate) fn channel_major(
     rows: usize,
@@ -38,7 +37,7 @@ pub(crate) fn channel_major(
     } else {
         let threads = rayon::current_num_threads();
         let tasks = (rows / CHANNELS_PER_TASK).max(1).next_multiple_of(threads);
-        let task_channels = rows.div_ceil(tasks).next_multiple_of(RUN_ALIGNMENT);
+        let task_channels = rows.div_ceil(tasks).next_multiple_of(GROUP_ROWS);
         by_channel
             .par_chunks_mut(count * task_channels)
             .enumerate()
