@@ -4,7 +4,7 @@
 use super::PackedMatrix;
 use crate::QuantError;
 use crate::f16::f16_to_f32;
-use crate::pack::{pack_bits, unpack_bits};
+use crate::pack::{code_at, pack_bits, unpack_bits};
 use crate::settings::{check_bits, check_whole_words};
 
 /// A quantized matrix as GPTQ (AutoGPTQ's v1 format) stores it; `rows` are output channels.
@@ -53,9 +53,10 @@ impl PackedMatrix {
                     .map(|word| u32::from_le_bytes([word[0], word[1], word[2], word[3]]))
                     .collect(),
                 Some(order) => {
+                    let stored = self.channel_bytes(row);
                     let mut codes = vec![0u32; self.cols];
                     for (position, &col) in order.iter().enumerate() {
-                        codes[col as usize] = self.stored_code(row, position);
+                        codes[col as usize] = code_at(&stored, self.bits, position);
                     }
                     pack_bits(&codes, self.bits)
                 }

@@ -225,16 +225,12 @@ impl PackedMatrix {
             }
             return;
         }
+        let bytes = self.channel_bytes(row);
         for (position, value) in out.iter_mut().enumerate() {
-            let code = self.stored_code(row, position) as f32;
+            let code = code_at(&bytes, self.bits, position) as f32;
             let group = self.group_index[self.column(position)] as usize;
             *value = f16_to_f32(scales[group]) * (code - f32::from(zeros[group]));
         }
-    }
-
-    /// The code at stored position `position` of channel `row`.
-    fn stored_code(&self, row: usize, position: usize) -> u32 {
-        code_at(&self.channel_bytes(row), self.bits, position)
     }
 
     /// The input column at stored position `position`.
@@ -254,13 +250,13 @@ impl PackedMatrix {
     }
 
     /// Interleaves 4-bit rows in groups of whole blocks with zero points every row shares,
-    /// where the CPU has the kernel for them.
+    /// where the CPU has the kernel for them (act-order matrices too: their stored order has
+    /// groups in runs).
     fn with_rows_interleaved(mut self) -> Self {
         let Some(size) = self.run_size else {
             return self;
         };
         let fits = self.bits == 4
-            && self.order.is_none()
             && self.zero_stride() == 0
             && size.is_multiple_of(BLOCK)
             && self.cols.is_multiple_of(size)
@@ -292,9 +288,10 @@ impl PackedMatrix {
         order.sort_by_key(|&col| self.group_index[col as usize]);
         let mut stream = Vec::with_capacity(self.stream.len());
         for row in 0..self.rows {
+            let bytes = self.channel_bytes(row);
             let codes: Vec<u32> = order
                 .iter()
-                .map(|&col| self.stored_code(row, col as usize))
+                .map(|&col| code_at(&bytes, self.bits, col as usize))
                 .collect();
             stream.extend(
                 pack_bits(&codes, self.bits)

@@ -217,8 +217,9 @@ fn act_order_matrices_compute_like_their_groups_in_runs() {
     // its group is c % 4, and sorting by group gives back the consecutive order.
     let (rows, cols) = (32, 128);
     let spread = |col: usize| 32 * (col % 4) + col / 4;
-    for bits in [3, 4, 8] {
-        let consecutive = quantized(rows, cols, bits, Some(32));
+    // Symmetric 4-bit codes are kept interleaved where the CPU has the kernel for them.
+    for (bits, symmetric) in [(3, false), (4, false), (8, false), (4, true)] {
+        let consecutive = quantized_with(rows, cols, bits, Some(32), symmetric);
         let mut scattered = consecutive.clone();
         for row in 0..rows {
             for col in 0..cols {
@@ -229,6 +230,10 @@ fn act_order_matrices_compute_like_their_groups_in_runs() {
         let (consecutive, scattered) = (
             PackedMatrix::from_quantized(&consecutive),
             PackedMatrix::from_quantized(&scattered),
+        );
+        assert_eq!(
+            scattered.interleaved.is_some(),
+            symmetric && interleaved::kernel(Layout::Packed).is_some()
         );
         let x = random_matrix(2, cols, 96);
         let x_scattered: Vec<f32> = (0..2 * cols)
