@@ -142,8 +142,9 @@ pub(crate) struct KernelInputs<'a> {
     pub values: &'a [i8],
     /// Each block's scale.
     pub scales: &'a [f32],
-    /// Each block's `scale · Σ values`, times `sum_factor`.
+    /// Each block's `scale · Σ values`, divided by `sum_factor`.
     pub sums: &'a [f32],
+    /// What `sums` are multiplied by to give the inputs' sums.
     pub sum_factor: f32,
     pub zeros: Zeros<'a>,
 }
