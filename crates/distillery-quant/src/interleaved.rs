@@ -176,24 +176,27 @@ pub(crate) fn kernel(layout: Layout) -> Option<InterleavedDot> {
 }
 
 /// Channels `rows` of a matrix of interleaved rows (`bytes`, all of them) against each of
-/// `inputs`: `outs[channel * inputs + input]`. Whole groups of eight run and the channels of
-/// `rows` are kept: a task's channels start at multiples of eight unless a matrix before this
-/// one in a product of several has a row count that is not.
-pub(crate) fn channels(
+/// `count` inputs (`input(index)`): `outs[channel * count + index]`. Whole groups of eight run;
+/// a task's channels start at multiples of eight unless a matrix before this one in a product
+/// of several has a row count that is not, and then only the channels of `rows` are kept.
+pub(crate) fn channels<'a>(
     dot: InterleavedDot,
     bytes: &[u8],
     shape: Shape,
     rows: Range<usize>,
-    inputs: &[KernelInputs],
+    count: usize,
+    input: impl Fn(usize) -> KernelInputs<'a>,
     outs: &mut [f32],
 ) {
-    let count = inputs.len();
     let groups = rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS);
     let bytes = &bytes[groups.start * shape.group_bytes()..groups.end * shape.group_bytes()];
     let skipped = rows.start - groups.start * GROUP_ROWS;
+    if count == 1 && skipped == 0 && rows.len().is_multiple_of(GROUP_ROWS) {
+        return dot(bytes, shape, &input(0), outs);
+    }
     let mut by_input = vec![0.0; groups.len() * GROUP_ROWS];
-    for (index, input) in inputs.iter().enumerate() {
-        dot(bytes, shape, input, &mut by_input);
+    for index in 0..count {
+        dot(bytes, shape, &input(index), &mut by_input);
         for (channel, &value) in by_input[skipped..skipped + rows.len()].iter().enumerate() {
             outs[channel * count + index] = value;
         }

@@ -258,11 +258,8 @@ impl BlockMatrix {
         let interleaved = interleaved_shape(self.kind, self.cols).filter(|_| self.interleaved);
         if let (Some(shape), Some(dot)) = (interleaved, interleaved::kernel(Layout::Ggml)) {
             let zero = if shape.minima { 0.0 } else { 8.0 };
-            let inputs: Vec<_> = inputs
-                .iter()
-                .map(|input| input.for_interleaved(zero))
-                .collect();
-            return interleaved::channels(dot, &self.bytes, shape, rows, &inputs, outs);
+            let input = |index: usize| inputs[index].for_interleaved(zero);
+            return interleaved::channels(dot, &self.bytes, shape, rows, count, input, outs);
         }
         if let Some(dot) = blocks_dot(self.kind) {
             let bytes = &self.bytes[rows.start * self.row_bytes..rows.end * self.row_bytes];

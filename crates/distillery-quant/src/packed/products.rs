@@ -206,12 +206,9 @@ impl IntegerProduct<'_> {
         let count = self.inputs.len();
         let interleaved_dot = interleaved::kernel(Layout::Packed);
         if let (Some(shape), Some(dot)) = (matrix.interleaved, interleaved_dot) {
-            let inputs: Vec<_> = self
-                .inputs
-                .iter()
-                .map(|input| input.for_interleaved(&matrix.zeros))
-                .collect();
-            return interleaved::channels(dot, &matrix.stream, shape, rows, &inputs, outs);
+            let input = |index: usize| self.inputs[index].for_interleaved(&matrix.zeros);
+            let stream = &matrix.stream;
+            return interleaved::channels(dot, stream, shape, rows, count, input, outs);
         }
         let run = ChannelRun {
             bytes: &matrix.stream
