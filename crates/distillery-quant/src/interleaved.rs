@@ -21,7 +21,7 @@ use crate::cpu::{KernelFamily, kernel_family};
 pub(crate) const GROUP_ROWS: usize = 8;
 
 /// Bytes of one row's codes in a block.
-const BLOCK_CODES: usize = 16;
+pub(crate) const BLOCK_CODES: usize = 16;
 
 /// Bytes of a row's codes that sit together in a tile.
 const WORD: usize = 4;
@@ -219,8 +219,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK_TILE, GROUP_ROWS, HALVES, KernelInputs, Shape, WORD, Zeros};
-
-    const BLOCK: usize = 32;
+    use crate::int8_inputs::BLOCK;
 
     /// Only handed out by [`super::kernel`] once the CPU is known to have AVX2, FMA and F16C.
     pub(super) fn dot(rows: &[u8], shape: Shape, inputs: &KernelInputs, out: &mut [f32]) {

@@ -9,7 +9,7 @@ use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
 use super::kernels::{PieceInputs, blocks_dot, pieces_dot};
 use super::types::GgmlType;
 use crate::QuantError;
-use crate::interleaved::{self, GROUP_ROWS, Layout, Shape};
+use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
 use crate::products::{channel_major, dot, in_tiles, together, transposed};
 
 /// A `rows x cols` (output x input) matrix of one ggml type.
@@ -21,8 +21,9 @@ pub struct BlockMatrix {
     row_bytes: usize,
     /// `rows x row_bytes`: each channel's blocks, in file order unless `interleaved`.
     bytes: Vec<u8>,
-    /// Whether the rows are [interleaved](interleaved), for the kernel of [`Layout::Ggml`].
-    interleaved: bool,
+    /// When the rows are [interleaved](interleaved) for the kernel of [`Layout::Ggml`], their
+    /// shape.
+    interleaved: Option<Shape>,
 }
 
 impl BlockMatrix {
@@ -50,13 +51,12 @@ impl BlockMatrix {
                 bytes.len()
             ));
         }
-        let interleaved = rows.is_multiple_of(GROUP_ROWS)
-            && interleaved_shape(kind, cols).is_some()
-            && interleaved::kernel(Layout::Ggml).is_some();
-        let bytes = if interleaved {
-            interleave_blocks(kind, &bytes, rows, cols)
-        } else {
-            bytes
+        let interleaved = interleaved_shape(kind, cols).filter(|_| {
+            rows.is_multiple_of(GROUP_ROWS) && interleaved::kernel(Layout::Ggml).is_some()
+        });
+        let bytes = match interleaved {
+            Some(shape) => interleave_blocks(shape, kind, &bytes, rows),
+            None => bytes,
         };
         Ok(Self {
             kind,
@@ -82,7 +82,7 @@ impl BlockMatrix {
 
     /// The blocks, row after row, as a GGUF file stores them.
     pub fn bytes(&self) -> Cow<'_, [u8]> {
-        if !self.interleaved {
+        if self.interleaved.is_none() {
             return Cow::Borrowed(&self.bytes);
         }
         Cow::Owned(
@@ -98,39 +98,27 @@ impl BlockMatrix {
 
     /// Channel `row`'s blocks, in file order.
     fn row(&self, row: usize) -> Cow<'_, [u8]> {
-        if self.interleaved {
+        if let Some(shape) = self.interleaved {
             let mut bytes = vec![0; self.row_bytes];
             let block_bytes = self.kind.block_bytes();
             for (block, bytes) in bytes.chunks_exact_mut(block_bytes).enumerate() {
-                self.interleaved_block(row, block, bytes);
+                interleaved_block(shape, &self.bytes, row, block, bytes);
             }
             return Cow::Owned(bytes);
         }
         Cow::Borrowed(&self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes])
     }
 
-    /// Block `block` of channel `row` of an interleaved matrix into `out`, as a file stores
-    /// it: the scale, the minimum (Q4_1), the codes.
-    fn interleaved_block(&self, row: usize, block: usize, out: &mut [u8]) {
-        let shape = interleaved_shape(self.kind, self.cols).expect("an interleaved type");
-        let halves = shape.halves(&self.bytes, row, block);
-        let (halves_out, codes) = out.split_at_mut(out.len() - 16);
-        for (half, out) in halves.iter().zip(halves_out.chunks_exact_mut(2)) {
-            out.copy_from_slice(&half.to_le_bytes());
-        }
-        codes.copy_from_slice(&shape.codes(&self.bytes, row, block));
-    }
-
     /// Channel `row`'s weights, as ggml dequantizes them.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        if !self.interleaved {
+        let Some(shape) = self.interleaved else {
             return blocks::dequantize(self.kind, &self.row(row), out);
-        }
+        };
         // Block by block: prompts decode every row of a matrix.
         let mut bytes = [0; LARGEST_INTERLEAVED_BLOCK];
         let bytes = &mut bytes[..self.kind.block_bytes()];
         for (block, out) in out.chunks_exact_mut(PIECE).enumerate() {
-            self.interleaved_block(row, block, bytes);
+            interleaved_block(shape, &self.bytes, row, block, bytes);
             blocks::dequantize(self.kind, bytes, out);
         }
     }
@@ -255,8 +243,7 @@ impl BlockMatrix {
     /// every input then meets in integer dot products: one kernel for every block format.
     fn channels_int8(&self, rows: Range<usize>, inputs: &[PieceInputs], outs: &mut [f32]) {
         let count = inputs.len();
-        let interleaved = interleaved_shape(self.kind, self.cols).filter(|_| self.interleaved);
-        if let (Some(shape), Some(dot)) = (interleaved, interleaved::kernel(Layout::Ggml)) {
+        if let (Some(shape), Some(dot)) = (self.interleaved, interleaved::kernel(Layout::Ggml)) {
             let zero = if shape.minima { 0.0 } else { 8.0 };
             let input = |index: usize| inputs[index].for_interleaved(zero);
             return interleaved::channels(dot, &self.bytes, shape, rows, count, input, outs);
@@ -325,9 +312,8 @@ fn interleaved_shape(kind: GgmlType, cols: usize) -> Option<Shape> {
 /// The bytes of a Q4_1 block, the larger of the two interleaved types.
 const LARGEST_INTERLEAVED_BLOCK: usize = 20;
 
-/// `rows` rows of `kind` blocks (`bytes`, file order), interleaved.
-pub(super) fn interleave_blocks(kind: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let shape = interleaved_shape(kind, cols).expect("an interleaved type");
+/// `rows` rows of `kind` blocks (`bytes`, file order), interleaved as `shape`.
+fn interleave_blocks(shape: Shape, kind: GgmlType, bytes: &[u8], rows: usize) -> Vec<u8> {
     let block_bytes = kind.block_bytes();
     let block = |row: usize, block: usize| &bytes[(row * shape.blocks + block) * block_bytes..];
     let half = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
@@ -340,8 +326,19 @@ pub(super) fn interleave_blocks(kind: GgmlType, bytes: &[u8], rows: usize, cols:
                 if shape.minima { half(block, 2) } else { 0 },
             ]
         },
-        |row, at| &block(row, at)[block_bytes - 16..],
+        |row, at| &block(row, at)[block_bytes - BLOCK_CODES..],
     )
+}
+
+/// Block `block` of row `row` of rows interleaved as `shape` (`bytes`) into `out`, as a file
+/// stores it: the scale, the minimum (Q4_1), the codes.
+fn interleaved_block(shape: Shape, bytes: &[u8], row: usize, block: usize, out: &mut [u8]) {
+    let halves = shape.halves(bytes, row, block);
+    let (halves_out, codes) = out.split_at_mut(out.len() - BLOCK_CODES);
+    for (half, out) in halves.iter().zip(halves_out.chunks_exact_mut(2)) {
+        out.copy_from_slice(&half.to_le_bytes());
+    }
+    codes.copy_from_slice(&shape.codes(bytes, row, block));
 }
 
 #[inline(always)]
@@ -464,11 +461,11 @@ mod tests {
             let file = random_blocks(kind, 24 * 4, &mut rng);
             let matrix = BlockMatrix::new(kind, 24, 128, file.clone()).unwrap();
             let has_kernel = interleaved::kernel(Layout::Ggml).is_some();
-            assert_eq!(matrix.interleaved, has_kernel);
+            assert_eq!(matrix.interleaved.is_some(), has_kernel);
             assert_eq!(*matrix.bytes(), file[..]);
             let twelve_rows = file[..12 * 4 * kind.block_bytes()].to_vec();
             let unaligned = BlockMatrix::new(kind, 12, 128, twelve_rows).unwrap();
-            assert!(!unaligned.interleaved);
+            assert!(unaligned.interleaved.is_none());
             let x = inputs(2, 128, 7);
             let whole = matrix.matmul_int8_inputs(&x, 2);
             let rounded: Vec<PieceInputs> = x.chunks_exact(128).map(PieceInputs::new).collect();

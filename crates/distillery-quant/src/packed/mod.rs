@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::gptq::QuantizedMatrix;
 use crate::int8_inputs::BLOCK;
-use crate::interleaved::{self, GROUP_ROWS, Layout, Shape};
+use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
 use crate::pack::{code_at, pack_bits};
 
 pub use gptq_layout::GptqTensors;
@@ -270,13 +270,12 @@ impl PackedMatrix {
             blocks_per_group: size / BLOCK,
             minima: false,
         };
-        let block_bytes = BLOCK / 2;
         let (stream, scales, groups) = (&self.stream, &self.scales, self.groups);
         let bytes_per_row = self.bytes_per_row;
         self.stream = shape.interleave(
             self.rows,
             |row, group| [scales[row * groups + group], 0],
-            |row, block| &stream[row * bytes_per_row + block * block_bytes..],
+            |row, block| &stream[row * bytes_per_row + block * BLOCK_CODES..],
         );
         self.scales = Vec::new();
         self.interleaved = Some(shape);
