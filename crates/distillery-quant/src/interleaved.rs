@@ -123,6 +123,34 @@ impl Shape {
         })
     }
 
+    /// Row `row`'s code bytes, block after block, into `out`.
+    pub(crate) fn row_codes(self, bytes: &[u8], row: usize, out: &mut Vec<u8>) {
+        out.clear();
+        let group = &bytes[self.tile(row, 0)..][..self.group_bytes()];
+        let first = self.tile_codes() + (row % GROUP_ROWS) * WORD;
+        // Tile by tile and word by word, rather than each byte's offset computed anew: exact
+        // products on interleaved rows gather every row this way.
+        for tile in group.chunks_exact(self.tile_bytes()) {
+            for block in tile[first..].chunks(BLOCK_TILE).take(self.blocks_per_group) {
+                for word in block.chunks(GROUP_ROWS * WORD) {
+                    out.extend_from_slice(&word[..WORD]);
+                }
+            }
+        }
+    }
+
+    /// Row `row`'s scales, group after group, as half-precision bits, into `out`.
+    pub(crate) fn row_scales(self, bytes: &[u8], row: usize, out: &mut Vec<u16>) {
+        out.clear();
+        let group = &bytes[self.tile(row, 0)..][..self.group_bytes()];
+        let at = 2 * (row % GROUP_ROWS);
+        out.extend(
+            group
+                .chunks_exact(self.tile_bytes())
+                .map(|tile| u16::from_le_bytes([tile[at], tile[at + 1]])),
+        );
+    }
+
     /// Row `row`'s code bytes of block `block`.
     pub(crate) fn codes(self, bytes: &[u8], row: usize, block: usize) -> [u8; BLOCK_CODES] {
         let first = self.code_offset(row, block, 0);
@@ -374,6 +402,19 @@ mod tests {
                 }
             }
             assert!(seen.into_iter().all(|seen| seen));
+            let (mut row_codes, mut row_scales) = (Vec::new(), Vec::new());
+            for row in 0..rows {
+                shape.row_codes(&interleaved, row, &mut row_codes);
+                assert_eq!(
+                    row_codes,
+                    codes[row * shape.blocks * BLOCK_CODES..][..shape.blocks * BLOCK_CODES]
+                );
+                shape.row_scales(&interleaved, row, &mut row_scales);
+                let scales: Vec<u16> = (0..shape.groups())
+                    .map(|group| halves(row, group)[0])
+                    .collect();
+                assert_eq!(row_scales, scales);
+            }
             // Row 9 (the second group's second row), block 3 (the second of weight group 1):
             // its group's tile starts after group 0's three tiles of 16 (or 32, with minima)
             // + 2 * 128 bytes; the scale is the tile's second; its codes follow the scales

@@ -45,18 +45,18 @@ impl PackedMatrix {
         let bits = self.bits as usize;
         let packed_rows = self.cols * bits / 32;
         let mut qweight = vec![0u32; packed_rows * self.rows];
+        let (mut code_buffer, mut scale_buffer) = (Vec::new(), Vec::new());
         for row in 0..self.rows {
+            let (stored, _) = self.channel(row, &mut code_buffer, &mut scale_buffer);
             let words: Vec<u32> = match &self.order {
-                None => self
-                    .channel_bytes(row)
+                None => stored
                     .chunks_exact(4)
                     .map(|word| u32::from_le_bytes([word[0], word[1], word[2], word[3]]))
                     .collect(),
                 Some(order) => {
-                    let stored = self.channel_bytes(row);
                     let mut codes = vec![0u32; self.cols];
                     for (position, &col) in order.iter().enumerate() {
-                        codes[col as usize] = code_at(&stored, self.bits, position);
+                        codes[col as usize] = code_at(stored, self.bits, position);
                     }
                     pack_bits(&codes, self.bits)
                 }

@@ -203,10 +203,20 @@ impl PackedMatrix {
 
     /// Output channel `row`'s weights in stored order.
     fn decode_stored_row(&self, row: usize, out: &mut [f32], aligned: Option<usize>) {
-        let scales = self.channel_scales(row);
         let zeros = self.channel_zeros(row);
+        if let Some(shape) = self.interleaved {
+            // Straight from the tiles, a block's codes at a time: prompts decode every row.
+            for (block, values) in out.chunks_exact_mut(BLOCK).enumerate() {
+                let group = block / shape.blocks_per_group;
+                let scale = f16_to_f32(shape.halves(&self.stream, row, group)[0]);
+                let codes = shape.codes(&self.stream, row, block);
+                decode_byte_aligned(&codes, self.bits, scale, f32::from(zeros[group]), values);
+            }
+            return;
+        }
+        let (mut code_buffer, mut scale_buffer) = (Vec::new(), Vec::new());
+        let (bytes, scales) = self.channel(row, &mut code_buffer, &mut scale_buffer);
         if let Some(size) = aligned {
-            let bytes = self.channel_bytes(row);
             let bits = self.bits as usize;
             for (group, values) in out.chunks_mut(size).enumerate() {
                 let start = group * size * bits / 8;
@@ -217,7 +227,6 @@ impl PackedMatrix {
             return;
         }
         if let Some(size) = self.run_size.filter(|size| self.bits == 3 && size % 8 == 0) {
-            let bytes = self.channel_bytes(row);
             for (group, values) in out.chunks_mut(size).enumerate() {
                 let zero = f32::from(zeros[group]);
                 let scale = f16_to_f32(scales[group]);
@@ -225,9 +234,8 @@ impl PackedMatrix {
             }
             return;
         }
-        let bytes = self.channel_bytes(row);
         for (position, value) in out.iter_mut().enumerate() {
-            let code = code_at(&bytes, self.bits, position) as f32;
+            let code = code_at(bytes, self.bits, position) as f32;
             let group = self.group_index[self.column(position)] as usize;
             *value = f16_to_f32(scales[group]) * (code - f32::from(zeros[group]));
         }
@@ -286,11 +294,12 @@ impl PackedMatrix {
         let mut order: Vec<u32> = (0..self.cols as u32).collect();
         order.sort_by_key(|&col| self.group_index[col as usize]);
         let mut stream = Vec::with_capacity(self.stream.len());
+        let (mut code_buffer, mut scale_buffer) = (Vec::new(), Vec::new());
         for row in 0..self.rows {
-            let bytes = self.channel_bytes(row);
+            let (bytes, _) = self.channel(row, &mut code_buffer, &mut scale_buffer);
             let codes: Vec<u32> = order
                 .iter()
-                .map(|&col| code_at(&bytes, self.bits, col as usize))
+                .map(|&col| code_at(bytes, self.bits, col as usize))
                 .collect();
             stream.extend(
                 pack_bits(&codes, self.bits)
@@ -369,24 +378,24 @@ impl PackedMatrix {
         &self.zeros[start..start + self.groups]
     }
 
-    /// Output channel `row`'s codes, one bit stream.
-    fn channel_bytes(&self, row: usize) -> Cow<'_, [u8]> {
-        if let Some(shape) = self.interleaved {
-            return (0..shape.blocks)
-                .flat_map(|block| shape.codes(&self.stream, row, block))
-                .collect();
-        }
-        Cow::Borrowed(&self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row])
-    }
-
-    /// Output channel `row`'s scales, one a group, as half-precision bits.
-    fn channel_scales(&self, row: usize) -> Cow<'_, [u16]> {
-        if self.interleaved.is_some() {
-            return (0..self.groups)
-                .map(|group| self.scale_bits(row, group))
-                .collect();
-        }
-        Cow::Borrowed(&self.scales[row * self.groups..(row + 1) * self.groups])
+    /// Output channel `row`'s codes (one bit stream) and scales (half-precision bits, one a
+    /// group): borrowed from rows in file order, gathered into `codes` and `scales` from
+    /// interleaved ones, so a caller that reads many rows reuses its buffers.
+    fn channel<'a>(
+        &'a self,
+        row: usize,
+        codes: &'a mut Vec<u8>,
+        scales: &'a mut Vec<u16>,
+    ) -> (&'a [u8], &'a [u16]) {
+        let Some(shape) = self.interleaved else {
+            return (
+                &self.stream[row * self.bytes_per_row..(row + 1) * self.bytes_per_row],
+                &self.scales[row * self.groups..(row + 1) * self.groups],
+            );
+        };
+        shape.row_codes(&self.stream, row, codes);
+        shape.row_scales(&self.stream, row, scales);
+        (codes, scales)
     }
 
     /// Output channel `row`'s scale of group `group`, as half-precision bits.

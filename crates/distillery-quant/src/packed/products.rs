@@ -22,7 +22,11 @@ impl PackedMatrix {
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
         let x = &*self.inputs_in_stored_order(x);
         let (cols, groups, bits) = (self.cols, self.groups, self.bits as usize);
-        let grouped = self.word_aligned_group_size();
+        // Interleaved rows decode straight from their tiles faster than they gather into a
+        // stream for the phases.
+        let grouped = self
+            .word_aligned_group_size()
+            .filter(|_| self.interleaved.is_none());
         let codes_per_byte = 8 / bits;
         let phases: Vec<f32> = match grouped {
             Some(_) => x
@@ -40,7 +44,11 @@ impl PackedMatrix {
         };
         let phases_per_input = codes_per_byte * self.bytes_per_row;
         let code_dot = scaled_code_dot();
-        let channel_outputs = |row: usize, scratch: &mut Vec<f32>, out: &mut [f32]| {
+        // `buffers` holds an interleaved row's codes and scales, gathered once a row.
+        let channel_outputs = |row: usize,
+                               scratch: &mut Vec<f32>,
+                               buffers: &mut (Vec<u8>, Vec<u16>),
+                               out: &mut [f32]| {
             let Some(size) = grouped else {
                 scratch.resize(cols, 0.0);
                 self.decode_stored_row(row, scratch, None);
@@ -49,12 +57,12 @@ impl PackedMatrix {
                 }
                 return;
             };
-            let (bytes, scales) = (self.channel_bytes(row), self.channel_scales(row));
+            let (bytes, scales) = self.channel(row, &mut buffers.0, &mut buffers.1);
             let row_groups = RowGroups {
-                bytes: &bytes,
+                bytes,
                 bits: self.bits,
                 group_bytes: size * bits / 8,
-                scales: &scales,
+                scales,
             };
             let zeros = self.channel_zeros(row);
             for (index, value) in out.iter_mut().enumerate() {
@@ -65,8 +73,9 @@ impl PackedMatrix {
             }
         };
         self.by_channel(count, |rows, scratch, outs| {
+            let mut buffers = (Vec::new(), Vec::new());
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
-                channel_outputs(row, scratch, out);
+                channel_outputs(row, scratch, &mut buffers, out);
             }
         })
     }
