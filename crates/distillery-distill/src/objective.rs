@@ -3,8 +3,11 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use distillery_config::{DistillConfig, DistillLoss};
 use distillery_data::ValidationWindows;
+use distillery_kernels::HeadTeacher;
 use distillery_model::Llama;
-use distillery_train::loss::{cross_entropy, masked_mean, next_token_hits};
+use distillery_train::loss::{
+    LossTerms, cross_entropy, head_loss_terms, masked_mean, next_token_hits,
+};
 use distillery_train::{
     MicroBatch, ObjectiveLoss, TrainError, batch_mask, batch_tensors, evaluate,
 };
@@ -93,6 +96,60 @@ impl DistillObjective {
     }
 }
 
+impl DistillObjective {
+    /// The forward-KL loss through the student's output head a chunk of positions at a time
+    /// ([`head_loss_terms`]), the teacher's logits chunked alike (live) or read from the cache;
+    /// `None` where that path does not apply (another divergence, or a quantized head).
+    fn head_loss(
+        &mut self,
+        model: &Llama,
+        inputs: &Tensor<2, Int>,
+        targets: &Tensor<2, Int>,
+        mask: &Option<Tensor<2>>,
+        micro_batch: u64,
+    ) -> Result<Option<LossTerms>, TrainError> {
+        if self.settings.loss != DistillLoss::ForwardKl || model.float_head().is_none() {
+            return Ok(None);
+        }
+        let settings = &self.settings;
+        let teacher = match self.cache.as_mut() {
+            Some(cache) => {
+                let cached = cache.read(micro_batch).map_err(|error| match error {
+                    DistillError::Cache { path, message } => TrainError::Path { path, message },
+                    other => TrainError::Path {
+                        path: self.teacher.directory().to_path_buf(),
+                        message: other.to_string(),
+                    },
+                })?;
+                let k = cache.header().top_k;
+                let rows = cached.ids.len() / k;
+                let device = self.teacher.device();
+                let ids: Vec<i64> = cached.ids.iter().map(|&id| i64::from(id)).collect();
+                HeadTeacher::Sparse {
+                    ids: Tensor::from_data(TensorData::new(ids, [rows, k]), device),
+                    log_probs: Tensor::from_data(
+                        TensorData::new(cached.log_probs(settings.temperature), [rows, k + 1]),
+                        device,
+                    ),
+                }
+            }
+            None => match self.teacher.head_inputs(inputs.clone()) {
+                Some((hidden, weight)) => HeadTeacher::Dense { hidden, weight },
+                None => return Ok(None),
+            },
+        };
+        Ok(head_loss_terms(
+            model,
+            inputs.clone(),
+            targets.clone(),
+            mask.clone(),
+            teacher,
+            settings.alpha,
+            settings.temperature,
+        ))
+    }
+}
+
 impl distillery_train::Objective for DistillObjective {
     fn loss(&mut self, model: &Llama, batch: MicroBatch) -> Result<ObjectiveLoss, TrainError> {
         let MicroBatch {
@@ -103,10 +160,27 @@ impl distillery_train::Objective for DistillObjective {
         } = batch;
         if self.settings.labels_only() {
             // The teacher does not enter the loss, so it is not run.
-            let ce = cross_entropy(model.forward(inputs), targets, mask);
+            let ce = match head_loss_terms(
+                model,
+                inputs.clone(),
+                targets.clone(),
+                mask.clone(),
+                HeadTeacher::Labels,
+                0.0,
+                1.0,
+            ) {
+                Some(terms) => terms.total,
+                None => cross_entropy(model.forward(inputs), targets, mask),
+            };
             return Ok(ObjectiveLoss {
                 total: ce.clone(),
                 terms: vec![("train/ce", ce)],
+            });
+        }
+        if let Some(terms) = self.head_loss(model, &inputs, &targets, &mask, index)? {
+            return Ok(ObjectiveLoss {
+                total: terms.total,
+                terms: vec![("train/ce", terms.ce), ("train/kd", terms.kd)],
             });
         }
         if self.cache.is_some() {

@@ -82,6 +82,21 @@ impl Teacher {
         }
     }
 
+    /// The teacher's final hidden states for `inputs` `[batch * seq, hidden]` and its output
+    /// head `[hidden, student vocab]` (cut as [`Teacher::logits`] cuts them), so that its
+    /// logits can be computed a chunk of positions at a time; `None` when its head is
+    /// quantized.
+    pub fn head_inputs(&self, inputs: Tensor<2, Int>) -> Option<(Tensor<2>, Tensor<2>)> {
+        let weight = self.model.float_head()?;
+        let weight = match self.logits_width {
+            Some(width) => weight.narrow(1, 0, width),
+            None => weight,
+        };
+        let hidden = self.model.final_hidden(inputs.inner());
+        let [batch, seq, width] = hidden.dims();
+        Some((hidden.reshape([batch * seq, width]), weight))
+    }
+
     pub fn model(&self) -> &Llama {
         &self.model
     }
@@ -280,11 +295,9 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn teacher_forward_records_no_graph_and_ignores_dropout() {
-        let device = Device::flex();
-        let shape = LlamaConfig {
-            vocab_size: 40,
+    fn shape(vocab_size: usize, tie_word_embeddings: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size,
             hidden_size: 16,
             intermediate_size: 32,
             num_hidden_layers: 2,
@@ -293,17 +306,115 @@ mod tests {
             max_position_embeddings: 16,
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
-            tie_word_embeddings: true,
+            tie_word_embeddings,
             rope_scaling: None,
-        };
-        let teacher = Teacher {
-            model: Llama::new(&shape, 0.5, 3, &device).unwrap().valid(),
+        }
+    }
+
+    /// A teacher of 40 logits whose last 8 are padding for a student of 32.
+    fn padded_teacher(device: &Device) -> Teacher {
+        Teacher {
+            model: Llama::new(&shape(40, true), 0.5, 3, device)
+                .unwrap()
+                .valid(),
             device: device.clone(),
             directory: PathBuf::new(),
             step: None,
             weights_sha256: String::new(),
             logits_width: Some(32),
+        }
+    }
+
+    fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+        tensor.into_data().try_into_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn the_chunked_head_gives_the_distillation_loss_and_gradients_of_whole_logits() {
+        use distillery_config::DistillConfig;
+        use distillery_kernels::HeadTeacher;
+        use distillery_train::loss::head_loss_terms;
+
+        use crate::losses::distillation_loss;
+
+        let device = Device::flex();
+        let teacher = padded_teacher(&device);
+        let autodiff = device.clone().autodiff();
+        let settings = DistillConfig {
+            temperature: 2.0,
+            alpha: 0.6,
+            ..DistillConfig::default()
         };
+        let inputs = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![1i64, 5, 7, 2, 3, 9, 31, 0], [2, 4]),
+            &autodiff,
+        );
+        let targets = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![5i64, 7, 2, 3, 9, 31, 0, 4], [2, 4]),
+            &autodiff,
+        );
+        // The last position of each sequence is padding.
+        let mask = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0], [2, 4]),
+            &autodiff,
+        );
+        for tied in [true, false] {
+            let student = Llama::new(&shape(32, tied), 0.0, 11, &autodiff).unwrap();
+            let (hidden, weight) = teacher.head_inputs(inputs.clone()).unwrap();
+            let chunked = head_loss_terms(
+                &student,
+                inputs.clone(),
+                targets.clone(),
+                Some(mask.clone()),
+                HeadTeacher::Dense { hidden, weight },
+                settings.alpha,
+                settings.temperature,
+            )
+            .unwrap();
+            let whole = distillation_loss(
+                student.forward(inputs.clone()),
+                teacher.logits(inputs.clone()),
+                targets.clone(),
+                &settings,
+                Some(mask.clone()),
+            );
+            let chunked_gradients = chunked.total.clone().backward();
+            let whole_gradients = whole.total.clone().backward();
+            let table = student.embedding().unwrap().val();
+            let mut pairs = vec![
+                ("total", values(chunked.total), values(whole.total)),
+                ("ce", values(chunked.ce), values(whole.ce)),
+                ("kd", values(chunked.kd), values(whole.kd)),
+                (
+                    "embedding gradient",
+                    values(table.grad(&chunked_gradients).unwrap()),
+                    values(table.grad(&whole_gradients).unwrap()),
+                ),
+            ];
+            if !tied {
+                let head = student.float_head().unwrap();
+                pairs.push((
+                    "head gradient",
+                    values(head.grad(&chunked_gradients).unwrap()),
+                    values(head.grad(&whole_gradients).unwrap()),
+                ));
+            }
+            for (name, chunked, whole) in pairs {
+                assert_eq!(chunked.len(), whole.len(), "{name}");
+                for (a, b) in chunked.iter().zip(&whole) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "tied {tied}, {name}: chunked {a} vs whole {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn teacher_forward_records_no_graph_and_ignores_dropout() {
+        let device = Device::flex();
+        let teacher = padded_teacher(&device);
         // The student's batch lives on the autodiff device; the teacher's answer must not.
         let inputs = Tensor::<2, Int>::from_data(
             TensorData::new(vec![1i64, 5, 7, 2, 3, 9], [2, 3]),

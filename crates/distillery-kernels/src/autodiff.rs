@@ -1,16 +1,20 @@
 //! The extension's implementations: burn-flex runs the kernels; autodiff over a backend with the
 //! kernels records each operation as one node whose backward pass is one kernel call.
 
-use burn::backend::Backend;
 use burn::backend::Flex;
 use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{AutodiffBackend, Backend};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
 
-use crate::{AdamWTensors, FusedInferenceOps, FusedOps, FusedOptimizerOps, flex, rows::AdamWStep};
+use crate::flex::HeadRequests;
+use crate::{
+    AdamWTensors, FusedInferenceOps, FusedOps, FusedOptimizerOps, HeadTeacherTensors, flex,
+    rows::AdamWStep,
+};
 
 /// Forward passes that return what the backward pass needs, and the backward passes.
 pub trait FusedKernels: Backend {
@@ -56,6 +60,20 @@ pub trait FusedKernels: Backend {
         gradient: FloatTensor<Self>,
         inverse_temperature: f32,
     ) -> FloatTensor<Self>;
+    /// The output head's losses, and the gradients of their total asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn head_losses_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        ce_scales: FloatTensor<Self>,
+        teacher: HeadTeacherTensors<Self>,
+        kl_scales: FloatTensor<Self>,
+        inverse_temperature: f32,
+        requests: HeadRequests,
+    ) -> HeadLossOutputs<Self>;
+    /// `tensor` times the one value of `factor`.
+    fn scaled(tensor: FloatTensor<Self>, factor: FloatTensor<Self>) -> FloatTensor<Self>;
     /// The product of two matrices, strided views included.
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
     fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -105,7 +123,51 @@ pub trait FusedKernels: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// What [`FusedKernels::head_losses_forward`] returns.
+pub struct HeadLossOutputs<B: Backend> {
+    pub total: FloatTensor<B>,
+    pub cross_entropy: FloatTensor<B>,
+    pub divergence: FloatTensor<B>,
+    pub hidden_gradient: Option<FloatTensor<B>>,
+    pub weight_gradient: Option<FloatTensor<B>>,
+    pub predictions: Option<IntTensor<B>>,
+}
+
 impl FusedKernels for Flex {
+    fn head_losses_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        ce_scales: FloatTensor<Self>,
+        teacher: HeadTeacherTensors<Self>,
+        kl_scales: FloatTensor<Self>,
+        inverse_temperature: f32,
+        requests: HeadRequests,
+    ) -> HeadLossOutputs<Self> {
+        let outputs = flex::head_losses(
+            &hidden,
+            &weight,
+            &targets,
+            &ce_scales,
+            &teacher,
+            &kl_scales,
+            inverse_temperature,
+            requests,
+        );
+        HeadLossOutputs {
+            total: outputs.total,
+            cross_entropy: outputs.cross_entropy,
+            divergence: outputs.divergence,
+            hidden_gradient: outputs.hidden_gradient,
+            weight_gradient: outputs.weight_gradient,
+            predictions: outputs.predictions,
+        }
+    }
+
+    fn scaled(tensor: FloatTensor<Self>, factor: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex::scaled(tensor, &factor)
+    }
+
     fn cross_entropy_forward(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -252,6 +314,14 @@ impl FusedKernels for Flex {
 }
 
 impl FusedInferenceOps for Flex {
+    fn fused_head_scores(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        flex::head_scores(&hidden, &weight, &targets)
+    }
+
     fn fused_rows_times_matrix(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -332,6 +402,32 @@ impl FusedOps for Flex {
 
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::matmul(x, weight)
+    }
+
+    fn fused_head_losses(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        ce_scales: FloatTensor<Self>,
+        teacher: HeadTeacherTensors<Self>,
+        kl_scales: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let outputs = Self::head_losses_forward(
+            hidden,
+            weight,
+            targets,
+            ce_scales,
+            teacher,
+            kl_scales,
+            inverse_temperature,
+            HeadRequests {
+                hidden_gradient: false,
+                weight_gradient: false,
+                predictions: false,
+            },
+        );
+        (outputs.total, outputs.cross_entropy, outputs.divergence)
     }
 
     fn fused_rotary(
@@ -612,6 +708,90 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(B::matmul(x.into_primitive(), weight.into_primitive()))
             }
         }
+    }
+
+    fn fused_head_losses(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        ce_scales: FloatTensor<Self>,
+        teacher: HeadTeacherTensors<Self>,
+        kl_scales: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        /// The gradients were taken in the forward pass, for a total that reaches the loss
+        /// with a gradient of one; the backward pass scales them by the gradient that does.
+        #[derive(Debug)]
+        struct HeadBackward;
+
+        impl<B: FusedKernels> Backward<B, 2> for HeadBackward {
+            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (hidden_gradient, weight_gradient) = ops.state;
+                let gradient = grads.consume::<B>(&ops.node);
+                let [hidden_parent, weight_parent] = ops.parents;
+                for (parent, parameter_gradient) in [
+                    (hidden_parent, hidden_gradient),
+                    (weight_parent, weight_gradient),
+                ] {
+                    if let (Some(node), Some(parameter_gradient)) = (parent, parameter_gradient) {
+                        grads.register::<B>(
+                            node.id,
+                            B::scaled(parameter_gradient, gradient.clone()),
+                        );
+                    }
+                }
+            }
+        }
+
+        let requests = HeadRequests {
+            hidden_gradient: hidden.is_tracked(),
+            weight_gradient: weight.is_tracked(),
+            predictions: false,
+        };
+        let teacher = match teacher {
+            HeadTeacherTensors::Labels => HeadTeacherTensors::Labels,
+            HeadTeacherTensors::Dense { hidden, weight } => HeadTeacherTensors::Dense {
+                hidden: hidden.into_primitive(),
+                weight: weight.into_primitive(),
+            },
+            HeadTeacherTensors::Sparse { ids, log_probs } => HeadTeacherTensors::Sparse {
+                ids,
+                log_probs: log_probs.into_primitive(),
+            },
+        };
+        let prepared = HeadBackward
+            .prepare::<C>([hidden.node(), weight.node()])
+            .compute_bound()
+            .stateful();
+        let outputs = B::head_losses_forward(
+            hidden.into_primitive(),
+            weight.into_primitive(),
+            targets,
+            ce_scales.into_primitive(),
+            teacher,
+            kl_scales.into_primitive(),
+            inverse_temperature,
+            requests,
+        );
+        let total = match prepared {
+            OpsKind::Tracked(prep) => prep.finish(
+                (outputs.hidden_gradient, outputs.weight_gradient),
+                outputs.total,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(outputs.total),
+        };
+        (
+            total,
+            <Self as AutodiffBackend>::from_inner(outputs.cross_entropy),
+            <Self as AutodiffBackend>::from_inner(outputs.divergence),
+        )
     }
 
     fn fused_rms_norm(

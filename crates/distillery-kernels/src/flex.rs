@@ -62,6 +62,17 @@ fn indices(tensor: &FlexTensor, bound: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Token ids as a `[ids]` tensor of the integer type `dtype`, as [`indices`] reads them.
+fn token_ids(ids: &[usize], dtype: DType) -> FlexTensor {
+    let bytes = match dtype {
+        DType::I64 => Bytes::from_elems(ids.iter().map(|&id| id as i64).collect::<Vec<_>>()),
+        DType::I32 => Bytes::from_elems(ids.iter().map(|&id| id as i32).collect::<Vec<_>>()),
+        DType::U32 => Bytes::from_elems(ids.iter().map(|&id| id as u32).collect::<Vec<_>>()),
+        dtype => panic!("token ids must be integers, got {dtype:?}"),
+    };
+    FlexTensor::new(bytes, Layout::contiguous(Shape::new([ids.len()])), dtype)
+}
+
 /// Per-row cross-entropy of `[rows, vocab]` logits; returns the losses `[rows]` and the
 /// log-sum-exps `[rows]`.
 pub fn cross_entropy(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
@@ -109,6 +120,395 @@ pub fn cross_entropy_backward(
             rows::cross_entropy_backward(logits, targets, lse, gradient, vocab, output)
         });
     tensor(output, shape_of(logits))
+}
+
+/// Logits a chunk of the output head holds at a time (64 MiB of f32): a few hundred rows of a
+/// 49k vocabulary, so one chunk's logits and their gradient fit where the whole batch's took
+/// several times as much, and the weight gradient is added to once per chunk. The unit tests
+/// take chunks of one row block, so that their small heads run through several chunks.
+#[cfg(not(test))]
+const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
+#[cfg(test)]
+const HEAD_CHUNK_ELEMENTS: usize = 1;
+
+/// What [`head_losses`] computes beside the losses.
+#[derive(Clone, Copy)]
+pub struct HeadRequests {
+    pub hidden_gradient: bool,
+    pub weight_gradient: bool,
+    /// Each row's most likely token.
+    pub predictions: bool,
+}
+
+/// [`head_losses`]'s results: the weighted total `[1]`, the per-row losses `[rows]`, and what
+/// else was asked for.
+pub struct HeadLossOutputs {
+    pub total: FlexTensor,
+    pub cross_entropy: FlexTensor,
+    pub divergence: FlexTensor,
+    pub hidden_gradient: Option<FlexTensor>,
+    pub weight_gradient: Option<FlexTensor>,
+    /// `[rows]` token ids, of the targets' integer type.
+    pub predictions: Option<FlexTensor>,
+}
+
+/// The teacher of [`head_losses`] with its ids read.
+enum ChunkTeacher<'a> {
+    Labels,
+    Dense {
+        hidden: &'a FlexTensor,
+        weight: &'a FlexTensor,
+    },
+    Sparse {
+        ids: Vec<usize>,
+        log_probs: std::borrow::Cow<'a, [f32]>,
+        k: usize,
+    },
+}
+
+/// Per-row statistics of a block of rows of one chunk.
+struct BlockLosses {
+    cross_entropy: Vec<f32>,
+    log_sum_exps: Vec<f32>,
+    divergence: Vec<f32>,
+    student_lse: Vec<f32>,
+    /// The teacher's log-sum-exp at the temperature (a dense teacher), or the student's over
+    /// the uncached rest of the vocabulary (a cached one).
+    second_lse: Vec<f32>,
+    /// Each row's most likely token, when asked for.
+    predictions: Vec<usize>,
+}
+
+/// The output head `hidden` `[rows, width]` x `weight` `[width, vocab]` and the losses of its
+/// logits, a chunk of rows at a time (see [`crate::head_losses`]). The gradients of the total
+/// with respect to `hidden` and `weight` are taken chunk by chunk from the chunk's logits,
+/// overwritten in place by their gradient; the weight's is laid out as the weight is (a
+/// transposed `[vocab, width]` table's gradient is a transposed `[vocab, width]` table).
+#[allow(clippy::too_many_arguments)]
+pub fn head_losses(
+    hidden: &FlexTensor,
+    weight: &FlexTensor,
+    targets: &FlexTensor,
+    ce_scales: &FlexTensor,
+    teacher: &crate::HeadTeacherTensors<burn::backend::Flex>,
+    kl_scales: &FlexTensor,
+    inverse_temperature: f32,
+    requests: HeadRequests,
+) -> HeadLossOutputs {
+    let ((rows, width), (inner, vocab)) = (matrix_dims(hidden), matrix_dims(weight));
+    assert_eq!(
+        width, inner,
+        "[{rows}, {width}] hidden states and a [{inner}, {vocab}] head"
+    );
+    let targets_dtype = targets.dtype();
+    let targets = indices(targets, vocab);
+    let ce_scales = contiguous_f32(ce_scales);
+    let kl_scales = contiguous_f32(kl_scales);
+    assert_eq!(
+        (targets.len(), ce_scales.len(), kl_scales.len()),
+        (rows, rows, rows)
+    );
+    let teacher = match teacher {
+        crate::HeadTeacherTensors::Labels => ChunkTeacher::Labels,
+        crate::HeadTeacherTensors::Dense { hidden, weight } => {
+            let ((teacher_rows, teacher_width), (inner, teacher_vocab)) =
+                (matrix_dims(hidden), matrix_dims(weight));
+            assert_eq!(
+                (teacher_rows, teacher_width, teacher_vocab),
+                (rows, inner, vocab),
+                "the teacher's hidden states and head against the student's"
+            );
+            ChunkTeacher::Dense { hidden, weight }
+        }
+        crate::HeadTeacherTensors::Sparse { ids, log_probs } => {
+            let k = last_dim(ids);
+            let log_probs = contiguous_f32(log_probs);
+            assert_eq!(log_probs.len(), rows * (k + 1), "k + 1 outcomes per row");
+            ChunkTeacher::Sparse {
+                ids: indices(ids, vocab),
+                log_probs,
+                k,
+            }
+        }
+    };
+    let chunk_rows = (HEAD_CHUNK_ELEMENTS / vocab / ROW_BLOCK).max(1) * ROW_BLOCK;
+    let chunk_capacity = chunk_rows.min(rows) * vocab;
+    let mut logits: Vec<f32> = Vec::with_capacity(chunk_capacity);
+    let mut teacher_logits: Vec<f32> = match teacher {
+        ChunkTeacher::Dense { .. } => Vec::with_capacity(chunk_capacity),
+        _ => Vec::new(),
+    };
+    let mut cross_entropy = vec![0.0f32; rows];
+    let mut divergence = vec![0.0f32; rows];
+    let mut predictions: Vec<usize> = Vec::with_capacity(if requests.predictions { rows } else { 0 });
+    let mut hidden_gradient: Vec<f32> = Vec::with_capacity(if requests.hidden_gradient {
+        rows * width
+    } else {
+        0
+    });
+    let mut weight_gradient: Vec<f32> = Vec::with_capacity(if requests.weight_gradient {
+        width * vocab
+    } else {
+        0
+    });
+    // A `[width, vocab]` view of a `[vocab, width]` table gets its gradient in the table's
+    // layout, so the view's backward pass hands the table a contiguous gradient.
+    let weight_gradient_strides = if matrix_strides(weight) == (1, width as isize) {
+        (1, width as isize)
+    } else {
+        (vocab as isize, 1)
+    };
+    let hidden_strides = matrix_strides(hidden);
+    let weight_strides = matrix_strides(weight);
+    let weight_transposed = (weight_strides.1, weight_strides.0);
+    for (chunk, start) in (0..rows).step_by(chunk_rows).enumerate() {
+        let count = chunk_rows.min(rows - start);
+        // SAFETY: rows `start..start + count` of `hidden` lie in its storage, and `logits` has
+        // room for `count x vocab` values, all of which gemm writes.
+        unsafe {
+            gemm(
+                (count, vocab, width),
+                logits.as_mut_ptr(),
+                (vocab as isize, 1),
+                matrix_start(hidden).offset(start as isize * hidden_strides.0),
+                hidden_strides,
+                matrix_start(weight),
+                weight_strides,
+                1.0,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+            logits.set_len(count * vocab);
+        }
+        if let ChunkTeacher::Dense { hidden, weight } = &teacher {
+            let strides = matrix_strides(hidden);
+            // SAFETY: as for the student's chunk.
+            unsafe {
+                gemm(
+                    (count, vocab, matrix_dims(hidden).1),
+                    teacher_logits.as_mut_ptr(),
+                    (vocab as isize, 1),
+                    matrix_start(hidden).offset(start as isize * strides.0),
+                    strides,
+                    matrix_start(weight),
+                    matrix_strides(weight),
+                    1.0,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+                teacher_logits.set_len(count * vocab);
+            }
+        }
+        let blocks: Vec<BlockLosses> = logits
+            .par_chunks(ROW_BLOCK * vocab)
+            .enumerate()
+            .map(|(block, student)| {
+                let first = start + block * ROW_BLOCK;
+                let block_rows = student.len() / vocab;
+                let range = first..first + block_rows;
+                let mut losses = BlockLosses {
+                    cross_entropy: vec![0.0; block_rows],
+                    log_sum_exps: vec![0.0; block_rows],
+                    divergence: vec![0.0; block_rows],
+                    student_lse: vec![0.0; block_rows],
+                    second_lse: vec![0.0; block_rows],
+                    predictions: Vec::new(),
+                };
+                if requests.predictions {
+                    losses.predictions = student.chunks_exact(vocab).map(rows::argmax).collect();
+                }
+                rows::cross_entropy(
+                    student,
+                    &targets[range.clone()],
+                    vocab,
+                    &mut losses.cross_entropy,
+                    &mut losses.log_sum_exps,
+                );
+                match &teacher {
+                    ChunkTeacher::Labels => {}
+                    ChunkTeacher::Dense { .. } => rows::forward_kl(
+                        student,
+                        &teacher_logits[block * ROW_BLOCK * vocab..][..block_rows * vocab],
+                        vocab,
+                        inverse_temperature,
+                        &mut losses.divergence,
+                        &mut losses.student_lse,
+                        &mut losses.second_lse,
+                    ),
+                    ChunkTeacher::Sparse { ids, log_probs, k } => rows::sparse_forward_kl(
+                        rows::SparseRows {
+                            student,
+                            ids: &ids[range.start * k..range.end * k],
+                            teacher: &log_probs[range.start * (k + 1)..range.end * (k + 1)],
+                            vocab,
+                            inverse_temperature,
+                        },
+                        &mut losses.divergence,
+                        &mut losses.student_lse,
+                        &mut losses.second_lse,
+                    ),
+                }
+                losses
+            })
+            .collect();
+        for (block, losses) in blocks.iter().enumerate() {
+            let first = start + block * ROW_BLOCK;
+            let range = first..first + losses.cross_entropy.len();
+            cross_entropy[range.clone()].copy_from_slice(&losses.cross_entropy);
+            divergence[range].copy_from_slice(&losses.divergence);
+            predictions.extend_from_slice(&losses.predictions);
+        }
+        if !requests.hidden_gradient && !requests.weight_gradient {
+            continue;
+        }
+        logits
+            .par_chunks_mut(ROW_BLOCK * vocab)
+            .zip(blocks.par_iter())
+            .enumerate()
+            .for_each(|(block, (student, losses))| {
+                let first = start + block * ROW_BLOCK;
+                let block_rows = student.len() / vocab;
+                let range = first..first + block_rows;
+                let divergence = match &teacher {
+                    ChunkTeacher::Labels => rows::DivergenceRows::None,
+                    ChunkTeacher::Dense { .. } => rows::DivergenceRows::Dense {
+                        teacher: &teacher_logits[block * ROW_BLOCK * vocab..][..block_rows * vocab],
+                        student_lse: &losses.student_lse,
+                        teacher_lse: &losses.second_lse,
+                    },
+                    ChunkTeacher::Sparse { ids, log_probs, k } => rows::DivergenceRows::Sparse {
+                        ids: &ids[range.start * k..range.end * k],
+                        teacher: &log_probs[range.start * (k + 1)..range.end * (k + 1)],
+                        student_lse: &losses.student_lse,
+                        student_rest_lse: &losses.second_lse,
+                    },
+                };
+                rows::head_gradient(
+                    student,
+                    vocab,
+                    &targets[range.clone()],
+                    &losses.log_sum_exps,
+                    &ce_scales[range.clone()],
+                    divergence,
+                    &kl_scales[range],
+                    inverse_temperature,
+                );
+            });
+        if requests.hidden_gradient {
+            // SAFETY: rows `start..start + count` of the `rows x width` gradient are in its
+            // capacity and written whole; `logits` holds `count x vocab` gradients.
+            unsafe {
+                gemm(
+                    (count, width, vocab),
+                    hidden_gradient.as_mut_ptr().add(start * width),
+                    (width as isize, 1),
+                    logits.as_ptr(),
+                    (vocab as isize, 1),
+                    matrix_start(weight),
+                    weight_transposed,
+                    1.0,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+        }
+        if requests.weight_gradient {
+            // SAFETY: the `width x vocab` gradient is in its capacity, written whole by the
+            // first chunk and added to by the others.
+            unsafe {
+                gemm(
+                    (width, vocab, count),
+                    weight_gradient.as_mut_ptr(),
+                    weight_gradient_strides,
+                    matrix_start(hidden).offset(start as isize * hidden_strides.0),
+                    (hidden_strides.1, hidden_strides.0),
+                    logits.as_ptr(),
+                    (vocab as isize, 1),
+                    1.0,
+                    chunk > 0,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+        }
+    }
+    let total: f64 = (0..rows)
+        .map(|row| {
+            f64::from(ce_scales[row]) * f64::from(cross_entropy[row])
+                + f64::from(kl_scales[row]) * f64::from(divergence[row])
+        })
+        .sum();
+    let hidden_gradient = requests.hidden_gradient.then(|| {
+        // SAFETY: every chunk wrote its rows.
+        unsafe { hidden_gradient.set_len(rows * width) };
+        tensor(hidden_gradient, Shape::new([rows, width]))
+    });
+    let weight_gradient = requests.weight_gradient.then(|| {
+        // SAFETY: the first chunk wrote every element.
+        unsafe { weight_gradient.set_len(width * vocab) };
+        FlexTensor::new(
+            Bytes::from_elems(weight_gradient),
+            Layout::new(
+                Shape::new([width, vocab]),
+                vec![weight_gradient_strides.0, weight_gradient_strides.1],
+                0,
+            ),
+            DType::F32,
+        )
+    });
+    let predictions = requests
+        .predictions
+        .then(|| token_ids(&predictions, targets_dtype));
+    HeadLossOutputs {
+        total: tensor(vec![total as f32], Shape::new([1])),
+        cross_entropy: tensor(cross_entropy, Shape::new([rows])),
+        divergence: tensor(divergence, Shape::new([rows])),
+        hidden_gradient,
+        weight_gradient,
+        predictions,
+    }
+}
+
+/// Per row of the output head: the cross-entropy on `targets` and the most likely token,
+/// from [`head_losses`] with no teacher and no gradient.
+pub fn head_scores(
+    hidden: &FlexTensor,
+    weight: &FlexTensor,
+    targets: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let unweighted = tensor(vec![0.0; matrix_dims(hidden).0], shape_of(targets));
+    let outputs = head_losses(
+        hidden,
+        weight,
+        targets,
+        &unweighted,
+        &crate::HeadTeacherTensors::Labels,
+        &unweighted,
+        1.0,
+        HeadRequests {
+            hidden_gradient: false,
+            weight_gradient: false,
+            predictions: true,
+        },
+    );
+    let predictions = outputs.predictions.expect("predictions were asked for");
+    (outputs.cross_entropy, predictions)
+}
+
+/// `tensor` times the one value of `factor`: a loss's gradient scaled by the gradient that
+/// reaches the loss.
+pub fn scaled(tensor: FlexTensor, factor: &FlexTensor) -> FlexTensor {
+    let factor = contiguous_f32(factor)[0];
+    if factor == 1.0 {
+        return tensor;
+    }
+    let layout = tensor.layout().clone();
+    let mut values = tensor.storage::<f32>().to_vec();
+    values.par_chunks_mut(ELEMENT_BLOCK).for_each(|values| {
+        for value in values {
+            *value *= factor;
+        }
+    });
+    FlexTensor::new(Bytes::from_elems(values), layout, DType::F32)
 }
 
 pub fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {

@@ -17,6 +17,7 @@ pub use rows::AdamWStep;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, DispatchDevice, ExtensionType, backend_extension};
 use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::kind::Autodiff;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor};
@@ -60,6 +61,21 @@ pub trait FusedOps: Backend {
     /// `x W` of `[rows, in]` inputs and an `[in, out]` weight (a transposed view of an
     /// `[out, in]` table too): a linear layer's product, differentiable with respect to both.
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The output head and the next-token losses of its logits, chunk by chunk: per row of
+    /// `hidden` `[rows, width]` times `weight` `[width, vocab]`, the cross-entropy on `targets`
+    /// and the divergence from `teacher`. Returns the weighted total
+    /// `sum(ce_scales * ce + kl_scales * divergence)` `[1]`, differentiable with respect to
+    /// `hidden` and `weight`, and the per-row cross-entropies and divergences `[rows]`, which
+    /// are not.
+    fn fused_head_losses(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        ce_scales: FloatTensor<Self>,
+        #[extension_type] teacher: HeadTeacherTensors<Self>,
+        kl_scales: FloatTensor<Self>,
+        inverse_temperature: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Rotary embedding (rotate-half layout) at positions `start..`.
     fn fused_rotary(
         x: FloatTensor<Self>,
@@ -67,6 +83,20 @@ pub trait FusedOps: Backend {
         sin_signed: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self>;
+}
+
+/// The teacher a [`head_losses`] row is held to, as backend tensors.
+#[derive(ExtensionType)]
+pub enum HeadTeacherTensors<B: Backend> {
+    Labels,
+    Dense {
+        hidden: FloatTensor<B>,
+        weight: FloatTensor<B>,
+    },
+    Sparse {
+        ids: IntTensor<B>,
+        log_probs: FloatTensor<B>,
+    },
 }
 
 /// A parameter and its AdamW moments, updated together.
@@ -90,6 +120,14 @@ pub trait FusedOptimizerOps: Backend {
 /// Inference-only operations: they run outside autodiff, on plain tensors.
 #[backend_extension(Flex)]
 pub trait FusedInferenceOps: Backend {
+    /// Per row of the output head `hidden` `[rows, width]` x `weight` `[width, vocab]`: the
+    /// cross-entropy on `targets` `[rows]` and the most likely token, as [`head_losses`]
+    /// computes them, a chunk of logits at a time.
+    fn fused_head_scores(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, IntTensor<Self>);
     /// `x W` for a few rows `x` `[rows, in]` and a weight `[in, out]`.
     fn fused_rows_times_matrix(
         x: FloatTensor<Self>,
@@ -203,6 +241,157 @@ pub fn coarse_log_probs(student: Tensor<2>, ids: Tensor<2, Int>, temperature: f6
     let rest = max.clone() + (rest - max).exp().sum_dim(1).log();
     // [rows, k] and [rows, 1] -> [rows, k + 1]
     Tensor::cat(vec![log_q.gather(1, ids), rest], 1)
+}
+
+/// What [`head_losses`] holds the student's rows to beside their labels.
+#[derive(Clone)]
+pub enum HeadTeacher {
+    /// Nothing: cross-entropy on the labels alone.
+    Labels,
+    /// The forward KL to a teacher given by its final hidden states `[rows, width]` and its
+    /// output head `[width, vocab]`: its logits are computed chunk by chunk too.
+    Dense {
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+    },
+    /// The forward KL over `k + 1` outcomes to a cached teacher ([`sparse_forward_kl_rows`]):
+    /// token `ids` `[rows, k]` and the teacher's log-probabilities at the temperature
+    /// `[rows, k + 1]`, the rest of the vocabulary last.
+    Sparse {
+        ids: Tensor<2, Int>,
+        log_probs: Tensor<2>,
+    },
+}
+
+/// How much each row's two losses weigh in [`head_losses`]'s total: `[rows]` each.
+pub struct RowWeights {
+    pub cross_entropy: Tensor<1>,
+    pub divergence: Tensor<1>,
+}
+
+/// [`head_losses`]'s results.
+pub struct HeadLosses {
+    /// `sum(weights.cross_entropy * cross_entropy + weights.divergence * divergence)`, `[1]`:
+    /// the only differentiable output.
+    pub total: Tensor<1>,
+    /// Per-row cross-entropy on the targets, `[rows]`, for metrics.
+    pub cross_entropy: Tensor<1>,
+    /// Per-row `T^2 * KL(teacher || student)` at the temperature (zeros with
+    /// [`HeadTeacher::Labels`]), `[rows]`, for metrics.
+    pub divergence: Tensor<1>,
+}
+
+/// The output head `hidden` `[rows, width]` x `weight` `[width, vocab]` and the losses of its
+/// logits: per row the cross-entropy on `targets` `[rows]` and the forward KL to `teacher` at
+/// `temperature` (times `T^2`), weighted by `weights` and summed. On burn-flex the logits are
+/// computed a chunk of rows at a time, each chunk's losses and gradient in the same buffer (the
+/// gradient taken in the forward pass, scaled in the backward one), so neither the student's
+/// nor a live teacher's `[rows, vocab]` logits are ever held whole; elsewhere burn's
+/// operations over whole logits.
+pub fn head_losses(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<1, Int>,
+    teacher: HeadTeacher,
+    weights: RowWeights,
+    temperature: f64,
+) -> HeadLosses {
+    // Everything but the student's hidden states and head is a constant of the graph they
+    // are in (or of none).
+    let autodiff = hidden.is_autodiff() || weight.is_autodiff();
+    let targets = constant(targets, autodiff);
+    let ce_scales = constant(weights.cross_entropy, autodiff);
+    let kl_scales = constant(weights.divergence, autodiff);
+    let teacher = match teacher {
+        HeadTeacher::Labels => HeadTeacher::Labels,
+        HeadTeacher::Dense { hidden, weight } => HeadTeacher::Dense {
+            hidden: constant(hidden, autodiff),
+            weight: constant(weight, autodiff),
+        },
+        HeadTeacher::Sparse { ids, log_probs } => HeadTeacher::Sparse {
+            ids: constant(ids, autodiff),
+            log_probs: constant(log_probs, autodiff),
+        },
+    };
+    let teacher_f32 = match &teacher {
+        HeadTeacher::Labels => true,
+        HeadTeacher::Dense { hidden, weight } => {
+            hidden.dtype() == DType::F32 && weight.dtype() == DType::F32
+        }
+        HeadTeacher::Sparse { log_probs, .. } => log_probs.dtype() == DType::F32,
+    };
+    if fused(&hidden) && weight.dtype() == DType::F32 && teacher_f32 {
+        let teacher = match teacher {
+            HeadTeacher::Labels => HeadTeacherTensors::Labels,
+            HeadTeacher::Dense { hidden, weight } => HeadTeacherTensors::Dense {
+                hidden: hidden.into_dispatch(),
+                weight: weight.into_dispatch(),
+            },
+            HeadTeacher::Sparse { ids, log_probs } => HeadTeacherTensors::Sparse {
+                ids: ids.into_dispatch(),
+                log_probs: log_probs.into_dispatch(),
+            },
+        };
+        let (total, cross_entropy, divergence) =
+            <burn::backend::Dispatch as FusedOps>::fused_head_losses(
+                hidden.into_dispatch(),
+                weight.into_dispatch(),
+                targets.into_dispatch(),
+                ce_scales.into_dispatch(),
+                teacher,
+                kl_scales.into_dispatch(),
+                (1.0 / temperature) as f32,
+            );
+        return HeadLosses {
+            total: Tensor::from_dispatch(total),
+            cross_entropy: Tensor::from_dispatch(cross_entropy),
+            divergence: Tensor::from_dispatch(divergence),
+        };
+    }
+    composed::head_losses(
+        hidden,
+        weight,
+        targets,
+        teacher,
+        RowWeights {
+            cross_entropy: ce_scales,
+            divergence: kl_scales,
+        },
+        temperature,
+    )
+}
+
+/// Per row of the output head `hidden` `[rows, width]` x `weight` `[width, vocab]`, outside
+/// autodiff: the cross-entropy on `targets` `[rows]` and the most likely token (the first of
+/// equal logits), `[rows]` each. On burn-flex a chunk of logits at a time, so an evaluation
+/// never holds the `[rows, vocab]` logits whole; elsewhere from whole logits.
+pub fn head_scores(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<1, Int>,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let (hidden, weight, targets) = (hidden.inner(), weight.inner(), targets.inner());
+    if fused(&hidden) && weight.dtype() == DType::F32 {
+        let (losses, predictions) =
+            <burn::backend::Dispatch as FusedInferenceOps>::fused_head_scores(
+                hidden.into_dispatch(),
+                weight.into_dispatch(),
+                targets.into_dispatch(),
+            );
+        return (
+            Tensor::from_dispatch(losses),
+            Tensor::from_dispatch(predictions),
+        );
+    }
+    let logits = linear(hidden, weight);
+    let predictions = logits.clone().argmax(1).squeeze_dim(1);
+    (cross_entropy_rows(logits, targets), predictions)
+}
+
+/// `tensor` outside any graph, on the autodiff device when `autodiff`.
+fn constant<const D: usize, K: Autodiff>(tensor: Tensor<D, K>, autodiff: bool) -> Tensor<D, K> {
+    let tensor = tensor.inner();
+    if autodiff { tensor.autodiff() } else { tensor }
 }
 
 /// `silu(gate) * up`, the gated activation of a SwiGLU feed-forward block.
@@ -387,6 +576,35 @@ pub mod composed {
         let kl = teacher.clone().exp().mul(teacher.sub(student)).sum_dim(1);
         // [rows]
         kl.reshape([rows]).mul_scalar(temperature * temperature)
+    }
+
+    pub fn head_losses(
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+        targets: Tensor<1, Int>,
+        teacher: HeadTeacher,
+        weights: RowWeights,
+        temperature: f64,
+    ) -> HeadLosses {
+        let logits = linear(hidden, weight);
+        let rows = logits.dims()[0];
+        let cross_entropy = cross_entropy_rows(logits.clone(), targets);
+        let divergence = match teacher {
+            HeadTeacher::Labels => Tensor::zeros([rows], &logits.device()),
+            HeadTeacher::Dense { hidden, weight } => {
+                forward_kl_rows(logits, linear(hidden, weight), temperature)
+            }
+            HeadTeacher::Sparse { ids, log_probs } => {
+                sparse_forward_kl_rows(logits, ids, log_probs, temperature)
+            }
+        };
+        let total = (cross_entropy.clone() * weights.cross_entropy).sum()
+            + (divergence.clone() * weights.divergence).sum();
+        HeadLosses {
+            total,
+            cross_entropy: cross_entropy.detach(),
+            divergence: divergence.detach(),
+        }
     }
 
     pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {

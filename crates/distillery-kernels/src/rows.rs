@@ -203,6 +203,12 @@ pub fn cross_entropy(
     }
 }
 
+/// The index of the largest value of `row`, the first of equals.
+pub fn argmax(row: &[f32]) -> usize {
+    let max = scaled_max(row, 1.0);
+    row.iter().position(|&value| value == max).unwrap_or(0)
+}
+
 /// Log-sum-exp of `row * inverse_temperature`.
 #[inline(always)]
 fn scaled_log_sum_exp(row: &[f32], inverse_temperature: f32) -> f32 {
@@ -408,6 +414,107 @@ pub fn cross_entropy_backward(
             *out = g * exp(x - lse);
         }
         out[target] -= g;
+    }
+}
+
+/// The teacher's side of a row's loss in [`head_gradient`], beside the cross-entropy on labels.
+#[derive(Clone, Copy)]
+pub enum DivergenceRows<'a> {
+    /// Labels only.
+    None,
+    /// [`forward_kl`] against the teacher's logits (`rows x vocab`), with the student's and the
+    /// teacher's log-sum-exps at the temperature.
+    Dense {
+        teacher: &'a [f32],
+        student_lse: &'a [f32],
+        teacher_lse: &'a [f32],
+    },
+    /// [`sparse_forward_kl`] against cached `ids` (`rows x k`) and the teacher's
+    /// log-probabilities of their `k + 1` outcomes (`rows x (k + 1)`), with the student's
+    /// log-sum-exps over its row and over the rest.
+    Sparse {
+        ids: &'a [usize],
+        teacher: &'a [f32],
+        student_lse: &'a [f32],
+        student_rest_lse: &'a [f32],
+    },
+}
+
+/// Overwrites each row of `logits` (`rows x vocab`) with the gradient, with respect to those
+/// logits, of `ce_scale * cross_entropy + kl_scale * divergence` for that row: the sum of
+/// [`cross_entropy_backward`] and [`forward_kl_backward`] (or
+/// [`sparse_forward_kl_backward`]) in one pass, so a chunk of the output head holds its logits
+/// and their gradient in one buffer.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn head_gradient(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[usize],
+    log_sum_exps: &[f32],
+    ce_scales: &[f32],
+    divergence: DivergenceRows<'_>,
+    kl_scales: &[f32],
+    inverse_temperature: f32,
+) {
+    let rows = targets.len();
+    // The logits of a row's cached tokens, read before the row is overwritten.
+    let mut cached_logits = Vec::new();
+    for (row_index, row) in logits.chunks_exact_mut(vocab).enumerate() {
+        let lse = log_sum_exps[row_index];
+        let ce_scale = ce_scales[row_index];
+        let kl_scale = kl_scales[row_index] / inverse_temperature;
+        match divergence {
+            DivergenceRows::None => {
+                for z in row.iter_mut() {
+                    *z = ce_scale * exp(*z - lse);
+                }
+            }
+            DivergenceRows::Dense {
+                teacher,
+                student_lse,
+                teacher_lse,
+            } => {
+                let t_row = &teacher[row_index * vocab..][..vocab];
+                let (s_lse, t_lse) = (student_lse[row_index], teacher_lse[row_index]);
+                for (z, &t) in row.iter_mut().zip(t_row) {
+                    let s = *z;
+                    let p_student = exp(s * inverse_temperature - s_lse);
+                    let p_teacher = exp(t * inverse_temperature - t_lse);
+                    *z = ce_scale * exp(s - lse) + kl_scale * (p_student - p_teacher);
+                }
+            }
+            DivergenceRows::Sparse {
+                ids,
+                teacher,
+                student_lse,
+                student_rest_lse,
+            } => {
+                let k = ids.len() / rows;
+                let row_ids = &ids[row_index * k..][..k];
+                let t_row = &teacher[row_index * (k + 1)..][..k + 1];
+                let (s_lse, s_rest) = (student_lse[row_index], student_rest_lse[row_index]);
+                // With no rest there is no token it applies to; the guard keeps exp(+inf) out.
+                let p_rest = if s_rest.is_finite() {
+                    exp(t_row[k])
+                } else {
+                    0.0
+                };
+                cached_logits.clear();
+                cached_logits.extend(row_ids.iter().map(|&id| row[id]));
+                for z in row.iter_mut() {
+                    let s = *z;
+                    let u = s * inverse_temperature;
+                    *z = ce_scale * exp(s - lse)
+                        + kl_scale * (exp(u - s_lse) - p_rest * exp(u - s_rest));
+                }
+                for ((&id, &log_p), &s) in row_ids.iter().zip(t_row).zip(&cached_logits) {
+                    let p_student = exp(s * inverse_temperature - s_lse);
+                    row[id] = ce_scale * exp(s - lse) + kl_scale * (p_student - exp(log_p));
+                }
+            }
+        }
+        row[targets[row_index]] -= ce_scale;
     }
 }
 

@@ -556,3 +556,141 @@ fn linear_keeps_the_bits_of_the_matmul_it_replaces() {
         }
     }
 }
+
+/// The head's total, per-row losses, and the gradients of three times the total with respect
+/// to the hidden states and to a tied `[vocab, width]` table (the head is its transpose).
+fn head_results(
+    hidden: &Tensor<2>,
+    table: &Tensor<2>,
+    fused_path: bool,
+    teacher: HeadTeacher,
+) -> Vec<(String, Vec<f32>)> {
+    let rows = hidden.dims()[0];
+    let device = Device::flex().autodiff();
+    let hidden = hidden.clone().autodiff().require_grad();
+    let table = table.clone().autodiff().require_grad();
+    let targets: Vec<i64> = (0..rows as i64).map(|row| (row * 29 + 3) % 67).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [rows]), &device);
+    // Padding rows weigh nothing in either loss.
+    let scale = |row: usize, factor: f32| {
+        if row % 5 == 4 {
+            0.0
+        } else {
+            factor / rows as f32
+        }
+    };
+    let weights = RowWeights {
+        cross_entropy: Tensor::from_data(
+            TensorData::new((0..rows).map(|row| scale(row, 0.3)).collect(), [rows]),
+            &device,
+        ),
+        divergence: Tensor::from_data(
+            TensorData::new((0..rows).map(|row| scale(row, 0.7)).collect(), [rows]),
+            &device,
+        ),
+    };
+    let teacher = match teacher {
+        HeadTeacher::Dense { hidden, weight } if !fused_path => HeadTeacher::Dense {
+            hidden: hidden.autodiff(),
+            weight: weight.autodiff(),
+        },
+        HeadTeacher::Sparse { ids, log_probs } if !fused_path => HeadTeacher::Sparse {
+            ids: ids.autodiff(),
+            log_probs: log_probs.autodiff(),
+        },
+        teacher => teacher,
+    };
+    let weight = table.clone().transpose();
+    let losses = if fused_path {
+        head_losses(hidden.clone(), weight, targets, teacher, weights, 2.0)
+    } else {
+        composed::head_losses(hidden.clone(), weight, targets, teacher, weights, 2.0)
+    };
+    let gradients = losses.total.clone().mul_scalar(3.0).backward();
+    vec![
+        ("total".into(), values(losses.total)),
+        ("cross-entropy".into(), values(losses.cross_entropy)),
+        ("divergence".into(), values(losses.divergence)),
+        (
+            "hidden gradient".into(),
+            values(
+                hidden
+                    .grad(&gradients)
+                    .expect("hidden states get a gradient"),
+            ),
+        ),
+        (
+            "table gradient".into(),
+            values(table.grad(&gradients).expect("the table gets a gradient")),
+        ),
+    ]
+}
+
+#[test]
+fn head_losses_in_chunks_match_whole_logits_for_labels_a_live_and_a_cached_teacher() {
+    let device = Device::flex();
+    // 70 rows: two whole row blocks and a partial one, each its own chunk in unit tests.
+    let (rows, width, vocab, teacher_width, k) = (70, 12, 67, 9, 5);
+    let hidden = random([rows, width], 1, &device);
+    let table = random([vocab, width], 2, &device);
+    let ids: Vec<i64> = (0..rows)
+        .flat_map(|row| (0..k).map(move |slot| ((row * 7 + slot * 13) % vocab) as i64))
+        .collect();
+    // Teacher log-probabilities over k + 1 outcomes: a softmax of random scores.
+    let log_probs = burn::tensor::activation::log_softmax(random([rows, k + 1], 5, &device), 1);
+    let teachers = [
+        ("labels", HeadTeacher::Labels),
+        (
+            "live teacher",
+            HeadTeacher::Dense {
+                hidden: random([rows, teacher_width], 3, &device),
+                weight: random([teacher_width, vocab], 4, &device),
+            },
+        ),
+        (
+            "cached teacher",
+            HeadTeacher::Sparse {
+                ids: Tensor::from_data(TensorData::new(ids, [rows, k]), &device),
+                log_probs,
+            },
+        ),
+    ];
+    for (name, teacher) in teachers {
+        let fused = head_results(&hidden, &table, true, teacher.clone());
+        let reference = head_results(&hidden, &table, false, teacher);
+        for ((what, fused), (_, reference)) in fused.into_iter().zip(reference) {
+            assert_close(&format!("{name}: {what}"), fused, reference);
+        }
+    }
+}
+
+#[test]
+fn head_scores_in_chunks_are_the_losses_and_argmax_of_whole_logits() {
+    let device = Device::flex();
+    let (rows, width, vocab) = (70, 12, 67);
+    let hidden = random([rows, width], 6, &device);
+    let table = random([vocab, width], 7, &device);
+    let targets: Vec<i64> = (0..rows as i64).map(|row| (row * 17 + 5) % 67).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [rows]), &device);
+    let (losses, predicted) =
+        head_scores(hidden.clone(), table.clone().transpose(), targets.clone());
+    let logits = hidden.matmul(table.transpose());
+    let expected_predictions: Vec<i64> = logits
+        .clone()
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec()
+        .unwrap();
+    assert_close(
+        "cross-entropy",
+        values(losses),
+        values(composed::cross_entropy_rows(logits, targets)),
+    );
+    let predicted: Vec<i64> = predicted
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec()
+        .unwrap();
+    assert_eq!(predicted, expected_predictions);
+}

@@ -852,6 +852,16 @@ impl Llama {
         logits.reshape([batch, seq, self.config.vocab_size])
     }
 
+    /// The output projection `[hidden, vocab]` when its weight is float (the `lm_head`'s, or
+    /// the transposed embedding table when they are tied): what a chunked head
+    /// ([`distillery_kernels::head_losses`]) multiplies [`Llama::final_hidden`] by.
+    pub fn float_head(&self) -> Option<Tensor<2>> {
+        match &self.lm_head {
+            Some(head) => head.float_weight().map(Param::val),
+            None => self.embedding().map(|table| table.val().transpose()),
+        }
+    }
+
     /// Every linear layer under its module path (`layers.0.self_attn.q_proj`, `lm_head`), in
     /// the order the forward pass reaches them.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
@@ -914,6 +924,12 @@ impl Llama {
             logits: self.project(self.final_norm(x)),
             hidden_states,
         }
+    }
+
+    /// The final hidden states `[batch, seq, hidden]` (after the final norm) for token ids
+    /// `[batch, seq]` starting at position 0: the forward pass without the output head.
+    pub fn final_hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.final_norm(self.decoder(tokens, None, false).0)
     }
 
     /// Logits `[batch, rows, vocab]` of the last `rows` positions of a pass that continues

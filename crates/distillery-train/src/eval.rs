@@ -3,7 +3,9 @@ use distillery_data::{TokenBatch, ValidationWindows};
 use distillery_model::Llama;
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{cross_entropy, next_token_hits};
+use distillery_kernels::head_scores;
+
+use crate::loss::{masked_mean, prediction_hits, token_cross_entropy};
 
 /// Validation metrics over every counted target of the validation windows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -64,6 +66,32 @@ pub fn evaluate_with_predictions(
     (metrics, predictions)
 }
 
+/// Each position's next-token cross-entropy and most likely token, `[batch, seq]` each: through
+/// the output head a chunk at a time when it is float ([`head_scores`]), else from whole logits.
+fn scores(
+    model: &Llama,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+) -> (Tensor<2>, Tensor<2, Int>) {
+    let [batch, seq] = targets.dims();
+    let Some(weight) = model.float_head() else {
+        let logits = model.forward(inputs);
+        let predicted = logits.clone().argmax(2).squeeze_dim(2);
+        return (token_cross_entropy(logits, targets), predicted);
+    };
+    let hidden = model.final_hidden(inputs);
+    let width = hidden.dims()[2];
+    let (losses, predicted) = head_scores(
+        hidden.reshape([batch * seq, width]),
+        weight,
+        targets.reshape([batch * seq]),
+    );
+    (
+        losses.reshape([batch, seq]),
+        predicted.reshape([batch, seq]),
+    )
+}
+
 fn evaluate_windows(
     model: &Llama,
     windows: &ValidationWindows,
@@ -77,19 +105,18 @@ fn evaluate_windows(
     for batch in windows.batches(batch_size) {
         let (inputs, targets) = batch_tensors(&batch, device);
         let mask = batch_mask(&batch, device);
-        let logits = model.forward(inputs);
-        let loss: f32 = cross_entropy(logits.clone(), targets.clone(), mask.clone()).into_scalar();
+        let (losses, predicted) = scores(model, inputs, targets.clone());
+        let loss: f32 = masked_mean(losses, mask.clone()).into_scalar();
         if let Some(predictions) = predictions.as_deref_mut() {
-            let predicted: Vec<i64> = logits
+            let predicted: Vec<i64> = predicted
                 .clone()
-                .argmax(2)
                 .into_data()
                 .convert::<i64>()
                 .try_into_vec()
                 .expect("token ids are integers");
             predictions.extend(predicted.into_iter().map(|id| id as u32));
         }
-        let (hits, counted) = next_token_hits(logits, targets, mask);
+        let (hits, counted) = prediction_hits(predicted, targets, mask);
         loss_sum += loss as f64 * counted as f64;
         correct += hits;
         tokens += counted;

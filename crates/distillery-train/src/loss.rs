@@ -1,6 +1,8 @@
 //! Next-token losses and metrics, computed in f32.
 
 use burn::tensor::{Int, Tensor};
+use distillery_kernels::{HeadTeacher, RowWeights, head_losses};
+use distillery_model::Llama;
 
 /// Mean next-token cross-entropy over the counted positions.
 ///
@@ -26,6 +28,59 @@ pub fn masked_mean(per_position: Tensor<2>, mask: Option<Tensor<2>>) -> Tensor<1
     }
 }
 
+/// A next-token loss and its two terms, each a mean over the counted positions.
+pub struct LossTerms {
+    /// `(1 - alpha) · ce + alpha · kd`, differentiable.
+    pub total: Tensor<1>,
+    /// Cross-entropy on the labels.
+    pub ce: Tensor<1>,
+    /// The divergence from the teacher.
+    pub kd: Tensor<1>,
+}
+
+/// `model`'s next-token loss on `inputs`, `(1 - alpha) · ce + alpha · kd` with the divergence
+/// from `teacher` at `temperature`, taken through the output head a chunk of positions at a
+/// time ([`head_losses`]): the `[tokens, vocab]` logits and their gradient are never held
+/// whole. `None` when the model's output head is quantized. Shapes as [`cross_entropy`]'s.
+pub fn head_loss_terms(
+    model: &Llama,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    mask: Option<Tensor<2>>,
+    teacher: HeadTeacher,
+    alpha: f64,
+    temperature: f64,
+) -> Option<LossTerms> {
+    let weight = model.float_head()?;
+    let [batch, seq] = targets.dims();
+    let rows = batch * seq;
+    let hidden = model.final_hidden(inputs);
+    let width = hidden.dims()[2];
+    let device = hidden.device();
+    // A masked mean is a weighted sum: each counted position weighs 1 / counted.
+    let counted = match &mask {
+        Some(mask) => mask.clone().reshape([rows]).inner(),
+        None => Tensor::ones([rows], &device).inner(),
+    };
+    let position_weights = counted.clone().div(counted.sum().clamp_min(1.0));
+    let losses = head_losses(
+        hidden.reshape([rows, width]),
+        weight,
+        targets.reshape([rows]),
+        teacher,
+        RowWeights {
+            cross_entropy: position_weights.clone().mul_scalar(1.0 - alpha),
+            divergence: position_weights.mul_scalar(alpha),
+        },
+        temperature,
+    );
+    Some(LossTerms {
+        total: losses.total,
+        ce: masked_mean(losses.cross_entropy.reshape([batch, seq]), mask.clone()),
+        kd: masked_mean(losses.divergence.reshape([batch, seq]), mask),
+    })
+}
+
 /// Next-token cross-entropy of each position, `[batch, seq]`.
 pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [batch, seq, vocab] = logits.dims();
@@ -42,8 +97,17 @@ pub fn next_token_hits(
     targets: Tensor<2, Int>,
     mask: Option<Tensor<2>>,
 ) -> (usize, usize) {
-    let [batch, seq, _] = logits.dims();
-    let predicted: Tensor<2, Int> = logits.argmax(2).squeeze_dim(2);
+    prediction_hits(logits.argmax(2).squeeze_dim(2), targets, mask)
+}
+
+/// How many counted positions' `predicted` token `[batch, seq]` is the target:
+/// `(correct, counted)`.
+pub fn prediction_hits(
+    predicted: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    mask: Option<Tensor<2>>,
+) -> (usize, usize) {
+    let [batch, seq] = predicted.dims();
     let hits = predicted.equal(targets).float();
     match mask {
         None => (hits.sum().into_scalar::<f32>() as usize, batch * seq),
