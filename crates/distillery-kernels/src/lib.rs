@@ -284,10 +284,10 @@ pub struct HeadLosses {
 /// The output head `hidden` `[rows, width]` x `weight` `[width, vocab]` and the losses of its
 /// logits: per row the cross-entropy on `targets` `[rows]` and the forward KL to `teacher` at
 /// `temperature` (times `T^2`), weighted by `weights` and summed. On burn-flex the logits are
-/// computed a chunk of rows at a time, each chunk's losses and gradient in the same buffer (the
-/// gradient taken in the forward pass, scaled in the backward one), so neither the student's
-/// nor a live teacher's `[rows, vocab]` logits are ever held whole; elsewhere burn's
-/// operations over whole logits.
+/// computed a chunk of rows at a time (64 MiB, at least 1,024 rows), each chunk's logits and
+/// their gradient in one buffer (the gradient taken in the forward pass, scaled in the backward
+/// one), so no more than one chunk of the student's logits, and one of a live teacher's, is
+/// ever held; elsewhere burn's operations over whole logits.
 pub fn head_losses(
     hidden: Tensor<2>,
     weight: Tensor<2>,
@@ -363,8 +363,8 @@ pub fn head_losses(
 
 /// Per row of the output head `hidden` `[rows, width]` x `weight` `[width, vocab]`, outside
 /// autodiff: the cross-entropy on `targets` `[rows]` and the most likely token (the first of
-/// equal logits), `[rows]` each. On burn-flex a chunk of logits at a time, so an evaluation
-/// never holds the `[rows, vocab]` logits whole; elsewhere from whole logits.
+/// equal logits), `[rows]` each. On burn-flex a chunk of logits at a time, as
+/// [`head_losses`] computes them; elsewhere from whole logits.
 pub fn head_scores(
     hidden: Tensor<2>,
     weight: Tensor<2>,

@@ -40,8 +40,9 @@ pub struct LossTerms {
 
 /// `model`'s next-token loss on `inputs`, `(1 - alpha) · ce + alpha · kd` with the divergence
 /// from `teacher` at `temperature`, taken through the output head a chunk of positions at a
-/// time ([`head_losses`]): the `[tokens, vocab]` logits and their gradient are never held
-/// whole. `None` when the model's output head is quantized. Shapes as [`cross_entropy`]'s.
+/// time ([`head_losses`]): never more than one chunk of the `[tokens, vocab]` logits, their
+/// gradient in the same buffer. `None` when the model's output head is quantized. Shapes as
+/// [`cross_entropy`]'s.
 pub fn head_loss_terms(
     model: &Llama,
     inputs: Tensor<2, Int>,
