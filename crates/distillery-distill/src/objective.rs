@@ -6,7 +6,7 @@ use distillery_data::ValidationWindows;
 use distillery_kernels::HeadTeacher;
 use distillery_model::Llama;
 use distillery_train::loss::{
-    LossTerms, cross_entropy, head_loss_terms, masked_mean, next_token_hits,
+    LossTerms, cross_entropy, head_loss_terms, masked_mean, next_token_hits, next_token_loss,
 };
 use distillery_train::{
     MicroBatch, ObjectiveLoss, TrainError, batch_mask, batch_tensors, evaluate,
@@ -160,18 +160,7 @@ impl distillery_train::Objective for DistillObjective {
         } = batch;
         if self.settings.labels_only() {
             // The teacher does not enter the loss, so it is not run.
-            let ce = match head_loss_terms(
-                model,
-                inputs.clone(),
-                targets.clone(),
-                mask.clone(),
-                HeadTeacher::Labels,
-                0.0,
-                1.0,
-            ) {
-                Some(terms) => terms.total,
-                None => cross_entropy(model.forward(inputs), targets, mask),
-            };
+            let ce = next_token_loss(model, inputs, targets, mask);
             return Ok(ObjectiveLoss {
                 total: ce.clone(),
                 terms: vec![("train/ce", ce)],

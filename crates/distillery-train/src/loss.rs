@@ -82,6 +82,29 @@ pub fn head_loss_terms(
     })
 }
 
+/// `model`'s mean next-token cross-entropy on `inputs` over the counted positions: through the
+/// chunked output head ([`head_loss_terms`]), or from whole logits when the head is quantized.
+pub fn next_token_loss(
+    model: &Llama,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    mask: Option<Tensor<2>>,
+) -> Tensor<1> {
+    let terms = head_loss_terms(
+        model,
+        inputs.clone(),
+        targets.clone(),
+        mask.clone(),
+        HeadTeacher::Labels,
+        0.0,
+        1.0,
+    );
+    match terms {
+        Some(terms) => terms.total,
+        None => cross_entropy(model.forward(inputs), targets, mask),
+    }
+}
+
 /// Next-token cross-entropy of each position, `[batch, seq]`.
 pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [batch, seq, vocab] = logits.dims();

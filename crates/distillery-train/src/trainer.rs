@@ -11,7 +11,6 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Int, Tensor};
 use distillery_config::ExperimentConfig;
 use distillery_data::{TokenSplits, ValidationWindows, WindowSampler};
-use distillery_kernels::HeadTeacher;
 use distillery_model::Llama;
 use distillery_run::checkpoint::{self, BEST_DIR, BestValidation, Progress, RUN_CONFIG_FILE};
 use distillery_run::seeds::{Stream, derive_seed};
@@ -19,7 +18,7 @@ use distillery_run::{RunData, device_for, prepare_data};
 
 use crate::TrainError;
 use crate::eval::{EvalMetrics, batch_mask, batch_tensors, evaluate};
-use crate::loss::{cross_entropy, head_loss_terms};
+use crate::loss::next_token_loss;
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, AdamWSettings};
 use crate::progress::{Reporter, StepReport};
@@ -91,24 +90,7 @@ pub struct NextTokenObjective;
 
 impl Objective for NextTokenObjective {
     fn loss(&mut self, model: &Llama, batch: MicroBatch) -> Result<ObjectiveLoss, TrainError> {
-        let MicroBatch {
-            inputs,
-            targets,
-            mask,
-            ..
-        } = batch;
-        let total = match head_loss_terms(
-            model,
-            inputs.clone(),
-            targets.clone(),
-            mask.clone(),
-            HeadTeacher::Labels,
-            0.0,
-            1.0,
-        ) {
-            Some(terms) => terms.total,
-            None => cross_entropy(model.forward(inputs), targets, mask),
-        };
+        let total = next_token_loss(model, batch.inputs, batch.targets, batch.mask);
         Ok(ObjectiveLoss {
             total,
             terms: Vec::new(),
