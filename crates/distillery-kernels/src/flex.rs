@@ -503,20 +503,26 @@ pub fn head_scores(
 }
 
 /// `tensor` times the one value of `factor`: a loss's gradient scaled by the gradient that
-/// reaches the loss.
-pub fn scaled(tensor: FlexTensor, factor: &FlexTensor) -> FlexTensor {
+/// reaches the loss, in place when the caller alone holds it.
+pub fn scaled(mut tensor: FlexTensor, factor: &FlexTensor) -> FlexTensor {
     let factor = contiguous_f32(factor)[0];
     if factor == 1.0 {
         return tensor;
     }
-    let layout = tensor.layout().clone();
-    let mut values = tensor.storage::<f32>().to_vec();
-    values.par_chunks_mut(ELEMENT_BLOCK).for_each(|values| {
-        for value in values {
-            *value *= factor;
-        }
-    });
-    FlexTensor::new(Bytes::from_elems(values), layout, DType::F32)
+    // Every stored value is one of the tensor's (a transposed table's gradient too), unless it
+    // is a view into a larger buffer.
+    if tensor.bytes().len() != tensor.layout().num_elements() * std::mem::size_of::<f32>() {
+        tensor = standalone(tensor);
+    }
+    tensor
+        .storage_mut::<f32>()
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .for_each(|values| {
+            for value in values {
+                *value *= factor;
+            }
+        });
+    tensor
 }
 
 pub fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
