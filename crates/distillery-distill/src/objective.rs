@@ -53,19 +53,11 @@ impl DistillObjective {
         mask: Option<Tensor<2>>,
         micro_batch: u64,
     ) -> Result<ObjectiveLoss, DistillError> {
-        let cache = self.cache.as_mut().expect("called with a cache");
-        let cached = cache.read(micro_batch)?;
-        let k = cache.header().top_k;
+        let (ids, teacher) = self.cached_rows(micro_batch)?;
+        let k = ids.dims()[1];
         let [batch, seq, vocab] = student.dims();
         let rows = batch * seq;
-        let device = self.teacher.device();
         let settings = &self.settings;
-        let ids: Vec<i64> = cached.ids.iter().map(|&id| i64::from(id)).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), device);
-        let teacher = Tensor::<2>::from_data(
-            TensorData::new(cached.log_probs(settings.temperature), [rows, k + 1]),
-            device,
-        );
         let ce = cross_entropy(student.clone(), targets, mask.clone());
         let student = student.reshape([rows, vocab]);
         let kd =
@@ -94,9 +86,39 @@ impl DistillObjective {
             terms: vec![("train/ce", terms.ce), ("train/kd", terms.kd)],
         })
     }
-}
 
-impl DistillObjective {
+    /// The cached teacher's rows of a micro-batch: token ids `[rows, k]` and the teacher's
+    /// log-probabilities of their `k + 1` outcomes at the temperature `[rows, k + 1]`.
+    fn cached_rows(
+        &mut self,
+        micro_batch: u64,
+    ) -> Result<(Tensor<2, Int>, Tensor<2>), DistillError> {
+        let cache = self.cache.as_mut().expect("called with a cache");
+        let cached = cache.read(micro_batch)?;
+        let k = cache.header().top_k;
+        let rows = cached.ids.len() / k;
+        let device = self.teacher.device();
+        let ids: Vec<i64> = cached.ids.iter().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::from_data(TensorData::new(ids, [rows, k]), device);
+        let log_probs = Tensor::from_data(
+            TensorData::new(cached.log_probs(self.settings.temperature), [rows, k + 1]),
+            device,
+        );
+        Ok((ids, log_probs))
+    }
+
+    /// A distillation error as the training loop reports it: at the cache's path, or else at
+    /// the teacher's.
+    fn train_error(&self, error: DistillError) -> TrainError {
+        match error {
+            DistillError::Cache { path, message } => TrainError::Path { path, message },
+            other => TrainError::Path {
+                path: self.teacher.directory().to_path_buf(),
+                message: other.to_string(),
+            },
+        }
+    }
+
     /// The forward-KL loss through the student's output head a chunk of positions at a time
     /// ([`head_loss_terms`]), the teacher's logits chunked alike (live) or read from the cache;
     /// `None` where that path does not apply (another divergence, or a quantized head).
@@ -111,32 +133,16 @@ impl DistillObjective {
         if self.settings.loss != DistillLoss::ForwardKl || model.float_head().is_none() {
             return Ok(None);
         }
-        let settings = &self.settings;
-        let teacher = match self.cache.as_mut() {
-            Some(cache) => {
-                let cached = cache.read(micro_batch).map_err(|error| match error {
-                    DistillError::Cache { path, message } => TrainError::Path { path, message },
-                    other => TrainError::Path {
-                        path: self.teacher.directory().to_path_buf(),
-                        message: other.to_string(),
-                    },
-                })?;
-                let k = cache.header().top_k;
-                let rows = cached.ids.len() / k;
-                let device = self.teacher.device();
-                let ids: Vec<i64> = cached.ids.iter().map(|&id| i64::from(id)).collect();
-                HeadTeacher::Sparse {
-                    ids: Tensor::from_data(TensorData::new(ids, [rows, k]), device),
-                    log_probs: Tensor::from_data(
-                        TensorData::new(cached.log_probs(settings.temperature), [rows, k + 1]),
-                        device,
-                    ),
-                }
-            }
-            None => match self.teacher.head_inputs(inputs.clone()) {
+        let teacher = if self.cache.is_some() {
+            let (ids, log_probs) = self
+                .cached_rows(micro_batch)
+                .map_err(|error| self.train_error(error))?;
+            HeadTeacher::Sparse { ids, log_probs }
+        } else {
+            match self.teacher.head_inputs(inputs.clone()) {
                 Some((hidden, weight)) => HeadTeacher::Dense { hidden, weight },
                 None => return Ok(None),
-            },
+            }
         };
         Ok(head_loss_terms(
             model,
@@ -144,8 +150,8 @@ impl DistillObjective {
             targets.clone(),
             mask.clone(),
             teacher,
-            settings.alpha,
-            settings.temperature,
+            self.settings.alpha,
+            self.settings.temperature,
         ))
     }
 }
@@ -175,13 +181,7 @@ impl distillery_train::Objective for DistillObjective {
         if self.cache.is_some() {
             return self
                 .cached_loss(model.forward(inputs), targets, mask, index)
-                .map_err(|error| match error {
-                    DistillError::Cache { path, message } => TrainError::Path { path, message },
-                    other => TrainError::Path {
-                        path: self.teacher.directory().to_path_buf(),
-                        message: other.to_string(),
-                    },
-                });
+                .map_err(|error| self.train_error(error));
         }
         let teacher = self.teacher.logits(inputs.clone());
         let terms = distillation_loss(

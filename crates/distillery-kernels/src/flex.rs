@@ -173,6 +173,76 @@ enum ChunkTeacher<'a> {
     },
 }
 
+/// A block of rows' teacher in one chunk: what [`rows::forward_kl`] and
+/// [`rows::sparse_forward_kl`] read, and [`rows::head_gradient`] after them.
+enum TeacherBlock<'a> {
+    Labels,
+    Dense(&'a [f32]),
+    Sparse {
+        ids: &'a [usize],
+        log_probs: &'a [f32],
+    },
+}
+
+impl ChunkTeacher<'_> {
+    /// The teacher of `rows` (rows of the whole batch), the `block`-th block of its chunk, whose
+    /// logits a dense teacher holds in `chunk_logits`.
+    fn block<'a>(
+        &'a self,
+        chunk_logits: &'a [f32],
+        block: usize,
+        rows: std::ops::Range<usize>,
+        vocab: usize,
+    ) -> TeacherBlock<'a> {
+        match self {
+            ChunkTeacher::Labels => TeacherBlock::Labels,
+            ChunkTeacher::Dense { .. } => TeacherBlock::Dense(
+                &chunk_logits[block * ROW_BLOCK * vocab..][..rows.len() * vocab],
+            ),
+            ChunkTeacher::Sparse { ids, log_probs, k } => TeacherBlock::Sparse {
+                ids: &ids[rows.start * k..rows.end * k],
+                log_probs: &log_probs[rows.start * (k + 1)..rows.end * (k + 1)],
+            },
+        }
+    }
+}
+
+/// Rows `start..start + count` of `hidden` times `weight` into `logits` (`count x vocab`).
+fn chunk_logits(
+    hidden: &FlexTensor,
+    weight: &FlexTensor,
+    start: usize,
+    count: usize,
+    logits: &mut Vec<f32>,
+) {
+    let ((rows, width), (_, vocab)) = (matrix_dims(hidden), matrix_dims(weight));
+    assert!(
+        start + count <= rows,
+        "rows {start}..{} of {rows}",
+        start + count
+    );
+    logits.clear();
+    logits.reserve(count * vocab);
+    let strides = matrix_strides(hidden);
+    // SAFETY: rows `start..start + count` of `hidden` lie in its storage, as does `weight`, and
+    // `logits` has room for the `count x vocab` values gemm writes, all of them.
+    unsafe {
+        gemm(
+            (count, vocab, width),
+            logits.as_mut_ptr(),
+            (vocab as isize, 1),
+            matrix_start(hidden).offset(start as isize * strides.0),
+            strides,
+            matrix_start(weight),
+            matrix_strides(weight),
+            1.0,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+        logits.set_len(count * vocab);
+    }
+}
+
 /// Per-row statistics of a block of rows of one chunk.
 struct BlockLosses {
     cross_entropy: Vec<f32>,
@@ -239,12 +309,8 @@ pub fn head_losses(
         }
     };
     let chunk_rows = (HEAD_CHUNK_ELEMENTS / vocab / ROW_BLOCK * ROW_BLOCK).max(HEAD_CHUNK_MIN_ROWS);
-    let chunk_capacity = chunk_rows.min(rows) * vocab;
-    let mut logits: Vec<f32> = Vec::with_capacity(chunk_capacity);
-    let mut teacher_logits: Vec<f32> = match teacher {
-        ChunkTeacher::Dense { .. } => Vec::with_capacity(chunk_capacity),
-        _ => Vec::new(),
-    };
+    let mut logits: Vec<f32> = Vec::new();
+    let mut teacher_logits: Vec<f32> = Vec::new();
     let mut cross_entropy = vec![0.0f32; rows];
     let mut divergence = vec![0.0f32; rows];
     let mut predictions: Vec<usize> =
@@ -271,41 +337,9 @@ pub fn head_losses(
     let weight_transposed = (weight_strides.1, weight_strides.0);
     for (chunk, start) in (0..rows).step_by(chunk_rows).enumerate() {
         let count = chunk_rows.min(rows - start);
-        // SAFETY: rows `start..start + count` of `hidden` lie in its storage, and `logits` has
-        // room for `count x vocab` values, all of which gemm writes.
-        unsafe {
-            gemm(
-                (count, vocab, width),
-                logits.as_mut_ptr(),
-                (vocab as isize, 1),
-                matrix_start(hidden).offset(start as isize * hidden_strides.0),
-                hidden_strides,
-                matrix_start(weight),
-                weight_strides,
-                1.0,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-            logits.set_len(count * vocab);
-        }
+        chunk_logits(hidden, weight, start, count, &mut logits);
         if let ChunkTeacher::Dense { hidden, weight } = &teacher {
-            let strides = matrix_strides(hidden);
-            // SAFETY: as for the student's chunk.
-            unsafe {
-                gemm(
-                    (count, vocab, matrix_dims(hidden).1),
-                    teacher_logits.as_mut_ptr(),
-                    (vocab as isize, 1),
-                    matrix_start(hidden).offset(start as isize * strides.0),
-                    strides,
-                    matrix_start(weight),
-                    matrix_strides(weight),
-                    1.0,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                );
-                teacher_logits.set_len(count * vocab);
-            }
+            chunk_logits(hidden, weight, start, count, &mut teacher_logits);
         }
         let blocks: Vec<BlockLosses> = logits
             .par_chunks(ROW_BLOCK * vocab)
@@ -332,22 +366,22 @@ pub fn head_losses(
                     &mut losses.cross_entropy,
                     &mut losses.log_sum_exps,
                 );
-                match &teacher {
-                    ChunkTeacher::Labels => {}
-                    ChunkTeacher::Dense { .. } => rows::forward_kl(
+                match teacher.block(&teacher_logits, block, range.clone(), vocab) {
+                    TeacherBlock::Labels => {}
+                    TeacherBlock::Dense(teacher) => rows::forward_kl(
                         student,
-                        &teacher_logits[block * ROW_BLOCK * vocab..][..block_rows * vocab],
+                        teacher,
                         vocab,
                         inverse_temperature,
                         &mut losses.divergence,
                         &mut losses.student_lse,
                         &mut losses.second_lse,
                     ),
-                    ChunkTeacher::Sparse { ids, log_probs, k } => rows::sparse_forward_kl(
+                    TeacherBlock::Sparse { ids, log_probs } => rows::sparse_forward_kl(
                         rows::SparseRows {
                             student,
-                            ids: &ids[range.start * k..range.end * k],
-                            teacher: &log_probs[range.start * (k + 1)..range.end * (k + 1)],
+                            ids,
+                            teacher: log_probs,
                             vocab,
                             inverse_temperature,
                         },
@@ -377,16 +411,16 @@ pub fn head_losses(
                 let first = start + block * ROW_BLOCK;
                 let block_rows = student.len() / vocab;
                 let range = first..first + block_rows;
-                let divergence = match &teacher {
-                    ChunkTeacher::Labels => rows::DivergenceRows::None,
-                    ChunkTeacher::Dense { .. } => rows::DivergenceRows::Dense {
-                        teacher: &teacher_logits[block * ROW_BLOCK * vocab..][..block_rows * vocab],
+                let divergence = match teacher.block(&teacher_logits, block, range.clone(), vocab) {
+                    TeacherBlock::Labels => rows::DivergenceRows::None,
+                    TeacherBlock::Dense(teacher) => rows::DivergenceRows::Dense {
+                        teacher,
                         student_lse: &losses.student_lse,
                         teacher_lse: &losses.second_lse,
                     },
-                    ChunkTeacher::Sparse { ids, log_probs, k } => rows::DivergenceRows::Sparse {
-                        ids: &ids[range.start * k..range.end * k],
-                        teacher: &log_probs[range.start * (k + 1)..range.end * (k + 1)],
+                    TeacherBlock::Sparse { ids, log_probs } => rows::DivergenceRows::Sparse {
+                        ids,
+                        teacher: log_probs,
                         student_lse: &losses.student_lse,
                         student_rest_lse: &losses.second_lse,
                     },
