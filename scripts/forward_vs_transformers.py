@@ -7,10 +7,10 @@ the same machine load.
     python3 scripts/forward_vs_transformers.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 distillery scores the validation windows (256 tokens, 4 at a time) with the file's weights
-dequantized to f32 (`--activations f32`); its rate is taken between a run of `--windows`
-windows and a run of one, so loading the file is not counted. transformers runs distillery's
-Hugging Face export of the same file (float32, sdpa attention, `torch.no_grad`) over the same
-windows, 4 at a time, timed after one warm-up batch. 2 threads each.
+dequantized to f32 (`--activations f32`); its rate is the one `eval --json` reports, over every
+batch after the file is loaded. transformers runs distillery's Hugging Face export of the same
+file (float32, sdpa attention, `torch.no_grad`) over the same windows, 4 at a time, timed after
+one warm-up batch. 2 threads each.
 """
 
 import argparse
@@ -33,13 +33,14 @@ SEQ_LEN = 256
 BATCH = 4
 
 
-def distillery_seconds(binary, gguf, windows):
-    started = time.time()
-    subprocess.run([binary, "eval", CONFIG, "--set", f"model.from={gguf}", "--checkpoint", gguf,
-                    "--activations", "f32", "--set", f"eval.max_windows={windows}",
-                    "--set", f"eval.batch_size={BATCH}", "--json"],
-                   check=True, capture_output=True, cwd=ROOT)
-    return time.time() - started
+def distillery_rate(binary, gguf, windows):
+    scored = subprocess.run([binary, "eval", CONFIG, "--set", f"model.from={gguf}",
+                             "--checkpoint", gguf, "--activations", "f32",
+                             "--set", f"eval.max_windows={windows}",
+                             "--set", f"eval.batch_size={BATCH}", "--json"],
+                            check=True, capture_output=True, cwd=ROOT, text=True)
+    [row] = json.loads(scored.stdout[scored.stdout.index("["):])
+    return row["tokens_per_sec"]
 
 
 def main():
@@ -79,9 +80,7 @@ def main():
 
     ours, theirs = [], []
     for round_index in range(args.rounds):
-        whole = distillery_seconds(args.distillery, gguf, windows)
-        first = distillery_seconds(args.distillery, gguf, 1)
-        ours.append((windows - 1) * SEQ_LEN / (whole - first))
+        ours.append(distillery_rate(args.distillery, gguf, windows))
         theirs.append(transformers_rate())
         print(f"round {round_index + 1}: distillery {ours[-1]:.0f} tokens/s, transformers "
               f"{theirs[-1]:.0f} tokens/s", flush=True)

@@ -481,6 +481,13 @@ fn gguf_export_holds_the_checkpoint_and_the_tokenizer() {
     let from_checkpoint = evaluate(&workspace.checkpoints.join("exported"));
     assert_eq!(from_gguf["loss"], from_checkpoint["loss"]);
     assert_eq!(from_gguf["accuracy"], from_checkpoint["accuracy"]);
+    // The table form also times its scoring, the file's loading left out.
+    let (seconds, rate) = (
+        from_gguf["scoring_seconds"].as_f64().unwrap(),
+        from_gguf["tokens_per_sec"].as_f64().unwrap(),
+    );
+    let tokens = from_gguf["tokens"].as_f64().unwrap();
+    assert!(seconds > 0.0 && (rate * seconds - tokens).abs() < 1e-6 * tokens);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! of models any kind of file holds (`distillery_formats::load`).
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use distillery_config::ExperimentConfig;
 use distillery_formats::load::LoadedModel;
@@ -118,6 +119,10 @@ pub struct EvalRow {
     /// Perplexity change against the reference float model, in percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta_perplexity_percent: Option<f64>,
+    /// Wall seconds spent scoring the windows, the model already loaded: the forward pass's
+    /// speed without the file's loading.
+    pub scoring_seconds: f64,
+    pub tokens_per_sec: f64,
 }
 
 /// Rows for `models` evaluated on the validation split; the first float checkpoint among them
@@ -130,13 +135,14 @@ pub fn evaluation_rows(
     mut predictions: Option<&mut Vec<Vec<u32>>>,
 ) -> anyhow::Result<Vec<EvalRow>> {
     let data = distillery_run::prepare_data(config)?;
-    let metrics: Vec<EvalMetrics> = models
+    let metrics: Vec<(EvalMetrics, f64)> = models
         .iter()
         .map(|loaded| {
             let model = &loaded.model;
             let windows = distillery_train::validation_windows(config, &data, model);
             let batch = config.eval_batch_size();
-            match predictions.as_deref_mut() {
+            let started = Instant::now();
+            let metrics = match predictions.as_deref_mut() {
                 Some(predictions) => {
                     let (metrics, predicted) = distillery_train::evaluate_with_predictions(
                         model,
@@ -148,17 +154,18 @@ pub fn evaluation_rows(
                     metrics
                 }
                 None => distillery_train::evaluate(model, &windows, batch, &model.device()),
-            }
+            };
+            (metrics, started.elapsed().as_secs_f64())
         })
         .collect();
     let reference = models
         .iter()
         .position(LoadedModel::is_float)
-        .map(|index| (models[index].file_bytes, metrics[index].perplexity));
+        .map(|index| (models[index].file_bytes, metrics[index].0.perplexity));
     Ok(models
         .iter()
         .zip(metrics)
-        .map(|(loaded, metrics)| EvalRow {
+        .map(|(loaded, (metrics, scoring_seconds))| EvalRow {
             model: loaded.describe(),
             parameters: loaded.model.config().num_parameters(),
             bits_per_weight: loaded.bits_per_weight,
@@ -167,6 +174,8 @@ pub fn evaluation_rows(
             size_vs_float: reference.map(|(bytes, _)| loaded.file_bytes as f64 / bytes as f64),
             delta_perplexity_percent: reference
                 .map(|(_, perplexity)| 100.0 * (metrics.perplexity / perplexity - 1.0)),
+            scoring_seconds,
+            tokens_per_sec: metrics.tokens as f64 / scoring_seconds,
             metrics,
         })
         .collect())
