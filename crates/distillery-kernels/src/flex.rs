@@ -791,54 +791,72 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
             });
         return tensor(out, Shape::new([rows, outputs]));
     }
+    assert!(
+        rows <= crate::FEW_ROWS,
+        "{rows} rows: a few rows take the weight at once"
+    );
     let weight = contiguous_f32(weight);
-    // Run by run, each row's partial sums, each zeroed by the task that fills it.
-    let mut partials: Vec<Vec<f32>> = weight
-        .par_chunks(PRODUCT_ROWS * outputs)
-        .enumerate()
-        .map(|(run, run_weight)| {
-            let mut partial = vec![0.0f32; rows * outputs];
-            let length = run_weight.len() / outputs;
-            let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + length;
-            // Each row's columns of this run, side by side; a decode step's single row is
-            // already that.
-            let x: std::borrow::Cow<[f32]> = if rows == 1 {
-                std::borrow::Cow::Borrowed(&x[columns])
-            } else {
-                x.chunks_exact(inputs)
-                    .flat_map(|row| &row[columns.clone()])
-                    .copied()
-                    .collect()
-            };
-            // The weight rows of the next run, which this run's other rows prefetch.
-            let next = weight
-                .get((run + 1) * PRODUCT_ROWS * outputs..)
-                .unwrap_or_default();
-            let next = &next[..next.len().min(PRODUCT_ROWS * outputs)];
-            rows::rows_times_rows(&x, length, run_weight, next, &mut partial);
-            partial
-        })
-        .collect();
-    // The later runs' partial sums added, in run order, into the first run's; over many rows
-    // in parallel blocks of outputs (a decode step's one row would spend more handing the
-    // blocks out than adding).
-    let mut out = std::mem::take(&mut partials[0]);
-    let later = &partials[1..];
-    let add_runs = |first: usize, out: &mut [f32]| {
-        for partial in later {
-            for (sum, &value) in out.iter_mut().zip(&partial[first..]) {
-                *sum += value;
-            }
-        }
-    };
-    if partials.len() * out.len() < PARALLEL_SUMS {
-        add_runs(0, &mut out);
-    } else {
-        out.par_chunks_mut(SUM_BLOCK)
+    let runs = weight.len().div_ceil(PRODUCT_ROWS * outputs);
+    let each = rows * outputs;
+    let product = |partials: &mut [f32]| {
+        // Run by run, each row's partial sums, written whole by the task of the run.
+        partials
+            .par_chunks_mut(each)
+            .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
             .enumerate()
-            .for_each(|(block, out)| add_runs(block * SUM_BLOCK, out));
-    }
+            .for_each(|(run, (partial, run_weight))| {
+                let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + run_weight.len() / outputs;
+                // Each row's columns of this run, in place.
+                let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| match row < rows {
+                    true => &x[row * inputs..][columns.clone()],
+                    false => &[],
+                });
+                // The weight rows of the next run, which this run's other rows prefetch.
+                let next = weight
+                    .get((run + 1) * PRODUCT_ROWS * outputs..)
+                    .unwrap_or_default();
+                let next = &next[..next.len().min(PRODUCT_ROWS * outputs)];
+                rows::rows_times_rows(&x[..rows], run_weight, next, partial);
+            });
+        // The later runs' partial sums added, in run order, into the first run's; over many
+        // rows in parallel blocks of outputs (a decode step's one row would spend more handing
+        // the blocks out than adding).
+        let mut out = partials[..each].to_vec();
+        let later = &partials[each..];
+        let add_runs = |first: usize, out: &mut [f32]| {
+            for partial in later.chunks_exact(each) {
+                for (sum, &value) in out.iter_mut().zip(&partial[first..]) {
+                    *sum += value;
+                }
+            }
+        };
+        if runs * each < PARALLEL_SUMS {
+            add_runs(0, &mut out);
+        } else {
+            out.par_chunks_mut(SUM_BLOCK)
+                .enumerate()
+                .for_each(|(block, out)| add_runs(block * SUM_BLOCK, out));
+        }
+        out
+    };
+    let out = RUN_SUMS.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut kept) => {
+            if kept.len() < runs * each {
+                kept.resize(runs * each, 0.0);
+            }
+            product(&mut kept[..runs * each])
+        }
+        // A product running inside another's tasks on this thread.
+        Err(_) => product(&mut vec![0.0; runs * each]),
+    });
     tensor(out, Shape::new([rows, outputs]))
+}
+
+thread_local! {
+    /// The runs' partial sums of [`rows_times_matrix`], kept from one product to the next: a
+    /// decode step makes hundreds of products, and clearing fresh partial sums for each cost
+    /// more than adding them.
+    static RUN_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `tensor` as the sole view of its own contiguous storage, so `storage_mut` is exactly its

@@ -16,7 +16,6 @@ pub trait Lanes: Copy {
     fn splat(value: f32) -> Self;
     /// `self + a * b` lane by lane, the product rounded before the sum.
     fn add_product(self, a: Self, b: Self) -> Self;
-    fn add(self, other: Self) -> Self;
     fn store(self, out: &mut [f32; LANES]);
     /// The lanes added in halves: lane `k + 8` onto lane `k`, then `k + 4`, `k + 2`, `k + 1`.
     fn sum(self) -> f32;
@@ -46,11 +45,6 @@ impl Lanes for Portable {
     #[inline(always)]
     fn add_product(self, a: Self, b: Self) -> Self {
         Self(std::array::from_fn(|k| self.0[k] + a.0[k] * b.0[k]))
-    }
-
-    #[inline(always)]
-    fn add(self, other: Self) -> Self {
-        Self(std::array::from_fn(|k| self.0[k] + other.0[k]))
     }
 
     #[inline(always)]
@@ -139,16 +133,6 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn add(self, other: Self) -> Self {
-            unsafe {
-                Self([
-                    _mm256_add_ps(self.0[0], other.0[0]),
-                    _mm256_add_ps(self.0[1], other.0[1]),
-                ])
-            }
-        }
-
-        #[inline(always)]
         fn store(self, out: &mut [f32; LANES]) {
             let at = out.as_mut_ptr();
             unsafe {
@@ -188,11 +172,6 @@ mod x86 {
         #[inline(always)]
         fn add_product(self, a: Self, b: Self) -> Self {
             unsafe { Self(_mm512_add_ps(self.0, _mm512_mul_ps(a.0, b.0))) }
-        }
-
-        #[inline(always)]
-        fn add(self, other: Self) -> Self {
-            unsafe { Self(_mm512_add_ps(self.0, other.0)) }
         }
 
         #[inline(always)]

@@ -702,28 +702,29 @@ pub fn adamw(
 // `rows_times_rows` takes at most eight rows: one streaming the weight, seven meeting it in cache.
 const _: () = assert!(crate::FEW_ROWS <= 8);
 
-/// `x W` for a few rows `x` (`rows x run`, at most 8 rows) and the `run` rows of a row-major `W`
-/// they meet (`run x width`), added into `out` (`rows x width`). The first row reads the weight
-/// once, front to back; the others then meet it in cache, a block of [`LANES`] columns at a
-/// time whose sums for every row stay in registers, and meanwhile ask for `next` (the weight
-/// rows read after these, or nothing) to be brought into cache: memory keeps streaming while
-/// they compute, and the next first row finds its weights in cache. Each sum adds its products
-/// in weight-row order, with plain multiplies and adds (no fused multiply-add): the same bits on
-/// every instruction set, for any number of rows.
-pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out: &mut [f32]) {
-    let width = weight.len() / run.max(1);
-    let (first, others) = x.split_at(run.min(x.len()));
-    let (first_out, others_out) = out.split_at_mut(width.min(out.len()));
-    row_times_rows(first, weight, first_out);
+/// `x W` for a few rows `x` (each `run` values, at most 8 rows) and the `run` rows of a
+/// row-major `W` they meet (`run x width`), written into `out` (`rows x width`). The first row
+/// reads the weight once, front to back; the others then meet it in cache, a block of
+/// [`LANES`] columns at a time whose sums for every row stay in registers, and meanwhile ask
+/// for `next` (the weight rows read after these, or nothing) to be brought into cache: memory
+/// keeps streaming while they compute, and the next first row finds its weights in cache. Each
+/// sum starts from zero and adds its products in weight-row order, with plain multiplies and
+/// adds (no fused multiply-add): the same bits on every instruction set, for any number of
+/// rows.
+pub fn rows_times_rows(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
     assert!(
-        others.len() <= 7 * run,
+        (1..=8).contains(&x.len()),
         "{} rows: rows_times_rows takes 1 to 8",
-        x.len() / run.max(1)
+        x.len()
     );
+    let width = out.len() / x.len();
+    let (first_out, others_out) = out.split_at_mut(width);
+    first_out.fill(0.0);
+    row_times_rows(x[0], weight, first_out);
+    let others = &x[1..];
     if !others.is_empty() {
         with_lanes!(others_times_rows(
-            others: &[f32],
-            run: usize,
+            others: &[&[f32]],
             weight: &[f32],
             next: &[f32],
             others_out: &mut [f32],
@@ -733,28 +734,25 @@ pub fn rows_times_rows(x: &[f32], run: usize, weight: &[f32], next: &[f32], out:
 
 /// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
 #[inline(always)]
-fn others_times_rows<L: Lanes>(
-    x: &[f32],
-    run: usize,
-    weight: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-) {
-    let width = weight.len() / run;
+fn others_times_rows<L: Lanes>(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
+    if x.is_empty() {
+        return;
+    }
+    let width = out.len() / x.len();
     let groups = x
-        .chunks(L::ROWS_AT_ONCE * run)
+        .chunks(L::ROWS_AT_ONCE)
         .zip(out.chunks_mut(L::ROWS_AT_ONCE * width));
     for (group, (x, out)) in groups.enumerate() {
         // The first group asks for the next weight rows; the others find them asked for.
         let next = if group == 0 { next } else { &[] };
-        match x.len() / run {
-            1 => rows_times_rows_of::<L, 1>(x, run, weight, next, out),
-            2 => rows_times_rows_of::<L, 2>(x, run, weight, next, out),
-            3 => rows_times_rows_of::<L, 3>(x, run, weight, next, out),
-            4 => rows_times_rows_of::<L, 4>(x, run, weight, next, out),
-            5 => rows_times_rows_of::<L, 5>(x, run, weight, next, out),
-            6 => rows_times_rows_of::<L, 6>(x, run, weight, next, out),
-            _ => rows_times_rows_of::<L, 7>(x, run, weight, next, out),
+        match x.len() {
+            1 => rows_times_rows_of::<L, 1>(x, weight, next, out),
+            2 => rows_times_rows_of::<L, 2>(x, weight, next, out),
+            3 => rows_times_rows_of::<L, 3>(x, weight, next, out),
+            4 => rows_times_rows_of::<L, 4>(x, weight, next, out),
+            5 => rows_times_rows_of::<L, 5>(x, weight, next, out),
+            6 => rows_times_rows_of::<L, 6>(x, weight, next, out),
+            _ => rows_times_rows_of::<L, 7>(x, weight, next, out),
         }
     }
 }
@@ -836,15 +834,18 @@ fn row_times_rows_with<L: Lanes>(x: &[f32], weight: &[f32], out: &mut [f32]) {
 
 #[inline(always)]
 fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
-    x: &[f32],
-    run: usize,
+    x: &[&[f32]],
     weight: &[f32],
     next: &[f32],
     out: &mut [f32],
 ) {
     let width = out.len() / ROWS;
-    assert!(x.len() == ROWS * run && weight.len() == run * width && out.len() == ROWS * width);
-    let x: [&[f32]; ROWS] = std::array::from_fn(|row| &x[row * run..(row + 1) * run]);
+    let run = x[0].len();
+    assert!(x.len() == ROWS && weight.len() == run * width && out.len() == ROWS * width);
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| {
+        assert_eq!(x[row].len(), run, "rows of one run");
+        x[row]
+    });
     let blocks = width / LANES * LANES;
     // One line of `next` per weight row met: as many lines as the run has, spread over it.
     let mut line = 0;
@@ -862,7 +863,7 @@ fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
             let out: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
                 .try_into()
                 .expect("a whole block");
-            L::load(out).add(sum).store(out);
+            sum.store(out);
         }
     }
     for column in blocks..width {
@@ -871,7 +872,7 @@ fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
             for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
                 sum += value * weights[column];
             }
-            out[row * width + column] += sum;
+            out[row * width + column] = sum;
         }
     }
 }
@@ -1232,11 +1233,10 @@ mod tests {
             let weight: Vec<f32> = (0..run * inputs).map(|index| value(index + 9000)).collect();
             let row: Vec<f32> = (0..run).map(value).collect();
             let among_others = {
-                let (x, weight, next) = (&row[..], &weight[..], &[][..]);
-                let out = &mut vec![0.0f32; inputs][..];
+                let (x, weight, next) = (&[&row[..]][..], &weight[..], &[][..]);
+                let out = &mut vec![f32::NAN; inputs][..];
                 with_lanes!(@in KernelFamily::Portable, others_times_rows(
-                    x: &[f32],
-                    run: usize,
+                    x: &[&[f32]],
                     weight: &[f32],
                     next: &[f32],
                     out: &mut [f32],
@@ -1292,11 +1292,12 @@ mod tests {
                         out_stride: usize,
                     ));
                     let dots = out.to_vec();
-                    let (x, weight) = (&others[..], &weight[..]);
-                    let out = &mut vec![0.5f32; (rows_of_x - 1) * inputs][..];
+                    let rows: Vec<&[f32]> = others.chunks(run).collect();
+                    let (x, weight) = (&rows[..], &weight[..]);
+                    // Written whole, whatever the buffer held.
+                    let out = &mut vec![f32::NAN; (rows_of_x - 1) * inputs][..];
                     with_lanes!(@in family, others_times_rows(
-                        x: &[f32],
-                        run: usize,
+                        x: &[&[f32]],
                         weight: &[f32],
                         next: &[f32],
                         out: &mut [f32],
@@ -1317,10 +1318,9 @@ mod tests {
             }
             for (index, &got) in products.iter().enumerate() {
                 let (row, column) = (index / inputs, index % inputs);
-                let plain: f32 = 0.5
-                    + (0..run)
-                        .map(|k| others[row * run + k] * weight[k * inputs + column])
-                        .sum::<f32>();
+                let plain: f32 = (0..run)
+                    .map(|k| others[row * run + k] * weight[k * inputs + column])
+                    .sum::<f32>();
                 assert!(
                     (got - plain).abs() < 1e-4,
                     "product {index}: {got} vs {plain}"

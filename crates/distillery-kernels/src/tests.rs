@@ -510,6 +510,27 @@ fn a_few_rows_times_a_matrix_match_the_product_on_any_thread_count() {
         assert_eq!(alone, product[row * 1100..(row + 1) * 1100], "row {row}");
         assert_eq!(alone_head, head[row * 1100..(row + 1) * 1100], "row {row}");
     }
+    // A thread keeps its runs' partial sums from one product to the next: each product
+    // writes over what the one before left there, for every row.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (again, rows_after) = pool.install(|| {
+        rows_times_matrix(x.clone() * 2.0, weight.clone());
+        let again = values(rows_times_matrix(x.clone(), weight.clone()));
+        let rows_after: Vec<f32> = (0..8)
+            .flat_map(|row| {
+                values(rows_times_matrix(
+                    x.clone().narrow(0, row, 1),
+                    weight.clone(),
+                ))
+            })
+            .collect();
+        (again, rows_after)
+    });
+    assert_eq!(again, product);
+    assert_eq!(rows_after, product);
     // The sums run over 302 products of up to 4 in size.
     let close = |name: &str, got: Vec<f32>, want: Vec<f32>| {
         for (index, (a, b)) in got.iter().zip(&want).enumerate() {
