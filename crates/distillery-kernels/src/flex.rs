@@ -807,9 +807,12 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
             .for_each(|(run, (partial, run_weight))| {
                 let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + run_weight.len() / outputs;
                 // Each row's columns of this run, in place.
-                let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| match row < rows {
-                    true => &x[row * inputs..][columns.clone()],
-                    false => &[],
+                let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| {
+                    if row < rows {
+                        &x[row * inputs..][columns.clone()]
+                    } else {
+                        &[]
+                    }
                 });
                 // The weight rows of the next run, which this run's other rows prefetch.
                 let next = weight
