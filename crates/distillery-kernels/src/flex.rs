@@ -791,10 +791,6 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
             });
         return tensor(out, Shape::new([rows, outputs]));
     }
-    assert!(
-        rows <= crate::FEW_ROWS,
-        "{rows} rows: a few rows take the weight at once"
-    );
     let weight = contiguous_f32(weight);
     let runs = weight.len().div_ceil(PRODUCT_ROWS * outputs);
     let each = rows * outputs;

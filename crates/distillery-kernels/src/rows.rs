@@ -722,14 +722,12 @@ pub fn rows_times_rows(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f3
     first_out.fill(0.0);
     row_times_rows(x[0], weight, first_out);
     let others = &x[1..];
-    if !others.is_empty() {
-        with_lanes!(others_times_rows(
-            others: &[&[f32]],
-            weight: &[f32],
-            next: &[f32],
-            others_out: &mut [f32],
-        ));
-    }
+    with_lanes!(others_times_rows(
+        others: &[&[f32]],
+        weight: &[f32],
+        next: &[f32],
+        others_out: &mut [f32],
+    ));
 }
 
 /// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
