@@ -1,7 +1,9 @@
 //! Sixteen `f32` lanes as the few-row products hold a running sum: one AVX-512 register, two
-//! AVX2 registers, or a plain array. Each does the same arithmetic (every product rounded before
-//! its sum, no fused multiply-add; the lanes added in halves), so a kernel written once over
-//! [`Lanes`] gives the same bits on every CPU. The kernels are compiled for each family
+//! AVX2 registers, or a plain array. Each does the same arithmetic (every product added to its
+//! sum in one fused multiply-add, rounded once; the lanes added in halves), so a kernel written
+//! once over [`Lanes`] gives the same bits on every CPU. Fused, because Intel's cores multiply
+//! and add on the same two ports: a separate multiply and add took both ports twice. The
+//! portable lanes fuse through `f32::mul_add`, in software on a CPU without FMA. The kernels are compiled for each family
 //! explicitly: left to auto-vectorization, the same loop ran at full vector width for four rows
 //! and at a fifth of it for two, depending on how the compiler chose to unroll it.
 
@@ -14,7 +16,7 @@ pub trait Lanes: Copy {
     fn zero() -> Self;
     fn load(values: &[f32; LANES]) -> Self;
     fn splat(value: f32) -> Self;
-    /// `self + a * b` lane by lane, the product rounded before the sum.
+    /// `self + a * b` lane by lane, fused: rounded once.
     fn add_product(self, a: Self, b: Self) -> Self;
     fn store(self, out: &mut [f32; LANES]);
     /// The lanes added in halves: lane `k + 8` onto lane `k`, then `k + 4`, `k + 2`, `k + 1`.
@@ -44,7 +46,7 @@ impl Lanes for Portable {
 
     #[inline(always)]
     fn add_product(self, a: Self, b: Self) -> Self {
-        Self(std::array::from_fn(|k| self.0[k] + a.0[k] * b.0[k]))
+        Self(std::array::from_fn(|k| a.0[k].mul_add(b.0[k], self.0[k])))
     }
 
     #[inline(always)]
@@ -72,7 +74,7 @@ pub use x86::{Avx2, Avx512};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     // SAFETY (every block below): these methods run only inside functions compiled with
-    // AVX2 (`Avx2`) or AVX-512F (`Avx512`) enabled, which `with_lanes!` calls only on a CPU
+    // AVX2 and FMA (`Avx2`) or AVX-512F (`Avx512`) enabled, which `with_lanes!` calls only on a CPU
     // whose kernel family includes them; loads and stores go through references to exactly
     // sixteen floats.
     use super::{LANES, Lanes};
@@ -126,8 +128,8 @@ mod x86 {
         fn add_product(self, a: Self, b: Self) -> Self {
             unsafe {
                 Self([
-                    _mm256_add_ps(self.0[0], _mm256_mul_ps(a.0[0], b.0[0])),
-                    _mm256_add_ps(self.0[1], _mm256_mul_ps(a.0[1], b.0[1])),
+                    _mm256_fmadd_ps(a.0[0], b.0[0], self.0[0]),
+                    _mm256_fmadd_ps(a.0[1], b.0[1], self.0[1]),
                 ])
             }
         }
@@ -171,7 +173,7 @@ mod x86 {
 
         #[inline(always)]
         fn add_product(self, a: Self, b: Self) -> Self {
-            unsafe { Self(_mm512_add_ps(self.0, _mm512_mul_ps(a.0, b.0))) }
+            unsafe { Self(_mm512_fmadd_ps(a.0, b.0, self.0)) }
         }
 
         #[inline(always)]
@@ -209,7 +211,7 @@ macro_rules! with_lanes {
         use distillery_quant::cpu::KernelFamily;
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx2")]
+            #[target_feature(enable = "avx2,fma")]
             fn avx2($($argument: $type),*) {
                 $kernel::<$crate::lanes::Avx2>($($argument),*)
             }
@@ -220,7 +222,8 @@ macro_rules! with_lanes {
             match $family {
                 KernelFamily::Portable => $kernel::<$crate::lanes::Portable>($($argument),*),
                 // SAFETY: a CPU is given a family only when it has the family's instructions
-                // (the AVX-512 family's VL and BW extend AVX-512F).
+                // (the AVX2 family's include FMA; the AVX-512 family's VL and BW extend
+                // AVX-512F).
                 KernelFamily::Avx2 => unsafe { avx2($($argument),*) },
                 KernelFamily::Avx512Vnni => unsafe { avx512($($argument),*) },
             }

@@ -708,9 +708,8 @@ const _: () = assert!(crate::FEW_ROWS <= 8);
 /// [`LANES`] columns at a time whose sums for every row stay in registers, and meanwhile ask
 /// for `next` (the weight rows read after these, or nothing) to be brought into cache: memory
 /// keeps streaming while they compute, and the next first row finds its weights in cache. Each
-/// sum starts from zero and adds its products in weight-row order, with plain multiplies and
-/// adds (no fused multiply-add): the same bits on every instruction set, for any number of
-/// rows.
+/// sum starts from zero and adds its products in weight-row order, each in one fused
+/// multiply-add: the same bits on every instruction set, for any number of rows.
 pub fn rows_times_rows(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
     assert!(
         (1..=8).contains(&x.len()),
@@ -786,7 +785,7 @@ const _: () = assert!(
 
 /// `x W` for one row, front to back through the weight, [`ROWS_PER_PASS`] weight rows at a
 /// time: each block of sums is loaded and stored once for them, not once a row. The products
-/// still add in weight-row order, each rounded before its sum.
+/// still add in weight-row order, each fused into its sum.
 fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
     with_lanes!(row_times_rows_with(x: &[f32], weight: &[f32], out: &mut [f32]))
 }
@@ -803,7 +802,7 @@ fn row_times_rows_with<L: Lanes>(x: &[f32], weight: &[f32], out: &mut [f32]) {
         let &[x0, x1, x2, x3] = x else {
             for (&value, row) in x.iter().zip(rows.chunks_exact(width)) {
                 for (sum, &weight) in out.iter_mut().zip(row) {
-                    *sum += value * weight;
+                    *sum = value.mul_add(weight, *sum);
                 }
             }
             continue;
@@ -824,8 +823,13 @@ fn row_times_rows_with<L: Lanes>(x: &[f32], weight: &[f32], out: &mut [f32]) {
                 .store(sums);
         }
         for column in blocks..width {
-            out[column] =
-                out[column] + x0 * w0[column] + x1 * w1[column] + x2 * w2[column] + x3 * w3[column];
+            out[column] = x3.mul_add(
+                w3[column],
+                x2.mul_add(
+                    w2[column],
+                    x1.mul_add(w1[column], x0.mul_add(w0[column], out[column])),
+                ),
+            );
         }
     }
 }
@@ -868,7 +872,7 @@ fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
         for (row, x) in x.iter().enumerate() {
             let mut sum = 0.0f32;
             for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
-                sum += value * weights[column];
+                sum = value.mul_add(weights[column], sum);
             }
             out[row * width + column] = sum;
         }
@@ -958,11 +962,10 @@ fn rows_dot_of<L: Lanes, const ROWS: usize>(
             }
         }
         for (row, (sum, x)) in sums.into_iter().zip(x).enumerate() {
-            let tail: f32 = x[whole * LANES..]
+            let tail = x[whole * LANES..]
                 .iter()
                 .zip(row_tail)
-                .map(|(&a, &b)| a * b)
-                .sum();
+                .fold(0.0f32, |sum, (&a, &b)| a.mul_add(b, sum));
             out[row * out_stride + index] = sum.sum() + tail;
         }
     }
@@ -1258,6 +1261,24 @@ mod tests {
                     "column {column}: {got} vs {plain}"
                 );
             }
+        }
+    }
+
+    fn add_square_onto<L: Lanes>(value: f32, onto: f32, out: &mut [f32; LANES]) {
+        L::splat(onto)
+            .add_product(L::splat(value), L::splat(value))
+            .store(out);
+    }
+
+    /// Every family rounds a product and its sum once: (1 + 2^-23)^2 - (1 + 2^-22) is 2^-46
+    /// fused, and 0 when the product is rounded first.
+    #[test]
+    fn every_kernel_family_fuses_its_products_into_their_sums() {
+        let (value, onto) = (1.0 + f32::EPSILON, -(1.0 + 2.0 * f32::EPSILON));
+        for family in families_here() {
+            let out = &mut [f32::NAN; LANES];
+            with_lanes!(@in family, add_square_onto(value: f32, onto: f32, out: &mut [f32; LANES]));
+            assert_eq!(*out, [f32::EPSILON * f32::EPSILON; LANES], "{family:?}");
         }
     }
 
