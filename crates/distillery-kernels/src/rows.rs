@@ -135,8 +135,9 @@ pub fn causal_softmax(
 /// `query.len()` values): the softmax of the scaled scores `q · k_j` into `probabilities`, their
 /// weighted sum of the value rows into `out`. A decode step's query is one row: plain loops
 /// over the cached rows, where a general matrix product would first choose blockings and
-/// dispatch for a single row, twice a head and layer.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+/// dispatch for a single row, twice a head and layer. The scores and the weighted sum run on
+/// the kernel family's lanes, each product fused into its sum: left to the compiler, a score's
+/// dot product ran two floats at a time, and the weighted sum went through memory at every row.
 pub fn single_query_attention(
     query: &[f32],
     (keys, key_stride): (&[f32], usize),
@@ -150,18 +151,100 @@ pub fn single_query_attention(
     assert!(count > 0 && out.len() == head_dim);
     assert!(keys.len() >= (count - 1) * key_stride + head_dim);
     assert!(values.len() >= (count - 1) * value_stride + head_dim);
-    for (index, score) in probabilities.iter_mut().enumerate() {
-        let key = &keys[index * key_stride..index * key_stride + head_dim];
-        let [dot] = paired_sums(query, key, |q, k| [q * k]);
-        *score = dot;
-    }
+    with_lanes!(key_scores(
+        query: &[f32],
+        keys: &[f32],
+        key_stride: usize,
+        probabilities: &mut [f32],
+    ));
     causal_softmax(probabilities, count, 0, count - 1, scale);
-    out.fill(0.0);
-    for (index, &probability) in probabilities.iter().enumerate() {
-        let value = &values[index * value_stride..index * value_stride + head_dim];
-        for (sum, &value) in out.iter_mut().zip(value) {
-            *sum += probability * value;
+    let probabilities: &[f32] = probabilities;
+    with_lanes!(weighted_values(
+        probabilities: &[f32],
+        values: &[f32],
+        value_stride: usize,
+        out: &mut [f32],
+    ));
+}
+
+/// `scores[j] = query · keys[j * key_stride..]`: each in [`LANES`] lanes added in halves, then
+/// the values past the last whole block added after them.
+#[inline(always)]
+fn key_scores<L: Lanes>(query: &[f32], keys: &[f32], key_stride: usize, scores: &mut [f32]) {
+    let (query_blocks, query_tail) = query.as_chunks::<LANES>();
+    for (index, score) in scores.iter_mut().enumerate() {
+        let key = &keys[index * key_stride..][..query.len()];
+        let (key_blocks, key_tail) = key.as_chunks::<LANES>();
+        let mut sum = L::zero();
+        for (query, key) in query_blocks.iter().zip(key_blocks) {
+            sum = sum.add_product(L::load(query), L::load(key));
         }
+        let tail = query_tail
+            .iter()
+            .zip(key_tail)
+            .fold(0.0f32, |sum, (&query, &key)| query.mul_add(key, sum));
+        *score = sum.sum() + tail;
+    }
+}
+
+/// Blocks of [`LANES`] outputs whose sums [`weighted_values`] keeps in registers at once.
+const VALUE_BLOCKS: usize = 4;
+
+const _: () = assert!(
+    VALUE_BLOCKS == 4,
+    "weighted_values has a kernel for each count of blocks up to 4"
+);
+
+/// `out = Σ_j probabilities[j] values[j * value_stride..]`, every output summed from zero in
+/// row order.
+#[inline(always)]
+fn weighted_values<L: Lanes>(
+    probabilities: &[f32],
+    values: &[f32],
+    value_stride: usize,
+    out: &mut [f32],
+) {
+    let head_dim = out.len();
+    let (blocks, tail) = out.as_chunks_mut::<LANES>();
+    let whole = blocks.len() * LANES;
+    for (group, out) in blocks.chunks_mut(VALUE_BLOCKS).enumerate() {
+        let values = &values[group * VALUE_BLOCKS * LANES..];
+        match out.len() {
+            1 => weighted_blocks::<L, 1>(probabilities, values, value_stride, out),
+            2 => weighted_blocks::<L, 2>(probabilities, values, value_stride, out),
+            3 => weighted_blocks::<L, 3>(probabilities, values, value_stride, out),
+            _ => weighted_blocks::<L, 4>(probabilities, values, value_stride, out),
+        }
+    }
+    for (column, out) in (whole..head_dim).zip(tail) {
+        *out = probabilities
+            .iter()
+            .enumerate()
+            .fold(0.0f32, |sum, (row, &probability)| {
+                probability.mul_add(values[row * value_stride + column], sum)
+            });
+    }
+}
+
+/// [`weighted_values`] for `BLOCKS` blocks of outputs, the first `BLOCKS * LANES` values of
+/// each row.
+#[inline(always)]
+fn weighted_blocks<L: Lanes, const BLOCKS: usize>(
+    probabilities: &[f32],
+    values: &[f32],
+    value_stride: usize,
+    out: &mut [[f32; LANES]],
+) {
+    let mut sums = [L::zero(); BLOCKS];
+    for (row, &probability) in probabilities.iter().enumerate() {
+        let (blocks, _) = values[row * value_stride..][..BLOCKS * LANES].as_chunks::<LANES>();
+        let probability = L::splat(probability);
+        for (sum, block) in sums.iter_mut().zip(blocks) {
+            *sum = sum.add_product(probability, L::load(block));
+        }
+    }
+    for (sum, out) in sums.into_iter().zip(out) {
+        sum.store(out);
     }
 }
 
@@ -1279,6 +1362,68 @@ mod tests {
             let out = &mut [f32::NAN; LANES];
             with_lanes!(@in family, add_square_onto(value: f32, onto: f32, out: &mut [f32; LANES]));
             assert_eq!(*out, [f32::EPSILON * f32::EPSILON; LANES], "{family:?}");
+        }
+    }
+
+    /// A query's scores and weighted values give every kernel family the portable lanes' bits,
+    /// over strided rows, with one to five blocks of outputs and a tail (37 = 2 x 16 + 5,
+    /// 83 = 5 x 16 + 3).
+    #[test]
+    fn single_query_attention_keeps_its_bits_on_every_kernel_family() {
+        let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
+        for head_dim in [16, 37, 83] {
+            let (count, stride) = (9, head_dim + 7);
+            let query: Vec<f32> = (0..head_dim).map(value).collect();
+            let keys: Vec<f32> = (0..count * stride)
+                .map(|index| value(index + 3000))
+                .collect();
+            let values: Vec<f32> = (0..count * stride)
+                .map(|index| value(index + 6000))
+                .collect();
+            let probabilities: Vec<f32> =
+                (0..count).map(|index| value(index + 900).abs()).collect();
+            let results: Vec<(Vec<f32>, Vec<f32>)> = families_here()
+                .into_iter()
+                .map(|family| {
+                    let (query, keys, key_stride) = (&query[..], &keys[..], stride);
+                    let scores = &mut vec![f32::NAN; count][..];
+                    with_lanes!(@in family, key_scores(
+                        query: &[f32],
+                        keys: &[f32],
+                        key_stride: usize,
+                        scores: &mut [f32],
+                    ));
+                    let (probabilities, values, value_stride) =
+                        (&probabilities[..], &values[..], stride);
+                    let out = &mut vec![f32::NAN; head_dim][..];
+                    with_lanes!(@in family, weighted_values(
+                        probabilities: &[f32],
+                        values: &[f32],
+                        value_stride: usize,
+                        out: &mut [f32],
+                    ));
+                    (scores.to_vec(), out.to_vec())
+                })
+                .collect();
+            for (family, result) in families_here().iter().zip(&results) {
+                assert_eq!(result, &results[0], "{family:?}, head_dim {head_dim}");
+            }
+            let (scores, out) = &results[0];
+            for (key, &got) in scores.iter().enumerate() {
+                let plain: f32 = (0..head_dim)
+                    .map(|k| query[k] * keys[key * stride + k])
+                    .sum();
+                assert!((got - plain).abs() < 1e-4, "score {key}: {got} vs {plain}");
+            }
+            for (column, &got) in out.iter().enumerate() {
+                let plain: f32 = (0..count)
+                    .map(|row| probabilities[row] * values[row * stride + column])
+                    .sum();
+                assert!(
+                    (got - plain).abs() < 1e-4,
+                    "output {column}: {got} vs {plain}"
+                );
+            }
         }
     }
 
