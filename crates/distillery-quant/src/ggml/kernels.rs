@@ -175,6 +175,9 @@ mod x86 {
         if kind >= Q4_K { 8 } else { 1 }
     }
 
+    /// Bytes past the row being read whose cache lines are asked for meanwhile.
+    const PREFETCH_AHEAD: usize = 4096;
+
     /// One row after another: consecutive rows continue one run of bytes, a single stream
     /// through memory. (Taking rows four or two at a time, to share each block's inputs, made
     /// as many streams and ran slower on the bandwidth-bound types.)
@@ -194,7 +197,12 @@ mod x86 {
                 && inputs.half_sums.len() >= 2 * pieces
                 && inputs.sums.len() >= pieces
         );
-        for (row, out) in rows.chunks_exact(row_bytes).zip(out) {
+        for (index, (row, out)) in rows.chunks_exact(row_bytes).zip(out).enumerate() {
+            let ahead = index * row_bytes + PREFETCH_AHEAD;
+            for at in (ahead..rows.len().min(ahead + row_bytes)).step_by(64) {
+                // SAFETY: a prefetch of an address inside `rows` reads nothing and cannot fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(at).cast()) };
+            }
             // SAFETY: the kernel family was checked; the lengths were checked above.
             *out = unsafe {
                 if KIND >= Q4_K {
