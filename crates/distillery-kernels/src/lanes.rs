@@ -3,9 +3,10 @@
 //! sum in one fused multiply-add, rounded once; the lanes added in halves), so a kernel written
 //! once over [`Lanes`] gives the same bits on every CPU. Fused, because Intel's cores multiply
 //! and add on the same two ports: a separate multiply and add took both ports twice. The
-//! portable lanes fuse through `f32::mul_add`, in software on a CPU without FMA. The kernels are compiled for each family
-//! explicitly: left to auto-vectorization, the same loop ran at full vector width for four rows
-//! and at a fifth of it for two, depending on how the compiler chose to unroll it.
+//! portable lanes fuse through `f32::mul_add`, in software on a CPU without FMA. The kernels
+//! are compiled for each family explicitly: left to auto-vectorization, the same loop ran at
+//! full vector width for four rows and at a fifth of it for two, depending on how the compiler
+//! chose to unroll it.
 
 /// The lanes of one running sum.
 pub const LANES: usize = 16;
@@ -74,9 +75,9 @@ pub use x86::{Avx2, Avx512};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     // SAFETY (every block below): these methods run only inside functions compiled with
-    // AVX2 and FMA (`Avx2`) or AVX-512F (`Avx512`) enabled, which `with_lanes!` calls only on a CPU
-    // whose kernel family includes them; loads and stores go through references to exactly
-    // sixteen floats.
+    // AVX2 and FMA (`Avx2`) or AVX-512F (`Avx512`) enabled, which `with_lanes!` calls only on
+    // a CPU whose kernel family includes them; loads and stores go through references to
+    // exactly sixteen floats.
     use super::{LANES, Lanes};
     use std::arch::x86_64::*;
 
