@@ -869,6 +869,20 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
             < 1e-6 * speed("batched_tokens_per_sec"),
         "{batched}"
     );
+    assert!(
+        (speed("decode_speedup")
+            - speed("batched_decode_tokens_per_sec") / speed("alone_decode_tokens_per_sec"))
+        .abs()
+            < 1e-9,
+        "{batched}"
+    );
+    // The prompts' reading is timed apart from the decoding after it, in both runs.
+    for key in [
+        "alone_decode_tokens_per_sec",
+        "batched_decode_tokens_per_sec",
+    ] {
+        assert!(speed(key).is_finite() && speed(key) > 0.0, "{batched}");
+    }
     // Prompt lengths 4, 3, 4: a token shorter each, down to half of --prompt-tokens.
     assert_eq!(batched["prompt_tokens"], serde_json::json!([4, 3, 4]));
 

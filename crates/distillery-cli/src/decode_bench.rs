@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_model::{
-    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch,
+    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch_streaming,
     generate_streaming, generate_with_draft,
 };
 
@@ -387,6 +387,13 @@ pub struct BatchReport {
     /// Each sequence's own rate in the batch: the batch's over the batch size.
     pub per_sequence_tokens_per_sec: f64,
     pub speedup: f64,
+    /// The same without the prompts' reading, as llama.cpp's `llama-bench` times generation:
+    /// the tokens after each prompt's first over the time after it, one prompt after another
+    /// (each prompt's reading subtracted) and in the batch (from the moment every prompt has
+    /// been read and has its first token).
+    pub alone_decode_tokens_per_sec: f64,
+    pub batched_decode_tokens_per_sec: f64,
+    pub decode_speedup: f64,
     pub runs: usize,
 }
 
@@ -422,24 +429,43 @@ pub fn bench_batch(
     new_tokens: usize,
     runs: usize,
 ) -> anyhow::Result<BatchReport> {
+    anyhow::ensure!(
+        new_tokens >= 2,
+        "timing a batch's decoding takes at least 2 new tokens (the first comes with the prompt)"
+    );
     let config = greedy(new_tokens);
-    let alone = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
+    // Each run gives its whole time, the time spent reading the prompts (up to each prompt's
+    // first token), and the outputs.
+    let alone = || -> anyhow::Result<(f64, f64, Vec<Vec<u32>>)> {
         let started = Instant::now();
-        let outputs = prompts
-            .iter()
-            .map(|prompt| Ok(generate_streaming(&model.model, prompt, &config, |_| {})?.tokens))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok((started.elapsed().as_secs_f64(), outputs))
+        let mut reading = 0.0;
+        let mut outputs = Vec::new();
+        for prompt in prompts {
+            let prompt_started = Instant::now();
+            let mut first_token_at = None;
+            let generation = generate_streaming(&model.model, prompt, &config, |_| {
+                first_token_at.get_or_insert_with(|| prompt_started.elapsed().as_secs_f64());
+            })?;
+            reading += first_token_at.unwrap_or_default();
+            outputs.push(generation.tokens);
+        }
+        Ok((started.elapsed().as_secs_f64(), reading, outputs))
     };
-    let batched = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
+    let batched = || -> anyhow::Result<(f64, f64, Vec<Vec<u32>>)> {
         let started = Instant::now();
-        let outputs = generate_batch(&model.model, prompts, &config)?
-            .into_iter()
-            .map(|generation| generation.tokens)
-            .collect();
-        Ok((started.elapsed().as_secs_f64(), outputs))
+        let (mut first_tokens, mut reading) = (0, 0.0);
+        let outputs = generate_batch_streaming(&model.model, prompts, &config, |_, _| {
+            first_tokens += 1;
+            if first_tokens == prompts.len() {
+                reading = started.elapsed().as_secs_f64();
+            }
+        })?
+        .into_iter()
+        .map(|generation| generation.tokens)
+        .collect();
+        Ok((started.elapsed().as_secs_f64(), reading, outputs))
     };
-    let (_, reference) = alone()?;
+    let (_, _, reference) = alone()?;
     anyhow::ensure!(
         reference.iter().all(|tokens| tokens.len() == new_tokens),
         "generation stopped early: the prompts and {new_tokens} new tokens must fit {}'s context",
@@ -447,19 +473,25 @@ pub fn bench_batch(
     );
     batched()?;
     let total = (new_tokens * prompts.len()) as f64;
+    let decoded = ((new_tokens - 1) * prompts.len()) as f64;
     let (mut alone_speeds, mut batched_speeds) = (Vec::new(), Vec::new());
+    let (mut alone_decode_speeds, mut batched_decode_speeds) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let (seconds, _) = alone()?;
+        let (seconds, reading, _) = alone()?;
         alone_speeds.push(total / seconds);
-        let (seconds, outputs) = batched()?;
+        alone_decode_speeds.push(decoded / (seconds - reading));
+        let (seconds, reading, outputs) = batched()?;
         anyhow::ensure!(
             outputs == reference,
             "decoded in a batch, {}'s greedy output changed",
             model.describe()
         );
         batched_speeds.push(total / seconds);
+        batched_decode_speeds.push(decoded / (seconds - reading));
     }
     let (alone, together) = (median(alone_speeds), median(batched_speeds));
+    let (alone_decode, together_decode) =
+        (median(alone_decode_speeds), median(batched_decode_speeds));
     Ok(BatchReport {
         model: model.describe(),
         batch: prompts.len(),
@@ -469,31 +501,40 @@ pub fn bench_batch(
         batched_tokens_per_sec: together,
         per_sequence_tokens_per_sec: together / prompts.len() as f64,
         speedup: together / alone,
+        alone_decode_tokens_per_sec: alone_decode,
+        batched_decode_tokens_per_sec: together_decode,
+        decode_speedup: together_decode / alone_decode,
         runs: runs.max(1),
     })
 }
 
 pub fn batch_table(reports: &[BatchReport]) -> String {
     let mut table = String::from(
-        "| model | batch | one prompt at a time | batched | per sequence | speed-up |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| model | batch | one prompt at a time | batched | per sequence | speed-up | decoding one \
+         at a time | decoding batched | decoding speed-up |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for report in reports {
         table.push_str(&format!(
-            "| {} | {} | {:.0} tokens/s | {:.0} tokens/s | {:.1} tokens/s | {:.2}x |\n",
+            "| {} | {} | {:.0} tokens/s | {:.0} tokens/s | {:.1} tokens/s | {:.2}x | {:.0} tokens/s \
+             | {:.0} tokens/s | {:.2}x |\n",
             report.model,
             report.batch,
             report.alone_tokens_per_sec,
             report.batched_tokens_per_sec,
             report.per_sequence_tokens_per_sec,
             report.speedup,
+            report.alone_decode_tokens_per_sec,
+            report.batched_decode_tokens_per_sec,
+            report.decode_speedup,
         ));
     }
     if let Some(first) = reports.first() {
         table.push_str(&format!(
             "\ngreedy, {} new tokens after each of {} prompts of {:?} tokens; tokens/s of all \
-             prompts over the whole generation, prompts included; each batched output equals the \
-             prompt's own in every run\n",
+             prompts over the whole generation, prompts included; decoding: the tokens after each \
+             prompt's first over the time after it (the prompts' reading left out); each batched \
+             output equals the prompt's own in every run\n",
             first.new_tokens, first.batch, first.prompt_tokens,
         ));
     }

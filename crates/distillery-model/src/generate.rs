@@ -122,11 +122,24 @@ pub fn generate_batch(
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
 ) -> Result<Vec<Generation>, ModelError> {
+    generate_batch_streaming(model, prompts, config, |_, _| {})
+}
+
+/// [`generate_batch`], handing each new token to `on_token` with its prompt's index as soon as
+/// it is chosen: every prompt's first token (each prompt read on its own) before any second.
+pub fn generate_batch_streaming(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    on_token: impl FnMut(usize, u32) + Send,
+) -> Result<Vec<Generation>, ModelError> {
     config.sampling.validate()?;
     for prompt in prompts {
         check_prompt(model, prompt)?;
     }
-    Ok(rayon::scope(|_| decode_batch(model, prompts, config)))
+    Ok(rayon::scope(|_| {
+        decode_batch(model, prompts, config, on_token)
+    }))
 }
 
 /// A sequence being decoded, alone or in a batch: its cache, its sampler and what it has
@@ -174,16 +187,23 @@ impl Sequence {
     }
 }
 
-fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) -> Vec<Generation> {
+fn decode_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Vec<Generation> {
     let context = model.config().max_position_embeddings;
     let vocab = model.config().vocab_size;
     let mut sequences: Vec<Sequence> = prompts
         .iter()
-        .map(|prompt| {
+        .enumerate()
+        .map(|(index, prompt)| {
             let mut sequence = Sequence::new(model, prompt.len(), config);
             if sequence.stop.is_none() {
                 let last = last_logits(model, prompt, &mut sequence.cache, 1);
                 let token = sample_token(&last, &config.sampling, &mut sequence.rng);
+                on_token(index, token);
                 sequence.push(token, config, context);
             }
             sequence
@@ -218,6 +238,7 @@ fn decode_batch(model: &Llama, prompts: &[Vec<u32>], config: &GenerationConfig) 
                 let sequence = &mut sequences[index];
                 sequence.cache = cache;
                 let token = sample_token(row, &config.sampling, &mut sequence.rng);
+                on_token(index, token);
                 sequence.push(token, config, context);
             }
         }
@@ -564,12 +585,27 @@ mod tests {
                         .iter()
                         .any(|generation| generation.stop == StopReason::TokenLimit)
                 );
-                let batched = generate_batch(&model, &prompts, &config).unwrap();
+                let mut streamed = vec![Vec::new(); prompts.len()];
+                let mut order = Vec::new();
+                let batched =
+                    generate_batch_streaming(&model, &prompts, &config, |index, token| {
+                        streamed[index].push(token);
+                        order.push(index);
+                    })
+                    .unwrap();
                 assert_eq!(
                     batched,
                     expected,
                     "quantized {}, temperature {temperature}",
                     model.is_quantized()
+                );
+                for (streamed, generation) in streamed.iter().zip(&batched) {
+                    assert_eq!(streamed, &generation.tokens);
+                }
+                // Each prompt's first token, in the prompts' order, before any second.
+                assert_eq!(
+                    order[..prompts.len()],
+                    (0..prompts.len()).collect::<Vec<_>>()
                 );
             }
         }

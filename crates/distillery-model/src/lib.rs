@@ -13,7 +13,7 @@ mod speculative;
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{
     Generation, GenerationConfig, SamplingConfig, StopReason, generate, generate_batch,
-    generate_streaming,
+    generate_batch_streaming, generate_streaming,
 };
 pub use kv_cache::KvCache;
 pub use llama::{
