@@ -236,6 +236,21 @@ pub(crate) mod x86 {
     use super::{BLOCK, ChannelCodes, ChannelRun, Int8Inputs};
     use crate::f16::f16_to_f32;
 
+    /// Bytes past the row being read whose cache lines are asked for meanwhile: on an Intel
+    /// Xeon the hardware prefetcher alone left the rows' loads waiting on memory.
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for the cache lines [`PREFETCH_AHEAD`] bytes past the start of row `index` of
+    /// `rows` (rows of `row_bytes` bytes, read one after another), a row's worth of them.
+    #[inline(always)]
+    pub(crate) fn prefetch_row_ahead(rows: &[u8], row_bytes: usize, index: usize) {
+        let ahead = index * row_bytes + PREFETCH_AHEAD;
+        for at in (ahead..rows.len().min(ahead + row_bytes)).step_by(64) {
+            // SAFETY: a prefetch of an address inside `rows` reads nothing and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(at).cast()) };
+        }
+    }
+
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
     pub(super) fn vnni_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         // SAFETY: `super::channel_dots` returns this function only when the CPU has AVX2, FMA,
@@ -277,6 +292,7 @@ pub(crate) mod x86 {
                 assert!(inputs.kernel_order().len() >= blocks * BLOCK);
                 assert!(inputs.lane_scales.len() >= blocks * 4);
                 for (index, value) in out.iter_mut().enumerate() {
+                    prefetch_row_ahead(run.bytes, run.row_bytes, index);
                     let channel = &run.channel(index);
                     assert!(channel.bytes.len() >= blocks * BLOCK * channel.bits as usize / 8);
                     let groups = blocks.div_ceil(channel.blocks_per_group);

@@ -129,7 +129,7 @@ mod x86 {
 
     use super::{BlocksDot, GgmlType, PIECE, PieceInputs, PieceScales};
     use crate::ggml::blocks::scale_min_k4;
-    use crate::int8_inputs::x86::{horizontal_sum, lane_per_vector};
+    use crate::int8_inputs::x86::{horizontal_sum, lane_per_vector, prefetch_row_ahead};
 
     /// The block types, as the const parameter of [`row_of_blocks`] and
     /// [`row_of_super_blocks`].
@@ -175,10 +175,6 @@ mod x86 {
         if kind >= Q4_K { 8 } else { 1 }
     }
 
-    /// Bytes past the row being read whose cache lines are asked for meanwhile: on an Intel
-    /// Xeon the hardware prefetcher alone left the rows' loads waiting on memory.
-    const PREFETCH_AHEAD: usize = 4096;
-
     /// One row after another: consecutive rows continue one run of bytes, a single stream
     /// through memory. (Taking rows four or two at a time, to share each block's inputs, made
     /// as many streams and ran slower on the bandwidth-bound types.)
@@ -199,11 +195,7 @@ mod x86 {
                 && inputs.sums.len() >= pieces
         );
         for (index, (row, out)) in rows.chunks_exact(row_bytes).zip(out).enumerate() {
-            let ahead = index * row_bytes + PREFETCH_AHEAD;
-            for at in (ahead..rows.len().min(ahead + row_bytes)).step_by(64) {
-                // SAFETY: a prefetch of an address inside `rows` reads nothing and cannot fault.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(at).cast()) };
-            }
+            prefetch_row_ahead(rows, row_bytes, index);
             // SAFETY: the kernel family was checked; the lengths were checked above.
             *out = unsafe {
                 if KIND >= Q4_K {
