@@ -139,6 +139,87 @@ fn smollm2_answers_in_its_chat_template() {
     assert_eq!(answer.trim(), "The capital of France is Paris.");
 }
 
+/// `continuations --chat` writes SmolLM2's answers to chat messages as conversations, each the
+/// answer `generate --chat` gives alone; `bench generate --chat` times one answer, stopped at
+/// the end of its turn, with the model as its own draft.
+#[test]
+fn smollm2_writes_its_chat_answers_and_times_one_with_a_draft() {
+    let Some(path) = smollm2() else { return };
+    let workspace = Workspace::new();
+    let messages = ["What is the capital of France?", "Name a primary color."];
+    let file = workspace.root.join("messages.txt");
+    std::fs::write(&file, format!("{}\n\n{}\n", messages[0], messages[1])).unwrap();
+    let out = workspace.root.join("answers.jsonl");
+    let (file, out_path) = (file.display().to_string(), out.display().to_string());
+    // Exact f32 activations, as `smollm2_answers_in_its_chat_template` answers.
+    let greedy = [
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--activations",
+        "f32",
+    ];
+    let mut continuations = vec!["--chat", &file, "--out", &out_path];
+    continuations.extend(greedy);
+    workspace.run_ok(&with_smollm2("continuations", &path, &continuations));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), messages.len());
+    for (line, message) in lines.iter().zip(messages) {
+        let turns = line["messages"].as_array().unwrap();
+        assert_eq!(turns.len(), 2, "{line}");
+        assert_eq!(
+            turns[0],
+            serde_json::json!({ "role": "user", "content": message })
+        );
+        assert_eq!(turns[1]["role"], "assistant");
+        let content = turns[1]["content"].as_str().unwrap();
+        let mut generate = vec!["--chat", message];
+        generate.extend(greedy);
+        let alone = workspace.run_ok(&with_smollm2("generate", &path, &generate));
+        assert_eq!(content.trim(), alone.trim(), "{line}");
+        let (text, prompt) = (
+            line["text"].as_str().unwrap(),
+            line["prompt"].as_str().unwrap(),
+        );
+        assert!(prompt.contains(message), "{line}");
+        assert!(text.starts_with(prompt) && text.contains(content), "{line}");
+    }
+    let first = lines[0]["text"].as_str().unwrap();
+    assert!(first.ends_with("Paris.<|im_end|>"), "{first}");
+
+    let path_text = path.display().to_string();
+    let mut bench = with_smollm2(
+        "generate",
+        &path,
+        &[
+            "--chat",
+            messages[0],
+            "--draft",
+            &path_text,
+            "--draft-tokens",
+            "2",
+            "--new-tokens",
+            "16",
+            "--runs",
+            "1",
+            "--activations",
+            "f32",
+            "--json",
+        ],
+    );
+    bench.insert(0, "bench".into());
+    let reports: serde_json::Value = serde_json::from_str(&workspace.run_ok(&bench)).unwrap();
+    let report = &reports[0];
+    // "The capital of France is Paris." and the end of the turn: fewer than the 16 allowed.
+    assert!(report["new_tokens"].as_u64().unwrap() < 16, "{report}");
+    assert_eq!(report["acceptance_rate"].as_f64().unwrap(), 1.0, "{report}");
+}
+
 /// Exported again (here to Q8_0), SmolLM2 carries the tokenizer it came with: llama.cpp's
 /// pre-tokenizer name, the special tokens and the chat template.
 #[test]

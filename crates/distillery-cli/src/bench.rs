@@ -76,6 +76,14 @@ pub struct GenerateBenchArgs {
     /// batch, against one after another.
     #[arg(long, conflicts_with = "draft")]
     batch: Option<usize>,
+    /// With a draft: a user message answered through the model's chat template is the prompt,
+    /// instead of the validation split's start, and decoding stops at the template's
+    /// end-of-turn token (or after --new-tokens).
+    #[arg(long, requires = "draft", conflicts_with = "prompt_tokens")]
+    chat: Option<String>,
+    /// A system message before the chat message.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -167,6 +175,8 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         activations,
         draft,
         batch,
+        chat,
+        system,
     } = args;
     let config = config.load()?;
     let data = distillery_run::prepare_data(&config)?;
@@ -174,7 +184,18 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         prompt_tokens >= 1 && prompt_tokens < data.splits.validation.len(),
         "--prompt-tokens must be between 1 and the validation split's length"
     );
-    let prompt = &data.splits.validation[..prompt_tokens];
+    let mut generation = decode_bench::greedy(new_tokens);
+    let prompt = match &chat {
+        None => data.splits.validation[..prompt_tokens].to_vec(),
+        Some(user) => {
+            let (ids, end_of_turn) =
+                crate::generate::chat_prompt(&data.tokenizer, system.as_deref(), user)?;
+            generation.stop_tokens = data.tokenizer.eos_token_id().into_iter().collect();
+            generation.stop_tokens.extend(end_of_turn);
+            ids
+        }
+    };
+    let prompt = &prompt[..];
     let (mut loaded, load_seconds): (Vec<_>, Vec<_>) = checkpoint
         .iter()
         .map(|path| load::load_model_timed(&config, path, &data.tokenizer))
@@ -202,7 +223,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
                     model,
                     draft_model,
                     prompt,
-                    new_tokens,
+                    &generation,
                     runs,
                     draft.length(),
                     data.tokenizer.vocab_size(),

@@ -1,17 +1,22 @@
 //! `distillery continuations`: a model's own continuations of prompts from the training split,
-//! written as JSON Lines that `[data] format = "jsonl"` reads. A speculative draft distilled on
+//! or its answers to chat messages, written as JSON Lines that `[data] format = "jsonl"` reads
+//! (and, for answers, `format = "chat"`). A speculative draft distilled on
 //! the text its model writes (DistillSpec's on-policy data) learns to propose what the model
 //! will accept; a draft distilled on the corpus learns the corpus, which an instruction-tuned
 //! model stops writing within a few tokens.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context;
+use distillery_data::TextTokenizer;
+use distillery_data::chat::Message;
+
 use distillery_formats::load;
-use distillery_model::GenerationConfig;
+use distillery_model::{Generation, GenerationConfig};
 
 use crate::ConfigArgs;
-use crate::models::SamplingArgs;
+use crate::models::{self, Activations, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct ContinuationsArgs {
@@ -31,6 +36,15 @@ pub struct ContinuationsArgs {
     /// Each prompt's length.
     #[arg(long, default_value_t = 32)]
     prompt_tokens: usize,
+    /// A file of user messages, one per line (empty lines skipped), each answered through the
+    /// model's chat template (after `--system`, if given) instead of a window of the training
+    /// split continued; each answer stops at the template's end-of-turn token, and its line
+    /// also holds the conversation (`messages`).
+    #[arg(long, conflicts_with_all = ["num_prompts", "prompt_tokens"])]
+    chat: Option<PathBuf>,
+    /// A system message before each chat message.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     #[arg(long, default_value_t = 96)]
     max_new_tokens: usize,
     /// Prompts decoded together (one pass over the weights serves the whole batch).
@@ -38,18 +52,47 @@ pub struct ContinuationsArgs {
     batch: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// How quantized matrices treat their activations: the arithmetic the model will serve
+    /// with, whose text a draft should learn.
+    #[arg(long, value_enum, default_value_t)]
+    activations: Activations,
 }
 
 pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let config = args.config.load()?;
     let data = distillery_run::prepare_data(&config)?;
-    let prompts = spaced_prompts(&data.splits.train, args.num_prompts, args.prompt_tokens)?;
-    let model = load::load_model(&config, &args.checkpoint, &data.tokenizer)?;
+    let mut stop_tokens: Vec<u32> = data.tokenizer.eos_token_id().into_iter().collect();
+    let (prompts, users) = match &args.chat {
+        None => (
+            spaced_prompts(&data.splits.train, args.num_prompts, args.prompt_tokens)?,
+            Vec::new(),
+        ),
+        Some(path) => {
+            let users = chat_messages(path)?;
+            let mut prompts = Vec::new();
+            for user in &users {
+                let (ids, end_of_turn) =
+                    crate::generate::chat_prompt(&data.tokenizer, args.system.as_deref(), user)?;
+                prompts.push(ids);
+                stop_tokens.extend(end_of_turn);
+            }
+            stop_tokens.sort_unstable();
+            stop_tokens.dedup();
+            (prompts, users)
+        }
+    };
+    let mut model = [load::load_model(
+        &config,
+        &args.checkpoint,
+        &data.tokenizer,
+    )?];
+    models::apply_activations(&mut model, args.activations);
+    let [model] = model;
     let settings = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: args.sampling.config(),
-        stop_tokens: data.tokenizer.eos_token_id().into_iter().collect(),
+        stop_tokens,
     };
     let started = Instant::now();
     let mut lines = String::new();
@@ -58,16 +101,23 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     for batch in prompts.chunks(args.batch) {
         let generations = distillery_model::generate_batch(&model.model, batch, &settings)?;
         for (prompt, generation) in batch.iter().zip(&generations) {
-            let continuation = generation.tokens_without_stop();
-            new_tokens += continuation.len();
-            // Decoded as one sequence: a tokenizer that drops a leading space from what it
-            // decodes would otherwise join the prompt's last word to the continuation's first.
-            let text = data.tokenizer.decode(&[prompt, continuation].concat())?;
-            let prompt = data.tokenizer.decode(prompt)?;
-            lines.push_str(&serde_json::json!({ "text": text, "prompt": prompt }).to_string());
+            let line = match users.get(done) {
+                None => {
+                    continuation_line(&data.tokenizer, prompt, generation.tokens_without_stop())?
+                }
+                Some(user) => answer_line(
+                    &data.tokenizer,
+                    prompt,
+                    args.system.as_deref(),
+                    user,
+                    generation,
+                )?,
+            };
+            new_tokens += generation.tokens_without_stop().len();
+            lines.push_str(&line.to_string());
             lines.push('\n');
+            done += 1;
         }
-        done += batch.len();
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "{done}/{} prompts continued, {:.1} new tokens/s, about {:.0} s left",
@@ -77,17 +127,84 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
         );
     }
     distillery_data::write_atomically(&args.out, lines.as_bytes())?;
+    let source = match &args.chat {
+        None => format!(
+            "continuations ({new_tokens} new tokens after {} prompt tokens each) of {}'s training \
+             split",
+            args.prompt_tokens,
+            config.corpus().path.display()
+        ),
+        Some(path) => format!(
+            "answers ({new_tokens} new tokens) to the chat messages of {}",
+            path.display()
+        ),
+    };
     println!(
-        "wrote {} continuations ({new_tokens} new tokens after {} prompt tokens each) of {}'s \
-         training split by {} to {} in {:.0} s",
+        "wrote {} {source} by {} to {} in {:.0} s",
         prompts.len(),
-        args.prompt_tokens,
-        config.corpus().path.display(),
         args.checkpoint.display(),
         args.out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The non-empty lines of a file of chat messages.
+fn chat_messages(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the chat messages in {}", path.display()))?;
+    let users: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(
+        !users.is_empty(),
+        "{} holds no chat message",
+        path.display()
+    );
+    Ok(users)
+}
+
+/// A window of the training split and the model's continuation, as `text` and `prompt`.
+fn continuation_line(
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    continuation: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    // Decoded as one sequence: a tokenizer that drops a leading space from what it decodes
+    // would otherwise join the prompt's last word to the continuation's first.
+    let text = tokenizer.decode(&[prompt, continuation].concat())?;
+    let prompt = tokenizer.decode(prompt)?;
+    Ok(serde_json::json!({ "text": text, "prompt": prompt }))
+}
+
+/// A chat message and the model's answer: `text`, the rendered conversation with the answer's
+/// closing token (so that a draft learns to end its turn where the model does), `prompt`, and
+/// `messages`, the turns `[data] format = "chat"` reads.
+fn answer_line(
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    system: Option<&str>,
+    user: &str,
+    answer: &Generation,
+) -> anyhow::Result<serde_json::Value> {
+    let text = tokenizer.decode(&[prompt, &answer.tokens].concat())?;
+    let content = tokenizer.decode(answer.tokens_without_stop())?;
+    let messages: Vec<Message> = system
+        .map(|system| Message::new("system", system))
+        .into_iter()
+        .chain([
+            Message::new("user", user),
+            Message::new("assistant", &content),
+        ])
+        .collect();
+    Ok(serde_json::json!({
+        "text": text,
+        "prompt": tokenizer.decode(prompt)?,
+        "messages": messages,
+    }))
 }
 
 /// `count` windows of `length` tokens, the first at the split's start, the others spread

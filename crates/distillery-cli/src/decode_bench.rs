@@ -76,8 +76,9 @@ pub fn weight_bytes(model: &Llama) -> usize {
     4 * model.num_params() + quantized
 }
 
-/// Greedy decoding of exactly `new_tokens` tokens: what every measurement here times.
-fn greedy(new_tokens: usize) -> GenerationConfig {
+/// Greedy decoding of exactly `new_tokens` tokens: what every measurement here times (a chat
+/// answer's measurement adds the stop tokens that end its turn).
+pub fn greedy(new_tokens: usize) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: new_tokens,
         sampling: SamplingConfig::default(),
@@ -253,22 +254,22 @@ pub struct DraftReport {
     pub runs: usize,
 }
 
-/// Greedy generation of `new_tokens` after `prompt` by `model` alone and with `draft`
-/// proposing `length` tokens per pass, `runs` rounds after a warm-up of each, the two
-/// alternating. The drafted output must equal the model's own, token for token.
+/// Greedy generation (`config`: [`greedy`], with or without stop tokens) after `prompt` by
+/// `model` alone and with `draft` proposing `length` tokens per pass, `runs` rounds after a
+/// warm-up of each, the two alternating. The drafted output must equal the model's own, token
+/// for token.
 pub fn bench_draft(
     model: &LoadedModel,
     draft: &LoadedModel,
     prompt: &[u32],
-    new_tokens: usize,
+    config: &GenerationConfig,
     runs: usize,
     length: DraftLength,
     vocab: usize,
 ) -> anyhow::Result<DraftReport> {
-    let config = greedy(new_tokens);
     let alone = || -> anyhow::Result<(f64, Vec<u32>)> {
         let started = Instant::now();
-        let generation = generate_streaming(&model.model, prompt, &config, |_| {})?;
+        let generation = generate_streaming(&model.model, prompt, config, |_| {})?;
         Ok((started.elapsed().as_secs_f64(), generation.tokens))
     };
     let drafted = || -> anyhow::Result<(f64, Vec<u32>, DraftStats)> {
@@ -277,7 +278,7 @@ pub fn bench_draft(
             &model.model,
             &draft.model,
             prompt,
-            &config,
+            config,
             length,
             vocab,
             |_| {},
@@ -285,11 +286,12 @@ pub fn bench_draft(
         Ok((started.elapsed().as_secs_f64(), generation.tokens, stats))
     };
     let (_, reference) = alone()?;
+    let new_tokens = reference.len();
     anyhow::ensure!(
-        reference.len() == new_tokens,
-        "generation stopped early: {} prompt tokens and {new_tokens} new tokens must fit {}'s \
-         context",
+        new_tokens == config.max_new_tokens || !config.stop_tokens.is_empty(),
+        "generation stopped early: {} prompt tokens and {} new tokens must fit {}'s context",
         prompt.len(),
+        config.max_new_tokens,
         model.describe()
     );
     drafted()?;
@@ -572,7 +574,7 @@ pub fn measure_throughput(
             &loaded,
             &draft_model,
             prompt,
-            new_tokens,
+            &greedy(new_tokens),
             RUNS,
             draft.length(),
             data.tokenizer.vocab_size(),

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use distillery_data::TextTokenizer;
 use distillery_data::chat::{ChatTemplate, Message};
 use distillery_formats::load;
 use distillery_model::{Generation, GenerationConfig, StopReason};
@@ -47,9 +48,26 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+/// The tokens that ask `tokenizer`'s chat template for the assistant's answer to `user` (after
+/// `system`, if any), and the template's end-of-turn token, at which the answer stops.
+pub fn chat_prompt(
+    tokenizer: &TextTokenizer,
+    system: Option<&str>,
+    user: &str,
+) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
+    let template = ChatTemplate::of(tokenizer)?;
+    let messages: Vec<Message> = system
+        .map(|system| Message::new("system", system))
+        .into_iter()
+        .chain([Message::new("user", user)])
+        .collect();
+    let ids = tokenizer.encode(&template.render(&messages, true)?)?;
+    Ok((ids, template.end_of_turn()?))
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
-    let tokenizer = distillery_data::TextTokenizer::load(&config.data.tokenizer)?;
+    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
     let mut loaded = vec![load::load_model(&config, &args.checkpoint, &tokenizer)?];
     if let Some(draft) = &args.draft.draft {
         loaded.push(load::load_model(&config, draft, &tokenizer)?);
@@ -92,14 +110,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(prompt), _) => tokenizer.encode_prompt(prompt)?,
         (None, Some(chat)) => {
-            let template = ChatTemplate::of(&tokenizer)?;
-            let mut messages = Vec::new();
-            if let Some(system) = &args.system {
-                messages.push(Message::new("system", system));
-            }
-            messages.push(Message::new("user", chat));
-            stop_tokens.extend(template.end_of_turn()?);
-            tokenizer.encode(&template.render(&messages, true)?)?
+            let (ids, end_of_turn) = chat_prompt(&tokenizer, args.system.as_deref(), chat)?;
+            stop_tokens.extend(end_of_turn);
+            ids
         }
         (None, None) => unreachable!("clap requires --prompt, --prompts or --chat"),
     };
