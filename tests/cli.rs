@@ -724,6 +724,23 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         (speed("alone_token_ms") * speed("alone_tokens_per_sec") - 1e3).abs() < 1e-6,
         "{drafted}"
     );
+    // Three prompts spread over the validation split, one after another: their tokens in all,
+    // and a pass of the model gives between one token and the draft's two plus one.
+    bench.extend(["--prompts".into(), "3".into()]);
+    let three: serde_json::Value = serde_json::from_str(&workspace.run_ok(&bench)).unwrap();
+    let three = &three[0];
+    assert_eq!(three["prompts"], 3, "{three}");
+    let count = |report: &serde_json::Value, key: &str| report[key].as_u64().unwrap();
+    assert_eq!(
+        count(three, "prompt_tokens"),
+        3 * count(drafted, "prompt_tokens")
+    );
+    assert_eq!(count(three, "new_tokens"), 3 * count(drafted, "new_tokens"));
+    assert!(
+        (1.0..=3.0).contains(&three["tokens_per_pass"].as_f64().unwrap()),
+        "{three}"
+    );
+    bench.truncate(bench.len() - 2);
 
     // Prompts of different lengths decoded as one batch, by the float and the quantized model:
     // each continuation is the one `--prompt` gives alone.

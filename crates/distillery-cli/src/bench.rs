@@ -76,11 +76,16 @@ pub struct GenerateBenchArgs {
     /// batch, against one after another.
     #[arg(long, conflicts_with = "draft")]
     batch: Option<usize>,
-    /// With a draft: a user message answered through the model's chat template is the prompt,
-    /// instead of the validation split's start, and decoding stops at the template's
-    /// end-of-turn token (or after --new-tokens).
-    #[arg(long, requires = "draft", conflicts_with = "prompt_tokens")]
-    chat: Option<String>,
+    /// With a draft: this many prompts of --prompt-tokens tokens, spread evenly over the
+    /// validation split from its start, decoded one after another (rates and acceptance over
+    /// all of them).
+    #[arg(long, requires = "draft", default_value_t = 1)]
+    prompts: usize,
+    /// With a draft: user messages (the flag repeated) answered through the model's chat
+    /// template are the prompts, instead of the validation split's, and decoding stops at the
+    /// template's end-of-turn token (or after --new-tokens).
+    #[arg(long, requires = "draft", conflicts_with_all = ["prompt_tokens", "prompts"])]
+    chat: Vec<String>,
     /// A system message before the chat message.
     #[arg(long, requires = "chat")]
     system: Option<String>,
@@ -175,6 +180,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         activations,
         draft,
         batch,
+        prompts,
         chat,
         system,
     } = args;
@@ -185,17 +191,20 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         "--prompt-tokens must be between 1 and the validation split's length"
     );
     let mut generation = decode_bench::greedy(new_tokens);
-    let prompt = match &chat {
-        None => data.splits.validation[..prompt_tokens].to_vec(),
-        Some(user) => {
-            let (ids, end_of_turn) =
+    let prompts = if chat.is_empty() {
+        crate::continuations::spaced_prompts(&data.splits.validation, prompts, prompt_tokens)?
+    } else {
+        generation.stop_tokens = data.tokenizer.eos_token_id().into_iter().collect();
+        let mut ids = Vec::new();
+        for user in &chat {
+            let (prompt, end_of_turn) =
                 crate::generate::chat_prompt(&data.tokenizer, system.as_deref(), user)?;
-            generation.stop_tokens = data.tokenizer.eos_token_id().into_iter().collect();
+            ids.push(prompt);
             generation.stop_tokens.extend(end_of_turn);
-            ids
         }
+        ids
     };
-    let prompt = &prompt[..];
+    let prompt = &prompts[0];
     let (mut loaded, load_seconds): (Vec<_>, Vec<_>) = checkpoint
         .iter()
         .map(|path| load::load_model_timed(&config, path, &data.tokenizer))
@@ -203,11 +212,11 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .unzip();
     if let Some(batch) = batch {
-        let prompts = decode_bench::batch_prompts(&data.splits.validation, batch, prompt_tokens)?;
+        let batch = decode_bench::batch_prompts(&data.splits.validation, batch, prompt_tokens)?;
         models::apply_activations(&mut loaded, activations);
         let reports = loaded
             .iter()
-            .map(|model| decode_bench::bench_batch(model, &prompts, new_tokens, runs))
+            .map(|model| decode_bench::bench_batch(model, &batch, new_tokens, runs))
             .collect::<anyhow::Result<Vec<_>>>()?;
         print_report(json, &reports, |reports| decode_bench::batch_table(reports))?;
         return Ok(ExitCode::SUCCESS);
@@ -222,7 +231,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
                 decode_bench::bench_draft(
                     model,
                     draft_model,
-                    prompt,
+                    &prompts,
                     &generation,
                     runs,
                     draft.length(),

@@ -209,11 +209,11 @@ fn answer_line(
 
 /// `count` windows of `length` tokens, the first at the split's start, the others spread
 /// evenly up to its end, so the prompts sample the whole split.
-fn spaced_prompts(split: &[u32], count: usize, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+pub fn spaced_prompts(split: &[u32], count: usize, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
     anyhow::ensure!(
         count >= 1 && length >= 1 && length <= split.len(),
-        "--num-prompts and --prompt-tokens must be at least 1, and a prompt of {length} tokens must \
-         fit the training split's {} tokens",
+        "{count} prompts of {length} tokens asked for: at least one prompt of at least one token, \
+         and a prompt must fit the split's {} tokens",
         split.len()
     );
     let last_start = split.len() - length;

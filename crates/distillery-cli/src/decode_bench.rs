@@ -232,9 +232,11 @@ pub struct DraftReport {
     /// Tokens drafted per pass (the most, when adaptive).
     pub draft_tokens: usize,
     pub adaptive: bool,
+    /// Prompts decoded one after another, and their tokens and new tokens in all.
+    pub prompts: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
-    /// New tokens over the whole generation's time, prompt included (median over the runs),
+    /// New tokens over the whole generations' time, prompts included (median over the runs),
     /// for the model alone and with the draft.
     pub alone_tokens_per_sec: f64,
     pub drafted_tokens_per_sec: f64,
@@ -242,7 +244,7 @@ pub struct DraftReport {
     pub acceptance_rate: f64,
     /// Accepted over proposed, at each position of a draft.
     pub acceptance_by_position: Vec<f64>,
-    /// New tokens per pass of the model after the prompt's.
+    /// New tokens per pass of the model after each prompt's.
     pub tokens_per_pass: f64,
     /// Milliseconds of the draft's forward pass for one drafted token, of one checking pass
     /// of the model (its pending token and the drafts), and of one token of the model alone
@@ -254,46 +256,58 @@ pub struct DraftReport {
     pub runs: usize,
 }
 
-/// Greedy generation (`config`: [`greedy`], with or without stop tokens) after `prompt` by
-/// `model` alone and with `draft` proposing `length` tokens per pass, `runs` rounds after a
-/// warm-up of each, the two alternating. The drafted output must equal the model's own, token
-/// for token.
+/// Greedy generation (`config`: [`greedy`], with or without stop tokens) after each of
+/// `prompts` by `model` alone and with `draft` proposing `length` tokens per pass, the prompts
+/// one after another, `runs` rounds after a warm-up of each, the two alternating. The drafted
+/// output must equal the model's own, token for token; rates and acceptance are over all the
+/// prompts.
 pub fn bench_draft(
     model: &LoadedModel,
     draft: &LoadedModel,
-    prompt: &[u32],
+    prompts: &[Vec<u32>],
     config: &GenerationConfig,
     runs: usize,
     length: DraftLength,
     vocab: usize,
 ) -> anyhow::Result<DraftReport> {
-    let alone = || -> anyhow::Result<(f64, Vec<u32>)> {
+    let alone = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
         let started = Instant::now();
-        let generation = generate_streaming(&model.model, prompt, config, |_| {})?;
-        Ok((started.elapsed().as_secs_f64(), generation.tokens))
+        let outputs = prompts
+            .iter()
+            .map(|prompt| Ok(generate_streaming(&model.model, prompt, config, |_| {})?.tokens))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((started.elapsed().as_secs_f64(), outputs))
     };
-    let drafted = || -> anyhow::Result<(f64, Vec<u32>, DraftStats)> {
+    let drafted = || -> anyhow::Result<(f64, Vec<Vec<u32>>, DraftStats)> {
         let started = Instant::now();
-        let (generation, stats) = generate_with_draft(
-            &model.model,
-            &draft.model,
-            prompt,
-            config,
-            length,
-            vocab,
-            |_| {},
-        )?;
-        Ok((started.elapsed().as_secs_f64(), generation.tokens, stats))
+        let mut all_stats = DraftStats::default();
+        let mut outputs = Vec::new();
+        for prompt in prompts {
+            let (generation, stats) = generate_with_draft(
+                &model.model,
+                &draft.model,
+                prompt,
+                config,
+                length,
+                vocab,
+                |_| {},
+            )?;
+            all_stats.add(&stats);
+            outputs.push(generation.tokens);
+        }
+        Ok((started.elapsed().as_secs_f64(), outputs, all_stats))
     };
     let (_, reference) = alone()?;
-    let new_tokens = reference.len();
-    anyhow::ensure!(
-        new_tokens == config.max_new_tokens || !config.stop_tokens.is_empty(),
-        "generation stopped early: {} prompt tokens and {} new tokens must fit {}'s context",
-        prompt.len(),
-        config.max_new_tokens,
-        model.describe()
-    );
+    for (prompt, tokens) in prompts.iter().zip(&reference) {
+        anyhow::ensure!(
+            tokens.len() == config.max_new_tokens || !config.stop_tokens.is_empty(),
+            "generation stopped early: {} prompt tokens and {} new tokens must fit {}'s context",
+            prompt.len(),
+            config.max_new_tokens,
+            model.describe()
+        );
+    }
+    let new_tokens: usize = reference.iter().map(Vec::len).sum();
     drafted()?;
     let (mut alone_speeds, mut drafted_speeds) = (Vec::new(), Vec::new());
     let mut last_stats = DraftStats::default();
@@ -317,14 +331,17 @@ pub fn bench_draft(
         draft: draft.describe(),
         draft_tokens: length.most(),
         adaptive: matches!(length, DraftLength::Adaptive(_)),
-        prompt_tokens: prompt.len(),
+        prompts: prompts.len(),
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
         new_tokens,
         alone_tokens_per_sec: alone,
         drafted_tokens_per_sec: with_draft,
         speedup: with_draft / alone,
         acceptance_rate: last_stats.acceptance_rate(),
         acceptance_by_position: last_stats.acceptance_by_position(),
-        tokens_per_pass: last_stats.tokens_per_pass(new_tokens),
+        // Each prompt's pass gives its first token.
+        tokens_per_pass: (new_tokens - prompts.len()) as f64
+            / last_stats.model_passes.max(1) as f64,
         draft_token_ms: 1e3 * last_stats.seconds_per_draft_token(),
         check_ms: 1e3 * last_stats.seconds_per_check(),
         alone_token_ms: 1e3 / alone,
@@ -362,14 +379,18 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
             report.alone_token_ms,
         ));
     }
-    table.push_str(&format!(
-        "\ngreedy, {} new tokens after {} prompt tokens; tokens/s over the whole generation, \
-         prompt included; the drafted output equals the model's own in every run; the last \
-         three columns are the last run's mean times of a drafted token, of a checking pass and \
-         of a token of the model alone\n",
-        reports.first().map_or(0, |report| report.new_tokens),
-        reports.first().map_or(0, |report| report.prompt_tokens),
-    ));
+    if let Some(first) = reports.first() {
+        table.push_str(&format!(
+            "\ngreedy, {} new tokens after {} prompt{} of {} tokens in all, one after another; \
+             tokens/s over the whole generations, prompts included; the drafted output equals the \
+             model's own in every run; the last three columns are the last run's mean times of a \
+             drafted token, of a checking pass and of a token of the model alone\n",
+            first.new_tokens,
+            first.prompts,
+            if first.prompts == 1 { "" } else { "s" },
+            first.prompt_tokens,
+        ));
+    }
     table
 }
 
@@ -573,7 +594,7 @@ pub fn measure_throughput(
         let report = bench_draft(
             &loaded,
             &draft_model,
-            prompt,
+            &[prompt.to_vec()],
             &greedy(new_tokens),
             RUNS,
             draft.length(),

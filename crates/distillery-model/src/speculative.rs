@@ -93,6 +93,22 @@ impl DraftStats {
         self.check_seconds / self.model_passes.max(1) as f64
     }
 
+    /// Takes in what the draft did in another generation: the counts and times of both.
+    pub fn add(&mut self, other: &DraftStats) {
+        let positions = self.proposed.len().max(other.proposed.len());
+        self.proposed.resize(positions, 0);
+        self.accepted.resize(positions, 0);
+        for (position, (&proposed, &accepted)) in
+            other.proposed.iter().zip(&other.accepted).enumerate()
+        {
+            self.proposed[position] += proposed;
+            self.accepted[position] += accepted;
+        }
+        self.model_passes += other.model_passes;
+        self.draft_seconds += other.draft_seconds;
+        self.check_seconds += other.check_seconds;
+    }
+
     fn record(&mut self, position: usize, accepted: bool) {
         if self.proposed.len() <= position {
             self.proposed.resize(position + 1, 0);
