@@ -260,6 +260,52 @@ fn a_config_error_found_once_the_tokenizer_is_read_exits_2_from_every_stage() {
     }
 }
 
+/// Flags of `bench generate` and `continuations` that only mean something together are refused
+/// before any model is read, naming the flags; so is an empty file of chat messages.
+#[test]
+fn prompt_flags_that_do_not_go_together_are_named() {
+    let workspace = Workspace::new();
+    let config = repo_path("configs/tiny-test.toml");
+    let bench = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = vec!["bench".into(), "generate".into(), config.clone()];
+        args.extend(workspace.common_settings("flags"));
+        args.extend(["--checkpoint".into(), "no-such-model".into()]);
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        args
+    };
+    for (extra, named) in [
+        (&["--prompts", "3"][..], "--draft"),
+        (&["--system", "Be brief."][..], "--chat"),
+        (
+            &["--draft", "x", "--chat", "hi", "--prompts", "2"][..],
+            "--prompts",
+        ),
+        (&["--batch", "2", "--new-tokens", "1"][..], "--new-tokens"),
+    ] {
+        let (code, stderr) = workspace.run_err(&bench(extra));
+        assert_ne!(code, 0, "{extra:?}");
+        assert!(stderr.contains(named), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let empty = workspace.root.join("no-messages.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let mut continuations = vec!["continuations".to_string(), config.clone()];
+    continuations.extend(workspace.common_settings("no-messages"));
+    continuations.extend(
+        [
+            "--checkpoint",
+            "no-such-model",
+            "--out",
+            "out.jsonl",
+            "--chat",
+            &empty.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let (_, stderr) = workspace.run_err(&continuations);
+    assert!(stderr.contains("holds no chat message"), "{stderr}");
+}
+
 #[test]
 fn missing_corpus_file_is_named() {
     let workspace = Workspace::new();
@@ -884,13 +930,6 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     assert!(
         (speed("per_sequence_tokens_per_sec") * 3.0 - speed("batched_tokens_per_sec")).abs()
             < 1e-6 * speed("batched_tokens_per_sec"),
-        "{batched}"
-    );
-    assert!(
-        (speed("decode_speedup")
-            - speed("batched_decode_tokens_per_sec") / speed("alone_decode_tokens_per_sec"))
-        .abs()
-            < 1e-9,
         "{batched}"
     );
     // The prompts' reading is timed apart from the decoding after it, in both runs.

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use distillery_config::TeacherSource;
 use distillery_formats::load;
@@ -86,7 +87,7 @@ pub struct GenerateBenchArgs {
     /// template's end-of-turn token (or after --new-tokens).
     #[arg(long, requires = "draft", conflicts_with_all = ["prompt_tokens", "prompts"])]
     chat: Vec<String>,
-    /// A system message before the chat message.
+    /// A system message before each chat message.
     #[arg(long, requires = "chat")]
     system: Option<String>,
 }
@@ -184,6 +185,9 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         chat,
         system,
     } = args;
+    if batch.is_some() {
+        decode_bench::check_batch_tokens(new_tokens)?;
+    }
     let config = config.load()?;
     let data = distillery_run::prepare_data(&config)?;
     anyhow::ensure!(
@@ -192,17 +196,14 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
     );
     let mut generation = decode_bench::greedy(new_tokens);
     let prompts = if chat.is_empty() {
-        crate::continuations::spaced_prompts(&data.splits.validation, prompts, prompt_tokens)?
+        crate::continuations::spaced_prompts(&data.splits.validation, prompts, prompt_tokens)
+            .context("--prompts and --prompt-tokens over the validation split")?
     } else {
+        let (prompts, end_of_turn) =
+            crate::generate::chat_prompts(&data.tokenizer, system.as_deref(), &chat)?;
         generation.stop_tokens = data.tokenizer.eos_token_id().into_iter().collect();
-        let mut ids = Vec::new();
-        for user in &chat {
-            let (prompt, end_of_turn) =
-                crate::generate::chat_prompt(&data.tokenizer, system.as_deref(), user)?;
-            ids.push(prompt);
-            generation.stop_tokens.extend(end_of_turn);
-        }
-        ids
+        generation.stop_tokens.extend(end_of_turn);
+        prompts
     };
     let prompt = &prompts[0];
     let (mut loaded, load_seconds): (Vec<_>, Vec<_>) = checkpoint

@@ -65,20 +65,15 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     let mut stop_tokens: Vec<u32> = data.tokenizer.eos_token_id().into_iter().collect();
     let (prompts, users) = match &args.chat {
         None => (
-            spaced_prompts(&data.splits.train, args.num_prompts, args.prompt_tokens)?,
+            spaced_prompts(&data.splits.train, args.num_prompts, args.prompt_tokens)
+                .context("--num-prompts and --prompt-tokens over the training split")?,
             Vec::new(),
         ),
         Some(path) => {
             let users = chat_messages(path)?;
-            let mut prompts = Vec::new();
-            for user in &users {
-                let (ids, end_of_turn) =
-                    crate::generate::chat_prompt(&data.tokenizer, args.system.as_deref(), user)?;
-                prompts.push(ids);
-                stop_tokens.extend(end_of_turn);
-            }
-            stop_tokens.sort_unstable();
-            stop_tokens.dedup();
+            let (prompts, end_of_turn) =
+                crate::generate::chat_prompts(&data.tokenizer, args.system.as_deref(), &users)?;
+            stop_tokens.extend(end_of_turn);
             (prompts, users)
         }
     };
@@ -101,15 +96,15 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     for batch in prompts.chunks(args.batch) {
         let generations = distillery_model::generate_batch(&model.model, batch, &settings)?;
         for (prompt, generation) in batch.iter().zip(&generations) {
-            let line = match users.get(done) {
+            let line = match &args.chat {
                 None => {
                     continuation_line(&data.tokenizer, prompt, generation.tokens_without_stop())?
                 }
-                Some(user) => answer_line(
+                Some(_) => answer_line(
                     &data.tokenizer,
                     prompt,
                     args.system.as_deref(),
-                    user,
+                    &users[done],
                     generation,
                 )?,
             };
@@ -212,8 +207,8 @@ fn answer_line(
 pub fn spaced_prompts(split: &[u32], count: usize, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
     anyhow::ensure!(
         count >= 1 && length >= 1 && length <= split.len(),
-        "{count} prompts of {length} tokens asked for: at least one prompt of at least one token, \
-         and a prompt must fit the split's {} tokens",
+        "{count} prompts of {length} tokens: at least one prompt of at least one token is needed, \
+         each within the split's {} tokens",
         split.len()
     );
     let last_start = split.len() - length;

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use distillery_formats::load::{self, LoadedModel, ModelKind};
 use distillery_model::{
-    DraftLength, DraftStats, GenerationConfig, Llama, SamplingConfig, generate_batch_streaming,
-    generate_streaming, generate_with_draft,
+    DraftLength, DraftStats, Generation, GenerationConfig, Llama, SamplingConfig, StopReason,
+    generate_batch_streaming, generate_streaming, generate_with_draft,
 };
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -270,11 +270,11 @@ pub fn bench_draft(
     length: DraftLength,
     vocab: usize,
 ) -> anyhow::Result<DraftReport> {
-    let alone = || -> anyhow::Result<(f64, Vec<Vec<u32>>)> {
+    let alone = || -> anyhow::Result<(f64, Vec<Generation>)> {
         let started = Instant::now();
         let outputs = prompts
             .iter()
-            .map(|prompt| Ok(generate_streaming(&model.model, prompt, config, |_| {})?.tokens))
+            .map(|prompt| Ok(generate_streaming(&model.model, prompt, config, |_| {})?))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok((started.elapsed().as_secs_f64(), outputs))
     };
@@ -297,16 +297,20 @@ pub fn bench_draft(
         }
         Ok((started.elapsed().as_secs_f64(), outputs, all_stats))
     };
-    let (_, reference) = alone()?;
-    for (prompt, tokens) in prompts.iter().zip(&reference) {
+    let (_, generations) = alone()?;
+    for (prompt, generation) in prompts.iter().zip(&generations) {
         anyhow::ensure!(
-            tokens.len() == config.max_new_tokens || !config.stop_tokens.is_empty(),
+            generation.stop != StopReason::ContextFull,
             "generation stopped early: {} prompt tokens and {} new tokens must fit {}'s context",
             prompt.len(),
             config.max_new_tokens,
             model.describe()
         );
     }
+    let reference: Vec<Vec<u32>> = generations
+        .into_iter()
+        .map(|generation| generation.tokens)
+        .collect();
     let new_tokens: usize = reference.iter().map(Vec::len).sum();
     drafted()?;
     let (mut alone_speeds, mut drafted_speeds) = (Vec::new(), Vec::new());
@@ -339,9 +343,7 @@ pub fn bench_draft(
         speedup: with_draft / alone,
         acceptance_rate: last_stats.acceptance_rate(),
         acceptance_by_position: last_stats.acceptance_by_position(),
-        // Each prompt's pass gives its first token.
-        tokens_per_pass: (new_tokens - prompts.len()) as f64
-            / last_stats.model_passes.max(1) as f64,
+        tokens_per_pass: last_stats.tokens_per_pass(new_tokens, prompts.len()),
         draft_token_ms: 1e3 * last_stats.seconds_per_draft_token(),
         check_ms: 1e3 * last_stats.seconds_per_check(),
         alone_token_ms: 1e3 / alone,
@@ -443,6 +445,17 @@ pub fn batch_prompts(
         .collect())
 }
 
+/// A batch's decoding is timed after each prompt's first token, which comes with its reading:
+/// it takes a second one.
+pub fn check_batch_tokens(new_tokens: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        new_tokens >= 2,
+        "--new-tokens must be at least 2 to time a batch's decoding (each prompt's first token \
+         comes with its reading)"
+    );
+    Ok(())
+}
+
 /// Greedy generation of `new_tokens` after each of `prompts` by `model`, one prompt after
 /// another and as one batch, `runs` rounds after a warm-up of each, the two alternating. Each
 /// batched output must equal the prompt's own, token for token.
@@ -452,10 +465,7 @@ pub fn bench_batch(
     new_tokens: usize,
     runs: usize,
 ) -> anyhow::Result<BatchReport> {
-    anyhow::ensure!(
-        new_tokens >= 2,
-        "timing a batch's decoding takes at least 2 new tokens (the first comes with the prompt)"
-    );
+    check_batch_tokens(new_tokens)?;
     let config = greedy(new_tokens);
     // Each run gives its whole time, the time spent reading the prompts (up to each prompt's
     // first token), and the outputs.

@@ -48,21 +48,27 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-/// The tokens that ask `tokenizer`'s chat template for the assistant's answer to `user` (after
-/// `system`, if any), and the template's end-of-turn token, at which the answer stops.
-pub fn chat_prompt(
+/// The tokens that ask `tokenizer`'s chat template for the assistant's answer to each of
+/// `users` (after `system`, if any), and the template's end-of-turn token, at which the
+/// answers stop.
+pub fn chat_prompts(
     tokenizer: &TextTokenizer,
     system: Option<&str>,
-    user: &str,
-) -> anyhow::Result<(Vec<u32>, Option<u32>)> {
+    users: &[String],
+) -> anyhow::Result<(Vec<Vec<u32>>, Option<u32>)> {
     let template = ChatTemplate::of(tokenizer)?;
-    let messages: Vec<Message> = system
-        .map(|system| Message::new("system", system))
-        .into_iter()
-        .chain([Message::new("user", user)])
-        .collect();
-    let ids = tokenizer.encode(&template.render(&messages, true)?)?;
-    Ok((ids, template.end_of_turn()?))
+    let prompts = users
+        .iter()
+        .map(|user| {
+            let messages: Vec<Message> = system
+                .map(|system| Message::new("system", system))
+                .into_iter()
+                .chain([Message::new("user", user)])
+                .collect();
+            Ok(tokenizer.encode(&template.render(&messages, true)?)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((prompts, template.end_of_turn()?))
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -110,9 +116,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(prompt), _) => tokenizer.encode_prompt(prompt)?,
         (None, Some(chat)) => {
-            let (ids, end_of_turn) = chat_prompt(&tokenizer, args.system.as_deref(), chat)?;
+            let (prompts, end_of_turn) = chat_prompts(
+                &tokenizer,
+                args.system.as_deref(),
+                std::slice::from_ref(chat),
+            )?;
             stop_tokens.extend(end_of_turn);
-            ids
+            prompts.into_iter().next().expect("one prompt a message")
         }
         (None, None) => unreachable!("clap requires --prompt, --prompts or --chat"),
     };
@@ -148,7 +158,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "proposed_by_position": stats.proposed,
                 "accepted_by_position": stats.accepted,
                 "acceptance_rate": stats.acceptance_rate(),
-                "tokens_per_pass": stats.tokens_per_pass(generation.tokens.len()),
+                "tokens_per_pass": stats.tokens_per_pass(generation.tokens.len(), 1),
                 "draft_seconds": stats.draft_seconds,
                 "check_seconds": stats.check_seconds,
             });
@@ -191,7 +201,7 @@ fn describe_draft(stats: &distillery_model::DraftStats, tokens: usize) -> String
          the model ({} passes after the prompt)",
         100.0 * stats.acceptance_rate(),
         by_position.join(", "),
-        stats.tokens_per_pass(tokens),
+        stats.tokens_per_pass(tokens, 1),
         stats.model_passes
     )
 }

@@ -68,10 +68,11 @@ impl DraftStats {
         accepted as f64 / proposed.max(1) as f64
     }
 
-    /// Tokens per pass of the model after the prompt's, for a generation of `tokens` tokens
-    /// (the prompt's pass gives the first): what one pass of the model buys.
-    pub fn tokens_per_pass(&self, tokens: usize) -> f64 {
-        tokens.saturating_sub(1) as f64 / self.model_passes.max(1) as f64
+    /// Tokens per pass of the model after each prompt's, for `generations` generations of
+    /// `tokens` tokens in all (each prompt's pass gives its first): what one pass of the model
+    /// buys.
+    pub fn tokens_per_pass(&self, tokens: usize, generations: usize) -> f64 {
+        tokens.saturating_sub(generations) as f64 / self.model_passes.max(1) as f64
     }
 
     /// Kept over drafted tokens at each position of a draft.
@@ -298,6 +299,34 @@ mod tests {
     use super::*;
     use crate::{LlamaConfig, SamplingConfig, generate};
 
+    /// Two generations' stats add position by position, the shorter draft's missing positions
+    /// counting nothing, and the passes and times add up.
+    #[test]
+    fn stats_of_generations_add_by_draft_position() {
+        let mut total = DraftStats {
+            model_passes: 2,
+            proposed: vec![3],
+            accepted: vec![2],
+            draft_seconds: 0.5,
+            check_seconds: 1.0,
+        };
+        total.add(&DraftStats {
+            model_passes: 3,
+            proposed: vec![2, 1],
+            accepted: vec![1, 1],
+            draft_seconds: 0.25,
+            check_seconds: 2.0,
+        });
+        assert_eq!(total.proposed, [5, 1]);
+        assert_eq!(total.accepted, [3, 1]);
+        assert_eq!(total.model_passes, 5);
+        assert_eq!((total.draft_seconds, total.check_seconds), (0.75, 3.0));
+        assert_eq!(total.acceptance_rate(), 4.0 / 6.0);
+        // 12 tokens of two generations: 10 after their prompts' passes, over 5 passes.
+        assert_eq!(total.tokens_per_pass(12, 2), 2.0);
+        assert_eq!(DraftStats::default().tokens_per_pass(0, 3), 0.0);
+    }
+
     fn config(vocab_size: usize, layers: usize, hidden_size: usize, context: usize) -> LlamaConfig {
         LlamaConfig {
             vocab_size,
@@ -358,7 +387,7 @@ mod tests {
                     );
                     if name == "itself" {
                         assert_eq!(stats.acceptance_rate(), 1.0);
-                        assert!(stats.tokens_per_pass(drafted.tokens.len()) > 1.0);
+                        assert!(stats.tokens_per_pass(drafted.tokens.len(), 1) > 1.0);
                     }
                 }
             }

@@ -246,7 +246,8 @@ pub(crate) mod x86 {
     pub(crate) fn prefetch_row_ahead(rows: &[u8], row_bytes: usize, index: usize) {
         let ahead = index * row_bytes + PREFETCH_AHEAD;
         for at in (ahead..rows.len().min(ahead + row_bytes)).step_by(64) {
-            // SAFETY: a prefetch of an address inside `rows` reads nothing and cannot fault.
+            // SAFETY: `at` is below `rows.len()`, so the pointer stays inside `rows`; a prefetch
+            // reads nothing into the program and cannot fault.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(at).cast()) };
         }
     }
@@ -261,6 +262,7 @@ pub(crate) mod x86 {
     /// Only handed out by [`super::channel_dots`] once the CPU's features have been checked.
     pub(super) fn vbmi_channel_dots(run: &ChannelRun, inputs: &Int8Inputs, out: &mut [f32]) {
         for (index, value) in out.iter_mut().enumerate() {
+            prefetch_row_ahead(run.bytes, run.row_bytes, index);
             let channel = &run.channel(index);
             // SAFETY: `super::channel_dots` returns this function only when the CPU also has
             // AVX-512 BW and VBMI.
