@@ -5,7 +5,7 @@
 //! will accept; a draft distilled on the corpus learns the corpus, which an instruction-tuned
 //! model stops writing within a few tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -70,20 +70,18 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
             Vec::new(),
         ),
         Some(path) => {
-            let users = chat_messages(path)?;
+            let users: Vec<String> = models::non_blank_lines(path, "chat message")?
+                .iter()
+                .map(|line| line.trim().to_string())
+                .collect();
             let (prompts, end_of_turn) =
                 crate::generate::chat_prompts(&data.tokenizer, args.system.as_deref(), &users)?;
             stop_tokens.extend(end_of_turn);
             (prompts, users)
         }
     };
-    let mut model = [load::load_model(
-        &config,
-        &args.checkpoint,
-        &data.tokenizer,
-    )?];
-    models::apply_activations(&mut model, args.activations);
-    let [model] = model;
+    let mut model = load::load_model(&config, &args.checkpoint, &data.tokenizer)?;
+    models::apply_activations(std::slice::from_mut(&mut model), args.activations);
     let settings = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: args.sampling.config(),
@@ -144,24 +142,6 @@ pub fn run(args: ContinuationsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The non-empty lines of a file of chat messages.
-fn chat_messages(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the chat messages in {}", path.display()))?;
-    let users: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(String::from)
-        .collect();
-    anyhow::ensure!(
-        !users.is_empty(),
-        "{} holds no chat message",
-        path.display()
-    );
-    Ok(users)
-}
-
 /// A window of the training split and the model's continuation, as `text` and `prompt`.
 fn continuation_line(
     tokenizer: &TextTokenizer,
@@ -187,14 +167,13 @@ fn answer_line(
 ) -> anyhow::Result<serde_json::Value> {
     let text = tokenizer.decode(&[prompt, &answer.tokens].concat())?;
     let content = tokenizer.decode(answer.tokens_without_stop())?;
-    let messages: Vec<Message> = system
-        .map(|system| Message::new("system", system))
-        .into_iter()
-        .chain([
+    let messages = crate::generate::conversation(
+        system,
+        [
             Message::new("user", user),
             Message::new("assistant", &content),
-        ])
-        .collect();
+        ],
+    );
     Ok(serde_json::json!({
         "text": text,
         "prompt": tokenizer.decode(prompt)?,

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use distillery_data::TextTokenizer;
 use distillery_data::chat::{ChatTemplate, Message};
 use distillery_formats::load;
@@ -48,6 +47,18 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+/// `turns` after `system`'s message, if any.
+pub fn conversation(
+    system: Option<&str>,
+    turns: impl IntoIterator<Item = Message>,
+) -> Vec<Message> {
+    system
+        .map(|system| Message::new("system", system))
+        .into_iter()
+        .chain(turns)
+        .collect()
+}
+
 /// The tokens that ask `tokenizer`'s chat template for the assistant's answer to each of
 /// `users` (after `system`, if any), and the template's end-of-turn token, at which the
 /// answers stop.
@@ -60,11 +71,7 @@ pub fn chat_prompts(
     let prompts = users
         .iter()
         .map(|user| {
-            let messages: Vec<Message> = system
-                .map(|system| Message::new("system", system))
-                .into_iter()
-                .chain([Message::new("user", user)])
-                .collect();
+            let messages = conversation(system, [Message::new("user", user)]);
             Ok(tokenizer.encode(&template.render(&messages, true)?)?)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -86,13 +93,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_tokens,
     };
     if let Some(path) = &args.prompts {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the prompts in {}", path.display()))?;
-        let prompts: Vec<&str> = text
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
-        anyhow::ensure!(!prompts.is_empty(), "{} holds no prompt", path.display());
+        let prompts = models::non_blank_lines(path, "prompt")?;
         let ids = prompts
             .iter()
             .map(|prompt| tokenizer.encode_prompt(prompt))

@@ -86,6 +86,21 @@ impl Activations {
 }
 
 /// Sets `activations` on every model and, when one is quantized, says which arithmetic runs.
+/// The lines of a file of `what` (prompts, chat messages), one a line, as written, blank ones
+/// skipped; a file without any is an error naming it.
+pub fn non_blank_lines(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the {what}s in {}", path.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(!lines.is_empty(), "{} holds no {what}", path.display());
+    Ok(lines)
+}
+
 pub fn apply_activations(models: &mut [LoadedModel], activations: Activations) {
     let rounding = activations.rounding();
     for loaded in models.iter_mut() {
