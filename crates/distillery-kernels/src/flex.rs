@@ -727,8 +727,11 @@ pub fn dropout(x: &FlexTensor, probability: f32, seed: u64) -> FlexTensor {
     tensor(output, shape_of(x))
 }
 
-/// Weight rows per parallel task of [`rows_times_matrix`].
-const PRODUCT_ROWS: usize = 32;
+/// Parallel tasks of [`rows_times_matrix`], each a run of consecutive weight rows: few, so
+/// the partial sums that the runs write and the caller adds back (runs x rows x outputs
+/// floats) stay small beside the weight, which at four rows and runs of 32 weight rows they
+/// did not; a fixed count, not one a thread, so the bits do not depend on the thread count.
+const PRODUCT_RUNS: usize = 8;
 /// Outputs per parallel task of [`rows_times_matrix`] on a transposed weight.
 const PRODUCT_DOTS: usize = 256;
 /// Floats of a transposed weight that [`rows_times_matrix`] has every input row meet at once.
@@ -792,16 +795,18 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
-    let runs = weight.len().div_ceil(PRODUCT_ROWS * outputs);
+    // Whole passes of four weight rows, the kernel's fast path, in every run but the last.
+    let run_rows = inputs.div_ceil(PRODUCT_RUNS).next_multiple_of(4);
+    let runs = inputs.div_ceil(run_rows);
     let each = rows * outputs;
     let product = |partials: &mut [f32]| {
         // Run by run, each row's partial sums, written whole by the task of the run.
         partials
             .par_chunks_mut(each)
-            .zip(weight.par_chunks(PRODUCT_ROWS * outputs))
+            .zip(weight.par_chunks(run_rows * outputs))
             .enumerate()
             .for_each(|(run, (partial, run_weight))| {
-                let columns = run * PRODUCT_ROWS..run * PRODUCT_ROWS + run_weight.len() / outputs;
+                let columns = run * run_rows..run * run_rows + run_weight.len() / outputs;
                 // Each row's columns of this run, in place.
                 let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| {
                     if row < rows {
@@ -810,11 +815,11 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
                         &[]
                     }
                 });
-                // The weight rows of the next run, which this run's other rows prefetch.
+                // The weight rows of the next run, asked for while this run's last pass computes.
                 let next = weight
-                    .get((run + 1) * PRODUCT_ROWS * outputs..)
+                    .get((run + 1) * run_rows * outputs..)
                     .unwrap_or_default();
-                let next = &next[..next.len().min(PRODUCT_ROWS * outputs)];
+                let next = &next[..next.len().min(run_rows * outputs)];
                 rows::rows_times_rows(&x[..rows], run_weight, next, partial);
             });
         // The later runs' partial sums added, in run order, into the first run's; over many

@@ -12,7 +12,9 @@
 pub const LANES: usize = 16;
 
 pub trait Lanes: Copy {
-    /// Rows of a few-row product whose sums the family keeps in registers at once.
+    /// Rows of a few-row product that meet each pass of weights together: their broadcast
+    /// inputs stay in registers beside the pass's four weight blocks, or, past what the family
+    /// holds, come from the first-level cache.
     const ROWS_AT_ONCE: usize;
     fn zero() -> Self;
     fn load(values: &[f32; LANES]) -> Self;
@@ -106,7 +108,8 @@ mod x86 {
     pub struct Avx2([__m256; 2]);
 
     impl Lanes for Avx2 {
-        // Two registers a sum: four rows' sums, the weights and a broadcast fit in sixteen.
+        // Four weight blocks take eight of sixteen registers: more rows at once than four only
+        // read more broadcasts back from cache.
         const ROWS_AT_ONCE: usize = 4;
 
         #[inline(always)]
@@ -154,7 +157,8 @@ mod x86 {
     pub struct Avx512(__m512);
 
     impl Lanes for Avx512 {
-        // One register a sum: seven rows (a few-row product's rows after its first) fit.
+        // Thirty-two registers: the largest few-row product meets each pass of weights in
+        // one group, the broadcasts that do not fit read back from the first-level cache.
         const ROWS_AT_ONCE: usize = 8;
 
         #[inline(always)]

@@ -782,49 +782,50 @@ pub fn adamw(
     }
 }
 
-// `rows_times_rows` takes at most eight rows: one streaming the weight, seven meeting it in cache.
+// `rows_times_rows` dispatches on row counts up to eight.
 const _: () = assert!(crate::FEW_ROWS <= 8);
 
+/// Weight rows whose products [`rows_times_rows`] adds into a block of sums at once.
+const ROWS_PER_PASS: usize = 4;
+
+const _: () = assert!(
+    ROWS_PER_PASS == 4,
+    "rows_times_rows_of names the four weight rows of a pass"
+);
+
 /// `x W` for a few rows `x` (each `run` values, at most 8 rows) and the `run` rows of a
-/// row-major `W` they meet (`run x width`), written into `out` (`rows x width`). The first row
-/// reads the weight once, front to back; the others then meet it in cache, a block of
-/// [`LANES`] columns at a time whose sums for every row stay in registers, and meanwhile ask
-/// for `next` (the weight rows read after these, or nothing) to be brought into cache: memory
-/// keeps streaming while they compute, and the next first row finds its weights in cache. Each
-/// sum starts from zero and adds its products in weight-row order, each in one fused
-/// multiply-add: the same bits on every instruction set, for any number of rows.
+/// row-major `W` they meet (`run x width`), written into `out` (`rows x width`). The weight is
+/// read once, front to back, [`ROWS_PER_PASS`] weight rows at a time, and every row of `x`
+/// meets each block of those four while it is in registers: the rows after the first cost
+/// arithmetic on data at hand, not a second read of the weight back from cache, a block of
+/// [`LANES`] columns down the whole run at a time, which cost more than their arithmetic.
+/// Meanwhile the lines of the next pass (after the run's last, of `next`: the weight rows read
+/// after these, or nothing) are asked for, so memory keeps streaming while the rows compute.
+/// A row's block of sums is loaded and stored once for the four. Each sum starts from zero and
+/// adds its products in weight-row order, each in one fused multiply-add: the same bits on
+/// every instruction set, for any number of rows.
 pub fn rows_times_rows(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
     assert!(
         (1..=8).contains(&x.len()),
         "{} rows: rows_times_rows takes 1 to 8",
         x.len()
     );
-    let width = out.len() / x.len();
-    let (first_out, others_out) = out.split_at_mut(width);
-    first_out.fill(0.0);
-    row_times_rows(x[0], weight, first_out);
-    let others = &x[1..];
-    with_lanes!(others_times_rows(
-        others: &[&[f32]],
+    with_lanes!(rows_times_rows_with(
+        x: &[&[f32]],
         weight: &[f32],
         next: &[f32],
-        others_out: &mut [f32],
-    ));
+        out: &mut [f32],
+    ))
 }
 
-/// The rows after the first of [`rows_times_rows`], as many at once as `L` keeps in registers.
 #[inline(always)]
-fn others_times_rows<L: Lanes>(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
-    if x.is_empty() {
-        return;
-    }
+fn rows_times_rows_with<L: Lanes>(x: &[&[f32]], weight: &[f32], next: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
     let width = out.len() / x.len();
     let groups = x
         .chunks(L::ROWS_AT_ONCE)
         .zip(out.chunks_mut(L::ROWS_AT_ONCE * width));
-    for (group, (x, out)) in groups.enumerate() {
-        // The first group asks for the next weight rows; the others find them asked for.
-        let next = if group == 0 { next } else { &[] };
+    for (x, out) in groups {
         match x.len() {
             1 => rows_times_rows_of::<L, 1>(x, weight, next, out),
             2 => rows_times_rows_of::<L, 2>(x, weight, next, out),
@@ -832,7 +833,83 @@ fn others_times_rows<L: Lanes>(x: &[&[f32]], weight: &[f32], next: &[f32], out: 
             4 => rows_times_rows_of::<L, 4>(x, weight, next, out),
             5 => rows_times_rows_of::<L, 5>(x, weight, next, out),
             6 => rows_times_rows_of::<L, 6>(x, weight, next, out),
-            _ => rows_times_rows_of::<L, 7>(x, weight, next, out),
+            7 => rows_times_rows_of::<L, 7>(x, weight, next, out),
+            _ => rows_times_rows_of::<L, 8>(x, weight, next, out),
+        }
+    }
+}
+
+/// [`rows_times_rows`] for `ROWS` rows at once, adding onto `out`.
+#[inline(always)]
+fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
+    x: &[&[f32]],
+    weight: &[f32],
+    next: &[f32],
+    out: &mut [f32],
+) {
+    let width = out.len() / ROWS;
+    let run = x[0].len();
+    assert!(x.len() == ROWS && weight.len() == run * width && out.len() == ROWS * width);
+    let x: [&[f32]; ROWS] = std::array::from_fn(|row| {
+        assert_eq!(x[row].len(), run, "rows of one run");
+        x[row]
+    });
+    let blocks = width / LANES * LANES;
+    let pass_floats = ROWS_PER_PASS * width;
+    let passes = weight.chunks(pass_floats).enumerate();
+    for (pass, rows) in passes {
+        let first = pass * ROWS_PER_PASS;
+        if rows.len() < pass_floats {
+            for (offset, row) in rows.chunks_exact(width).enumerate() {
+                for (x, out) in x.iter().zip(out.chunks_exact_mut(width)) {
+                    let value = x[first + offset];
+                    for (sum, &weight) in out.iter_mut().zip(row) {
+                        *sum = value.mul_add(weight, *sum);
+                    }
+                }
+            }
+            continue;
+        }
+        // Four lines of the next pass a block: the whole pass over this one.
+        let ahead = match weight.get((pass + 1) * pass_floats..) {
+            Some(later) if !later.is_empty() => later,
+            _ => next,
+        };
+        let [w0, w1, w2, w3]: [&[f32]; ROWS_PER_PASS] =
+            std::array::from_fn(|row| &rows[row * width..][..width]);
+        let splats: [[L; ROWS_PER_PASS]; ROWS] =
+            std::array::from_fn(|row| std::array::from_fn(|k| L::splat(x[row][first + k])));
+        for start in (0..blocks).step_by(LANES) {
+            for line in 0..ROWS_PER_PASS {
+                prefetch(ahead, (start * ROWS_PER_PASS / LANES + line) * LINE_FLOATS);
+            }
+            let block =
+                |row: &[f32]| L::load(row[start..start + LANES].try_into().expect("a whole block"));
+            let weights = [block(w0), block(w1), block(w2), block(w3)];
+            for (row, [x0, x1, x2, x3]) in splats.iter().enumerate() {
+                let sums: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
+                    .try_into()
+                    .expect("a whole block");
+                L::load(sums)
+                    .add_product(*x0, weights[0])
+                    .add_product(*x1, weights[1])
+                    .add_product(*x2, weights[2])
+                    .add_product(*x3, weights[3])
+                    .store(sums);
+            }
+        }
+        for (row, x) in x.iter().enumerate() {
+            let [x0, x1, x2, x3] = [0, 1, 2, 3].map(|k| x[first + k]);
+            for column in blocks..width {
+                let sum = &mut out[row * width + column];
+                *sum = x3.mul_add(
+                    w3[column],
+                    x2.mul_add(
+                        w2[column],
+                        x1.mul_add(w1[column], x0.mul_add(w0[column], *sum)),
+                    ),
+                );
+            }
         }
     }
 }
@@ -856,110 +933,6 @@ fn prefetch(values: &[f32], at: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (values, at);
-}
-
-/// Weight rows whose products [`row_times_rows`] adds into a block of sums at once.
-const ROWS_PER_PASS: usize = 4;
-
-const _: () = assert!(
-    ROWS_PER_PASS == 4,
-    "row_times_rows names the four weight rows of a pass"
-);
-
-/// `x W` for one row, front to back through the weight, [`ROWS_PER_PASS`] weight rows at a
-/// time: each block of sums is loaded and stored once for them, not once a row. The products
-/// still add in weight-row order, each fused into its sum.
-fn row_times_rows(x: &[f32], weight: &[f32], out: &mut [f32]) {
-    with_lanes!(row_times_rows_with(x: &[f32], weight: &[f32], out: &mut [f32]))
-}
-
-#[inline(always)]
-fn row_times_rows_with<L: Lanes>(x: &[f32], weight: &[f32], out: &mut [f32]) {
-    let width = out.len();
-    assert_eq!(weight.len(), x.len() * width);
-    let blocks = width / LANES * LANES;
-    let passes = x
-        .chunks(ROWS_PER_PASS)
-        .zip(weight.chunks(ROWS_PER_PASS * width));
-    for (x, rows) in passes {
-        let &[x0, x1, x2, x3] = x else {
-            for (&value, row) in x.iter().zip(rows.chunks_exact(width)) {
-                for (sum, &weight) in out.iter_mut().zip(row) {
-                    *sum = value.mul_add(weight, *sum);
-                }
-            }
-            continue;
-        };
-        let [w0, w1, w2, w3]: [&[f32]; ROWS_PER_PASS] =
-            std::array::from_fn(|row| &rows[row * width..][..width]);
-        for start in (0..blocks).step_by(LANES) {
-            let block =
-                |row: &[f32]| L::load(row[start..start + LANES].try_into().expect("a whole block"));
-            let sums: &mut [f32; LANES] = (&mut out[start..start + LANES])
-                .try_into()
-                .expect("a whole block");
-            L::load(sums)
-                .add_product(L::splat(x0), block(w0))
-                .add_product(L::splat(x1), block(w1))
-                .add_product(L::splat(x2), block(w2))
-                .add_product(L::splat(x3), block(w3))
-                .store(sums);
-        }
-        for column in blocks..width {
-            out[column] = x3.mul_add(
-                w3[column],
-                x2.mul_add(
-                    w2[column],
-                    x1.mul_add(w1[column], x0.mul_add(w0[column], out[column])),
-                ),
-            );
-        }
-    }
-}
-
-#[inline(always)]
-fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
-    x: &[&[f32]],
-    weight: &[f32],
-    next: &[f32],
-    out: &mut [f32],
-) {
-    let width = out.len() / ROWS;
-    let run = x[0].len();
-    assert!(x.len() == ROWS && weight.len() == run * width && out.len() == ROWS * width);
-    let x: [&[f32]; ROWS] = std::array::from_fn(|row| {
-        assert_eq!(x[row].len(), run, "rows of one run");
-        x[row]
-    });
-    let blocks = width / LANES * LANES;
-    // One line of `next` per weight row met: as many lines as the run has, spread over it.
-    let mut line = 0;
-    for start in (0..blocks).step_by(LANES) {
-        let mut sums = [L::zero(); ROWS];
-        for (index, row) in weight.chunks_exact(width).enumerate() {
-            prefetch(next, line * LINE_FLOATS);
-            line += 1;
-            let weights = L::load(row[start..start + LANES].try_into().expect("a whole block"));
-            for (sum, x) in sums.iter_mut().zip(x) {
-                *sum = sum.add_product(L::splat(x[index]), weights);
-            }
-        }
-        for (row, sum) in sums.into_iter().enumerate() {
-            let out: &mut [f32; LANES] = (&mut out[row * width + start..][..LANES])
-                .try_into()
-                .expect("a whole block");
-            sum.store(out);
-        }
-    }
-    for column in blocks..width {
-        for (row, x) in x.iter().enumerate() {
-            let mut sum = 0.0f32;
-            for (&value, weights) in x.iter().zip(weight.chunks_exact(width)) {
-                sum = value.mul_add(weights[column], sum);
-            }
-            out[row * width + column] = sum;
-        }
-    }
 }
 
 /// Rows of `x` that [`rows_dot`] takes through the table together: each has its own running
@@ -1306,20 +1279,22 @@ mod tests {
         .collect()
     }
 
-    /// A row alone (weight rows four at a time) gets, on every kernel family, the bits the
-    /// same row gets among others (one weight row at a time, sums in registers): runs with and
-    /// without whole passes of four, with whole lane blocks and a tail (37 = 2 x 16 + 5).
+    /// Each row among up to eight gets, on every kernel family, the bits it gets alone: rows
+    /// in one group of broadcasts or split over two, runs with and without whole passes of
+    /// four weight rows, whole lane blocks and a tail (37 = 2 x 16 + 5).
     #[test]
-    fn a_row_alone_has_the_bits_it_has_among_others_on_every_kernel_family() {
+    fn a_row_has_the_bits_it_has_alone_among_others_on_every_kernel_family() {
         let inputs = 37;
         let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
         for run in [3, 4, 5, 8, 11] {
             let weight: Vec<f32> = (0..run * inputs).map(|index| value(index + 9000)).collect();
-            let row: Vec<f32> = (0..run).map(value).collect();
-            let among_others = {
-                let (x, weight, next) = (&[&row[..]][..], &weight[..], &[][..]);
-                let out = &mut vec![f32::NAN; inputs][..];
-                with_lanes!(@in KernelFamily::Portable, others_times_rows(
+            let x: Vec<f32> = (0..8 * run).map(value).collect();
+            let rows: Vec<&[f32]> = x.chunks(run).collect();
+            let product = |family: KernelFamily, rows: &[&[f32]]| {
+                let (x, weight, next) = (rows, &weight[..], &[][..]);
+                // Written whole, whatever the buffer held.
+                let out = &mut vec![f32::NAN; rows.len() * inputs][..];
+                with_lanes!(@in family, rows_times_rows_with(
                     x: &[&[f32]],
                     weight: &[f32],
                     next: &[f32],
@@ -1327,22 +1302,32 @@ mod tests {
                 ));
                 out.to_vec()
             };
+            let alone: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|row| product(KernelFamily::Portable, &[row]))
+                .collect();
             for family in families_here() {
-                let (x, weight) = (&row[..], &weight[..]);
-                let out = &mut vec![0.0f32; inputs][..];
-                with_lanes!(@in family, row_times_rows_with(
-                    x: &[f32],
-                    weight: &[f32],
-                    out: &mut [f32],
-                ));
-                assert_eq!(out, &among_others[..], "{family:?}, a run of {run}");
+                for count in 1..=8 {
+                    let together = product(family, &rows[..count]);
+                    for (row, got) in together.chunks(inputs).enumerate() {
+                        assert_eq!(
+                            got,
+                            &alone[row][..],
+                            "{family:?}, row {row} of {count}, a run of {run}"
+                        );
+                    }
+                }
             }
-            for (column, &got) in among_others.iter().enumerate() {
-                let plain: f32 = (0..run).map(|k| row[k] * weight[k * inputs + column]).sum();
-                assert!(
-                    (got - plain).abs() < 1e-4,
-                    "column {column}: {got} vs {plain}"
-                );
+            for (row, alone) in alone.iter().enumerate() {
+                for (column, &got) in alone.iter().enumerate() {
+                    let plain: f32 = (0..run)
+                        .map(|k| rows[row][k] * weight[k * inputs + column])
+                        .sum();
+                    assert!(
+                        (got - plain).abs() < 1e-4,
+                        "row {row}, column {column}: {got} vs {plain}"
+                    );
+                }
             }
         }
     }
@@ -1440,7 +1425,7 @@ mod tests {
         let next: Vec<f32> = table[inputs..].to_vec();
         for rows_of_x in 1..=8 {
             let dots_x: Vec<f32> = (0..rows_of_x * inputs).map(value).collect();
-            let others: Vec<f32> = (0..(rows_of_x - 1) * run).map(value).collect();
+            let product_x: Vec<f32> = (0..rows_of_x * run).map(value).collect();
             let results: Vec<(Vec<f32>, Vec<f32>)> = families_here()
                 .into_iter()
                 .map(|family| {
@@ -1456,11 +1441,11 @@ mod tests {
                         out_stride: usize,
                     ));
                     let dots = out.to_vec();
-                    let rows: Vec<&[f32]> = others.chunks(run).collect();
+                    let rows: Vec<&[f32]> = product_x.chunks(run).collect();
                     let (x, weight) = (&rows[..], &weight[..]);
                     // Written whole, whatever the buffer held.
-                    let out = &mut vec![f32::NAN; (rows_of_x - 1) * inputs][..];
-                    with_lanes!(@in family, others_times_rows(
+                    let out = &mut vec![f32::NAN; rows_of_x * inputs][..];
+                    with_lanes!(@in family, rows_times_rows_with(
                         x: &[&[f32]],
                         weight: &[f32],
                         next: &[f32],
@@ -1483,7 +1468,7 @@ mod tests {
             for (index, &got) in products.iter().enumerate() {
                 let (row, column) = (index / inputs, index % inputs);
                 let plain: f32 = (0..run)
-                    .map(|k| others[row * run + k] * weight[k * inputs + column])
+                    .map(|k| product_x[row * run + k] * weight[k * inputs + column])
                     .sum::<f32>();
                 assert!(
                     (got - plain).abs() < 1e-4,
