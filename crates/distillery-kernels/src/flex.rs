@@ -795,8 +795,10 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
-    // Whole passes of four weight rows, the kernel's fast path, in every run but the last.
-    let run_rows = inputs.div_ceil(PRODUCT_RUNS).next_multiple_of(4);
+    // Whole passes of the kernel in every run but the last.
+    let run_rows = inputs
+        .div_ceil(PRODUCT_RUNS)
+        .next_multiple_of(rows::ROWS_PER_PASS);
     let runs = inputs.div_ceil(run_rows);
     let each = rows * outputs;
     let product = |partials: &mut [f32]| {

@@ -785,8 +785,9 @@ pub fn adamw(
 // `rows_times_rows` dispatches on row counts up to eight.
 const _: () = assert!(crate::FEW_ROWS <= 8);
 
-/// Weight rows whose products [`rows_times_rows`] adds into a block of sums at once.
-const ROWS_PER_PASS: usize = 4;
+/// Weight rows whose products [`rows_times_rows`] adds into a block of sums at once; a run of
+/// whole passes takes its fast path throughout.
+pub(crate) const ROWS_PER_PASS: usize = 4;
 
 const _: () = assert!(
     ROWS_PER_PASS == 4,
@@ -860,14 +861,7 @@ fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
     for (pass, rows) in passes {
         let first = pass * ROWS_PER_PASS;
         if rows.len() < pass_floats {
-            for (offset, row) in rows.chunks_exact(width).enumerate() {
-                for (x, out) in x.iter().zip(out.chunks_exact_mut(width)) {
-                    let value = x[first + offset];
-                    for (sum, &weight) in out.iter_mut().zip(row) {
-                        *sum = value.mul_add(weight, *sum);
-                    }
-                }
-            }
+            add_weight_rows(&x, first, rows, 0..width, out);
             continue;
         }
         // Four lines of the next pass a block: the whole pass over this one.
@@ -898,17 +892,27 @@ fn rows_times_rows_of<L: Lanes, const ROWS: usize>(
                     .store(sums);
             }
         }
-        for (row, x) in x.iter().enumerate() {
-            let [x0, x1, x2, x3] = [0, 1, 2, 3].map(|k| x[first + k]);
-            for column in blocks..width {
-                let sum = &mut out[row * width + column];
-                *sum = x3.mul_add(
-                    w3[column],
-                    x2.mul_add(
-                        w2[column],
-                        x1.mul_add(w1[column], x0.mul_add(w0[column], *sum)),
-                    ),
-                );
+        add_weight_rows(&x, first, rows, blocks..width, out);
+    }
+}
+
+/// Adds onto `out` (`x.len()` rows of sums) the products of `columns` of the consecutive
+/// weight `rows` with the inputs of each row of `x` from index `first` on, one weight row after
+/// another, each fused into its sum: the order the lanes keep, for the columns or weight rows
+/// that make no whole block or pass.
+fn add_weight_rows(
+    x: &[&[f32]],
+    first: usize,
+    rows: &[f32],
+    columns: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let width = out.len() / x.len();
+    for (offset, row) in rows.chunks_exact(width).enumerate() {
+        for (x, out) in x.iter().zip(out.chunks_exact_mut(width)) {
+            let value = x[first + offset];
+            for column in columns.clone() {
+                out[column] = value.mul_add(row[column], out[column]);
             }
         }
     }
