@@ -186,18 +186,23 @@ pub(crate) enum Zeros<'a> {
     Shared(&'a [u8]),
 }
 
-/// Groups of eight interleaved rows of `shape` against one input: `out[i]` is row `i`'s
-/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · values) + minimum · Σ inputs`;
-/// `rows` holds `out.len() / 8` groups.
-pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &KernelInputs, out: &mut [f32]);
+/// Groups of eight interleaved rows of `shape` against each of several inputs:
+/// `out[i * inputs + j]` is row `i`'s
+/// `Σ_group scale · Σ_block input_scale · ((codes - zero) · values) + minimum · Σ inputs`
+/// with input `j`; `rows` holds `out.len() / (8 · inputs)` groups.
+pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &[KernelInputs], out: &mut [f32]);
 
 /// The kernel where the kernel family has one for `layout`. Without one, matrices keep
 /// their rows in file order.
 pub(crate) fn kernel(layout: Layout) -> Option<InterleavedDot> {
     let family = kernel_family();
     #[cfg(target_arch = "x86_64")]
-    if family == KernelFamily::Avx2 || (family > KernelFamily::Avx2 && layout == Layout::Ggml) {
-        return Some(x86::dot);
+    if family == KernelFamily::Avx2 {
+        return Some(x86::dot::<false>);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if family > KernelFamily::Avx2 && layout == Layout::Ggml {
+        return Some(x86::dot::<true>);
     }
     let _ = (family, layout);
     None
@@ -219,16 +224,13 @@ pub(crate) fn channels<'a>(
     let groups = rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS);
     let bytes = &bytes[groups.start * shape.group_bytes()..groups.end * shape.group_bytes()];
     let skipped = rows.start - groups.start * GROUP_ROWS;
-    if count == 1 && skipped == 0 && rows.len().is_multiple_of(GROUP_ROWS) {
-        return dot(bytes, shape, &input(0), outs);
+    let inputs: Vec<KernelInputs> = (0..count).map(input).collect();
+    if skipped == 0 && rows.len() == groups.len() * GROUP_ROWS {
+        return dot(bytes, shape, &inputs, outs);
     }
-    let mut by_input = vec![0.0; groups.len() * GROUP_ROWS];
-    for index in 0..count {
-        dot(bytes, shape, &input(index), &mut by_input);
-        for (channel, &value) in by_input[skipped..skipped + rows.len()].iter().enumerate() {
-            outs[channel * count + index] = value;
-        }
-    }
+    let mut whole_groups = vec![0.0; groups.len() * GROUP_ROWS * count];
+    dot(bytes, shape, &inputs, &mut whole_groups);
+    outs.copy_from_slice(&whole_groups[skipped * count..(skipped + rows.len()) * count]);
 }
 
 /// Who asks for the kernel: on AVX-512 CPUs distillery's own 4-bit codes keep the VNNI kernel
@@ -249,112 +251,312 @@ mod x86 {
     use super::{BLOCK_TILE, GROUP_ROWS, HALVES, KernelInputs, Shape, WORD, Zeros};
     use crate::int8_inputs::BLOCK;
 
-    /// Only handed out by [`super::kernel`] once the CPU is known to have AVX2, FMA and F16C.
-    pub(super) fn dot(rows: &[u8], shape: Shape, inputs: &KernelInputs, out: &mut [f32]) {
+    /// Only handed out by [`super::kernel`] once the CPU is known to have AVX2, FMA and F16C,
+    /// and with `VNNI` AVX-512 VNNI and VL as well. Each group of eight rows meets the inputs
+    /// [`INPUTS_AT_ONCE`] at a time while its bytes are in cache.
+    pub(super) fn dot<const VNNI: bool>(
+        rows: &[u8],
+        shape: Shape,
+        inputs: &[KernelInputs],
+        out: &mut [f32],
+    ) {
         let groups = shape.groups();
+        let count = inputs.len();
         assert!(
             shape.blocks_per_group > 0
-                && out.len().is_multiple_of(GROUP_ROWS)
-                && rows.len() == out.len() / GROUP_ROWS * shape.group_bytes()
-                && inputs.values.len() >= shape.blocks * BLOCK
-                && inputs.scales.len() >= shape.blocks
-                && inputs.sums.len() >= shape.blocks
-                && match inputs.zeros {
-                    Zeros::All(_) => true,
-                    Zeros::Shared(zeros) => zeros.len() >= groups,
-                }
+                && out.len().is_multiple_of(GROUP_ROWS * count.max(1))
+                && rows.len() * count == out.len() / GROUP_ROWS * shape.group_bytes()
+                && inputs.iter().all(|inputs| {
+                    inputs.values.len() >= shape.blocks * BLOCK
+                        && inputs.scales.len() >= shape.blocks
+                        && inputs.sums.len() >= shape.blocks
+                        && match inputs.zeros {
+                            Zeros::All(_) => true,
+                            Zeros::Shared(zeros) => zeros.len() >= groups,
+                        }
+                })
         );
         if groups == 0 {
             return out.fill(0.0);
         }
         for (rows, out) in rows
             .chunks_exact(shape.group_bytes())
-            .zip(out.chunks_exact_mut(GROUP_ROWS))
+            .zip(out.chunks_exact_mut(GROUP_ROWS * count))
         {
-            // SAFETY: the kernel family was checked; the lengths were checked above.
-            unsafe { eight_rows(rows, shape, inputs, out) };
+            if count == 1 {
+                eight_rows_against::<1, VNNI>(rows, shape, inputs, out, 1);
+                continue;
+            }
+            for (set, inputs) in inputs.chunks(INPUTS_AT_ONCE).enumerate() {
+                let out = &mut out[set * INPUTS_AT_ONCE..];
+                match inputs.len() {
+                    1 => eight_rows_against::<1, VNNI>(rows, shape, inputs, out, count),
+                    2 => eight_rows_against::<2, VNNI>(rows, shape, inputs, out, count),
+                    3 => eight_rows_against::<3, VNNI>(rows, shape, inputs, out, count),
+                    _ => {
+                        eight_rows_against::<INPUTS_AT_ONCE, VNNI>(rows, shape, inputs, out, count)
+                    }
+                }
+            }
         }
     }
 
-    /// Per block of eight rows: each code word of the eight rows meets its four input values,
-    /// broadcast, in one `vpmaddubsw`; the eight results add up in 16-bit lanes (a pair of
-    /// products is at most 2 · 15 · 128 = 3,840 in magnitude, eight pairs 30,720, so nothing
-    /// overflows) and one `vpmaddwd` leaves row `i`'s integer sum in lane `i`. The codes stay
-    /// unsigned; their zero comes off each group's sum through the inputs' sum.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn eight_rows(rows: &[u8], shape: Shape, inputs: &KernelInputs, out: &mut [f32]) {
-        let low_nibbles = _mm256_set1_epi8(0xF);
-        let mut total = _mm256_setzero_ps();
-        for (group, tile) in rows.chunks_exact(shape.tile_bytes()).enumerate() {
-            let mut sums = _mm256_setzero_ps();
-            let codes = &tile[shape.tile_codes()..];
-            for (offset, codes) in codes.chunks_exact(BLOCK_TILE).enumerate() {
-                let block = group * shape.blocks_per_group + offset;
-                let values = inputs.values[block * BLOCK..(block + 1) * BLOCK].as_ptr();
-                let mut pairs = _mm256_setzero_si256();
-                for word in 0..BLOCK / 2 / WORD {
-                    // SAFETY: a block's tile holds four 32-byte runs of code words, and the
-                    // block's 32 inputs were sliced above.
-                    let (codes, low_values, high_values) = unsafe {
-                        (
-                            _mm256_loadu_si256(codes.as_ptr().add(word * GROUP_ROWS * WORD).cast()),
-                            values.add(word * WORD).cast::<i32>().read_unaligned(),
-                            values
-                                .add(BLOCK / 2 + word * WORD)
-                                .cast::<i32>()
-                                .read_unaligned(),
-                        )
-                    };
-                    let low = _mm256_and_si256(codes, low_nibbles);
-                    let high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low_nibbles);
-                    pairs = _mm256_add_epi16(
-                        pairs,
-                        _mm256_maddubs_epi16(low, _mm256_set1_epi32(low_values)),
-                    );
-                    pairs = _mm256_add_epi16(
-                        pairs,
-                        _mm256_maddubs_epi16(high, _mm256_set1_epi32(high_values)),
-                    );
-                }
-                let products = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-                sums = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(products),
-                    _mm256_set1_ps(inputs.scales[block]),
-                    sums,
-                );
-            }
-            let zero = match inputs.zeros {
-                Zeros::All(zero) => zero,
-                Zeros::Shared(zeros) => f32::from(zeros[group]),
-            };
-            let first = group * shape.blocks_per_group;
-            let input_sum: f32 = inputs.sums[first..first + shape.blocks_per_group]
-                .iter()
-                .sum();
-            let input_sum = inputs.sum_factor * input_sum;
-            // SAFETY: a tile starts with the eight rows' half-precision scales, then (with
-            // minima) their minima.
-            let scales = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tile.as_ptr().cast()) });
-            total = _mm256_fmadd_ps(
-                scales,
-                _mm256_sub_ps(sums, _mm256_set1_ps(zero * input_sum)),
-                total,
-            );
-            if shape.minima {
-                // SAFETY: as above.
-                let minima = unsafe { _mm_loadu_si128(tile.as_ptr().add(HALVES).cast()) };
-                total = _mm256_fmadd_ps(_mm256_cvtph_ps(minima), _mm256_set1_ps(input_sum), total);
+    /// [`eight_rows`] in a function with the family's features. [`dot`] checked the lengths,
+    /// its caller the kernel family.
+    fn eight_rows_against<const N: usize, const VNNI: bool>(
+        rows: &[u8],
+        shape: Shape,
+        inputs: &[KernelInputs],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the kernel was handed out for a CPU with the family's features.
+        unsafe {
+            if VNNI {
+                eight_rows_vnni::<N>(rows, shape, inputs, out, stride);
+            } else {
+                eight_rows_avx2::<N>(rows, shape, inputs, out, stride);
             }
         }
-        assert!(out.len() == GROUP_ROWS);
-        // SAFETY: checked above.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn eight_rows_avx2<const N: usize>(
+        rows: &[u8],
+        shape: Shape,
+        inputs: &[KernelInputs],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: this function's features are those the AVX2 kernel needs.
+        unsafe { eight_rows::<N, false>(rows, shape, inputs, out, stride) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn eight_rows_vnni<const N: usize>(
+        rows: &[u8],
+        shape: Shape,
+        inputs: &[KernelInputs],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: this function's features are those the VNNI kernel needs.
+        unsafe { eight_rows::<N, true>(rows, shape, inputs, out, stride) }
+    }
+
+    /// Inputs that share one unpacking of a group's codes.
+    const INPUTS_AT_ONCE: usize = 4;
+
+    /// Per block of eight rows: each code word of the eight rows, split into its nibbles once,
+    /// meets each input's four values, broadcast, in one `vpmaddubsw`; the eight results add
+    /// up in 16-bit lanes (a pair of products is at most 2 · 15 · 128 = 3,840 in magnitude,
+    /// eight pairs 30,720, so nothing overflows) and one `vpmaddwd` leaves row `i`'s integer
+    /// sum in lane `i`. With `VNNI` one `vpdpbusd` per nibble half adds the four products
+    /// straight into row `i`'s 32-bit lane: the same exact sum. The codes stay unsigned; their
+    /// zero comes off each group's sum through the inputs' sum. Each input's float operations
+    /// are those it has alone, in the same order, so its sums keep their bits whatever inputs
+    /// it shares the rows with, on either family. `out[i * stride + j]` takes row `i`'s sum
+    /// with input `j`. Inlined into a function with the family's features; [`dot`] checked the
+    /// lengths.
+    #[inline(always)]
+    unsafe fn eight_rows<const N: usize, const VNNI: bool>(
+        rows: &[u8],
+        shape: Shape,
+        inputs: &[KernelInputs],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller's function has the family's features; the loads and stores
+        // below stay inside the slices whose lengths [`dot`] and the assert check.
+        unsafe {
+            assert!(inputs.len() == N && N <= stride && out.len() >= (GROUP_ROWS - 1) * stride + N);
+            let low_nibbles = _mm256_set1_epi8(0xF);
+            let mut totals = [_mm256_setzero_ps(); N];
+            for (group, tile) in rows.chunks_exact(shape.tile_bytes()).enumerate() {
+                let mut sums = [_mm256_setzero_ps(); N];
+                let codes = &tile[shape.tile_codes()..];
+                for (offset, codes) in codes.chunks_exact(BLOCK_TILE).enumerate() {
+                    let block = group * shape.blocks_per_group + offset;
+                    let values: [*const i8; N] = std::array::from_fn(|input| {
+                        inputs[input].values[block * BLOCK..(block + 1) * BLOCK].as_ptr()
+                    });
+                    let mut pairs = [_mm256_setzero_si256(); N];
+                    for word in 0..BLOCK / 2 / WORD {
+                        // A block's tile holds four 32-byte runs of code words.
+                        let codes =
+                            _mm256_loadu_si256(codes.as_ptr().add(word * GROUP_ROWS * WORD).cast());
+                        let low = _mm256_and_si256(codes, low_nibbles);
+                        let high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low_nibbles);
+                        for (values, pairs) in values.iter().zip(&mut pairs) {
+                            // Each input's 32 values of the block were sliced above.
+                            let (low_values, high_values) = {
+                                (
+                                    values.add(word * WORD).cast::<i32>().read_unaligned(),
+                                    values
+                                        .add(BLOCK / 2 + word * WORD)
+                                        .cast::<i32>()
+                                        .read_unaligned(),
+                                )
+                            };
+                            let (low_values, high_values) = (
+                                _mm256_set1_epi32(low_values),
+                                _mm256_set1_epi32(high_values),
+                            );
+                            *pairs = if VNNI {
+                                let low = _mm256_dpbusd_epi32(*pairs, low, low_values);
+                                _mm256_dpbusd_epi32(low, high, high_values)
+                            } else {
+                                let low =
+                                    _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(low, low_values));
+                                _mm256_add_epi16(low, _mm256_maddubs_epi16(high, high_values))
+                            };
+                        }
+                    }
+                    for ((inputs, pairs), sums) in inputs.iter().zip(pairs).zip(&mut sums) {
+                        let products = if VNNI {
+                            pairs
+                        } else {
+                            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+                        };
+                        *sums = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(products),
+                            _mm256_set1_ps(inputs.scales[block]),
+                            *sums,
+                        );
+                    }
+                }
+                // A tile starts with the eight rows' half-precision scales, then (with minima)
+                // their minima.
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(tile.as_ptr().cast()));
+                let minima = if shape.minima {
+                    let halves = _mm_loadu_si128(tile.as_ptr().add(HALVES).cast());
+                    Some(_mm256_cvtph_ps(halves))
+                } else {
+                    None
+                };
+                let first = group * shape.blocks_per_group;
+                for ((inputs, sums), total) in inputs.iter().zip(sums).zip(&mut totals) {
+                    let zero = match inputs.zeros {
+                        Zeros::All(zero) => zero,
+                        Zeros::Shared(zeros) => f32::from(zeros[group]),
+                    };
+                    let input_sum: f32 = inputs.sums[first..first + shape.blocks_per_group]
+                        .iter()
+                        .sum();
+                    let input_sum = inputs.sum_factor * input_sum;
+                    *total = _mm256_fmadd_ps(
+                        scales,
+                        _mm256_sub_ps(sums, _mm256_set1_ps(zero * input_sum)),
+                        *total,
+                    );
+                    if let Some(minima) = minima {
+                        *total = _mm256_fmadd_ps(minima, _mm256_set1_ps(input_sum), *total);
+                    }
+                }
+            }
+            if stride == 1 {
+                // With one input `out` holds the eight rows' sums side by side.
+                return _mm256_storeu_ps(out.as_mut_ptr(), totals[0]);
+            }
+            for (input, total) in totals.into_iter().enumerate() {
+                let mut sums = [0.0; GROUP_ROWS];
+                _mm256_storeu_ps(sums.as_mut_ptr(), total);
+                for (row, sum) in sums.into_iter().enumerate() {
+                    out[row * stride + input] = sum;
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both kernel families give every input the bits it has alone, with or without minima
+    /// and with one to nine inputs at once.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_families_give_each_input_its_own_bits() {
+        use rand::{RngExt, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
+
+        use crate::cpu::KernelFamily;
+        use crate::int8_inputs::BLOCK;
+        let family = KernelFamily::detected();
+        if family < KernelFamily::Avx2 {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(16);
+        let rows = 16;
+        for minima in [false, true] {
+            let shape = Shape {
+                blocks: 6,
+                blocks_per_group: 2,
+                minima,
+            };
+            let codes: Vec<u8> = (0..rows * shape.blocks * BLOCK_CODES)
+                .map(|_| rng.random())
+                .collect();
+            let halves: Vec<[u16; 2]> = (0..rows * shape.groups())
+                .map(|_| {
+                    let half = |rng: &mut ChaCha8Rng| crate::f16::f32_to_f16(rng.random::<f32>());
+                    [half(&mut rng), half(&mut rng)]
+                })
+                .collect();
+            let bytes = shape.interleave(
+                rows,
+                |row, group| halves[row * shape.groups() + group],
+                |row, block| &codes[(row * shape.blocks + block) * BLOCK_CODES..],
+            );
+            let blocks = shape.blocks;
+            let values: Vec<Vec<i8>> = (0..9)
+                .map(|_| (0..blocks * BLOCK).map(|_| rng.random()).collect())
+                .collect();
+            let scales: Vec<Vec<f32>> = (0..9)
+                .map(|_| (0..blocks).map(|_| rng.random::<f32>()).collect())
+                .collect();
+            let sums: Vec<Vec<f32>> = (0..9)
+                .map(|_| (0..blocks).map(|_| rng.random::<f32>() - 0.5).collect())
+                .collect();
+            let inputs: Vec<KernelInputs> = (0..9)
+                .map(|input| KernelInputs {
+                    values: &values[input],
+                    scales: &scales[input],
+                    sums: &sums[input],
+                    sum_factor: 1.0,
+                    zeros: Zeros::All(if minima { 0.0 } else { 8.0 }),
+                })
+                .collect();
+            let mut kernels: Vec<InterleavedDot> = vec![x86::dot::<false>];
+            if family >= KernelFamily::Avx512Vnni {
+                kernels.push(x86::dot::<true>);
+            }
+            let alone: Vec<Vec<f32>> = inputs
+                .iter()
+                .map(|input| {
+                    let mut out = vec![0.0; rows];
+                    x86::dot::<false>(&bytes, shape, std::slice::from_ref(input), &mut out);
+                    out
+                })
+                .collect();
+            for (family, kernel) in kernels.into_iter().enumerate() {
+                for count in 1..=inputs.len() {
+                    let mut together = vec![0.0; rows * count];
+                    kernel(&bytes, shape, &inputs[..count], &mut together);
+                    for (row, outs) in together.chunks_exact(count).enumerate() {
+                        for (input, out) in outs.iter().enumerate() {
+                            assert_eq!(
+                                out.to_bits(),
+                                alone[input][row].to_bits(),
+                                "family {family}, minima {minima}: row {row}, input {input} of {count}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_byte_has_one_place_and_rows_read_back() {

@@ -10,6 +10,8 @@ use crate::interleaved::{KernelInputs, Zeros};
 /// One input row rounded to int8 per piece of 32 columns.
 pub(crate) struct PieceInputs {
     values: Vec<i8>,
+    /// Each value plus 128, unsigned: VNNI's unsigned operand, met by Q8_0's signed codes.
+    offset_values: Vec<u8>,
     scales: Vec<f32>,
     /// Each half piece's `scale · Σ values`: what a minimum multiplies.
     half_sums: Vec<f32>,
@@ -38,6 +40,7 @@ impl PieceInputs {
             scales.push(scale);
         }
         Self {
+            offset_values: values.iter().map(|&value| value as u8 ^ 0x80).collect(),
             values,
             scales,
             half_sums,
@@ -83,17 +86,24 @@ pub(crate) fn pieces_dot() -> PiecesDot {
 }
 
 /// What the piece kernel computes over channels' rows of stored blocks (Q4_0, Q4_1, Q5_0,
-/// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), reading the blocks as they are: a decode step meets every weight once,
-/// so decoding pieces into memory first would cost as much as the products. The rows are
-/// consecutive, `row_bytes` each; `out[i]` is row `i`'s product.
-pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &PieceInputs, out: &mut [f32]);
+/// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) against each of several inputs, reading the blocks as they
+/// are: a decode step meets every weight once, so decoding pieces into memory first would cost
+/// as much as the products. The rows are consecutive, `row_bytes` each; `out[i * inputs + j]`
+/// is row `i`'s product with input `j`.
+pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &[PieceInputs], out: &mut [f32]);
 
 /// The [`BlocksDot`] of the [kernel family](crate::cpu::kernel_family) in use for `kind`;
 /// `None` where only the piece kernel serves it.
 pub(crate) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
-        return x86::blocks_dot(kind);
+    {
+        use crate::cpu::{KernelFamily, kernel_family};
+        if kernel_family() >= KernelFamily::Avx512Vnni {
+            return x86::blocks_dot::<true>(kind);
+        }
+        if kernel_family() >= KernelFamily::Avx2 {
+            return x86::blocks_dot::<false>(kind);
+        }
     }
     let _ = kind;
     None
@@ -142,17 +152,18 @@ mod x86 {
     const Q5_K: u8 = 6;
     const Q6_K: u8 = 7;
 
-    /// Only called once the CPU is known to have AVX2, FMA and F16C.
-    pub(super) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
+    /// Only called once the CPU is known to have AVX2, FMA and F16C, and with `VNNI` once it
+    /// is known to have AVX-512 VNNI and VL as well. The K-quants' super-blocks have one kernel.
+    pub(super) fn blocks_dot<const VNNI: bool>(kind: GgmlType) -> Option<BlocksDot> {
         Some(match kind {
-            GgmlType::Q4_0 => checked::<Q4_0>,
-            GgmlType::Q4_1 => checked::<Q4_1>,
-            GgmlType::Q5_0 => checked::<Q5_0>,
-            GgmlType::Q5_1 => checked::<Q5_1>,
-            GgmlType::Q8_0 => checked::<Q8_0>,
-            GgmlType::Q4K => checked::<Q4_K>,
-            GgmlType::Q5K => checked::<Q5_K>,
-            GgmlType::Q6K => checked::<Q6_K>,
+            GgmlType::Q4_0 => checked::<Q4_0, VNNI>,
+            GgmlType::Q4_1 => checked::<Q4_1, VNNI>,
+            GgmlType::Q5_0 => checked::<Q5_0, VNNI>,
+            GgmlType::Q5_1 => checked::<Q5_1, VNNI>,
+            GgmlType::Q8_0 => checked::<Q8_0, VNNI>,
+            GgmlType::Q4K => checked::<Q4_K, false>,
+            GgmlType::Q5K => checked::<Q5_K, false>,
+            GgmlType::Q6K => checked::<Q6_K, false>,
             _ => return None,
         })
     }
@@ -177,108 +188,192 @@ mod x86 {
 
     /// One row after another: consecutive rows continue one run of bytes, a single stream
     /// through memory. (Taking rows four or two at a time, to share each block's inputs, made
-    /// as many streams and ran slower on the bandwidth-bound types.)
-    fn checked<const KIND: u8>(
+    /// as many streams and ran slower on the bandwidth-bound types.) Each row meets the inputs
+    /// [`INPUTS_AT_ONCE`] at a time while its bytes are in cache.
+    fn checked<const KIND: u8, const VNNI: bool>(
         rows: &[u8],
         row_bytes: usize,
-        inputs: &PieceInputs,
+        inputs: &[PieceInputs],
         out: &mut [f32],
     ) {
         let blocks = row_bytes / block_bytes(KIND);
         let pieces = blocks * block_pieces(KIND);
+        let count = inputs.len();
         assert!(
             row_bytes == blocks * block_bytes(KIND)
-                && rows.len() == out.len() * row_bytes
-                && inputs.values.len() >= pieces * PIECE
-                && inputs.scales.len() >= pieces
-                && inputs.half_sums.len() >= 2 * pieces
-                && inputs.sums.len() >= pieces
+                && rows.len() * count == out.len() * row_bytes
+                && inputs.iter().all(|inputs| {
+                    inputs.values.len() >= pieces * PIECE
+                        && inputs.offset_values.len() >= pieces * PIECE
+                        && inputs.scales.len() >= pieces
+                        && inputs.half_sums.len() >= 2 * pieces
+                        && inputs.sums.len() >= pieces
+                })
         );
-        for (index, (row, out)) in rows.chunks_exact(row_bytes).zip(out).enumerate() {
-            prefetch_row_ahead(rows, row_bytes, index);
-            // SAFETY: the kernel family was checked; the lengths were checked above.
-            *out = unsafe {
-                if KIND >= Q4_K {
-                    row_of_super_blocks::<KIND>(row, inputs)
-                } else {
-                    row_of_blocks::<KIND>(row, inputs)
-                }
-            };
+        if count == 0 {
+            return;
         }
+        for (index, (row, out)) in rows
+            .chunks_exact(row_bytes)
+            .zip(out.chunks_exact_mut(count))
+            .enumerate()
+        {
+            prefetch_row_ahead(rows, row_bytes, index);
+            if count == 1 {
+                row_against::<KIND, 1, VNNI>(row, inputs, out);
+                continue;
+            }
+            for (inputs, out) in inputs
+                .chunks(INPUTS_AT_ONCE)
+                .zip(out.chunks_mut(INPUTS_AT_ONCE))
+            {
+                match inputs.len() {
+                    1 => row_against::<KIND, 1, VNNI>(row, inputs, out),
+                    2 => row_against::<KIND, 2, VNNI>(row, inputs, out),
+                    3 => row_against::<KIND, 3, VNNI>(row, inputs, out),
+                    _ => row_against::<KIND, INPUTS_AT_ONCE, VNNI>(row, inputs, out),
+                }
+            }
+        }
+    }
+
+    /// Inputs that share one decoding of a row's blocks.
+    const INPUTS_AT_ONCE: usize = 4;
+
+    /// One row's products with `N` inputs, each the sum it has alone. [`checked`] checked the
+    /// lengths, its caller the kernel family.
+    fn row_against<const KIND: u8, const N: usize, const VNNI: bool>(
+        row: &[u8],
+        inputs: &[PieceInputs],
+        out: &mut [f32],
+    ) {
+        let inputs: [&PieceInputs; N] = std::array::from_fn(|index| &inputs[index]);
+        // SAFETY: the kernel was handed out for a CPU with the family's features.
+        let sums = unsafe {
+            if KIND >= Q4_K {
+                inputs.map(|inputs| row_of_super_blocks::<KIND>(row, inputs))
+            } else if VNNI {
+                row_of_blocks_vnni::<KIND, N>(row, inputs)
+            } else {
+                row_of_blocks_avx2::<KIND, N>(row, inputs)
+            }
+        };
+        out.copy_from_slice(&sums);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_of_blocks_avx2<const KIND: u8, const N: usize>(
+        row: &[u8],
+        inputs: [&PieceInputs; N],
+    ) -> [f32; N] {
+        // SAFETY: this function's features are those the AVX2 kernel needs.
+        unsafe { row_of_blocks::<KIND, N, false>(row, inputs) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn row_of_blocks_vnni<const KIND: u8, const N: usize>(
+        row: &[u8],
+        inputs: [&PieceInputs; N],
+    ) -> [f32; N] {
+        // SAFETY: this function's features are those the VNNI kernel needs.
+        unsafe { row_of_blocks::<KIND, N, true>(row, inputs) }
     }
 
     /// Blocks a row's kernel takes together.
     const GROUP: usize = 8;
 
-    /// Per block: the codes unpacked in registers, one `vpmaddubsw` and one `vpmaddwd` against
-    /// the inputs. Eight blocks at a time then share the rest: their eight integer sums meet in
-    /// one register (a tree of horizontal additions), their scales are gathered into another,
-    /// so converting, scaling and the minima take one instruction per eight blocks instead of
-    /// several per block. Q4_0's and Q5_0's codes stay unsigned, their offset of 8 or 16
-    /// becoming a minimum of −8 or −16 times the scale: that spares the sign trick of [`dot`],
-    /// which only Q8_0's full-range codes need. The blocks after the last eight go one by one.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn row_of_blocks<const KIND: u8>(row: &[u8], inputs: &PieceInputs) -> f32 {
-        let bytes = block_bytes(KIND);
-        let mut total = _mm256_setzero_ps();
-        let mut groups = row.chunks_exact(GROUP * bytes);
-        for (group, blocks) in groups.by_ref().enumerate() {
-            let first = group * GROUP;
-            let sums: [__m256i; GROUP] = std::array::from_fn(|block| {
-                block_sums::<KIND>(
-                    &blocks[block * bytes..][..bytes],
-                    input_values(inputs, first + block),
-                )
-            });
-            // SAFETY: `checked` made sure the group's input scales and sums exist.
-            let (input_scales, input_sums) = unsafe {
-                (
-                    _mm256_loadu_ps(inputs.scales.as_ptr().add(first)),
-                    _mm256_loadu_ps(inputs.sums.as_ptr().add(first)),
-                )
-            };
-            // SAFETY: the group holds eight blocks of at least four bytes each.
-            let leading = unsafe {
-                _mm256_i32gather_epi32::<1>(
-                    blocks.as_ptr().cast(),
-                    _mm256_mullo_epi32(
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                        _mm256_set1_epi32(bytes as i32),
-                    ),
-                )
-            };
-            let scales = halves_of(leading, false);
-            total = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(lane_per_vector(sums)),
-                _mm256_mul_ps(scales, input_scales),
-                total,
-            );
-            let minima = match KIND {
-                Q4_0 => _mm256_mul_ps(scales, _mm256_set1_ps(-8.0)),
-                Q5_0 => _mm256_mul_ps(scales, _mm256_set1_ps(-16.0)),
-                Q4_1 | Q5_1 => halves_of(leading, true),
-                _ => continue,
-            };
-            total = _mm256_fmadd_ps(minima, input_sums, total);
+    /// Per block: the codes unpacked in registers once for all `N` inputs, then per input one
+    /// `vpmaddubsw` and one `vpmaddwd`, or with `VNNI` one `vpdpbusd`. Eight blocks at a time
+    /// then share the rest: their eight integer sums meet in one register (a tree of
+    /// horizontal additions), their scales are gathered into another, so converting, scaling
+    /// and the minima take one instruction per eight blocks instead of several per block.
+    /// Q4_0's and Q5_0's codes stay unsigned, their offset of 8 or 16 becoming a minimum of −8
+    /// or −16 times the scale: that spares the sign trick of [`dot`], which only Q8_0's
+    /// full-range codes need. The blocks after the last eight go one by one. Each input's float
+    /// operations are those it has alone, in the same order, so its sum keeps its bits whatever
+    /// inputs it shares the row with, and (the integer sums being exact) on either family.
+    /// Inlined into a function with the family's features, which closures would not inherit,
+    /// so the loops here take none; [`checked`] checked the lengths.
+    #[inline(always)]
+    unsafe fn row_of_blocks<const KIND: u8, const N: usize, const VNNI: bool>(
+        row: &[u8],
+        inputs: [&PieceInputs; N],
+    ) -> [f32; N] {
+        // SAFETY: the caller's function has the family's features; `checked` checked the
+        // lengths the loads below rely on.
+        unsafe {
+            let bytes = block_bytes(KIND);
+            let mut totals = [_mm256_setzero_ps(); N];
+            let mut groups = row.chunks_exact(GROUP * bytes);
+            for (group, blocks) in groups.by_ref().enumerate() {
+                let first = group * GROUP;
+                let mut codes = [[_mm256_setzero_si256(); 2]; GROUP];
+                for (block, codes) in codes.iter_mut().enumerate() {
+                    *codes = block_codes::<KIND, VNNI>(&blocks[block * bytes..][..bytes]);
+                }
+                // The group holds eight blocks of at least four bytes each.
+                let leading = {
+                    _mm256_i32gather_epi32::<1>(
+                        blocks.as_ptr().cast(),
+                        _mm256_mullo_epi32(
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                            _mm256_set1_epi32(bytes as i32),
+                        ),
+                    )
+                };
+                let scales = halves_of(leading, false);
+                let minima = match KIND {
+                    Q4_0 => Some(_mm256_mul_ps(scales, _mm256_set1_ps(-8.0))),
+                    Q5_0 => Some(_mm256_mul_ps(scales, _mm256_set1_ps(-16.0))),
+                    Q4_1 | Q5_1 => Some(halves_of(leading, true)),
+                    _ => None,
+                };
+                for (inputs, total) in inputs.iter().zip(&mut totals) {
+                    let mut sums = [_mm256_setzero_si256(); GROUP];
+                    for (block, sums) in sums.iter_mut().enumerate() {
+                        *sums = codes_times::<KIND, VNNI>(codes[block], inputs, first + block);
+                    }
+                    // `checked` made sure the group's input scales and sums exist.
+                    let (input_scales, input_sums) = {
+                        (
+                            _mm256_loadu_ps(inputs.scales.as_ptr().add(first)),
+                            _mm256_loadu_ps(inputs.sums.as_ptr().add(first)),
+                        )
+                    };
+                    *total = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(lane_per_vector(sums)),
+                        _mm256_mul_ps(scales, input_scales),
+                        *total,
+                    );
+                    if let Some(minima) = minima {
+                        *total = _mm256_fmadd_ps(minima, input_sums, *total);
+                    }
+                }
+            }
+            let mut rests = [0.0f32; N];
+            let done = row.len() / bytes - groups.remainder().len() / bytes;
+            for (offset, block) in groups.remainder().chunks_exact(bytes).enumerate() {
+                let at = done + offset;
+                let scale = half(block, 0);
+                let minimum = match KIND {
+                    Q4_0 => -8.0 * scale,
+                    Q5_0 => -16.0 * scale,
+                    Q4_1 | Q5_1 => half(block, 2),
+                    _ => 0.0,
+                };
+                let codes = block_codes::<KIND, VNNI>(block);
+                for (inputs, rest) in inputs.iter().zip(&mut rests) {
+                    let products = horizontal_sum(_mm256_cvtepi32_ps(codes_times::<KIND, VNNI>(
+                        codes, inputs, at,
+                    )));
+                    *rest += scale * inputs.scales[at] * products + minimum * inputs.sums[at];
+                }
+            }
+            for (total, rest) in totals.iter().zip(&mut rests) {
+                *rest += horizontal_sum(*total);
+            }
+            rests
         }
-        let mut rest = 0.0;
-        let done = row.len() / bytes - groups.remainder().len() / bytes;
-        for (offset, block) in groups.remainder().chunks_exact(bytes).enumerate() {
-            let at = done + offset;
-            let scale = half(block, 0);
-            let products = horizontal_sum(_mm256_cvtepi32_ps(block_sums::<KIND>(
-                block,
-                input_values(inputs, at),
-            )));
-            let minimum = match KIND {
-                Q4_0 => -8.0 * scale,
-                Q5_0 => -16.0 * scale,
-                Q4_1 | Q5_1 => half(block, 2),
-                _ => 0.0,
-            };
-            rest += scale * inputs.scales[at] * products + minimum * inputs.sums[at];
-        }
-        horizontal_sum(total) + rest
     }
 
     /// Block `at`'s 32 inputs.
@@ -407,31 +502,64 @@ mod x86 {
         horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + minima
     }
 
-    /// A block's integer products with its inputs `values`, summed into eight lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn block_sums<const KIND: u8>(block: &[u8], values: __m256i) -> __m256i {
-        let pairs = match KIND {
-            Q4_0 => _mm256_maddubs_epi16(nibbles(&block[2..18]), values),
-            Q4_1 => _mm256_maddubs_epi16(nibbles(&block[4..20]), values),
-            Q5_0 => _mm256_maddubs_epi16(
-                _mm256_or_si256(nibbles(&block[6..22]), fifth_bits(&block[2..6])),
-                values,
-            ),
-            Q5_1 => _mm256_maddubs_epi16(
-                _mm256_or_si256(nibbles(&block[8..24]), fifth_bits(&block[4..8])),
-                values,
-            ),
-            _ => {
-                // SAFETY: a Q8_0 block holds 32 codes after its scale.
-                let codes = unsafe { _mm256_loadu_si256(block[2..34].as_ptr().cast()) };
-                _mm256_maddubs_epi16(
-                    _mm256_sign_epi8(codes, codes),
-                    _mm256_sign_epi8(values, codes),
-                )
+    /// A block's 32 codes as the products meet them: the unsigned operand, and what Q8_0's
+    /// signed codes need besides. With AVX2 that is the codes themselves: `vpmaddubsw` takes
+    /// their magnitudes and the inputs take their signs. With VNNI `vpdpbusd` takes the codes
+    /// as they are against the inputs plus 128, so each lane starts from −128 times its codes'
+    /// sum. The other types' codes are unsigned as they stand.
+    #[inline(always)]
+    unsafe fn block_codes<const KIND: u8, const VNNI: bool>(block: &[u8]) -> [__m256i; 2] {
+        // SAFETY: the caller's function has AVX2 (and with `VNNI` AVX-512 VNNI and VL).
+        unsafe {
+            let codes = match KIND {
+                Q4_0 => nibbles(&block[2..18]),
+                Q4_1 => nibbles(&block[4..20]),
+                Q5_0 => _mm256_or_si256(nibbles(&block[6..22]), fifth_bits(&block[2..6])),
+                Q5_1 => _mm256_or_si256(nibbles(&block[8..24]), fifth_bits(&block[4..8])),
+                _ => {
+                    assert!(block.len() >= 34);
+                    let codes = _mm256_loadu_si256(block[2..34].as_ptr().cast());
+                    if VNNI {
+                        let offsets = _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            _mm256_set1_epi8(i8::MIN),
+                            codes,
+                        );
+                        return [codes, _mm256_sub_epi32(_mm256_setzero_si256(), offsets)];
+                    }
+                    return [_mm256_sign_epi8(codes, codes), codes];
+                }
+            };
+            [codes, codes]
+        }
+    }
+
+    /// Block `at`'s integer products with an input's values, summed into eight lanes.
+    #[inline(always)]
+    unsafe fn codes_times<const KIND: u8, const VNNI: bool>(
+        [codes, extra]: [__m256i; 2],
+        inputs: &PieceInputs,
+        at: usize,
+    ) -> __m256i {
+        // SAFETY: as in [`block_codes`].
+        unsafe {
+            if VNNI && KIND == Q8_0 {
+                assert!((at + 1) * PIECE <= inputs.offset_values.len());
+                let values =
+                    _mm256_loadu_si256(inputs.offset_values.as_ptr().add(at * PIECE).cast());
+                return _mm256_dpbusd_epi32(extra, values, codes);
             }
-        };
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            let values = input_values(inputs, at);
+            if VNNI {
+                return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, values);
+            }
+            let values = if KIND == Q8_0 {
+                _mm256_sign_epi8(values, extra)
+            } else {
+                values
+            };
+            _mm256_madd_epi16(_mm256_maddubs_epi16(codes, values), _mm256_set1_epi16(1))
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -532,9 +660,10 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(12);
             let mut served = 0;
             for kind in QUANTIZED_KINDS {
-                let Some(kernel) = x86::blocks_dot(kind) else {
+                let kernels = block_kernels(kind);
+                if kernels.is_empty() {
                     continue;
-                };
+                }
                 served += 1;
                 let blocks = 18;
                 let row = random_blocks(kind, blocks, &mut rng);
@@ -557,19 +686,88 @@ mod tests {
                 let pieces = pieces_dot_portable(&codes, &scales, &inputs);
                 // Six copies of the row, one after another.
                 let rows = row.repeat(6);
-                let mut out = [0.0f32; 6];
-                kernel(&rows, row.len(), &inputs, &mut out);
-                for blocks in out {
-                    assert!(
-                        (blocks - pieces).abs() < 1e-4 * pieces.abs().max(1.0),
-                        "{kind}: {blocks} vs {pieces}"
-                    );
+                for kernel in kernels {
+                    let mut out = [0.0f32; 6];
+                    kernel(&rows, row.len(), std::slice::from_ref(&inputs), &mut out);
+                    for blocks in out {
+                        assert!(
+                            (blocks - pieces).abs() < 1e-4 * pieces.abs().max(1.0),
+                            "{kind}: {blocks} vs {pieces}"
+                        );
+                    }
                 }
             }
             assert_eq!(
                 served, 8,
                 "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"
             );
+        }
+    }
+
+    /// The block kernels of every family this CPU has, AVX2's and VNNI's.
+    #[cfg(target_arch = "x86_64")]
+    fn block_kernels(kind: GgmlType) -> Vec<BlocksDot> {
+        use crate::cpu::KernelFamily;
+        let family = KernelFamily::detected();
+        let mut kernels = Vec::new();
+        if family >= KernelFamily::Avx2 {
+            kernels.extend(x86::blocks_dot::<false>(kind));
+        }
+        if family >= KernelFamily::Avx512Vnni {
+            kernels.extend(x86::blocks_dot::<true>(kind));
+        }
+        kernels
+    }
+
+    /// A row's product with an input has the bits it has alone when the row meets several
+    /// inputs at once (one to nine of them: whole and partial sets of four), for every type,
+    /// with blocks in whole groups of eight and after them, and the same bits on every kernel
+    /// family.
+    #[test]
+    fn an_input_keeps_its_bits_among_others() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(14);
+            for kind in QUANTIZED_KINDS {
+                let kernels = block_kernels(kind);
+                let Some(&first_family) = kernels.first() else {
+                    continue;
+                };
+                let (rows, blocks) = (3, if kind.block_values() == PIECE { 18 } else { 3 });
+                let row_bytes = blocks * kind.block_bytes();
+                let matrix = random_blocks(kind, rows * blocks, &mut rng);
+                let inputs: Vec<PieceInputs> = (0..9)
+                    .map(|_| {
+                        let input: Vec<f32> = (0..blocks * kind.block_values())
+                            .map(|_| rng.random::<f32>() - 0.5)
+                            .collect();
+                        PieceInputs::new(&input)
+                    })
+                    .collect();
+                let alone: Vec<[f32; 3]> = inputs
+                    .iter()
+                    .map(|input| {
+                        let mut out = [0.0f32; 3];
+                        first_family(&matrix, row_bytes, std::slice::from_ref(input), &mut out);
+                        out
+                    })
+                    .collect();
+                for (family, kernel) in kernels.into_iter().enumerate() {
+                    for count in 1..=inputs.len() {
+                        let mut together = vec![0.0f32; rows * count];
+                        kernel(&matrix, row_bytes, &inputs[..count], &mut together);
+                        for (row, outs) in together.chunks_exact(count).enumerate() {
+                            for (input, out) in outs.iter().enumerate() {
+                                assert_eq!(
+                                    out.to_bits(),
+                                    alone[input][row].to_bits(),
+                                    "{kind}, family {family}: row {row}, input {input} of {count}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -590,8 +788,9 @@ mod tests {
                 input[PIECE..2 * PIECE].fill(1.0);
                 let inputs = PieceInputs::new(&input);
                 let mut by_row = [0.0f32; 16];
-                let row_kernel = x86::blocks_dot(kind).unwrap();
-                row_kernel(&rows, blocks * kind.block_bytes(), &inputs, &mut by_row);
+                let row_kernel = x86::blocks_dot::<false>(kind).unwrap();
+                let row_bytes = blocks * kind.block_bytes();
+                row_kernel(&rows, row_bytes, std::slice::from_ref(&inputs), &mut by_row);
                 let matrix = crate::ggml::BlockMatrix::new(kind, 16, blocks * PIECE, rows);
                 let interleaved = matrix.unwrap().matmul_int8_inputs(&input, 1);
                 for (got, want) in interleaved.into_iter().zip(by_row) {
@@ -599,6 +798,37 @@ mod tests {
                         (got - want).abs() < 1e-4 * want.abs().max(1.0),
                         "{kind}: {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Interleaved Q4_0 and Q4_1 rows give each input the bits it has alone when they meet
+    /// one to nine inputs at once.
+    #[test]
+    fn interleaved_rows_keep_each_inputs_bits_among_others() {
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let (rows, blocks) = (16, 18);
+        for kind in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = random_blocks(kind, rows * blocks, &mut rng);
+            let matrix = crate::ggml::BlockMatrix::new(kind, rows, blocks * PIECE, bytes).unwrap();
+            let x: Vec<f32> = (0..9 * blocks * PIECE)
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect();
+            let alone: Vec<Vec<f32>> = x
+                .chunks_exact(blocks * PIECE)
+                .map(|input| matrix.matmul_int8_inputs(input, 1))
+                .collect();
+            for count in 1..=9 {
+                let together = matrix.matmul_int8_inputs(&x[..count * blocks * PIECE], count);
+                for (input, outs) in together.chunks_exact(rows).enumerate() {
+                    for (row, out) in outs.iter().enumerate() {
+                        assert_eq!(
+                            out.to_bits(),
+                            alone[input][row].to_bits(),
+                            "{kind}: row {row}, input {input} of {count}"
+                        );
+                    }
                 }
             }
         }

@@ -250,17 +250,7 @@ impl BlockMatrix {
         }
         if let Some(dot) = blocks_dot(self.kind) {
             let bytes = &self.bytes[rows.start * self.row_bytes..rows.end * self.row_bytes];
-            if count == 1 {
-                return dot(bytes, self.row_bytes, &inputs[0], outs);
-            }
-            let mut by_input = vec![0.0; rows.len()];
-            for (index, input) in inputs.iter().enumerate() {
-                dot(bytes, self.row_bytes, input, &mut by_input);
-                for (channel, &value) in by_input.iter().enumerate() {
-                    outs[channel * count + index] = value;
-                }
-            }
-            return;
+            return dot(bytes, self.row_bytes, inputs, outs);
         }
         let dot = pieces_dot();
         let mut codes = vec![0i8; self.cols];
