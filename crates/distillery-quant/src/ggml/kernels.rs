@@ -251,7 +251,7 @@ mod x86 {
         // SAFETY: the kernel was handed out for a CPU with the family's features.
         let sums = unsafe {
             if KIND >= Q4_K {
-                inputs.map(|inputs| row_of_super_blocks::<KIND>(row, inputs))
+                row_of_super_blocks::<KIND, N>(row, inputs)
             } else if VNNI {
                 row_of_blocks_vnni::<KIND, N>(row, inputs)
             } else {
@@ -406,21 +406,24 @@ mod x86 {
 
     /// The K-quant super-blocks of 256 values: per super-block the eight sub-block scales (and
     /// minima) are unpacked once, then each 32-value piece's codes are cut from the stored
-    /// bits in registers and meet their inputs as in [`row_of_blocks`]. Q6_K scales each 16
-    /// values, so its pieces' two halves take two scales.
+    /// bits in registers, once for all `N` inputs, and meet each input's values as in
+    /// [`row_of_blocks`]. Q6_K scales each 16 values, so its pieces' two halves take two
+    /// scales. Each input's float operations are those it has alone, in the same order.
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn row_of_super_blocks<const KIND: u8>(row: &[u8], inputs: &PieceInputs) -> f32 {
+    fn row_of_super_blocks<const KIND: u8, const N: usize>(
+        row: &[u8],
+        inputs: [&PieceInputs; N],
+    ) -> [f32; N] {
         let low_nibbles = _mm256_set1_epi8(0xF);
         let ones = _mm256_set1_epi16(1);
-        let mut sums = [_mm256_setzero_ps(); 2];
-        let mut minima = 0.0f32;
+        let mut sums = [[_mm256_setzero_ps(); 2]; N];
+        let mut minima = [0.0f32; N];
         for (index, block) in row.chunks_exact(block_bytes(KIND)).enumerate() {
             let first = index * 8;
             // SAFETY: `checked` made sure the super-block's 256 inputs exist.
-            let values = |piece: usize| unsafe {
+            let values = |inputs: &PieceInputs, piece: usize| unsafe {
                 _mm256_loadu_si256(inputs.values.as_ptr().add((first + piece) * PIECE).cast())
             };
-            let inputs_sum = |piece: usize| inputs.sums[first + piece];
             if KIND == Q6_K {
                 let d = half(block, 208);
                 let (low, high, scales) = (&block[..128], &block[128..192], &block[192..208]);
@@ -447,20 +450,26 @@ mod x86 {
                         pairs = _mm256_srli_epi16(pairs, 2);
                         let codes =
                             _mm256_sub_epi8(_mm256_or_si256(nibbles, top), _mm256_set1_epi8(32));
-                        let values = values(piece);
-                        let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
-                            _mm256_maddubs_epi16(
-                                _mm256_sign_epi8(codes, codes),
-                                _mm256_sign_epi8(values, codes),
-                            ),
-                            ones,
-                        ));
-                        let scale = d * inputs.scales[first + piece];
-                        let halves = _mm256_set_m128(
-                            _mm_set1_ps(scale * f32::from(scales[2 * piece + 1] as i8)),
-                            _mm_set1_ps(scale * f32::from(scales[2 * piece] as i8)),
+                        let magnitudes = _mm256_sign_epi8(codes, codes);
+                        let (low_scale, high_scale) = (
+                            f32::from(scales[2 * piece] as i8),
+                            f32::from(scales[2 * piece + 1] as i8),
                         );
-                        sums[piece % 2] = _mm256_fmadd_ps(products, halves, sums[piece % 2]);
+                        for (inputs, sums) in inputs.iter().zip(&mut sums) {
+                            let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                                _mm256_maddubs_epi16(
+                                    magnitudes,
+                                    _mm256_sign_epi8(values(inputs, piece), codes),
+                                ),
+                                ones,
+                            ));
+                            let scale = d * inputs.scales[first + piece];
+                            let halves = _mm256_set_m128(
+                                _mm_set1_ps(scale * high_scale),
+                                _mm_set1_ps(scale * low_scale),
+                            );
+                            sums[piece % 2] = _mm256_fmadd_ps(products, halves, sums[piece % 2]);
+                        }
                     }
                 }
                 continue;
@@ -487,19 +496,26 @@ mod x86 {
                         codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
                         *bits = _mm256_srli_epi16(*bits, 1);
                     }
-                    let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
-                        _mm256_maddubs_epi16(codes, values(piece)),
-                        ones,
-                    ));
                     let (scale, minimum) = scale_min_k4(&block[4..16], piece);
-                    let scale = d * f32::from(scale) * inputs.scales[first + piece];
-                    sums[piece % 2] =
-                        _mm256_fmadd_ps(products, _mm256_set1_ps(scale), sums[piece % 2]);
-                    minima -= dmin * f32::from(minimum) * inputs_sum(piece);
+                    let (scale, minimum) = (d * f32::from(scale), dmin * f32::from(minimum));
+                    for ((inputs, sums), minima) in inputs.iter().zip(&mut sums).zip(&mut minima) {
+                        let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                            _mm256_maddubs_epi16(codes, values(inputs, piece)),
+                            ones,
+                        ));
+                        let scale = scale * inputs.scales[first + piece];
+                        sums[piece % 2] =
+                            _mm256_fmadd_ps(products, _mm256_set1_ps(scale), sums[piece % 2]);
+                        *minima -= minimum * inputs.sums[first + piece];
+                    }
                 }
             }
         }
-        horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + minima
+        let mut totals = [0.0; N];
+        for ((total, sums), minima) in totals.iter_mut().zip(sums).zip(minima) {
+            *total = horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + minima;
+        }
+        totals
     }
 
     /// A block's 32 codes as the products meet them: the unsigned operand, and what Q8_0's
