@@ -34,6 +34,27 @@ mod test_support {
             .map(|_| rng.random::<f32>() * 2.0 - 1.0)
             .collect()
     }
+
+    /// For one to `alone.len()` inputs at once, the products `together(count)` gives
+    /// (`out[row * count + input]`) have the bits `alone[input][row]` each input has alone.
+    pub fn assert_inputs_keep_their_bits(
+        alone: &[Vec<f32>],
+        together: impl Fn(usize) -> Vec<f32>,
+        what: &str,
+    ) {
+        for count in 1..=alone.len() {
+            let products = together(count);
+            for (row, outs) in products.chunks_exact(count).enumerate() {
+                for (input, out) in outs.iter().enumerate() {
+                    assert_eq!(
+                        out.to_bits(),
+                        alone[input][row].to_bits(),
+                        "{what}: row {row}, input {input} of {count}"
+                    );
+                }
+            }
+        }
+    }
 }
 pub use ggml::{BlockMatrix, GgmlType};
 pub use packed::{GptqTensors, PackedMatrix};

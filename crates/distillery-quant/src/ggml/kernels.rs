@@ -760,28 +760,22 @@ mod tests {
                         PieceInputs::new(&input)
                     })
                     .collect();
-                let alone: Vec<[f32; 3]> = inputs
+                let alone: Vec<Vec<f32>> = inputs
                     .iter()
                     .map(|input| {
-                        let mut out = [0.0f32; 3];
+                        let mut out = vec![0.0; rows];
                         first_family(&matrix, row_bytes, std::slice::from_ref(input), &mut out);
                         out
                     })
                     .collect();
                 for (family, kernel) in kernels.into_iter().enumerate() {
-                    for count in 1..=inputs.len() {
-                        let mut together = vec![0.0f32; rows * count];
-                        kernel(&matrix, row_bytes, &inputs[..count], &mut together);
-                        for (row, outs) in together.chunks_exact(count).enumerate() {
-                            for (input, out) in outs.iter().enumerate() {
-                                assert_eq!(
-                                    out.to_bits(),
-                                    alone[input][row].to_bits(),
-                                    "{kind}, family {family}: row {row}, input {input} of {count}"
-                                );
-                            }
-                        }
-                    }
+                    let together = |count| {
+                        let mut out = vec![0.0; rows * count];
+                        kernel(&matrix, row_bytes, &inputs[..count], &mut out);
+                        out
+                    };
+                    let what = format!("{kind}, family {family}");
+                    crate::test_support::assert_inputs_keep_their_bits(&alone, together, &what);
                 }
             }
         }
@@ -835,18 +829,11 @@ mod tests {
                 .chunks_exact(blocks * PIECE)
                 .map(|input| matrix.matmul_int8_inputs(input, 1))
                 .collect();
-            for count in 1..=9 {
-                let together = matrix.matmul_int8_inputs(&x[..count * blocks * PIECE], count);
-                for (input, outs) in together.chunks_exact(rows).enumerate() {
-                    for (row, out) in outs.iter().enumerate() {
-                        assert_eq!(
-                            out.to_bits(),
-                            alone[input][row].to_bits(),
-                            "{kind}: row {row}, input {input} of {count}"
-                        );
-                    }
-                }
-            }
+            let together = |count| {
+                let by_input = matrix.matmul_int8_inputs(&x[..count * blocks * PIECE], count);
+                crate::products::transposed(&by_input, count, rows)
+            };
+            crate::test_support::assert_inputs_keep_their_bits(&alone, together, &kind.to_string());
         }
     }
 
