@@ -483,6 +483,7 @@ mod tests {
 
         use crate::cpu::KernelFamily;
         use crate::int8_inputs::BLOCK;
+        use crate::test_support::{assert_same_bits, products_alone_and_together};
         let family = KernelFamily::detected();
         if family < KernelFamily::Avx2 {
             return;
@@ -532,23 +533,19 @@ mod tests {
             if family >= KernelFamily::Avx512Vnni {
                 kernels.push(x86::dot::<true>);
             }
-            let alone: Vec<Vec<f32>> = inputs
-                .iter()
-                .map(|input| {
-                    let mut out = vec![0.0; rows];
-                    x86::dot::<false>(&bytes, shape, std::slice::from_ref(input), &mut out);
-                    out
+            let alone_by_family: Vec<Vec<Vec<f32>>> = kernels
+                .into_iter()
+                .enumerate()
+                .map(|(family, kernel)| {
+                    products_alone_and_together(
+                        &inputs,
+                        rows,
+                        |inputs, out| kernel(&bytes, shape, inputs, out),
+                        &format!("family {family}, minima {minima}"),
+                    )
                 })
                 .collect();
-            for (family, kernel) in kernels.into_iter().enumerate() {
-                let together = |count| {
-                    let mut out = vec![0.0; rows * count];
-                    kernel(&bytes, shape, &inputs[..count], &mut out);
-                    out
-                };
-                let what = format!("family {family}, minima {minima}");
-                crate::test_support::assert_inputs_keep_their_bits(&alone, together, &what);
-            }
+            assert_same_bits(&alone_by_family, &format!("minima {minima}"));
         }
     }
 
