@@ -483,7 +483,7 @@ mod tests {
 
         use crate::cpu::KernelFamily;
         use crate::int8_inputs::BLOCK;
-        use crate::test_support::{assert_same_bits, products_alone_and_together};
+        use crate::test_support::assert_each_input_keeps_its_bits;
         let family = KernelFamily::detected();
         if family < KernelFamily::Avx2 {
             return;
@@ -533,19 +533,11 @@ mod tests {
             if family >= KernelFamily::Avx512Vnni {
                 kernels.push(x86::dot::<true>);
             }
-            let alone_by_family: Vec<Vec<Vec<f32>>> = kernels
-                .into_iter()
-                .enumerate()
-                .map(|(family, kernel)| {
-                    products_alone_and_together(
-                        &inputs,
-                        rows,
-                        |inputs, out| kernel(&bytes, shape, inputs, out),
-                        &format!("family {family}, minima {minima}"),
-                    )
-                })
-                .collect();
-            assert_same_bits(&alone_by_family, &format!("minima {minima}"));
+            let run = |kernel: &InterleavedDot, inputs: &[KernelInputs], out: &mut [f32]| {
+                kernel(&bytes, shape, inputs, out)
+            };
+            let what = format!("minima {minima}");
+            assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, &what);
         }
     }
 

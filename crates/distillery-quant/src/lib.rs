@@ -35,49 +35,41 @@ mod test_support {
             .collect()
     }
 
-    /// Each input's products with `rows` rows alone (`product(inputs, out)` writes
-    /// `out[row * inputs.len() + input]`), after asserting that one to all of `inputs` at once
-    /// give each of them those bits.
-    pub fn products_alone_and_together<T>(
+    /// Every kernel (one per family) gives each input its products with `rows` rows with the
+    /// same bits alone and among one to all of `inputs` at once, and the same bits as the first
+    /// kernel. `run(kernel, inputs, out)` writes `out[row * inputs.len() + input]`.
+    pub fn assert_each_input_keeps_its_bits<K, T>(
+        kernels: &[K],
         inputs: &[T],
         rows: usize,
-        product: impl Fn(&[T], &mut [f32]),
+        run: impl Fn(&K, &[T], &mut [f32]),
         what: &str,
-    ) -> Vec<Vec<f32>> {
-        let alone: Vec<Vec<f32>> = inputs
-            .iter()
-            .map(|input| {
-                let mut out = vec![0.0; rows];
-                product(std::slice::from_ref(input), &mut out);
-                out
-            })
-            .collect();
-        assert_inputs_keep_their_bits(
-            &alone,
-            |count| {
-                let mut out = vec![0.0; rows * count];
-                product(&inputs[..count], &mut out);
-                out
-            },
-            what,
-        );
-        alone
-    }
-
-    /// Every kernel family's products (`by_family[family][input][row]`) with the first's bits.
-    pub fn assert_same_bits(by_family: &[Vec<Vec<f32>>], what: &str) {
-        let bits = |products: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+    ) {
+        let bits = |products: &[Vec<f32>]| -> Vec<Vec<u32>> {
             products
                 .iter()
                 .map(|outs| outs.iter().map(|out| out.to_bits()).collect())
                 .collect()
         };
-        for (family, products) in by_family.iter().enumerate().skip(1) {
-            assert_eq!(
-                bits(products),
-                bits(&by_family[0]),
-                "{what}: family {family}"
-            );
+        let mut first = None;
+        for (family, kernel) in kernels.iter().enumerate() {
+            let alone: Vec<Vec<f32>> = inputs
+                .iter()
+                .map(|input| {
+                    let mut out = vec![0.0; rows];
+                    run(kernel, std::slice::from_ref(input), &mut out);
+                    out
+                })
+                .collect();
+            let together = |count| {
+                let mut out = vec![0.0; rows * count];
+                run(kernel, &inputs[..count], &mut out);
+                out
+            };
+            let what = format!("{what}, family {family}");
+            assert_inputs_keep_their_bits(&alone, together, &what);
+            let alone = bits(&alone);
+            assert_eq!(&alone, first.get_or_insert_with(|| alone.clone()), "{what}");
         }
     }
 

@@ -667,7 +667,7 @@ mod tests {
     use super::*;
     use crate::ggml::blocks::{QUANTIZED_KINDS, decode_piece, pieces_per_block, random_blocks};
     #[cfg(target_arch = "x86_64")]
-    use crate::test_support::{assert_same_bits, products_alone_and_together};
+    use crate::test_support::assert_each_input_keeps_its_bits;
 
     /// The kernels that read stored blocks give the piece kernel's sums over the same blocks,
     /// for every type they serve, every code (random blocks cover all) and extreme inputs.
@@ -759,19 +759,10 @@ mod tests {
                         PieceInputs::new(&input)
                     })
                     .collect();
-                let alone_by_family: Vec<Vec<Vec<f32>>> = kernels
-                    .into_iter()
-                    .enumerate()
-                    .map(|(family, kernel)| {
-                        products_alone_and_together(
-                            &inputs,
-                            rows,
-                            |inputs, out| kernel(&matrix, row_bytes, inputs, out),
-                            &format!("{kind}, family {family}"),
-                        )
-                    })
-                    .collect();
-                assert_same_bits(&alone_by_family, &kind.to_string());
+                let run = |kernel: &BlocksDot, inputs: &[PieceInputs], out: &mut [f32]| {
+                    kernel(&matrix, row_bytes, inputs, out)
+                };
+                assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, &kind.to_string());
             }
         }
     }
