@@ -197,12 +197,13 @@ pub(crate) type InterleavedDot = fn(rows: &[u8], Shape, &[KernelInputs], out: &m
 pub(crate) fn kernel(layout: Layout) -> Option<InterleavedDot> {
     let family = kernel_family();
     #[cfg(target_arch = "x86_64")]
-    if family == KernelFamily::Avx2 {
-        return Some(x86::dot::<false>);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if family > KernelFamily::Avx2 && layout == Layout::Ggml {
-        return Some(x86::dot::<true>);
+    {
+        if family == KernelFamily::Avx2 {
+            return Some(x86::dot::<false>);
+        }
+        if family > KernelFamily::Avx2 && layout == Layout::Ggml {
+            return Some(x86::dot::<true>);
+        }
     }
     let _ = (family, layout);
     None
@@ -235,7 +236,7 @@ pub(crate) fn channels<'a>(
 
 /// Who asks for the kernel: on AVX-512 CPUs distillery's own 4-bit codes keep the VNNI kernel
 /// of their row-major layout (the interleaved kernel has not been measured against it there),
-/// while GGUF's blocks have no VNNI kernel to lose.
+/// while GGUF's Q4_0 and Q4_1 blocks take the interleaved kernel's VNNI form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Layout {
     /// GGUF's Q4_0 and Q4_1 blocks.
