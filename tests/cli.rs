@@ -669,6 +669,53 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
     }
     assert!(plain.get("draft").is_none());
 
+    // The same draft named by the config's [generate] section, its head over the 64 tokens most
+    // frequent in the training split and the stop token: the output is still the float model's.
+    let draft_path = output.display().to_string();
+    let from_config = |extra: &[&str]| {
+        let mut generate = with_config(
+            "generate",
+            &[
+                &format!("generate.draft={draft_path}"),
+                "generate.draft_tokens=3",
+                "generate.draft_vocabulary=64",
+            ],
+        );
+        generate.extend(
+            [
+                "--checkpoint",
+                &float_run,
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--json",
+            ]
+            .map(String::from),
+        );
+        generate.extend(extra.iter().map(|arg| arg.to_string()));
+        generate
+    };
+    let shortlisted: serde_json::Value =
+        serde_json::from_str(&workspace.run_ok(&from_config(&[]))).unwrap();
+    assert_eq!(shortlisted["tokens"], plain["tokens"]);
+    let draft = &shortlisted["draft"];
+    assert_eq!(draft["draft_tokens"], 3, "{draft}");
+    let proposable = draft["proposable_tokens"].as_u64().unwrap();
+    assert!((64..=65).contains(&proposable), "{draft}");
+    // A flag that says the same as the config is taken; one that says otherwise is refused.
+    let agreeing: serde_json::Value =
+        serde_json::from_str(&workspace.run_ok(&from_config(&["--draft-tokens", "3"]))).unwrap();
+    assert_eq!(agreeing["tokens"], plain["tokens"]);
+    let (code, stderr) = workspace.run_err(&from_config(&["--draft-tokens", "2"]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--draft-tokens 2 and the config's generate.draft_tokens = 3 disagree"),
+        "{stderr}"
+    );
+
     // Decoding speed: the quantized model against the float model it was quantized from, which
     // is named by its run directory.
     let mut bench = vec![

@@ -80,12 +80,12 @@ pub struct GenerateBenchArgs {
     /// With a draft: this many prompts of --prompt-tokens tokens, spread evenly over the
     /// validation split from its start, decoded one after another (rates and acceptance over
     /// all of them).
-    #[arg(long, requires = "draft", default_value_t = 1)]
-    prompts: usize,
+    #[arg(long)]
+    prompts: Option<usize>,
     /// With a draft: user messages (the flag repeated) answered through the model's chat
     /// template are the prompts, instead of the validation split's, and decoding stops at the
     /// template's end-of-turn token (or after --new-tokens).
-    #[arg(long, requires = "draft", conflicts_with_all = ["prompt_tokens", "prompts"])]
+    #[arg(long, conflicts_with_all = ["prompt_tokens", "prompts"])]
     chat: Vec<String>,
     /// A system message before each chat message.
     #[arg(long, requires = "chat")]
@@ -189,6 +189,15 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         decode_bench::check_batch_tokens(new_tokens)?;
     }
     let config = config.load()?;
+    let draft = draft.resolve(&config)?;
+    anyhow::ensure!(
+        draft.is_some() || (prompts.is_none() && chat.is_empty()),
+        "--prompts and --chat measure a draft: give --draft or the config's generate.draft"
+    );
+    anyhow::ensure!(
+        batch.is_none() || draft.is_none(),
+        "--batch measures batched decoding, without a draft: drop the config's generate.draft"
+    );
     let data = distillery_run::prepare_data(&config)?;
     anyhow::ensure!(
         prompt_tokens >= 1 && prompt_tokens < data.splits.validation.len(),
@@ -196,6 +205,7 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
     );
     let mut generation = decode_bench::greedy(new_tokens);
     let prompts = if chat.is_empty() {
+        let prompts = prompts.unwrap_or(1);
         crate::continuations::spaced_prompts(&data.splits.validation, prompts, prompt_tokens)
             .context("--prompts and --prompt-tokens over the validation split")?
     } else {
@@ -222,20 +232,26 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         print_report(json, &reports, |reports| decode_bench::batch_table(reports))?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(path) = &draft.draft {
-        loaded.push(load::load_model(&config, path, &data.tokenizer)?);
+    if let Some(settings) = &draft {
+        loaded.push(load::load_model(&config, &settings.path, &data.tokenizer)?);
         models::apply_activations(&mut loaded, activations);
-        let (draft_model, measured) = loaded.split_last().expect("the draft was just added");
-        let reports = measured
+        let draft = models::into_draft(
+            loaded.pop().expect("the draft was just added"),
+            settings.vocabulary,
+            &data.tokenizer,
+            || Ok(data.splits.train.tokens.clone()),
+            &generation.stop_tokens,
+        )?;
+        let reports = loaded
             .iter()
             .map(|model| {
                 decode_bench::bench_draft(
                     model,
-                    draft_model,
+                    &draft,
                     &prompts,
                     &generation,
                     runs,
-                    draft.length(),
+                    settings.length,
                     data.tokenizer.vocab_size(),
                 )
             })

@@ -263,7 +263,7 @@ pub struct DraftReport {
 /// prompts.
 pub fn bench_draft(
     model: &LoadedModel,
-    draft: &LoadedModel,
+    draft: &crate::models::LoadedDraft,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     runs: usize,
@@ -285,7 +285,7 @@ pub fn bench_draft(
         for prompt in prompts {
             let (generation, stats) = generate_with_draft(
                 &model.model,
-                &draft.model,
+                &draft.draft,
                 prompt,
                 config,
                 length,
@@ -324,7 +324,7 @@ pub fn bench_draft(
             "with the draft {} the model's greedy output changed (on the CPU backend a checking \
              pass computes each position as a single step does; other backends' batched \
              products may round differently)",
-            draft.describe()
+            draft.description
         );
         drafted_speeds.push(new_tokens as f64 / seconds);
         last_stats = stats;
@@ -332,7 +332,7 @@ pub fn bench_draft(
     let (alone, with_draft) = (median(alone_speeds), median(drafted_speeds));
     Ok(DraftReport {
         model: model.describe(),
-        draft: draft.describe(),
+        draft: draft.description.clone(),
         draft_tokens: length.most(),
         adaptive: matches!(length, DraftLength::Adaptive(_)),
         prompts: prompts.len(),
@@ -599,15 +599,26 @@ pub fn measure_throughput(
     let machine =
         distillery_run::backend_description(&config.run, &distillery_run::device_for(&config.run)?);
     let prompt = &validation[..prompt_tokens.min(validation.len())];
-    if let Some(path) = &draft.draft {
-        let draft_model = load::load_model(config, path, &data.tokenizer)?;
+    let draft = draft.resolve(config)?;
+    anyhow::ensure!(
+        batch.is_none() || draft.is_none(),
+        "--batch measures batched decoding, without a draft: drop the config's generate.draft"
+    );
+    if let Some(settings) = &draft {
+        let draft = crate::models::into_draft(
+            load::load_model(config, &settings.path, &data.tokenizer)?,
+            settings.vocabulary,
+            &data.tokenizer,
+            || Ok(data.splits.train.tokens.clone()),
+            &[],
+        )?;
         let report = bench_draft(
             &loaded,
-            &draft_model,
+            &draft,
             &[prompt.to_vec()],
             &greedy(new_tokens),
             RUNS,
-            draft.length(),
+            settings.length,
             data.tokenizer.vocab_size(),
         )?;
         let how = format!(

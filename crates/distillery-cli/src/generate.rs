@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use distillery_data::TextTokenizer;
 use distillery_data::chat::{ChatTemplate, Message};
 use distillery_formats::load;
-use distillery_model::{Generation, GenerationConfig, StopReason};
+use distillery_model::{DraftLength, Generation, GenerationConfig, StopReason};
 
 use crate::ConfigArgs;
 use crate::models::{self, Activations, DraftArgs, SamplingArgs};
@@ -23,7 +23,7 @@ pub struct GenerateArgs {
     prompt: Option<String>,
     /// A file of prompts, one per line (empty lines skipped), continued together in one batch;
     /// each continuation is the one `--prompt` gives it alone.
-    #[arg(long, conflicts_with_all = ["chat", "draft"])]
+    #[arg(long, conflicts_with = "chat")]
     prompts: Option<PathBuf>,
     /// A user message, answered through the model's chat template; generation stops at the
     /// template's end-of-turn token.
@@ -81,9 +81,15 @@ pub fn chat_prompts(
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+    let draft_settings = args.draft.resolve(&config)?;
+    anyhow::ensure!(
+        args.prompts.is_none() || draft_settings.is_none(),
+        "--prompts decodes its prompts as one batch, without a draft: drop --draft or the \
+         config's generate.draft"
+    );
     let mut loaded = vec![load::load_model(&config, &args.checkpoint, &tokenizer)?];
-    if let Some(draft) = &args.draft.draft {
-        loaded.push(load::load_model(&config, draft, &tokenizer)?);
+    if let Some(settings) = &draft_settings {
+        loaded.push(load::load_model(&config, &settings.path, &tokenizer)?);
     }
     models::apply_activations(&mut loaded, args.activations);
     let mut stop_tokens: Vec<u32> = tokenizer.eos_token_id().into_iter().collect();
@@ -127,34 +133,48 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --prompt, --prompts or --chat"),
     };
+    let draft = match &draft_settings {
+        Some(draft_settings) => Some(models::into_draft(
+            loaded.pop().expect("the draft was loaded last"),
+            draft_settings.vocabulary,
+            &tokenizer,
+            || Ok(distillery_run::prepare_data(&config)?.splits.train.tokens),
+            &stop_tokens,
+        )?),
+        None => None,
+    };
     let settings = settings(stop_tokens);
     let model = &loaded[0].model;
-    let (generation, draft_stats) = match loaded.get(1) {
-        None => (
-            distillery_model::generate(model, &prompt_ids, &settings)?,
-            None,
-        ),
-        Some(draft) => {
+    let (generation, draft_stats) = match (&draft, &draft_settings) {
+        (Some(draft), Some(draft_settings)) => {
             let (generation, stats) = distillery_model::generate_with_draft(
                 model,
-                &draft.model,
+                &draft.draft,
                 &prompt_ids,
                 &settings,
-                args.draft.length(),
+                draft_settings.length,
                 tokenizer.vocab_size(),
                 |_| {},
             )?;
             eprintln!("{}", describe_draft(&stats, generation.tokens.len()));
-            (generation, Some(stats))
+            (
+                generation,
+                Some((stats, draft_settings.length, &draft.draft)),
+            )
         }
+        _ => (
+            distillery_model::generate(model, &prompt_ids, &settings)?,
+            None,
+        ),
     };
     let text = tokenizer.decode(generation.tokens_without_stop())?;
     if args.json {
         let mut report = report(&text, &generation, prompt_ids.len());
-        if let Some(stats) = &draft_stats {
+        if let Some((stats, length, draft)) = &draft_stats {
             report["draft"] = serde_json::json!({
-                "draft_tokens": args.draft.draft_tokens,
-                "adaptive": args.draft.adaptive_draft,
+                "draft_tokens": length.most(),
+                "adaptive": matches!(length, DraftLength::Adaptive(_)),
+                "proposable_tokens": draft.proposable_tokens(tokenizer.vocab_size()),
                 "model_passes": stats.model_passes,
                 "proposed_by_position": stats.proposed,
                 "accepted_by_position": stats.accepted,

@@ -9,7 +9,8 @@ use distillery_formats::load::LoadedModel;
 use distillery_quant::ActivationRounding;
 use distillery_train::EvalMetrics;
 
-/// A draft model for speculative decoding, as `generate` and `bench generate` take it.
+/// A draft model for speculative decoding, as `generate` and `bench generate` take it: each
+/// flag may instead be the config's `[generate]` key of the same name.
 #[derive(clap::Args)]
 pub struct DraftArgs {
     /// A smaller model with the same tokenizer (a checkpoint, run directory, quantized folder
@@ -17,23 +18,128 @@ pub struct DraftArgs {
     /// output follows the model's own distribution, and greedy output is the model's own.
     #[arg(long)]
     pub draft: Option<PathBuf>,
-    /// Tokens the draft proposes per pass of the model (1 to 7; with --adaptive-draft, the
-    /// most).
-    #[arg(long, default_value_t = 4, requires = "draft")]
-    pub draft_tokens: usize,
+    /// Tokens the draft proposes per pass of the model (1 to 7, default 4; with
+    /// --adaptive-draft, the most).
+    #[arg(long)]
+    pub draft_tokens: Option<usize>,
     /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
-    #[arg(long, requires = "draft")]
+    #[arg(long)]
     pub adaptive_draft: bool,
+    /// The draft's head scores only this many tokens: the most frequent in the config's
+    /// training split (pass the draft's own config), and the stop tokens. A small draft spends
+    /// most of a token in a large vocabulary's head; the model still checks every token.
+    #[arg(long)]
+    pub draft_vocabulary: Option<usize>,
+}
+
+/// The draft's settings once the command line and the config agree.
+pub struct DraftSettings {
+    pub path: PathBuf,
+    pub length: distillery_model::DraftLength,
+    pub vocabulary: Option<usize>,
 }
 
 impl DraftArgs {
-    pub fn length(&self) -> distillery_model::DraftLength {
-        if self.adaptive_draft {
-            distillery_model::DraftLength::Adaptive(self.draft_tokens)
+    /// The draft the command line or the config's `[generate]` section names, with its
+    /// settings: a setting both give must be the same in both, and the others need a draft.
+    pub fn resolve(&self, config: &ExperimentConfig) -> anyhow::Result<Option<DraftSettings>> {
+        let section = config.generate.clone().unwrap_or_default();
+        fn agree<T: PartialEq + std::fmt::Debug>(
+            flag: Option<T>,
+            key: Option<T>,
+            name: &str,
+        ) -> anyhow::Result<Option<T>> {
+            match (flag, key) {
+                (Some(flag), Some(key)) if flag != key => anyhow::bail!(
+                    "--{name} {flag:?} and the config's generate.{} = {key:?} disagree: give one",
+                    name.replace('-', "_")
+                ),
+                (flag, key) => Ok(flag.or(key)),
+            }
+        }
+        let path = agree(self.draft.clone(), section.draft, "draft")?;
+        let tokens = agree(self.draft_tokens, section.draft_tokens, "draft-tokens")?;
+        let adaptive = agree(
+            self.adaptive_draft.then_some(true),
+            section.adaptive_draft,
+            "adaptive-draft",
+        )?;
+        let vocabulary = agree(
+            self.draft_vocabulary,
+            section.draft_vocabulary,
+            "draft-vocabulary",
+        )?;
+        let Some(path) = path else {
+            anyhow::ensure!(
+                tokens.is_none() && adaptive.is_none() && vocabulary.is_none(),
+                "draft settings without a draft: give --draft or the config's generate.draft"
+            );
+            return Ok(None);
+        };
+        let tokens = tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
+        let length = if adaptive == Some(true) {
+            distillery_model::DraftLength::Adaptive(tokens)
         } else {
-            distillery_model::DraftLength::Fixed(self.draft_tokens)
+            distillery_model::DraftLength::Fixed(tokens)
+        };
+        Ok(Some(DraftSettings {
+            path,
+            length,
+            vocabulary,
+        }))
+    }
+}
+
+const DEFAULT_DRAFT_TOKENS: usize = 4;
+
+/// A draft ready to decode with, and how commands name it.
+pub struct LoadedDraft {
+    pub draft: distillery_model::Draft,
+    pub description: String,
+}
+
+/// `loaded` as a draft (its activations already set): with a vocabulary, its head scores the
+/// most frequent tokens of `training_tokens` (read only then) and `stop_tokens`.
+pub fn into_draft(
+    loaded: LoadedModel,
+    vocabulary: Option<usize>,
+    tokenizer: &distillery_data::TextTokenizer,
+    training_tokens: impl FnOnce() -> anyhow::Result<std::sync::Arc<[u32]>>,
+    stop_tokens: &[u32],
+) -> anyhow::Result<LoadedDraft> {
+    let description = loaded.describe();
+    let Some(size) = vocabulary else {
+        return Ok(LoadedDraft {
+            draft: distillery_model::Draft::new(loaded.model),
+            description,
+        });
+    };
+    let vocab = tokenizer.vocab_size();
+    let training_tokens = training_tokens()?;
+    let mut shortlist =
+        distillery_model::most_frequent_tokens(&training_tokens, vocab, size.min(vocab));
+    for &token in stop_tokens {
+        if !shortlist.contains(&token) {
+            shortlist.push(token);
         }
     }
+    let mut listed = vec![false; vocab];
+    for &token in &shortlist {
+        listed[token as usize] = true;
+    }
+    let covered = training_tokens
+        .iter()
+        .filter(|&&token| listed.get(token as usize) == Some(&true))
+        .count();
+    let share = 100.0 * covered as f64 / training_tokens.len().max(1) as f64;
+    let heads = shortlist.len();
+    Ok(LoadedDraft {
+        draft: distillery_model::Draft::with_shortlist(&loaded.model, shortlist)?,
+        description: format!(
+            "{description}, head over {heads} of {vocab} tokens ({share:.1}% of the training \
+             split's)"
+        ),
+    })
 }
 
 /// How `generate` and `continuations` pick each token.

@@ -20,8 +20,8 @@ pub use pipeline::{PipelineConfig, PipelineSection, StageConfig, StageKind, load
 pub use presets::{PRESET_NAMES, preset};
 pub use schema::{
     Backend, CheckpointConfig, DataConfig, DistillConfig, DistillLoss, EvalConfig,
-    ExperimentConfig, ExportConfig, ExportFormatName, GgufTypeName, LogConfig, ModelSection,
-    Precision, QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit,
+    ExperimentConfig, ExportConfig, ExportFormatName, GenerateConfig, GgufTypeName, LogConfig,
+    ModelSection, Precision, QuantizeConfig, QuantizeMethod, RunConfig, StudentConfig, StudentInit,
     TeacherCheckpoint, TeacherConfig, TeacherSource, TrainConfig, UnknownName,
 };
 
@@ -450,9 +450,12 @@ fn validate(config: &ExperimentConfig) -> Result<(), (String, String)> {
             return fail(key, "must be at least 1".into());
         }
     }
+    let generate = config.generate.clone().unwrap_or_default();
     for (key, value) in [
         ("eval.batch_size", config.eval.batch_size),
         ("eval.max_windows", config.eval.max_windows),
+        ("generate.draft_tokens", generate.draft_tokens),
+        ("generate.draft_vocabulary", generate.draft_vocabulary),
     ] {
         if value == Some(0) {
             return fail(key, "must be at least 1".into());

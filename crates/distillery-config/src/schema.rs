@@ -36,6 +36,9 @@ pub struct ExperimentConfig {
     /// What `distillery export CONFIG` writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportConfig>,
+    /// How `distillery generate` and `bench generate` decode with a draft.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<GenerateConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -752,4 +755,26 @@ fn default_keep() -> usize {
 
 fn default_log_every() -> usize {
     10
+}
+
+/// Speculative decoding's settings for `distillery generate` and `bench generate`; each may
+/// instead come from the command line's flag of the same name, and where both give one they
+/// must agree.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// A smaller model with the model's tokenizer (a checkpoint, run directory, quantized
+    /// folder or GGUF file) that drafts tokens for the model to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<PathBuf>,
+    /// Tokens the draft proposes per pass of the model (the most, when adaptive; default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_tokens: Option<usize>,
+    /// Two more drafted tokens after a pass that keeps them all, one fewer after a rejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_draft: Option<bool>,
+    /// The draft's head scores only this many tokens: the most frequent in the config's
+    /// training split, and the stop tokens (default: every token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocabulary: Option<usize>,
 }

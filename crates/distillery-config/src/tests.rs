@@ -571,3 +571,36 @@ fn export_names_parse_as_configs_spell_them_and_others_name_the_choices() {
         "\"q5_k\" is not one of f32, f16, q8_0, q4_0"
     );
 }
+
+/// The speculative draft's settings are optional, read as written, and checked like the
+/// other counts; they do not change the training trajectory.
+#[test]
+fn generate_section_names_the_draft_and_its_settings() {
+    let with_section = format!(
+        "{MINIMAL}\n[generate]\ndraft = \"checkpoints/draft-int8-g32\"\ndraft_tokens = 3\n\
+         draft_vocabulary = 4096\n"
+    );
+    let config = parse(&with_section, "test.toml", &[]).unwrap();
+    let generate = config.generate.clone().unwrap();
+    assert_eq!(
+        generate.draft.as_deref(),
+        Some(Path::new("checkpoints/draft-int8-g32"))
+    );
+    assert_eq!(
+        (generate.draft_tokens, generate.draft_vocabulary),
+        (Some(3), Some(4096))
+    );
+    assert_eq!(generate.adaptive_draft, None);
+    let plain = parse(MINIMAL, "test.toml", &[]).unwrap();
+    assert!(plain.generate.is_none());
+    assert_eq!(config.trajectory_sha256(), plain.trajectory_sha256());
+    for key in ["generate.draft_tokens", "generate.draft_vocabulary"] {
+        let message = error(MINIMAL, &[&format!("{key}=0")]);
+        assert!(
+            message.contains(key) && message.contains("at least 1"),
+            "{message}"
+        );
+    }
+    let message = error(&format!("{MINIMAL}\n[generate]\ndraft_size = 2\n"), &[]);
+    assert!(message.contains("draft_size"), "{message}");
+}

@@ -364,6 +364,15 @@ impl Distribution {
         }
     }
 
+    /// The same distribution over `tokens[i]` where this one names `i`: a shortlist head's
+    /// outputs as token ids.
+    pub(crate) fn renamed(mut self, tokens: &[u32]) -> Self {
+        for candidate in &mut self.candidates {
+            *candidate = tokens[*candidate as usize];
+        }
+        self
+    }
+
     /// A token drawn from the distribution: one uniform draw, walked through the cumulative
     /// probabilities.
     pub(crate) fn draw(&self, rng: &mut impl rand::Rng) -> u32 {

@@ -21,7 +21,7 @@ pub use llama::{
     LlamaWeights, Mlp, Weight, in_out_weight, token_windows,
 };
 pub use matrices::LayerMatrix;
-pub use speculative::{DraftLength, DraftStats, generate_with_draft};
+pub use speculative::{Draft, DraftLength, DraftStats, generate_with_draft, most_frequent_tokens};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -332,6 +332,63 @@ mod tests {
             flat(dequantized.forward(tokens(&ids, &device))),
             flat(reference.forward(tokens(&ids, &device)))
         );
+    }
+
+    /// A head over some tokens gives each of them the logit the whole head gives it, whether
+    /// the head is the tied table or its own matrix, float or quantized: bit for bit on the
+    /// few rows of decoding steps (int8 inputs where quantized), up to the general product's
+    /// rounding on a prompt.
+    #[test]
+    fn a_head_over_some_tokens_gives_their_logits_of_the_whole_head() {
+        let device = Device::flex();
+        let chosen: Vec<u32> = vec![41, 3, 17, 0, 49, 8, 30];
+        for tie in [true, false] {
+            for quantized in [false, true] {
+                let mut model = Llama::new(&config(tie), 0.0, 4, &device).unwrap();
+                if quantized {
+                    let table = model.embedding_values();
+                    let matrix = distillery_quant::int8_absmax(&table, 50, 32, Some(16)).unwrap();
+                    model.set_packed_embedding(distillery_quant::PackedMatrix::from_quantized(
+                        &matrix,
+                    ));
+                    if let Some(head) = model.lm_head.as_mut() {
+                        let matrix =
+                            distillery_quant::int8_absmax(&head.weight_out_in(), 50, 32, None)
+                                .unwrap();
+                        *head = Linear::quantized(distillery_quant::PackedMatrix::from_quantized(
+                            &matrix,
+                        ));
+                    }
+                }
+                let shortlisted = model.with_head_over(&chosen).unwrap();
+                let what = format!("tied {tie}, quantized {quantized}");
+                for length in [1, distillery_kernels::FEW_ROWS as i64, 12] {
+                    let ids: Vec<i64> = (0..length).map(|i| (i * 13 + 5) % 50).collect();
+                    let whole = flat(model.forward(tokens(&ids, &device)));
+                    let part = shortlisted.forward(tokens(&ids, &device));
+                    assert_eq!(part.dims(), [1, length as usize, chosen.len()], "{what}");
+                    let want: Vec<f32> = whole
+                        .chunks_exact(50)
+                        .flat_map(|row| chosen.iter().map(|&token| row[token as usize]))
+                        .collect();
+                    let part = flat(part);
+                    if length <= distillery_kernels::FEW_ROWS as i64 {
+                        assert_eq!(part, want, "{what}, {length} tokens");
+                    }
+                    for (got, want) in part.iter().zip(&want) {
+                        assert!((got - want).abs() < 1e-5, "{what}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+        let model = Llama::new(&config(true), 0.0, 4, &device).unwrap();
+        assert!(matches!(
+            model.with_head_over(&[3, 50]),
+            Err(ModelError::TokenOutOfRange {
+                token: 50,
+                vocab: 50
+            })
+        ));
     }
 
     #[test]

@@ -283,6 +283,23 @@ impl Linear {
         })
     }
 
+    /// The map onto the outputs named by `outputs`, in that order, with their weights as they
+    /// are here.
+    fn with_outputs(&self, outputs: &[usize]) -> Linear {
+        let weight = match &self.weight {
+            Weight::Float(weight) => {
+                let weight = weight.val();
+                let outputs = index_tensor(outputs, &weight.device());
+                Weight::Float(Param::from_tensor(weight.select(1, outputs)))
+            }
+            Weight::Quantized(quantized) => Weight::quantized(quantized.select_rows(outputs)),
+        };
+        Linear {
+            weight,
+            rounding: self.rounding,
+        }
+    }
+
     /// Whether a product over `rows` input rows rounds them to int8.
     fn rounds_inputs(&self, rows: usize) -> bool {
         rounds_inputs(self.rounding, rows)
@@ -309,6 +326,11 @@ fn rounds_inputs(rounding: ActivationRounding, rows: usize) -> bool {
         ActivationRounding::Never => false,
         ActivationRounding::Always => true,
     }
+}
+
+fn index_tensor(indices: &[usize], device: &Device) -> Tensor<1, Int> {
+    let values: Vec<i64> = indices.iter().map(|&index| index as i64).collect();
+    Tensor::from_data(TensorData::new(values, [indices.len()]), device)
 }
 
 /// `x Wᵀ` for a quantized `W` (output channels as rows): `[rows, in]` to `[rows, out]`.
@@ -850,6 +872,35 @@ impl Llama {
             Weight::Quantized(quantized) => quantized_product(quantized, x, self.rounding),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
+    }
+
+    /// The model with an output head that scores only `tokens`, in that order: logits
+    /// `[batch, seq, tokens.len()]` whose entry `i` is token `tokens[i]`'s logit under the
+    /// whole head, with its bits on up to [`FEW_ROWS`] rows (a speculative draft's shortlist,
+    /// [`crate::Draft`], whose passes give the head one row).
+    pub fn with_head_over(&self, tokens: &[u32]) -> Result<Llama, ModelError> {
+        let vocab = self.config.vocab_size;
+        if let Some(&token) = tokens.iter().find(|&&token| token as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { token, vocab });
+        }
+        let rows: Vec<usize> = tokens.iter().map(|&token| token as usize).collect();
+        let head = match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.with_outputs(&rows),
+            (None, Weight::Float(table)) => {
+                let table = table.val();
+                let rows = index_tensor(&rows, &table.device());
+                // The chosen rows of the table, used through a transposed view as `project`
+                // uses the whole table.
+                Linear::new(Param::from_tensor(table.select(0, rows).transpose()))
+            }
+            (None, Weight::Quantized(table)) => Linear {
+                weight: Weight::quantized(table.select_rows(&rows)),
+                rounding: self.rounding,
+            },
+        };
+        let mut model = self.clone();
+        model.lm_head = Some(head);
+        Ok(model)
     }
 
     /// The output projection `[hidden, vocab]` when its weight is float (the `lm_head`'s, or

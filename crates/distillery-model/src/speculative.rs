@@ -14,7 +14,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::generate::{Distribution, GenerationConfig, check_prompt, last_logits};
-use crate::{Generation, KvCache, Llama, ModelError, StopReason};
+use crate::{Generation, KvCache, Llama, ModelError, SamplingConfig, StopReason};
 
 /// How many tokens the draft proposes per pass of the model (fewer near the token limit or
 /// the end of either context).
@@ -120,13 +120,96 @@ impl DraftStats {
     }
 }
 
+/// A draft model and the tokens its head scores: every token, or a shortlist of those it is
+/// likely to propose (FR-Spec, Zhao et al. 2025). A small draft that shares its model's
+/// 49k-token embedding spends most of a drafted token in that head; a shortlist of the few
+/// thousand tokens that make up nearly all text cuts it to a fraction. The model still checks
+/// every token: a shortlist decides only what the draft can propose, so greedy output stays the
+/// model's own and sampled output follows the model's distribution (the draft's distribution
+/// is then the shortlist's, and zero elsewhere).
+#[derive(Debug, Clone)]
+pub struct Draft {
+    model: Llama,
+    /// The token of each output of the model's head, when it scores a shortlist.
+    shortlist: Option<Vec<u32>>,
+}
+
+impl Draft {
+    /// `model` scoring every token.
+    pub fn new(model: Llama) -> Self {
+        Self {
+            model,
+            shortlist: None,
+        }
+    }
+
+    /// `model` scoring only `tokens`, each at most once.
+    pub fn with_shortlist(model: &Llama, tokens: Vec<u32>) -> Result<Self, ModelError> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(&token) = tokens.iter().find(|&&token| !seen.insert(token)) {
+            return Err(ModelError::InvalidConfig {
+                field: "draft shortlist",
+                reason: format!("names token {token} twice"),
+            });
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidConfig {
+                field: "draft shortlist",
+                reason: "is empty".into(),
+            });
+        }
+        Ok(Self {
+            model: model.with_head_over(&tokens)?,
+            shortlist: Some(tokens),
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// How many tokens the draft can propose, of a tokenizer's `vocab`.
+    pub fn proposable_tokens(&self, vocab: usize) -> usize {
+        self.shortlist.as_ref().map_or(vocab, Vec::len)
+    }
+
+    /// The draft's distribution from its head's `logits` at one position, over token ids below
+    /// `vocab`.
+    fn distribution(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        sampling: &SamplingConfig,
+    ) -> Distribution {
+        match &self.shortlist {
+            None => Distribution::of(&logits[..vocab], sampling),
+            Some(tokens) => Distribution::of(logits, sampling).renamed(tokens),
+        }
+    }
+}
+
+/// The `size` token ids below `vocab` most frequent in `text`, most frequent first (ties to the
+/// lower id): a draft's shortlist from the text it learned.
+pub fn most_frequent_tokens(text: &[u32], vocab: usize, size: usize) -> Vec<u32> {
+    let mut counts = vec![0usize; vocab];
+    for &token in text {
+        if let Some(count) = counts.get_mut(token as usize) {
+            *count += 1;
+        }
+    }
+    let mut tokens: Vec<u32> = (0..vocab as u32).collect();
+    tokens.sort_by(|a, b| counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b)));
+    tokens.truncate(size);
+    tokens
+}
+
 /// Continues `prompt` with `model`, `draft` proposing `length` tokens per pass of the model.
 /// The two must share a tokenizer; their vocabularies may differ by padding rows past `vocab`,
 /// the tokenizer's size, which neither samples. Returns the tokens and what the
 /// draft did.
 pub fn generate_with_draft(
     model: &Llama,
-    draft: &Llama,
+    draft: &Draft,
     prompt: &[u32],
     config: &GenerationConfig,
     length: DraftLength,
@@ -143,7 +226,7 @@ pub fn generate_with_draft(
             reason: format!("must be between 1 and {most}, got {}", length.most()),
         });
     }
-    for (which, checked) in [("model", model), ("draft", draft)] {
+    for (which, checked) in [("model", model), ("draft", draft.model())] {
         let rows = checked.config().vocab_size;
         if rows < vocab {
             return Err(ModelError::InvalidConfig {
@@ -152,15 +235,23 @@ pub fn generate_with_draft(
             });
         }
     }
+    let padding = draft
+        .shortlist
+        .iter()
+        .flatten()
+        .find(|&&token| token as usize >= vocab);
+    if let Some(&token) = padding {
+        return Err(ModelError::TokenOutOfRange { token, vocab });
+    }
     check_prompt(model, prompt)?;
-    check_prompt(draft, prompt)?;
+    check_prompt(draft.model(), prompt)?;
     // As in plain generation: on a rayon worker every product's split is a fork.
     rayon::scope(|_| decode(model, draft, prompt, config, length, vocab, on_token))
 }
 
 fn decode(
     model: &Llama,
-    draft: &Llama,
+    draft: &Draft,
     prompt: &[u32],
     config: &GenerationConfig,
     length: DraftLength,
@@ -170,12 +261,13 @@ fn decode(
     let sampling = &config.sampling;
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
     let model_context = model.config().max_position_embeddings;
-    let draft_context = draft.config().max_position_embeddings;
+    let draft_context = draft.model().config().max_position_embeddings;
     // A pass's rejected drafts are written past the kept positions and then overwritten, never
     // past the last position the generation can reach.
     let reserve = |context: usize| (prompt.len() + config.max_new_tokens).min(context);
     let mut model_cache = KvCache::with_capacity(model.layers.len(), reserve(model_context));
-    let mut draft_cache = KvCache::with_capacity(draft.layers.len(), reserve(draft_context));
+    let mut draft_cache =
+        KvCache::with_capacity(draft.model().layers.len(), reserve(draft_context));
     let mut stats = DraftStats::default();
     let finished = |tokens, stop| Ok((Generation { tokens, stop }, DraftStats::default()));
     if config.max_new_tokens == 0 {
@@ -220,8 +312,8 @@ fn decode(
         let fed_before = input.len();
         let drafting = std::time::Instant::now();
         for index in 0..drafted {
-            let logits = last_logits(draft, &input, &mut draft_cache, 1);
-            let distribution = Distribution::of(&logits[..vocab], sampling);
+            let logits = last_logits(draft.model(), &input, &mut draft_cache, 1);
+            let distribution = draft.distribution(&logits, vocab, sampling);
             let token = distribution.draw(&mut rng);
             proposals.push(token);
             draft_distributions.push(distribution);
@@ -360,7 +452,14 @@ mod tests {
         let device = Device::flex();
         let model = Llama::new(&config(40, 2, 32, 24), 0.0, 5, &device).unwrap();
         let other = Llama::new(&config(40, 1, 16, 24), 0.0, 9, &device).unwrap();
-        for (name, draft) in [("itself", &model), ("another model", &other)] {
+        // A shortlist of a quarter of the tokens: most of the model's are not among them.
+        let shortlist = Draft::with_shortlist(&other, (0..10).map(|i| 4 * i + 1).collect());
+        let drafts = [
+            ("itself", Draft::new(model.clone())),
+            ("another model", Draft::new(other.clone())),
+            ("another model's shortlist", shortlist.unwrap()),
+        ];
+        for (name, draft) in &drafts {
             for case in 0..6u32 {
                 let prompt: Vec<u32> = (0..1 + case % 5).map(|i| (7 * i + 3 * case) % 40).collect();
                 // The longest runs reach the end of the context.
@@ -385,7 +484,7 @@ mod tests {
                         drafted, plain,
                         "draft {name}, prompt {prompt:?}, {length:?} drafted tokens"
                     );
-                    if name == "itself" {
+                    if *name == "itself" {
                         assert_eq!(stats.acceptance_rate(), 1.0);
                         assert!(stats.tokens_per_pass(drafted.tokens.len(), 1) > 1.0);
                     }
@@ -402,7 +501,7 @@ mod tests {
         let run = |draft: &Llama, length| {
             generate_with_draft(
                 &model,
-                draft,
+                &Draft::new(draft.clone()),
                 &[3, 1, 4],
                 &settings(40, 0.0, 0),
                 length,
@@ -436,7 +535,7 @@ mod tests {
         let started = std::time::Instant::now();
         let (generation, stats) = generate_with_draft(
             &model,
-            &draft,
+            &Draft::new(draft),
             &[3, 1, 4],
             &settings(30, 0.0, 0),
             DraftLength::Fixed(3),
@@ -503,27 +602,49 @@ mod tests {
                 .unwrap()
                 .tokens
         });
-        let speculative = frequencies(runs, vocab, |seed| {
-            let settings = settings(3, TEMPERATURE, seed + runs);
-            generate_with_draft(
-                &model,
-                &draft,
-                &prompt,
-                &settings,
-                DraftLength::Fixed(2),
-                vocab,
-                |_| {},
-            )
-            .unwrap()
-            .0
-            .tokens
-        });
-        for position in 0..3 {
-            // Two samples of 6,000 from one distribution over 8 tokens differ by about 0.02;
-            // drawing a rejected token's replacement from the model's distribution instead of
-            // the residual one puts the second position 0.08 away.
-            let apart = total_variation(&plain[position], &speculative[position]);
-            assert!(apart < 0.045, "position {position}: {apart}");
+        let speculative = |draft: &Draft, offset: u64| {
+            frequencies(runs, vocab, |seed| {
+                let settings = settings(3, TEMPERATURE, seed + offset);
+                generate_with_draft(
+                    &model,
+                    draft,
+                    &prompt,
+                    &settings,
+                    DraftLength::Fixed(2),
+                    vocab,
+                    |_| {},
+                )
+                .unwrap()
+                .0
+                .tokens
+            })
+        };
+        // The shortlist leaves out the model's most likely first token, which the model then
+        // gives only through rejections.
+        let most_likely = (0..vocab)
+            .max_by(|&a, &b| plain[0][a].total_cmp(&plain[0][b]))
+            .unwrap() as u32;
+        let shortlist: Vec<u32> = (0..vocab as u32)
+            .filter(|&token| token != most_likely)
+            .take(5)
+            .collect();
+        let drafts = [
+            ("whole", Draft::new(draft.clone()), runs),
+            (
+                "shortlist",
+                Draft::with_shortlist(&draft, shortlist).unwrap(),
+                2 * runs,
+            ),
+        ];
+        for (name, draft, offset) in &drafts {
+            let speculative = speculative(draft, *offset);
+            for position in 0..3 {
+                // Two samples of 6,000 from one distribution over 8 tokens differ by about
+                // 0.02; drawing a rejected token's replacement from the model's distribution
+                // instead of the residual one puts the second position 0.08 away.
+                let apart = total_variation(&plain[position], &speculative[position]);
+                assert!(apart < 0.045, "{name} draft, position {position}: {apart}");
+            }
         }
         // The test can tell: the draft's own distribution is far from the model's.
         let draft_apart = total_variation(&plain[0], &drafts_own[0]);
@@ -538,7 +659,7 @@ mod tests {
         let device = Device::flex();
         let model = Llama::new(&config(40, 1, 16, 24), 0.0, 1, &device).unwrap();
         let narrow = Llama::new(&config(30, 1, 16, 24), 0.0, 1, &device).unwrap();
-        let run = |draft: &Llama, draft_tokens| {
+        let run = |draft: &Draft, draft_tokens| {
             let draft_tokens = DraftLength::Fixed(draft_tokens);
             generate_with_draft(
                 &model,
@@ -551,9 +672,10 @@ mod tests {
             )
             .map(|_| ())
         };
+        let itself = Draft::new(model.clone());
         for draft_tokens in [0, 8] {
             assert!(matches!(
-                run(&model, draft_tokens),
+                run(&itself, draft_tokens),
                 Err(ModelError::InvalidSampling {
                     field: "draft_tokens",
                     ..
@@ -561,11 +683,38 @@ mod tests {
             ));
         }
         assert!(matches!(
-            run(&narrow, 2),
+            run(&Draft::new(narrow), 2),
             Err(ModelError::InvalidConfig {
                 field: "vocab_size",
                 ..
             })
         ));
+        // The draft's 50 rows hold 10 of padding past the tokenizer's 40 tokens.
+        let padded = Llama::new(&config(50, 1, 16, 24), 0.0, 1, &device).unwrap();
+        let shortlist = Draft::with_shortlist(&padded, vec![3, 45]).unwrap();
+        assert!(matches!(
+            run(&shortlist, 2),
+            Err(ModelError::TokenOutOfRange {
+                token: 45,
+                vocab: 40
+            })
+        ));
+        for (tokens, reason) in [(vec![3, 7, 3], "twice"), (vec![], "empty")] {
+            let error = Draft::with_shortlist(&model, tokens).unwrap_err();
+            assert!(error.to_string().contains(reason), "{error}");
+        }
+        assert!(matches!(
+            Draft::with_shortlist(&model, vec![40]),
+            Err(ModelError::TokenOutOfRange { token: 40, .. })
+        ));
+    }
+
+    #[test]
+    fn the_most_frequent_tokens_come_first_ties_to_the_lower_id() {
+        // Counts: 5 three times, 2 and 7 twice, 0 once; 9 is past the vocabulary.
+        let text = [7, 5, 2, 9, 5, 0, 7, 2, 5];
+        assert_eq!(most_frequent_tokens(&text, 8, 3), [5, 2, 7]);
+        // Tokens the text never uses follow, by id.
+        assert_eq!(most_frequent_tokens(&text, 8, 6), [5, 2, 7, 0, 1, 3]);
     }
 }

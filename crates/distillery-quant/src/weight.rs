@@ -109,6 +109,15 @@ impl QuantizedWeight {
         }
     }
 
+    /// The matrix of the rows named by `ids`, in that order, stored as they are here: each
+    /// output of its products has the bits of that row's output here.
+    pub fn select_rows(&self, ids: &[usize]) -> QuantizedWeight {
+        match self {
+            Self::Packed(matrix) => matrix.select_rows(ids).into(),
+            Self::Blocks(matrix) => matrix.select_rows(ids).into(),
+        }
+    }
+
     /// `x Wᵀ` for a few input rows (`count x cols`), exact f32 inputs: `count x rows`.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
         match self {

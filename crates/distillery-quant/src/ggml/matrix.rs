@@ -141,6 +141,16 @@ impl BlockMatrix {
         out
     }
 
+    /// The matrix of the rows named by `ids`, in that order, with their blocks unchanged.
+    pub fn select_rows(&self, ids: &[usize]) -> Self {
+        let bytes = ids
+            .iter()
+            .flat_map(|&id| self.row(id).into_owned())
+            .collect();
+        Self::new(self.kind, ids.len(), self.cols, bytes)
+            .expect("whole rows of a valid matrix form a valid matrix")
+    }
+
     /// `x Wᵀ` for `count` input rows `x` (`count x cols`) with exact f32 inputs and the
     /// dequantized weights: `count x rows`.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
@@ -466,6 +476,40 @@ mod tests {
             }
         }
         assert_eq!(LARGEST_INTERLEAVED_BLOCK, GgmlType::Q4_1.block_bytes());
+    }
+
+    /// A matrix of chosen rows (interleaved or not, whatever the source was) gives each of
+    /// them the products, exact and int8, that the whole matrix gives that row.
+    #[test]
+    fn selected_rows_keep_their_products() {
+        // 16 of 40 rows: the Q4 selections interleave again, from interleaved rows.
+        let ids: Vec<usize> = (0..16).map(|index| (index * 7 + 3) % 40).collect();
+        for kind in kinds() {
+            let matrix = random_matrix(kind, 40, 256, 8);
+            let selected = matrix.select_rows(&ids);
+            assert_eq!(selected.interleaved.is_some(), matrix.interleaved.is_some());
+            for count in [1, 3] {
+                let x = inputs(count, 256, 9);
+                for (how, whole, part) in [
+                    (
+                        "exact",
+                        matrix.matmul(&x, count),
+                        selected.matmul(&x, count),
+                    ),
+                    (
+                        "int8",
+                        matrix.matmul_int8_inputs(&x, count),
+                        selected.matmul_int8_inputs(&x, count),
+                    ),
+                ] {
+                    let want: Vec<f32> = whole
+                        .chunks_exact(40)
+                        .flat_map(|outputs| ids.iter().map(|&id| outputs[id]))
+                        .collect();
+                    assert_eq!(part, want, "{kind} {how} x{count}");
+                }
+            }
+        }
     }
 
     #[test]

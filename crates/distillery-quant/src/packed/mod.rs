@@ -346,6 +346,34 @@ impl PackedMatrix {
         out
     }
 
+    /// The matrix of the rows named by `ids`, in that order, with their codes, scales and
+    /// zeros unchanged.
+    pub fn select_rows(&self, ids: &[usize]) -> Self {
+        let (mut code_buffer, mut scale_buffer) = (Vec::new(), Vec::new());
+        let mut stream = Vec::with_capacity(ids.len() * self.bytes_per_row);
+        let mut scales = Vec::with_capacity(ids.len() * self.groups);
+        let mut zeros = Vec::with_capacity(ids.len() * self.groups);
+        for &id in ids {
+            let (codes, channel_scales) = self.channel(id, &mut code_buffer, &mut scale_buffer);
+            stream.extend_from_slice(&codes[..self.bytes_per_row]);
+            scales.extend_from_slice(channel_scales);
+            zeros.extend_from_slice(self.channel_zeros(id));
+        }
+        if self.zero_stride() == 0 {
+            zeros.truncate(self.groups);
+        }
+        // The codes stay in stored order, so the column order and group runs carry over.
+        Self {
+            rows: ids.len(),
+            stream,
+            scales,
+            zeros,
+            interleaved: None,
+            ..self.clone()
+        }
+        .with_rows_interleaved()
+    }
+
     /// When every group is one run of consecutive stored codes of one length (the last may be
     /// shorter) that starts on a word boundary, the run's length.
     fn word_aligned_group_size(&self) -> Option<usize> {

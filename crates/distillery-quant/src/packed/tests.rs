@@ -391,3 +391,51 @@ fn stored_bytes_count_every_gptq_tensor() {
         + 2 * tensors.scales.len();
     assert_eq!(packed.stored_bytes(), bytes);
 }
+
+/// A matrix of chosen rows gives each of them the products, exact and int8, that the whole
+/// matrix gives that row: per-channel and shared zeros, interleaved 4-bit rows and act-order.
+#[test]
+fn selected_rows_keep_their_products() {
+    let ids: Vec<usize> = (0..16).map(|index| (index * 7 + 3) % 40).collect();
+    let act_order: Vec<u32> = (0..128u32).map(|col| (col * 5 + 2) % 4).collect();
+    for (bits, symmetric, group_index) in [
+        (8, true, None),
+        (8, false, None),
+        (4, true, None),
+        (4, false, Some(act_order)),
+        (3, false, None),
+    ] {
+        let mut matrix = quantized_with(40, 128, bits, Some(32), symmetric);
+        if let Some(group_index) = group_index {
+            matrix.group_index = group_index;
+        }
+        let packed = PackedMatrix::from_quantized(&matrix);
+        let selected = packed.select_rows(&ids);
+        assert_eq!(selected.interleaved.is_some(), packed.interleaved.is_some());
+        assert_eq!(selected.zero_stride() == 0, packed.zero_stride() == 0);
+        for count in [1, 3] {
+            let x = random_matrix(count, 128, 11);
+            for (how, whole, part) in [
+                (
+                    "exact",
+                    packed.matmul(&x, count),
+                    selected.matmul(&x, count),
+                ),
+                (
+                    "int8",
+                    packed.matmul_int8_inputs(&x, count),
+                    selected.matmul_int8_inputs(&x, count),
+                ),
+            ] {
+                let want: Vec<f32> = whole
+                    .chunks_exact(40)
+                    .flat_map(|outputs| ids.iter().map(|&id| outputs[id]))
+                    .collect();
+                assert_eq!(
+                    part, want,
+                    "{bits} bits, symmetric {symmetric}: {how} x{count}"
+                );
+            }
+        }
+    }
+}
