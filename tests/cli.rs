@@ -617,22 +617,21 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
 
     // The quantized model drafts for the float one (speculative decoding): greedy output is the
     // float model's own, token for token, and the JSON says what the draft did.
+    let greedy_flags = [
+        "--checkpoint",
+        &float_run,
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ]
+    .map(String::from);
     let greedy = |draft: Option<&str>| {
         let mut generate = with_config("generate", &[]);
-        generate.extend(
-            [
-                "--checkpoint",
-                &float_run,
-                "--prompt",
-                "ROMEO:",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0",
-                "--json",
-            ]
-            .map(String::from),
-        );
+        generate.extend(greedy_flags.clone());
         if let Some(draft) = draft {
             generate.extend(["--draft", draft, "--draft-tokens", "3"].map(String::from));
         }
@@ -681,20 +680,7 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
                 "generate.draft_vocabulary=64",
             ],
         );
-        generate.extend(
-            [
-                "--checkpoint",
-                &float_run,
-                "--prompt",
-                "ROMEO:",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0",
-                "--json",
-            ]
-            .map(String::from),
-        );
+        generate.extend(greedy_flags.clone());
         generate.extend(extra.iter().map(|arg| arg.to_string()));
         generate
     };
@@ -715,6 +701,11 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         stderr.contains("--draft-tokens 2 and the config's generate.draft_tokens = 3 disagree"),
         "{stderr}"
     );
+    // A draft that stops where it is unsure still gives the float model's output.
+    let confident: serde_json::Value =
+        serde_json::from_str(&workspace.run_ok(&from_config(&["--draft-p-min", "0.25"]))).unwrap();
+    assert_eq!(confident["tokens"], plain["tokens"]);
+    assert_eq!(confident["draft"]["p_min"], 0.25, "{}", confident["draft"]);
 
     // Decoding speed: the quantized model against the float model it was quantized from, which
     // is named by its run directory.

@@ -232,6 +232,8 @@ pub struct DraftReport {
     /// Tokens drafted per pass (the most, when adaptive).
     pub draft_tokens: usize,
     pub adaptive: bool,
+    /// Drafting stops before a position the draft is less sure of than this.
+    pub p_min: Option<f32>,
     /// Prompts decoded one after another, and their tokens and new tokens in all.
     pub prompts: usize,
     pub prompt_tokens: usize,
@@ -335,6 +337,7 @@ pub fn bench_draft(
         draft: draft.description.clone(),
         draft_tokens: length.most(),
         adaptive: matches!(length, DraftLength::Adaptive(_)),
+        p_min: length.min_probability(),
         prompts: prompts.len(),
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         new_tokens,
@@ -369,7 +372,11 @@ pub fn draft_table(reports: &[DraftReport]) -> String {
             report.model,
             report.draft,
             report.draft_tokens,
-            if report.adaptive { ", adaptive" } else { "" },
+            match (report.adaptive, report.p_min) {
+                (true, _) => ", adaptive".to_string(),
+                (false, Some(p_min)) => format!(", p-min {p_min}"),
+                (false, None) => String::new(),
+            },
             report.alone_tokens_per_sec,
             report.drafted_tokens_per_sec,
             report.speedup,

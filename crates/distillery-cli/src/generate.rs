@@ -174,6 +174,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             report["draft"] = serde_json::json!({
                 "draft_tokens": length.most(),
                 "adaptive": matches!(length, DraftLength::Adaptive(_)),
+                "p_min": length.min_probability(),
                 "proposable_tokens": draft.proposable_tokens(tokenizer.vocab_size()),
                 "model_passes": stats.model_passes,
                 "proposed_by_position": stats.proposed,

@@ -23,8 +23,13 @@ pub struct DraftArgs {
     #[arg(long)]
     pub draft_tokens: Option<usize>,
     /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "draft_p_min")]
     pub adaptive_draft: bool,
+    /// Stop drafting before a position where the draft's most likely token has less than this
+    /// probability (llama.cpp's --draft-p-min): the model checks fewer positions, or takes a
+    /// plain step, where the draft is unsure.
+    #[arg(long)]
+    pub draft_p_min: Option<f32>,
     /// The draft's head scores only this many tokens: the most frequent in the config's
     /// training split (pass the draft's own config), and the stop tokens. A small draft spends
     /// most of a token in a large vocabulary's head; the model still checks every token.
@@ -69,18 +74,28 @@ impl DraftArgs {
             section.draft_vocabulary,
             "draft-vocabulary",
         )?;
+        let min_probability = agree(self.draft_p_min, section.draft_p_min, "draft-p-min")?;
         let Some(path) = path else {
             anyhow::ensure!(
-                tokens.is_none() && adaptive.is_none() && vocabulary.is_none(),
+                tokens.is_none()
+                    && adaptive.is_none()
+                    && vocabulary.is_none()
+                    && min_probability.is_none(),
                 "draft settings without a draft: give --draft or the config's generate.draft"
             );
             return Ok(None);
         };
-        let tokens = tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
-        let length = if adaptive == Some(true) {
-            distillery_model::DraftLength::Adaptive(tokens)
-        } else {
-            distillery_model::DraftLength::Fixed(tokens)
+        let most = tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
+        let length = match (adaptive == Some(true), min_probability) {
+            (true, Some(_)) => anyhow::bail!(
+                "an adaptive draft length and a draft p-min are two rules for one length: give one"
+            ),
+            (true, None) => distillery_model::DraftLength::Adaptive(most),
+            (false, Some(min_probability)) => distillery_model::DraftLength::Confident {
+                most,
+                min_probability,
+            },
+            (false, None) => distillery_model::DraftLength::Fixed(most),
         };
         Ok(Some(DraftSettings {
             path,

@@ -773,6 +773,10 @@ pub struct GenerateConfig {
     /// Two more drafted tokens after a pass that keeps them all, one fewer after a rejection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive_draft: Option<bool>,
+    /// Stop drafting before a position where the draft's most likely token has less than
+    /// this probability (llama.cpp's `p_min`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_p_min: Option<f32>,
     /// The draft's head scores only this many tokens: the most frequent in the config's
     /// training split, and the stop tokens (default: every token).
     #[serde(default, skip_serializing_if = "Option::is_none")]

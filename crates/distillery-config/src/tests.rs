@@ -578,7 +578,7 @@ fn export_names_parse_as_configs_spell_them_and_others_name_the_choices() {
 fn generate_section_names_the_draft_and_its_settings() {
     let with_section = format!(
         "{MINIMAL}\n[generate]\ndraft = \"checkpoints/draft-int8-g32\"\ndraft_tokens = 3\n\
-         draft_vocabulary = 4096\n"
+         draft_vocabulary = 4096\ndraft_p_min = 0.25\n"
     );
     let config = parse(&with_section, "test.toml", &[]).unwrap();
     let generate = config.generate.clone().unwrap();
@@ -591,6 +591,7 @@ fn generate_section_names_the_draft_and_its_settings() {
         (Some(3), Some(4096))
     );
     assert_eq!(generate.adaptive_draft, None);
+    assert_eq!(generate.draft_p_min, Some(0.25));
     let plain = parse(MINIMAL, "test.toml", &[]).unwrap();
     assert!(plain.generate.is_none());
     assert_eq!(config.trajectory_sha256(), plain.trajectory_sha256());

@@ -18,7 +18,7 @@ use crate::{Generation, KvCache, Llama, ModelError, SamplingConfig, StopReason};
 
 /// How many tokens the draft proposes per pass of the model (fewer near the token limit or
 /// the end of either context).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DraftLength {
     /// Always this many.
     Fixed(usize),
@@ -26,22 +26,50 @@ pub enum DraftLength {
     /// a rejection (the schedule of transformers' assisted generation), so an unsure draft
     /// wastes fewer tokens and a sure one runs ahead.
     Adaptive(usize),
+    /// Up to `most`, stopping before a position where the draft's most likely token has less
+    /// than `min_probability` (its softmax at temperature 1), as llama.cpp's `n_max` and
+    /// `p_min` do: the model then checks fewer positions, or takes a plain step, where the
+    /// draft is unsure. The stop depends on the draft alone, so the output's distribution is
+    /// still the model's.
+    Confident { most: usize, min_probability: f32 },
 }
 
 impl DraftLength {
     /// The most tokens a pass drafts.
     pub fn most(self) -> usize {
         match self {
-            Self::Fixed(tokens) | Self::Adaptive(tokens) => tokens,
+            Self::Fixed(tokens) | Self::Adaptive(tokens) | Self::Confident { most: tokens, .. } => {
+                tokens
+            }
+        }
+    }
+
+    /// The probability below which drafting stops, when it does.
+    pub fn min_probability(self) -> Option<f32> {
+        match self {
+            Self::Confident {
+                min_probability, ..
+            } => Some(min_probability),
+            Self::Fixed(_) | Self::Adaptive(_) => None,
         }
     }
 
     /// The next pass's length after `accepted` of `drafted` tokens were kept.
     fn next(self, current: usize, drafted: usize, accepted: usize) -> usize {
         match self {
-            Self::Fixed(tokens) => tokens,
+            Self::Fixed(tokens) | Self::Confident { most: tokens, .. } => tokens,
             Self::Adaptive(most) if accepted == drafted => (current + 2).min(most),
             Self::Adaptive(_) => current.saturating_sub(1).max(1),
+        }
+    }
+
+    /// Whether drafting stops before a position where the draft's head gives `logits`.
+    fn stops_at(self, draft: &Draft, logits: &[f32], vocab: usize) -> bool {
+        match self {
+            Self::Confident {
+                min_probability, ..
+            } => draft.top_probability(logits, vocab) < min_probability,
+            Self::Fixed(_) | Self::Adaptive(_) => false,
         }
     }
 }
@@ -173,6 +201,21 @@ impl Draft {
         self.shortlist.as_ref().map_or(vocab, Vec::len)
     }
 
+    /// The probability of the draft's most likely token under the softmax of its head's
+    /// `logits` (over token ids below `vocab`) at temperature 1.
+    fn top_probability(&self, logits: &[f32], vocab: usize) -> f32 {
+        let logits = match &self.shortlist {
+            None => &logits[..vocab],
+            Some(_) => logits,
+        };
+        let most = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = logits
+            .iter()
+            .map(|&logit| f64::from(logit - most).exp())
+            .sum();
+        (1.0 / total) as f32
+    }
+
     /// The draft's distribution from its head's `logits` at one position, over token ids below
     /// `vocab`.
     fn distribution(
@@ -224,6 +267,16 @@ pub fn generate_with_draft(
         return Err(ModelError::InvalidSampling {
             field: "draft_tokens",
             reason: format!("must be between 1 and {most}, got {}", length.most()),
+        });
+    }
+    if let DraftLength::Confident {
+        min_probability, ..
+    } = length
+        && !(0.0..=1.0).contains(&min_probability)
+    {
+        return Err(ModelError::InvalidSampling {
+            field: "draft_p_min",
+            reason: format!("must be in [0, 1], got {min_probability}"),
         });
     }
     for (which, checked) in [("model", model), ("draft", draft.model())] {
@@ -300,29 +353,37 @@ fn decode(
         // limit, the draft proposes fewer (none: a plain step of the model).
         let draft_room =
             (draft_context + 1).saturating_sub(draft_cache.len() + draft_pending.len());
-        let drafted = draft_length
+        let planned = draft_length
             .min(remaining - 1)
             .min(model_context - model_start)
             .min(draft_room);
 
-        let mut proposals = Vec::with_capacity(drafted);
-        let mut draft_distributions = Vec::with_capacity(drafted);
+        let mut proposals = Vec::with_capacity(planned);
+        let mut draft_distributions = Vec::with_capacity(planned);
         let draft_start = draft_cache.len();
         let mut input = std::mem::take(&mut draft_pending);
         let fed_before = input.len();
+        // Drafts fed back to the draft: all but the last, or all of them when it stopped
+        // early, after feeding the last one.
+        let mut fed_drafts = 0;
         let drafting = std::time::Instant::now();
-        for index in 0..drafted {
+        for index in 0..planned {
             let logits = last_logits(draft.model(), &input, &mut draft_cache, 1);
+            if length.stops_at(draft, &logits, vocab) {
+                break;
+            }
             let distribution = draft.distribution(&logits, vocab, sampling);
             let token = distribution.draw(&mut rng);
             proposals.push(token);
             draft_distributions.push(distribution);
-            if index + 1 < drafted {
+            if index + 1 < planned {
                 input = vec![token];
+                fed_drafts += 1;
             }
         }
         stats.draft_seconds += drafting.elapsed().as_secs_f64();
-        if drafted == 0 {
+        let drafted = proposals.len();
+        if planned == 0 {
             draft_pending = input;
         }
 
@@ -366,8 +427,8 @@ fn decode(
         // was fed of those.
         model_cache.truncate(model_before + model_fed + accepted);
         model_pending = vec![*emitted.last().expect("a pass emits a token")];
-        if drafted > 0 {
-            let kept = accepted.min(drafted - 1);
+        if planned > 0 {
+            let kept = accepted.min(fed_drafts);
             draft_cache.truncate(draft_start + fed_before + kept);
             draft_pending = emitted[kept..].to_vec();
         } else {
@@ -465,10 +526,15 @@ mod tests {
                 // The longest runs reach the end of the context.
                 let new_tokens = if case % 2 == 0 { 12 } else { 30 };
                 let plain = generate(&model, &prompt, &settings(new_tokens, 0.0, 0)).unwrap();
-                let lengths = [1, 2, 3, 5]
-                    .map(DraftLength::Fixed)
-                    .into_iter()
-                    .chain([DraftLength::Adaptive(7)]);
+                let confident = |min_probability| DraftLength::Confident {
+                    most: 4,
+                    min_probability,
+                };
+                let lengths = [1, 2, 3, 5].map(DraftLength::Fixed).into_iter().chain([
+                    DraftLength::Adaptive(7),
+                    confident(0.03),
+                    confident(0.1),
+                ]);
                 for length in lengths {
                     let (drafted, stats) = generate_with_draft(
                         &model,
@@ -484,7 +550,9 @@ mod tests {
                         drafted, plain,
                         "draft {name}, prompt {prompt:?}, {length:?} drafted tokens"
                     );
-                    if *name == "itself" {
+                    // A confident draft may be too unsure to draft at all.
+                    let proposed: usize = stats.proposed.iter().sum();
+                    if *name == "itself" && proposed > 0 {
                         assert_eq!(stats.acceptance_rate(), 1.0);
                         assert!(stats.tokens_per_pass(drafted.tokens.len(), 1) > 1.0);
                     }
@@ -493,23 +561,23 @@ mod tests {
         }
     }
 
+    /// 40 greedy tokens of a model with a 40-token vocabulary after a three-token prompt.
+    fn greedy_after_a_prompt(
+        model: &Llama,
+        draft: &Draft,
+        length: DraftLength,
+    ) -> (Generation, DraftStats) {
+        let settings = settings(40, 0.0, 0);
+        generate_with_draft(model, draft, &[3, 1, 4], &settings, length, 40, |_| {}).unwrap()
+    }
+
     #[test]
     fn an_adaptive_draft_shrinks_after_rejections_and_grows_after_acceptance() {
         let device = Device::flex();
         let model = Llama::new(&config(40, 2, 32, 64), 0.0, 5, &device).unwrap();
         let other = Llama::new(&config(40, 1, 16, 64), 0.0, 9, &device).unwrap();
         let run = |draft: &Llama, length| {
-            generate_with_draft(
-                &model,
-                &Draft::new(draft.clone()),
-                &[3, 1, 4],
-                &settings(40, 0.0, 0),
-                length,
-                40,
-                |_| {},
-            )
-            .unwrap()
-            .1
+            greedy_after_a_prompt(&model, &Draft::new(draft.clone()), length).1
         };
         // An unrelated draft is mostly rejected: adaptive passes draft fewer tokens.
         let (fixed, adaptive) = (
@@ -525,6 +593,38 @@ mod tests {
         let own = run(&model, DraftLength::Adaptive(5));
         assert_eq!(own.proposed.len(), 5);
         assert_eq!(own.acceptance_rate(), 1.0);
+    }
+
+    /// A confident draft drafts what a fixed one does while it is sure enough, nothing where
+    /// it never is, and in between stops where it is unsure: fewer drafts, and among them a
+    /// larger share kept.
+    #[test]
+    fn a_confident_draft_stops_where_it_is_unsure() {
+        let device = Device::flex();
+        let model = Llama::new(&config(40, 2, 32, 64), 0.0, 5, &device).unwrap();
+        let draft = Draft::new(Llama::new(&config(40, 1, 16, 64), 0.0, 9, &device).unwrap());
+        let run = |length| greedy_after_a_prompt(&model, &draft, length);
+        let confident = |min_probability| {
+            run(DraftLength::Confident {
+                most: 3,
+                min_probability,
+            })
+        };
+        let (plain, fixed) = run(DraftLength::Fixed(3));
+        let (always, always_stats) = confident(0.0);
+        assert_eq!((&always, &always_stats.proposed), (&plain, &fixed.proposed));
+        let (never, never_stats) = confident(1.0);
+        assert_eq!(never, plain);
+        assert_eq!(never_stats.proposed.iter().sum::<usize>(), 0);
+        assert_eq!(never_stats.model_passes, 39, "one plain step a token");
+        // A fresh draft's probabilities over 40 tokens lie near 1/40: a threshold among them.
+        let (between, between_stats) = confident(0.03);
+        assert_eq!(between, plain);
+        let proposed = |stats: &DraftStats| stats.proposed.iter().sum::<usize>();
+        assert!(
+            (1..proposed(&fixed)).contains(&proposed(&between_stats)),
+            "{between_stats:?} against {fixed:?}"
+        );
     }
 
     #[test]
@@ -673,6 +773,25 @@ mod tests {
             .map(|_| ())
         };
         let itself = Draft::new(model.clone());
+        let unsure = generate_with_draft(
+            &model,
+            &itself,
+            &[1, 2],
+            &settings(4, 0.0, 0),
+            DraftLength::Confident {
+                most: 3,
+                min_probability: 1.5,
+            },
+            40,
+            |_| {},
+        );
+        assert!(matches!(
+            unsure,
+            Err(ModelError::InvalidSampling {
+                field: "draft_p_min",
+                ..
+            })
+        ));
         for draft_tokens in [0, 8] {
             assert!(matches!(
                 run(&itself, draft_tokens),
