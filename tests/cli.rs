@@ -281,6 +281,15 @@ fn prompt_flags_that_do_not_go_together_are_named() {
             "--prompts",
         ),
         (&["--batch", "2", "--new-tokens", "1"][..], "--new-tokens"),
+        (
+            &["--draft", "x", "--draft-vocabulary", "0"][..],
+            "--draft-vocabulary",
+        ),
+        (&["--draft-tokens", "3"][..], "generate.draft"),
+        (
+            &["--draft", "x", "--adaptive-draft", "--draft-p-min", "0.3"][..],
+            "--draft-p-min",
+        ),
     ] {
         let (code, stderr) = workspace.run_err(&bench(extra));
         assert_ne!(code, 0, "{extra:?}");

@@ -34,7 +34,7 @@ pub struct DraftArgs {
     /// training split (pass the draft's own config), and the stop tokens. A small draft spends
     /// most of a token in a large vocabulary's head; the model still checks every token.
     #[arg(long)]
-    pub draft_vocabulary: Option<usize>,
+    pub draft_vocabulary: Option<std::num::NonZeroUsize>,
 }
 
 /// The draft's settings once the command line and the config agree.
@@ -70,7 +70,7 @@ impl DraftArgs {
             "adaptive-draft",
         )?;
         let vocabulary = agree(
-            self.draft_vocabulary,
+            self.draft_vocabulary.map(std::num::NonZeroUsize::get),
             section.draft_vocabulary,
             "draft-vocabulary",
         )?;
