@@ -287,6 +287,10 @@ fn prompt_flags_that_do_not_go_together_are_named() {
         ),
         (&["--draft-tokens", "3"][..], "generate.draft"),
         (
+            &["--draft", "x", "--batch", "2"][..],
+            "--batch measures batched decoding",
+        ),
+        (
             &["--draft", "x", "--adaptive-draft", "--draft-p-min", "0.3"][..],
             "--draft-p-min",
         ),

@@ -75,7 +75,7 @@ pub struct GenerateBenchArgs {
     draft: models::DraftArgs,
     /// Decode this many prompts of different lengths (from the validation split) as one
     /// batch, against one after another.
-    #[arg(long, conflicts_with = "draft")]
+    #[arg(long)]
     batch: Option<usize>,
     /// With a draft: this many prompts of --prompt-tokens tokens, spread evenly over the
     /// validation split from its start, decoded one after another (rates and acceptance over
@@ -189,14 +189,10 @@ fn generate(args: GenerateBenchArgs) -> anyhow::Result<ExitCode> {
         decode_bench::check_batch_tokens(new_tokens)?;
     }
     let config = config.load()?;
-    let draft = draft.resolve(&config)?;
+    let draft = draft.resolve_beside_batch(&config, batch)?;
     anyhow::ensure!(
         draft.is_some() || (prompts.is_none() && chat.is_empty()),
         "--prompts and --chat measure a draft: give --draft or the config's generate.draft"
-    );
-    anyhow::ensure!(
-        batch.is_none() || draft.is_none(),
-        "--batch measures batched decoding, without a draft: drop the config's generate.draft"
     );
     let data = distillery_run::prepare_data(&config)?;
     anyhow::ensure!(

@@ -21,7 +21,7 @@ pub struct CostArgs {
     draft: models::DraftArgs,
     /// Measure the model decoding this many prompts as one batch: an instance's total
     /// throughput.
-    #[arg(long, requires = "measure", conflicts_with = "draft")]
+    #[arg(long, requires = "measure")]
     batch: Option<usize>,
     /// Generated tokens per second of one instance, when not measured.
     #[arg(long)]

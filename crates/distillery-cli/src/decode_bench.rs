@@ -606,11 +606,7 @@ pub fn measure_throughput(
     let machine =
         distillery_run::backend_description(&config.run, &distillery_run::device_for(&config.run)?);
     let prompt = &validation[..prompt_tokens.min(validation.len())];
-    let draft = draft.resolve(config)?;
-    anyhow::ensure!(
-        batch.is_none() || draft.is_none(),
-        "--batch measures batched decoding, without a draft: drop the config's generate.draft"
-    );
+    let draft = draft.resolve_beside_batch(config, batch)?;
     if let Some(settings) = &draft {
         let draft = crate::models::into_draft(
             load::load_model(config, &settings.path, &data.tokenizer)?,

@@ -134,35 +134,35 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --prompt, --prompts or --chat"),
     };
     let draft = match &draft_settings {
-        Some(draft_settings) => Some(models::into_draft(
-            loaded.pop().expect("the draft was loaded last"),
-            draft_settings.vocabulary,
-            &tokenizer,
-            || Ok(distillery_run::prepare_data(&config)?.splits.train.tokens),
-            &stop_tokens,
-        )?),
+        Some(draft_settings) => Some((
+            models::into_draft(
+                loaded.pop().expect("the draft was loaded last"),
+                draft_settings.vocabulary,
+                &tokenizer,
+                || Ok(distillery_run::prepare_data(&config)?.splits.train.tokens),
+                &stop_tokens,
+            )?,
+            draft_settings.length,
+        )),
         None => None,
     };
     let settings = settings(stop_tokens);
     let model = &loaded[0].model;
-    let (generation, draft_stats) = match (&draft, &draft_settings) {
-        (Some(draft), Some(draft_settings)) => {
+    let (generation, draft_stats) = match &draft {
+        Some((draft, length)) => {
             let (generation, stats) = distillery_model::generate_with_draft(
                 model,
                 &draft.draft,
                 &prompt_ids,
                 &settings,
-                draft_settings.length,
+                *length,
                 tokenizer.vocab_size(),
                 |_| {},
             )?;
             eprintln!("{}", describe_draft(&stats, generation.tokens.len()));
-            (
-                generation,
-                Some((stats, draft_settings.length, &draft.draft)),
-            )
+            (generation, Some((stats, *length, &draft.draft)))
         }
-        _ => (
+        None => (
             distillery_model::generate(model, &prompt_ids, &settings)?,
             None,
         ),

@@ -23,7 +23,7 @@ pub struct DraftArgs {
     #[arg(long)]
     pub draft_tokens: Option<usize>,
     /// Draft two more tokens after a pass that keeps them all, one fewer after a rejection.
-    #[arg(long, conflicts_with = "draft_p_min")]
+    #[arg(long)]
     pub adaptive_draft: bool,
     /// Stop drafting before a position where the draft's most likely token has less than this
     /// probability (llama.cpp's --draft-p-min): the model checks fewer positions, or takes a
@@ -88,7 +88,8 @@ impl DraftArgs {
         let most = tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
         let length = match (adaptive == Some(true), min_probability) {
             (true, Some(_)) => anyhow::bail!(
-                "an adaptive draft length and a draft p-min are two rules for one length: give one"
+                "--adaptive-draft (generate.adaptive_draft) and --draft-p-min \
+                 (generate.draft_p_min) are two rules for one draft length: give one"
             ),
             (true, None) => distillery_model::DraftLength::Adaptive(most),
             (false, Some(min_probability)) => distillery_model::DraftLength::Confident {
@@ -102,6 +103,22 @@ impl DraftArgs {
             length,
             vocabulary,
         }))
+    }
+
+    /// [`Self::resolve`] for a command that may instead decode a batch (`--batch`), which
+    /// takes no draft.
+    pub fn resolve_beside_batch(
+        &self,
+        config: &ExperimentConfig,
+        batch: Option<usize>,
+    ) -> anyhow::Result<Option<DraftSettings>> {
+        let draft = self.resolve(config)?;
+        anyhow::ensure!(
+            batch.is_none() || draft.is_none(),
+            "--batch measures batched decoding, without a draft: drop --draft or the config's \
+             generate.draft"
+        );
+        Ok(draft)
     }
 }
 
