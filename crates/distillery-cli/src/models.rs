@@ -166,7 +166,7 @@ pub fn into_draft(
     let share = 100.0 * covered as f64 / training_tokens.len().max(1) as f64;
     let heads = shortlist.len();
     Ok(LoadedDraft {
-        draft: distillery_model::Draft::with_shortlist(&loaded.model, shortlist)?,
+        draft: distillery_model::Draft::with_shortlist(loaded.model, shortlist)?,
         description: format!(
             "{description}, head over {heads} of {vocab} tokens ({share:.1}% of the training \
              split's)"

@@ -360,7 +360,7 @@ mod tests {
                         ));
                     }
                 }
-                let shortlisted = model.with_head_over(&chosen).unwrap();
+                let shortlisted = model.clone().with_head_over(&chosen).unwrap();
                 let what = format!("tied {tie}, quantized {quantized}");
                 for length in [1, distillery_kernels::FEW_ROWS as i64, 12] {
                     let ids: Vec<i64> = (0..length).map(|i| (i * 13 + 5) % 50).collect();

@@ -878,7 +878,7 @@ impl Llama {
     /// `[batch, seq, tokens.len()]` whose entry `i` is token `tokens[i]`'s logit under the
     /// whole head, with its bits on up to [`FEW_ROWS`] rows (a speculative draft's shortlist,
     /// [`crate::Draft`], whose passes give the head one row).
-    pub fn with_head_over(&self, tokens: &[u32]) -> Result<Llama, ModelError> {
+    pub fn with_head_over(mut self, tokens: &[u32]) -> Result<Llama, ModelError> {
         let vocab = self.config.vocab_size;
         if let Some(&token) = tokens.iter().find(|&&token| token as usize >= vocab) {
             return Err(ModelError::TokenOutOfRange { token, vocab });
@@ -898,9 +898,8 @@ impl Llama {
                 rounding: self.rounding,
             },
         };
-        let mut model = self.clone();
-        model.lm_head = Some(head);
-        Ok(model)
+        self.lm_head = Some(head);
+        Ok(self)
     }
 
     /// The output projection `[hidden, vocab]` when its weight is float (the `lm_head`'s, or

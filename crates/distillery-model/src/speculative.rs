@@ -172,7 +172,7 @@ impl Draft {
     }
 
     /// `model` scoring only `tokens`, each at most once.
-    pub fn with_shortlist(model: &Llama, tokens: Vec<u32>) -> Result<Self, ModelError> {
+    pub fn with_shortlist(model: Llama, tokens: Vec<u32>) -> Result<Self, ModelError> {
         let mut seen = std::collections::HashSet::new();
         if let Some(&token) = tokens.iter().find(|&&token| !seen.insert(token)) {
             return Err(ModelError::InvalidConfig {
@@ -514,7 +514,7 @@ mod tests {
         let model = Llama::new(&config(40, 2, 32, 24), 0.0, 5, &device).unwrap();
         let other = Llama::new(&config(40, 1, 16, 24), 0.0, 9, &device).unwrap();
         // A shortlist of a quarter of the tokens: most of the model's are not among them.
-        let shortlist = Draft::with_shortlist(&other, (0..10).map(|i| 4 * i + 1).collect());
+        let shortlist = Draft::with_shortlist(other.clone(), (0..10).map(|i| 4 * i + 1).collect());
         let drafts = [
             ("itself", Draft::new(model.clone())),
             ("another model", Draft::new(other.clone())),
@@ -732,7 +732,7 @@ mod tests {
             ("whole", Draft::new(draft.clone()), runs),
             (
                 "shortlist",
-                Draft::with_shortlist(&draft, shortlist).unwrap(),
+                Draft::with_shortlist(draft.clone(), shortlist).unwrap(),
                 2 * runs,
             ),
         ];
@@ -810,7 +810,7 @@ mod tests {
         ));
         // The draft's 50 rows hold 10 of padding past the tokenizer's 40 tokens.
         let padded = Llama::new(&config(50, 1, 16, 24), 0.0, 1, &device).unwrap();
-        let shortlist = Draft::with_shortlist(&padded, vec![3, 45]).unwrap();
+        let shortlist = Draft::with_shortlist(padded, vec![3, 45]).unwrap();
         assert!(matches!(
             run(&shortlist, 2),
             Err(ModelError::TokenOutOfRange {
@@ -819,11 +819,11 @@ mod tests {
             })
         ));
         for (tokens, reason) in [(vec![3, 7, 3], "twice"), (vec![], "empty")] {
-            let error = Draft::with_shortlist(&model, tokens).unwrap_err();
+            let error = Draft::with_shortlist(model.clone(), tokens).unwrap_err();
             assert!(error.to_string().contains(reason), "{error}");
         }
         assert!(matches!(
-            Draft::with_shortlist(&model, vec![40]),
+            Draft::with_shortlist(model.clone(), vec![40]),
             Err(ModelError::TokenOutOfRange { token: 40, .. })
         ));
     }
