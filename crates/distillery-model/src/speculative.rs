@@ -363,9 +363,6 @@ fn decode(
         let draft_start = draft_cache.len();
         let mut input = std::mem::take(&mut draft_pending);
         let fed_before = input.len();
-        // Drafts fed back to the draft: all but the last, or all of them when it stopped
-        // early, after feeding the last one.
-        let mut fed_drafts = 0;
         let drafting = std::time::Instant::now();
         for index in 0..planned {
             let logits = last_logits(draft.model(), &input, &mut draft_cache, 1);
@@ -378,7 +375,6 @@ fn decode(
             draft_distributions.push(distribution);
             if index + 1 < planned {
                 input = vec![token];
-                fed_drafts += 1;
             }
         }
         stats.draft_seconds += drafting.elapsed().as_secs_f64();
@@ -428,6 +424,9 @@ fn decode(
         model_cache.truncate(model_before + model_fed + accepted);
         model_pending = vec![*emitted.last().expect("a pass emits a token")];
         if planned > 0 {
+            // The draft was fed back every draft but the last of a full plan; a draft that
+            // stopped early was fed its last one too, before stopping.
+            let fed_drafts = drafted.min(planned - 1);
             let kept = accepted.min(fed_drafts);
             draft_cache.truncate(draft_start + fed_before + kept);
             draft_pending = emitted[kept..].to_vec();
