@@ -2,12 +2,15 @@
 //! decoded to small signed codes and per-half scales, against one input row rounded to int8 per
 //! piece), and, for the 32-value block types, kernels that read the stored blocks directly.
 
+use std::sync::OnceLock;
+
 use super::blocks::{PIECE, PieceScales};
 use super::types::GgmlType;
 use crate::int8_inputs::round_block;
 use crate::interleaved::{KernelInputs, Zeros};
 
 /// One input row rounded to int8 per piece of 32 columns.
+#[derive(Clone)]
 pub(crate) struct PieceInputs {
     values: Vec<i8>,
     /// Each value plus 128, unsigned: VNNI's unsigned operand, met by Q8_0's signed codes.
@@ -72,6 +75,102 @@ impl PieceInputs {
     }
 }
 
+/// The input rows of one product rounded to int8 per piece and, once a kernel asks for them
+/// so, side by side in lanes: built once for every thread's channels.
+pub(crate) struct RoundedInputs {
+    rows: Vec<PieceInputs>,
+    lanes: OnceLock<Vec<InputLanes>>,
+}
+
+impl RoundedInputs {
+    pub(crate) fn new(rows: Vec<PieceInputs>) -> Self {
+        Self {
+            rows,
+            lanes: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn rows(&self) -> &[PieceInputs] {
+        &self.rows
+    }
+
+    /// The rows in sets of [`LANES`].
+    fn lanes(&self) -> &[InputLanes] {
+        self.lanes
+            .get_or_init(|| self.rows.chunks(LANES).map(InputLanes::new).collect())
+    }
+}
+
+/// Up to [`LANES`] inputs side by side, as the kernels that broadcast a row's codes meet them.
+/// Each block's inputs come in steps of 32 bytes, lanes of four values:
+/// - up to four inputs take two lanes each, lane `2j` input `j`'s even words of four values,
+///   lane `2j + 1` its odd ones, so a broadcast of eight codes meets them all in one
+///   instruction; the values are signed, to meet codes plus 128, and `starts` holds each
+///   block's `−128 · Σ values` in an input's first lane (0 in its second) to take the 128 off;
+/// - more take one lane each, holding all its words, each value plus 128 (to meet the signed
+///   codes).
+///
+/// Then each block's input scales and sums, in each of an input's lanes. Lanes past the
+/// inputs hold zeros.
+pub(crate) struct InputLanes {
+    lanes_per_input: usize,
+    values: Vec<u8>,
+    starts: Vec<i32>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// The 32-bit lanes of a 256-bit register.
+pub(crate) const LANES: usize = 8;
+
+impl InputLanes {
+    pub(crate) fn new(inputs: &[PieceInputs]) -> Self {
+        assert!((1..=LANES).contains(&inputs.len()));
+        let lanes_per_input = if inputs.len() <= LANES / 2 { 2 } else { 1 };
+        let signed = lanes_per_input == 2;
+        let pieces = inputs[0].scales.len();
+        let block_bytes = PIECE * LANES / lanes_per_input;
+        let mut values = vec![if signed { 0 } else { 0x80 }; pieces * block_bytes];
+        let mut starts = vec![0; if signed { pieces * LANES } else { 0 }];
+        let mut scales = vec![0.0f32; pieces * LANES];
+        let mut sums = vec![0.0f32; pieces * LANES];
+        for (input_index, input) in inputs.iter().enumerate() {
+            assert_eq!(input.scales.len(), pieces);
+            let first_lane = input_index * lanes_per_input;
+            let source = if signed {
+                input.values.iter().map(|&value| value as u8).collect()
+            } else {
+                input.offset_values.clone()
+            };
+            for (piece, piece_values) in source.chunks_exact(PIECE).enumerate() {
+                let block = &mut values[piece * block_bytes..][..block_bytes];
+                for (word, word_values) in piece_values.chunks_exact(4).enumerate() {
+                    let (step, lane) =
+                        (word / lanes_per_input, first_lane + word % lanes_per_input);
+                    block[(step * LANES + lane) * 4..][..4].copy_from_slice(word_values);
+                }
+                let at = piece * LANES + first_lane;
+                if signed {
+                    let sum: i32 = input.values[piece * PIECE..][..PIECE]
+                        .iter()
+                        .map(|&value| i32::from(value))
+                        .sum();
+                    starts[at] = -128 * sum;
+                }
+                scales[at..at + lanes_per_input].fill(input.scales[piece]);
+                sums[at..at + lanes_per_input].fill(input.sums[piece]);
+            }
+        }
+        Self {
+            lanes_per_input,
+            values,
+            starts,
+            scales,
+            sums,
+        }
+    }
+}
+
 /// `Σ_piece input_scale · Σ_half scale · (codes · inputs) + bias · Σ inputs` over one
 /// channel's decoded pieces.
 pub(crate) type PiecesDot = fn(&[i8], &[PieceScales], &PieceInputs) -> f32;
@@ -90,7 +189,7 @@ pub(crate) fn pieces_dot() -> PiecesDot {
 /// are: a decode step meets every weight once, so decoding pieces into memory first would cost
 /// as much as the products. The rows are consecutive, `row_bytes` each; `out[i * inputs + j]`
 /// is row `i`'s product with input `j`.
-pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &[PieceInputs], out: &mut [f32]);
+pub(crate) type BlocksDot = fn(rows: &[u8], row_bytes: usize, &RoundedInputs, out: &mut [f32]);
 
 /// The [`BlocksDot`] of the [kernel family](crate::cpu::kernel_family) in use for `kind`;
 /// `None` where only the piece kernel serves it.
@@ -137,7 +236,9 @@ fn pieces_dot_portable(codes: &[i8], scales: &[PieceScales], inputs: &PieceInput
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BlocksDot, GgmlType, PIECE, PieceInputs, PieceScales};
+    use super::{
+        BlocksDot, GgmlType, InputLanes, LANES, PIECE, PieceInputs, PieceScales, RoundedInputs,
+    };
     use crate::ggml::blocks::scale_min_k4;
     use crate::int8_inputs::x86::{horizontal_sum, lane_per_vector, prefetch_row_ahead};
 
@@ -193,9 +294,10 @@ mod x86 {
     fn checked<const KIND: u8, const VNNI: bool>(
         rows: &[u8],
         row_bytes: usize,
-        inputs: &[PieceInputs],
+        rounded: &RoundedInputs,
         out: &mut [f32],
     ) {
+        let inputs = rounded.rows();
         let blocks = row_bytes / block_bytes(KIND);
         let pieces = blocks * block_pieces(KIND);
         let count = inputs.len();
@@ -211,6 +313,34 @@ mod x86 {
                 })
         );
         if count == 0 {
+            return;
+        }
+        if VNNI && KIND == Q8_0 && count >= ACROSS_FROM {
+            let sets = rounded.lanes();
+            for (index, (row, out)) in rows
+                .chunks_exact(row_bytes)
+                .zip(out.chunks_exact_mut(count))
+                .enumerate()
+            {
+                prefetch_row_ahead(rows, row_bytes, index);
+                for (lanes, out) in sets.iter().zip(out.chunks_mut(LANES)) {
+                    // SAFETY: the kernel was handed out for a CPU with VNNI; the lengths were
+                    // checked above.
+                    let sums = unsafe {
+                        if lanes.lanes_per_input == 2 {
+                            q8_0_row_pairs(row, lanes)
+                        } else {
+                            q8_0_row_across(row, lanes)
+                        }
+                    };
+                    for (out, sum) in out
+                        .iter_mut()
+                        .zip(sums.iter().step_by(lanes.lanes_per_input))
+                    {
+                        *out = *sum;
+                    }
+                }
+            }
             return;
         }
         for (index, (row, out)) in rows
@@ -374,6 +504,276 @@ mod x86 {
             }
             rests
         }
+    }
+
+    /// Inputs from which a Q8_0 row meets them side by side in lanes.
+    const ACROSS_FROM: usize = 3;
+
+    /// One Q8_0 row's products with five to eight inputs, one lane each, each with the bits
+    /// [`row_of_blocks`] gives it alone: the same exact integer block sums, then per input the
+    /// same float operations in the same order, only with inputs in lanes where that kernel
+    /// has blocks in lanes. Each word of four codes is broadcast against every input's values
+    /// in one `vpdpbusd`, so no sum runs across lanes until the row's end.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn q8_0_row_across(row: &[u8], lanes: &InputLanes) -> [f32; LANES] {
+        let bytes = block_bytes(Q8_0);
+        let blocks = row.len() / bytes;
+        let steps = PIECE / 4;
+        assert!(
+            lanes.lanes_per_input == 1
+                && lanes.values.len() >= blocks * PIECE * LANES
+                && lanes.scales.len() >= blocks * LANES
+                && lanes.sums.len() >= blocks * LANES
+        );
+        let offset = _mm256_set1_epi8(i8::MIN);
+        // Block `at`'s integer sums, lane by lane, from the lanes' `−128 · Σ codes`.
+        let block_sums = |block: &[u8], at: usize, start: __m256i| {
+            // Two chains, each half as long as one, as `vpdpbusd` waits on its sum.
+            let mut sums = [start, _mm256_setzero_si256()];
+            for step in 0..steps {
+                // SAFETY: a Q8_0 block holds 32 code bytes after its scale; the lanes hold
+                // every block's steps of inputs (checked above).
+                let (codes, values) = unsafe {
+                    (
+                        _mm256_set1_epi32(
+                            block
+                                .as_ptr()
+                                .add(2 + 4 * step)
+                                .cast::<i32>()
+                                .read_unaligned(),
+                        ),
+                        _mm256_loadu_si256(
+                            lanes
+                                .values
+                                .as_ptr()
+                                .add((at * steps + step) * 4 * LANES)
+                                .cast(),
+                        ),
+                    )
+                };
+                sums[step % 2] = _mm256_dpbusd_epi32(sums[step % 2], values, codes);
+            }
+            _mm256_add_epi32(sums[0], sums[1])
+        };
+        // SAFETY: checked above.
+        let lane_vector =
+            |values: &[f32], at: usize| unsafe { _mm256_loadu_ps(values.as_ptr().add(at * LANES)) };
+        let mut totals = [_mm256_setzero_ps(); GROUP];
+        let mut groups = row.chunks_exact(GROUP * bytes);
+        for (group, blocks) in groups.by_ref().enumerate() {
+            let first = group * GROUP;
+            // SAFETY: the group holds eight blocks of 34 bytes.
+            let (leading, offsets) = unsafe {
+                let leading = _mm256_i32gather_epi32::<1>(
+                    blocks.as_ptr().cast(),
+                    _mm256_mullo_epi32(
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                        _mm256_set1_epi32(bytes as i32),
+                    ),
+                );
+                let offsets: [__m256i; GROUP] = std::array::from_fn(|block| {
+                    let codes = _mm256_loadu_si256(blocks.as_ptr().add(block * bytes + 2).cast());
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, codes)
+                });
+                (leading, offsets)
+            };
+            let scales = halves_of(leading, false);
+            let offsets = _mm256_sub_epi32(_mm256_setzero_si256(), lane_per_vector(offsets));
+            for (block, total) in totals.iter_mut().enumerate() {
+                let which = _mm256_set1_epi32(block as i32);
+                let start = _mm256_permutevar8x32_epi32(offsets, which);
+                let sums = block_sums(&blocks[block * bytes..], first + block, start);
+                let scale = _mm256_mul_ps(
+                    _mm256_permutevar8x32_ps(scales, which),
+                    lane_vector(&lanes.scales, first + block),
+                );
+                *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *total);
+            }
+        }
+        let mut rests = _mm256_setzero_ps();
+        let done = blocks - groups.remainder().len() / bytes;
+        for (offset_index, block) in groups.remainder().chunks_exact(bytes).enumerate() {
+            let at = done + offset_index;
+            // SAFETY: a Q8_0 block holds 32 code bytes after its scale.
+            let codes = unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) };
+            let start = _mm256_set1_epi32(-horizontal_sum_epi32(_mm256_dpbusd_epi32(
+                _mm256_setzero_si256(),
+                offset,
+                codes,
+            )));
+            let products = _mm256_cvtepi32_ps(block_sums(block, at, start));
+            let scaled = _mm256_mul_ps(
+                _mm256_mul_ps(
+                    _mm256_set1_ps(half(block, 0)),
+                    lane_vector(&lanes.scales, at),
+                ),
+                products,
+            );
+            let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums, at));
+            rests = _mm256_add_ps(rests, _mm256_add_ps(scaled, minima));
+        }
+        let [l0, l1, l2, l3, l4, l5, l6, l7] = totals;
+        let sums = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(l0, l4), _mm256_add_ps(l2, l6)),
+            _mm256_add_ps(_mm256_add_ps(l1, l5), _mm256_add_ps(l3, l7)),
+        );
+        let mut out = [0.0f32; LANES];
+        // SAFETY: eight floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(rests, sums)) };
+        out
+    }
+
+    /// One Q8_0 row's products with up to four inputs, two lanes each, with the bits
+    /// [`row_of_blocks`] gives each alone, as in [`q8_0_row_across`]. A block's 32 codes plus
+    /// 128 are read once and each eight of them broadcast against every input's values in one
+    /// `vpdpbusd`. Two blocks go together: their lanes' sums meet in one register, lane `2j`
+    /// the first block's sum for input `j`, lane `2j + 1` the second's, so converting and
+    /// scaling take one instruction for both.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn q8_0_row_pairs(row: &[u8], lanes: &InputLanes) -> [f32; LANES] {
+        const STEPS: usize = PIECE / 8;
+        let bytes = block_bytes(Q8_0);
+        let blocks = row.len() / bytes;
+        assert!(
+            lanes.lanes_per_input == 2
+                && lanes.values.len() >= blocks * STEPS * 4 * LANES
+                && lanes.starts.len() >= blocks * LANES
+                && lanes.scales.len() >= blocks * LANES
+                && lanes.sums.len() >= blocks * LANES
+        );
+        // Block `at`'s sums in lanes: an input's two lanes add to its integer sum.
+        let block_lanes = |block: &[u8], at: usize| {
+            // SAFETY: a Q8_0 block holds 32 code bytes after its scale; the lanes hold every
+            // block's steps of inputs and starts (checked above).
+            unsafe {
+                let codes = _mm256_xor_si256(
+                    _mm256_loadu_si256(block.as_ptr().add(2).cast()),
+                    _mm256_set1_epi8(i8::MIN),
+                );
+                let values = |step: usize| {
+                    _mm256_loadu_si256(
+                        lanes
+                            .values
+                            .as_ptr()
+                            .add((at * STEPS + step) * 4 * LANES)
+                            .cast(),
+                    )
+                };
+                let first = _mm256_dpbusd_epi32(
+                    _mm256_loadu_si256(lanes.starts.as_ptr().add(at * LANES).cast()),
+                    _mm256_permute4x64_epi64::<0b00_00_00_00>(codes),
+                    values(0),
+                );
+                let second = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_permute4x64_epi64::<0b01_01_01_01>(codes),
+                    values(1),
+                );
+                let first = _mm256_dpbusd_epi32(
+                    first,
+                    _mm256_permute4x64_epi64::<0b10_10_10_10>(codes),
+                    values(2),
+                );
+                let second = _mm256_dpbusd_epi32(
+                    second,
+                    _mm256_permute4x64_epi64::<0b11_11_11_11>(codes),
+                    values(3),
+                );
+                _mm256_add_epi32(first, second)
+            }
+        };
+        // SAFETY: checked above.
+        let lane_vector =
+            |values: &[f32], at: usize| unsafe { _mm256_loadu_ps(values.as_ptr().add(at * LANES)) };
+        // Per pair of blocks `2q, 2q + 1` of a group, the lanes of block positions 2q and 2q + 1.
+        let mut totals = [_mm256_setzero_ps(); GROUP / 2];
+        let mut groups = row.chunks_exact(GROUP * bytes);
+        for (group, blocks) in groups.by_ref().enumerate() {
+            let first = group * GROUP;
+            // SAFETY: the group holds eight blocks of 34 bytes.
+            let leading = unsafe {
+                _mm256_i32gather_epi32::<1>(
+                    blocks.as_ptr().cast(),
+                    _mm256_mullo_epi32(
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                        _mm256_set1_epi32(bytes as i32),
+                    ),
+                )
+            };
+            let scales = halves_of(leading, false);
+            for (pair, total) in totals.iter_mut().enumerate() {
+                let (even, odd) = (2 * pair, 2 * pair + 1);
+                let a = block_lanes(&blocks[even * bytes..], first + even);
+                let b = block_lanes(&blocks[odd * bytes..], first + odd);
+                // Lane 2j: input j's even-block sum; lane 2j + 1: its odd-block sum.
+                let crossed =
+                    _mm256_shuffle_epi32::<0b10_11_00_01>(_mm256_blend_epi32::<0b1010_1010>(b, a));
+                let sums = _mm256_add_epi32(_mm256_blend_epi32::<0b1010_1010>(a, b), crossed);
+                let weight_scales = _mm256_permutevar8x32_ps(
+                    scales,
+                    _mm256_setr_epi32(
+                        even as i32,
+                        odd as i32,
+                        even as i32,
+                        odd as i32,
+                        even as i32,
+                        odd as i32,
+                        even as i32,
+                        odd as i32,
+                    ),
+                );
+                let input_scales = _mm256_blend_ps::<0b1010_1010>(
+                    lane_vector(&lanes.scales, first + even),
+                    lane_vector(&lanes.scales, first + odd),
+                );
+                *total = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(sums),
+                    _mm256_mul_ps(weight_scales, input_scales),
+                    *total,
+                );
+            }
+        }
+        let mut rests = _mm256_setzero_ps();
+        let done = blocks - groups.remainder().len() / bytes;
+        for (offset_index, block) in groups.remainder().chunks_exact(bytes).enumerate() {
+            let at = done + offset_index;
+            let sums = block_lanes(block, at);
+            let products = _mm256_cvtepi32_ps(_mm256_add_epi32(
+                sums,
+                _mm256_shuffle_epi32::<0b10_11_00_01>(sums),
+            ));
+            let scaled = _mm256_mul_ps(
+                _mm256_mul_ps(
+                    _mm256_set1_ps(half(block, 0)),
+                    lane_vector(&lanes.scales, at),
+                ),
+                products,
+            );
+            let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums, at));
+            rests = _mm256_add_ps(rests, _mm256_add_ps(scaled, minima));
+        }
+        // Lane 2j: `(l0 + l4) + (l2 + l6)` of input j's block positions; lane 2j + 1:
+        // `(l1 + l5) + (l3 + l7)`, as the one-input kernel adds its lanes.
+        let [t01, t23, t45, t67] = totals;
+        let halves = _mm256_add_ps(_mm256_add_ps(t01, t45), _mm256_add_ps(t23, t67));
+        let sums = _mm256_add_ps(halves, _mm256_permute_ps::<0b10_11_00_01>(halves));
+        let mut out = [0.0f32; LANES];
+        // SAFETY: eight floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(rests, sums)) };
+        out
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn horizontal_sum_epi32(lanes: __m256i) -> i32 {
+        let halves = _mm_add_epi32(
+            _mm256_castsi256_si128(lanes),
+            _mm256_extracti128_si256::<1>(lanes),
+        );
+        let pairs = _mm_add_epi32(halves, _mm_shuffle_epi32::<0b01_00_11_10>(halves));
+        _mm_cvtsi128_si32(_mm_add_epi32(
+            pairs,
+            _mm_shuffle_epi32::<0b10_11_00_01>(pairs),
+        ))
     }
 
     /// Block `at`'s 32 inputs.
@@ -706,7 +1106,12 @@ mod tests {
                 let rows = row.repeat(6);
                 for kernel in kernels {
                     let mut out = [0.0f32; 6];
-                    kernel(&rows, row.len(), std::slice::from_ref(&inputs), &mut out);
+                    kernel(
+                        &rows,
+                        row.len(),
+                        &RoundedInputs::new(vec![inputs.clone()]),
+                        &mut out,
+                    );
                     for blocks in out {
                         assert!(
                             (blocks - pieces).abs() < 1e-4 * pieces.abs().max(1.0),
@@ -760,7 +1165,12 @@ mod tests {
                     })
                     .collect();
                 let run = |kernel: &BlocksDot, inputs: &[PieceInputs], out: &mut [f32]| {
-                    kernel(&matrix, row_bytes, inputs, out)
+                    kernel(
+                        &matrix,
+                        row_bytes,
+                        &RoundedInputs::new(inputs.to_vec()),
+                        out,
+                    )
                 };
                 assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, &kind.to_string());
             }
@@ -786,7 +1196,12 @@ mod tests {
                 let mut by_row = [0.0f32; 16];
                 let row_kernel = x86::blocks_dot::<false>(kind).unwrap();
                 let row_bytes = blocks * kind.block_bytes();
-                row_kernel(&rows, row_bytes, std::slice::from_ref(&inputs), &mut by_row);
+                row_kernel(
+                    &rows,
+                    row_bytes,
+                    &RoundedInputs::new(vec![inputs]),
+                    &mut by_row,
+                );
                 let matrix = crate::ggml::BlockMatrix::new(kind, 16, blocks * PIECE, rows);
                 let interleaved = matrix.unwrap().matmul_int8_inputs(&input, 1);
                 for (got, want) in interleaved.into_iter().zip(by_row) {

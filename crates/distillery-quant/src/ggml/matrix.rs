@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
-use super::kernels::{PieceInputs, blocks_dot, pieces_dot};
+use super::kernels::{PieceInputs, RoundedInputs, blocks_dot, pieces_dot};
 use super::types::GgmlType;
 use crate::QuantError;
 use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
@@ -197,11 +197,12 @@ impl BlockMatrix {
         if !self.has_integer_pieces() {
             return self.matmul(x, count);
         }
-        let inputs: Vec<PieceInputs> = x
-            .chunks_exact(self.cols)
-            .take(count)
-            .map(PieceInputs::new)
-            .collect();
+        let inputs = RoundedInputs::new(
+            x.chunks_exact(self.cols)
+                .take(count)
+                .map(PieceInputs::new)
+                .collect(),
+        );
         let by_channel = channel_major(
             self.rows,
             self.rows * self.cols * count,
@@ -233,11 +234,12 @@ impl BlockMatrix {
                 .map(|matrix| matrix.matmul_int8_inputs(x, count))
                 .collect();
         }
-        let inputs: Vec<PieceInputs> = x
-            .chunks_exact(cols)
-            .take(count)
-            .map(PieceInputs::new)
-            .collect();
+        let inputs = RoundedInputs::new(
+            x.chunks_exact(cols)
+                .take(count)
+                .map(PieceInputs::new)
+                .collect(),
+        );
         let shapes: Vec<(usize, usize)> = matrices
             .iter()
             .map(|matrix| (matrix.rows, matrix.cols))
@@ -251,7 +253,8 @@ impl BlockMatrix {
     /// block types are read as stored where the kernel family has kernels for them; otherwise
     /// each channel's pieces are decoded once into small signed codes and their scales, which
     /// every input then meets in integer dot products: one kernel for every block format.
-    fn channels_int8(&self, rows: Range<usize>, inputs: &[PieceInputs], outs: &mut [f32]) {
+    fn channels_int8(&self, rows: Range<usize>, rounded: &RoundedInputs, outs: &mut [f32]) {
+        let inputs = rounded.rows();
         let count = inputs.len();
         if let (Some(shape), Some(dot)) = (self.interleaved, interleaved::kernel(Layout::Ggml)) {
             let zero = if shape.minima { 0.0 } else { 8.0 };
@@ -260,7 +263,7 @@ impl BlockMatrix {
         }
         if let Some(dot) = blocks_dot(self.kind) {
             let bytes = &self.bytes[rows.start * self.row_bytes..rows.end * self.row_bytes];
-            return dot(bytes, self.row_bytes, inputs, outs);
+            return dot(bytes, self.row_bytes, rounded, outs);
         }
         let dot = pieces_dot();
         let mut codes = vec![0i8; self.cols];
@@ -468,7 +471,7 @@ mod tests {
             assert!(unaligned.interleaved.is_none());
             let x = inputs(2, 128, 7);
             let whole = matrix.matmul_int8_inputs(&x, 2);
-            let rounded: Vec<PieceInputs> = x.chunks_exact(128).map(PieceInputs::new).collect();
+            let rounded = RoundedInputs::new(x.chunks_exact(128).map(PieceInputs::new).collect());
             let mut outs = vec![0.0; 13 * 2];
             matrix.channels_int8(5..18, &rounded, &mut outs);
             for (channel, pair) in outs.chunks_exact(2).enumerate() {
