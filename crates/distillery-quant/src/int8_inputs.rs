@@ -3,8 +3,6 @@
 //! multiplied with the 3-, 4- or 8-bit weight codes in 32-bit integer sums, which are exact; only
 //! the block and group scales are applied in floating point.
 
-use multiversion::multiversion;
-
 use crate::f16::f16_to_f32;
 use crate::interleaved::{KernelInputs, Zeros};
 use crate::pack::code_at;
@@ -42,7 +40,7 @@ impl Int8Inputs {
         let mut group_lane_sums = vec![0.0; blocks.div_ceil(blocks_per_group)];
         for (index, columns) in input.chunks_exact(BLOCK).enumerate() {
             let mut block = [0i8; BLOCK];
-            let scale = round_block(columns, &mut block);
+            let scale = round_block(columns.try_into().expect("a block"), &mut block);
             let sum: i32 = block.iter().map(|&value| i32::from(value)).sum();
             values.extend(block);
             scales.push(scale);
@@ -89,9 +87,19 @@ impl Int8Inputs {
 }
 
 /// One block rounded to int8 against its absolute maximum (ties to even, which has a vector
-/// instruction); returns the block's scale.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2+fma"))]
-pub(crate) fn round_block(columns: &[f32], out: &mut [i8; BLOCK]) -> f32 {
+/// instruction); returns the block's scale. Non-finite inputs round to 0.
+pub(crate) fn round_block(columns: &[f32; BLOCK], out: &mut [i8; BLOCK]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::kernel_family() >= crate::cpu::KernelFamily::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { x86::round_block(columns, out) };
+    }
+    round_block_portable(columns, out)
+}
+
+/// [`round_block`] in plain Rust: the compiler keeps the saturating conversion to i8 value by
+/// value, so the x86 kernels take the vector form, which gives the same bytes.
+fn round_block_portable(columns: &[f32; BLOCK], out: &mut [i8; BLOCK]) -> f32 {
     // Lane-wise maxima first: a chain of maxima through one value does not vectorize.
     let mut lanes = [0.0f32; 16];
     for chunk in columns.chunks_exact(16) {
@@ -232,6 +240,51 @@ fn channel_dot_portable(channel: &ChannelCodes, inputs: &Int8Inputs) -> f32 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
+
+    /// [`super::round_block`] in four registers: the absolute maximum as the portable form
+    /// finds it (a NaN never wins), each value times the inverse scale rounded to nearest even
+    /// (the conversion's default mode), clamped to ±127, NaN lanes zeroed, and packed to bytes
+    /// in column order.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn round_block(columns: &[f32; BLOCK], out: &mut [i8; BLOCK]) -> f32 {
+        // SAFETY: 32 floats, four registers of eight.
+        let values: [__m256; 4] =
+            std::array::from_fn(|at| unsafe { _mm256_loadu_ps(columns.as_ptr().add(8 * at)) });
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        let mut maxima = _mm256_setzero_ps();
+        for value in values {
+            // Where the first operand is NaN `vmaxps` keeps the second.
+            maxima = _mm256_max_ps(_mm256_and_ps(value, magnitude), maxima);
+        }
+        let halves = _mm_max_ps(
+            _mm256_castps256_ps128(maxima),
+            _mm256_extractf128_ps::<1>(maxima),
+        );
+        let pairs = _mm_max_ps(halves, _mm_movehl_ps(halves, halves));
+        let absmax = _mm_cvtss_f32(_mm_max_ss(pairs, _mm_movehdup_ps(pairs)));
+        let scale = absmax / 127.0;
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let integers = values.map(|value| {
+            let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(value, _mm256_set1_ps(inverse)),
+            );
+            let clamped = _mm256_min_ps(
+                _mm256_max_ps(rounded, _mm256_set1_ps(-127.0)),
+                _mm256_set1_ps(127.0),
+            );
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(rounded, rounded);
+            _mm256_cvtps_epi32(_mm256_and_ps(clamped, ordered))
+        });
+        // The packs interleave the registers' 128-bit halves: four-byte words 0, 4, 1, 5, ...
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(integers[0], integers[1]),
+            _mm256_packs_epi32(integers[2], integers[3]),
+        );
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered) };
+        scale
+    }
 
     use super::{BLOCK, ChannelCodes, ChannelRun, Int8Inputs};
     use crate::f16::f16_to_f32;
@@ -627,6 +680,41 @@ mod tests {
     use super::*;
     use crate::f16::f32_to_f16;
     use crate::test_support::random_matrix;
+
+    /// The vector rounding gives the portable one's bytes and scale, ties, the clamp's edge,
+    /// zeros, infinities and NaN included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_rounding_gives_the_portable_bytes() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut blocks: Vec<[f32; BLOCK]> = random_matrix(8, BLOCK, 31)
+            .chunks_exact(BLOCK)
+            .map(|block| block.try_into().unwrap())
+            .collect();
+        // Ties at every half step against an absolute maximum of 127.
+        blocks.push(std::array::from_fn(|at| {
+            if at == 0 { 127.0 } else { at as f32 - 15.5 }
+        }));
+        blocks.push(std::array::from_fn(|at| -(at as f32) * 4.0));
+        blocks.push([0.0; BLOCK]);
+        blocks.push([-0.0; BLOCK]);
+        let mut specials: [f32; BLOCK] = std::array::from_fn(|at| at as f32 - 16.0);
+        specials[3] = f32::NAN;
+        blocks.push(specials);
+        specials[7] = f32::INFINITY;
+        blocks.push(specials);
+        blocks.push([f32::NAN; BLOCK]);
+        for block in &blocks {
+            let (mut portable, mut vector) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let scale = round_block_portable(block, &mut portable);
+            // SAFETY: the CPU has AVX2 and FMA.
+            let vector_scale = unsafe { x86::round_block(block, &mut vector) };
+            assert_eq!(portable, vector, "{block:?}");
+            assert_eq!(scale.to_bits(), vector_scale.to_bits(), "{block:?}");
+        }
+    }
 
     #[test]
     fn inputs_round_to_int8_within_half_a_step_per_block() {

@@ -31,7 +31,7 @@ impl PieceInputs {
         let mut sums = Vec::with_capacity(pieces);
         for columns in input.chunks_exact(PIECE) {
             let mut block = [0i8; PIECE];
-            let scale = round_block(columns, &mut block);
+            let scale = round_block(columns.try_into().expect("a piece"), &mut block);
             let mut piece_sum = 0;
             for half in block.chunks_exact(PIECE / 2) {
                 let sum: i32 = half.iter().map(|&value| i32::from(value)).sum();
