@@ -441,16 +441,7 @@ mod x86 {
                 for (block, codes) in codes.iter_mut().enumerate() {
                     *codes = block_codes::<KIND, VNNI>(&blocks[block * bytes..][..bytes]);
                 }
-                // The group holds eight blocks of at least four bytes each.
-                let leading = {
-                    _mm256_i32gather_epi32::<1>(
-                        blocks.as_ptr().cast(),
-                        _mm256_mullo_epi32(
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                            _mm256_set1_epi32(bytes as i32),
-                        ),
-                    )
-                };
+                let leading = leading_words(blocks, bytes);
                 let scales = halves_of(leading, false);
                 let minima = match KIND {
                     Q4_0 => Some(_mm256_mul_ps(scales, _mm256_set1_ps(-8.0))),
@@ -563,21 +554,11 @@ mod x86 {
         for (group, blocks) in groups.by_ref().enumerate() {
             let first = group * GROUP;
             // SAFETY: the group holds eight blocks of 34 bytes.
-            let (leading, offsets) = unsafe {
-                let leading = _mm256_i32gather_epi32::<1>(
-                    blocks.as_ptr().cast(),
-                    _mm256_mullo_epi32(
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                        _mm256_set1_epi32(bytes as i32),
-                    ),
-                );
-                let offsets: [__m256i; GROUP] = std::array::from_fn(|block| {
-                    let codes = _mm256_loadu_si256(blocks.as_ptr().add(block * bytes + 2).cast());
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, codes)
-                });
-                (leading, offsets)
-            };
-            let scales = halves_of(leading, false);
+            let offsets: [__m256i; GROUP] = std::array::from_fn(|block| unsafe {
+                let codes = _mm256_loadu_si256(blocks.as_ptr().add(block * bytes + 2).cast());
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, codes)
+            });
+            let scales = halves_of(leading_words(blocks, bytes), false);
             let offsets = _mm256_sub_epi32(_mm256_setzero_si256(), lane_per_vector(offsets));
             for (block, total) in totals.iter_mut().enumerate() {
                 let which = _mm256_set1_epi32(block as i32);
@@ -602,15 +583,7 @@ mod x86 {
                 codes,
             )));
             let products = _mm256_cvtepi32_ps(block_sums(block, at, start));
-            let scaled = _mm256_mul_ps(
-                _mm256_mul_ps(
-                    _mm256_set1_ps(half(block, 0)),
-                    lane_vector(&lanes.scales, at),
-                ),
-                products,
-            );
-            let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums, at));
-            rests = _mm256_add_ps(rests, _mm256_add_ps(scaled, minima));
+            rests = after_rest_block(rests, block, products, lanes, at);
         }
         let [l0, l1, l2, l3, l4, l5, l6, l7] = totals;
         let sums = _mm256_add_ps(
@@ -690,17 +663,7 @@ mod x86 {
         let mut groups = row.chunks_exact(GROUP * bytes);
         for (group, blocks) in groups.by_ref().enumerate() {
             let first = group * GROUP;
-            // SAFETY: the group holds eight blocks of 34 bytes.
-            let leading = unsafe {
-                _mm256_i32gather_epi32::<1>(
-                    blocks.as_ptr().cast(),
-                    _mm256_mullo_epi32(
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                        _mm256_set1_epi32(bytes as i32),
-                    ),
-                )
-            };
-            let scales = halves_of(leading, false);
+            let scales = halves_of(leading_words(blocks, bytes), false);
             for (pair, total) in totals.iter_mut().enumerate() {
                 let (even, odd) = (2 * pair, 2 * pair + 1);
                 let a = block_lanes(&blocks[even * bytes..], first + even);
@@ -742,15 +705,7 @@ mod x86 {
                 sums,
                 _mm256_shuffle_epi32::<0b10_11_00_01>(sums),
             ));
-            let scaled = _mm256_mul_ps(
-                _mm256_mul_ps(
-                    _mm256_set1_ps(half(block, 0)),
-                    lane_vector(&lanes.scales, at),
-                ),
-                products,
-            );
-            let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums, at));
-            rests = _mm256_add_ps(rests, _mm256_add_ps(scaled, minima));
+            rests = after_rest_block(rests, block, products, lanes, at);
         }
         // Lane 2j: `(l0 + l4) + (l2 + l6)` of input j's block positions; lane 2j + 1:
         // `(l1 + l5) + (l3 + l7)`, as the one-input kernel adds its lanes.
@@ -761,6 +716,47 @@ mod x86 {
         // SAFETY: eight floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(rests, sums)) };
         out
+    }
+
+    /// The first four bytes of each of a group's eight blocks (a block's scale, and a
+    /// Q4_1 or Q5_1 block's minimum after it), block `i`'s in lane `i`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn leading_words(blocks: &[u8], bytes: usize) -> __m256i {
+        assert!(bytes >= 4 && blocks.len() >= GROUP * bytes);
+        // SAFETY: the eight words lie inside `blocks` (checked above).
+        unsafe {
+            _mm256_i32gather_epi32::<1>(
+                blocks.as_ptr().cast(),
+                _mm256_mullo_epi32(
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    _mm256_set1_epi32(bytes as i32),
+                ),
+            )
+        }
+    }
+
+    /// `rests` after a Q8_0 block past the row's last whole group, lane by lane, as
+    /// [`row_of_blocks`] adds it for one input: `(scale · input scale) · products`, plus its
+    /// minimum of 0 times the input's sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn after_rest_block(
+        rests: __m256,
+        block: &[u8],
+        products: __m256,
+        lanes: &InputLanes,
+        at: usize,
+    ) -> __m256 {
+        // SAFETY: the slice holds the eight floats.
+        let lane_vector =
+            |values: &[f32]| unsafe { _mm256_loadu_ps(values[at * LANES..][..LANES].as_ptr()) };
+        let scaled = _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_set1_ps(half(block, 0)), lane_vector(&lanes.scales)),
+            products,
+        );
+        let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums));
+        _mm256_add_ps(rests, _mm256_add_ps(scaled, minima))
     }
 
     #[target_feature(enable = "avx2")]
