@@ -242,9 +242,9 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// [`super::round_block`] in four registers: the absolute maximum as the portable form
-    /// finds it (a NaN never wins), each value times the inverse scale rounded to nearest even
-    /// (the conversion's default mode), clamped to ±127, NaN lanes zeroed, and packed to bytes
-    /// in column order.
+    /// finds it (a NaN never wins), each value times the inverse scale rounded to nearest even,
+    /// clamped to ±127, NaN lanes zeroed, converted (exactly: the values are whole) and packed
+    /// to bytes in column order.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn round_block(columns: &[f32; BLOCK], out: &mut [i8; BLOCK]) -> f32 {
         // SAFETY: 32 floats, four registers of eight.

@@ -290,7 +290,8 @@ mod x86 {
     /// One row after another: consecutive rows continue one run of bytes, a single stream
     /// through memory. (Taking rows four or two at a time, to share each block's inputs, made
     /// as many streams and ran slower on the bandwidth-bound types.) Each row meets the inputs
-    /// [`INPUTS_AT_ONCE`] at a time while its bytes are in cache.
+    /// [`INPUTS_AT_ONCE`] at a time while its bytes are in cache; with VNNI a Q8_0 row meets
+    /// [`ACROSS_FROM`] or more of them side by side in lanes, up to eight at once.
     fn checked<const KIND: u8, const VNNI: bool>(
         rows: &[u8],
         row_bytes: usize,
