@@ -137,17 +137,20 @@ impl InputLanes {
         for (input_index, input) in inputs.iter().enumerate() {
             assert_eq!(input.scales.len(), pieces);
             let first_lane = input_index * lanes_per_input;
-            let source = if signed {
-                input.values.iter().map(|&value| value as u8).collect()
-            } else {
-                input.offset_values.clone()
-            };
-            for (piece, piece_values) in source.chunks_exact(PIECE).enumerate() {
+            for piece in 0..pieces {
                 let block = &mut values[piece * block_bytes..][..block_bytes];
-                for (word, word_values) in piece_values.chunks_exact(4).enumerate() {
+                for word in 0..PIECE / 4 {
                     let (step, lane) =
                         (word / lanes_per_input, first_lane + word % lanes_per_input);
-                    block[(step * LANES + lane) * 4..][..4].copy_from_slice(word_values);
+                    let lane_bytes = &mut block[(step * LANES + lane) * 4..][..4];
+                    let source = piece * PIECE + word * 4..piece * PIECE + word * 4 + 4;
+                    if signed {
+                        for (byte, &value) in lane_bytes.iter_mut().zip(&input.values[source]) {
+                            *byte = value as u8;
+                        }
+                    } else {
+                        lane_bytes.copy_from_slice(&input.offset_values[source]);
+                    }
                 }
                 let at = piece * LANES + first_lane;
                 if signed {
