@@ -110,14 +110,13 @@ impl RoundedInputs {
 /// - more take one lane each, holding all its words, each value plus 128 (to meet the signed
 ///   codes).
 ///
-/// Then each block's input scales and sums, in each of an input's lanes. Lanes past the
-/// inputs hold zeros.
+/// Then each block's input scales, in each of an input's lanes. Lanes past the inputs hold
+/// zeros.
 pub(crate) struct InputLanes {
     lanes_per_input: usize,
     values: Vec<u8>,
     starts: Vec<i32>,
     scales: Vec<f32>,
-    sums: Vec<f32>,
 }
 
 /// The 32-bit lanes of a 256-bit register.
@@ -133,7 +132,6 @@ impl InputLanes {
         let mut values = vec![if signed { 0 } else { 0x80 }; pieces * block_bytes];
         let mut starts = vec![0; if signed { pieces * LANES } else { 0 }];
         let mut scales = vec![0.0f32; pieces * LANES];
-        let mut sums = vec![0.0f32; pieces * LANES];
         for (input_index, input) in inputs.iter().enumerate() {
             assert_eq!(input.scales.len(), pieces);
             let first_lane = input_index * lanes_per_input;
@@ -161,7 +159,6 @@ impl InputLanes {
                     starts[at] = -128 * sum;
                 }
                 scales[at..at + lanes_per_input].fill(input.scales[piece]);
-                sums[at..at + lanes_per_input].fill(input.sums[piece]);
             }
         }
         Self {
@@ -169,7 +166,6 @@ impl InputLanes {
             values,
             starts,
             scales,
-            sums,
         }
     }
 }
@@ -481,17 +477,21 @@ mod x86 {
                 let at = done + offset;
                 let scale = half(block, 0);
                 let minimum = match KIND {
-                    Q4_0 => -8.0 * scale,
-                    Q5_0 => -16.0 * scale,
-                    Q4_1 | Q5_1 => half(block, 2),
-                    _ => 0.0,
+                    Q4_0 => Some(-8.0 * scale),
+                    Q5_0 => Some(-16.0 * scale),
+                    Q4_1 | Q5_1 => Some(half(block, 2)),
+                    _ => None,
                 };
                 let codes = block_codes::<KIND, VNNI>(block);
                 for (inputs, rest) in inputs.iter().zip(&mut rests) {
                     let products = horizontal_sum(_mm256_cvtepi32_ps(codes_times::<KIND, VNNI>(
                         codes, inputs, at,
                     )));
-                    *rest += scale * inputs.scales[at] * products + minimum * inputs.sums[at];
+                    let scaled = scale * inputs.scales[at] * products;
+                    *rest += match minimum {
+                        Some(minimum) => scaled + minimum * inputs.sums[at],
+                        None => scaled,
+                    };
                 }
             }
             for (total, rest) in totals.iter().zip(&mut rests) {
@@ -518,7 +518,6 @@ mod x86 {
             lanes.lanes_per_input == 1
                 && lanes.values.len() >= blocks * PIECE * LANES
                 && lanes.scales.len() >= blocks * LANES
-                && lanes.sums.len() >= blocks * LANES
         );
         let offset = _mm256_set1_epi8(i8::MIN);
         // Block `at`'s integer sums, lane by lane, from the lanes' `−128 · Σ codes`.
@@ -616,7 +615,6 @@ mod x86 {
                 && lanes.values.len() >= blocks * STEPS * 4 * LANES
                 && lanes.starts.len() >= blocks * LANES
                 && lanes.scales.len() >= blocks * LANES
-                && lanes.sums.len() >= blocks * LANES
         );
         // Block `at`'s sums in lanes: an input's two lanes add to its integer sum.
         let block_lanes = |block: &[u8], at: usize| {
@@ -741,8 +739,7 @@ mod x86 {
     }
 
     /// `rests` after a Q8_0 block past the row's last whole group, lane by lane, as
-    /// [`row_of_blocks`] adds it for one input: `(scale · input scale) · products`, plus its
-    /// minimum of 0 times the input's sum.
+    /// [`row_of_blocks`] adds it for one input: `(scale · input scale) · products`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn after_rest_block(
@@ -752,15 +749,11 @@ mod x86 {
         lanes: &InputLanes,
         at: usize,
     ) -> __m256 {
+        let input_scales = &lanes.scales[at * LANES..][..LANES];
         // SAFETY: the slice holds the eight floats.
-        let lane_vector =
-            |values: &[f32]| unsafe { _mm256_loadu_ps(values[at * LANES..][..LANES].as_ptr()) };
-        let scaled = _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_set1_ps(half(block, 0)), lane_vector(&lanes.scales)),
-            products,
-        );
-        let minima = _mm256_mul_ps(_mm256_setzero_ps(), lane_vector(&lanes.sums));
-        _mm256_add_ps(rests, _mm256_add_ps(scaled, minima))
+        let input_scales = unsafe { _mm256_loadu_ps(input_scales.as_ptr()) };
+        let scale = _mm256_mul_ps(_mm256_set1_ps(half(block, 0)), input_scales);
+        _mm256_add_ps(rests, _mm256_mul_ps(scale, products))
     }
 
     #[target_feature(enable = "avx2")]
