@@ -90,6 +90,16 @@ impl RoundedInputs {
         }
     }
 
+    /// The first `count` rows of `x`, `cols` values each.
+    pub(crate) fn of(x: &[f32], cols: usize, count: usize) -> Self {
+        Self::new(
+            x.chunks_exact(cols)
+                .take(count)
+                .map(PieceInputs::new)
+                .collect(),
+        )
+    }
+
     pub(crate) fn rows(&self) -> &[PieceInputs] {
         &self.rows
     }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
-use super::kernels::{PieceInputs, RoundedInputs, blocks_dot, pieces_dot};
+use super::kernels::{RoundedInputs, blocks_dot, pieces_dot};
 use super::types::GgmlType;
 use crate::QuantError;
 use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
@@ -197,12 +197,7 @@ impl BlockMatrix {
         if !self.has_integer_pieces() {
             return self.matmul(x, count);
         }
-        let inputs = RoundedInputs::new(
-            x.chunks_exact(self.cols)
-                .take(count)
-                .map(PieceInputs::new)
-                .collect(),
-        );
+        let inputs = RoundedInputs::of(x, self.cols, count);
         let by_channel = channel_major(
             self.rows,
             self.rows * self.cols * count,
@@ -234,12 +229,7 @@ impl BlockMatrix {
                 .map(|matrix| matrix.matmul_int8_inputs(x, count))
                 .collect();
         }
-        let inputs = RoundedInputs::new(
-            x.chunks_exact(cols)
-                .take(count)
-                .map(PieceInputs::new)
-                .collect(),
-        );
+        let inputs = RoundedInputs::of(x, cols, count);
         let shapes: Vec<(usize, usize)> = matrices
             .iter()
             .map(|matrix| (matrix.rows, matrix.cols))
@@ -363,6 +353,7 @@ mod tests {
 
     use super::*;
     use crate::ggml::blocks::{QUANTIZED_KINDS, random_blocks};
+    use crate::ggml::kernels::PieceInputs;
 
     /// A matrix of random blocks whose half-precision fields hold small positive numbers.
     fn random_matrix(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> BlockMatrix {
@@ -471,7 +462,7 @@ mod tests {
             assert!(unaligned.interleaved.is_none());
             let x = inputs(2, 128, 7);
             let whole = matrix.matmul_int8_inputs(&x, 2);
-            let rounded = RoundedInputs::new(x.chunks_exact(128).map(PieceInputs::new).collect());
+            let rounded = RoundedInputs::of(&x, 128, 2);
             let mut outs = vec![0.0; 13 * 2];
             matrix.channels_int8(5..18, &rounded, &mut outs);
             for (channel, pair) in outs.chunks_exact(2).enumerate() {
