@@ -763,35 +763,31 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         // Every row of `x` meets a few table rows (64 KiB) while they sit in the core's own
         // cache, so the table streams from memory once for all of them.
         let cached_rows = (CACHED_FLOATS / inputs).clamp(1, PRODUCT_DOTS);
-        let runs: Vec<Vec<f32>> = table
-            .par_chunks(PRODUCT_DOTS * inputs)
-            .enumerate()
-            .map(|(run, table_rows)| {
-                let width = table_rows.len() / inputs;
-                let mut out = vec![0.0f32; rows * width];
-                let start = run * PRODUCT_DOTS * inputs;
-                let step = cached_rows * inputs;
-                for (first, cached) in table_rows.chunks(step).enumerate() {
-                    // The table rows after these, which the task (or the next) reads next.
-                    let next = &table[(start + (first + 1) * step).min(table.len())..];
-                    let next = &next[..next.len().min(step)];
-                    let out = &mut out[first * cached_rows..];
-                    rows::rows_dot(&x, inputs, cached, next, out, width);
-                }
-                out
-            })
-            .collect();
+        let mut runs = vec![Vec::new(); table.len().div_ceil(PRODUCT_DOTS * inputs)];
+        distillery_workers::for_each_chunk_mut(&mut runs, 1, |run, result| {
+            let start = run * PRODUCT_DOTS * inputs;
+            let table_rows = &table[start..(start + PRODUCT_DOTS * inputs).min(table.len())];
+            let width = table_rows.len() / inputs;
+            let mut out = vec![0.0f32; rows * width];
+            let step = cached_rows * inputs;
+            for (first, cached) in table_rows.chunks(step).enumerate() {
+                // The table rows after these, which the task (or the next) reads next.
+                let next = &table[(start + (first + 1) * step).min(table.len())..];
+                let next = &next[..next.len().min(step)];
+                let out = &mut out[first * cached_rows..];
+                rows::rows_dot(&x, inputs, cached, next, out, width);
+            }
+            result[0] = out;
+        });
         let mut out = vec![0.0f32; rows * outputs];
-        out.par_chunks_mut(outputs)
-            .enumerate()
-            .for_each(|(row, out)| {
-                let mut at = 0;
-                for run in &runs {
-                    let width = run.len() / rows;
-                    out[at..at + width].copy_from_slice(&run[row * width..(row + 1) * width]);
-                    at += width;
-                }
-            });
+        distillery_workers::for_each_chunk_mut(&mut out, outputs, |row, out| {
+            let mut at = 0;
+            for run in &runs {
+                let width = run.len() / rows;
+                out[at..at + width].copy_from_slice(&run[row * width..(row + 1) * width]);
+                at += width;
+            }
+        });
         return tensor(out, Shape::new([rows, outputs]));
     }
     let weight = contiguous_f32(weight);
@@ -803,27 +799,26 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
     let each = rows * outputs;
     let product = |partials: &mut [f32]| {
         // Run by run, each row's partial sums, written whole by the task of the run.
-        partials
-            .par_chunks_mut(each)
-            .zip(weight.par_chunks(run_rows * outputs))
-            .enumerate()
-            .for_each(|(run, (partial, run_weight))| {
-                let columns = run * run_rows..run * run_rows + run_weight.len() / outputs;
-                // Each row's columns of this run, in place.
-                let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| {
-                    if row < rows {
-                        &x[row * inputs..][columns.clone()]
-                    } else {
-                        &[]
-                    }
-                });
-                // The weight rows of the next run, asked for while this run's last pass computes.
-                let next = weight
-                    .get((run + 1) * run_rows * outputs..)
-                    .unwrap_or_default();
-                let next = &next[..next.len().min(run_rows * outputs)];
-                rows::rows_times_rows(&x[..rows], run_weight, next, partial);
+        distillery_workers::for_each_chunk_mut(partials, each, |run, partial| {
+            let first_weight = run * run_rows * outputs;
+            let run_weight =
+                &weight[first_weight..(first_weight + run_rows * outputs).min(weight.len())];
+            let columns = run * run_rows..run * run_rows + run_weight.len() / outputs;
+            // Each row's columns of this run, in place.
+            let x: [&[f32]; crate::FEW_ROWS] = std::array::from_fn(|row| {
+                if row < rows {
+                    &x[row * inputs..][columns.clone()]
+                } else {
+                    &[]
+                }
             });
+            // The weight rows of the next run, asked for while this run's last pass computes.
+            let next = weight
+                .get((run + 1) * run_rows * outputs..)
+                .unwrap_or_default();
+            let next = &next[..next.len().min(run_rows * outputs)];
+            rows::rows_times_rows(&x[..rows], run_weight, next, partial);
+        });
         // The later runs' partial sums added, in run order, into the first run's; over many
         // rows in parallel blocks of outputs (a decode step's one row would spend more handing
         // the blocks out than adding).
@@ -839,9 +834,9 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         if runs * each < PARALLEL_SUMS {
             add_runs(0, &mut out);
         } else {
-            out.par_chunks_mut(SUM_BLOCK)
-                .enumerate()
-                .for_each(|(block, out)| add_runs(block * SUM_BLOCK, out));
+            distillery_workers::for_each_chunk_mut(&mut out, SUM_BLOCK, |block, out| {
+                add_runs(block * SUM_BLOCK, out)
+            });
         }
         out
     };
@@ -1204,11 +1199,10 @@ pub fn causal_attention(
     let mut output = vec![0.0f32; batch * heads * queries * head_dim];
     let offset = keys - queries;
     let scale = shape.scale();
-    probabilities
-        .par_chunks_mut(queries * keys)
-        .zip(output.par_chunks_mut(queries * head_dim))
-        .enumerate()
-        .for_each(|(index, (p, out))| {
+    distillery_workers::for_each_chunk_pair_mut(
+        (&mut probabilities, queries * keys),
+        (&mut output, queries * head_dim),
+        |index, p, out| {
             let (b, h) = (index / heads, index % heads);
             let kv_head = h / shape.groups();
             let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
@@ -1250,7 +1244,8 @@ pub fn causal_attention(
                     )
                 };
             }
-        });
+        },
+    );
     (
         tensor(output, Shape::new([batch, heads, queries, head_dim])),
         tensor(probabilities, Shape::new([batch, heads, queries, keys])),

@@ -19,7 +19,6 @@ use distillery_kernels::{
 use distillery_quant::{ActivationRounding, PackedMatrix, QuantizedWeight};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 use crate::kv_cache::{LayerCache, LayerKv};
 use crate::rope::RotaryTables;
@@ -262,14 +261,11 @@ impl Linear {
             if !together {
                 return linears.map(|linear| linear.forward(x.clone()));
             }
-            let outputs: Vec<Tensor<D>> = linears
-                .par_iter()
-                .map(|linear| linear.forward(x.clone()))
-                .collect();
-            return match outputs.try_into() {
-                Ok(outputs) => outputs,
-                Err(_) => unreachable!("one output per layer"),
-            };
+            let mut outputs: [Option<Tensor<D>>; N] = std::array::from_fn(|_| None);
+            distillery_workers::for_each_chunk_mut(&mut outputs, 1, |index, output| {
+                output[0] = Some(linears[index].forward(x.clone()));
+            });
+            return outputs.map(|output| output.expect("every layer's output"));
         };
         let device = x.device();
         let inputs = host_values(x.reshape([rows, dims[D - 1]]));
@@ -1243,16 +1239,23 @@ impl Attention {
             LayerKv::Fresh => causal_attention(rope.apply(query, 0), rope.apply(key, 0), value),
             LayerKv::Shared(cache) => attend_after(cache, rope, query, key, value),
             // Each sequence attends to its own history, so the rows run in parallel.
-            LayerKv::PerRow(caches) => {
-                let rows = caches
-                    .into_par_iter()
-                    .enumerate()
-                    .map(|(row, cache)| {
+            LayerKv::PerRow(mut caches) => {
+                let mut rows = vec![None; caches.len()];
+                distillery_workers::for_each_chunk_pair_mut(
+                    (&mut caches, 1),
+                    (&mut rows, 1),
+                    |row, cache, attended| {
                         let of_row = |tensor: &Tensor<4>| tensor.clone().narrow(0, row, 1);
-                        attend_after(cache, rope, of_row(&query), of_row(&key), of_row(&value))
-                    })
-                    .collect();
-                Tensor::cat(rows, 0)
+                        attended[0] = Some(attend_after(
+                            cache[0],
+                            rope,
+                            of_row(&query),
+                            of_row(&key),
+                            of_row(&value),
+                        ));
+                    },
+                );
+                Tensor::cat(rows.into_iter().flatten().collect(), 0)
             }
         };
         // [batch, seq, heads * head_dim]

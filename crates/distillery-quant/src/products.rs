@@ -5,7 +5,6 @@
 use std::ops::Range;
 
 use multiversion::multiversion;
-use rayon::prelude::*;
 
 use crate::interleaved::GROUP_ROWS;
 
@@ -38,13 +37,14 @@ pub(crate) fn channel_major(
         let threads = rayon::current_num_threads();
         let tasks = (rows / CHANNELS_PER_TASK).max(1).next_multiple_of(threads);
         let task_channels = rows.div_ceil(tasks).next_multiple_of(GROUP_ROWS);
-        by_channel
-            .par_chunks_mut(count * task_channels)
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (task, outs)| {
+        distillery_workers::for_each_chunk_mut(
+            &mut by_channel,
+            count * task_channels,
+            |task, outs| {
                 let first = task * task_channels;
-                channel_outputs(first..first + outs.len() / count, scratch, outs);
-            });
+                channel_outputs(first..first + outs.len() / count, &mut Vec::new(), outs);
+            },
+        );
     }
     by_channel
 }
@@ -126,43 +126,41 @@ pub(crate) fn in_tiles(
     let tiles = rows.div_ceil(TILE_CHANNELS).next_multiple_of(threads);
     let tile_channels = rows.div_ceil(tiles).next_multiple_of(16);
     let destination = SharedOutput(out.as_mut_ptr());
-    (0..rows.div_ceil(tile_channels))
-        .into_par_iter()
-        .for_each_init(Vec::new, |tile, index| {
-            let first = index * tile_channels;
-            let channels = tile_channels.min(rows - first);
-            tile.resize(channels * cols, 0.0);
-            for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
-                decode_row(first + offset, weights);
-            }
-            // SAFETY: the task writes only columns `first..first + channels` of the
-            // `count x rows` result, which no other task writes; `tile` is
-            // `channels x cols` and `x` holds `count` rows of `cols`. gemm reads the tile in
-            // place, as broadcast operands, and packs only `x`.
-            unsafe {
-                gemm::gemm(
-                    count,
-                    channels,
-                    cols,
-                    destination.at(first),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    tile.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+    distillery_workers::for_each_task(rows.div_ceil(tile_channels), |index| {
+        let first = index * tile_channels;
+        let channels = tile_channels.min(rows - first);
+        let mut tile = vec![0.0; channels * cols];
+        for (offset, weights) in tile.chunks_exact_mut(cols).enumerate() {
+            decode_row(first + offset, weights);
+        }
+        // SAFETY: the task writes only columns `first..first + channels` of the
+        // `count x rows` result, which no other task writes; `tile` is
+        // `channels x cols` and `x` holds `count` rows of `cols`. gemm reads the tile in
+        // place, as broadcast operands, and packs only `x`.
+        unsafe {
+            gemm::gemm(
+                count,
+                channels,
+                cols,
+                destination.at(first),
+                1,
+                rows as isize,
+                false,
+                x.as_ptr(),
+                1,
+                cols as isize,
+                tile.as_ptr(),
+                cols as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
     out
 }
 
