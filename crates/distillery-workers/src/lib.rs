@@ -4,10 +4,10 @@
 //! the threads and each worth tens of microseconds. Between them the calling thread spends
 //! tens to hundreds of microseconds on norms, rotary embeddings and attention. rayon's idle
 //! workers go to sleep after a few dozen yields, so nearly every product waited for a worker
-//! to be woken: on a 2-core KVM guest a product of 2 x 30 µs took 46 to 110 µs on rayon's
-//! threads against 31 µs here. These workers keep looking for work for [`STAY_AWAKE`] after
-//! their last task, yielding the core to any other runnable thread while they look, and only
-//! then sleep.
+//! to be woken: on a 2-core KVM guest two tasks of 30 µs took 44 to 115 µs on rayon's threads
+//! against 31 µs here (`cargo run --release -p distillery-workers --example handoff`). These
+//! workers keep looking for work for [`STAY_AWAKE`] after their last task, yielding the core
+//! to any other runnable thread while they look, and only then sleep.
 //!
 //! The calling thread takes tasks too, from the same counter as the workers, so a product
 //! never waits for a worker that has not woken: it only waits for tasks already started.
