@@ -40,7 +40,13 @@ pub fn for_each_task(tasks: usize, task: impl Fn(usize) + Sync) {
     let Ok(submission) = pool.submission.try_lock() else {
         return in_order(tasks, &task);
     };
-    let panic = pool.run(tasks, (threads - 1).min(pool.workers), &task);
+    let helpers = (threads - 1).min(pool.workers);
+    let mut panic = None;
+    for first in (0..tasks).step_by(MOST_TASKS) {
+        let count = MOST_TASKS.min(tasks - first);
+        let list_panic = pool.run(count, helpers, &|index| task(first + index));
+        panic = panic.or(list_panic);
+    }
     // Released before a task's panic goes on, so that it does not poison the lock and leave
     // every later call on one thread.
     drop(submission);
@@ -155,9 +161,9 @@ struct Pool {
     workers: usize,
     /// Held by the one caller whose tasks are running.
     submission: Mutex<()>,
-    /// The current task list's number (high 32 bits) and its next unclaimed task (low 32 bits).
+    /// The current task list: its number, its length and its next unclaimed task, in one
+    /// word, so that a claim is only ever made on the list the claimant read the length of.
     claims: AtomicU64,
-    tasks: AtomicUsize,
     /// Workers with an index below this take part in the current task list.
     helpers: AtomicUsize,
     finished: AtomicUsize,
@@ -173,18 +179,32 @@ struct Pool {
 // after claiming a task of the list it belongs to, which that caller waits for.
 unsafe impl Sync for Pool {}
 
-const INDEX_BITS: u32 = 32;
+/// Bits of a task index, and of a list's length, in `claims`; the list's number takes the
+/// 24 bits above them.
+const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+const LIST_SHIFT: u32 = 2 * INDEX_BITS;
+const LIST_MASK: u64 = (1 << (64 - LIST_SHIFT)) - 1;
+/// The longest list the workers take at once; longer ones run as several in turn.
+const MOST_TASKS: usize = INDEX_MASK as usize;
+
+/// The claims word's list number, length and next task.
+fn unpack(claims: u64) -> (u64, usize, usize) {
+    (
+        claims >> LIST_SHIFT,
+        ((claims >> INDEX_BITS) & INDEX_MASK) as usize,
+        (claims & INDEX_MASK) as usize,
+    )
+}
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<&'static Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let workers = rayon::current_num_threads().saturating_sub(1);
+        let workers = machine_threads().saturating_sub(1);
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             workers,
             submission: Mutex::new(()),
             claims: AtomicU64::new(0),
-            tasks: AtomicUsize::new(0),
             helpers: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
@@ -203,6 +223,17 @@ fn pool() -> &'static Pool {
     })
 }
 
+/// The threads rayon's global pool has: `RAYON_NUM_THREADS` where it is set to a number, else
+/// the machine's. Sized by the pool current at the first call instead, the workers could
+/// outnumber the cores, and a worker left out of a list spun on a core another needed.
+fn machine_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|threads| threads.parse().ok())
+        .filter(|&threads| threads > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+}
+
 impl Pool {
     /// Runs the tasks as [`for_each_task`] does, returning the first task's panic.
     fn run(
@@ -211,18 +242,20 @@ impl Pool {
         helpers: usize,
         task: &(dyn Fn(usize) + Sync),
     ) -> Option<Box<dyn Any + Send>> {
-        assert!(tasks as u64 <= INDEX_MASK, "{tasks} tasks");
+        assert!(tasks <= MOST_TASKS, "{tasks} tasks");
         // SAFETY: the caller holds `submission` and the previous list's tasks have all
         // finished. The lifetime is erased because this function does not return while a
         // worker may still call it: it waits for every claimed task to finish.
         unsafe {
             *self.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(task));
         }
-        self.tasks.store(tasks, Ordering::Relaxed);
         self.helpers.store(helpers, Ordering::Relaxed);
         self.finished.store(0, Ordering::Relaxed);
-        let list = (self.claims.load(Ordering::Relaxed) >> INDEX_BITS) + 1;
-        self.claims.store(list << INDEX_BITS, Ordering::SeqCst);
+        let (last, _, _) = unpack(self.claims.load(Ordering::Relaxed));
+        let list = (last + 1) & LIST_MASK;
+        let length = (tasks as u64) << INDEX_BITS;
+        self.claims
+            .store((list << LIST_SHIFT) | length, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             drop(self.sleeping.lock());
             self.wake.notify_all();
@@ -240,8 +273,8 @@ impl Pool {
     fn take_tasks(&self, list: u64) {
         loop {
             let claims = self.claims.load(Ordering::Acquire);
-            let index = (claims & INDEX_MASK) as usize;
-            if claims >> INDEX_BITS != list || index >= self.tasks.load(Ordering::Relaxed) {
+            let (claims_list, tasks, index) = unpack(claims);
+            if claims_list != list || index >= tasks {
                 return;
             }
             let claimed = self.claims.compare_exchange_weak(
@@ -282,7 +315,7 @@ impl Pool {
 
     /// Waits for a task list numbered other than `seen` and returns its number.
     fn next_list(&self, seen: u64) -> u64 {
-        let current = || self.claims.load(Ordering::SeqCst) >> INDEX_BITS;
+        let current = || unpack(self.claims.load(Ordering::SeqCst)).0;
         let idle_since = Instant::now();
         let mut looks = 0u32;
         loop {
@@ -347,6 +380,19 @@ mod tests {
         }
     }
 
+    /// The threads of the first of up to 20 calls of 64 tasks of 1 ms that ran on more than
+    /// one (a busy virtual machine may start a woken thread only after the 64 ms of a call).
+    fn threads_of_a_shared_call() -> HashSet<ThreadId> {
+        let mut threads = HashSet::new();
+        for _ in 0..20 {
+            threads = threads_running(64, Duration::from_millis(1));
+            if threads.len() > 1 {
+                break;
+            }
+        }
+        threads
+    }
+
     /// The threads that ran `tasks` tasks of `duration` each, after checking each ran once.
     fn threads_running(tasks: usize, duration: Duration) -> HashSet<ThreadId> {
         let runs: Vec<AtomicU32> = (0..tasks).map(|_| AtomicU32::new(0)).collect();
@@ -380,9 +426,28 @@ mod tests {
             let caller = std::thread::current().id();
             for pause in [Duration::ZERO, STAY_AWAKE * 3] {
                 std::thread::sleep(pause);
-                let threads = threads_running(64, Duration::from_millis(1));
+                let threads = threads_of_a_shared_call();
                 assert!(threads.contains(&caller), "the caller takes tasks too");
                 assert_eq!(threads.len(), two_threads(), "after a pause of {pause:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn a_late_worker_never_takes_a_task_of_the_next_list() {
+        with_threads(2, || {
+            // Lists of changing lengths one right after another: a worker still looking at the
+            // last list's claims while the next is being set up must not run a task twice.
+            let runs: Vec<AtomicU32> = (0..64).map(|_| AtomicU32::new(0)).collect();
+            for list in 0..300_000usize {
+                let tasks = 1 + list * 7 % 64;
+                for_each_task(tasks, |index| {
+                    runs[index].fetch_add(1, Ordering::Relaxed);
+                });
+                for (index, run) in runs.iter().enumerate() {
+                    let expected = u32::from(index < tasks);
+                    assert_eq!(run.swap(0, Ordering::Relaxed), expected, "list {list}");
+                }
             }
         });
     }
@@ -462,7 +527,7 @@ mod tests {
                 .unwrap_or_default();
             assert!(message.contains("task five fails"), "{message}");
             assert_eq!(finished.load(Ordering::Relaxed), 31);
-            let threads = threads_running(64, Duration::from_millis(1));
+            let threads = threads_of_a_shared_call();
             assert_eq!(threads.len(), two_threads(), "the workers still take tasks");
         });
     }
