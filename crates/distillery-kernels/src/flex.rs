@@ -688,19 +688,18 @@ fn rotary_map(
     let (cos, sin) = (&cos[tables.clone()], &sin[tables]);
     let mut output = vec![0.0; values.len()];
     // One task per (batch, head) matrix of `seq` rows.
-    output
-        .par_chunks_mut(seq * head_dim)
-        .zip(values.par_chunks(seq * head_dim))
-        .for_each(|(output, x)| {
-            for (((out, x), cos), sin) in output
-                .chunks_exact_mut(head_dim)
-                .zip(x.chunks_exact(head_dim))
-                .zip(cos.chunks_exact(head_dim))
-                .zip(sin.chunks_exact(head_dim))
-            {
-                kernel(x, cos, sin, out);
-            }
-        });
+    let matrix = seq * head_dim;
+    distillery_workers::for_each_chunk_mut(&mut output, matrix, |index, output| {
+        let x = &values[index * matrix..(index + 1) * matrix];
+        for (((out, x), cos), sin) in output
+            .chunks_exact_mut(head_dim)
+            .zip(x.chunks_exact(head_dim))
+            .zip(cos.chunks_exact(head_dim))
+            .zip(sin.chunks_exact(head_dim))
+        {
+            kernel(x, cos, sin, out);
+        }
+    });
     tensor(output, shape)
 }
 

@@ -217,6 +217,23 @@ pub(crate) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
     None
 }
 
+/// Lays out `rounded`'s lanes now, on the calling thread, where `kind`'s kernel meets the
+/// inputs in lanes. Laid out by the first task that asked, they kept the other threads' first
+/// tasks waiting on the lock, and each product paid for waking them.
+pub(crate) fn prepare_lanes(kind: GgmlType, rounded: &RoundedInputs) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::cpu::{KernelFamily, kernel_family};
+        let count = rounded.rows().len();
+        if kernel_family() >= KernelFamily::Avx512Vnni
+            && x86::in_lanes(kind == GgmlType::Q8_0, count)
+        {
+            rounded.lanes();
+        }
+    }
+    let _ = (kind, rounded);
+}
+
 fn pieces_dot_portable(codes: &[i8], scales: &[PieceScales], inputs: &PieceInputs) -> f32 {
     let mut total = 0.0f32;
     for (at, (codes, scales)) in codes.chunks_exact(PIECE).zip(scales).enumerate() {
@@ -278,6 +295,11 @@ mod x86 {
         })
     }
 
+    /// Whether the VNNI kernels meet `count` inputs of a matrix side by side in lanes.
+    pub(super) const fn in_lanes(q8_0: bool, count: usize) -> bool {
+        q8_0 && count >= ACROSS_FROM
+    }
+
     const fn block_bytes(kind: u8) -> usize {
         match kind {
             Q4_0 => 18,
@@ -325,7 +347,7 @@ mod x86 {
         if count == 0 {
             return;
         }
-        if VNNI && KIND == Q8_0 && count >= ACROSS_FROM {
+        if VNNI && in_lanes(KIND == Q8_0, count) {
             let sets = rounded.lanes();
             for (index, (row, out)) in rows
                 .chunks_exact(row_bytes)

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::blocks::{self, PIECE, PieceScales, decode_piece, pieces_per_block};
-use super::kernels::{RoundedInputs, blocks_dot, pieces_dot};
+use super::kernels::{RoundedInputs, blocks_dot, pieces_dot, prepare_lanes};
 use super::types::GgmlType;
 use crate::QuantError;
 use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
@@ -198,6 +198,7 @@ impl BlockMatrix {
             return self.matmul(x, count);
         }
         let inputs = RoundedInputs::of(x, self.cols, count);
+        prepare_lanes(self.kind, &inputs);
         let by_channel = channel_major(
             self.rows,
             self.rows * self.cols * count,
@@ -230,6 +231,9 @@ impl BlockMatrix {
                 .collect();
         }
         let inputs = RoundedInputs::of(x, cols, count);
+        for matrix in matrices {
+            prepare_lanes(matrix.kind, &inputs);
+        }
         let shapes: Vec<(usize, usize)> = matrices
             .iter()
             .map(|matrix| (matrix.rows, matrix.cols))
