@@ -19,33 +19,30 @@ const CHANNELS_PER_TASK: usize = 128;
 /// 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
 pub(crate) const TILE_CHANNELS: usize = 256;
 
-/// `rows x count` values from `channel_outputs(rows, scratch, outputs of those channels)`,
-/// runs of rows spread over threads when `work` multiply-adds are enough to pay for it. The
-/// runs are equal (whole groups of [interleaved](crate::interleaved) rows) and as many as a
-/// multiple of the threads, so that no thread is left with a last run while the others wait (576 channels in
-/// runs of 128 kept one of two threads busy a third longer than the other).
+/// `rows x count` values from `channel_outputs(rows, outputs of those channels)`, runs of
+/// rows spread over threads when `work` multiply-adds are enough to pay for it. The runs are
+/// equal (whole groups of [interleaved](crate::interleaved) rows) and as many as a multiple of
+/// the threads, so that no thread is left with a last run while the others wait (576 channels
+/// in runs of 128 kept one of two threads busy a third longer than the other).
 pub(crate) fn channel_major(
     rows: usize,
     work: usize,
     count: usize,
-    channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
+    channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut by_channel = vec![0.0f32; rows * count];
-    if work < PARALLEL_WORK {
-        channel_outputs(0..rows, &mut Vec::new(), &mut by_channel);
+    let tasks = if work < PARALLEL_WORK {
+        1
     } else {
-        let threads = rayon::current_num_threads();
-        let tasks = (rows / CHANNELS_PER_TASK).max(1).next_multiple_of(threads);
-        let task_channels = rows.div_ceil(tasks).next_multiple_of(GROUP_ROWS);
-        distillery_workers::for_each_chunk_mut(
-            &mut by_channel,
-            count * task_channels,
-            |task, outs| {
-                let first = task * task_channels;
-                channel_outputs(first..first + outs.len() / count, &mut Vec::new(), outs);
-            },
-        );
-    }
+        (rows / CHANNELS_PER_TASK)
+            .max(1)
+            .next_multiple_of(rayon::current_num_threads())
+    };
+    let task_channels = rows.div_ceil(tasks).next_multiple_of(GROUP_ROWS);
+    distillery_workers::for_each_chunk_mut(&mut by_channel, count * task_channels, |task, outs| {
+        let first = task * task_channels;
+        channel_outputs(first..first + outs.len() / count, outs);
+    });
     by_channel
 }
 
@@ -68,7 +65,7 @@ pub(crate) fn together(
         .map(|&(rows, cols)| rows * cols)
         .sum::<usize>()
         * count;
-    let by_channel = channel_major(rows, work, count, |range, _, outs| {
+    let by_channel = channel_major(rows, work, count, |range, outs| {
         let mut row = range.start;
         while row < range.end {
             let matrix = starts.partition_point(|&start| start <= row) - 1;

@@ -155,20 +155,15 @@ impl BlockMatrix {
     /// dequantized weights: `count x rows`.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
         let cols = self.cols;
-        let by_channel = channel_major(
-            self.rows,
-            self.rows * cols * count,
-            count,
-            |rows, scratch, outs| {
-                scratch.resize(cols, 0.0);
-                for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
-                    self.dequantize_row(row, scratch);
-                    for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
-                        *value = dot(input, scratch);
-                    }
+        let by_channel = channel_major(self.rows, self.rows * cols * count, count, |rows, outs| {
+            let mut weights = vec![0.0; cols];
+            for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
+                self.dequantize_row(row, &mut weights);
+                for (input, value) in x.chunks_exact(cols).zip(out.iter_mut()) {
+                    *value = dot(input, &weights);
                 }
-            },
-        );
+            }
+        });
         if count == 1 {
             return by_channel;
         }
@@ -203,7 +198,7 @@ impl BlockMatrix {
             self.rows,
             self.rows * self.cols * count,
             count,
-            |rows, _, outs| self.channels_int8(rows, &inputs, outs),
+            |rows, outs| self.channels_int8(rows, &inputs, outs),
         );
         if count == 1 {
             return by_channel;

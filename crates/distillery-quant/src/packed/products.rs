@@ -72,10 +72,10 @@ impl PackedMatrix {
                     - zero_terms(row_groups.scales, zeros, sums);
             }
         };
-        self.by_channel(count, |rows, scratch, outs| {
-            let mut buffers = (Vec::new(), Vec::new());
+        self.by_channel(count, |rows, outs| {
+            let (mut scratch, mut buffers) = (Vec::new(), (Vec::new(), Vec::new()));
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
-                channel_outputs(row, scratch, &mut buffers, out);
+                channel_outputs(row, &mut scratch, &mut buffers, out);
             }
         })
     }
@@ -101,7 +101,7 @@ impl PackedMatrix {
         let Some(product) = self.integer_product(x, count, None) else {
             return self.matmul(x, count);
         };
-        self.by_channel(count, |rows, _, outs| product.channels(rows, outs))
+        self.by_channel(count, |rows, outs| product.channels(rows, outs))
     }
 
     /// [`Self::matmul_int8_inputs`] of several matrices with the same inputs (q, k and v; gate
@@ -181,11 +181,11 @@ impl PackedMatrix {
         fits.then_some(size)
     }
 
-    /// `count x rows` outputs from `channel_outputs(rows, scratch, outputs of those channels)`.
+    /// `count x rows` outputs from `channel_outputs(rows, outputs of those channels)`.
     fn by_channel(
         &self,
         count: usize,
-        channel_outputs: impl Fn(Range<usize>, &mut Vec<f32>, &mut [f32]) + Sync,
+        channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
     ) -> Vec<f32> {
         let work = self.rows * self.cols * count;
         let by_channel = channel_major(self.rows, work, count, channel_outputs);
