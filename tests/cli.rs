@@ -751,7 +751,9 @@ fn gptq_quantized_model_saves_loads_and_evaluates_to_the_reported_perplexity() {
         (ratio - rates(quantized) / rates(float)).abs() < 1e-9 * ratio,
         "{speeds}"
     );
-    assert!(["portable", "avx2", "avx512"].contains(&quantized["kernels"].as_str().unwrap()));
+    assert!(
+        ["portable", "avx2", "avx512", "amx"].contains(&quantized["kernels"].as_str().unwrap())
+    );
     assert_eq!(quantized["prompt_tokens"], 4);
     // Once a model is loaded, its heap asks for 2 MiB pages, which Linux's usual setting
     // (`madvise`) gives only on request; DISTILLERY_HUGE_PAGES=0 keeps 4 KiB pages.

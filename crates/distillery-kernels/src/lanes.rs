@@ -230,7 +230,7 @@ macro_rules! with_lanes {
                 // (the AVX2 family's include FMA; the AVX-512 family's VL and BW extend
                 // AVX-512F).
                 KernelFamily::Avx2 => unsafe { avx2($($argument),*) },
-                KernelFamily::Avx512Vnni => unsafe { avx512($($argument),*) },
+                KernelFamily::Avx512Vnni | KernelFamily::Amx => unsafe { avx512($($argument),*) },
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

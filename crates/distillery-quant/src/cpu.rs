@@ -1,6 +1,6 @@
 //! Which family of kernels the products run: the best this CPU has, or a lower one the
-//! `DISTILLERY_KERNELS` environment variable asks for (`portable`, `avx2`, `avx512`), so every
-//! path can be tested and compared on one machine.
+//! `DISTILLERY_KERNELS` environment variable asks for (`portable`, `avx2`, `avx512`, `amx`), so
+//! every path can be tested and compared on one machine.
 
 use std::sync::OnceLock;
 
@@ -13,6 +13,10 @@ pub enum KernelFamily {
     Avx2,
     /// AVX-512 with VNNI (and VBMI for 3-bit codes): 8-bit dot products in one instruction.
     Avx512Vnni,
+    /// AVX-512 VNNI and Intel AMX's 8-bit tile products (Sapphire Rapids and later Xeons):
+    /// a matrix's products with several inputs, as a batch or a speculative check has them,
+    /// in tiles of 16 channels by 32 columns.
+    Amx,
 }
 
 impl KernelFamily {
@@ -21,6 +25,7 @@ impl KernelFamily {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512",
+            Self::Amx => "amx",
         }
     }
 
@@ -34,6 +39,9 @@ impl KernelFamily {
             let vnni = is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bw");
+            if avx2 && vnni && amx_granted() {
+                return Self::Amx;
+            }
             if avx2 && vnni {
                 return Self::Avx512Vnni;
             }
@@ -58,6 +66,7 @@ pub fn kernel_family() -> KernelFamily {
             KernelFamily::Portable,
             KernelFamily::Avx2,
             KernelFamily::Avx512Vnni,
+            KernelFamily::Amx,
         ]
         .into_iter()
         .find(|family| family.name() == requested);
@@ -65,11 +74,51 @@ pub fn kernel_family() -> KernelFamily {
             Some(cap) => cap.min(detected),
             None => {
                 eprintln!(
-                    "DISTILLERY_KERNELS={requested} is none of portable, avx2, avx512; using {}",
+                    "DISTILLERY_KERNELS={requested} is none of portable, avx2, avx512, amx; using {}",
                     detected.name()
                 );
                 detected
             }
         }
     })
+}
+
+/// Whether the CPU has AMX's tiles and 8-bit tile products and Linux lets this process use
+/// them: their 8 KiB of registers are saved on a context switch only for processes that asked
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), which this does once for all its
+/// threads.
+#[cfg(target_arch = "x86_64")]
+fn amx_granted() -> bool {
+    // Leaf 7 exists on every CPU with AVX2, which the caller checked.
+    let features = std::arch::x86_64::__cpuid_count(7, 0);
+    let (tiles, int8) = (features.edx >> 24 & 1 == 1, features.edx >> 25 & 1 == 1);
+    tiles && int8 && request_tile_data()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let status: i64;
+    // SAFETY: the arch_prctl system call with these arguments only changes which register
+    // state the kernel saves for this process; it reads and writes no memory of ours.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") ARCH_PRCTL => status,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    status == 0
+}
+
+/// Other systems' permission calls are not written, so their CPUs keep the VNNI family.
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
 }

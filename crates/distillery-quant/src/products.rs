@@ -92,6 +92,15 @@ pub(crate) fn together(
 pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
     const TILE: usize = 16;
     let mut outputs = vec![0.0; count * rows];
+    if count <= TILE {
+        // A batch's or a check's few inputs: one pass, writing as many streams as inputs.
+        for (row, values) in by_channel[..rows * count].chunks_exact(count).enumerate() {
+            for (outputs, &value) in outputs[row..].iter_mut().step_by(rows).zip(values) {
+                *outputs = value;
+            }
+        }
+        return outputs;
+    }
     for first_row in (0..rows).step_by(TILE) {
         for first_index in (0..count).step_by(TILE) {
             for row in first_row..(first_row + TILE).min(rows) {

@@ -80,6 +80,7 @@ impl PieceInputs {
 pub(crate) struct RoundedInputs {
     rows: Vec<PieceInputs>,
     lanes: OnceLock<Vec<InputLanes>>,
+    tile_lanes: OnceLock<Vec<InputLanes>>,
 }
 
 impl RoundedInputs {
@@ -87,6 +88,7 @@ impl RoundedInputs {
         Self {
             rows,
             lanes: OnceLock::new(),
+            tile_lanes: OnceLock::new(),
         }
     }
 
@@ -104,21 +106,53 @@ impl RoundedInputs {
         &self.rows
     }
 
-    /// The rows in sets of [`LANES`].
+    /// The rows in sets of [`LANES`], laid out for the VNNI kernels.
     fn lanes(&self) -> &[InputLanes] {
-        self.lanes
-            .get_or_init(|| self.rows.chunks(LANES).map(InputLanes::new).collect())
+        self.lanes.get_or_init(|| {
+            let layout = if self.rows.len() <= LANES / 2 {
+                LaneLayout::Pairs
+            } else {
+                LaneLayout::Across
+            };
+            self.sets(layout)
+        })
+    }
+
+    /// The rows in sets of [`LANES`], laid out as the tile products' second operand.
+    fn tile_lanes(&self) -> &[InputLanes] {
+        self.tile_lanes.get_or_init(|| self.sets(LaneLayout::Tiles))
+    }
+
+    fn sets(&self, layout: LaneLayout) -> Vec<InputLanes> {
+        self.rows
+            .chunks(LANES)
+            .map(|inputs| InputLanes::new(inputs, layout))
+            .collect()
     }
 }
 
-/// Up to [`LANES`] inputs side by side, as the kernels that broadcast a row's codes meet them.
-/// Each block's inputs come in steps of 32 bytes, lanes of four values:
-/// - up to four inputs take two lanes each, lane `2j` input `j`'s even words of four values,
-///   lane `2j + 1` its odd ones, so a broadcast of eight codes meets them all in one
+/// How [`InputLanes`] holds its inputs' values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LaneLayout {
+    /// Two lanes an input, signed, with each block's start: up to four inputs.
+    Pairs,
+    /// One lane an input, each value plus 128.
+    Across,
+    /// One lane an input, signed: row `r` of a block's 8 x 32 bytes holds each input's values
+    /// `4r..4r + 4`, the layout of the tile products' second operand.
+    Tiles,
+}
+
+/// Up to [`LANES`] inputs side by side, as the kernels that broadcast a row's codes meet them
+/// and as the tile products read them. Each block's inputs come in steps of 32 bytes, lanes of
+/// four values:
+/// - [`LaneLayout::Pairs`]: each input takes two lanes, lane `2j` input `j`'s even words of four
+///   values, lane `2j + 1` its odd ones, so a broadcast of eight codes meets them all in one
 ///   instruction; the values are signed, to meet codes plus 128, and `starts` holds each
 ///   block's `−128 · Σ values` in an input's first lane (0 in its second) to take the 128 off;
-/// - more take one lane each, holding all its words, each value plus 128 (to meet the signed
-///   codes).
+/// - [`LaneLayout::Across`]: one lane each, holding all its words, each value plus 128 (to meet
+///   the signed codes);
+/// - [`LaneLayout::Tiles`]: one lane each, the values signed.
 ///
 /// Then each block's input scales, in each of an input's lanes. Lanes past the inputs hold
 /// zeros.
@@ -133,14 +167,16 @@ pub(crate) struct InputLanes {
 pub(crate) const LANES: usize = 8;
 
 impl InputLanes {
-    pub(crate) fn new(inputs: &[PieceInputs]) -> Self {
+    fn new(inputs: &[PieceInputs], layout: LaneLayout) -> Self {
         assert!((1..=LANES).contains(&inputs.len()));
-        let lanes_per_input = if inputs.len() <= LANES / 2 { 2 } else { 1 };
-        let signed = lanes_per_input == 2;
+        assert!(layout != LaneLayout::Pairs || inputs.len() <= LANES / 2);
+        let lanes_per_input = if layout == LaneLayout::Pairs { 2 } else { 1 };
+        let signed = layout != LaneLayout::Across;
+        let with_starts = layout == LaneLayout::Pairs;
         let pieces = inputs[0].scales.len();
         let block_bytes = PIECE * LANES / lanes_per_input;
         let mut values = vec![if signed { 0 } else { 0x80 }; pieces * block_bytes];
-        let mut starts = vec![0; if signed { pieces * LANES } else { 0 }];
+        let mut starts = vec![0; if with_starts { pieces * LANES } else { 0 }];
         let mut scales = vec![0.0f32; pieces * LANES];
         for (input_index, input) in inputs.iter().enumerate() {
             assert_eq!(input.scales.len(), pieces);
@@ -161,7 +197,7 @@ impl InputLanes {
                     }
                 }
                 let at = piece * LANES + first_lane;
-                if signed {
+                if with_starts {
                     let sum: i32 = input.values[piece * PIECE..][..PIECE]
                         .iter()
                         .map(|&value| i32::from(value))
@@ -206,6 +242,9 @@ pub(crate) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::cpu::{KernelFamily, kernel_family};
+        if kernel_family() >= KernelFamily::Amx && kind == GgmlType::Q8_0 {
+            return Some(tiles::q8_0_products);
+        }
         if kernel_family() >= KernelFamily::Avx512Vnni {
             return x86::blocks_dot::<true>(kind);
         }
@@ -218,16 +257,16 @@ pub(crate) fn blocks_dot(kind: GgmlType) -> Option<BlocksDot> {
 }
 
 /// Lays out `rounded`'s lanes now, on the calling thread, where `kind`'s kernel meets the
-/// inputs in lanes. Laid out by the first task that asked, they kept the other threads' first
-/// tasks waiting on the lock, and each product paid for waking them.
+/// inputs in lanes or tiles. Laid out by the first task that asked, they kept the other
+/// threads' first tasks waiting on the lock, and each product paid for waking them.
 pub(crate) fn prepare_lanes(kind: GgmlType, rounded: &RoundedInputs) {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::cpu::{KernelFamily, kernel_family};
-        let count = rounded.rows().len();
-        if kernel_family() >= KernelFamily::Avx512Vnni
-            && x86::in_lanes(kind == GgmlType::Q8_0, count)
-        {
+        let (q8_0, count) = (kind == GgmlType::Q8_0, rounded.rows().len());
+        if kernel_family() >= KernelFamily::Amx && tiles::in_tiles(q8_0, count) {
+            rounded.tile_lanes();
+        } else if kernel_family() >= KernelFamily::Avx512Vnni && x86::in_lanes(q8_0, count) {
             rounded.lanes();
         }
     }
@@ -257,6 +296,9 @@ fn pieces_dot_portable(codes: &[i8], scales: &[PieceScales], inputs: &PieceInput
     }
     total
 }
+
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -442,7 +484,7 @@ mod x86 {
     }
 
     /// Blocks a row's kernel takes together.
-    const GROUP: usize = 8;
+    pub(super) const GROUP: usize = 8;
 
     /// Per block: the codes unpacked in registers once for all `N` inputs, then per input one
     /// `vpmaddubsw` and one `vpmaddwd`, or with `VNNI` one `vpdpbusd`. Eight blocks at a time
@@ -756,7 +798,7 @@ mod x86 {
     /// Q4_1 or Q5_1 block's minimum after it), block `i`'s in lane `i`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn leading_words(blocks: &[u8], bytes: usize) -> __m256i {
+    pub(super) fn leading_words(blocks: &[u8], bytes: usize) -> __m256i {
         assert!(bytes >= 4 && blocks.len() >= GROUP * bytes);
         // SAFETY: the eight words lie inside `blocks` (checked above).
         unsafe {
@@ -774,7 +816,7 @@ mod x86 {
     /// [`row_of_blocks`] adds it for one input: `(scale · input scale) · products`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn after_rest_block(
+    pub(super) fn after_rest_block(
         rests: __m256,
         block: &[u8],
         products: __m256,
@@ -813,7 +855,7 @@ mod x86 {
     /// Eight 32-bit words' low (or high) halves, read as f16, as eight floats.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn halves_of(words: __m256i, high: bool) -> __m256 {
+    pub(super) fn halves_of(words: __m256i, high: bool) -> __m256 {
         let order = if high {
             _mm256_setr_epi8(
                 2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11, 14,
@@ -1152,7 +1194,7 @@ mod tests {
         }
     }
 
-    /// The block kernels of every family this CPU has, AVX2's and VNNI's.
+    /// The block kernels of every family this CPU has: AVX2's, VNNI's and AMX's.
     #[cfg(target_arch = "x86_64")]
     fn block_kernels(kind: GgmlType) -> Vec<BlocksDot> {
         use crate::cpu::KernelFamily;
@@ -1164,7 +1206,55 @@ mod tests {
         if family >= KernelFamily::Avx512Vnni {
             kernels.extend(x86::blocks_dot::<true>(kind));
         }
+        if family >= KernelFamily::Amx && kind == GgmlType::Q8_0 {
+            kernels.push(tiles::q8_0_products);
+        }
         kernels
+    }
+
+    /// Q8_0 rows on tiles: whole and partial tiles of 16 channels (40 = 2 x 16 + 8), blocks in
+    /// whole groups of eight and after them (50 = 6 x 8 + 2), extreme codes and inputs, one to
+    /// eleven inputs (a whole set of eight and a partial one), each with the bits the VNNI
+    /// kernel gives it alone.
+    #[test]
+    fn q8_0_tiles_give_each_input_its_bits_alone() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::cpu::KernelFamily;
+            if KernelFamily::detected() < KernelFamily::Amx {
+                return;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(17);
+            let (rows, blocks) = (40, 50);
+            let kind = GgmlType::Q8_0;
+            let row_bytes = blocks * kind.block_bytes();
+            let mut matrix = random_blocks(kind, rows * blocks, &mut rng);
+            matrix[2..2 + PIECE].fill(0x80);
+            let inputs: Vec<PieceInputs> = (0..11)
+                .map(|index| {
+                    let mut input: Vec<f32> = (0..blocks * PIECE)
+                        .map(|_| rng.random::<f32>() - 0.5)
+                        .collect();
+                    if index == 0 {
+                        input[..PIECE].fill(-1.0);
+                    }
+                    PieceInputs::new(&input)
+                })
+                .collect();
+            let kernels = [
+                x86::blocks_dot::<true>(kind).expect("a VNNI kernel"),
+                tiles::q8_0_products,
+            ];
+            let run = |kernel: &BlocksDot, inputs: &[PieceInputs], out: &mut [f32]| {
+                kernel(
+                    &matrix,
+                    row_bytes,
+                    &RoundedInputs::new(inputs.to_vec()),
+                    out,
+                )
+            };
+            assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, "Q8_0 tiles");
+        }
     }
 
     /// A row's product with an input has the bits it has alone when the row meets several
