@@ -662,6 +662,15 @@ mod x86 {
             let products = _mm256_cvtepi32_ps(block_sums(block, at, start));
             rests = after_rest_block(rests, block, products, lanes, at);
         }
+        lanes_total(totals, rests)
+    }
+
+    /// Each lane's `rests` plus its eight block positions' totals, added as
+    /// [`horizontal_sum`] adds one input's lanes: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+    /// (l3 + l7))`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) fn lanes_total(totals: [__m256; GROUP], rests: __m256) -> [f32; LANES] {
         let [l0, l1, l2, l3, l4, l5, l6, l7] = totals;
         let sums = _mm256_add_ps(
             _mm256_add_ps(_mm256_add_ps(l0, l4), _mm256_add_ps(l2, l6)),
@@ -1194,6 +1203,18 @@ mod tests {
         }
     }
 
+    /// A block kernel's run over `matrix` (rows of `row_bytes`) with some inputs, as
+    /// [`assert_each_input_keeps_its_bits`] calls it.
+    #[cfg(target_arch = "x86_64")]
+    fn blocks_run(
+        matrix: &[u8],
+        row_bytes: usize,
+    ) -> impl Fn(&BlocksDot, &[PieceInputs], &mut [f32]) + '_ {
+        move |kernel, inputs, out| {
+            kernel(matrix, row_bytes, &RoundedInputs::new(inputs.to_vec()), out)
+        }
+    }
+
     /// The block kernels of every family this CPU has: AVX2's, VNNI's and AMX's.
     #[cfg(target_arch = "x86_64")]
     fn block_kernels(kind: GgmlType) -> Vec<BlocksDot> {
@@ -1245,14 +1266,7 @@ mod tests {
                 x86::blocks_dot::<true>(kind).expect("a VNNI kernel"),
                 tiles::q8_0_products,
             ];
-            let run = |kernel: &BlocksDot, inputs: &[PieceInputs], out: &mut [f32]| {
-                kernel(
-                    &matrix,
-                    row_bytes,
-                    &RoundedInputs::new(inputs.to_vec()),
-                    out,
-                )
-            };
+            let run = blocks_run(&matrix, row_bytes);
             assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, "Q8_0 tiles");
         }
     }
@@ -1279,14 +1293,7 @@ mod tests {
                         PieceInputs::new(&input)
                     })
                     .collect();
-                let run = |kernel: &BlocksDot, inputs: &[PieceInputs], out: &mut [f32]| {
-                    kernel(
-                        &matrix,
-                        row_bytes,
-                        &RoundedInputs::new(inputs.to_vec()),
-                        out,
-                    )
-                };
+                let run = blocks_run(&matrix, row_bytes);
                 assert_each_input_keeps_its_bits(&kernels, &inputs, rows, run, &kind.to_string());
             }
         }

@@ -10,7 +10,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::x86::{GROUP, after_rest_block, halves_of, leading_words};
+use super::x86::{GROUP, after_rest_block, halves_of, lanes_total, leading_words};
 use super::{InputLanes, LANES, PIECE, RoundedInputs};
 use crate::ggml::GgmlType;
 
@@ -263,13 +263,5 @@ unsafe fn channel_products(
         let bytes = &row[block * BLOCK_BYTES..][..BLOCK_BYTES];
         rests = after_rest_block(rests, bytes, block_products(block), lanes, block);
     }
-    let [l0, l1, l2, l3, l4, l5, l6, l7] = totals;
-    let sums = _mm256_add_ps(
-        _mm256_add_ps(_mm256_add_ps(l0, l4), _mm256_add_ps(l2, l6)),
-        _mm256_add_ps(_mm256_add_ps(l1, l5), _mm256_add_ps(l3, l7)),
-    );
-    let mut out = [0.0f32; LANES];
-    // SAFETY: eight floats.
-    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(rests, sums)) };
-    out
+    lanes_total(totals, rests)
 }
