@@ -762,22 +762,22 @@ pub fn rows_times_matrix(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         // Every row of `x` meets a few table rows (64 KiB) while they sit in the core's own
         // cache, so the table streams from memory once for all of them.
         let cached_rows = (CACHED_FLOATS / inputs).clamp(1, PRODUCT_DOTS);
-        let mut runs = vec![Vec::new(); table.len().div_ceil(PRODUCT_DOTS * inputs)];
-        distillery_workers::for_each_chunk_mut(&mut runs, 1, |run, result| {
-            let start = run * PRODUCT_DOTS * inputs;
-            let table_rows = &table[start..(start + PRODUCT_DOTS * inputs).min(table.len())];
-            let width = table_rows.len() / inputs;
-            let mut out = vec![0.0f32; rows * width];
-            let step = cached_rows * inputs;
-            for (first, cached) in table_rows.chunks(step).enumerate() {
-                // The table rows after these, which the task (or the next) reads next.
-                let next = &table[(start + (first + 1) * step).min(table.len())..];
-                let next = &next[..next.len().min(step)];
-                let out = &mut out[first * cached_rows..];
-                rows::rows_dot(&x, inputs, cached, next, out, width);
-            }
-            result[0] = out;
-        });
+        let runs =
+            distillery_workers::map_tasks(table.len().div_ceil(PRODUCT_DOTS * inputs), |run| {
+                let start = run * PRODUCT_DOTS * inputs;
+                let table_rows = &table[start..(start + PRODUCT_DOTS * inputs).min(table.len())];
+                let width = table_rows.len() / inputs;
+                let mut out = vec![0.0f32; rows * width];
+                let step = cached_rows * inputs;
+                for (first, cached) in table_rows.chunks(step).enumerate() {
+                    // The table rows after these, which the task (or the next) reads next.
+                    let next = &table[(start + (first + 1) * step).min(table.len())..];
+                    let next = &next[..next.len().min(step)];
+                    let out = &mut out[first * cached_rows..];
+                    rows::rows_dot(&x, inputs, cached, next, out, width);
+                }
+                out
+            });
         let mut out = vec![0.0f32; rows * outputs];
         distillery_workers::for_each_chunk_mut(&mut out, outputs, |row, out| {
             let mut at = 0;

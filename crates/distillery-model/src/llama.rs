@@ -261,11 +261,11 @@ impl Linear {
             if !together {
                 return linears.map(|linear| linear.forward(x.clone()));
             }
-            let mut outputs: [Option<Tensor<D>>; N] = std::array::from_fn(|_| None);
-            distillery_workers::for_each_chunk_mut(&mut outputs, 1, |index, output| {
-                output[0] = Some(linears[index].forward(x.clone()));
-            });
-            return outputs.map(|output| output.expect("every layer's output"));
+            let outputs =
+                distillery_workers::map_tasks(N, |index| linears[index].forward(x.clone()));
+            return outputs
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one output per layer"));
         };
         let device = x.device();
         let inputs = host_values(x.reshape([rows, dims[D - 1]]));

@@ -87,26 +87,18 @@ pub(crate) fn together(
         .collect()
 }
 
-/// `rows x count` values as `count x rows`, in square tiles so that neither side is walked
-/// with a stride through more memory than the caches hold.
+/// `rows x count` values as `count x rows`: sixteen inputs at a time (a cache line of each
+/// channel's values) over every channel, so `by_channel` is read about once and the writes
+/// are at most sixteen sequential streams, however many channels and inputs there are.
 pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
-    const TILE: usize = 16;
+    const INPUTS_AT_ONCE: usize = 16;
     let mut outputs = vec![0.0; count * rows];
-    if count <= TILE {
-        // A batch's or a check's few inputs: one pass, writing as many streams as inputs.
+    for first in (0..count).step_by(INPUTS_AT_ONCE) {
+        let inputs = first..(first + INPUTS_AT_ONCE).min(count);
         for (row, values) in by_channel[..rows * count].chunks_exact(count).enumerate() {
-            for (outputs, &value) in outputs[row..].iter_mut().step_by(rows).zip(values) {
-                *outputs = value;
-            }
-        }
-        return outputs;
-    }
-    for first_row in (0..rows).step_by(TILE) {
-        for first_index in (0..count).step_by(TILE) {
-            for row in first_row..(first_row + TILE).min(rows) {
-                for index in first_index..(first_index + TILE).min(count) {
-                    outputs[index * rows + row] = by_channel[row * count + index];
-                }
+            let column = outputs[first * rows + row..].iter_mut().step_by(rows);
+            for (output, &value) in column.zip(&values[inputs.clone()]) {
+                *output = value;
             }
         }
     }
@@ -202,4 +194,24 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     sums.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transposed;
+
+    /// Every value lands at its place, with fewer inputs than a set of sixteen, exactly one
+    /// set, and sets and a partial one.
+    #[test]
+    fn transposing_puts_each_value_at_its_input_and_channel() {
+        for (rows, count) in [(3, 1), (37, 5), (37, 16), (5, 17), (37, 40)] {
+            let by_channel: Vec<f32> = (0..rows * count).map(|value| value as f32).collect();
+            let outputs = transposed(&by_channel, rows, count);
+            for input in 0..count {
+                for row in 0..rows {
+                    assert_eq!(outputs[input * rows + row], (row * count + input) as f32);
+                }
+            }
+        }
+    }
 }

@@ -110,6 +110,18 @@ pub fn for_each_chunk_pair_mut<T: Send, U: Send>(
     });
 }
 
+/// `task(index)` for every index below `tasks`, run as in [`for_each_task`], in index order.
+pub fn map_tasks<T: Send>(tasks: usize, task: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let mut results: Vec<Option<T>> = std::iter::repeat_with(|| None).take(tasks).collect();
+    for_each_chunk_mut(&mut results, 1, |index, result| {
+        result[0] = Some(task(index));
+    });
+    results
+        .into_iter()
+        .map(|result| result.expect("every task ran"))
+        .collect()
+}
+
 fn chunk_count(length: usize, chunk: usize) -> usize {
     assert!(chunk > 0, "chunks of no values");
     length.div_ceil(chunk)
@@ -549,6 +561,19 @@ mod tests {
             assert_eq!(values, [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]);
             assert_eq!(lengths, [4, 4, 2]);
         });
+    }
+
+    #[test]
+    fn mapped_tasks_come_back_in_index_order() {
+        let _alone = one_test_at_a_time();
+        for threads in [1, 2, 3] {
+            with_threads(threads, || {
+                for tasks in [0, 1, 5, 100] {
+                    let squares = map_tasks(tasks, |index| index * index);
+                    assert_eq!(squares, (0..tasks).map(|i| i * i).collect::<Vec<_>>());
+                }
+            });
+        }
     }
 
     #[test]

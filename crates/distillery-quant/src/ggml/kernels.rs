@@ -264,7 +264,7 @@ pub(crate) fn prepare_lanes(kind: GgmlType, rounded: &RoundedInputs) {
     {
         use crate::cpu::{KernelFamily, kernel_family};
         let (q8_0, count) = (kind == GgmlType::Q8_0, rounded.rows().len());
-        if kernel_family() >= KernelFamily::Amx && tiles::in_tiles(q8_0, count) {
+        if kernel_family() >= KernelFamily::Amx && tiles::on_tiles(q8_0, count) {
             rounded.tile_lanes();
         } else if kernel_family() >= KernelFamily::Avx512Vnni && x86::in_lanes(q8_0, count) {
             rounded.lanes();
