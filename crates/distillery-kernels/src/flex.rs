@@ -1091,8 +1091,9 @@ const QUERY_TILE: usize = 32;
 type StridedMatrix = (*const f32, isize, isize);
 
 /// One head's causal attention of `queries` queries over the first `keys` keys and values,
-/// the queries aligned to the last keys: the scores and then probabilities into `p`
-/// (`queries x keys`), the weighted values into `out` (`queries x head_dim`).
+/// the queries aligned to the last keys, through matrix products: the scores and then
+/// probabilities into `p` (`queries x keys`), the weighted values into `out`
+/// (`queries x head_dim`).
 ///
 /// # Safety
 /// The matrices must address `queries` (query) and `keys` (key, value) rows of `head_dim`
@@ -1107,28 +1108,6 @@ unsafe fn attend(
     out: &mut [f32],
 ) {
     assert!(p.len() >= queries * keys && out.len() >= queries * head_dim);
-    if queries == 1 && q_cs == 1 && k_cs == 1 && v_cs == 1 && k_rs >= 0 && v_rs >= 0 {
-        let rows_span = |stride: isize| (keys - 1) * stride as usize + head_dim;
-        // SAFETY: the caller vouches that the query row and the `keys` key and value rows lie
-        // in live storage; with unit column strides each row is `head_dim` consecutive values,
-        // and non-negative row strides put every row within the span from the first.
-        let (query, key_rows, value_rows) = unsafe {
-            (
-                std::slice::from_raw_parts(q_ptr, head_dim),
-                std::slice::from_raw_parts(k_ptr, rows_span(k_rs)),
-                std::slice::from_raw_parts(v_ptr, rows_span(v_rs)),
-            )
-        };
-        rows::single_query_attention(
-            query,
-            (key_rows, k_rs as usize),
-            (value_rows, v_rs as usize),
-            scale,
-            &mut p[..keys],
-            &mut out[..head_dim],
-        );
-        return;
-    }
     // Tiles of queries, each over the keys its last query sees: the scores and weighted sums
     // the mask would zero are never computed (nearly half of them for a prompt without a
     // cache). Each row's softmax and sums cover the same keys in the same order as over all
@@ -1175,6 +1154,75 @@ unsafe fn attend(
     }
 }
 
+/// The attention of the query heads that share one key and value head (`query_heads`, each
+/// `queries` rows, at most [`FEW_QUERIES`]) on the kernel family's lanes, each query row over
+/// the keys it sees (the queries aligned to the last of `keys`), exactly as a decode step at
+/// its position computes it: the group's heads together, row by row
+/// ([`rows::grouped_query_attention`]). `p` is `heads x queries x keys` (the keys a row does
+/// not see left as they are), `out` `heads x queries x head_dim`.
+///
+/// # Safety
+/// Each matrix must address its rows (`queries` for a query head, `keys` for the keys and
+/// values) of `head_dim` values inside live storage, with unit column strides and
+/// non-negative row strides.
+unsafe fn attend_on_lanes(
+    query_heads: &[StridedMatrix],
+    ((k_ptr, k_rs, _), (v_ptr, v_rs, _)): (StridedMatrix, StridedMatrix),
+    (queries, keys): (usize, usize),
+    head_dim: usize,
+    scale: f32,
+    p: &mut [f32],
+    out: &mut [f32],
+) {
+    let heads = query_heads.len();
+    assert!(p.len() >= heads * queries * keys && out.len() >= heads * queries * head_dim);
+    let rows_span = |stride: isize| (keys - 1) * stride as usize + head_dim;
+    // SAFETY: the caller vouches that the `keys` key and value rows lie in live storage; with
+    // unit column strides each row is `head_dim` consecutive values, and non-negative row
+    // strides put every row within the span from the first.
+    let (key_rows, value_rows) = unsafe {
+        (
+            std::slice::from_raw_parts(k_ptr, rows_span(k_rs)),
+            std::slice::from_raw_parts(v_ptr, rows_span(v_rs)),
+        )
+    };
+    let mut query_rows = vec![0.0f32; heads * head_dim];
+    let mut probabilities = vec![0.0f32; heads * keys];
+    let mut sums = vec![0.0f32; heads * head_dim];
+    for row in 0..queries {
+        let visible = keys - queries + row + 1;
+        for (&(q_ptr, q_rs, _), query) in query_heads
+            .iter()
+            .zip(query_rows.chunks_exact_mut(head_dim))
+        {
+            // SAFETY: the caller vouches for the head's `queries` rows of `head_dim`
+            // consecutive values.
+            query.copy_from_slice(unsafe {
+                std::slice::from_raw_parts(q_ptr.offset(row as isize * q_rs), head_dim)
+            });
+        }
+        let probabilities = &mut probabilities[..heads * visible];
+        rows::grouped_query_attention(
+            heads,
+            &query_rows,
+            (key_rows, k_rs as usize),
+            (value_rows, v_rs as usize),
+            scale,
+            probabilities,
+            &mut sums,
+        );
+        for (head, (probabilities, sums)) in probabilities
+            .chunks_exact(visible)
+            .zip(sums.chunks_exact(head_dim))
+            .enumerate()
+        {
+            let at = head * queries + row;
+            p[at * keys..][..visible].copy_from_slice(probabilities);
+            out[at * head_dim..][..head_dim].copy_from_slice(sums);
+        }
+    }
+}
+
 /// Causal attention `softmax(q k^T / sqrt(d)) v` over `[batch, heads, queries, head_dim]`
 /// queries and `[batch, kv_heads, keys, head_dim]` keys and values (each key/value head serving
 /// `heads / kv_heads` consecutive query heads; queries aligned to the last keys). Returns the
@@ -1188,29 +1236,42 @@ pub fn causal_attention(
     let AttentionShape {
         batch,
         heads,
+        kv_heads,
         queries,
         keys,
         head_dim,
-        ..
     } = shape;
     let (q, k, v) = (Strided::new(query), Strided::new(key), Strided::new(value));
     let mut probabilities = vec![0.0f32; batch * heads * queries * keys];
     let mut output = vec![0.0f32; batch * heads * queries * head_dim];
     let offset = keys - queries;
     let scale = shape.scale();
+    let groups = shape.groups();
+    let (p_matrix, out_matrix) = (queries * keys, queries * head_dim);
+    // One task per key and value head, with the query heads that share it.
     distillery_workers::for_each_chunk_pair_mut(
-        (&mut probabilities, queries * keys),
-        (&mut output, queries * head_dim),
+        (&mut probabilities, groups * p_matrix),
+        (&mut output, groups * out_matrix),
         |index, p, out| {
-            let (b, h) = (index / heads, index % heads);
-            let kv_head = h / shape.groups();
-            let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
+            let (b, kv_head) = (index / kv_heads, index % kv_heads);
+            let query_heads: Vec<StridedMatrix> = (kv_head * groups..(kv_head + 1) * groups)
+                .map(|h| q.matrix(b, h))
+                .collect();
             let keys_values = (k.matrix(b, kv_head), v.matrix(b, kv_head));
-            if queries == 1 || queries > FEW_QUERIES {
-                // SAFETY: the views address `queries` and `keys` rows inside their tensors.
+            let ((_, k_rs, k_cs), (_, v_rs, v_cs)) = keys_values;
+            let (_, _, q_cs) = query_heads[0];
+            if queries <= FEW_QUERIES
+                && q_cs == 1
+                && k_cs == 1
+                && v_cs == 1
+                && k_rs >= 0
+                && v_rs >= 0
+            {
+                // SAFETY: the views address `queries` and `keys` rows inside their tensors, with
+                // the strides checked above.
                 unsafe {
-                    attend(
-                        (q_ptr, q_rs, q_cs),
+                    attend_on_lanes(
+                        &query_heads,
                         keys_values,
                         (queries, keys),
                         head_dim,
@@ -1221,27 +1282,48 @@ pub fn causal_attention(
                 };
                 return;
             }
-            // A few queries (a speculative decoding check, a short prompt): each on its own,
-            // over the keys it sees, exactly as a decode step at its position computes it.
-            for (row, (p, out)) in p
-                .chunks_exact_mut(keys)
-                .zip(out.chunks_exact_mut(head_dim))
-                .enumerate()
-            {
-                let visible = offset + row + 1;
-                // SAFETY: row `row` of the queries and the first `visible` keys lie inside
-                // their tensors.
-                unsafe {
-                    attend(
-                        (q_ptr.offset(row as isize * q_rs), q_rs, q_cs),
-                        keys_values,
-                        (1, visible),
-                        head_dim,
-                        scale,
-                        &mut p[..visible],
-                        out,
-                    )
-                };
+            for ((q_ptr, q_rs, q_cs), (p, out)) in query_heads.into_iter().zip(
+                p.chunks_exact_mut(p_matrix)
+                    .zip(out.chunks_exact_mut(out_matrix)),
+            ) {
+                if queries == 1 || queries > FEW_QUERIES {
+                    // SAFETY: the views address `queries` and `keys` rows inside their tensors.
+                    unsafe {
+                        attend(
+                            (q_ptr, q_rs, q_cs),
+                            keys_values,
+                            (queries, keys),
+                            head_dim,
+                            scale,
+                            p,
+                            out,
+                        )
+                    };
+                    continue;
+                }
+                // A few queries (a speculative decoding check, a short prompt): each on its
+                // own, over the keys it sees, exactly as a decode step at its position
+                // computes it.
+                for (row, (p, out)) in p
+                    .chunks_exact_mut(keys)
+                    .zip(out.chunks_exact_mut(head_dim))
+                    .enumerate()
+                {
+                    let visible = offset + row + 1;
+                    // SAFETY: row `row` of the queries and the first `visible` keys lie inside
+                    // their tensors.
+                    unsafe {
+                        attend(
+                            (q_ptr.offset(row as isize * q_rs), q_rs, q_cs),
+                            keys_values,
+                            (1, visible),
+                            head_dim,
+                            scale,
+                            &mut p[..visible],
+                            out,
+                        )
+                    };
+                }
             }
         },
     );

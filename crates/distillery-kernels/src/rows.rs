@@ -131,63 +131,116 @@ pub fn causal_softmax(
     }
 }
 
-/// One query's attention over `keys` key and value rows (row `j` of each at `j * stride`,
-/// `query.len()` values): the softmax of the scaled scores `q · k_j` into `probabilities`, their
-/// weighted sum of the value rows into `out`. A decode step's query is one row: plain loops
-/// over the cached rows, where a general matrix product would first choose blockings and
-/// dispatch for a single row, twice a head and layer. The scores and the weighted sum run on
-/// the kernel family's lanes, each product fused into its sum: left to the compiler, a score's
-/// dot product ran two floats at a time, and the weighted sum went through memory at every row.
-pub fn single_query_attention(
-    query: &[f32],
+/// The attention of `heads` query heads that share one key and value head (grouped-query
+/// attention), each head's one query over the same key and value rows (row `j` of each at
+/// `j * stride`): for head `g`, the softmax of its scaled scores `q_g · k_j` into
+/// `probabilities[g * keys..]` (`keys` = `probabilities.len() / heads`) and their weighted sum
+/// of the value rows into `out[g * head_dim..]`; `queries` holds the heads' queries one after
+/// another. A decode step's query is one row: plain loops over the cached rows, where a general
+/// matrix product would first choose blockings and dispatch for a single row, twice a head and
+/// layer. The scores and the weighted sum run on the kernel family's lanes, each product fused
+/// into its sum: left to the compiler, a score's dot product ran two floats at a time, and the
+/// weighted sum went through memory at every row. The heads meet each key and value row
+/// together: a head's weighted sum is one chain of dependent additions per block of outputs,
+/// which waits on itself, and the heads' chains run side by side. Each head's results have the
+/// bits it gets alone.
+pub fn grouped_query_attention(
+    heads: usize,
+    queries: &[f32],
     (keys, key_stride): (&[f32], usize),
     (values, value_stride): (&[f32], usize),
     scale: f32,
     probabilities: &mut [f32],
     out: &mut [f32],
 ) {
-    let head_dim = query.len();
-    let count = probabilities.len();
-    assert!(count > 0 && out.len() == head_dim);
+    assert!(heads > 0 && out.len().is_multiple_of(heads));
+    let head_dim = out.len() / heads;
+    let count = probabilities.len() / heads;
+    assert!(count > 0 && probabilities.len() == heads * count && queries.len() == heads * head_dim);
     assert!(keys.len() >= (count - 1) * key_stride + head_dim);
     assert!(values.len() >= (count - 1) * value_stride + head_dim);
     with_lanes!(key_scores(
-        query: &[f32],
+        queries: &[f32],
+        head_dim: usize,
         keys: &[f32],
         key_stride: usize,
         probabilities: &mut [f32],
     ));
-    causal_softmax(probabilities, count, 0, count - 1, scale);
+    for probabilities in probabilities.chunks_exact_mut(count) {
+        causal_softmax(probabilities, count, 0, count - 1, scale);
+    }
     let probabilities: &[f32] = probabilities;
     with_lanes!(weighted_values(
         probabilities: &[f32],
         values: &[f32],
         value_stride: usize,
         out: &mut [f32],
+        head_dim: usize,
     ));
 }
 
-/// `scores[j] = query · keys[j * key_stride..]`: each in [`LANES`] lanes added in halves, then
-/// the values past the last whole block added after them.
+/// Query heads whose scores and weighted sums run together: three heads' sums of four blocks
+/// of outputs fill the AVX-512 registers to twelve of 32.
+const HEADS_AT_ONCE: usize = 3;
+
+/// `scores[g * count + j] = query_g · keys[j * key_stride..]` for each query of `head_dim`
+/// values in `queries`, `count = scores.len() / heads`: each in [`LANES`] lanes added in
+/// halves, then the values past the last whole block added after them.
 #[inline(always)]
-fn key_scores<L: Lanes>(query: &[f32], keys: &[f32], key_stride: usize, scores: &mut [f32]) {
-    let (query_blocks, query_tail) = query.as_chunks::<LANES>();
-    for (index, score) in scores.iter_mut().enumerate() {
-        let key = &keys[index * key_stride..][..query.len()];
-        let (key_blocks, key_tail) = key.as_chunks::<LANES>();
-        let mut sum = L::zero();
-        for (query, key) in query_blocks.iter().zip(key_blocks) {
-            sum = sum.add_product(L::load(query), L::load(key));
+fn key_scores<L: Lanes>(
+    queries: &[f32],
+    head_dim: usize,
+    keys: &[f32],
+    key_stride: usize,
+    scores: &mut [f32],
+) {
+    let count = scores.len() / (queries.len() / head_dim);
+    for (queries, scores) in queries
+        .chunks(HEADS_AT_ONCE * head_dim)
+        .zip(scores.chunks_mut(HEADS_AT_ONCE * count))
+    {
+        match queries.len() / head_dim {
+            1 => heads_key_scores::<L, 1>(queries, keys, key_stride, scores),
+            2 => heads_key_scores::<L, 2>(queries, keys, key_stride, scores),
+            _ => heads_key_scores::<L, HEADS_AT_ONCE>(queries, keys, key_stride, scores),
         }
-        let tail = query_tail
-            .iter()
-            .zip(key_tail)
-            .fold(0.0f32, |sum, (&query, &key)| query.mul_add(key, sum));
-        *score = sum.sum() + tail;
     }
 }
 
-/// Blocks of [`LANES`] outputs whose sums [`weighted_values`] keeps in registers at once.
+/// [`key_scores`] for `HEADS` queries, each key's blocks loaded once for all of them.
+#[inline(always)]
+fn heads_key_scores<L: Lanes, const HEADS: usize>(
+    queries: &[f32],
+    keys: &[f32],
+    key_stride: usize,
+    scores: &mut [f32],
+) {
+    let head_dim = queries.len() / HEADS;
+    let count = scores.len() / HEADS;
+    let queries: [(&[[f32; LANES]], &[f32]); HEADS] =
+        std::array::from_fn(|head| queries[head * head_dim..][..head_dim].as_chunks::<LANES>());
+    for index in 0..count {
+        let key = &keys[index * key_stride..][..head_dim];
+        let (key_blocks, key_tail) = key.as_chunks::<LANES>();
+        let mut sums = [L::zero(); HEADS];
+        for (block, key) in key_blocks.iter().enumerate() {
+            let key = L::load(key);
+            for (sum, (query_blocks, _)) in sums.iter_mut().zip(&queries) {
+                *sum = sum.add_product(L::load(&query_blocks[block]), key);
+            }
+        }
+        for (head, (sum, (_, query_tail))) in sums.into_iter().zip(&queries).enumerate() {
+            let tail = query_tail
+                .iter()
+                .zip(key_tail)
+                .fold(0.0f32, |sum, (&query, &key)| query.mul_add(key, sum));
+            scores[head * count + index] = sum.sum() + tail;
+        }
+    }
+}
+
+/// Blocks of [`LANES`] outputs whose sums [`weighted_values`] keeps in registers at once, per
+/// head.
 const VALUE_BLOCKS: usize = 4;
 
 const _: () = assert!(
@@ -195,56 +248,95 @@ const _: () = assert!(
     "weighted_values has a kernel for each count of blocks up to 4"
 );
 
-/// `out = Σ_j probabilities[j] values[j * value_stride..]`, every output summed from zero in
-/// row order.
+/// `out[g * head_dim..] = Σ_j probabilities[g * count + j] values[j * value_stride..]` for each
+/// head `g` (`out.len() / head_dim` of them, `count = probabilities.len() / heads`), every
+/// output summed from zero in row order.
 #[inline(always)]
 fn weighted_values<L: Lanes>(
     probabilities: &[f32],
     values: &[f32],
     value_stride: usize,
     out: &mut [f32],
+    head_dim: usize,
 ) {
-    let head_dim = out.len();
-    let (blocks, tail) = out.as_chunks_mut::<LANES>();
-    let whole = blocks.len() * LANES;
-    for (group, out) in blocks.chunks_mut(VALUE_BLOCKS).enumerate() {
-        let values = &values[group * VALUE_BLOCKS * LANES..];
-        match out.len() {
-            1 => weighted_blocks::<L, 1>(probabilities, values, value_stride, out),
-            2 => weighted_blocks::<L, 2>(probabilities, values, value_stride, out),
-            3 => weighted_blocks::<L, 3>(probabilities, values, value_stride, out),
-            _ => weighted_blocks::<L, 4>(probabilities, values, value_stride, out),
+    let heads = out.len() / head_dim;
+    let count = probabilities.len() / heads;
+    for (probabilities, out) in probabilities
+        .chunks(HEADS_AT_ONCE * count)
+        .zip(out.chunks_mut(HEADS_AT_ONCE * head_dim))
+    {
+        match probabilities.len() / count {
+            1 => heads_weighted_values::<L, 1>(probabilities, values, value_stride, out),
+            2 => heads_weighted_values::<L, 2>(probabilities, values, value_stride, out),
+            _ => {
+                heads_weighted_values::<L, HEADS_AT_ONCE>(probabilities, values, value_stride, out)
+            }
         }
-    }
-    for (column, out) in (whole..head_dim).zip(tail) {
-        *out = probabilities
-            .iter()
-            .enumerate()
-            .fold(0.0f32, |sum, (row, &probability)| {
-                probability.mul_add(values[row * value_stride + column], sum)
-            });
     }
 }
 
-/// [`weighted_values`] for `BLOCKS` blocks of outputs, the first `BLOCKS * LANES` values of
-/// each row.
+/// [`weighted_values`] for `HEADS` heads, each value block loaded once for all of them.
 #[inline(always)]
-fn weighted_blocks<L: Lanes, const BLOCKS: usize>(
+fn heads_weighted_values<L: Lanes, const HEADS: usize>(
     probabilities: &[f32],
     values: &[f32],
     value_stride: usize,
-    out: &mut [[f32; LANES]],
+    out: &mut [f32],
 ) {
-    let mut sums = [L::zero(); BLOCKS];
-    for (row, &probability) in probabilities.iter().enumerate() {
-        let (blocks, _) = values[row * value_stride..][..BLOCKS * LANES].as_chunks::<LANES>();
-        let probability = L::splat(probability);
-        for (sum, block) in sums.iter_mut().zip(blocks) {
-            *sum = sum.add_product(probability, L::load(block));
+    let head_dim = out.len() / HEADS;
+    let count = probabilities.len() / HEADS;
+    let whole = head_dim / LANES * LANES;
+    for first in (0..whole).step_by(VALUE_BLOCKS * LANES) {
+        let blocks = VALUE_BLOCKS.min((whole - first) / LANES);
+        let values = &values[first..];
+        match blocks {
+            1 => weighted_blocks::<L, 1, HEADS>(probabilities, values, value_stride, out, first),
+            2 => weighted_blocks::<L, 2, HEADS>(probabilities, values, value_stride, out, first),
+            3 => weighted_blocks::<L, 3, HEADS>(probabilities, values, value_stride, out, first),
+            _ => weighted_blocks::<L, 4, HEADS>(probabilities, values, value_stride, out, first),
         }
     }
-    for (sum, out) in sums.into_iter().zip(out) {
-        sum.store(out);
+    for (head, out) in out.chunks_exact_mut(head_dim).enumerate() {
+        let probabilities = &probabilities[head * count..][..count];
+        for (column, out) in (whole..head_dim).zip(&mut out[whole..]) {
+            *out = probabilities
+                .iter()
+                .enumerate()
+                .fold(0.0f32, |sum, (row, &probability)| {
+                    probability.mul_add(values[row * value_stride + column], sum)
+                });
+        }
+    }
+}
+
+/// [`heads_weighted_values`] for `BLOCKS` blocks of outputs from column `first` of each head's
+/// outputs, `values` starting at that column of the first row.
+#[inline(always)]
+fn weighted_blocks<L: Lanes, const BLOCKS: usize, const HEADS: usize>(
+    probabilities: &[f32],
+    values: &[f32],
+    value_stride: usize,
+    out: &mut [f32],
+    first: usize,
+) {
+    let head_dim = out.len() / HEADS;
+    let count = probabilities.len() / HEADS;
+    let mut sums = [[L::zero(); BLOCKS]; HEADS];
+    for row in 0..count {
+        let (blocks, _) = values[row * value_stride..][..BLOCKS * LANES].as_chunks::<LANES>();
+        let blocks: [L; BLOCKS] = std::array::from_fn(|block| L::load(&blocks[block]));
+        for (head, sums) in sums.iter_mut().enumerate() {
+            let probability = L::splat(probabilities[head * count + row]);
+            for (sum, &block) in sums.iter_mut().zip(&blocks) {
+                *sum = sum.add_product(probability, block);
+            }
+        }
+    }
+    for (head, sums) in sums.into_iter().enumerate() {
+        let (out, _) = out[head * head_dim + first..][..BLOCKS * LANES].as_chunks_mut::<LANES>();
+        for (sum, out) in sums.into_iter().zip(out) {
+            sum.store(out);
+        }
     }
 }
 
@@ -1074,7 +1166,7 @@ mod tests {
     }
 
     #[test]
-    fn single_query_attention_matches_the_formula_over_strided_rows() {
+    fn one_query_head_attends_as_the_formula_says_over_strided_rows() {
         // Three keys and values of 2 values each, rows 3 apart (the rows of one head of a
         // cache that interleaves heads), the other values never read.
         let query = [1.0, -2.0];
@@ -1082,7 +1174,8 @@ mod tests {
         let values = [1.0, 2.0, 9.0, 3.0, -1.0, 9.0, 0.0, 4.0];
         let mut probabilities = [f32::NAN; 3];
         let mut out = [f32::NAN; 2];
-        single_query_attention(
+        grouped_query_attention(
+            1,
             &query,
             (&keys, 3),
             (&values, 3),
@@ -1354,64 +1447,95 @@ mod tests {
         }
     }
 
-    /// A query's scores and weighted values give every kernel family the portable lanes' bits,
-    /// over strided rows, with one to five blocks of outputs and a tail (37 = 2 x 16 + 5,
-    /// 83 = 5 x 16 + 3).
+    /// The query heads of a group get, together, the scores and weighted values each gets
+    /// alone, with every kernel family's lanes the portable lanes' bits, over strided rows,
+    /// with one to five blocks of outputs and a tail (37 = 2 x 16 + 5, 83 = 5 x 16 + 3), and
+    /// four heads: three together, then one.
     #[test]
-    fn single_query_attention_keeps_its_bits_on_every_kernel_family() {
+    fn query_heads_keep_their_bits_together_and_on_every_kernel_family() {
         let value = |index: usize| ((index * 7919) % 211) as f32 / 105.0 - 1.0;
+        let heads = 4;
         for head_dim in [16, 37, 83] {
             let (count, stride) = (9, head_dim + 7);
-            let query: Vec<f32> = (0..head_dim).map(value).collect();
+            let queries: Vec<f32> = (0..heads * head_dim).map(value).collect();
             let keys: Vec<f32> = (0..count * stride)
                 .map(|index| value(index + 3000))
                 .collect();
             let values: Vec<f32> = (0..count * stride)
                 .map(|index| value(index + 6000))
                 .collect();
-            let probabilities: Vec<f32> =
-                (0..count).map(|index| value(index + 900).abs()).collect();
+            let probabilities: Vec<f32> = (0..heads * count)
+                .map(|index| value(index + 900).abs())
+                .collect();
+            // The scores and weighted values of the heads `first..first + taken`, together.
+            let run = |family: KernelFamily, first: usize, taken: usize| {
+                let (key_stride, value_stride) = (stride, stride);
+                let queries = &queries[first * head_dim..(first + taken) * head_dim];
+                let (keys, values) = (&keys[..], &values[..]);
+                let scores = &mut vec![f32::NAN; taken * count][..];
+                with_lanes!(@in family, key_scores(
+                    queries: &[f32],
+                    head_dim: usize,
+                    keys: &[f32],
+                    key_stride: usize,
+                    scores: &mut [f32],
+                ));
+                let probabilities = &probabilities[first * count..(first + taken) * count];
+                let out = &mut vec![f32::NAN; taken * head_dim][..];
+                with_lanes!(@in family, weighted_values(
+                    probabilities: &[f32],
+                    values: &[f32],
+                    value_stride: usize,
+                    out: &mut [f32],
+                    head_dim: usize,
+                ));
+                (scores.to_vec(), out.to_vec())
+            };
             let results: Vec<(Vec<f32>, Vec<f32>)> = families_here()
                 .into_iter()
                 .map(|family| {
-                    let (query, keys, key_stride) = (&query[..], &keys[..], stride);
-                    let scores = &mut vec![f32::NAN; count][..];
-                    with_lanes!(@in family, key_scores(
-                        query: &[f32],
-                        keys: &[f32],
-                        key_stride: usize,
-                        scores: &mut [f32],
-                    ));
-                    let (probabilities, values, value_stride) =
-                        (&probabilities[..], &values[..], stride);
-                    let out = &mut vec![f32::NAN; head_dim][..];
-                    with_lanes!(@in family, weighted_values(
-                        probabilities: &[f32],
-                        values: &[f32],
-                        value_stride: usize,
-                        out: &mut [f32],
-                    ));
-                    (scores.to_vec(), out.to_vec())
+                    let together = run(family, 0, heads);
+                    for head in 0..heads {
+                        let (scores, out) = run(family, head, 1);
+                        assert_eq!(
+                            (&scores[..], &out[..]),
+                            (
+                                &together.0[head * count..][..count],
+                                &together.1[head * head_dim..][..head_dim]
+                            ),
+                            "{family:?}, head_dim {head_dim}, head {head} alone"
+                        );
+                    }
+                    together
                 })
                 .collect();
             for (family, result) in families_here().iter().zip(&results) {
                 assert_eq!(result, &results[0], "{family:?}, head_dim {head_dim}");
             }
             let (scores, out) = &results[0];
-            for (key, &got) in scores.iter().enumerate() {
-                let plain: f32 = (0..head_dim)
-                    .map(|k| query[k] * keys[key * stride + k])
-                    .sum();
-                assert!((got - plain).abs() < 1e-4, "score {key}: {got} vs {plain}");
-            }
-            for (column, &got) in out.iter().enumerate() {
-                let plain: f32 = (0..count)
-                    .map(|row| probabilities[row] * values[row * stride + column])
-                    .sum();
-                assert!(
-                    (got - plain).abs() < 1e-4,
-                    "output {column}: {got} vs {plain}"
-                );
+            for head in 0..heads {
+                for key in 0..count {
+                    let got = scores[head * count + key];
+                    let plain: f32 = (0..head_dim)
+                        .map(|k| queries[head * head_dim + k] * keys[key * stride + k])
+                        .sum();
+                    assert!(
+                        (got - plain).abs() < 1e-4,
+                        "score {head}, {key}: {got} vs {plain}"
+                    );
+                }
+                for column in 0..head_dim {
+                    let got = out[head * head_dim + column];
+                    let plain: f32 = (0..count)
+                        .map(|row| {
+                            probabilities[head * count + row] * values[row * stride + column]
+                        })
+                        .sum();
+                    assert!(
+                        (got - plain).abs() < 1e-4,
+                        "output {head}, {column}: {got} vs {plain}"
+                    );
+                }
             }
         }
     }
