@@ -19,18 +19,44 @@ const CHANNELS_PER_TASK: usize = 128;
 /// 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
 pub(crate) const TILE_CHANNELS: usize = 256;
 
-/// `rows x count` values from `channel_outputs(rows, outputs of those channels)`, runs of
-/// rows spread over threads when `work` multiply-adds are enough to pay for it. The runs are
-/// equal (whole groups of [interleaved](crate::interleaved) rows) and as many as a multiple of
-/// the threads, so that no thread is left with a last run while the others wait (576 channels
-/// in runs of 128 kept one of two threads busy a third longer than the other).
-pub(crate) fn channel_major(
+/// `count x rows` values from `channel_outputs(channels, outs)`, which writes the outputs of
+/// `channels` channel by channel (`outs[channel * count + input]`), runs of channels spread
+/// over threads when `work` multiply-adds are enough to pay for it. Each task turns its run
+/// around into its columns of the result while the run is in cache: turned around whole on
+/// one thread, a step's products left the other thread waiting (a head of 49,152 channels
+/// against eight inputs is 1.5 MB of results).
+pub(crate) fn input_major(
     rows: usize,
     work: usize,
     count: usize,
     channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut by_channel = vec![0.0f32; rows * count];
+    let mut out = vec![0.0f32; count * rows];
+    let destination = SharedOutput(out.as_mut_ptr());
+    for_each_run(rows, work, |channels| {
+        if count == 1 {
+            // SAFETY: with one input the columns are the channels' own run of `out`; the runs
+            // are disjoint, so no other task touches this one's, and `out` outlives the tasks.
+            let run = unsafe {
+                std::slice::from_raw_parts_mut(destination.at(channels.start), channels.len())
+            };
+            return channel_outputs(channels, run);
+        }
+        let mut by_channel = vec![0.0f32; channels.len() * count];
+        channel_outputs(channels.clone(), &mut by_channel);
+        // SAFETY: the runs are disjoint, so each task writes only its own columns of `out`,
+        // which outlives the tasks.
+        unsafe { destination.put_columns(&by_channel, channels, rows, count) };
+    });
+    out
+}
+
+/// Runs of `rows` channels spread over threads when `work` multiply-adds are enough to pay
+/// for it, `run(channels)` for each. The runs are equal (whole groups of
+/// [interleaved](crate::interleaved) rows) and as many as a multiple of the threads, so that
+/// no thread is left with a last run while the others wait (576 channels in runs of 128 kept
+/// one of two threads busy a third longer than the other).
+fn for_each_run(rows: usize, work: usize, run: impl Fn(Range<usize>) + Sync) {
     let tasks = if work < PARALLEL_WORK {
         1
     } else {
@@ -39,11 +65,10 @@ pub(crate) fn channel_major(
             .next_multiple_of(rayon::current_num_threads())
     };
     let task_channels = rows.div_ceil(tasks).next_multiple_of(GROUP_ROWS);
-    distillery_workers::for_each_chunk_mut(&mut by_channel, count * task_channels, |task, outs| {
+    distillery_workers::for_each_task(rows.div_ceil(task_channels.max(1)), |task| {
         let first = task * task_channels;
-        channel_outputs(first..first + outs.len() / count, outs);
+        run(first..rows.min(first + task_channels));
     });
-    by_channel
 }
 
 /// Several matrices applied to the same `count` inputs in one parallel region, a task's
@@ -65,43 +90,30 @@ pub(crate) fn together(
         .map(|&(rows, cols)| rows * cols)
         .sum::<usize>()
         * count;
-    let by_channel = channel_major(rows, work, count, |range, outs| {
+    let mut outputs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(rows, _)| vec![0.0f32; count * rows])
+        .collect();
+    let destinations: Vec<SharedOutput> = outputs
+        .iter_mut()
+        .map(|output| SharedOutput(output.as_mut_ptr()))
+        .collect();
+    for_each_run(rows, work, |range| {
         let mut row = range.start;
         while row < range.end {
             let matrix = starts.partition_point(|&start| start <= row) - 1;
             let end = range.end.min(starts[matrix + 1]);
-            channels(
-                matrix,
-                row - starts[matrix]..end - starts[matrix],
-                &mut outs[(row - range.start) * count..(end - range.start) * count],
-            );
+            let local = row - starts[matrix]..end - starts[matrix];
+            let mut by_channel = vec![0.0f32; local.len() * count];
+            channels(matrix, local.clone(), &mut by_channel);
+            // SAFETY: the runs are disjoint, so each task writes only its own columns of the
+            // matrix's output, which outlives the tasks.
+            unsafe {
+                destinations[matrix].put_columns(&by_channel, local, shapes[matrix].0, count)
+            };
             row = end;
         }
     });
-    shapes
-        .iter()
-        .zip(starts.windows(2))
-        .map(|(&(rows, _), range)| {
-            transposed(&by_channel[range[0] * count..range[1] * count], rows, count)
-        })
-        .collect()
-}
-
-/// `rows x count` values as `count x rows`: sixteen inputs at a time (a cache line of each
-/// channel's values) over every channel, so `by_channel` is read about once and the writes
-/// are at most sixteen sequential streams, however many channels and inputs there are.
-pub(crate) fn transposed(by_channel: &[f32], rows: usize, count: usize) -> Vec<f32> {
-    const INPUTS_AT_ONCE: usize = 16;
-    let mut outputs = vec![0.0; count * rows];
-    for first in (0..count).step_by(INPUTS_AT_ONCE) {
-        let inputs = first..(first + INPUTS_AT_ONCE).min(count);
-        for (row, values) in by_channel[..rows * count].chunks_exact(count).enumerate() {
-            let column = outputs[first * rows + row..].iter_mut().step_by(rows);
-            for (output, &value) in column.zip(&values[inputs.clone()]) {
-                *output = value;
-            }
-        }
-    }
     outputs
 }
 
@@ -162,7 +174,7 @@ pub(crate) fn in_tiles(
     out
 }
 
-/// The result buffer tasks of [`in_tiles`] write disjoint columns of.
+/// A `count x rows` result buffer parallel tasks write disjoint columns of.
 struct SharedOutput(*mut f32);
 
 // SAFETY: every task writes its own columns only, and the buffer outlives the tasks.
@@ -173,6 +185,30 @@ impl SharedOutput {
     fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: callers pass offsets inside the buffer.
         unsafe { self.0.add(offset) }
+    }
+
+    /// Columns `channels` of the `count x rows` buffer from `by_channel`
+    /// (`by_channel[i * count + input]` for channel `channels.start + i`).
+    ///
+    /// # Safety
+    /// The buffer holds `count x rows` values, `channels` lies below `rows`, and no other
+    /// thread writes these columns meanwhile.
+    unsafe fn put_columns(
+        &self,
+        by_channel: &[f32],
+        channels: Range<usize>,
+        rows: usize,
+        count: usize,
+    ) {
+        assert!(channels.end <= rows && by_channel.len() == channels.len() * count);
+        for input in 0..count {
+            let values = by_channel[input..].iter().step_by(count);
+            for (channel, &value) in channels.clone().zip(values) {
+                // SAFETY: `input * rows + channel` lies inside the buffer (checked above and
+                // vouched for by the caller), in a column no other thread writes.
+                unsafe { *self.at(input * rows + channel) = value };
+            }
+        }
     }
 }
 
@@ -198,18 +234,54 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::transposed;
+    use super::{PARALLEL_WORK, input_major, together};
 
-    /// Every value lands at its place, with fewer inputs than a set of sixteen, exactly one
-    /// set, and sets and a partial one.
+    /// Channel `c`'s output for input `i` as the tests' channel functions write it.
+    fn marked(matrix: usize, channel: usize, input: usize) -> f32 {
+        (matrix * 1_000_000 + channel * 100 + input) as f32
+    }
+
+    /// Every value lands at its input and channel, on one thread and over runs on several,
+    /// with one input and several, and channel counts that are no multiple of a run.
     #[test]
-    fn transposing_puts_each_value_at_its_input_and_channel() {
-        for (rows, count) in [(3, 1), (37, 5), (37, 16), (5, 17), (37, 40)] {
-            let by_channel: Vec<f32> = (0..rows * count).map(|value| value as f32).collect();
-            let outputs = transposed(&by_channel, rows, count);
-            for input in 0..count {
-                for row in 0..rows {
-                    assert_eq!(outputs[input * rows + row], (row * count + input) as f32);
+    fn each_output_lands_at_its_input_and_channel() {
+        for (rows, count) in [(3, 1), (37, 5), (1000, 1), (1000, 8), (1237, 17)] {
+            for work in [1, PARALLEL_WORK] {
+                let out = input_major(rows, work, count, |channels, outs| {
+                    for (channel, outs) in channels.zip(outs.chunks_exact_mut(count)) {
+                        for (input, out) in outs.iter_mut().enumerate() {
+                            *out = marked(0, channel, input);
+                        }
+                    }
+                });
+                for input in 0..count {
+                    for row in 0..rows {
+                        assert_eq!(out[input * rows + row], marked(0, row, input));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Matrices taken together each get their own outputs, runs crossing from one matrix
+    /// into the next included.
+    #[test]
+    fn matrices_together_each_get_their_outputs() {
+        let shapes = [(300, 64), (77, 64), (1000, 64)];
+        for count in [1, 3, 8] {
+            let outputs = together(&shapes, count, |matrix, channels, outs| {
+                for (channel, outs) in channels.zip(outs.chunks_exact_mut(count)) {
+                    for (input, out) in outs.iter_mut().enumerate() {
+                        *out = marked(matrix, channel, input);
+                    }
+                }
+            });
+            for (matrix, (output, &(rows, _))) in outputs.iter().zip(&shapes).enumerate() {
+                assert_eq!(output.len(), rows * count);
+                for input in 0..count {
+                    for row in 0..rows {
+                        assert_eq!(output[input * rows + row], marked(matrix, row, input));
+                    }
                 }
             }
         }

@@ -1354,7 +1354,9 @@ mod tests {
                 .collect();
             let together = |count| {
                 let by_input = matrix.matmul_int8_inputs(&x[..count * blocks * PIECE], count);
-                crate::products::transposed(&by_input, count, rows)
+                (0..rows * count)
+                    .map(|at| by_input[(at % count) * rows + at / count])
+                    .collect()
             };
             crate::test_support::assert_inputs_keep_their_bits(&alone, together, &kind.to_string());
         }

@@ -10,7 +10,7 @@ use super::kernels::{RoundedInputs, blocks_dot, pieces_dot, prepare_lanes};
 use super::types::GgmlType;
 use crate::QuantError;
 use crate::interleaved::{self, BLOCK_CODES, GROUP_ROWS, Layout, Shape};
-use crate::products::{channel_major, dot, in_tiles, together, transposed};
+use crate::products::{dot, in_tiles, input_major, together};
 
 /// A `rows x cols` (output x input) matrix of one ggml type.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +155,7 @@ impl BlockMatrix {
     /// dequantized weights: `count x rows`.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
         let cols = self.cols;
-        let by_channel = channel_major(self.rows, self.rows * cols * count, count, |rows, outs| {
+        input_major(self.rows, self.rows * cols * count, count, |rows, outs| {
             let mut weights = vec![0.0; cols];
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
                 self.dequantize_row(row, &mut weights);
@@ -163,11 +163,7 @@ impl BlockMatrix {
                     *value = dot(input, &weights);
                 }
             }
-        });
-        if count == 1 {
-            return by_channel;
-        }
-        transposed(&by_channel, self.rows, count)
+        })
     }
 
     /// [`Self::matmul`] for many input rows: tiles of channels decoded to floats meet every
@@ -194,16 +190,12 @@ impl BlockMatrix {
         }
         let inputs = RoundedInputs::of(x, self.cols, count);
         prepare_lanes(self.kind, &inputs);
-        let by_channel = channel_major(
+        input_major(
             self.rows,
             self.rows * self.cols * count,
             count,
             |rows, outs| self.channels_int8(rows, &inputs, outs),
-        );
-        if count == 1 {
-            return by_channel;
-        }
-        transposed(&by_channel, self.rows, count)
+        )
     }
 
     /// Several matrices of the same input width applied to the same int8-rounded inputs in

@@ -10,7 +10,7 @@ use super::PackedMatrix;
 use crate::f16::f16_to_f32;
 use crate::int8_inputs::{self, ChannelDots, ChannelRun, Int8Inputs};
 use crate::interleaved::{self, Layout};
-use crate::products::{channel_major, dot, in_tiles, together, transposed};
+use crate::products::{dot, in_tiles, input_major, together};
 
 impl PackedMatrix {
     /// `x Wᵀ` for `count` input rows `x` (`count x cols`): `count x rows`. The float matrix
@@ -188,11 +188,7 @@ impl PackedMatrix {
         channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
     ) -> Vec<f32> {
         let work = self.rows * self.cols * count;
-        let by_channel = channel_major(self.rows, work, count, channel_outputs);
-        if count == 1 {
-            return by_channel;
-        }
-        transposed(&by_channel, self.rows, count)
+        input_major(self.rows, work, count, channel_outputs)
     }
 }
 
