@@ -1248,31 +1248,30 @@ pub fn causal_attention(
     let scale = shape.scale();
     let groups = shape.groups();
     let (p_matrix, out_matrix) = (queries * keys, queries * head_dim);
-    // One task per key and value head, with the query heads that share it.
-    distillery_workers::for_each_chunk_pair_mut(
-        (&mut probabilities, groups * p_matrix),
-        (&mut output, groups * out_matrix),
-        |index, p, out| {
-            let (b, kv_head) = (index / kv_heads, index % kv_heads);
-            let query_heads: Vec<StridedMatrix> = (kv_head * groups..(kv_head + 1) * groups)
-                .map(|h| q.matrix(b, h))
-                .collect();
-            let keys_values = (k.matrix(b, kv_head), v.matrix(b, kv_head));
-            let ((_, k_rs, k_cs), (_, v_rs, v_cs)) = keys_values;
-            let (_, _, q_cs) = query_heads[0];
-            if queries <= FEW_QUERIES
-                && q_cs == 1
-                && k_cs == 1
-                && v_cs == 1
-                && k_rs >= 0
-                && v_rs >= 0
-            {
-                // SAFETY: the views address `queries` and `keys` rows inside their tensors, with
-                // the strides checked above.
+    // Row and column strides, the same for every batch entry and head.
+    let (q_cs, [k_rs, k_cs], [v_rs, v_cs]) = (
+        q.strides[3],
+        [k.strides[2], k.strides[3]],
+        [v.strides[2], v.strides[3]],
+    );
+    if queries <= FEW_QUERIES && q_cs == 1 && k_cs == 1 && v_cs == 1 && k_rs >= 0 && v_rs >= 0 {
+        // A decode step's query, or a few (a speculative decoding check, a short prompt) each
+        // on its own over the keys it sees: one task per key and value head, with the query
+        // heads that share it.
+        distillery_workers::for_each_chunk_pair_mut(
+            (&mut probabilities, groups * p_matrix),
+            (&mut output, groups * out_matrix),
+            |index, p, out| {
+                let (b, kv_head) = (index / kv_heads, index % kv_heads);
+                let query_heads: Vec<StridedMatrix> = (kv_head * groups..(kv_head + 1) * groups)
+                    .map(|h| q.matrix(b, h))
+                    .collect();
+                // SAFETY: the views address `queries` and `keys` rows inside their tensors,
+                // with the strides checked above (every head's are the tensor's).
                 unsafe {
                     attend_on_lanes(
                         &query_heads,
-                        keys_values,
+                        (k.matrix(b, kv_head), v.matrix(b, kv_head)),
                         (queries, keys),
                         head_dim,
                         scale,
@@ -1280,12 +1279,17 @@ pub fn causal_attention(
                         out,
                     )
                 };
-                return;
-            }
-            for ((q_ptr, q_rs, q_cs), (p, out)) in query_heads.into_iter().zip(
-                p.chunks_exact_mut(p_matrix)
-                    .zip(out.chunks_exact_mut(out_matrix)),
-            ) {
+            },
+        );
+    } else {
+        distillery_workers::for_each_chunk_pair_mut(
+            (&mut probabilities, p_matrix),
+            (&mut output, out_matrix),
+            |index, p, out| {
+                let (b, h) = (index / heads, index % heads);
+                let kv_head = h / groups;
+                let (q_ptr, q_rs, q_cs) = q.matrix(b, h);
+                let keys_values = (k.matrix(b, kv_head), v.matrix(b, kv_head));
                 if queries == 1 || queries > FEW_QUERIES {
                     // SAFETY: the views address `queries` and `keys` rows inside their tensors.
                     unsafe {
@@ -1299,11 +1303,10 @@ pub fn causal_attention(
                             out,
                         )
                     };
-                    continue;
+                    return;
                 }
-                // A few queries (a speculative decoding check, a short prompt): each on its
-                // own, over the keys it sees, exactly as a decode step at its position
-                // computes it.
+                // A few queries on strides the lanes do not take: each on its own, over the
+                // keys it sees, as a decode step at its position computes it.
                 for (row, (p, out)) in p
                     .chunks_exact_mut(keys)
                     .zip(out.chunks_exact_mut(head_dim))
@@ -1324,9 +1327,9 @@ pub fn causal_attention(
                         )
                     };
                 }
-            }
-        },
-    );
+            },
+        );
+    }
     (
         tensor(output, Shape::new([batch, heads, queries, head_dim])),
         tensor(probabilities, Shape::new([batch, heads, queries, keys])),
