@@ -72,7 +72,7 @@ impl PackedMatrix {
                     - zero_terms(row_groups.scales, zeros, sums);
             }
         };
-        self.by_channel(count, |rows, outs| {
+        self.outputs_of_channels(count, |rows, outs| {
             let (mut scratch, mut buffers) = (Vec::new(), (Vec::new(), Vec::new()));
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
                 channel_outputs(row, &mut scratch, &mut buffers, out);
@@ -101,7 +101,7 @@ impl PackedMatrix {
         let Some(product) = self.integer_product(x, count, None) else {
             return self.matmul(x, count);
         };
-        self.by_channel(count, |rows, outs| product.channels(rows, outs))
+        self.outputs_of_channels(count, |rows, outs| product.channels(rows, outs))
     }
 
     /// [`Self::matmul_int8_inputs`] of several matrices with the same inputs (q, k and v; gate
@@ -182,7 +182,7 @@ impl PackedMatrix {
     }
 
     /// `count x rows` outputs from `channel_outputs(rows, outputs of those channels)`.
-    fn by_channel(
+    fn outputs_of_channels(
         &self,
         count: usize,
         channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
