@@ -1187,10 +1187,7 @@ unsafe fn attend_on_lanes(
         )
     };
     let mut query_rows = vec![0.0f32; heads * head_dim];
-    let mut probabilities = vec![0.0f32; heads * keys];
-    let mut sums = vec![0.0f32; heads * head_dim];
-    for row in 0..queries {
-        let visible = keys - queries + row + 1;
+    let gather_queries = |row: usize, query_rows: &mut [f32]| {
         for (&(q_ptr, q_rs, _), query) in query_heads
             .iter()
             .zip(query_rows.chunks_exact_mut(head_dim))
@@ -1201,6 +1198,25 @@ unsafe fn attend_on_lanes(
                 std::slice::from_raw_parts(q_ptr.offset(row as isize * q_rs), head_dim)
             });
         }
+    };
+    if queries == 1 {
+        // A decode step: each head's probabilities and outputs are one run of `p` and `out`.
+        gather_queries(0, &mut query_rows);
+        return rows::grouped_query_attention(
+            heads,
+            &query_rows,
+            (key_rows, k_rs as usize),
+            (value_rows, v_rs as usize),
+            scale,
+            &mut p[..heads * keys],
+            &mut out[..heads * head_dim],
+        );
+    }
+    let mut probabilities = vec![0.0f32; heads * keys];
+    let mut sums = vec![0.0f32; heads * head_dim];
+    for row in 0..queries {
+        let visible = keys - queries + row + 1;
+        gather_queries(row, &mut query_rows);
         let probabilities = &mut probabilities[..heads * visible];
         rows::grouped_query_attention(
             heads,
