@@ -21,7 +21,10 @@ from validation_split import validation_windows
 
 
 def bench(path, prompt, new_tokens, runs, threads):
-    llm = Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 1, n_batch=512,
+    # llama-cpp-python keeps the logits of n_batch positions, so a prompt longer than one
+    # batch of 512 has no row for its last position: one batch holds the whole context.
+    context = len(prompt) + new_tokens + 1
+    llm = Llama(model_path=path, n_ctx=context, n_batch=max(512, context),
                 n_threads=threads, n_threads_batch=threads, verbose=False)
     prefill, decode = [], []
     for run in range(runs + 1):
