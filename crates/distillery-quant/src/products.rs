@@ -19,36 +19,18 @@ const CHANNELS_PER_TASK: usize = 128;
 /// 1 MiB of floats, which stay in a core's L2 cache while every input row meets them.
 pub(crate) const TILE_CHANNELS: usize = 256;
 
-/// `count x rows` values from `channel_outputs(channels, outs)`, which writes the outputs of
-/// `channels` channel by channel (`outs[channel * count + input]`), runs of channels spread
-/// over threads when `work` multiply-adds are enough to pay for it. Each task turns its run
-/// around into its columns of the result while the run is in cache: turned around whole on
-/// one thread, a step's products left the other thread waiting (a head of 49,152 channels
-/// against eight inputs is 1.5 MB of results).
+/// `count x rows` values of a `(rows, cols)` matrix applied to `count` inputs, from
+/// `channel_outputs(channels, outs)`, which writes the outputs of `channels` channel by channel
+/// (`outs[channel * count + input]`): [`together`] for one matrix.
 pub(crate) fn input_major(
-    rows: usize,
-    work: usize,
+    shape: (usize, usize),
     count: usize,
     channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; count * rows];
-    let destination = SharedOutput(out.as_mut_ptr());
-    for_each_run(rows, work, |channels| {
-        if count == 1 {
-            // SAFETY: with one input the columns are the channels' own run of `out`; the runs
-            // are disjoint, so no other task touches this one's, and `out` outlives the tasks.
-            let run = unsafe {
-                std::slice::from_raw_parts_mut(destination.at(channels.start), channels.len())
-            };
-            return channel_outputs(channels, run);
-        }
-        let mut by_channel = vec![0.0f32; channels.len() * count];
-        channel_outputs(channels.clone(), &mut by_channel);
-        // SAFETY: the runs are disjoint, so each task writes only its own columns of `out`,
-        // which outlives the tasks.
-        unsafe { destination.put_columns(&by_channel, channels, rows, count) };
+    let mut outputs = together(&[shape], count, |_, channels, outs| {
+        channel_outputs(channels, outs)
     });
-    out
+    outputs.pop().expect("one matrix's outputs")
 }
 
 /// Runs of `rows` channels spread over threads when `work` multiply-adds are enough to pay
@@ -104,12 +86,12 @@ pub(crate) fn together(
             let matrix = starts.partition_point(|&start| start <= row) - 1;
             let end = range.end.min(starts[matrix + 1]);
             let local = row - starts[matrix]..end - starts[matrix];
-            let mut by_channel = vec![0.0f32; local.len() * count];
-            channels(matrix, local.clone(), &mut by_channel);
             // SAFETY: the runs are disjoint, so each task writes only its own columns of the
             // matrix's output, which outlives the tasks.
             unsafe {
-                destinations[matrix].put_columns(&by_channel, local, shapes[matrix].0, count)
+                destinations[matrix].write_columns(local, shapes[matrix].0, count, |local, outs| {
+                    channels(matrix, local, outs)
+                })
             };
             row = end;
         }
@@ -187,25 +169,38 @@ impl SharedOutput {
         unsafe { self.0.add(offset) }
     }
 
-    /// Columns `channels` of the `count x rows` buffer from `by_channel`
-    /// (`by_channel[i * count + input]` for channel `channels.start + i`).
+    /// Columns `channels` of the `count x rows` buffer from `channel_outputs(channels, outs)`,
+    /// which writes them channel by channel (`outs[i * count + input]` for channel
+    /// `channels.start + i`): with one input straight into the buffer, where the columns are
+    /// one run, otherwise turned around from a run of the task's own while it is in cache.
+    /// Turned around whole on one thread, a step's products left the other thread waiting (a
+    /// head of 49,152 channels against eight inputs is 1.5 MB of results).
     ///
     /// # Safety
     /// The buffer holds `count x rows` values, `channels` lies below `rows`, and no other
-    /// thread writes these columns meanwhile.
-    unsafe fn put_columns(
+    /// thread touches these columns meanwhile.
+    unsafe fn write_columns(
         &self,
-        by_channel: &[f32],
         channels: Range<usize>,
         rows: usize,
         count: usize,
+        channel_outputs: impl FnOnce(Range<usize>, &mut [f32]),
     ) {
-        assert!(channels.end <= rows && by_channel.len() == channels.len() * count);
+        assert!(channels.end <= rows);
+        if count == 1 {
+            // SAFETY: with one input the columns are the run `channels` of the buffer, which
+            // the caller vouches for.
+            let run =
+                unsafe { std::slice::from_raw_parts_mut(self.at(channels.start), channels.len()) };
+            return channel_outputs(channels, run);
+        }
+        let mut by_channel = vec![0.0f32; channels.len() * count];
+        channel_outputs(channels.clone(), &mut by_channel);
         for input in 0..count {
             let values = by_channel[input..].iter().step_by(count);
             for (channel, &value) in channels.clone().zip(values) {
                 // SAFETY: `input * rows + channel` lies inside the buffer (checked above and
-                // vouched for by the caller), in a column no other thread writes.
+                // vouched for by the caller), in a column no other thread touches.
                 unsafe { *self.at(input * rows + channel) = value };
             }
         }
@@ -246,8 +241,9 @@ mod tests {
     #[test]
     fn each_output_lands_at_its_input_and_channel() {
         for (rows, count) in [(3, 1), (37, 5), (1000, 1), (1000, 8), (1237, 17)] {
-            for work in [1, PARALLEL_WORK] {
-                let out = input_major(rows, work, count, |channels, outs| {
+            // One column keeps the work on one thread; PARALLEL_WORK columns spread it.
+            for cols in [1, PARALLEL_WORK] {
+                let out = input_major((rows, cols), count, |channels, outs| {
                     for (channel, outs) in channels.zip(outs.chunks_exact_mut(count)) {
                         for (input, out) in outs.iter_mut().enumerate() {
                             *out = marked(0, channel, input);

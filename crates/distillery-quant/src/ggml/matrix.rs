@@ -155,7 +155,7 @@ impl BlockMatrix {
     /// dequantized weights: `count x rows`.
     pub fn matmul(&self, x: &[f32], count: usize) -> Vec<f32> {
         let cols = self.cols;
-        input_major(self.rows, self.rows * cols * count, count, |rows, outs| {
+        input_major((self.rows, cols), count, |rows, outs| {
             let mut weights = vec![0.0; cols];
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
                 self.dequantize_row(row, &mut weights);
@@ -190,12 +190,9 @@ impl BlockMatrix {
         }
         let inputs = RoundedInputs::of(x, self.cols, count);
         prepare_lanes(self.kind, &inputs);
-        input_major(
-            self.rows,
-            self.rows * self.cols * count,
-            count,
-            |rows, outs| self.channels_int8(rows, &inputs, outs),
-        )
+        input_major((self.rows, self.cols), count, |rows, outs| {
+            self.channels_int8(rows, &inputs, outs)
+        })
     }
 
     /// Several matrices of the same input width applied to the same int8-rounded inputs in

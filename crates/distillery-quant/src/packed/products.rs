@@ -72,7 +72,7 @@ impl PackedMatrix {
                     - zero_terms(row_groups.scales, zeros, sums);
             }
         };
-        self.outputs_of_channels(count, |rows, outs| {
+        input_major((self.rows, self.cols), count, |rows, outs| {
             let (mut scratch, mut buffers) = (Vec::new(), (Vec::new(), Vec::new()));
             for (row, out) in rows.zip(outs.chunks_exact_mut(count)) {
                 channel_outputs(row, &mut scratch, &mut buffers, out);
@@ -101,7 +101,9 @@ impl PackedMatrix {
         let Some(product) = self.integer_product(x, count, None) else {
             return self.matmul(x, count);
         };
-        self.outputs_of_channels(count, |rows, outs| product.channels(rows, outs))
+        input_major((self.rows, self.cols), count, |rows, outs| {
+            product.channels(rows, outs)
+        })
     }
 
     /// [`Self::matmul_int8_inputs`] of several matrices with the same inputs (q, k and v; gate
@@ -179,16 +181,6 @@ impl PackedMatrix {
             && size.is_multiple_of(int8_inputs::BLOCK)
             && self.cols.is_multiple_of(int8_inputs::BLOCK);
         fits.then_some(size)
-    }
-
-    /// `count x rows` outputs from `channel_outputs(rows, outputs of those channels)`.
-    fn outputs_of_channels(
-        &self,
-        count: usize,
-        channel_outputs: impl Fn(Range<usize>, &mut [f32]) + Sync,
-    ) -> Vec<f32> {
-        let work = self.rows * self.cols * count;
-        input_major(self.rows, work, count, channel_outputs)
     }
 }
 
