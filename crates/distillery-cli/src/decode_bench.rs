@@ -14,7 +14,7 @@ pub struct DecodeReport {
     pub model: String,
     /// Seconds from opening the file to a model ready to compute.
     pub load_seconds: f64,
-    /// The family of kernels the quantized products ran (`portable`, `avx2`, `avx512`, `amx`).
+    /// The family of kernels the quantized products ran, by its `KernelFamily::name`.
     pub kernels: &'static str,
     pub bits_per_weight: f64,
     /// Bytes the weights take in memory as the model computes with them.
@@ -205,10 +205,10 @@ pub fn markdown_table(reports: &[DecodeReport]) -> String {
         ));
     }
     table.push_str(&format!(
-        "\nkernels: {} (this CPU's best: {}; DISTILLERY_KERNELS=portable|avx2|avx512|amx chooses a \
-         lower family)\n",
+        "\nkernels: {} (this CPU's best: {}; DISTILLERY_KERNELS={} chooses a lower family)\n",
         distillery_quant::cpu::kernel_family().name(),
-        distillery_quant::cpu::KernelFamily::detected().name()
+        distillery_quant::cpu::KernelFamily::detected().name(),
+        distillery_quant::cpu::KernelFamily::names("|")
     ));
     if let Some(resident) = reports.last().and_then(|report| report.resident) {
         table.push_str(&format!(

@@ -20,6 +20,14 @@ pub enum KernelFamily {
 }
 
 impl KernelFamily {
+    /// Every family, lowest first.
+    pub const ALL: [Self; 4] = [Self::Portable, Self::Avx2, Self::Avx512Vnni, Self::Amx];
+
+    /// The families' names, as `DISTILLERY_KERNELS` takes them, joined by `separator`.
+    pub fn names(separator: &str) -> String {
+        Self::ALL.map(Self::name).join(separator)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
@@ -62,19 +70,15 @@ pub fn kernel_family() -> KernelFamily {
         let Ok(requested) = std::env::var("DISTILLERY_KERNELS") else {
             return detected;
         };
-        let cap = [
-            KernelFamily::Portable,
-            KernelFamily::Avx2,
-            KernelFamily::Avx512Vnni,
-            KernelFamily::Amx,
-        ]
-        .into_iter()
-        .find(|family| family.name() == requested);
+        let cap = KernelFamily::ALL
+            .into_iter()
+            .find(|family| family.name() == requested);
         match cap {
             Some(cap) => cap.min(detected),
             None => {
                 eprintln!(
-                    "DISTILLERY_KERNELS={requested} is none of portable, avx2, avx512, amx; using {}",
+                    "DISTILLERY_KERNELS={requested} is none of {}; using {}",
+                    KernelFamily::names(", "),
                     detected.name()
                 );
                 detected
