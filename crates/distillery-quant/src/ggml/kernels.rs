@@ -623,9 +623,6 @@ mod x86 {
             }
             _mm256_add_epi32(sums[0], sums[1])
         };
-        // SAFETY: checked above.
-        let lane_vector =
-            |values: &[f32], at: usize| unsafe { _mm256_loadu_ps(values.as_ptr().add(at * LANES)) };
         let mut totals = [_mm256_setzero_ps(); GROUP];
         let mut groups = row.chunks_exact(GROUP * bytes);
         for (group, blocks) in groups.by_ref().enumerate() {
@@ -641,11 +638,8 @@ mod x86 {
                 let which = _mm256_set1_epi32(block as i32);
                 let start = _mm256_permutevar8x32_epi32(offsets, which);
                 let sums = block_sums(&blocks[block * bytes..], first + block, start);
-                let scale = _mm256_mul_ps(
-                    _mm256_permutevar8x32_ps(scales, which),
-                    lane_vector(&lanes.scales, first + block),
-                );
-                *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *total);
+                let products = _mm256_cvtepi32_ps(sums);
+                *total = after_group_block(*total, scales, block, products, lanes, first + block);
             }
         }
         let mut rests = _mm256_setzero_ps();
@@ -819,6 +813,26 @@ mod x86 {
                 ),
             )
         }
+    }
+
+    /// `total` after block `block` of a group of eight Q8_0 blocks whose scales are `scales`
+    /// (block `i`'s in lane `i`), lane by lane, as [`row_of_blocks`] adds it for one input:
+    /// `products · (scale · input scale) + total`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) fn after_group_block(
+        total: __m256,
+        scales: __m256,
+        block: usize,
+        products: __m256,
+        lanes: &InputLanes,
+        at: usize,
+    ) -> __m256 {
+        let input_scales = &lanes.scales[at * LANES..][..LANES];
+        // SAFETY: the slice holds the eight floats.
+        let input_scales = unsafe { _mm256_loadu_ps(input_scales.as_ptr()) };
+        let scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(block as i32));
+        _mm256_fmadd_ps(products, _mm256_mul_ps(scale, input_scales), total)
     }
 
     /// `rests` after a Q8_0 block past the row's last whole group, lane by lane, as

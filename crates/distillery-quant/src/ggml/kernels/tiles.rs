@@ -10,7 +10,9 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::x86::{GROUP, after_rest_block, halves_of, lanes_total, leading_words};
+use super::x86::{
+    GROUP, after_group_block, after_rest_block, halves_of, lanes_total, leading_words,
+};
 use super::{InputLanes, LANES, PIECE, RoundedInputs};
 use crate::ggml::GgmlType;
 
@@ -202,8 +204,6 @@ unsafe fn channel_products(
                 .cast(),
         ))
     };
-    let input_scales =
-        |block: usize| unsafe { _mm256_loadu_ps(lanes.scales.as_ptr().add(block * LANES)) };
     let mut totals = [_mm256_setzero_ps(); GROUP];
     let groups = blocks / GROUP;
     for group in 0..groups {
@@ -213,9 +213,8 @@ unsafe fn channel_products(
             false,
         );
         for (block, total) in totals.iter_mut().enumerate() {
-            let weight_scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(block as i32));
-            let scale = _mm256_mul_ps(weight_scale, input_scales(first + block));
-            *total = _mm256_fmadd_ps(block_products(first + block), scale, *total);
+            let products = block_products(first + block);
+            *total = after_group_block(*total, scales, block, products, lanes, first + block);
         }
     }
     let mut rests = _mm256_setzero_ps();
