@@ -734,9 +734,6 @@ mod x86 {
                 _mm256_add_epi32(first, second)
             }
         };
-        // SAFETY: checked above.
-        let lane_vector =
-            |values: &[f32], at: usize| unsafe { _mm256_loadu_ps(values.as_ptr().add(at * LANES)) };
         // Per pair of blocks `2q, 2q + 1` of a group, the lanes of block positions 2q and 2q + 1.
         let mut totals = [_mm256_setzero_ps(); GROUP / 2];
         let mut groups = row.chunks_exact(GROUP * bytes);
@@ -765,8 +762,8 @@ mod x86 {
                     ),
                 );
                 let input_scales = _mm256_blend_ps::<0b1010_1010>(
-                    lane_vector(&lanes.scales, first + even),
-                    lane_vector(&lanes.scales, first + odd),
+                    input_scales(lanes, first + even),
+                    input_scales(lanes, first + odd),
                 );
                 *total = _mm256_fmadd_ps(
                     _mm256_cvtepi32_ps(sums),
@@ -815,6 +812,15 @@ mod x86 {
         }
     }
 
+    /// Block `at`'s input scales, as the lanes hold them.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn input_scales(lanes: &InputLanes, at: usize) -> __m256 {
+        let scales = &lanes.scales[at * LANES..][..LANES];
+        // SAFETY: the slice holds the eight floats.
+        unsafe { _mm256_loadu_ps(scales.as_ptr()) }
+    }
+
     /// `total` after block `block` of a group of eight Q8_0 blocks whose scales are `scales`
     /// (block `i`'s in lane `i`), lane by lane, as [`row_of_blocks`] adds it for one input:
     /// `products · (scale · input scale) + total`.
@@ -828,9 +834,7 @@ mod x86 {
         lanes: &InputLanes,
         at: usize,
     ) -> __m256 {
-        let input_scales = &lanes.scales[at * LANES..][..LANES];
-        // SAFETY: the slice holds the eight floats.
-        let input_scales = unsafe { _mm256_loadu_ps(input_scales.as_ptr()) };
+        let input_scales = input_scales(lanes, at);
         let scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(block as i32));
         _mm256_fmadd_ps(products, _mm256_mul_ps(scale, input_scales), total)
     }
@@ -846,10 +850,7 @@ mod x86 {
         lanes: &InputLanes,
         at: usize,
     ) -> __m256 {
-        let input_scales = &lanes.scales[at * LANES..][..LANES];
-        // SAFETY: the slice holds the eight floats.
-        let input_scales = unsafe { _mm256_loadu_ps(input_scales.as_ptr()) };
-        let scale = _mm256_mul_ps(_mm256_set1_ps(half(block, 0)), input_scales);
+        let scale = _mm256_mul_ps(_mm256_set1_ps(half(block, 0)), input_scales(lanes, at));
         _mm256_add_ps(rests, _mm256_mul_ps(scale, products))
     }
 
