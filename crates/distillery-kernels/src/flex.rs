@@ -1154,8 +1154,8 @@ unsafe fn attend(
     }
 }
 
-/// The attention of the query heads that share one key and value head (`query_heads`, each
-/// `queries` rows, at most [`FEW_QUERIES`]) on the kernel family's lanes, each query row over
+/// The attention of the `heads` query heads that share one key and value head (head `g`'s
+/// queries `query_head(g)`, `queries` rows, at most [`FEW_QUERIES`]) on the kernel family's lanes, each query row over
 /// the keys it sees (the queries aligned to the last of `keys`), exactly as a decode step at
 /// its position computes it: the group's heads together, row by row
 /// ([`rows::grouped_query_attention`]). `p` is `heads x queries x keys` (the keys a row does
@@ -1166,7 +1166,7 @@ unsafe fn attend(
 /// values) of `head_dim` values inside live storage, with unit column strides and
 /// non-negative row strides.
 unsafe fn attend_on_lanes(
-    query_heads: &[StridedMatrix],
+    (heads, query_head): (usize, impl Fn(usize) -> StridedMatrix),
     ((k_ptr, k_rs, _), (v_ptr, v_rs, _)): (StridedMatrix, StridedMatrix),
     (queries, keys): (usize, usize),
     head_dim: usize,
@@ -1174,7 +1174,6 @@ unsafe fn attend_on_lanes(
     p: &mut [f32],
     out: &mut [f32],
 ) {
-    let heads = query_heads.len();
     assert!(p.len() >= heads * queries * keys && out.len() >= heads * queries * head_dim);
     let rows_span = |stride: isize| (keys - 1) * stride as usize + head_dim;
     // SAFETY: the caller vouches that the `keys` key and value rows lie in live storage; with
@@ -1188,10 +1187,8 @@ unsafe fn attend_on_lanes(
     };
     let mut query_rows = vec![0.0f32; heads * head_dim];
     let gather_queries = |row: usize, query_rows: &mut [f32]| {
-        for (&(q_ptr, q_rs, _), query) in query_heads
-            .iter()
-            .zip(query_rows.chunks_exact_mut(head_dim))
-        {
+        for (head, query) in query_rows.chunks_exact_mut(head_dim).enumerate() {
+            let (q_ptr, q_rs, _) = query_head(head);
             // SAFETY: the caller vouches for the head's `queries` rows of `head_dim`
             // consecutive values.
             query.copy_from_slice(unsafe {
@@ -1279,14 +1276,11 @@ pub fn causal_attention(
             (&mut output, groups * out_matrix),
             |index, p, out| {
                 let (b, kv_head) = (index / kv_heads, index % kv_heads);
-                let query_heads: Vec<StridedMatrix> = (kv_head * groups..(kv_head + 1) * groups)
-                    .map(|h| q.matrix(b, h))
-                    .collect();
                 // SAFETY: the views address `queries` and `keys` rows inside their tensors,
                 // with the strides checked above (every head's are the tensor's).
                 unsafe {
                     attend_on_lanes(
-                        &query_heads,
+                        (groups, |head| q.matrix(b, kv_head * groups + head)),
                         (k.matrix(b, kv_head), v.matrix(b, kv_head)),
                         (queries, keys),
                         head_dim,
