@@ -2,7 +2,9 @@
 //! shaped as SmolLM2-135M's (30 layers of 576 wide, 1,536 in the MLP, a 49,152-token head)
 //! with random weights: what a batch or a speculative check pays per step against one token.
 //!
-//! `cargo run --release -p distillery-quant --example step_products -- [q8_0|q4_1] [STEPS]`
+//! `cargo run --release -p distillery-quant --example step_products -- [q8_0|q4_1] [STEPS] [COUNTS]`
+//! (COUNTS: the input counts to time, comma-separated, 1,2,4,8 by default; each count's time
+//! is also given as a ratio to one input's once 1 has run)
 //! (`DISTILLERY_KERNELS` chooses a lower kernel family, as everywhere).
 
 use std::time::Instant;
@@ -57,6 +59,12 @@ fn main() {
     let steps: usize = args
         .next()
         .map_or(20, |steps| steps.parse().expect("a count"));
+    let counts: Vec<usize> = args.next().map_or(vec![1, 2, 4, 8], |counts| {
+        counts
+            .split(',')
+            .map(|count| count.parse().expect("input counts"))
+            .collect()
+    });
     let mut seed = 7;
     let layers: Vec<[BlockMatrix; 7]> = (0..LAYERS)
         .map(|_| {
@@ -96,8 +104,8 @@ fn main() {
         }
         head.matmul_int8_inputs(narrow, count);
     };
-    let mut single = 0.0;
-    for count in [1, 2, 4, 8] {
+    let mut single = None;
+    for count in counts {
         step(count);
         let started = Instant::now();
         for _ in 0..steps {
@@ -105,11 +113,13 @@ fn main() {
         }
         let ms = started.elapsed().as_secs_f64() * 1e3 / steps as f64;
         if count == 1 {
-            single = ms;
+            single = Some(ms);
         }
+        let ratio = single.map_or_else(String::new, |single| {
+            format!(" ({:.2} of one input's)", ms / single)
+        });
         println!(
-            "{count} inputs: {ms:.2} ms a step ({:.2} of one input's), {:.1} GB/s",
-            ms / single,
+            "{count} inputs: {ms:.2} ms a step{ratio}, {:.1} GB/s",
             bytes as f64 / ms / 1e6
         );
     }
