@@ -4,7 +4,7 @@
 //! VNNI kernel needs 128. With the integer sums that cheap, a batch's or a speculative check's
 //! product costs about what one input's does: reading the weights.
 //!
-//! Each channel's float operations are [`q8_0_row_across`](super::x86)'s, in its order, on the
+//! Each channel's float operations are [`q8_0_rows_across`](super::x86)'s, in its order, on the
 //! same exact integer block sums, so every input keeps the bits it has alone.
 
 use std::arch::asm;
@@ -184,7 +184,7 @@ unsafe fn block_sums(
 }
 
 /// One channel's products with the set's inputs, lane by lane, from its blocks' integer sums:
-/// [`q8_0_row_across`](super::x86)'s float operations in its order.
+/// [`q8_0_rows_across`](super::x86)'s float operations in its order.
 ///
 /// # Safety
 /// As [`block_sums`]'s: `row` one of its channels' rows, `sums` its output.
