@@ -424,8 +424,10 @@ mod x86 {
                     // checked above.
                     unsafe {
                         if rows_together.len() == ROWS_ACROSS * row_bytes {
-                            let (first_row, second_row) = rows_together.split_at(row_bytes);
-                            let sums = q8_0_rows_across([first_row, second_row], lanes);
+                            let together: [&[u8]; ROWS_ACROSS] = std::array::from_fn(|row| {
+                                &rows_together[row * row_bytes..(row + 1) * row_bytes]
+                            });
+                            let sums = q8_0_rows_across(together, lanes);
                             for (out, sums) in outs.chunks_exact_mut(count).zip(&sums) {
                                 out[inputs.clone()].copy_from_slice(&sums[..inputs.len()]);
                             }
