@@ -84,6 +84,12 @@ class Sequences:
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(context, 0, 1)
 
+    def close(self):
+        """Frees the batch, the context and the model, so a run over several files holds one."""
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
     def clear(self):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
@@ -143,20 +149,23 @@ def bench_batch(path, prompts, new_tokens, runs, threads):
                 output.append(token)
         return time.perf_counter() - started, reading, outputs
 
-    _, _, reference = alone()
-    batched()
     decoded = (new_tokens - 1) * len(prompts)
     total = new_tokens * len(prompts)
     alone_speeds, batched_speeds, same = [], [], []
     alone_decode, batched_decode = [], []
-    for _ in range(max(runs, 1)):
-        seconds, reading, _ = alone()
-        alone_speeds.append(total / seconds)
-        alone_decode.append(decoded / (seconds - reading))
-        seconds, reading, outputs = batched()
-        batched_speeds.append(total / seconds)
-        batched_decode.append(decoded / (seconds - reading))
-        same.append(sum(output == own for output, own in zip(outputs, reference)))
+    try:
+        _, _, reference = alone()
+        batched()
+        for _ in range(max(runs, 1)):
+            seconds, reading, _ = alone()
+            alone_speeds.append(total / seconds)
+            alone_decode.append(decoded / (seconds - reading))
+            seconds, reading, outputs = batched()
+            batched_speeds.append(total / seconds)
+            batched_decode.append(decoded / (seconds - reading))
+            same.append(sum(output == own for output, own in zip(outputs, reference)))
+    finally:
+        sequences.close()
     return {
         "model": path,
         "batch": len(prompts),
