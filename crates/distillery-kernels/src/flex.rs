@@ -1155,10 +1155,10 @@ unsafe fn attend(
 }
 
 /// The attention of the `heads` query heads that share one key and value head (head `g`'s
-/// queries `query_head(g)`, `queries` rows, at most [`FEW_QUERIES`]) on the kernel family's lanes, each query row over
-/// the keys it sees (the queries aligned to the last of `keys`), exactly as a decode step at
-/// its position computes it: the group's heads together, row by row
-/// ([`rows::grouped_query_attention`]). `p` is `heads x queries x keys` (the keys a row does
+/// queries `query_head(g)`, `queries` rows, at most [`FEW_QUERIES`]) on the kernel family's
+/// lanes, each query row over the keys it sees (the queries aligned to the last of `keys`),
+/// exactly as a decode step at its position computes it: the group's heads together, row by
+/// row ([`rows::grouped_query_attention`]). `p` is `heads x queries x keys` (the keys a row does
 /// not see left as they are), `out` `heads x queries x head_dim`.
 ///
 /// # Safety
